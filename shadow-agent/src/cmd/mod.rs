@@ -1,0 +1,14 @@
+//! The subcommands of `shadow-agent`: argument parsing and I/O around the library.
+pub mod capture;
+pub mod inspect;
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Logs never carry packet payloads,
+/// bodies or header values.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

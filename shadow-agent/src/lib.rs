@@ -1,0 +1,11 @@
+//! shadow's node agent: the user-space half of the data path.
+//!
+//! The modules follow a packet's way through the agent:
+//! - [`capture`]: the kernel program, its maps and attachments, the ring buffer, pcap files;
+//! - [`flows`]: TCP reassembly per connection (pure, no I/O);
+//! - [`http`]: HTTP/1.x exchanges rebuilt from the byte streams (pure, no I/O);
+//! - [`pipeline`]: captured frames in, HTTP events out; the one path that live capture, pcap
+//!   files and tests all drive.
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod capture;

@@ -1,0 +1,36 @@
+//! The `shadow-agent` command.
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// shadow mirrors live HTTP traffic to shadow deployments from the Linux kernel.
+#[derive(Parser)]
+#[command(name = "shadow-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture the packets of a port with the kernel program and write them to a pcap file.
+    Capture(cmd::capture::Args),
+    /// Rebuild the HTTP exchanges in a pcap or pcapng file and print them as JSON lines.
+    Inspect(cmd::inspect::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    cmd::init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Capture(args) => cmd::capture::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("shadow-agent: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
