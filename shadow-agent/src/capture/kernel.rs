@@ -1,0 +1,481 @@
+//! The kernel program: loading it, attaching it to interfaces, and its maps.
+//!
+//! Settings live in maps the program reads on every packet, so [`KernelCapture::apply`] changes
+//! ports, sampling and service CIDRs in place, without reloading or detaching: no packet goes
+//! uncaptured during a change.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use shadow_common::{
+    CaptureConfig, CidrKey, KernelCounters, SAMPLE_SCALE, config_flags, names, port_flags,
+};
+use thiserror::Error;
+
+use super::{Hook, interfaces::Interface};
+
+/// The eBPF object built by `build.rs`; empty when the agent was built without the eBPF
+/// toolchain.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shadow-ebpf"));
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(
+        "this shadow-agent was built without its eBPF program (the eBPF toolchain was missing); \
+         run `cargo xtask setup` and build again"
+    )]
+    NoProgram,
+    #[error("cannot load the eBPF program: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach to {interface} ({hook}): {source}")]
+    Attach {
+        interface: String,
+        hook: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot add the clsact qdisc to {interface}: {source}")]
+    Clsact {
+        interface: String,
+        #[source]
+        source: tc::TcError,
+    },
+    #[error("invalid capture setting: {0}")]
+    Setting(String),
+}
+
+/// A service CIDR such as `198.18.0.0/15` or `fd00::/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a CIDR (address/prefix)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("`{prefix}` is not a prefix length from 0 to {max}"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Cidr {
+    /// The LPM trie key: IPv6, with IPv4 mapped to `::ffff:0:0/96`, host bits cleared.
+    fn key(&self) -> Key<CidrKey> {
+        let (bytes, prefix) = match self.addr {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), self.prefix as u32 + 96),
+            IpAddr::V6(v6) => (v6.octets(), self.prefix as u32),
+        };
+        let mut masked = [0u8; 16];
+        for (i, b) in bytes.iter().enumerate() {
+            let bits = prefix.saturating_sub(i as u32 * 8).min(8);
+            masked[i] = b & (0xffu16 << (8 - bits)) as u8;
+        }
+        Key::new(prefix, masked)
+    }
+}
+
+/// What the kernel program captures; all of it can change while attached.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptureSettings {
+    /// Connections to or from these ports are captured.
+    pub ports: BTreeSet<u16>,
+    /// Share of connections captured, 0 to 100, decided per connection in the kernel.
+    pub sample_percent: f64,
+    /// When not empty, only connections whose service address is in one of these.
+    pub service_cidrs: BTreeSet<Cidr>,
+    /// Mixed into the sampling hash.
+    pub sample_seed: u32,
+}
+
+impl CaptureSettings {
+    /// Checks the settings; the error names what is wrong.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        if self.ports.is_empty() {
+            return Err(KernelError::Setting("no port to capture".into()));
+        }
+        if self.ports.contains(&0) {
+            return Err(KernelError::Setting("port 0 cannot be captured".into()));
+        }
+        if !(0.0..=100.0).contains(&self.sample_percent) {
+            return Err(KernelError::Setting(format!(
+                "sample percent {} is not between 0 and 100",
+                self.sample_percent
+            )));
+        }
+        if self.service_cidrs.len() > SERVICE_CIDRS_MAX {
+            return Err(KernelError::Setting(format!(
+                "at most {SERVICE_CIDRS_MAX} service CIDRs"
+            )));
+        }
+        Ok(())
+    }
+
+    fn sample_ppm(&self) -> u32 {
+        (self.sample_percent / 100.0 * SAMPLE_SCALE as f64).round() as u32
+    }
+}
+
+/// Size of the `SERVICE_CIDRS` map in the object.
+const SERVICE_CIDRS_MAX: usize = 1024;
+
+/// Sizes of the ring buffer, fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct RingSettings {
+    /// Ring buffer size in bytes: a power of two, at least a page.
+    pub bytes: u32,
+}
+
+impl Default for RingSettings {
+    fn default() -> Self {
+        Self { bytes: 16 << 20 }
+    }
+}
+
+/// The loaded kernel program and where it is attached.
+pub struct KernelCapture {
+    ebpf: Ebpf,
+    settings: Option<CaptureSettings>,
+    /// Above this fill level a record wakes the reader at once.
+    wakeup_bytes: u32,
+    attached: BTreeMap<(u32, Hook), (String, SchedClassifierLinkId)>,
+    tcx: bool,
+}
+
+impl KernelCapture {
+    /// Loads the program and its maps into the kernel; nothing is attached yet.
+    ///
+    /// # Errors
+    /// [`KernelError::NoProgram`] when the agent was built without the eBPF toolchain; load
+    /// errors (the verifier's log included) otherwise.
+    pub fn load(ring: RingSettings) -> Result<Self, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NoProgram);
+        }
+        if !ring.bytes.is_power_of_two() || ring.bytes < 4096 {
+            return Err(KernelError::Setting(format!(
+                "ring buffer size {} is not a power of two of at least 4096",
+                ring.bytes
+            )));
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::EVENTS, ring.bytes)
+            .load(OBJECT)
+            .map_err(|e| KernelError::Load(Box::new(e)))?;
+        for name in [names::PROGRAM_INGRESS, names::PROGRAM_EGRESS] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Missing(name))?
+                .try_into()
+                .map_err(|source| KernelError::Program {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|source| KernelError::Program {
+                program: name,
+                source,
+            })?;
+        }
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        Ok(Self {
+            ebpf,
+            settings: None,
+            // A quarter full: the reader's timer drains the rest in batches.
+            wakeup_bytes: ring.bytes / 4,
+            attached: BTreeMap::new(),
+            tcx,
+        })
+    }
+
+    /// Whether attachments use TCX links (kernel 6.6+) rather than netlink clsact filters.
+    pub fn uses_tcx(&self) -> bool {
+        self.tcx
+    }
+
+    /// Writes the settings to the program's maps. New ports and CIDRs are added before stale
+    /// ones are removed, so connections selected by both the old and new settings are never
+    /// missed.
+    pub fn apply(&mut self, settings: &CaptureSettings) -> Result<(), KernelError> {
+        settings.validate()?;
+        let old = self.settings.take().unwrap_or(CaptureSettings {
+            ports: BTreeSet::new(),
+            sample_percent: 0.0,
+            service_cidrs: BTreeSet::new(),
+            sample_seed: 0,
+        });
+
+        let map_err = |map| move |source| KernelError::Map { map, source };
+        {
+            let mut ports: Array<_, u8> = Array::try_from(
+                self.ebpf
+                    .map_mut(names::PORTS)
+                    .ok_or(KernelError::Missing(names::PORTS))?,
+            )
+            .map_err(map_err(names::PORTS))?;
+            for port in settings.ports.difference(&old.ports) {
+                ports
+                    .set(*port as u32, port_flags::CAPTURE, 0)
+                    .map_err(map_err(names::PORTS))?;
+            }
+            for port in old.ports.difference(&settings.ports) {
+                ports.set(*port as u32, 0, 0).map_err(map_err(names::PORTS))?;
+            }
+        }
+        {
+            let mut cidrs: LpmTrie<_, CidrKey, u8> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut(names::SERVICE_CIDRS)
+                    .ok_or(KernelError::Missing(names::SERVICE_CIDRS))?,
+            )
+            .map_err(map_err(names::SERVICE_CIDRS))?;
+            for cidr in settings.service_cidrs.difference(&old.service_cidrs) {
+                cidrs
+                    .insert(&cidr.key(), 1, 0)
+                    .map_err(map_err(names::SERVICE_CIDRS))?;
+            }
+            for cidr in old.service_cidrs.difference(&settings.service_cidrs) {
+                cidrs
+                    .remove(&cidr.key())
+                    .map_err(map_err(names::SERVICE_CIDRS))?;
+            }
+        }
+        {
+            let mut config: Array<_, CaptureConfig> = Array::try_from(
+                self.ebpf
+                    .map_mut(names::CONFIG)
+                    .ok_or(KernelError::Missing(names::CONFIG))?,
+            )
+            .map_err(map_err(names::CONFIG))?;
+            let value = CaptureConfig {
+                sample_ppm: settings.sample_ppm(),
+                flags: if settings.service_cidrs.is_empty() {
+                    0
+                } else {
+                    config_flags::CIDR_FILTER
+                },
+                wakeup_bytes: self.wakeup_bytes,
+                sample_seed: settings.sample_seed,
+            };
+            config.set(0, value, 0).map_err(map_err(names::CONFIG))?;
+        }
+        self.settings = Some(settings.clone());
+        Ok(())
+    }
+
+    /// Attaches the program to `iface` at `hook`: by TCX on 6.6+ (appended after other
+    /// programs), by a netlink clsact filter on older kernels, where a filter left by an earlier
+    /// run that was killed is replaced first.
+    pub fn attach(&mut self, iface: &Interface, hook: Hook) -> Result<(), KernelError> {
+        if self.attached.contains_key(&(iface.ifindex, hook)) {
+            return Ok(());
+        }
+        let name = program_name(hook);
+        let attach_type = attach_type(hook);
+        let attach_err = |source| KernelError::Attach {
+            interface: iface.name.clone(),
+            hook: hook.name(),
+            source,
+        };
+        let options = if self.tcx {
+            TcAttachOptions::TcxOrder(Default::default())
+        } else {
+            // EEXIST: the qdisc is there already, which is fine.
+            if let Err(e) = tc::qdisc_add_clsact(&iface.name)
+                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(KernelError::Clsact {
+                    interface: iface.name.clone(),
+                    source: e,
+                });
+            }
+            // A killed run leaves its netlink filter behind; TCX links die with their process.
+            let _ = tc::qdisc_detach_program(&iface.name, attach_type, name);
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
+        let program = self.classifier(name)?;
+        let link = program
+            .attach_with_options(&iface.name, attach_type, options)
+            .map_err(attach_err)?;
+        self.attached
+            .insert((iface.ifindex, hook), (iface.name.clone(), link));
+        Ok(())
+    }
+
+    /// Detaches from one interface. An interface that is gone took its attachment with it.
+    pub fn detach(&mut self, ifindex: u32, hook: Hook) {
+        if let Some((iface, link)) = self.attached.remove(&(ifindex, hook))
+            && let Ok(program) = self.classifier(program_name(hook))
+            && let Err(e) = program.detach(link)
+        {
+            tracing::debug!(%iface, hook = hook.name(), error = %e, "detach");
+        }
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) {
+        let keys: Vec<_> = self.attached.keys().copied().collect();
+        for (ifindex, hook) in keys {
+            self.detach(ifindex, hook);
+        }
+    }
+
+    /// Interfaces and hooks attached now.
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, u32, Hook)> {
+        self.attached
+            .iter()
+            .map(|((ifindex, hook), (name, _))| (name.as_str(), *ifindex, *hook))
+    }
+
+    /// The kernel counters summed over all CPUs.
+    pub fn counters(&self) -> Result<KernelCounters, KernelError> {
+        let map = self
+            .ebpf
+            .map(names::COUNTERS)
+            .ok_or(KernelError::Missing(names::COUNTERS))?;
+        let array: PerCpuArray<_, KernelCounters> =
+            PerCpuArray::try_from(map).map_err(|source| KernelError::Map {
+                map: names::COUNTERS,
+                source,
+            })?;
+        let per_cpu = array.get(&0, 0).map_err(|source| KernelError::Map {
+            map: names::COUNTERS,
+            source,
+        })?;
+        let mut total = KernelCounters::default();
+        for c in per_cpu.iter() {
+            total.add(c);
+        }
+        Ok(total)
+    }
+
+    /// Takes the ring buffer out, for the reader task to own.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or(KernelError::Missing(names::EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| KernelError::Map {
+            map: names::EVENTS,
+            source,
+        })
+    }
+
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, KernelError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(KernelError::Missing(name))?
+            .try_into()
+            .map_err(|source| KernelError::Program {
+                program: name,
+                source,
+            })
+    }
+}
+
+impl Drop for KernelCapture {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn program_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Ingress => names::PROGRAM_INGRESS,
+        Hook::Egress => names::PROGRAM_EGRESS,
+    }
+}
+
+fn attach_type(hook: Hook) -> TcAttachType {
+    match hook {
+        Hook::Ingress => TcAttachType::Ingress,
+        Hook::Egress => TcAttachType::Egress,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parse_and_key() {
+        let c: Cidr = "198.18.0.0/15".parse().expect("valid");
+        let key = c.key();
+        let prefix = key.prefix_len();
+        assert_eq!(prefix, 96 + 15);
+        let data = key.data();
+        assert_eq!(&data[10..14], &[0xff, 0xff, 198, 18]);
+        // Host bits are cleared.
+        let c: Cidr = "198.19.7.9/15".parse().expect("valid");
+        assert_eq!(c.key().data(), data);
+        for bad in ["198.18.0.0", "198.18.0.0/33", "::/129", "x/8", "10.0.0.0/-1"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn settings_validation() {
+        let mut s = CaptureSettings {
+            ports: [80].into(),
+            sample_percent: 100.0,
+            service_cidrs: BTreeSet::new(),
+            sample_seed: 0,
+        };
+        s.validate().expect("valid");
+        assert_eq!(s.sample_ppm(), SAMPLE_SCALE);
+        s.sample_percent = 0.5;
+        assert_eq!(s.sample_ppm(), 5_000);
+        s.sample_percent = 101.0;
+        assert!(s.validate().is_err());
+        s.sample_percent = f64::NAN;
+        assert!(s.validate().is_err());
+        s.sample_percent = 50.0;
+        s.ports = [0].into();
+        assert!(s.validate().is_err());
+        s.ports = BTreeSet::new();
+        assert!(s.validate().is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Drains the kernel's ring buffer into a bounded channel of packets.
+//!
+//! The kernel wakes the reader only above a fill level (a wakeup per record would cost about a
+//! microsecond each); below it, a short timer collects records in batches. Packets the next stage
+//! cannot take at once are dropped and counted: the channel never grows and the ring buffer is
+//! never left to fill up behind a slow consumer.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+
+use super::{CapturedPacket, records::PacketAssembler};
+
+/// Counters of the reader, shared with whoever reports them.
+#[derive(Debug, Default)]
+pub struct RingCounters {
+    pub records_read: AtomicU64,
+    pub malformed_records: AtomicU64,
+    pub incomplete_packets: AtomicU64,
+    pub packets_out: AtomicU64,
+    /// Packets dropped because the next stage's channel was full.
+    pub channel_full: AtomicU64,
+    /// Times the reader woke up and found records.
+    pub batches: AtomicU64,
+}
+
+/// A snapshot of [`RingCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RingCountersSnapshot {
+    pub records_read: u64,
+    pub malformed_records: u64,
+    pub incomplete_packets: u64,
+    pub packets_out: u64,
+    pub channel_full: u64,
+    pub batches: u64,
+}
+
+impl RingCounters {
+    pub fn snapshot(&self) -> RingCountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RingCountersSnapshot {
+            records_read: get(&self.records_read),
+            malformed_records: get(&self.malformed_records),
+            incomplete_packets: get(&self.incomplete_packets),
+            packets_out: get(&self.packets_out),
+            channel_full: get(&self.channel_full),
+            batches: get(&self.batches),
+        }
+    }
+}
+
+/// How often the reader collects records that did not trigger a wakeup.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The most records drained before the task yields to others.
+const BATCH_LIMIT: usize = 4096;
+
+/// Reads the ring buffer until `shutdown` turns true, then drains what is left and returns.
+pub async fn read(
+    ring: RingBuf<MapData>,
+    cpus: usize,
+    poll_interval: Duration,
+    packets: mpsc::Sender<CapturedPacket>,
+    counters: Arc<RingCounters>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the
+    // `AsyncFd` owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+    let mut assembler = PacketAssembler::new(cpus);
+    let mut timer = tokio::time::interval(poll_interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                // Readiness is edge-like: clear it first, then drain everything that is there.
+                guard?.clear_ready();
+            }
+            _ = timer.tick() => {}
+            _ = shutdown.changed() => {
+                // Whatever the kernel wrote before detaching is still worth having.
+                while drain(ring.get_mut(), &mut assembler, &packets, &counters) {}
+                return Ok(());
+            }
+        }
+        while drain(ring.get_mut(), &mut assembler, &packets, &counters) {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Drains up to [`BATCH_LIMIT`] records; returns whether there may be more.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    assembler: &mut PacketAssembler,
+    packets: &mpsc::Sender<CapturedPacket>,
+    counters: &RingCounters,
+) -> bool {
+    let mut read = 0;
+    let mut out = 0;
+    let mut full = 0;
+    while read < BATCH_LIMIT {
+        let Some(record) = ring.next() else {
+            break;
+        };
+        read += 1;
+        if let Some(packet) = assembler.push(&record) {
+            match packets.try_send(packet) {
+                Ok(()) => out += 1,
+                Err(_) => full += 1,
+            }
+        }
+    }
+    if read > 0 {
+        let totals = assembler.counters();
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters
+            .records_read
+            .store(totals.records_read, Ordering::Relaxed);
+        counters
+            .malformed_records
+            .store(totals.malformed_records, Ordering::Relaxed);
+        counters
+            .incomplete_packets
+            .store(totals.incomplete_packets, Ordering::Relaxed);
+        counters.packets_out.fetch_add(out, Ordering::Relaxed);
+        counters.channel_full.fetch_add(full, Ordering::Relaxed);
+    }
+    read == BATCH_LIMIT
+}
