@@ -163,8 +163,14 @@ fn endpoint_hash(addr: &[u32; 4], port: u16, seed: u32) -> u32 {
 
 #[inline(always)]
 fn mix(h: u32, word: u32) -> u32 {
-    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 /// murmur3's finaliser: spreads every input bit over the whole word.

@@ -97,8 +97,15 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
         return;
     };
     if config.flags & config_flags::CIDR_FILTER != 0 {
-        let service = if to_service { &segment.dst } else { &segment.src };
-        if SERVICE_CIDRS.get(Key::new(128, cidr_key(service))).is_none() {
+        let service = if to_service {
+            &segment.dst
+        } else {
+            &segment.src
+        };
+        if SERVICE_CIDRS
+            .get(Key::new(128, cidr_key(service)))
+            .is_none()
+        {
             return;
         }
     }
@@ -149,7 +156,7 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
     let protocol = u16::from_be(ctx.skb.protocol() as u16);
     let (src, dst, l4, ip_payload_len) = match protocol {
         ETH_P_IP => {
-            let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+            let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
             // A non-first fragment carries no TCP header.
             let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
@@ -157,8 +164,18 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
                 return None;
             }
             let total = u16::from_be_bytes([ip[2], ip[3]]) as u32;
-            let src = [0, 0, 0, u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]])];
-            let dst = [0, 0, 0, u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]])];
+            let src = [
+                0,
+                0,
+                0,
+                u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            ];
+            let dst = [
+                0,
+                0,
+                0,
+                u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
+            ];
             // BIG TCP sends a zero total length above 64 KiB: fall back to the skb length.
             let ip_payload = if total == 0 {
                 ctx.len().saturating_sub(ETH_HLEN as u32 + ihl as u32)
@@ -168,7 +185,7 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
             (src, dst, ETH_HLEN + ihl, ip_payload)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; 40] = ctx.load(ETH_HLEN).ok()?;
+            let ip: [u8; 40] = read(ctx, ETH_HLEN)?;
             if ip[6] != IPPROTO_TCP {
                 return None;
             }
@@ -182,7 +199,11 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
         }
         _ => return None,
     };
-    let tcp: [u8; 14] = ctx.load(l4).ok()?;
+    // The verifier must see a bounded offset: the IPv4 header is at most 60 bytes.
+    if l4 > ETH_HLEN + 60 {
+        return None;
+    }
+    let tcp: [u8; 14] = read(ctx, l4)?;
     let tcp_header_len = ((tcp[12] >> 4) as u32) * 4;
     Some(Segment {
         src,
@@ -194,9 +215,24 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
     })
 }
 
+/// Reads `T` at `offset` straight from the packet's linear data when it lies there (the common
+/// case, and much cheaper than a helper call), else through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes lie between data and data_end, checked just above.
+        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    } else {
+        ctx.load(offset).ok()
+    }
+}
+
 #[inline(always)]
 fn words(ip: &[u8; 40], at: usize) -> [u32; 4] {
-    let w = |i: usize| u32::from_be_bytes([ip[at + i], ip[at + i + 1], ip[at + i + 2], ip[at + i + 3]]);
+    let w =
+        |i: usize| u32::from_be_bytes([ip[at + i], ip[at + i + 1], ip[at + i + 2], ip[at + i + 3]]);
     [w(0), w(4), w(8), w(12)]
 }
 
@@ -241,7 +277,11 @@ fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureC
             break;
         }
         let len = captured_len - offset;
-        let len = if len > CHUNK_BYTES as u32 { CHUNK_BYTES as u32 } else { len };
+        let len = if len > CHUNK_BYTES as u32 {
+            CHUNK_BYTES as u32
+        } else {
+            len
+        };
         // The verifier must see 1 <= len <= CHUNK_BYTES right at the calls below.
         if len == 0 || len > CHUNK_BYTES as u32 {
             break;
@@ -269,7 +309,8 @@ fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureC
         };
         let size = RECORD_HEADER_BYTES + len as usize;
         // SAFETY: `record` is `size_of::<Record>()` bytes long and `size` is at most that.
-        let bytes = unsafe { core::slice::from_raw_parts(record as *const Record as *const u8, size) };
+        let bytes =
+            unsafe { core::slice::from_raw_parts(record as *const Record as *const u8, size) };
         if EVENTS.output::<[u8]>(bytes, wakeup as u64).is_err() {
             // The rest of the packet is worthless without this record: count all of them.
             counters.ringbuf_full += (chunks - i) as u64;

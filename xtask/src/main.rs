@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod run;
 mod setup;
 
@@ -34,6 +35,24 @@ enum Cmd {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Run a benchmark (as root) and print its report.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The kernel program's cost per packet and its effect on a live service's throughput.
+    Capture {
+        /// Seconds of load per scenario.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Rounds of all scenarios; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -41,6 +60,17 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::setup(),
         Cmd::Test { unit, filter } => test(unit, &filter),
+        Cmd::Bench { which } => {
+            if !setup::is_root() {
+                bail!("benchmarks need root (network namespaces, BPF statistics)");
+            }
+            setup::ensure()?;
+            match which {
+                Bench::Capture { seconds, rounds } => {
+                    bench::capture(bench::CaptureBench { seconds, rounds })
+                }
+            }
+        }
     }
 }
 
@@ -97,7 +127,13 @@ fn test(unit_only: bool, filter: &[String]) -> Result<()> {
         return Ok(());
     }
     // The integration tests run this binary inside their network namespaces.
-    run(cargo().args(["build", "--package", "shadow-agent", "--bin", "shadow-agent"]))?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "shadow-agent",
+        "--bin",
+        "shadow-agent",
+    ]))?;
     let agent = target_dir().join("debug/shadow-agent");
     run(cargo()
         .args(["test", "--package", "shadow-tests", "--"])

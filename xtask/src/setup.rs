@@ -19,15 +19,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests, benchmarks and demo use.
 pub const DEBIAN_PACKAGES: &[&str] = &[
-    "nginx-light",    // the live service in tests and the demo (has the mirror module)
-    "curl",           // a real client
-    "wrk",            // load for the benchmarks
-    "tcpdump",        // reads and writes pcaps in tests
-    "tshark",         // reads pcaps in tests
-    "bpftool",        // shows attachments and BPF run-time statistics
-    "iproute2",       // ip netns, veth, tc
-    "libcap2-bin",    // capsh for the least-privilege tests
-    "python3",        // a second real HTTP client in the tests
+    "nginx-light", // the live service in tests and the demo (has the mirror module)
+    "curl",        // a real client
+    "wrk",         // load for the benchmarks
+    "tcpdump",     // reads and writes pcaps in tests
+    "tshark",      // reads pcaps in tests
+    "bpftool",     // shows attachments and BPF run-time statistics
+    "iproute2",    // ip netns, veth, tc
+    "libcap2-bin", // capsh for the least-privilege tests
+    "python3",     // a second real HTTP client in the tests
     "ca-certificates",
 ];
 
@@ -84,11 +84,7 @@ pub fn setup() -> Result<()> {
 
 /// Runs `setup` only when something is missing, as every other command does first.
 pub fn ensure() -> Result<()> {
-    if check()?.nothing() {
-        Ok(())
-    } else {
-        setup()
-    }
+    if check()?.nothing() { Ok(()) } else { setup() }
 }
 
 fn missing_packages() -> Result<Vec<&'static str>> {

@@ -46,7 +46,9 @@ mod tests {
     fn recent_monotonic_time_maps_to_now() {
         let clock = WallClock::now();
         let wall = clock.to_unix(monotonic_now_ns());
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         assert!(now.abs_diff(wall) < Duration::from_secs(1));
     }
 }

@@ -191,7 +191,10 @@ mod tests {
     fn unknown_and_non_ethernet_exact_names_are_errors() {
         let present = [iface("tun0", 5, 65534)];
         let s = InterfaceSelector::new(&["nosuch0"]).expect("valid");
-        assert!(matches!(s.check_exact(&present), Err(InterfaceError::Unknown(_))));
+        assert!(matches!(
+            s.check_exact(&present),
+            Err(InterfaceError::Unknown(_))
+        ));
         let s = InterfaceSelector::new(&["tun0"]).expect("valid");
         assert!(matches!(
             s.check_exact(&present),

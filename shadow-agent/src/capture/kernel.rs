@@ -262,7 +262,9 @@ impl KernelCapture {
                     .map_err(map_err(names::PORTS))?;
             }
             for port in old.ports.difference(&settings.ports) {
-                ports.set(*port as u32, 0, 0).map_err(map_err(names::PORTS))?;
+                ports
+                    .set(*port as u32, 0, 0)
+                    .map_err(map_err(names::PORTS))?;
             }
         }
         {
@@ -451,7 +453,13 @@ mod tests {
         // Host bits are cleared.
         let c: Cidr = "198.19.7.9/15".parse().expect("valid");
         assert_eq!(c.key().data(), data);
-        for bad in ["198.18.0.0", "198.18.0.0/33", "::/129", "x/8", "10.0.0.0/-1"] {
+        for bad in [
+            "198.18.0.0",
+            "198.18.0.0/33",
+            "::/129",
+            "x/8",
+            "10.0.0.0/-1",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }

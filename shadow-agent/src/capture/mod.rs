@@ -38,7 +38,9 @@ impl std::str::FromStr for Hook {
         match s {
             "ingress" => Ok(Hook::Ingress),
             "egress" => Ok(Hook::Egress),
-            other => Err(format!("unknown hook `{other}`: expected `ingress` or `egress`")),
+            other => Err(format!(
+                "unknown hook `{other}`: expected `ingress` or `egress`"
+            )),
         }
     }
 }

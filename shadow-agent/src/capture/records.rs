@@ -62,8 +62,7 @@ impl PacketAssembler {
 
         // A different packet from this CPU means the one in progress lost its remaining records.
         if let Some(p) = slot
-            && (p.header.packet_id != header.packet_id
-                || p.data.len() != header.offset as usize)
+            && (p.header.packet_id != header.packet_id || p.data.len() != header.offset as usize)
         {
             self.counters.incomplete_packets += 1;
             *slot = None;

@@ -142,7 +142,11 @@ async fn capture(
         },
         settings.ports,
         settings.sample_percent,
-        if kernel.uses_tcx() { "TCX" } else { "netlink clsact" },
+        if kernel.uses_tcx() {
+            "TCX"
+        } else {
+            "netlink clsact"
+        },
         args.write.display()
     );
 
