@@ -163,6 +163,18 @@ impl CaptureSettings {
 /// Size of the `SERVICE_CIDRS` map in the object.
 const SERVICE_CIDRS_MAX: usize = 1024;
 
+/// How programs are attached to TC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// TCX on kernels 6.6 and newer, netlink clsact filters on older ones.
+    #[default]
+    Auto,
+    /// TCX links (kernel 6.6+): they live only as long as the agent's process.
+    Tcx,
+    /// Netlink clsact filters: the only way before 6.6.
+    Netlink,
+}
+
 /// Sizes of the ring buffer, fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct RingSettings {
@@ -192,7 +204,7 @@ impl KernelCapture {
     /// # Errors
     /// [`KernelError::NoProgram`] when the agent was built without the eBPF toolchain; load
     /// errors (the verifier's log included) otherwise.
-    pub fn load(ring: RingSettings) -> Result<Self, KernelError> {
+    pub fn load(ring: RingSettings, mode: AttachMode) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoProgram);
         }
@@ -220,7 +232,18 @@ impl KernelCapture {
                 source,
             })?;
         }
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx_supported =
+            KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = match mode {
+            AttachMode::Auto => tcx_supported,
+            AttachMode::Netlink => false,
+            AttachMode::Tcx if tcx_supported => true,
+            AttachMode::Tcx => {
+                return Err(KernelError::Setting(
+                    "TCX needs kernel 6.6 or newer; use netlink attachments".into(),
+                ));
+            }
+        };
         Ok(Self {
             ebpf,
             settings: None,

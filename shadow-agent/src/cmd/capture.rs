@@ -13,7 +13,7 @@ use shadow_agent::capture::{
     CaptureSettings, Hook, KernelCapture,
     clock::WallClock,
     interfaces::{self, InterfaceSelector},
-    kernel::{Cidr, RingSettings},
+    kernel::{AttachMode, Cidr, RingSettings},
     pcap::PcapWriter,
     privileges,
     ring::{self, RingCounters},
@@ -45,6 +45,9 @@ pub struct Args {
     /// Only capture connections whose service address is in this CIDR. Repeat for more.
     #[arg(long = "cidr", value_name = "CIDR")]
     cidrs: Vec<Cidr>,
+    /// How to attach to TC: TCX where the kernel has it (6.6+), else netlink clsact filters.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    attach: AttachMode,
     /// At exit, write the counters to this file as JSON.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -109,7 +112,7 @@ async fn capture(
     selector: InterfaceSelector,
     mut pcap: PcapWriter<BufWriter<File>>,
 ) -> Result<()> {
-    let mut kernel = KernelCapture::load(RingSettings::default())?;
+    let mut kernel = KernelCapture::load(RingSettings::default(), args.attach)?;
     kernel.apply(&settings)?;
     attach_matching(&mut kernel, &selector, &hooks)?;
     if kernel.attachments().next().is_none() {
