@@ -8,6 +8,7 @@ use bytes::Bytes;
 pub mod clock;
 pub mod interfaces;
 pub mod kernel;
+pub mod live;
 pub mod pcap;
 pub mod privileges;
 pub mod records;

@@ -1,25 +1,21 @@
 //! `shadow-agent capture`: what the kernel program captures, written to a pcap file.
 use std::{
-    collections::BTreeSet,
     fs::File,
     io::{BufWriter, Write},
     path::PathBuf,
-    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use shadow_agent::capture::{
-    CaptureSettings, Hook, KernelCapture,
-    clock::WallClock,
-    interfaces::{self, InterfaceSelector},
+    CaptureSettings, CapturedPacket, Hook,
+    interfaces::InterfaceSelector,
     kernel::{AttachMode, Cidr, RingSettings},
+    live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
     pcap::PcapWriter,
-    privileges,
-    ring::{self, RingCounters},
+    ring,
 };
 use shadow_common::{CAPTURE_LIMIT, KernelCounters};
-use tokio::sync::{mpsc, watch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -72,26 +68,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (write it as 10s, 2m or 1h)"))
 }
 
-/// How often new interfaces matching the patterns are looked for.
-const INTERFACE_RESCAN: Duration = Duration::from_secs(1);
-
 /// Captured packets waiting for the writer. At most this many are held; more are dropped and
 /// counted (`channel_full`).
 const CHANNEL_PACKETS: usize = 4096;
 
 pub fn run(args: Args) -> Result<()> {
-    let hooks: BTreeSet<Hook> = args.hooks.iter().copied().collect();
-    let settings = CaptureSettings {
-        ports: args.ports.iter().copied().collect(),
-        sample_percent: args.sample_percent,
-        service_cidrs: args.cidrs.iter().copied().collect(),
-        sample_seed: 0,
+    let options = LiveOptions {
+        settings: CaptureSettings {
+            ports: args.ports.iter().copied().collect(),
+            sample_percent: args.sample_percent,
+            service_cidrs: args.cidrs.iter().copied().collect(),
+            sample_seed: 0,
+        },
+        interfaces: InterfaceSelector::new(&args.interfaces)?,
+        hooks: args.hooks.iter().copied().collect(),
+        attach: args.attach,
+        ring: RingSettings::default(),
+        channel_packets: CHANNEL_PACKETS,
     };
-    settings.validate()?;
-    let selector = InterfaceSelector::new(&args.interfaces)?;
-    selector.check_exact(&interfaces::list()?)?;
-    privileges::check_kernel()?;
-    privileges::check_capabilities()?;
+    options.settings.validate()?;
 
     let file = File::create(&args.write)
         .with_context(|| format!("cannot create {}", args.write.display()))?;
@@ -102,76 +97,49 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(capture(args, settings, hooks, selector, pcap))
+    runtime.block_on(capture(args, options, pcap))
 }
 
 async fn capture(
     args: Args,
-    settings: CaptureSettings,
-    hooks: BTreeSet<Hook>,
-    selector: InterfaceSelector,
+    options: LiveOptions,
     mut pcap: PcapWriter<BufWriter<File>>,
 ) -> Result<()> {
-    let mut kernel = KernelCapture::load(RingSettings::default(), args.attach)?;
-    kernel.apply(&settings)?;
-    attach_matching(&mut kernel, &selector, &hooks)?;
-    if kernel.attachments().next().is_none() {
-        tracing::warn!("no interface matches yet; waiting for one to appear");
-    }
-
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    let counters = Arc::new(RingCounters::default());
-    let (packets_tx, mut packets_rx) = mpsc::channel(CHANNEL_PACKETS);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let reader = tokio::spawn(ring::read(
-        kernel.take_ring()?,
-        cpus,
-        ring::DEFAULT_POLL_INTERVAL,
-        packets_tx,
-        counters.clone(),
-        shutdown_rx,
-    ));
-
-    let attached: Vec<String> = kernel
-        .attachments()
-        .map(|(name, _, hook)| format!("{name}/{}", hook.name()))
-        .collect();
+    let settings = options.settings.clone();
+    let (mut live, mut packets) = LiveCapture::start(options)?;
     eprintln!(
-        "shadow-agent: capturing on {} ports {:?}, {}% of connections, via {}; writing {}",
-        if attached.is_empty() {
-            "(none yet)".to_owned()
-        } else {
-            attached.join(" ")
-        },
+        "shadow-agent: capturing on {} ports {:?}, {}% of connections; writing {}",
+        live.describe(),
         settings.ports,
         settings.sample_percent,
-        if kernel.uses_tcx() {
-            "TCX"
-        } else {
-            "netlink clsact"
-        },
         args.write.display()
     );
 
-    let clock = WallClock::now();
+    let clock = live.clock();
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
     let stop = stop_signal(args.duration);
     tokio::pin!(stop);
+    let mut write = |packet: CapturedPacket| {
+        pcap.write(
+            clock.to_unix(packet.monotonic_ns),
+            &packet.data,
+            packet.original_len,
+        )
+        .with_context(|| format!("cannot write {}", args.write.display()))
+    };
     let mut write_error = None;
     loop {
         tokio::select! {
-            packet = packets_rx.recv() => {
+            packet = packets.recv() => {
                 let Some(packet) = packet else { break };
-                if write_error.is_none()
-                    && let Err(e) = pcap.write(clock.to_unix(packet.monotonic_ns), &packet.data, packet.original_len)
-                {
-                    // Stop capturing rather than pretend: the file would be missing packets.
-                    write_error = Some(anyhow::Error::new(e).context(format!("cannot write {}", args.write.display())));
+                // Stop capturing rather than pretend: the file would be missing packets.
+                if let Err(e) = write(packet) {
+                    write_error = Some(e);
                     break;
                 }
             }
             _ = rescan.tick() => {
-                if let Err(e) = attach_matching(&mut kernel, &selector, &hooks) {
+                if let Err(e) = live.rescan_interfaces() {
                     tracing::warn!(error = %e, "attaching to a new interface failed");
                 }
             }
@@ -182,20 +150,12 @@ async fn capture(
         }
     }
 
-    // Detach first, so that everything the program wrote is in the ring buffer, then drain it.
-    kernel.detach_all();
-    let _ = shutdown_tx.send(true);
-    reader.await.context("ring buffer reader")??;
-    while let Ok(packet) = packets_rx.try_recv() {
-        if write_error.is_some() {
-            break;
-        }
-        if let Err(e) = pcap.write(
-            clock.to_unix(packet.monotonic_ns),
-            &packet.data,
-            packet.original_len,
-        ) {
-            write_error = Some(anyhow::Error::new(e).context("cannot write the pcap file"));
+    let totals = live.stop().await?;
+    while write_error.is_none()
+        && let Ok(packet) = packets.try_recv()
+    {
+        if let Err(e) = write(packet) {
+            write_error = Some(e);
         }
     }
     let packets_written = pcap.packets();
@@ -203,11 +163,9 @@ async fn capture(
         .flush()
         .with_context(|| format!("cannot write {}", args.write.display()))?;
 
-    let kernel_counters = kernel.counters()?;
-    let agent = counters.snapshot();
-    print_summary(&kernel_counters, &agent, packets_written);
+    print_summary(&totals.kernel, &totals.ring, packets_written);
     if let Some(path) = &args.stats_json {
-        let stats = stats_json(&kernel_counters, &agent, packets_written);
+        let stats = stats_json(&totals.kernel, &totals.ring, packets_written);
         std::fs::write(path, serde_json::to_vec_pretty(&stats)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -215,39 +173,6 @@ async fn capture(
         Some(e) => Err(e),
         None => Ok(()),
     }
-}
-
-/// Attaches to every present interface the selector picks, and forgets vanished ones.
-fn attach_matching(
-    kernel: &mut KernelCapture,
-    selector: &InterfaceSelector,
-    hooks: &BTreeSet<Hook>,
-) -> Result<()> {
-    let present = selector.select(&interfaces::list()?);
-    let gone: Vec<(u32, Hook)> = kernel
-        .attachments()
-        .filter(|(_, ifindex, _)| !present.contains_key(ifindex))
-        .map(|(_, ifindex, hook)| (ifindex, hook))
-        .collect();
-    for (ifindex, hook) in gone {
-        kernel.detach(ifindex, hook);
-    }
-    for iface in present.values() {
-        for hook in hooks {
-            // On loopback each packet would be captured twice, once per hook: ingress suffices.
-            if iface.is_loopback() && *hook == Hook::Egress && hooks.contains(&Hook::Ingress) {
-                continue;
-            }
-            let new = !kernel
-                .attachments()
-                .any(|(_, i, h)| i == iface.ifindex && h == *hook);
-            kernel.attach(iface, *hook)?;
-            if new {
-                tracing::info!(interface = %iface.name, hook = hook.name(), "attached");
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Resolves on Ctrl-C, SIGTERM, or when the duration is over; says which.
