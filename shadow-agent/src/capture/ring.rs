@@ -27,7 +27,7 @@ pub struct RingCounters {
     pub malformed_records: AtomicU64,
     pub incomplete_packets: AtomicU64,
     pub packets_out: AtomicU64,
-    /// Packets dropped because the next stage's channel was full.
+    /// Packets dropped at shutdown because the next stage had stopped taking them.
     pub channel_full: AtomicU64,
     /// Times the reader woke up and found records.
     pub batches: AtomicU64,
@@ -64,7 +64,15 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The most records drained before the task yields to others.
 const BATCH_LIMIT: usize = 4096;
 
+/// How long the final drain at shutdown waits for room in the channel before it drops.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
 /// Reads the ring buffer until `shutdown` turns true, then drains what is left and returns.
+///
+/// While the channel is full the reader stops taking records, so a slow consumer makes the
+/// kernel's ring buffer fill (and the kernel count `ringbuf_full`) instead of packets piling up
+/// here. Only at shutdown, when the consumer may have stopped, are packets dropped and counted
+/// as `channel_full`.
 pub async fn read(
     ring: RingBuf<MapData>,
     cpus: usize,
@@ -79,38 +87,82 @@ pub async fn read(
     let mut assembler = PacketAssembler::new(cpus);
     let mut timer = tokio::time::interval(poll_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    'wakeups: loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 // Readiness is edge-like: clear it first, then drain everything that is there.
                 guard?.clear_ready();
             }
             _ = timer.tick() => {}
-            _ = shutdown.changed() => {
-                // Whatever the kernel wrote before detaching is still worth having.
-                while drain(ring.get_mut(), &mut assembler, &packets, &counters) {}
-                return Ok(());
+            _ = shutdown.changed() => break 'wakeups,
+        }
+        loop {
+            match drain(ring.get_mut(), &mut assembler, &packets, &counters, false) {
+                Drain::Empty => break,
+                Drain::Batch => tokio::task::yield_now().await,
+                Drain::ChannelFull => tokio::select! {
+                    room = packets.reserve() => {
+                        if room.is_err() {
+                            return Ok(()); // Nobody takes packets any more.
+                        }
+                    }
+                    _ = shutdown.changed() => break 'wakeups,
+                },
             }
         }
-        while drain(ring.get_mut(), &mut assembler, &packets, &counters) {
-            tokio::task::yield_now().await;
+    }
+    // Whatever the kernel wrote before detaching is still worth having.
+    let mut drop_when_full = false;
+    loop {
+        match drain(
+            ring.get_mut(),
+            &mut assembler,
+            &packets,
+            &counters,
+            drop_when_full,
+        ) {
+            Drain::Empty => return Ok(()),
+            Drain::Batch => {}
+            Drain::ChannelFull => {
+                let room = tokio::time::timeout(SHUTDOWN_WAIT, packets.reserve()).await;
+                drop_when_full = !matches!(room, Ok(Ok(_)));
+            }
         }
     }
 }
 
-/// Drains up to [`BATCH_LIMIT`] records; returns whether there may be more.
+/// What one call of [`drain`] left behind.
+enum Drain {
+    /// The ring buffer is empty.
+    Empty,
+    /// A full batch was taken; there may be more.
+    Batch,
+    /// The channel has no room: records stay in the ring buffer.
+    ChannelFull,
+}
+
+/// Drains up to [`BATCH_LIMIT`] records. Unless `drop_when_full`, it stops while the channel is
+/// full, so no packet is lost here.
 fn drain(
     ring: &mut RingBuf<MapData>,
     assembler: &mut PacketAssembler,
     packets: &mpsc::Sender<CapturedPacket>,
     counters: &RingCounters,
-) -> bool {
+    drop_when_full: bool,
+) -> Drain {
     let mut read = 0;
     let mut out = 0;
     let mut full = 0;
-    while read < BATCH_LIMIT {
+    // Each record completes at most one packet, so one free slot is enough to take a record.
+    let result = loop {
+        if read == BATCH_LIMIT {
+            break Drain::Batch;
+        }
+        if !drop_when_full && packets.capacity() == 0 {
+            break Drain::ChannelFull;
+        }
         let Some(record) = ring.next() else {
-            break;
+            break Drain::Empty;
         };
         read += 1;
         if let Some(packet) = assembler.push(&record) {
@@ -119,7 +171,7 @@ fn drain(
                 Err(_) => full += 1,
             }
         }
-    }
+    };
     if read > 0 {
         let totals = assembler.counters();
         counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -135,5 +187,5 @@ fn drain(
         counters.packets_out.fetch_add(out, Ordering::Relaxed);
         counters.channel_full.fetch_add(full, Ordering::Relaxed);
     }
-    read == BATCH_LIMIT
+    result
 }

@@ -16,6 +16,7 @@ use shadow_agent::capture::{
     ring,
 };
 use shadow_common::{CAPTURE_LIMIT, KernelCounters};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -106,6 +107,9 @@ async fn capture(
     mut pcap: PcapWriter<BufWriter<File>>,
 ) -> Result<()> {
     let settings = options.settings.clone();
+    // Before attaching: a signal that comes right after `capturing on` must stop us cleanly, not
+    // kill the process with its default action.
+    let stop = StopSignal::install(args.duration)?;
     let (mut live, mut packets) = LiveCapture::start(options)?;
     eprintln!(
         "shadow-agent: capturing on {} ports {:?}, {}% of connections; writing {}",
@@ -117,7 +121,7 @@ async fn capture(
 
     let clock = live.clock();
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
-    let stop = stop_signal(args.duration);
+    let stop = stop.wait();
     tokio::pin!(stop);
     let mut write = |packet: CapturedPacket| {
         pcap.write(
@@ -150,7 +154,19 @@ async fn capture(
         }
     }
 
-    let totals = live.stop().await?;
+    // Keep writing while the reader drains what the kernel wrote before the detach.
+    let stopping = live.stop();
+    tokio::pin!(stopping);
+    let totals = loop {
+        tokio::select! {
+            totals = &mut stopping => break totals?,
+            Some(packet) = packets.recv(), if write_error.is_none() => {
+                if let Err(e) = write(packet) {
+                    write_error = Some(e);
+                }
+            }
+        }
+    };
     while write_error.is_none()
         && let Ok(packet) = packets.try_recv()
     {
@@ -175,25 +191,36 @@ async fn capture(
     }
 }
 
-/// Resolves on Ctrl-C, SIGTERM, or when the duration is over; says which.
-async fn stop_signal(duration: Option<Duration>) -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM");
-            return "no SIGTERM handler";
+/// SIGINT, SIGTERM and the end of `--duration`, whichever comes first. The handlers are
+/// installed when this is made, not when it is first awaited.
+struct StopSignal {
+    interrupt: Signal,
+    terminate: Signal,
+    duration: Option<Duration>,
+}
+
+impl StopSignal {
+    fn install(duration: Option<Duration>) -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            duration,
+        })
+    }
+
+    /// Resolves with the reason to stop.
+    async fn wait(mut self) -> &'static str {
+        let timeout = async {
+            match self.duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupted",
+            _ = self.terminate.recv() => "terminated",
+            _ = timeout => "duration over",
         }
-    };
-    let timeout = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted",
-        _ = term.recv() => "terminated",
-        _ = timeout => "duration over",
     }
 }
 

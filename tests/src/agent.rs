@@ -1,0 +1,387 @@
+//! `shadow-agent capture` run as a process inside a namespace.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{Capture, Netns, agent_bin};
+
+/// How long the agent may take to load and attach: generous, the machine is small and tests run
+/// in parallel.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the agent may take to detach, drain and exit after a signal.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `shadow-agent capture`. It writes its pcap and stats JSON into a temporary directory
+/// of its own. Dropping it kills the agent (SIGKILL).
+pub struct Agent {
+    child: Option<Child>,
+    /// Moved into the [`AgentExit`] when the agent exits.
+    dir: Option<tempfile::TempDir>,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+    pub pcap: PathBuf,
+    pub stats_path: PathBuf,
+}
+
+impl Agent {
+    /// Starts `shadow-agent capture ARGS --write DIR/capture.pcap --stats-json DIR/stats.json`
+    /// inside `ns` and waits for its `capturing on` line.
+    pub fn start(ns: &Netns, args: &[&str]) -> Self {
+        let mut agent = Self::spawn(ns, args);
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
+    /// Like [`Agent::start`], without waiting: for runs expected to fail.
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("shadow-t-agent-")
+            .tempdir()
+            .expect("tempdir for the agent");
+        let pcap = dir.path().join("capture.pcap");
+        let stats_path = dir.path().join("stats.json");
+        let bin = agent_bin();
+        let bin = bin.to_str().expect("utf-8 path");
+        let mut argv = vec![bin, "capture"];
+        argv.extend_from_slice(args);
+        let (pcap_s, stats_s) = (
+            pcap.to_str().expect("utf-8 path"),
+            stats_path.to_str().expect("utf-8 path"),
+        );
+        argv.extend_from_slice(&["--write", pcap_s, "--stats-json", stats_s]);
+        let mut cmd = ns.exec(&argv);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let reader = {
+            let pipe = child.stderr.take().expect("piped stderr");
+            let stderr = stderr.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut s = stderr.lock().unwrap_or_else(|e| e.into_inner());
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            })
+        };
+        Agent {
+            child: Some(child),
+            dir: Some(dir),
+            stderr,
+            reader: Some(reader),
+            pcap,
+            stats_path,
+        }
+    }
+
+    /// Everything the agent printed to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Waits for the `capturing on` line; panics with the agent's stderr if it exits first or
+    /// the wait times out.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.stderr().contains("capturing on") {
+                return;
+            }
+            let child = self.child.as_mut().expect("agent running");
+            if let Ok(Some(status)) = child.try_wait() {
+                // Let the reader collect the last lines.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                panic!(
+                    "shadow-agent exited ({status}) before `capturing on`; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "shadow-agent printed no `capturing on` within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            // Short: a test may signal the agent the moment it is ready.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal)
+            .unwrap_or_else(|e| panic!("kill -{signal} {}: {e}", self.pid()));
+    }
+
+    /// SIGINT, then waits for the exit.
+    pub fn interrupt(self) -> AgentExit {
+        self.signal(Signal::SIGINT);
+        self.wait(EXIT_TIMEOUT)
+    }
+
+    /// SIGKILL, then waits for the exit.
+    pub fn kill(self) -> AgentExit {
+        self.signal(Signal::SIGKILL);
+        self.wait(EXIT_TIMEOUT)
+    }
+
+    /// Waits for the agent to exit by itself; panics (after killing it) if it takes longer than
+    /// `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> AgentExit {
+        let mut child = self.child.take().expect("agent running");
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the agent") {
+                break status;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "shadow-agent did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let stats = std::fs::read_to_string(&self.stats_path).ok();
+        AgentExit {
+            status,
+            stderr: self.stderr(),
+            stats_json: stats,
+            pcap: self.pcap.clone(),
+            _dir: self.dir.take(),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// A finished agent: how it exited, what it printed, and its files (kept until this is dropped).
+pub struct AgentExit {
+    pub status: ExitStatus,
+    pub stderr: String,
+    /// The stats JSON file's text, if the agent wrote one.
+    pub stats_json: Option<String>,
+    pub pcap: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl AgentExit {
+    /// Panics, with stderr, unless the agent exited 0.
+    #[track_caller]
+    pub fn assert_success(&self) -> &Self {
+        if !self.status.success() {
+            panic!(
+                "shadow-agent exited with {}; stderr:\n{}",
+                self.status, self.stderr
+            );
+        }
+        self
+    }
+
+    /// The counters of the stats JSON; panics if the file is missing or malformed.
+    #[track_caller]
+    pub fn stats(&self) -> Stats {
+        let text = self.stats_json.as_deref().unwrap_or_else(|| {
+            panic!("shadow-agent wrote no stats JSON; stderr:\n{}", self.stderr)
+        });
+        Stats::parse(text)
+    }
+
+    /// The pcap file, decoded; panics if it is missing or malformed.
+    #[track_caller]
+    pub fn capture(&self) -> Capture {
+        if !self.pcap.exists() {
+            panic!("shadow-agent wrote no pcap; stderr:\n{}", self.stderr);
+        }
+        Capture::read(&self.pcap)
+    }
+
+    pub fn pcap_path(&self) -> &Path {
+        &self.pcap
+    }
+}
+
+/// The agent's stats JSON: `{"kernel": {...}, "agent": {...}}`, each a map of counter names to
+/// numbers.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub kernel: BTreeMap<String, u64>,
+    pub agent: BTreeMap<String, u64>,
+    pub text: String,
+}
+
+/// Counter names the stats JSON must hold.
+pub const KERNEL_COUNTERS: [&str; 9] = [
+    "packets_seen",
+    "packets_matched",
+    "packets_sampled",
+    "packets_bare_ack",
+    "records_written",
+    "bytes_written",
+    "ringbuf_full",
+    "packets_truncated",
+    "load_errors",
+];
+pub const AGENT_COUNTERS: [&str; 5] = [
+    "records_read",
+    "packets_written",
+    "incomplete_packets",
+    "malformed_records",
+    "channel_full",
+];
+
+impl Stats {
+    #[track_caller]
+    pub fn parse(text: &str) -> Self {
+        let json: serde_json::Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("stats JSON does not parse ({e}): {text}"));
+        let section = |name: &str, keys: &[&str]| -> BTreeMap<String, u64> {
+            let obj = json
+                .get(name)
+                .and_then(|v| v.as_object())
+                .unwrap_or_else(|| panic!("stats JSON has no {name:?} object: {text}"));
+            let map: BTreeMap<String, u64> = obj
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                .collect();
+            for key in keys {
+                assert!(
+                    map.contains_key(*key),
+                    "stats JSON lacks {name}.{key}: {text}"
+                );
+            }
+            map
+        };
+        Stats {
+            kernel: section("kernel", &KERNEL_COUNTERS),
+            agent: section("agent", &AGENT_COUNTERS),
+            text: text.to_owned(),
+        }
+    }
+
+    /// A kernel counter.
+    pub fn k(&self, name: &str) -> u64 {
+        self.kernel[name]
+    }
+
+    /// An agent counter.
+    pub fn a(&self, name: &str) -> u64 {
+        self.agent[name]
+    }
+
+    /// Nothing was lost anywhere between the kernel program and the pcap file.
+    pub fn nothing_lost(&self) -> bool {
+        self.k("ringbuf_full") == 0
+            && self.k("load_errors") == 0
+            && self.a("channel_full") == 0
+            && self.a("incomplete_packets") == 0
+            && self.a("malformed_records") == 0
+    }
+
+    /// Panics unless the counters are consistent with each other, and, when nothing was lost,
+    /// with the pcap: every record written was read, every sampled packet written, and the pcap
+    /// holds exactly those packets and bytes.
+    #[track_caller]
+    pub fn assert_add_up(&self, capture: &Capture) {
+        let t = &self.text;
+        let (seen, matched) = (self.k("packets_seen"), self.k("packets_matched"));
+        let (sampled, bare) = (self.k("packets_sampled"), self.k("packets_bare_ack"));
+        assert!(seen >= matched, "packets_seen < packets_matched: {t}");
+        assert!(
+            matched >= sampled + bare,
+            "matched < sampled + bare_ack: {t}"
+        );
+        assert!(
+            self.a("records_read") <= self.k("records_written"),
+            "the agent read more records than the kernel wrote: {t}"
+        );
+        assert!(
+            self.a("packets_written") <= sampled,
+            "more packets written than sampled: {t}"
+        );
+        assert_eq!(
+            capture.packets.len() as u64,
+            self.a("packets_written"),
+            "pcap packets vs packets_written: {t}"
+        );
+        if self.k("ringbuf_full") == 0 {
+            assert_eq!(
+                self.a("records_read"),
+                self.k("records_written"),
+                "records_read vs records_written with no ring buffer loss: {t}"
+            );
+        }
+        if self.k("ringbuf_full") == 0
+            && self.k("load_errors") == 0
+            && self.a("incomplete_packets") == 0
+            && self.a("malformed_records") == 0
+        {
+            assert_eq!(
+                self.a("packets_written") + self.a("channel_full"),
+                sampled,
+                "every sampled packet is written or counted in channel_full: {t}"
+            );
+        }
+        if self.nothing_lost() {
+            assert_eq!(
+                self.a("packets_written"),
+                sampled,
+                "packets_written vs packets_sampled: {t}"
+            );
+            assert!(
+                self.k("records_written") >= sampled,
+                "fewer records than sampled packets: {t}"
+            );
+            let captured: u64 = capture.packets.iter().map(|p| p.data.len() as u64).sum();
+            assert_eq!(
+                captured,
+                self.k("bytes_written"),
+                "pcap bytes vs bytes_written: {t}"
+            );
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Clients: raw TCP connections that send exactly the bytes a test crafted, and `curl`.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    process::Output,
+    time::Duration,
+};
+
+use crate::{Netns, run_ok};
+
+/// Opens a TCP connection to `server` from inside `ns`.
+pub fn connect(ns: &Netns, server: SocketAddr) -> TcpStream {
+    let stream = ns
+        .run_in(|| TcpStream::connect_timeout(&server, Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("connect to {server} from {}: {e}", ns.name()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .expect("write timeout");
+    stream
+}
+
+/// The client side of one finished connection.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The client's address: with the server's, it names the connection in a capture.
+    pub client: SocketAddr,
+    /// Every byte the client sent, in order.
+    pub sent: Vec<u8>,
+    /// Every byte the client received, in order.
+    pub received: Vec<u8>,
+}
+
+/// Sends `bytes` on a new connection while reading whatever comes back (so an echoing server
+/// cannot stall a large send), half-closes, and reads until the server closes.
+pub fn send_and_close(ns: &Netns, server: SocketAddr, bytes: &[u8]) -> Exchange {
+    send_chunks_and_close(ns, server, &[bytes], Duration::ZERO)
+}
+
+/// Like [`send_and_close`], with a pause between the chunks, so that each chunk leaves in its own
+/// segments (with `TCP_NODELAY`).
+pub fn send_chunks_and_close(
+    ns: &Netns,
+    server: SocketAddr,
+    chunks: &[&[u8]],
+    pause: Duration,
+) -> Exchange {
+    let mut stream = connect(ns, server);
+    stream.set_nodelay(true).expect("nodelay");
+    let client = stream.local_addr().expect("local addr");
+    let mut reader = stream.try_clone().expect("clone stream");
+    let received = std::thread::spawn(move || {
+        let mut received = Vec::new();
+        let _ = reader.read_to_end(&mut received);
+        received
+    });
+    let mut sent = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        stream
+            .write_all(chunk)
+            .unwrap_or_else(|e| panic!("send to {server}: {e}"));
+        sent.extend_from_slice(chunk);
+    }
+    stream.shutdown(Shutdown::Write).expect("shutdown");
+    let received = received.join().expect("reader thread");
+    Exchange {
+        client,
+        sent,
+        received,
+    }
+}
+
+/// Sends HTTP/1.1 `requests` one after the other on one keep-alive connection, reading each
+/// response (head and `Content-Length` body) before sending the next, then closes.
+pub fn http_keepalive(ns: &Netns, server: SocketAddr, requests: &[Vec<u8>]) -> Exchange {
+    let mut stream = connect(ns, server);
+    let client = stream.local_addr().expect("local addr");
+    let mut sent = Vec::new();
+    let mut received = Vec::new();
+    for request in requests {
+        stream
+            .write_all(request)
+            .unwrap_or_else(|e| panic!("send to {server}: {e}"));
+        sent.extend_from_slice(request);
+        let response = read_http_response(&mut stream);
+        assert!(
+            response.starts_with(b"HTTP/1.1 200"),
+            "{server} answered {:?}",
+            String::from_utf8_lossy(&response)
+        );
+        received.extend_from_slice(&response);
+    }
+    stream.shutdown(Shutdown::Write).expect("shutdown");
+    let _ = stream.read_to_end(&mut received);
+    Exchange {
+        client,
+        sent,
+        received,
+    }
+}
+
+/// Reads one HTTP response with a `Content-Length` body (or none).
+fn read_http_response(stream: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            other => panic!(
+                "connection ended inside a response head ({other:?}): {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim() == "content-length")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).expect("response body");
+    buf.extend_from_slice(&body);
+    buf
+}
+
+/// An HTTP/1.1 request for `path` with `body` (a `GET` without a body when it is empty).
+pub fn http_request(host: SocketAddr, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut req = if body.is_empty() {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: shadow-tests\r\n\r\n")
+    } else {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: shadow-tests\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+    }
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+/// Runs `curl -sS --max-time 60 args...` inside `ns` and panics unless it succeeds. Add
+/// [`CURL_LOCAL`] to `-w` to learn the client address of each transfer.
+pub fn curl(ns: &Netns, args: &[&str]) -> Output {
+    let mut argv = vec!["curl", "-sS", "--max-time", "60"];
+    argv.extend_from_slice(args);
+    run_ok(&mut ns.exec(&argv))
+}
+
+/// A `curl -w` format printing the client address of a transfer on a line of its own.
+pub const CURL_LOCAL: &str = "\nLOCAL=%{local_ip}:%{local_port}\n";
+
+/// The client addresses printed by [`CURL_LOCAL`], one per transfer.
+pub fn curl_locals(output: &Output) -> Vec<SocketAddr> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("LOCAL="))
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|e| panic!("curl printed {a:?}: {e}"))
+        })
+        .collect()
+}

@@ -1,0 +1,306 @@
+//! Live services for the tests: Debian's nginx, and a raw TCP server that records every byte it
+//! receives.
+use std::{
+    collections::BTreeMap,
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{Netns, wait_for};
+
+/// nginx from Debian (`nginx -g 'daemon off;'`), serving `200 ok` on every path, run in a
+/// namespace from a config in its own temporary directory. Request bodies up to 10 MB are read and
+/// discarded. Dropping it kills nginx.
+pub struct Nginx {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx listening on `addr` inside `ns` and waits until it accepts connections.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("shadow-t-nginx-")
+            .tempdir()
+            .expect("tempdir for nginx");
+        let d = dir.path().display();
+        let conf = format!(
+            r#"
+worker_processes 1;
+user root;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000;
+    server {{
+        listen {addr};
+        location / {{
+            client_max_body_size 10m;
+            return 200 "ok\n";
+        }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let conf_path = conf_path.to_str().expect("utf-8 path");
+        let mut cmd = ns.exec(&[
+            "nginx",
+            "-p",
+            &dir.path().display().to_string(),
+            "-e",
+            &format!("{d}/error.log"),
+            "-c",
+            conf_path,
+        ]);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nginx: {e}"));
+        let error_log = dir.path().join("error.log");
+        wait_for(
+            "nginx to accept connections",
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "nginx exited ({status}): {}",
+                        std::fs::read_to_string(&error_log).unwrap_or_default()
+                    );
+                }
+                ns.run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+            },
+        );
+        Nginx { addr, child, dir }
+    }
+
+    /// nginx's access log: one line per request served.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops and reaps its worker. SIGKILL if it takes too long; the
+        // namespace's drop then kills the orphaned worker.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..250 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a [`TcpSink`] does with a connection besides recording what it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkMode {
+    /// Reads until the client closes, then closes. Sends nothing.
+    Drain,
+    /// Writes back every byte it reads, then closes when the client does.
+    Echo,
+    /// A minimal HTTP/1.1 server for curl: reads each request head and its `Content-Length`
+    /// body, answers `100 Continue` to `Expect: 100-continue`, then `200` with body `ok\n`, and
+    /// keeps the connection open for the next request.
+    Http,
+}
+
+/// A raw TCP server that records every byte each connection delivered to it, keyed by the
+/// client's address: what the live service really received.
+pub struct TcpSink {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<BTreeMap<SocketAddr, Vec<u8>>>>,
+    /// Connections whose handler finished (the client closed).
+    finished: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl TcpSink {
+    /// Listens on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr, mode: SinkMode) -> Self {
+        let listener = ns
+            .run_in(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("sink cannot listen on {addr}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let received = Arc::new(Mutex::new(BTreeMap::new()));
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let (received, finished, stop) = (received.clone(), finished.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut handlers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            let (received, finished) = (received.clone(), finished.clone());
+                            handlers.push(std::thread::spawn(move || {
+                                handle(stream, peer, mode, &received);
+                                finished
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(peer);
+                            }));
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("sink accept: {e}"),
+                    }
+                }
+                drop(listener);
+                for h in handlers {
+                    let _ = h.join();
+                }
+            })
+        };
+        TcpSink {
+            addr,
+            received,
+            finished,
+            stop,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// What each connection delivered so far, keyed by the client's address.
+    pub fn received(&self) -> BTreeMap<SocketAddr, Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What the connection from `client` delivered, once the client has closed it (waits up to
+    /// 30 s for that).
+    pub fn received_from(&self, client: SocketAddr) -> Vec<u8> {
+        wait_for(
+            &format!("the sink to see {client} close"),
+            Duration::from_secs(30),
+            || {
+                let done = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+                done.contains(&client).then_some(())
+            },
+        );
+        self.received().remove(&client).unwrap_or_default()
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Handlers block in read until their client closes; do not wait for them when a test
+        // failed half-way and its clients are still open.
+        if let Some(acceptor) = self.acceptor.take()
+            && !std::thread::panicking()
+        {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mode: SinkMode,
+    received: &Mutex<BTreeMap<SocketAddr, Vec<u8>>>,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let record = |bytes: &[u8]| {
+        received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default()
+            .extend_from_slice(bytes);
+    };
+    record(&[]);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pending = Vec::new();
+    let mut continued = false;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        record(&buf[..n]);
+        match mode {
+            SinkMode::Drain => {}
+            SinkMode::Echo => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            SinkMode::Http => {
+                pending.extend_from_slice(&buf[..n]);
+                if answer_http(&mut stream, &mut pending, &mut continued).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Answers every complete request at the front of `pending` and removes it.
+/// `continued` remembers that the request at the front was already sent `100 Continue`.
+fn answer_http(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    continued: &mut bool,
+) -> std::io::Result<()> {
+    loop {
+        let Some(head_end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(());
+        };
+        let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(n, _)| n.trim() == name)
+                .map(|(_, v)| v.trim().to_owned())
+        };
+        let body_len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let total = head_end + 4 + body_len;
+        if pending.len() < total {
+            if !*continued && header("expect").is_some_and(|v| v == "100-continue") {
+                stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+                *continued = true;
+            }
+            return Ok(());
+        }
+        pending.drain(..total);
+        *continued = false;
+        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")?;
+    }
+}
