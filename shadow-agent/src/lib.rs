@@ -8,4 +8,11 @@
 //!   files and tests all drive.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod budget;
 pub mod capture;
+pub mod config;
+pub mod flows;
+pub mod http;
+pub mod pcap_file;
+pub mod pipeline;
+pub mod policy;

@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Capture the packets of a port with the kernel program and write them to a pcap file.
     Capture(cmd::capture::Args),
+    /// Check a configuration file without touching the kernel; every error names its line.
+    CheckConfig(cmd::check_config::Args),
     /// Rebuild the HTTP exchanges in a pcap or pcapng file and print them as JSON lines.
     Inspect(cmd::inspect::Args),
 }
@@ -25,6 +27,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Capture(args) => cmd::capture::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::CheckConfig(args) => cmd::check_config::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

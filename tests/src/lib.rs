@@ -19,6 +19,7 @@ pub mod client;
 pub mod netns;
 pub mod pcap;
 pub mod server;
+pub mod tools;
 
 use std::{
     path::PathBuf,

@@ -1,5 +1,6 @@
 //! The subcommands of `shadow-agent`: argument parsing and I/O around the library.
 pub mod capture;
+pub mod check_config;
 pub mod inspect;
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Logs never carry packet payloads,

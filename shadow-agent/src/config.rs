@@ -1,0 +1,1301 @@
+//! The one configuration loader: `shadow-agent run --config FILE` and `check-config FILE`.
+//!
+//! Loading is two passes over one parse. Each section (and each `[[route]]`) is deserialised on
+//! its own with unknown keys refused, so a typo in one does not hide the errors of another;
+//! then every value is checked. All errors are collected, each naming its key and line, as
+//! `FILE:LINE: key `route[1].match.port`: message`. See `CONFIG.md` for the reference.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::capture::Hook;
+use crate::capture::interfaces::InterfaceSelector;
+use crate::policy::path::DenyGlob;
+
+/// Methods mirrored when a route does not say otherwise: the safe ones.
+pub const DEFAULT_ALLOW_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
+/// Methods a configuration may name. CONNECT opens a tunnel and is never mirrored.
+pub const KNOWN_METHODS: [&str; 8] = [
+    "GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE",
+];
+/// The admin endpoint's address unless `admin.listen` says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+
+/// Headers whose meaning is framing or the connection; routes may not set or remove them.
+const RESERVED_HEADERS: [&str; 8] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// A configuration that passed every check.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub capture: CaptureConfig,
+    /// Tried in order; the first whose match fits decides.
+    pub routes: Vec<RouteConfig>,
+    pub budget: BudgetConfig,
+    pub tagging: TaggingConfig,
+    pub admin: AdminConfig,
+    pub ramp: Option<RampConfig>,
+}
+
+/// `[capture]`: what the kernel program copies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptureConfig {
+    /// Interface names or globs.
+    pub interfaces: Vec<String>,
+    pub hooks: BTreeSet<Hook>,
+    pub ports: BTreeSet<u16>,
+    /// Share of connections captured, decided per connection in the kernel.
+    pub sample_percent: f64,
+}
+
+/// One `[[route]]`.
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub targets: Vec<Target>,
+    /// Share of matching requests mirrored, decided per request in user space.
+    pub sample_percent: f64,
+    /// Upper-case method names.
+    pub allow_methods: BTreeSet<String>,
+    pub deny_paths: Vec<DenyGlob>,
+    /// Lower-case names; set in place of any captured header of the same name.
+    pub set_headers: BTreeMap<String, String>,
+    /// Lower-case names.
+    pub remove_headers: BTreeSet<String>,
+    pub host: HostRule,
+}
+
+/// A route's `match` table.
+#[derive(Clone, Debug)]
+pub struct RouteMatch {
+    pub port: u16,
+    /// Lower case, without a port; a leading `*.` matches any subdomain.
+    pub host: Option<String>,
+    pub path: Option<PathMatch>,
+    /// Upper-case method names; `None` matches every method.
+    pub methods: Option<BTreeSet<String>>,
+}
+
+/// How a route matches the normalised path.
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+/// A shadow endpoint, `http://host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    /// A DNS name or an IP address; IPv6 without brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// `host:port`, IPv6 in brackets: what a Host header for this target carries.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Parses `http://host:port`, with an optional trailing `/`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong, for the config error that names the key.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("`{url}`: targets are `http://host:port` URLs"))?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(format!(
+                "`{url}`: a target is `http://host:port`, without path, query or user"
+            ));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (addr, port) = v6
+                .split_once("]:")
+                .ok_or_else(|| format!("`{url}`: expected `http://[v6 address]:port`"))?;
+            addr.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("`{url}`: `{addr}` is not an IPv6 address"))?;
+            (addr, port)
+        } else {
+            authority
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{url}`: the port is required (`http://host:port`)"))?
+        };
+        if !host.contains(':') && !is_host_name(host) {
+            return Err(format!("`{url}`: `{host}` is not a host name or address"));
+        }
+        let port = match port.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(format!("`{url}`: port must be 1 to 65535")),
+            Ok(p) => p,
+        };
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority())
+    }
+}
+
+/// What the Host header of a copy carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostRule {
+    /// The captured Host header (the target's authority when there is none).
+    Preserve,
+    /// The target's `host:port`.
+    Target,
+    /// This value.
+    Literal(String),
+}
+
+/// `[budget]`: what mirroring may cost. Rates are per second; bursts are one second's worth.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetConfig {
+    pub node_rps: f64,
+    pub node_bytes_per_sec: f64,
+    pub target_rps: f64,
+    /// Not limited when `None`.
+    pub target_bytes_per_sec: Option<f64>,
+    pub max_in_flight: u32,
+    pub max_connections: u32,
+    pub timeout: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            node_rps: 500.0,
+            node_bytes_per_sec: 10.0 * 1024.0 * 1024.0,
+            target_rps: 200.0,
+            target_bytes_per_sec: None,
+            max_in_flight: 64,
+            max_connections: 16,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[tagging]`: how a copy is marked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaggingConfig {
+    /// Lower-case name and value of the shadow header.
+    pub header: (String, String),
+    /// Whether `shadow=true` is appended to `baggage`.
+    pub baggage: bool,
+    /// Lower-case name of the header carrying each copy's id.
+    pub id_header: String,
+    /// Lower-case name of the idempotency key header.
+    pub idempotency_header: String,
+}
+
+impl Default for TaggingConfig {
+    fn default() -> Self {
+        Self {
+            header: ("x-shadow-request".into(), "1".into()),
+            baggage: true,
+            id_header: "x-shadow-id".into(),
+            idempotency_header: "idempotency-key".into(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `[ramp]`: steps of mirrored share that advance while the shadow stays healthy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RampConfig {
+    /// Strictly increasing percents, each held for its time before the next.
+    pub steps: Vec<RampStep>,
+    pub guard: RampGuard,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RampStep {
+    pub percent: f64,
+    pub hold: Duration,
+}
+
+/// When the shadow is unhealthy; at least one limit is set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RampGuard {
+    /// Errors (5xx, timeouts, connection failures) as a percent of copies sent.
+    pub max_error_percent: Option<f64>,
+    pub max_p99: Option<Duration>,
+    /// Copies needed in a step before the guard judges it.
+    pub min_requests: u64,
+}
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// 1-based.
+    pub line: usize,
+    /// Dotted path such as `route[1].match.port`; empty for the document itself.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: String,
+    /// In line order.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if issue.key.is_empty() {
+                write!(f, "{}:{}: {}", self.file, issue.line, issue.message)?;
+            } else {
+                write!(
+                    f,
+                    "{}:{}: key `{}`: {}",
+                    self.file, issue.line, issue.key, issue.message
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    ///
+    /// # Errors
+    /// When the file cannot be read, or with every problem it holds.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        Ok(Self::from_toml(&src, &name)?)
+    }
+
+    /// Checks a configuration given as text; `file` only names it in errors.
+    ///
+    /// # Errors
+    /// With every problem found, in line order.
+    pub fn from_toml(src: &str, file: &str) -> Result<Self, ConfigErrors> {
+        let mut report = Report::new(src);
+        let config = load(src, &mut report);
+        match config {
+            Some(config) if report.issues.is_empty() => Ok(config),
+            _ => {
+                let mut issues = report.issues;
+                issues.sort_by_key(|i| i.line);
+                Err(ConfigErrors {
+                    file: file.to_owned(),
+                    issues,
+                })
+            }
+        }
+    }
+}
+
+// ---- The document as written ---------------------------------------------------------------
+
+type Sp<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    interfaces: Option<Sp<Vec<Sp<String>>>>,
+    hooks: Option<Sp<Vec<Sp<String>>>>,
+    ports: Option<Sp<Vec<Sp<i64>>>>,
+    sample_percent: Option<Sp<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Sp<String>,
+    #[serde(rename = "match")]
+    matcher: Sp<RawMatch>,
+    targets: Sp<Vec<Sp<String>>>,
+    sample_percent: Option<Sp<f64>>,
+    allow_methods: Option<Sp<Vec<Sp<String>>>>,
+    #[serde(default)]
+    deny_paths: Vec<Sp<String>>,
+    #[serde(default)]
+    set_headers: BTreeMap<String, Sp<String>>,
+    #[serde(default)]
+    remove_headers: Vec<Sp<String>>,
+    host: Option<Sp<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    port: Sp<i64>,
+    host: Option<Sp<String>>,
+    path_prefix: Option<Sp<String>>,
+    path_regex: Option<Sp<String>>,
+    methods: Option<Sp<Vec<Sp<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    node_rps: Option<Sp<f64>>,
+    node_bytes_per_sec: Option<Sp<f64>>,
+    target_rps: Option<Sp<f64>>,
+    target_bytes_per_sec: Option<Sp<f64>>,
+    max_in_flight: Option<Sp<i64>>,
+    max_connections: Option<Sp<i64>>,
+    timeout: Option<Sp<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTagging {
+    header: Option<Sp<String>>,
+    baggage: Option<bool>,
+    id_header: Option<Sp<String>>,
+    idempotency_header: Option<Sp<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Sp<String>>,
+    #[serde(default)]
+    allow_remote: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRamp {
+    steps: Sp<Vec<Sp<RawStep>>>,
+    guard: Option<Sp<RawGuard>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    percent: Sp<f64>,
+    hold: Sp<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    error_percent: Option<Sp<f64>>,
+    p99: Option<Sp<String>>,
+    min_requests: Option<Sp<i64>>,
+}
+
+// ---- Checking ------------------------------------------------------------------------------
+
+/// Collects issues; knows the source so that spans become lines.
+struct Report<'s> {
+    src: &'s str,
+    root: Option<DeTable<'s>>,
+    issues: Vec<ConfigIssue>,
+}
+
+impl<'s> Report<'s> {
+    fn new(src: &'s str) -> Self {
+        Self {
+            src,
+            root: None,
+            issues: Vec::new(),
+        }
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.src.len());
+        self.src.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn at(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            line: self.line(span.start),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A deserialisation error: its key is the deepest one whose span holds the error's.
+    fn toml_error(&mut self, error: &toml::de::Error, fallback: Range<usize>, key: &str) {
+        let span = error.span().unwrap_or(fallback);
+        let key = self
+            .root
+            .as_ref()
+            .and_then(|root| key_at(root, &span))
+            .unwrap_or_else(|| key.to_owned());
+        self.at(span, key, error.message().trim_end().to_owned());
+    }
+
+    fn section<T: DeserializeOwned>(&mut self, value: &Sp<DeValue<'s>>, key: &str) -> Option<T> {
+        let de = toml::de::ValueDeserializer::from(value.clone());
+        T::deserialize(de)
+            .map_err(|e| self.toml_error(&e, value.span(), key))
+            .ok()
+    }
+}
+
+/// The dotted key path whose key or value span holds `span`, as deep as it goes. Every child is
+/// searched: the span of a `[table]` covers its header only, not its keys.
+fn key_at(table: &DeTable<'_>, span: &Range<usize>) -> Option<String> {
+    fn in_value(value: &DeValue<'_>, span: &Range<usize>) -> Option<String> {
+        match value {
+            DeValue::Table(t) => in_table(t, span),
+            DeValue::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+                let deeper = in_value(v.get_ref(), span);
+                match deeper {
+                    Some(d) if d.starts_with('[') => Some(format!("[{i}]{d}")),
+                    Some(d) => Some(format!("[{i}].{d}")),
+                    None if holds(&v.span(), span) => Some(format!("[{i}]")),
+                    None => None,
+                }
+            }),
+            _ => None,
+        }
+    }
+    fn in_table(table: &DeTable<'_>, span: &Range<usize>) -> Option<String> {
+        table.iter().find_map(|(k, v)| {
+            let key: &str = k.get_ref();
+            match in_value(v.get_ref(), span) {
+                Some(d) if d.starts_with('[') => Some(format!("{key}{d}")),
+                Some(d) => Some(format!("{key}.{d}")),
+                None if holds(&k.span(), span) || holds(&v.span(), span) => Some(key.to_owned()),
+                None => None,
+            }
+        })
+    }
+    in_table(table, span)
+}
+
+fn holds(outer: &Range<usize>, inner: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end && outer.start < outer.end
+}
+
+fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
+    let (root, errors) = DeTable::parse_recoverable(src);
+    if !errors.is_empty() {
+        for e in &errors {
+            report.toml_error(e, 0..0, "");
+        }
+        return None;
+    }
+    let root = root.into_inner();
+    report.root = Some(root.clone());
+
+    let mut capture = None;
+    let mut routes = None;
+    let mut budget = None;
+    let mut tagging = None;
+    let mut admin = None;
+    let mut ramp = None;
+    for (key, value) in root.iter() {
+        let name: &str = key.get_ref();
+        match name {
+            "capture" => {
+                capture = report
+                    .section::<RawCapture>(value, name)
+                    .map(|c| (c, key.span()));
+            }
+            "route" => routes = Some(route_tables(value, report)),
+            "budget" => budget = report.section::<RawBudget>(value, name),
+            "tagging" => tagging = report.section::<RawTagging>(value, name),
+            "admin" => admin = report.section::<RawAdmin>(value, name),
+            "ramp" => {
+                ramp = Some(
+                    report
+                        .section::<RawRamp>(value, name)
+                        .map(|r| (r, key.span())),
+                );
+            }
+            other => report.at(
+                key.span(),
+                other,
+                "unknown section; expected capture, route, budget, tagging, admin or ramp",
+            ),
+        }
+    }
+    let sections_ok = report.issues.is_empty();
+
+    let tagging = tagging.map_or_else(TaggingConfig::default, |t| check_tagging(t, report));
+    let capture = match capture {
+        Some((c, span)) => check_capture(c, span, report),
+        None if root.contains_key("capture") => None,
+        None => {
+            report.at(0..0, "capture", "missing section `[capture]`");
+            None
+        }
+    };
+    let routes = match routes {
+        Some(raw) => check_routes(raw, &tagging, report),
+        None => {
+            report.at(0..0, "route", "no `[[route]]`: nothing would be mirrored");
+            Vec::new()
+        }
+    };
+    let budget = budget.map_or_else(BudgetConfig::default, |b| check_budget(b, report));
+    let admin = admin.map_or_else(AdminConfig::default, |a| check_admin(a, report));
+    let ramp = match ramp {
+        Some(Some((r, span))) => check_ramp(r, span, report),
+        _ => None,
+    };
+    let capture = capture?;
+    for (i, route) in routes.iter().enumerate() {
+        if !capture.ports.contains(&route.matcher.port) {
+            let span = route_port_span(&root, i).unwrap_or(0..0);
+            report.at(
+                span,
+                format!("route[{i}].match.port"),
+                format!(
+                    "port {} is not in `capture.ports`, so it is never captured",
+                    route.matcher.port
+                ),
+            );
+        }
+    }
+    if !sections_ok {
+        return None;
+    }
+    Some(Config {
+        capture,
+        routes,
+        budget,
+        tagging,
+        admin,
+        ramp,
+    })
+}
+
+fn route_port_span(root: &DeTable<'_>, i: usize) -> Option<Range<usize>> {
+    let route = root.get("route")?.get_ref().as_array()?.get(i)?;
+    let port = route.get_ref().get("match")?.get_ref().get("port")?;
+    Some(port.span())
+}
+
+fn route_tables<'s>(value: &Sp<DeValue<'s>>, report: &mut Report<'s>) -> Vec<Option<RawRoute>> {
+    let DeValue::Array(items) = value.get_ref() else {
+        report.at(value.span(), "route", "routes are `[[route]]` tables");
+        return Vec::new();
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| report.section::<RawRoute>(item, &format!("route[{i}]")))
+        .collect()
+}
+
+fn check_capture(
+    raw: RawCapture,
+    section: Range<usize>,
+    r: &mut Report<'_>,
+) -> Option<CaptureConfig> {
+    let mut ok = true;
+    let mut interfaces = Vec::new();
+    match raw.interfaces {
+        None => {
+            r.at(
+                section.clone(),
+                "capture.interfaces",
+                "required: interface names or globs",
+            );
+            ok = false;
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            r.at(list.span(), "capture.interfaces", "no interface given");
+            ok = false;
+        }
+        Some(list) => {
+            for (i, name) in list.into_inner().into_iter().enumerate() {
+                if let Err(e) = InterfaceSelector::new(&[name.get_ref()]) {
+                    r.at(
+                        name.span(),
+                        format!("capture.interfaces[{i}]"),
+                        e.to_string(),
+                    );
+                    ok = false;
+                }
+                interfaces.push(name.into_inner());
+            }
+        }
+    }
+    let mut hooks = BTreeSet::new();
+    match raw.hooks {
+        None => {
+            hooks.insert(Hook::Ingress);
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            r.at(list.span(), "capture.hooks", "no hook given");
+            ok = false;
+        }
+        Some(list) => {
+            for (i, hook) in list.into_inner().into_iter().enumerate() {
+                match hook.get_ref().parse::<Hook>() {
+                    Ok(h) => {
+                        hooks.insert(h);
+                    }
+                    Err(e) => {
+                        r.at(hook.span(), format!("capture.hooks[{i}]"), e);
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+    let mut ports = BTreeSet::new();
+    match raw.ports {
+        None => {
+            r.at(section, "capture.ports", "required: the ports to capture");
+            ok = false;
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            r.at(list.span(), "capture.ports", "no port given");
+            ok = false;
+        }
+        Some(list) => {
+            for (i, port) in list.into_inner().into_iter().enumerate() {
+                match check_port(&port, &format!("capture.ports[{i}]"), r) {
+                    Some(p) => {
+                        ports.insert(p);
+                    }
+                    None => ok = false,
+                }
+            }
+        }
+    }
+    let sample_percent = percent(raw.sample_percent, 100.0, "capture.sample_percent", r);
+    let sample_percent = sample_percent?;
+    ok.then_some(CaptureConfig {
+        interfaces,
+        hooks,
+        ports,
+        sample_percent,
+    })
+}
+
+fn check_port(port: &Sp<i64>, key: &str, r: &mut Report<'_>) -> Option<u16> {
+    match u16::try_from(*port.get_ref()) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            r.at(
+                port.span(),
+                key,
+                format!("port {} is not 1 to 65535", port.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// A percent in 0..=100, or `default` when absent; `None` (and an issue) when out of range.
+fn percent(value: Option<Sp<f64>>, default: f64, key: &str, r: &mut Report<'_>) -> Option<f64> {
+    let Some(value) = value else {
+        return Some(default);
+    };
+    let v = *value.get_ref();
+    if (0.0..=100.0).contains(&v) {
+        Some(v)
+    } else {
+        r.at(value.span(), key, format!("{v} is not between 0 and 100"));
+        None
+    }
+}
+
+fn check_routes(
+    raw: Vec<Option<RawRoute>>,
+    tagging: &TaggingConfig,
+    r: &mut Report<'_>,
+) -> Vec<RouteConfig> {
+    let mut names: HashSet<String> = HashSet::new();
+    let mut routes = Vec::new();
+    if raw.is_empty() {
+        r.at(0..0, "route", "no `[[route]]`: nothing would be mirrored");
+    }
+    for (i, route) in raw.into_iter().enumerate() {
+        let Some(route) = route else { continue };
+        let key = format!("route[{i}]");
+        if route.name.get_ref().trim().is_empty() {
+            r.at(route.name.span(), format!("{key}.name"), "empty name");
+        } else if !names.insert(route.name.get_ref().clone()) {
+            r.at(
+                route.name.span(),
+                format!("{key}.name"),
+                format!("duplicate route name `{}`", route.name.get_ref()),
+            );
+        }
+        if let Some(route) = check_route(route, &key, tagging, r) {
+            routes.push(route);
+        }
+    }
+    routes
+}
+
+fn check_route(
+    raw: RawRoute,
+    key: &str,
+    tagging: &TaggingConfig,
+    r: &mut Report<'_>,
+) -> Option<RouteConfig> {
+    let before = r.issues.len();
+    let matcher = check_match(raw.matcher.into_inner(), &format!("{key}.match"), r);
+
+    let mut targets = Vec::new();
+    if raw.targets.get_ref().is_empty() {
+        r.at(
+            raw.targets.span(),
+            format!("{key}.targets"),
+            "a route needs at least one target",
+        );
+    }
+    for (i, t) in raw.targets.into_inner().into_iter().enumerate() {
+        match Target::parse(t.get_ref()) {
+            Ok(target) if targets.contains(&target) => r.at(
+                t.span(),
+                format!("{key}.targets[{i}]"),
+                format!("`{target}` is listed twice"),
+            ),
+            Ok(target) => targets.push(target),
+            Err(e) => r.at(t.span(), format!("{key}.targets[{i}]"), e),
+        }
+    }
+
+    let sample_percent = percent(
+        raw.sample_percent,
+        100.0,
+        &format!("{key}.sample_percent"),
+        r,
+    );
+    let allow_methods = match raw.allow_methods {
+        None => DEFAULT_ALLOW_METHODS
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+        Some(list) => methods(list, &format!("{key}.allow_methods"), r),
+    };
+
+    let mut deny_paths = Vec::new();
+    for (i, p) in raw.deny_paths.into_iter().enumerate() {
+        match DenyGlob::new(p.get_ref()) {
+            Ok(g) => deny_paths.push(g),
+            Err(e) => r.at(
+                p.span(),
+                format!("{key}.deny_paths[{i}]"),
+                format!("`{}`: {e}", p.get_ref()),
+            ),
+        }
+    }
+
+    let tag_names = [
+        tagging.header.0.as_str(),
+        tagging.id_header.as_str(),
+        tagging.idempotency_header.as_str(),
+    ];
+    let mut set_headers = BTreeMap::new();
+    for (name, value) in raw.set_headers {
+        let k = format!("{key}.set_headers.{name}");
+        let lower = name.to_ascii_lowercase();
+        if let Err(e) = header_name_for_route(&lower, &tag_names) {
+            r.at(value.span(), k, e);
+        } else if !is_header_value(value.get_ref()) {
+            r.at(value.span(), k, "header values hold no control characters");
+        } else if set_headers.insert(lower, value.get_ref().clone()).is_some() {
+            r.at(value.span(), k, "header set twice (names ignore case)");
+        }
+    }
+    let mut remove_headers = BTreeSet::new();
+    for (i, name) in raw.remove_headers.into_iter().enumerate() {
+        let lower = name.get_ref().to_ascii_lowercase();
+        match header_name_for_route(&lower, &tag_names) {
+            Ok(()) => {
+                remove_headers.insert(lower);
+            }
+            Err(e) => r.at(name.span(), format!("{key}.remove_headers[{i}]"), e),
+        }
+    }
+
+    let host = match raw.host {
+        None => HostRule::Preserve,
+        Some(h) => match h.get_ref().as_str() {
+            "preserve" => HostRule::Preserve,
+            "target" => HostRule::Target,
+            literal if is_authority(literal) => HostRule::Literal(literal.to_owned()),
+            literal => {
+                r.at(
+                    h.span(),
+                    format!("{key}.host"),
+                    format!("`{literal}`: expected `preserve`, `target` or a host[:port]"),
+                );
+                HostRule::Preserve
+            }
+        },
+    };
+
+    if r.issues.len() != before {
+        return None;
+    }
+    Some(RouteConfig {
+        name: raw.name.into_inner(),
+        matcher: matcher?,
+        targets,
+        sample_percent: sample_percent?,
+        allow_methods,
+        deny_paths,
+        set_headers,
+        remove_headers,
+        host,
+    })
+}
+
+fn check_match(raw: RawMatch, key: &str, r: &mut Report<'_>) -> Option<RouteMatch> {
+    let port = check_port(&raw.port, &format!("{key}.port"), r);
+    let host = raw.host.and_then(|h| {
+        let lower = h.get_ref().to_ascii_lowercase();
+        let name = lower.strip_prefix("*.").unwrap_or(&lower);
+        if is_host_name(name) {
+            Some(lower)
+        } else {
+            r.at(
+                h.span(),
+                format!("{key}.host"),
+                format!(
+                    "`{}` is not a host name (no port; `*.` may lead)",
+                    h.get_ref()
+                ),
+            );
+            None
+        }
+    });
+    let path = match (raw.path_prefix, raw.path_regex) {
+        (Some(_), Some(re)) => {
+            r.at(
+                re.span(),
+                format!("{key}.path_regex"),
+                "give `path_prefix` or `path_regex`, not both",
+            );
+            None
+        }
+        (Some(prefix), None) if !prefix.get_ref().starts_with('/') => {
+            r.at(
+                prefix.span(),
+                format!("{key}.path_prefix"),
+                "a path prefix starts with `/`",
+            );
+            None
+        }
+        (Some(prefix), None) => Some(PathMatch::Prefix(prefix.into_inner())),
+        (None, Some(re)) => match regex::Regex::new(re.get_ref()) {
+            Ok(re) => Some(PathMatch::Regex(re)),
+            Err(e) => {
+                r.at(
+                    re.span(),
+                    format!("{key}.path_regex"),
+                    format!("invalid regex: {e}"),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let methods = raw
+        .methods
+        .map(|m| methods(m, &format!("{key}.methods"), r));
+    Some(RouteMatch {
+        port: port?,
+        host,
+        path,
+        methods,
+    })
+}
+
+fn methods(list: Sp<Vec<Sp<String>>>, key: &str, r: &mut Report<'_>) -> BTreeSet<String> {
+    if list.get_ref().is_empty() {
+        r.at(list.span(), key, "no method given");
+    }
+    let mut out = BTreeSet::new();
+    for (i, m) in list.into_inner().into_iter().enumerate() {
+        let name = m.get_ref();
+        if KNOWN_METHODS.contains(&name.as_str()) {
+            out.insert(name.clone());
+        } else if name == "CONNECT" {
+            r.at(m.span(), format!("{key}[{i}]"), "CONNECT is never mirrored");
+        } else {
+            r.at(
+                m.span(),
+                format!("{key}[{i}]"),
+                format!(
+                    "unknown method `{name}`; expected one of {}",
+                    KNOWN_METHODS.join(", ")
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn check_budget(raw: RawBudget, r: &mut Report<'_>) -> BudgetConfig {
+    let d = BudgetConfig::default();
+    let mut rate = |v: Option<Sp<f64>>, key: &str, default: f64| match v {
+        None => default,
+        Some(v) if *v.get_ref() > 0.0 && v.get_ref().is_finite() => *v.get_ref(),
+        Some(v) => {
+            r.at(
+                v.span(),
+                format!("budget.{key}"),
+                format!("{} is not above 0", v.get_ref()),
+            );
+            default
+        }
+    };
+    let node_rps = rate(raw.node_rps, "node_rps", d.node_rps);
+    let node_bytes_per_sec = rate(
+        raw.node_bytes_per_sec,
+        "node_bytes_per_sec",
+        d.node_bytes_per_sec,
+    );
+    let target_rps = rate(raw.target_rps, "target_rps", d.target_rps);
+    let target_bytes_per_sec = raw
+        .target_bytes_per_sec
+        .map(|v| rate(Some(v), "target_bytes_per_sec", 0.0));
+    let mut count = |v: Option<Sp<i64>>, key: &str, default: u32| match v {
+        None => default,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                r.at(
+                    v.span(),
+                    format!("budget.{key}"),
+                    format!("{} is not 1 to {}", v.get_ref(), u32::MAX),
+                );
+                default
+            }
+        },
+    };
+    let max_in_flight = count(raw.max_in_flight, "max_in_flight", d.max_in_flight);
+    let max_connections = count(raw.max_connections, "max_connections", d.max_connections);
+    let timeout = raw
+        .timeout
+        .and_then(|t| duration(&t, "budget.timeout", r))
+        .unwrap_or(d.timeout);
+    BudgetConfig {
+        node_rps,
+        node_bytes_per_sec,
+        target_rps,
+        target_bytes_per_sec,
+        max_in_flight,
+        max_connections,
+        timeout,
+    }
+}
+
+/// A positive duration such as `2s`, `500ms` or `5m`.
+fn duration(value: &Sp<String>, key: &str, r: &mut Report<'_>) -> Option<Duration> {
+    match humantime::parse_duration(value.get_ref()) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            r.at(value.span(), key, "the duration must be above 0");
+            None
+        }
+        Err(e) => {
+            r.at(
+                value.span(),
+                key,
+                format!(
+                    "`{}` is not a duration such as `500ms`, `30s` or `5m`: {e}",
+                    value.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
+    let d = TaggingConfig::default();
+    let header_span = raw.header.as_ref().map(Spanned::span);
+    let id_span = raw.id_header.as_ref().map(Spanned::span);
+    let idempotency_span = raw.idempotency_header.as_ref().map(Spanned::span);
+    let header = match raw.header {
+        None => d.header,
+        Some(h) => match h.get_ref().split_once(':') {
+            Some((name, value))
+                if is_header_name(name.trim())
+                    && !value.trim().is_empty()
+                    && is_header_value(value.trim()) =>
+            {
+                (name.trim().to_ascii_lowercase(), value.trim().to_owned())
+            }
+            _ => {
+                r.at(
+                    h.span(),
+                    "tagging.header",
+                    format!("`{}` is not `name: value`", h.get_ref()),
+                );
+                d.header
+            }
+        },
+    };
+    let mut name = |v: Option<Sp<String>>, key: &str, default: String| match v {
+        None => default,
+        Some(v) if is_header_name(v.get_ref()) => v.get_ref().to_ascii_lowercase(),
+        Some(v) => {
+            r.at(
+                v.span(),
+                format!("tagging.{key}"),
+                format!("`{}` is not a header name", v.get_ref()),
+            );
+            default
+        }
+    };
+    let id_header = name(raw.id_header, "id_header", d.id_header);
+    let idempotency_header = name(
+        raw.idempotency_header,
+        "idempotency_header",
+        d.idempotency_header,
+    );
+    // Each name must be its own: not another tagging header's, nor one the copy sets itself.
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, key, span) in [
+        (&header.0, "header", header_span),
+        (&id_header, "id_header", id_span),
+        (&idempotency_header, "idempotency_header", idempotency_span),
+    ] {
+        let reserved = RESERVED_HEADERS.contains(&name.as_str())
+            || name.starts_with("proxy-")
+            || ["baggage", "traceparent", "tracestate"].contains(&name.as_str());
+        if reserved || seen.contains(&name.as_str()) {
+            r.at(
+                span.unwrap_or(0..0),
+                format!("tagging.{key}"),
+                format!("`{name}` is taken; the tagging headers need distinct names of their own"),
+            );
+        }
+        seen.push(name);
+    }
+    TaggingConfig {
+        header,
+        baggage: raw.baggage.unwrap_or(d.baggage),
+        id_header,
+        idempotency_header,
+    }
+}
+
+fn check_admin(raw: RawAdmin, r: &mut Report<'_>) -> AdminConfig {
+    let d = AdminConfig::default();
+    let Some(listen) = raw.listen else {
+        return d;
+    };
+    match listen.get_ref().parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || raw.allow_remote => AdminConfig { listen: addr },
+        Ok(addr) => {
+            r.at(
+                listen.span(),
+                "admin.listen",
+                format!(
+                    "{addr} is reachable from other hosts; set `admin.allow_remote = true` to \
+                     listen there"
+                ),
+            );
+            d
+        }
+        Err(_) => {
+            r.at(
+                listen.span(),
+                "admin.listen",
+                format!(
+                    "`{}` is not an address such as `127.0.0.1:9464` or `[::1]:9464`",
+                    listen.get_ref()
+                ),
+            );
+            d
+        }
+    }
+}
+
+fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option<RampConfig> {
+    let before = r.issues.len();
+    if raw.steps.get_ref().is_empty() {
+        r.at(raw.steps.span(), "ramp.steps", "no step given");
+    }
+    let mut steps = Vec::new();
+    let mut last: Option<f64> = None;
+    for (i, step) in raw.steps.into_inner().into_iter().enumerate() {
+        let step = step.into_inner();
+        let key = format!("ramp.steps[{i}]");
+        let p = *step.percent.get_ref();
+        if !(p > 0.0 && p <= 100.0) {
+            r.at(
+                step.percent.span(),
+                format!("{key}.percent"),
+                format!("{p} is not above 0 and at most 100"),
+            );
+        } else if last.is_some_and(|l| p <= l) {
+            r.at(
+                step.percent.span(),
+                format!("{key}.percent"),
+                format!("{p} does not increase on the step before"),
+            );
+        }
+        last = Some(p);
+        if let Some(hold) = duration(&step.hold, &format!("{key}.hold"), r) {
+            steps.push(RampStep { percent: p, hold });
+        }
+    }
+    let guard = match raw.guard {
+        None => {
+            r.at(
+                section,
+                "ramp.guard",
+                "a ramp needs a guard (`error_percent` and/or `p99`) to fall back on",
+            );
+            None
+        }
+        Some(g) => {
+            let span = g.span();
+            let g = g.into_inner();
+            let max_error_percent = match g.error_percent {
+                Some(e) => percent(Some(e), 0.0, "ramp.guard.error_percent", r),
+                None => None,
+            };
+            let max_p99 = g.p99.and_then(|p| duration(&p, "ramp.guard.p99", r));
+            let min_requests = match g.min_requests {
+                None => 20,
+                Some(n) => u64::try_from(*n.get_ref()).unwrap_or_else(|_| {
+                    r.at(n.span(), "ramp.guard.min_requests", "must be 0 or more");
+                    0
+                }),
+            };
+            if max_error_percent.is_none() && max_p99.is_none() {
+                r.at(
+                    span,
+                    "ramp.guard",
+                    "set `error_percent` and/or `p99`, or the ramp never falls back",
+                );
+            }
+            Some(RampGuard {
+                max_error_percent,
+                max_p99,
+                min_requests,
+            })
+        }
+    };
+    if r.issues.len() != before {
+        return None;
+    }
+    Some(RampConfig {
+        steps,
+        guard: guard?,
+    })
+}
+
+/// Route header rules may not touch framing, Host (see `host`) or the tagging headers.
+fn header_name_for_route(lower: &str, tag_names: &[&str]) -> Result<(), String> {
+    if !is_header_name(lower) {
+        Err(format!("`{lower}` is not a header name"))
+    } else if lower == "host" {
+        Err("the Host header is set by the route's `host` key".into())
+    } else if RESERVED_HEADERS.contains(&lower) || lower.starts_with("proxy-") {
+        Err(format!(
+            "`{lower}` belongs to the connection or framing, not the request"
+        ))
+    } else if tag_names.contains(&lower) {
+        Err(format!("`{lower}` is set by `[tagging]`"))
+    } else {
+        Ok(())
+    }
+}
+
+/// An RFC 9110 token.
+pub(crate) fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_header_value(s: &str) -> bool {
+    s.chars().all(|c| c == '\t' || !c.is_control())
+}
+
+/// A DNS name or IPv4 address: letters, digits, `-`, `.`, `_`.
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// `host`, `host:port`, `[v6]:port` or an IP address.
+fn is_authority(s: &str) -> bool {
+    if s.parse::<IpAddr>().is_ok() || s.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) => is_host_name(host) && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => is_host_name(s),
+    }
+}
+
+#[cfg(test)]
+mod tests;

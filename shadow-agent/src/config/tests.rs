@@ -1,0 +1,608 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [8080]
+
+[[route]]
+name = "api"
+match = { port = 8080 }
+targets = ["http://shadow:8080"]
+"#;
+
+fn errors(src: &str) -> Vec<ConfigIssue> {
+    match Config::from_toml(src, "test.toml") {
+        Ok(_) => panic!("expected errors in:\n{src}"),
+        Err(e) => e.issues,
+    }
+}
+
+/// The example shipped in the repository passes, with the values it sets.
+#[test]
+fn example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/shadow.toml");
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(config.capture.interfaces, ["eth0", "veth*"]);
+    assert_eq!(config.capture.ports, BTreeSet::from([8080, 9090]));
+    assert_eq!(config.capture.sample_percent, 50.0);
+    assert_eq!(config.routes.len(), 2);
+    let api = &config.routes[0];
+    assert_eq!(api.name, "checkout-api");
+    assert_eq!(api.matcher.host.as_deref(), Some("shop.example.com"));
+    assert!(matches!(&api.matcher.path, Some(PathMatch::Prefix(p)) if p == "/api/"));
+    assert_eq!(
+        api.targets[1],
+        Target::parse("http://10.0.3.17:8080").expect("valid")
+    );
+    assert!(api.allow_methods.contains("POST"));
+    assert_eq!(api.deny_paths.len(), 3);
+    assert_eq!(api.set_headers["x-environment"], "shadow");
+    assert!(api.remove_headers.contains("authorization"));
+    assert_eq!(api.host, HostRule::Target);
+    let catalog = &config.routes[1];
+    assert!(matches!(&catalog.matcher.path, Some(PathMatch::Regex(_))));
+    assert_eq!(
+        catalog.allow_methods,
+        DEFAULT_ALLOW_METHODS
+            .iter()
+            .map(|m| m.to_string())
+            .collect()
+    );
+    assert_eq!(catalog.host, HostRule::Preserve);
+    assert_eq!(config.budget.node_bytes_per_sec, 10_485_760.0);
+    assert_eq!(config.budget.timeout, Duration::from_secs(2));
+    assert_eq!(config.tagging, TaggingConfig::default());
+    assert_eq!(config.admin, AdminConfig::default());
+    let ramp = config.ramp.expect("ramp");
+    assert_eq!(
+        ramp.steps.iter().map(|s| s.percent).collect::<Vec<_>>(),
+        [5.0, 10.0, 25.0, 50.0, 100.0]
+    );
+    assert_eq!(ramp.guard.max_p99, Some(Duration::from_millis(800)));
+}
+
+#[test]
+fn defaults() {
+    let config = match Config::from_toml(MINIMAL, "minimal.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(config.capture.hooks, BTreeSet::from([Hook::Ingress]));
+    assert_eq!(config.capture.sample_percent, 100.0);
+    let route = &config.routes[0];
+    assert_eq!(route.sample_percent, 100.0);
+    assert_eq!(route.allow_methods.len(), 3);
+    assert_eq!(route.host, HostRule::Preserve);
+    assert!(route.matcher.methods.is_none());
+    assert_eq!(config.budget, BudgetConfig::default());
+    assert_eq!(
+        config.tagging.header,
+        ("x-shadow-request".into(), "1".into())
+    );
+    assert_eq!(config.tagging.idempotency_header, "idempotency-key");
+    assert!(config.tagging.baggage);
+    assert_eq!(
+        config.admin.listen,
+        DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().expect("valid")
+    );
+    assert!(config.ramp.is_none());
+}
+
+/// One bad value at a time, in a file that is otherwise MINIMAL: (replace, with, line, key,
+/// part of the message).
+#[test]
+fn single_errors() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        (
+            "ports = [8080]",
+            "ports = [0, 8080]",
+            4,
+            "capture.ports[0]",
+            "1 to 65535",
+        ),
+        (
+            "ports = [8080]",
+            "ports = [70000, 8080]",
+            4,
+            "capture.ports[0]",
+            "1 to 65535",
+        ),
+        (
+            "ports = [8080]",
+            "ports = [8080]\nsample_percent = 101",
+            5,
+            "capture.sample_percent",
+            "between 0 and 100",
+        ),
+        (
+            "ports = [8080]",
+            "ports = [8080]\nhooks = [\"sideways\"]",
+            5,
+            "capture.hooks[0]",
+            "unknown hook",
+        ),
+        (
+            "ports = [8080]",
+            "ports = [8080]\nhook = [\"ingress\"]",
+            5,
+            "capture.hook",
+            "unknown field `hook`",
+        ),
+        (
+            "[\"eth0\"]",
+            "[\"an-interface-name-far-too-long\"]",
+            3,
+            "capture.interfaces[0]",
+            "1 to 15",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 0 }",
+            8,
+            "route[0].match.port",
+            "1 to 65535",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 9090 }",
+            8,
+            "route[0].match.port",
+            "not in `capture.ports`",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 8080, paht_prefix = \"/\" }",
+            8,
+            "route[0].match.paht_prefix",
+            "unknown field `paht_prefix`",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 8080, path_prefix = \"/a\", path_regex = \"^/b\" }",
+            8,
+            "route[0].match.path_regex",
+            "not both",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 8080, path_prefix = \"a\" }",
+            8,
+            "route[0].match.path_prefix",
+            "starts with `/`",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 8080, path_regex = \"(\" }",
+            8,
+            "route[0].match.path_regex",
+            "invalid regex",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 8080, methods = [\"FETCH\"] }",
+            8,
+            "route[0].match.methods[0]",
+            "unknown method `FETCH`",
+        ),
+        (
+            "{ port = 8080 }",
+            "{ port = 8080, host = \"a b\" }",
+            8,
+            "route[0].match.host",
+            "not a host name",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"https://shadow:8080\"]",
+            9,
+            "route[0].targets[0]",
+            "`http://host:port`",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow\"]",
+            9,
+            "route[0].targets[0]",
+            "port is required",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080/path\"]",
+            9,
+            "route[0].targets[0]",
+            "without path",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://user@shadow:8080\"]",
+            9,
+            "route[0].targets[0]",
+            "without path",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:0\"]",
+            9,
+            "route[0].targets[0]",
+            "1 to 65535",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[]",
+            9,
+            "route[0].targets",
+            "at least one target",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://a:1\", \"http://A:1/\"]",
+            9,
+            "route[0].targets[1]",
+            "listed twice",
+        ),
+        (
+            "targets = [\"http://shadow:8080\"]",
+            "",
+            6,
+            "route[0]",
+            "missing field `targets`",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nsample_percent = -1",
+            10,
+            "route[0].sample_percent",
+            "between 0 and 100",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nallow_methods = [\"get\"]",
+            10,
+            "route[0].allow_methods[0]",
+            "unknown method `get`",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nallow_methods = [\"CONNECT\"]",
+            10,
+            "route[0].allow_methods[0]",
+            "never mirrored",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\ndeny_paths = [\"/ok\", \"/a/[b\"]",
+            10,
+            "route[0].deny_paths[1]",
+            "invalid glob",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\ndeny_paths = [\"admin\"]",
+            10,
+            "route[0].deny_paths[0]",
+            "start with `/`",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nhost = \"not a host\"",
+            10,
+            "route[0].host",
+            "`preserve`, `target`",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nset_headers = { host = \"x\" }",
+            10,
+            "route[0].set_headers.host",
+            "`host` key",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nset_headers = { \"x-a\" = \"1\\r\\nx-b: 2\" }",
+            10,
+            "route[0].set_headers.x-a",
+            "control characters",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nremove_headers = [\"transfer-encoding\"]",
+            10,
+            "route[0].remove_headers[0]",
+            "framing",
+        ),
+        (
+            "[\"http://shadow:8080\"]",
+            "[\"http://shadow:8080\"]\nremove_headers = [\"x-shadow-request\"]",
+            10,
+            "route[0].remove_headers[0]",
+            "[tagging]",
+        ),
+        (
+            "name = \"api\"",
+            "name = \"\"",
+            7,
+            "route[0].name",
+            "empty name",
+        ),
+        ("[capture]", "[captrue]", 2, "captrue", "unknown section"),
+    ];
+    for (from, to, line, key, message) in cases {
+        assert!(MINIMAL.contains(from), "{from}");
+        let src = MINIMAL.replacen(from, to, 1);
+        let issues = errors(&src);
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.line == *line && i.key == *key && i.message.contains(message)),
+            "want {line}: `{key}`: …{message}… for `{to}`, got {issues:#?}"
+        );
+    }
+}
+
+#[test]
+fn section_errors() {
+    let cases: &[(&str, usize, &str, &str)] = &[
+        (
+            "[budget]\nnode_rps = 0",
+            12,
+            "budget.node_rps",
+            "not above 0",
+        ),
+        (
+            "[budget]\ntarget_bytes_per_sec = -5",
+            12,
+            "budget.target_bytes_per_sec",
+            "not above 0",
+        ),
+        (
+            "[budget]\nmax_in_flight = 0",
+            12,
+            "budget.max_in_flight",
+            "not 1 to",
+        ),
+        (
+            "[budget]\ntimeout = \"soon\"",
+            12,
+            "budget.timeout",
+            "not a duration",
+        ),
+        (
+            "[budget]\ntimeout = \"0s\"",
+            12,
+            "budget.timeout",
+            "above 0",
+        ),
+        (
+            "[budget]\ntimeout = 5",
+            12,
+            "budget.timeout",
+            "expected a string",
+        ),
+        (
+            "[tagging]\nheader = \"x-shadow\"",
+            12,
+            "tagging.header",
+            "not `name: value`",
+        ),
+        (
+            "[tagging]\nid_header = \"x id\"",
+            12,
+            "tagging.id_header",
+            "not a header name",
+        ),
+        (
+            "[tagging]\nid_header = \"X-Shadow-Request\"",
+            12,
+            "tagging.id_header",
+            "distinct names",
+        ),
+        (
+            "[tagging]\nidempotency_header = \"traceparent\"",
+            12,
+            "tagging.idempotency_header",
+            "is taken",
+        ),
+        (
+            "[admin]\nlisten = \"localhost\"",
+            12,
+            "admin.listen",
+            "not an address",
+        ),
+        (
+            "[admin]\nlisten = \"0.0.0.0:9464\"",
+            12,
+            "admin.listen",
+            "allow_remote",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 10, hold = \"1m\" }, { percent = 5, hold = \"1m\" }]\nguard = { p99 = \"1s\" }",
+            12,
+            "ramp.steps[1].percent",
+            "does not increase",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 150, hold = \"1m\" }]\nguard = { p99 = \"1s\" }",
+            12,
+            "ramp.steps[0].percent",
+            "at most 100",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 10, hold = \"a while\" }]\nguard = { p99 = \"1s\" }",
+            12,
+            "ramp.steps[0].hold",
+            "not a duration",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 10, hold = \"1m\" }]\nguard = { min_requests = 5 }",
+            13,
+            "ramp.guard",
+            "never falls back",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 10, hold = \"1m\" }]",
+            11,
+            "ramp.guard",
+            "needs a guard",
+        ),
+        (
+            "[ramp]\nsteps = []\nguard = { p99 = \"1s\" }",
+            12,
+            "ramp.steps",
+            "no step",
+        ),
+    ];
+    for (section, line, key, message) in cases {
+        let src = format!("{MINIMAL}\n{section}\n");
+        let issues = errors(&src);
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.line == *line && i.key == *key && i.message.contains(message)),
+            "want {line}: `{key}`: …{message}… for `{section}`, got {issues:#?}"
+        );
+    }
+}
+
+#[test]
+fn accepted_values() {
+    let cases = [
+        "[admin]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true",
+        "[admin]\nlisten = \"[::1]:9000\"",
+        "[budget]\nnode_rps = 0.5\ntarget_bytes_per_sec = 1000\ntimeout = \"500ms\"",
+        "[tagging]\nheader = \"X-Mirror:  yes \"\nbaggage = false",
+        "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }, { percent = 100, hold = \"1h\" }]\nguard = { error_percent = 1 }",
+    ];
+    for section in cases {
+        let src = format!("{MINIMAL}\n{section}\n");
+        if let Err(e) = Config::from_toml(&src, "t.toml") {
+            panic!("`{section}` refused: {e}");
+        }
+    }
+    let src = format!("{MINIMAL}\n[tagging]\nheader = \"X-Mirror:  yes \"\n");
+    let config = Config::from_toml(&src, "t.toml").expect("valid");
+    assert_eq!(config.tagging.header, ("x-mirror".into(), "yes".into()));
+}
+
+#[test]
+fn all_errors_are_reported_in_line_order() {
+    let src = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [0]
+sample_percent = 300
+
+[[route]]
+name = "a"
+match = { port = 8080, methods = ["GTE"] }
+targets = ["ftp://x:1"]
+
+[[route]]
+name = "a"
+match = { port = 8080 }
+targets = ["http://x:1"]
+colour = "blue"
+
+[budget]
+node_rps = -1
+"#;
+    let e = Config::from_toml(src, "f.toml").expect_err("invalid");
+    let got: Vec<(usize, &str)> = e.issues.iter().map(|i| (i.line, i.key.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (4, "capture.ports[0]"),
+            (5, "capture.sample_percent"),
+            (9, "route[0].match.methods[0]"),
+            (10, "route[0].targets[0]"),
+            (16, "route[1].colour"),
+            (19, "budget.node_rps"),
+        ]
+    );
+    let text = e.to_string();
+    assert!(
+        text.starts_with("f.toml:4: key `capture.ports[0]`: port 0 is not 1 to 65535\n"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 6);
+}
+
+#[test]
+fn duplicate_route_names() {
+    let src = format!(
+        "{MINIMAL}\n[[route]]\nname = \"api\"\nmatch = {{ port = 8080 }}\ntargets = [\"http://b:1\"]\n"
+    );
+    let issues = errors(&src);
+    assert_eq!(issues.len(), 1, "{issues:#?}");
+    assert_eq!(
+        (issues[0].line, issues[0].key.as_str()),
+        (12, "route[1].name")
+    );
+    assert!(issues[0].message.contains("duplicate route name `api`"));
+}
+
+#[test]
+fn syntax_errors_name_their_line() {
+    let src = "[capture]\ninterfaces = [\"eth0\"\nports = [8080]\n";
+    let issues = errors(src);
+    assert!(!issues.is_empty());
+    assert!(issues.iter().all(|i| i.line >= 2), "{issues:#?}");
+    let src = "[capture]\nports = [8080]\nports = [9090]\n";
+    let issues = errors(src);
+    assert_eq!(issues[0].line, 3, "{issues:#?}");
+}
+
+#[test]
+fn missing_sections() {
+    let issues = errors("");
+    let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["capture", "route"]);
+    let issues = errors(
+        "[capture]\nports = [1]\n[[route]]\nname = \"x\"\nmatch = { port = 1 }\ntargets = [\"http://a:1\"]\n",
+    );
+    assert_eq!(issues.len(), 1);
+    assert_eq!(
+        (issues[0].line, issues[0].key.as_str()),
+        (1, "capture.interfaces")
+    );
+}
+
+#[test]
+fn targets() {
+    let cases = [
+        (
+            "http://shadow:8080",
+            Some(("shadow", 8080, "http://shadow:8080")),
+        ),
+        (
+            "http://Shadow.Svc:80/",
+            Some(("shadow.svc", 80, "http://shadow.svc:80")),
+        ),
+        (
+            "http://10.0.0.1:1",
+            Some(("10.0.0.1", 1, "http://10.0.0.1:1")),
+        ),
+        (
+            "http://[::1]:8080",
+            Some(("::1", 8080, "http://[::1]:8080")),
+        ),
+        ("http://[::1]", None),
+        ("http://[zz]:1", None),
+        ("http://:80", None),
+        ("http://a:80?x", None),
+        ("http://a:65536", None),
+        ("HTTP://a:80", None),
+        ("shadow:8080", None),
+    ];
+    for (url, want) in cases {
+        let got = Target::parse(url).ok();
+        let got = got
+            .as_ref()
+            .map(|t| (t.host.as_str(), t.port, t.to_string()));
+        let want = want.map(|(h, p, s)| (h, p, s.to_owned()));
+        assert_eq!(got, want, "{url}");
+    }
+}

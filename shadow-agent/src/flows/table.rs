@@ -1,0 +1,1034 @@
+//! The flow table: every tracked TCP connection, its two reassemblers and its application
+//! state, bounded in flows and in bytes.
+//!
+//! Flows live in a slab threaded by intrusive doubly linked lists, so every bookkeeping step
+//! is O(1): the *activity* list orders all flows by last activity (idle expiry pops its tail,
+//! the flow limit evicts its tail); the *holding* list orders the flows that hold buffered
+//! bytes (the global byte limit evicts its tail); the *closed* list keeps connections that
+//! ended, oldest first, so that late retransmissions are still recognised as such until the
+//! slot is needed or the idle timeout passes.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::FlowCounters;
+use super::reassembly::{Chunk, Reassembler, SegmentKind};
+
+/// The limits that bound the table's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Connections tracked at once; the least recently active one is evicted to make room.
+    pub max_flows: usize,
+    /// Bytes held out of order by one flow (both directions together). Beyond it, the oldest
+    /// hole is declared lost.
+    pub max_flow_out_of_order_bytes: usize,
+    /// Bytes buffered by all flows together (out-of-order segments plus what the application
+    /// layer buffers). Beyond it, the least recently active flows that hold bytes are evicted.
+    pub max_buffered_bytes: usize,
+    /// A flow with no segment for this long is expired.
+    pub idle_timeout: Duration,
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        Self {
+            max_flows: 65_536,
+            max_flow_out_of_order_bytes: 1 << 20,
+            max_buffered_bytes: 256 << 20,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A connection's 4-tuple, the same for both directions: `a` is the lower endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub a: SocketAddr,
+    pub b: SocketAddr,
+}
+
+/// Which way a segment travels relative to its [`FlowKey`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    FromA,
+    FromB,
+}
+
+impl Direction {
+    pub fn reverse(self) -> Self {
+        match self {
+            Self::FromA => Self::FromB,
+            Self::FromB => Self::FromA,
+        }
+    }
+}
+
+impl FlowKey {
+    /// The key of the connection a packet from `src` to `dst` belongs to, and the packet's
+    /// direction in it.
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> (Self, Direction) {
+        if src <= dst {
+            (Self { a: src, b: dst }, Direction::FromA)
+        } else {
+            (Self { a: dst, b: src }, Direction::FromB)
+        }
+    }
+
+    /// The sender of packets travelling in `dir`.
+    pub fn source(&self, dir: Direction) -> SocketAddr {
+        match dir {
+            Direction::FromA => self.a,
+            Direction::FromB => self.b,
+        }
+    }
+
+    /// The receiver of packets travelling in `dir`.
+    pub fn destination(&self, dir: Direction) -> SocketAddr {
+        self.source(dir.reverse())
+    }
+}
+
+/// The TCP facts the table needs from one captured segment.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub seq: u32,
+    /// The acknowledgement number when the ACK flag is set.
+    pub ack: Option<u32>,
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub payload: &'a [u8],
+}
+
+/// Why a flow left the table (or stopped carrying data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions ended with FIN, or the connection was reset.
+    Closed,
+    /// No segment for the idle timeout.
+    Expired,
+    /// Evicted to stay within the flow limit.
+    EvictedFlowLimit,
+    /// Evicted to stay within the global byte limit.
+    EvictedMemory,
+    /// End of input ([`FlowTable::finish`]).
+    Finished,
+}
+
+/// The application layer above the reassemblers (HTTP in shadow; anything in tests).
+pub trait StreamHandler<O: ?Sized> {
+    /// The next piece of one direction's stream. A flow's chunks arrive in stream order per
+    /// direction; [`Chunk::End`] comes once per direction, last.
+    fn chunk(&mut self, key: &FlowKey, dir: Direction, chunk: Chunk<'_>, ts: Duration, out: &mut O);
+    /// The flow is over; called once, after both directions' [`Chunk::End`].
+    fn closed(&mut self, key: &FlowKey, reason: CloseReason, out: &mut O);
+    /// Bytes the handler buffers, charged to the global limit.
+    fn buffered_bytes(&self) -> usize;
+    /// True once the handler reads no more data: the table stops reassembling the flow.
+    fn is_opaque(&self) -> bool;
+}
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Links {
+    prev: u32,
+    next: u32,
+}
+
+impl Links {
+    const DETACHED: Self = Self {
+        prev: NIL,
+        next: NIL,
+    };
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Ends {
+    head: u32,
+    tail: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum List {
+    Activity,
+    Holding,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Flow<H> {
+    key: FlowKey,
+    dirs: [Reassembler; 2],
+    handler: H,
+    last_seen: Duration,
+    /// Bytes charged to the global limit at the last update.
+    accounted: usize,
+    opaque: bool,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Slot<H> {
+    flow: Option<Flow<H>>,
+    activity: Links,
+    /// Links in the holding list or the closed list (a closed flow holds nothing).
+    aux: Links,
+    aux_list: Option<List>,
+}
+
+/// All tracked connections. Generic over the application state `H` so that it is tested and
+/// fuzzed on its own.
+#[derive(Debug)]
+pub struct FlowTable<H> {
+    limits: FlowLimits,
+    index: HashMap<FlowKey, u32>,
+    slots: Vec<Slot<H>>,
+    free: Vec<u32>,
+    activity: Ends,
+    holding: Ends,
+    closed: Ends,
+    buffered: usize,
+    counters: FlowCounters,
+}
+
+impl<H> FlowTable<H> {
+    pub fn new(limits: FlowLimits) -> Self {
+        let empty = Ends {
+            head: NIL,
+            tail: NIL,
+        };
+        Self {
+            limits,
+            index: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            activity: empty,
+            holding: empty,
+            closed: empty,
+            buffered: 0,
+            counters: FlowCounters::default(),
+        }
+    }
+
+    pub fn limits(&self) -> &FlowLimits {
+        &self.limits
+    }
+
+    /// Tracked flows, closed ones that still linger included.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Bytes buffered by all flows: out-of-order segments and application buffers.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered
+    }
+
+    /// Fixed memory charged per tracked flow: its slot and its index entry (key, slot number,
+    /// one control byte), divided by the index's maximum load factor of 7/8.
+    pub fn bytes_per_flow() -> usize {
+        let index_entry = size_of::<(FlowKey, u32)>() + 1;
+        size_of::<Slot<H>>() + index_entry * 8 / 7
+    }
+
+    /// Memory accounted to the table: the fixed cost of every tracked flow plus buffered bytes.
+    /// Heap memory the application state allocates is counted through
+    /// [`StreamHandler::buffered_bytes`].
+    pub fn memory_bytes(&self) -> usize {
+        self.len() * Self::bytes_per_flow() + self.buffered
+    }
+
+    pub fn counters(&self) -> &FlowCounters {
+        &self.counters
+    }
+
+    fn ends(&mut self, list: List) -> &mut Ends {
+        match list {
+            List::Activity => &mut self.activity,
+            List::Holding => &mut self.holding,
+            List::Closed => &mut self.closed,
+        }
+    }
+
+    fn links(&mut self, list: List, idx: u32) -> &mut Links {
+        let slot = &mut self.slots[idx as usize];
+        match list {
+            List::Activity => &mut slot.activity,
+            List::Holding | List::Closed => &mut slot.aux,
+        }
+    }
+
+    fn unlink(&mut self, list: List, idx: u32) {
+        let Links { prev, next } = *self.links(list, idx);
+        if prev == NIL {
+            self.ends(list).head = next;
+        } else {
+            self.links(list, prev).next = next;
+        }
+        if next == NIL {
+            self.ends(list).tail = prev;
+        } else {
+            self.links(list, next).prev = prev;
+        }
+        *self.links(list, idx) = Links::DETACHED;
+    }
+
+    fn push_front(&mut self, list: List, idx: u32) {
+        let head = self.ends(list).head;
+        *self.links(list, idx) = Links {
+            prev: NIL,
+            next: head,
+        };
+        if head == NIL {
+            self.ends(list).tail = idx;
+        } else {
+            self.links(list, head).prev = idx;
+        }
+        self.ends(list).head = idx;
+    }
+
+    fn set_aux_list(&mut self, idx: u32, list: Option<List>) {
+        let current = self.slots[idx as usize].aux_list;
+        if current == list {
+            // Keep the holding list in activity order: a touched holder moves to the front.
+            if list == Some(List::Holding) {
+                self.unlink(List::Holding, idx);
+                self.push_front(List::Holding, idx);
+            }
+            return;
+        }
+        if let Some(old) = current {
+            self.unlink(old, idx);
+        }
+        if let Some(new) = list {
+            self.push_front(new, idx);
+        }
+        self.slots[idx as usize].aux_list = list;
+    }
+
+    fn insert(&mut self, flow: Flow<H>) -> u32 {
+        let key = flow.key;
+        let slot = Slot {
+            flow: Some(flow),
+            activity: Links::DETACHED,
+            aux: Links::DETACHED,
+            aux_list: None,
+        };
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                self.slots[idx as usize] = slot;
+                idx
+            }
+            None => {
+                self.slots.push(slot);
+                // max_flows is far below u32::MAX in any sane configuration; the index
+                // would run out of memory long before.
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(key, idx);
+        self.push_front(List::Activity, idx);
+        idx
+    }
+
+    fn remove(&mut self, idx: u32) -> Option<Flow<H>> {
+        let flow = self.slots[idx as usize].flow.take()?;
+        self.unlink(List::Activity, idx);
+        self.set_aux_list(idx, None);
+        self.index.remove(&flow.key);
+        self.buffered -= flow.accounted;
+        self.free.push(idx);
+        Some(flow)
+    }
+
+    fn flow_mut(&mut self, idx: u32) -> Option<&mut Flow<H>> {
+        self.slots.get_mut(idx as usize)?.flow.as_mut()
+    }
+}
+
+/// Hands reassembled chunks to the handler, counting gaps and skipping data once the handler
+/// reads no more.
+fn deliver_to<'a, H: StreamHandler<O>, O: ?Sized>(
+    handler: &'a mut H,
+    key: &'a FlowKey,
+    dir: Direction,
+    ts: Duration,
+    counters: &'a mut FlowCounters,
+    out: &'a mut O,
+) -> impl FnMut(Chunk<'_>) + 'a {
+    move |chunk| {
+        if let Chunk::Gap(lost) = chunk {
+            counters.gaps += 1;
+            counters.bytes_lost += lost;
+        }
+        if matches!(chunk, Chunk::Data(_)) && handler.is_opaque() {
+            return;
+        }
+        handler.chunk(key, dir, chunk, ts, out);
+    }
+}
+
+impl<H> FlowTable<H> {
+    /// Takes one TCP segment at capture time `ts`. `create` builds the application state of
+    /// a new flow from its first segment. A new flow starts only on a SYN or on a segment
+    /// that carries payload; resets and bare acknowledgements of unknown flows are ignored.
+    pub fn segment<O: ?Sized>(
+        &mut self,
+        seg: &Segment<'_>,
+        ts: Duration,
+        create: impl FnOnce(&FlowKey, Direction, &Segment<'_>) -> H,
+        out: &mut O,
+    ) where
+        H: StreamHandler<O>,
+    {
+        let (key, dir) = FlowKey::new(seg.src, seg.dst);
+        let mut idx = self.index.get(&key).copied();
+        if let Some(old) = idx {
+            let reused = seg.syn
+                && seg.ack.is_none()
+                && self.slots[old as usize]
+                    .flow
+                    .as_ref()
+                    .is_some_and(|f| f.closed);
+            if reused {
+                // A new connection on the 4-tuple of one that ended.
+                self.remove(old);
+                idx = None;
+            }
+        }
+        let idx = match idx {
+            Some(idx) => idx,
+            None if seg.syn || !seg.payload.is_empty() => {
+                self.make_room(out);
+                let handler = create(&key, dir, seg);
+                self.counters.flows_created += 1;
+                self.insert(Flow {
+                    key,
+                    dirs: [Reassembler::new(), Reassembler::new()],
+                    handler,
+                    last_seen: ts,
+                    accounted: 0,
+                    opaque: false,
+                    closed: false,
+                })
+            }
+            None => {
+                self.counters.segments_ignored += 1;
+                return;
+            }
+        };
+        self.unlink(List::Activity, idx);
+        self.push_front(List::Activity, idx);
+        let limit = self.limits.max_flow_out_of_order_bytes;
+        let Some(flow) = self.slots[idx as usize].flow.as_mut() else {
+            return;
+        };
+        flow.last_seen = ts;
+        let counters = &mut self.counters;
+        if flow.closed {
+            if !seg.payload.is_empty() {
+                counters.segments_retransmitted += 1;
+            }
+            return;
+        }
+        let Flow {
+            key,
+            dirs,
+            handler,
+            opaque,
+            ..
+        } = flow;
+        let (this, peer) = match dir {
+            Direction::FromA => {
+                let [a, b] = dirs;
+                (a, b)
+            }
+            Direction::FromB => {
+                let [a, b] = dirs;
+                (b, a)
+            }
+        };
+        if *opaque {
+            // Only the connection's end still matters.
+            if seg.rst {
+                this.close(&mut |_| {});
+                peer.close(&mut |_| {});
+            } else if seg.fin {
+                this.close(&mut |_| {});
+            }
+            counters.segments_opaque += 1;
+        } else {
+            if seg.syn {
+                this.syn(seg.seq);
+            }
+            let data_seq = if seg.syn {
+                seg.seq.wrapping_add(1)
+            } else {
+                seg.seq
+            };
+            let kind = this.segment(
+                data_seq,
+                seg.payload,
+                seg.fin,
+                &mut deliver_to(handler, key, dir, ts, counters, out),
+            );
+            match kind {
+                SegmentKind::InOrder => counters.segments_in_order += 1,
+                SegmentKind::OutOfOrder => counters.segments_out_of_order += 1,
+                SegmentKind::Retransmitted => counters.segments_retransmitted += 1,
+                SegmentKind::Overlapping => counters.segments_overlapping += 1,
+                SegmentKind::OutOfWindow => counters.segments_out_of_window += 1,
+                SegmentKind::Control => {}
+            }
+            if let Some(ack) = seg.ack {
+                peer.acked(
+                    ack,
+                    &mut deliver_to(handler, key, dir.reverse(), ts, counters, out),
+                );
+            }
+            if seg.rst {
+                this.close(&mut deliver_to(handler, key, dir, ts, counters, out));
+                peer.close(&mut deliver_to(
+                    handler,
+                    key,
+                    dir.reverse(),
+                    ts,
+                    counters,
+                    out,
+                ));
+            }
+            // Over the per-flow limit: give up on the oldest hole of the fuller direction.
+            while this.held_bytes() + peer.held_bytes() > limit {
+                let (fuller, fuller_dir) = if this.held_bytes() >= peer.held_bytes() {
+                    (&mut *this, dir)
+                } else {
+                    (&mut *peer, dir.reverse())
+                };
+                fuller.skip_hole(&mut deliver_to(handler, key, fuller_dir, ts, counters, out));
+            }
+            if handler.is_opaque() {
+                *opaque = true;
+                this.discard_held();
+                peer.discard_held();
+            }
+        }
+        self.after_update(idx, out);
+        self.enforce_global_limit(out);
+    }
+
+    /// Re-charges a flow's bytes after it changed, files it in the right list and closes it
+    /// when both directions ended.
+    fn after_update<O: ?Sized>(&mut self, idx: u32, out: &mut O)
+    where
+        H: StreamHandler<O>,
+    {
+        let Some(flow) = self.flow_mut(idx) else {
+            return;
+        };
+        let ended = flow.dirs.iter().all(Reassembler::is_ended);
+        if ended && !flow.closed {
+            flow.closed = true;
+            flow.handler.closed(&flow.key, CloseReason::Closed, out);
+            self.counters.flows_closed += 1;
+        }
+        let Some(flow) = self.flow_mut(idx) else {
+            return;
+        };
+        let now = if flow.opaque || flow.closed {
+            flow.dirs.iter().map(Reassembler::held_bytes).sum::<usize>()
+        } else {
+            flow.dirs.iter().map(Reassembler::held_bytes).sum::<usize>()
+                + flow.handler.buffered_bytes()
+        };
+        let before = std::mem::replace(&mut flow.accounted, now);
+        let closed = flow.closed;
+        self.buffered = self.buffered - before + now;
+        let list = if closed {
+            Some(List::Closed)
+        } else if now > 0 {
+            Some(List::Holding)
+        } else {
+            None
+        };
+        self.set_aux_list(idx, list);
+    }
+
+    /// Ends a flow that is still open: holes declared lost, held data delivered, both
+    /// directions ended, the handler told why; then the flow leaves the table.
+    fn end_and_remove<O: ?Sized>(&mut self, idx: u32, reason: CloseReason, out: &mut O)
+    where
+        H: StreamHandler<O>,
+    {
+        let counters = &mut self.counters;
+        if let Some(flow) = self.slots[idx as usize].flow.as_mut()
+            && !flow.closed
+        {
+            let ts = flow.last_seen;
+            let Flow {
+                key,
+                dirs,
+                handler,
+                opaque,
+                ..
+            } = flow;
+            for (dir, reassembler) in [Direction::FromA, Direction::FromB].into_iter().zip(dirs) {
+                if *opaque {
+                    reassembler.close(&mut |_| {});
+                } else {
+                    reassembler.close(&mut deliver_to(handler, key, dir, ts, counters, out));
+                }
+            }
+            handler.closed(key, reason, out);
+            match reason {
+                CloseReason::Closed => counters.flows_closed += 1,
+                CloseReason::Expired => counters.flows_expired += 1,
+                CloseReason::EvictedFlowLimit => counters.flows_evicted_flow_limit += 1,
+                CloseReason::EvictedMemory => counters.flows_evicted_memory += 1,
+                CloseReason::Finished => counters.flows_finished += 1,
+            }
+        }
+        self.remove(idx);
+    }
+
+    /// Frees a slot for a new flow when the table is full: a connection that already ended
+    /// goes first; failing that, the least recently active flow is evicted.
+    fn make_room<O: ?Sized>(&mut self, out: &mut O)
+    where
+        H: StreamHandler<O>,
+    {
+        while self.len() >= self.limits.max_flows.max(1) {
+            if self.closed.tail != NIL {
+                let idx = self.closed.tail;
+                self.remove(idx);
+            } else if self.activity.tail != NIL {
+                let idx = self.activity.tail;
+                self.end_and_remove(idx, CloseReason::EvictedFlowLimit, out);
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn enforce_global_limit<O: ?Sized>(&mut self, out: &mut O)
+    where
+        H: StreamHandler<O>,
+    {
+        while self.buffered > self.limits.max_buffered_bytes && self.holding.tail != NIL {
+            let idx = self.holding.tail;
+            self.end_and_remove(idx, CloseReason::EvictedMemory, out);
+        }
+    }
+
+    /// Expires every flow idle for the idle timeout at capture time `now`. Cost is O(1) plus
+    /// O(1) per expired flow: only the tail of the activity list is looked at.
+    pub fn expire<O: ?Sized>(&mut self, now: Duration, out: &mut O)
+    where
+        H: StreamHandler<O>,
+    {
+        let timeout = self.limits.idle_timeout;
+        while self.activity.tail != NIL {
+            let idx = self.activity.tail;
+            let Some(flow) = self.flow_mut(idx) else {
+                break;
+            };
+            if flow.last_seen.saturating_add(timeout) > now {
+                break;
+            }
+            self.end_and_remove(idx, CloseReason::Expired, out);
+        }
+    }
+
+    /// End of input: every flow is ended (holes declared lost) and removed, least recently
+    /// active first.
+    pub fn finish<O: ?Sized>(&mut self, out: &mut O)
+    where
+        H: StreamHandler<O>,
+    {
+        while self.activity.tail != NIL {
+            let idx = self.activity.tail;
+            self.end_and_remove(idx, CloseReason::Finished, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what a flow's handler saw, as text per direction.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        from_a: String,
+        from_b: String,
+        closed: Option<CloseReason>,
+        /// Pretend application buffer, charged to the global limit.
+        buffering: usize,
+    }
+
+    type Log = Vec<(FlowKey, String)>;
+
+    impl StreamHandler<Log> for Recorder {
+        fn chunk(
+            &mut self,
+            _: &FlowKey,
+            dir: Direction,
+            chunk: Chunk<'_>,
+            _: Duration,
+            _: &mut Log,
+        ) {
+            let text = match dir {
+                Direction::FromA => &mut self.from_a,
+                Direction::FromB => &mut self.from_b,
+            };
+            match chunk {
+                Chunk::Data(d) => text.push_str(&String::from_utf8_lossy(d)),
+                Chunk::Gap(n) => text.push_str(&format!("[gap {n}]")),
+                Chunk::End => text.push_str("[end]"),
+            }
+        }
+
+        fn closed(&mut self, key: &FlowKey, reason: CloseReason, out: &mut Log) {
+            self.closed = Some(reason);
+            out.push((
+                *key,
+                format!("{reason:?} a:{} b:{}", self.from_a, self.from_b),
+            ));
+        }
+
+        fn buffered_bytes(&self) -> usize {
+            self.buffering
+        }
+
+        fn is_opaque(&self) -> bool {
+            false
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    const CLIENT: &str = "10.0.0.1:40000";
+    const SERVER: &str = "10.0.0.2:80";
+
+    fn seg<'a>(from_client: bool, seq: u32, payload: &'a str) -> Segment<'a> {
+        let (src, dst) = if from_client {
+            (CLIENT, SERVER)
+        } else {
+            (SERVER, CLIENT)
+        };
+        Segment {
+            src: addr(src),
+            dst: addr(dst),
+            seq,
+            ack: None,
+            syn: false,
+            fin: false,
+            rst: false,
+            payload: payload.as_bytes(),
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn push(table: &mut FlowTable<Recorder>, s: Segment<'_>, ts: Duration, log: &mut Log) {
+        table.segment(&s, ts, |_, _, _| Recorder::default(), log);
+    }
+
+    #[test]
+    fn key_is_the_same_both_ways() {
+        let (k1, d1) = FlowKey::new(addr(CLIENT), addr(SERVER));
+        let (k2, d2) = FlowKey::new(addr(SERVER), addr(CLIENT));
+        assert_eq!(k1, k2);
+        assert_eq!(d1, d2.reverse());
+        assert_eq!(k1.source(d1), addr(CLIENT));
+        assert_eq!(k1.destination(d1), addr(SERVER));
+        let (k6, _) = FlowKey::new(addr("[2001:db8::1]:5000"), addr("[2001:db8::2]:80"));
+        assert_eq!(k6.a, addr("[2001:db8::1]:5000"));
+    }
+
+    #[test]
+    fn handshake_exchange_and_fin_close_the_flow() {
+        let mut t = FlowTable::new(FlowLimits::default());
+        let mut log = Log::new();
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ..seg(true, 100, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ack: Some(101),
+                ..seg(false, 500, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(
+            &mut t,
+            Segment {
+                ack: Some(501),
+                ..seg(true, 101, "GET")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(
+            &mut t,
+            Segment {
+                ack: Some(104),
+                ..seg(false, 501, "200")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(
+            &mut t,
+            Segment {
+                fin: true,
+                ack: Some(504),
+                ..seg(true, 104, "")
+            },
+            secs(2),
+            &mut log,
+        );
+        assert!(log.is_empty());
+        push(
+            &mut t,
+            Segment {
+                fin: true,
+                ack: Some(105),
+                ..seg(false, 504, "")
+            },
+            secs(2),
+            &mut log,
+        );
+        assert_eq!(log.len(), 1);
+        assert!(log[0].1.starts_with("Closed"), "{log:?}");
+        assert!(
+            log[0].1.contains("GET[end]") && log[0].1.contains("200[end]"),
+            "{log:?}"
+        );
+        assert_eq!(t.counters().flows_closed, 1);
+        // A late retransmission of a closed connection is recognised, not a new flow.
+        push(&mut t, seg(true, 101, "GET"), secs(3), &mut log);
+        assert_eq!(t.counters().flows_created, 1);
+        assert_eq!(t.counters().segments_retransmitted, 1);
+        // A new SYN on the same 4-tuple is a new connection.
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ..seg(true, 9000, "")
+            },
+            secs(4),
+            &mut log,
+        );
+        assert_eq!(t.counters().flows_created, 2);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn reset_ends_both_directions_and_declares_holes() {
+        let mut t = FlowTable::new(FlowLimits::default());
+        let mut log = Log::new();
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ..seg(true, 0, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(&mut t, seg(true, 1, "ab"), secs(1), &mut log);
+        push(&mut t, seg(true, 6, "fg"), secs(1), &mut log);
+        push(
+            &mut t,
+            Segment {
+                rst: true,
+                ..seg(false, 0, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].1, format!("Closed a:ab[gap 3]fg[end] b:[end]"));
+        assert_eq!(t.counters().gaps, 1);
+        assert_eq!(t.counters().bytes_lost, 3);
+        assert_eq!(t.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn idle_flows_expire_oldest_first() {
+        let limits = FlowLimits {
+            idle_timeout: secs(10),
+            ..FlowLimits::default()
+        };
+        let mut t = FlowTable::new(limits);
+        let mut log = Log::new();
+        push(&mut t, seg(true, 1, "old"), secs(1), &mut log);
+        let other = Segment {
+            src: addr("10.0.0.9:1234"),
+            ..seg(true, 1, "new")
+        };
+        push(&mut t, other, secs(5), &mut log);
+        t.expire(secs(10), &mut log);
+        assert!(log.is_empty());
+        t.expire(secs(11), &mut log);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].1, "Expired a:old[end] b:[end]");
+        assert_eq!(t.len(), 1);
+        // Activity keeps a flow alive.
+        push(
+            &mut t,
+            Segment {
+                src: addr("10.0.0.9:1234"),
+                ..seg(true, 4, "!")
+            },
+            secs(14),
+            &mut log,
+        );
+        t.expire(secs(20), &mut log);
+        assert_eq!(t.len(), 1);
+        t.expire(secs(24), &mut log);
+        assert!(t.is_empty());
+        assert_eq!(t.counters().flows_expired, 2);
+    }
+
+    #[test]
+    fn gap_declared_at_the_out_of_order_limit() {
+        let limits = FlowLimits {
+            max_flow_out_of_order_bytes: 2 * (4 + super::super::reassembly::HELD_SEGMENT_OVERHEAD),
+            ..FlowLimits::default()
+        };
+        let mut t = FlowTable::new(limits);
+        let mut log = Log::new();
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ..seg(true, 0, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(&mut t, seg(true, 1, "abcd"), secs(1), &mut log);
+        push(&mut t, seg(true, 7, "ghij"), secs(1), &mut log);
+        push(&mut t, seg(true, 13, "mnop"), secs(1), &mut log);
+        assert_eq!(t.counters().gaps, 0);
+        push(&mut t, seg(true, 19, "stuv"), secs(1), &mut log);
+        assert_eq!(t.counters().gaps, 1);
+        assert_eq!(t.counters().bytes_lost, 2);
+        t.finish(&mut log);
+        assert_eq!(
+            log[0].1,
+            "Finished a:abcd[gap 2]ghij[gap 2]mnop[gap 2]stuv[end] b:[end]"
+        );
+    }
+
+    #[test]
+    fn flow_limit_evicts_the_least_recently_active() {
+        let limits = FlowLimits {
+            max_flows: 2,
+            ..FlowLimits::default()
+        };
+        let mut t = FlowTable::new(limits);
+        let mut log = Log::new();
+        let from = |port: u16| Segment {
+            src: SocketAddr::new(addr(CLIENT).ip(), port),
+            ..seg(true, 1, "x")
+        };
+        push(&mut t, from(1), secs(1), &mut log);
+        push(&mut t, from(2), secs(2), &mut log);
+        push(&mut t, from(1), secs(3), &mut log);
+        push(&mut t, from(3), secs(4), &mut log);
+        assert_eq!(t.len(), 2);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].0.a.port(), 2, "port 2 was the least recently active");
+        assert!(log[0].1.starts_with("EvictedFlowLimit"));
+        assert_eq!(t.counters().flows_evicted_flow_limit, 1);
+    }
+
+    #[test]
+    fn global_limit_evicts_the_least_recently_active_holder() {
+        let limits = FlowLimits {
+            max_buffered_bytes: 300,
+            ..FlowLimits::default()
+        };
+        let mut t = FlowTable::new(limits);
+        let mut log = Log::new();
+        let from = |port: u16, seq: u32, p: &'static str| Segment {
+            src: SocketAddr::new(addr(CLIENT).ip(), port),
+            ..seg(true, seq, p)
+        };
+        push(&mut t, from(1, 1, "a"), secs(1), &mut log);
+        push(&mut t, from(2, 1, "a"), secs(1), &mut log);
+        push(&mut t, from(2, 10, "held"), secs(2), &mut log);
+        push(&mut t, from(3, 1, "a"), secs(3), &mut log);
+        push(&mut t, from(3, 10, "held"), secs(3), &mut log);
+        assert_eq!(t.counters().flows_evicted_memory, 0);
+        push(&mut t, from(3, 20, "held"), secs(4), &mut log);
+        push(&mut t, from(3, 30, "held"), secs(4), &mut log);
+        assert_eq!(t.counters().flows_evicted_memory, 0, "4 x 68 bytes held");
+        push(&mut t, from(3, 40, "held"), secs(4), &mut log);
+        assert_eq!(t.counters().flows_evicted_memory, 1);
+        assert_eq!(
+            log[0].0.a.port(),
+            2,
+            "flow 1 held nothing; flow 2 was the oldest holder"
+        );
+        assert!(t.buffered_bytes() <= 300);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn syn_flood_stays_within_the_flow_limit() {
+        let limits = FlowLimits {
+            max_flows: 10_000,
+            ..FlowLimits::default()
+        };
+        let mut t = FlowTable::new(limits);
+        let mut log = Log::new();
+        let bound = 10_000 * FlowTable::<Recorder>::bytes_per_flow();
+        for i in 0..100_000u32 {
+            let src = SocketAddr::from((
+                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                1024 + (i % 60_000) as u16,
+            ));
+            let s = Segment {
+                src,
+                syn: true,
+                ..seg(true, i.wrapping_mul(7919), "")
+            };
+            push(&mut t, s, Duration::from_millis(u64::from(i)), &mut log);
+            assert!(t.len() <= 10_000);
+            assert!(
+                t.memory_bytes() <= bound,
+                "accounted {} > {bound}",
+                t.memory_bytes()
+            );
+        }
+        assert_eq!(t.len(), 10_000);
+        assert_eq!(t.counters().flows_created, 100_000);
+        assert_eq!(t.counters().flows_evicted_flow_limit, 90_000);
+        assert_eq!(t.buffered_bytes(), 0);
+        // The slab never grew past the limit either.
+        assert!(t.slots.len() <= 10_000);
+    }
+}

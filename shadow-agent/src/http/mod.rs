@@ -1,0 +1,323 @@
+//! HTTP/1.0 and HTTP/1.1 exchanges rebuilt from the two byte streams of one TCP connection.
+//!
+//! Sans-IO: [`HttpConnection`] takes bytes, gaps, ends and timestamps from the caller and returns
+//! [`HttpEvent`]s; it owns no socket and reads no clock, so live capture, pcap files, tests and
+//! the fuzzer all drive the same code. Bytes may arrive split at any boundary: the events are
+//! the same as if each direction had arrived in one piece (timestamps aside, which are those of
+//! the pieces that carried the first and last byte of a message).
+//!
+//! Memory per connection is bounded by [`HttpLimits`]: per direction, at most one partial head
+//! (`max_head_bytes`), one body (`max_body_bytes`), one trailer section and one resync window
+//! (`max_head_bytes` each), plus `max_pending` small entries pairing responses to requests.
+//!
+//! Header values and bodies are never logged: they are the users' data.
+//!
+//! How ambiguous framing (request smuggling shapes) is handled is written down in
+//! `SMUGGLING.md` beside this file.
+
+mod body;
+mod connection;
+mod framing;
+mod resync;
+mod scan;
+
+use std::fmt;
+
+pub use connection::HttpConnection;
+
+/// Bounds on what one connection may buffer; anything larger is skipped and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Largest head (start line, headers and the empty line), also the largest trailer section,
+    /// chunk-size line and resync window.
+    pub max_head_bytes: usize,
+    /// Most header fields in one head (or trailer section).
+    pub max_headers: usize,
+    /// Largest decoded body.
+    pub max_body_bytes: usize,
+    /// Most requests waiting for their response (pipelining depth) before the oldest pairings
+    /// are given up.
+    pub max_pending: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_pending: 256,
+        }
+    }
+}
+
+/// Time since the Unix epoch, passed in by the caller (the parser has no clock).
+pub type Timestamp = std::time::Duration;
+
+/// A header or trailer field: the name as received, the value raw (not necessarily UTF-8).
+pub type Field = (String, Vec<u8>);
+
+/// The HTTP version of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+impl Version {
+    fn from_minor(minor: u8) -> Self {
+        if minor == 0 {
+            Self::Http10
+        } else {
+            Self::Http11
+        }
+    }
+}
+
+/// Which side of the connection sent the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Client,
+    Server,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// One complete request, as the server received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// 0, 1, 2… per connection, in order of the request's start. Requests that were dropped
+    /// (limits, gaps, malformed heads) also take a number, so a hole in the sequence shows a
+    /// request the server saw but shadow did not emit.
+    pub seq: u64,
+    pub method: String,
+    /// As sent: origin-form, absolute-form, authority-form or `*`.
+    pub target: String,
+    pub version: Version,
+    /// In wire order, names as received, values raw.
+    pub headers: Vec<Field>,
+    /// The decoded body (chunked framing removed).
+    pub body: bytes::Bytes,
+    pub trailers: Vec<Field>,
+    /// Bytes the request took on the wire (head, body framing, trailers).
+    pub wire_len: usize,
+    pub started: Timestamp,
+    pub completed: Timestamp,
+}
+
+/// One complete final response (interim 1xx responses other than 101 are not emitted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The request this answers; `None` when no request was outstanding (unpaired).
+    pub request_seq: Option<u64>,
+    pub status: u16,
+    pub reason: String,
+    pub version: Version,
+    pub headers: Vec<Field>,
+    pub body: bytes::Bytes,
+    pub trailers: Vec<Field>,
+    pub wire_len: usize,
+    pub started: Timestamp,
+    pub completed: Timestamp,
+}
+
+/// What the parser reports, in the order it learns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpEvent {
+    Request(Request),
+    Response(Response),
+    Anomaly(Anomaly),
+}
+
+/// Something that kept a message from being emitted, or bytes that were not HTTP/1.x.
+///
+/// Each variant is one kind, [`Anomaly::kind`] its stable label for metrics. None of them carries
+/// header values or body bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anomaly {
+    /// The start line or header fields did not parse (`reason` is httparse's description).
+    MalformedHead {
+        direction: Direction,
+        reason: &'static str,
+    },
+    /// A line ended in LF without CR.
+    BareLf { direction: Direction },
+    /// A header line began with whitespace (obsolete line folding).
+    ObsFold { direction: Direction },
+    /// The head did not end within `max_head_bytes`.
+    HeadTooLarge { direction: Direction },
+    /// More than `max_headers` header fields.
+    TooManyHeaders { direction: Direction },
+    /// The body exceeded `max_body_bytes`; its bytes were skipped.
+    BodyTooLarge { direction: Direction },
+    /// A trailer section exceeded `max_head_bytes` or `max_headers`; the message was skipped.
+    TrailersTooLarge { direction: Direction },
+    /// Both Content-Length and Transfer-Encoding.
+    AmbiguousFraming { direction: Direction },
+    /// Content-Length fields with different values.
+    ConflictingContentLength { direction: Direction },
+    /// A Content-Length that is not a non-negative decimal number fitting 64 bits.
+    InvalidContentLength { direction: Direction },
+    /// A Transfer-Encoding whose last coding is not `chunked` (or any on HTTP/1.0).
+    InvalidTransferEncoding { direction: Direction },
+    /// A chunk-size line, chunk terminator or trailer section that did not parse.
+    InvalidChunk { direction: Direction },
+    /// Bytes of a request were lost in capture; the request was dropped.
+    RequestLostToGap {
+        request_seq: Option<u64>,
+        lost_bytes: u64,
+    },
+    /// Bytes of a response were lost in capture; the response was dropped.
+    ResponseLostToGap {
+        request_seq: Option<u64>,
+        lost_bytes: u64,
+    },
+    /// A response with no outstanding request; it is emitted with `request_seq: None`.
+    UnpairedResponse { status: u16 },
+    /// The connection began with the HTTP/2 preface; it is now opaque.
+    Http2Unsupported,
+    /// Bytes discarded on a connection picked up mid-stream before its first message.
+    MidStreamSkipped { direction: Direction, bytes: u64 },
+    /// Bytes discarded while looking for the next start line after an error.
+    ResyncSkipped { direction: Direction, bytes: u64 },
+    /// The stream ended inside a message; the message was dropped.
+    Truncated { direction: Direction },
+    /// Bytes after a message that announced `Connection: close` (reported once per side).
+    DataAfterClose { direction: Direction },
+    /// More than `max_pending` requests waited for their responses.
+    PipelineOverflow,
+    /// The client sent more than `max_head_bytes` after an Upgrade or CONNECT request before the
+    /// server decided; the connection is now opaque.
+    UndecidedUpgradeOverflow,
+}
+
+impl Anomaly {
+    /// A stable snake_case label, used as a metrics label and in counter summaries.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MalformedHead { .. } => "malformed_head",
+            Self::BareLf { .. } => "bare_lf",
+            Self::ObsFold { .. } => "obs_fold",
+            Self::HeadTooLarge { .. } => "head_too_large",
+            Self::TooManyHeaders { .. } => "too_many_headers",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::TrailersTooLarge { .. } => "trailers_too_large",
+            Self::AmbiguousFraming { .. } => "ambiguous_framing",
+            Self::ConflictingContentLength { .. } => "conflicting_content_length",
+            Self::InvalidContentLength { .. } => "invalid_content_length",
+            Self::InvalidTransferEncoding { .. } => "invalid_transfer_encoding",
+            Self::InvalidChunk { .. } => "invalid_chunk",
+            Self::RequestLostToGap { .. } => "request_lost_to_gap",
+            Self::ResponseLostToGap { .. } => "response_lost_to_gap",
+            Self::UnpairedResponse { .. } => "unpaired_response",
+            Self::Http2Unsupported => "http2_unsupported",
+            Self::MidStreamSkipped { .. } => "mid_stream_skipped",
+            Self::ResyncSkipped { .. } => "resync_skipped",
+            Self::Truncated { .. } => "truncated",
+            Self::DataAfterClose { .. } => "data_after_close",
+            Self::PipelineOverflow => "pipeline_overflow",
+            Self::UndecidedUpgradeOverflow => "undecided_upgrade_overflow",
+        }
+    }
+
+    /// The side whose bytes caused it.
+    pub fn direction(&self) -> Direction {
+        match self {
+            Self::MalformedHead { direction, .. }
+            | Self::BareLf { direction }
+            | Self::ObsFold { direction }
+            | Self::HeadTooLarge { direction }
+            | Self::TooManyHeaders { direction }
+            | Self::BodyTooLarge { direction }
+            | Self::TrailersTooLarge { direction }
+            | Self::AmbiguousFraming { direction }
+            | Self::ConflictingContentLength { direction }
+            | Self::InvalidContentLength { direction }
+            | Self::InvalidTransferEncoding { direction }
+            | Self::InvalidChunk { direction }
+            | Self::MidStreamSkipped { direction, .. }
+            | Self::ResyncSkipped { direction, .. }
+            | Self::Truncated { direction }
+            | Self::DataAfterClose { direction } => *direction,
+            Self::RequestLostToGap { .. }
+            | Self::Http2Unsupported
+            | Self::PipelineOverflow
+            | Self::UndecidedUpgradeOverflow => Direction::Client,
+            Self::ResponseLostToGap { .. } | Self::UnpairedResponse { .. } => Direction::Server,
+        }
+    }
+}
+
+impl fmt::Display for Anomaly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.kind(), self.direction().as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anomaly_kinds_are_stable_snake_case_and_distinct() {
+        let c = Direction::Client;
+        let all = [
+            Anomaly::MalformedHead {
+                direction: c,
+                reason: "x",
+            },
+            Anomaly::BareLf { direction: c },
+            Anomaly::ObsFold { direction: c },
+            Anomaly::HeadTooLarge { direction: c },
+            Anomaly::TooManyHeaders { direction: c },
+            Anomaly::BodyTooLarge { direction: c },
+            Anomaly::TrailersTooLarge { direction: c },
+            Anomaly::AmbiguousFraming { direction: c },
+            Anomaly::ConflictingContentLength { direction: c },
+            Anomaly::InvalidContentLength { direction: c },
+            Anomaly::InvalidTransferEncoding { direction: c },
+            Anomaly::InvalidChunk { direction: c },
+            Anomaly::RequestLostToGap {
+                request_seq: None,
+                lost_bytes: 1,
+            },
+            Anomaly::ResponseLostToGap {
+                request_seq: None,
+                lost_bytes: 1,
+            },
+            Anomaly::UnpairedResponse { status: 200 },
+            Anomaly::Http2Unsupported,
+            Anomaly::MidStreamSkipped {
+                direction: c,
+                bytes: 1,
+            },
+            Anomaly::ResyncSkipped {
+                direction: c,
+                bytes: 1,
+            },
+            Anomaly::Truncated { direction: c },
+            Anomaly::DataAfterClose { direction: c },
+            Anomaly::PipelineOverflow,
+            Anomaly::UndecidedUpgradeOverflow,
+        ];
+        let mut kinds: Vec<_> = all.iter().map(Anomaly::kind).collect();
+        for kind in &kinds {
+            assert!(
+                kind.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{kind}"
+            );
+        }
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), all.len());
+        assert_eq!(all[0].to_string(), "malformed_head (client)");
+    }
+}

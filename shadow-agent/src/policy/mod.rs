@@ -1,0 +1,248 @@
+//! The one place that decides whether a captured request may be mirrored, and where to.
+//!
+//! Pure: a request's port, method, target and Host in, a [`Decision`] out. The destination
+//! comes from the configuration only; nothing in the request chooses it. [`tagging`] builds
+//! the copy's headers, [`ramp`] moves the mirrored share.
+
+pub mod path;
+pub mod ramp;
+pub mod route;
+pub mod tagging;
+
+use crate::config::{Config, RouteConfig, Target};
+use route::Route;
+
+/// Methods mirrored by default and sent without an idempotency key.
+pub const SAFE_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
+
+/// Whether `method` is one of [`SAFE_METHODS`].
+pub fn is_safe_method(method: &str) -> bool {
+    SAFE_METHODS.contains(&method)
+}
+
+/// What the policy looks at in a captured request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// The service port the request was sent to.
+    pub port: u16,
+    pub method: &'a str,
+    /// The request-target as sent: origin-form, absolute-form, `*` or authority-form.
+    pub target: &'a str,
+    /// The Host header, if any.
+    pub host: Option<&'a str>,
+    /// Different for each request, such as a hash of the connection and the request's number
+    /// on it; per-request sampling is a hash of it and the policy's seed.
+    pub sample_key: u64,
+}
+
+/// Index of a route in configuration order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub usize);
+
+/// Index of a distinct target; routes naming the same URL share it, and its budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetId(pub usize);
+
+/// Whether and where to mirror one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision<'p> {
+    Mirror {
+        route: RouteId,
+        targets: &'p [TargetId],
+    },
+    Drop(DropReason),
+}
+
+/// Why a request is not mirrored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// No route's `match` fits.
+    NoRoute,
+    /// The request-target is neither origin- nor absolute-form (e.g. CONNECT's authority-form).
+    BadTarget,
+    /// A `deny_paths` pattern matches.
+    DenyPath,
+    /// The route does not allow the method.
+    Method,
+    /// Left out by per-request sampling.
+    Sample,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::NoRoute,
+        DropReason::BadTarget,
+        DropReason::DenyPath,
+        DropReason::Method,
+        DropReason::Sample,
+    ];
+
+    /// Stable snake_case label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::BadTarget => "bad_target",
+            DropReason::DenyPath => "deny_path",
+            DropReason::Method => "method",
+            DropReason::Sample => "sample",
+        }
+    }
+}
+
+/// The routes, their shared targets and the sampling state.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    routes: Vec<Route>,
+    targets: Vec<Target>,
+    seed: u64,
+    /// The ramp's current share, applied on top of each route's `sample_percent`.
+    ramp_percent: f64,
+}
+
+impl Policy {
+    /// Builds the policy of a checked configuration; `seed` varies sampling between nodes.
+    pub fn from_config(config: &Config, seed: u64) -> Self {
+        Self::new(&config.routes, seed)
+    }
+
+    pub fn new(routes: &[RouteConfig], seed: u64) -> Self {
+        let mut targets: Vec<Target> = Vec::new();
+        let routes = routes
+            .iter()
+            .map(|r| {
+                let ids = r
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let i = targets.iter().position(|x| x == t).unwrap_or_else(|| {
+                            targets.push(t.clone());
+                            targets.len() - 1
+                        });
+                        TargetId(i)
+                    })
+                    .collect();
+                Route::new(r.clone(), ids)
+            })
+            .collect();
+        Self {
+            routes,
+            targets,
+            seed,
+            ramp_percent: 100.0,
+        }
+    }
+
+    /// Sets the share the ramp allows, 0 to 100 (clamped).
+    pub fn set_ramp_percent(&mut self, percent: f64) {
+        self.ramp_percent = if percent.is_nan() {
+            0.0
+        } else {
+            percent.clamp(0.0, 100.0)
+        };
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// `None` for an id from another policy.
+    pub fn route(&self, id: RouteId) -> Option<&Route> {
+        self.routes.get(id.0)
+    }
+
+    /// Every distinct target, indexed by [`TargetId`].
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// `None` for an id from another policy.
+    pub fn target(&self, id: TargetId) -> Option<&Target> {
+        self.targets.get(id.0)
+    }
+
+    /// Decides for one request. The first route whose `match` fits decides; then deny paths,
+    /// then allowed methods, then sampling.
+    pub fn decide(&self, req: &RequestView<'_>) -> Decision<'_> {
+        let Some(raw_path) = path::target_path(req.target) else {
+            return Decision::Drop(DropReason::BadTarget);
+        };
+        let normalised = path::normalise(raw_path);
+        let host = match_host(req.target, req.host);
+        let Some((i, route)) = self
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.fits(req.port, host.as_deref(), req.method, &normalised))
+        else {
+            return Decision::Drop(DropReason::NoRoute);
+        };
+        if route.denies(raw_path) {
+            return Decision::Drop(DropReason::DenyPath);
+        }
+        if !route.allows_method(req.method) {
+            return Decision::Drop(DropReason::Method);
+        }
+        let share = route.config().sample_percent * self.ramp_percent / 100.0;
+        if !sampled(self.seed, req.sample_key, share) {
+            return Decision::Drop(DropReason::Sample);
+        }
+        Decision::Mirror {
+            route: RouteId(i),
+            targets: route.targets(),
+        }
+    }
+}
+
+/// The host a route matches against: an absolute-form target's authority wins over the Host
+/// header, as RFC 9112 section 3.2.2 has servers do. Lower case, without port or final dot.
+fn match_host(target: &str, header: Option<&str>) -> Option<String> {
+    let authority = if target.starts_with('/') {
+        header?
+    } else {
+        match target.split_once("://") {
+            Some((_, rest)) => {
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                let authority = &rest[..end];
+                authority.rsplit_once('@').map_or(authority, |(_, a)| a)
+            }
+            None => header?,
+        }
+    };
+    let authority = authority.trim();
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or(v6)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    Some(host.to_ascii_lowercase())
+}
+
+/// Parts per million: sampling resolution.
+const SAMPLE_SCALE: u64 = 1_000_000;
+
+/// Whether a request with this key is in a `percent` share; deterministic for a seed.
+fn sampled(seed: u64, key: u64, percent: f64) -> bool {
+    if percent >= 100.0 {
+        return true;
+    }
+    if percent.is_nan() || percent <= 0.0 {
+        return false;
+    }
+    let threshold = (percent / 100.0 * SAMPLE_SCALE as f64).round() as u64;
+    mix(seed ^ mix(key)) % SAMPLE_SCALE < threshold
+}
+
+/// splitmix64's finaliser: spreads every input bit over the output.
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,71 @@
+//! One configured route, with its targets resolved to the policy's shared target table.
+
+use crate::config::{PathMatch, RouteConfig};
+use crate::policy::TargetId;
+use crate::policy::path;
+
+/// A route as the policy uses it.
+#[derive(Clone, Debug)]
+pub struct Route {
+    config: RouteConfig,
+    targets: Vec<TargetId>,
+}
+
+impl Route {
+    pub(crate) fn new(config: RouteConfig, targets: Vec<TargetId>) -> Self {
+        Self { config, targets }
+    }
+
+    /// The route as configured: header rules and Host rule for tagging.
+    pub fn config(&self) -> &RouteConfig {
+        &self.config
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Where copies of its requests go, in configuration order.
+    pub fn targets(&self) -> &[TargetId] {
+        &self.targets
+    }
+
+    /// Whether the `match` table fits: `host` is lower case without port, `path` normalised.
+    pub(crate) fn fits(&self, port: u16, host: Option<&str>, method: &str, path: &str) -> bool {
+        let m = &self.config.matcher;
+        if m.port != port {
+            return false;
+        }
+        if let Some(want) = &m.host {
+            let Some(host) = host else { return false };
+            let fits = match want.strip_prefix("*.") {
+                Some(domain) => host
+                    .strip_suffix(domain)
+                    .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                None => host == want,
+            };
+            if !fits {
+                return false;
+            }
+        }
+        if let Some(methods) = &m.methods
+            && !methods.contains(method)
+        {
+            return false;
+        }
+        match &m.path {
+            None => true,
+            Some(PathMatch::Prefix(prefix)) => path.starts_with(prefix.as_str()),
+            Some(PathMatch::Regex(re)) => re.is_match(path),
+        }
+    }
+
+    /// Whether a `deny_paths` pattern matches any reading of the raw `path`.
+    pub(crate) fn denies(&self, raw_path: &str) -> bool {
+        path::is_denied(raw_path, &self.config.deny_paths)
+    }
+
+    pub(crate) fn allows_method(&self, method: &str) -> bool {
+        self.config.allow_methods.contains(method)
+    }
+}

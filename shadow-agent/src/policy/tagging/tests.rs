@@ -1,0 +1,409 @@
+use super::*;
+use crate::config::Config;
+use proptest::prelude::*;
+
+const CONFIG: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [8080]
+
+[[route]]
+name = "preserve"
+match = { port = 8080 }
+targets = ["http://shadow:8080"]
+set_headers = { "X-Env" = "shadow", "user-agent" = "shadow-agent" }
+remove_headers = ["Authorization", "cookie"]
+
+[[route]]
+name = "target"
+match = { port = 8080 }
+targets = ["http://[fd00::1]:9000"]
+host = "target"
+
+[[route]]
+name = "literal"
+match = { port = 8080 }
+targets = ["http://shadow:8080"]
+host = "shadow.internal:8443"
+"#;
+
+/// Counts from 1: ids `id-1`, `id-2`…, span ids `00…01`, `00…02`…
+#[derive(Default)]
+struct CountingIds(u8);
+
+impl IdSource for CountingIds {
+    fn request_id(&mut self) -> String {
+        self.0 += 1;
+        format!("id-{}", self.0)
+    }
+    fn span_id(&mut self) -> [u8; 8] {
+        self.0 += 1;
+        [0, 0, 0, 0, 0, 0, 0, self.0]
+    }
+}
+
+fn config() -> Config {
+    match Config::from_toml(CONFIG, "tagging.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn tagger(config: &Config) -> Tagger<CountingIds> {
+    Tagger::new(config.tagging.clone(), CountingIds::default())
+}
+
+fn headers(list: &[(&str, &str)]) -> Vec<Header> {
+    list.iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn request<'a>(method: &'a str, headers: &'a [Header]) -> CapturedRequest<'a> {
+    CapturedRequest {
+        method,
+        target: "/orders?id=1",
+        headers,
+        body: b"{}",
+        client: "10.0.0.1:40000".parse().expect("addr"),
+        server: "10.0.0.2:8080".parse().expect("addr"),
+        sequence: 0,
+    }
+}
+
+/// Tags `req` with route `route`; the result as (name, value) strings.
+fn tag(route: usize, req: &CapturedRequest<'_>) -> Vec<(String, String)> {
+    let config = config();
+    let route = &config.routes[route];
+    tagger(&config)
+        .headers(req, route, &route.targets[0])
+        .into_iter()
+        .map(|(n, v)| (n, String::from_utf8_lossy(&v).into_owned()))
+        .collect()
+}
+
+fn values<'a>(out: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    out.iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+#[test]
+fn hop_by_hop_and_route_rules() {
+    let captured = headers(&[
+        ("Host", "api.example.com"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("connection", "close"),
+        ("X-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+        ("Trailer", "x-checksum"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "websocket"),
+        ("Accept", "*/*"),
+        ("Authorization", "Bearer secret"),
+        ("Cookie", "a=1"),
+        ("x-env", "production"),
+        ("Content-Length", "2"),
+        ("X-Shadow-Request", "0"),
+        ("x-shadow-id", "forged"),
+    ]);
+    let out = tag(0, &request("GET", &captured));
+    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "host",
+            "Accept",
+            "Content-Length",
+            "user-agent",
+            "x-env",
+            "x-shadow-request",
+            "baggage",
+            "x-shadow-id",
+        ]
+    );
+    assert_eq!(values(&out, "host"), ["api.example.com"]);
+    assert_eq!(values(&out, "x-env"), ["shadow"]);
+    assert_eq!(values(&out, "x-shadow-request"), ["1"]);
+    assert_eq!(values(&out, "x-shadow-id"), ["id-1"]);
+    assert_eq!(values(&out, "baggage"), ["shadow=true"]);
+}
+
+#[test]
+fn host_rules() {
+    let with_host = headers(&[("host", "api.example.com:8080"), ("HOST", "second")]);
+    let cases = [
+        (0, &with_host, "api.example.com:8080"),
+        (0, &Vec::new(), "shadow:8080"),
+        (1, &with_host, "[fd00::1]:9000"),
+        (2, &with_host, "shadow.internal:8443"),
+    ];
+    for (route, captured, want) in cases {
+        let out = tag(route, &request("GET", captured));
+        assert_eq!(values(&out, "host"), [want], "route {route}");
+    }
+}
+
+#[test]
+fn ids_are_unique_per_copy() {
+    let config = config();
+    let mut tagger = Tagger::new(config.tagging.clone(), NodeIds::with_epoch("node-a", 9));
+    let captured = headers(&[("traceparent", TRACE)]);
+    let req = request("GET", &captured);
+    let route = &config.routes[0];
+    let mut ids = std::collections::HashSet::new();
+    let mut spans = std::collections::HashSet::new();
+    for _ in 0..1000 {
+        let out = tagger.headers(&req, route, &route.targets[0]);
+        for (name, value) in out {
+            if name == "x-shadow-id" {
+                assert!(value.starts_with(b"node-a-"));
+                assert!(ids.insert(value));
+            } else if name == "traceparent" {
+                assert!(spans.insert(value));
+            }
+        }
+    }
+    assert_eq!((ids.len(), spans.len()), (1000, 1000));
+    let a = NodeIds::new("n").request_id();
+    let b = NodeIds::new("n").request_id();
+    assert_ne!(a, b, "a restarted agent does not repeat ids");
+}
+
+#[test]
+fn baggage_merge() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "shadow=true"),
+        (&["userId=alice"], "userId=alice,shadow=true"),
+        (&["a=1, b=2;prop"], "a=1,b=2;prop,shadow=true"),
+        (&["a=1", "b=2"], "a=1,b=2,shadow=true"),
+        (&["shadow=false"], "shadow=true"),
+        (&["a=1,shadow=true"], "a=1,shadow=true"),
+        (&["shadow = x;p=1, a=1"], "a=1,shadow=true"),
+        (&["a=1,,", " "], "a=1,shadow=true"),
+        (&["shadowing=1"], "shadowing=1,shadow=true"),
+    ];
+    for (existing, want) in cases {
+        let existing: Vec<&[u8]> = existing.iter().map(|s| s.as_bytes()).collect();
+        assert_eq!(
+            String::from_utf8_lossy(&merge_baggage(&existing)),
+            *want,
+            "{existing:?}"
+        );
+    }
+    let captured = headers(&[("Baggage", "a=1"), ("baggage", "shadow=1")]);
+    assert_eq!(
+        values(&tag(0, &request("GET", &captured)), "baggage"),
+        ["a=1,shadow=true"]
+    );
+}
+
+#[test]
+fn baggage_untouched_when_disabled() {
+    let mut config = config();
+    config.tagging.baggage = false;
+    let captured = headers(&[("Baggage", "a=1")]);
+    let route = &config.routes[0];
+    let out = tagger(&config).headers(&request("GET", &captured), route, &route.targets[0]);
+    let baggage: Vec<_> = out.iter().filter(|(n, _)| n == "Baggage").collect();
+    assert_eq!(baggage, [&("Baggage".to_string(), b"a=1".to_vec())]);
+    assert!(!out.iter().any(|(n, _)| n == "baggage"));
+}
+
+#[test]
+fn idempotency_keys() {
+    let none = headers(&[]);
+    let own = headers(&[("Idempotency-Key", "client-key-1")]);
+    let empty = headers(&[("idempotency-key", " ")]);
+    let derived = idempotency_key(&request("POST", &none));
+    assert_eq!(derived.len(), 64);
+    assert!(derived.bytes().all(|b| b.is_ascii_hexdigit()));
+    let cases: &[(&str, &[Header], &[&str])] = &[
+        ("GET", &none, &[]),
+        ("HEAD", &none, &[]),
+        ("OPTIONS", &none, &[]),
+        ("GET", &own, &["client-key-1"]),
+        ("POST", &none, &[&derived]),
+        ("POST", &own, &["client-key-1"]),
+        ("DELETE", &own, &["client-key-1"]),
+        ("POST", &empty, &[" ", &derived]),
+    ];
+    for (method, captured, want) in cases {
+        let out = tag(0, &request(method, captured));
+        assert_eq!(
+            values(&out, "idempotency-key"),
+            *want,
+            "{method} {captured:?}"
+        );
+    }
+}
+
+#[test]
+fn derived_keys_change_with_every_part_of_the_request() {
+    let none = headers(&[]);
+    let base = request("POST", &none);
+    let key = idempotency_key(&base);
+    assert_eq!(idempotency_key(&base), key, "stable");
+    let variants = [
+        CapturedRequest {
+            method: "PUT",
+            ..base
+        },
+        CapturedRequest {
+            target: "/orders?id=2",
+            ..base
+        },
+        CapturedRequest {
+            body: b"{ }",
+            ..base
+        },
+        CapturedRequest {
+            sequence: 1,
+            ..base
+        },
+        CapturedRequest {
+            client: "10.0.0.1:40001".parse().expect("addr"),
+            ..base
+        },
+        CapturedRequest {
+            server: "10.0.0.3:8080".parse().expect("addr"),
+            ..base
+        },
+    ];
+    for v in variants {
+        assert_ne!(idempotency_key(&v), key, "{v:?}");
+    }
+}
+
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[test]
+fn traceparent_rewrite() {
+    let span = [0, 0, 0, 0, 0, 0, 0, 0x2a];
+    let cases: &[(&str, Option<&str>)] = &[
+        (
+            TRACE,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-000000000000002a-01"),
+        ),
+        (
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\t",
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-000000000000002a-00"),
+        ),
+        (
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-000000000000002a-01"),
+        ),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            None,
+        ),
+        (
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            None,
+        ),
+        (
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        ),
+        (
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            None,
+        ),
+        (
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            None,
+        ),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            None,
+        ),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            None,
+        ),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            None,
+        ),
+        (
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            None,
+        ),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bg-01",
+            None,
+        ),
+        ("", None),
+    ];
+    for (value, want) in cases {
+        assert_eq!(
+            rewrite_traceparent(value.as_bytes(), span).as_deref(),
+            *want,
+            "{value}"
+        );
+    }
+    assert_eq!(rewrite_traceparent(TRACE.as_bytes(), [0; 8]), None);
+    assert_eq!(rewrite_traceparent(b"00-\xff", span), None);
+}
+
+#[test]
+fn trace_headers_on_the_copy() {
+    let valid = headers(&[("traceparent", TRACE), ("tracestate", "vendor=x")]);
+    let broken = headers(&[("traceparent", "00-zz"), ("tracestate", "vendor=x")]);
+    let twice = headers(&[
+        ("traceparent", TRACE),
+        ("Traceparent", TRACE),
+        ("tracestate", "vendor=x"),
+    ]);
+    let out = tag(0, &request("GET", &valid));
+    // CountingIds: id-1 for the copy, then span 02.
+    assert_eq!(
+        values(&out, "traceparent"),
+        ["00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000002-01"]
+    );
+    assert_eq!(values(&out, "tracestate"), ["vendor=x"]);
+    for captured in [&broken, &twice] {
+        let out = tag(0, &request("GET", captured));
+        assert!(values(&out, "traceparent").is_empty(), "{captured:?}");
+        assert!(values(&out, "tracestate").is_empty(), "{captured:?}");
+    }
+}
+
+proptest! {
+    /// Two captured requests that differ anywhere get different keys; one gets the same key.
+    #[test]
+    fn derived_keys_stable_and_distinct(
+        a in (0u64..4, "[A-Z]{3,6}", "/[a-z?=]{0,8}", proptest::collection::vec(any::<u8>(), 0..16), 40000u16..40004),
+        b in (0u64..4, "[A-Z]{3,6}", "/[a-z?=]{0,8}", proptest::collection::vec(any::<u8>(), 0..16), 40000u16..40004),
+    ) {
+        let none = headers(&[]);
+        let make = |(seq, method, target, body, port): &(u64, String, String, Vec<u8>, u16)| {
+            let req = CapturedRequest {
+                method,
+                target,
+                headers: &none,
+                body,
+                client: SocketAddr::from(([10, 0, 0, 1], *port)),
+                server: SocketAddr::from(([10, 0, 0, 2], 8080)),
+                sequence: *seq,
+            };
+            idempotency_key(&req)
+        };
+        prop_assert_eq!(make(&a), make(&a));
+        prop_assert_eq!(a == b, make(&a) == make(&b));
+    }
+
+    /// No captured header value reaches the copy under a tagging header's name.
+    #[test]
+    fn tags_cannot_be_forged(value in "[ -~]{0,20}", name_case in any::<bool>()) {
+        let name = if name_case { "X-SHADOW-REQUEST" } else { "x-shadow-id" };
+        let captured = vec![(name.to_string(), value.clone().into_bytes())];
+        let out = tag(0, &request("GET", &captured));
+        prop_assert_eq!(values(&out, "x-shadow-request"), ["1"]);
+        prop_assert_eq!(values(&out, "x-shadow-id"), ["id-1"]);
+    }
+}
