@@ -19,6 +19,8 @@ enum Command {
     CheckConfig(cmd::check_config::Args),
     /// Rebuild the HTTP exchanges in a pcap or pcapng file and print them as JSON lines.
     Inspect(cmd::inspect::Args),
+    /// Mirror live traffic to shadow targets, as the configuration file says.
+    Run(cmd::run::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +30,7 @@ fn main() -> std::process::ExitCode {
         Command::Capture(args) => cmd::capture::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::CheckConfig(args) => cmd::check_config::run(args),
+        Command::Run(args) => cmd::run::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

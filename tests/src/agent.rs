@@ -45,6 +45,41 @@ impl Agent {
 
     /// Like [`Agent::start`], without waiting: for runs expected to fail.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
+        Self::launch(ns, |pcap, stats| {
+            let mut argv = vec!["capture".to_owned()];
+            argv.extend(args.iter().map(|a| (*a).to_owned()));
+            argv.extend([
+                "--write".into(),
+                pcap.into(),
+                "--stats-json".into(),
+                stats.into(),
+            ]);
+            argv
+        })
+    }
+
+    /// Starts `shadow-agent run --config CONFIG ARGS --stats-json DIR/stats.json` inside `ns`
+    /// and waits for its `capturing on` line.
+    pub fn run(ns: &Netns, config: &Path, args: &[&str]) -> Self {
+        let mut agent = Self::spawn_run(ns, config, args);
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
+    /// Like [`Agent::run`], without waiting: for runs expected to fail.
+    pub fn spawn_run(ns: &Netns, config: &Path, args: &[&str]) -> Self {
+        let config = config.to_str().expect("utf-8 path").to_owned();
+        Self::launch(ns, |_, stats| {
+            let mut argv = vec!["run".to_owned(), "--config".into(), config];
+            argv.extend(args.iter().map(|a| (*a).to_owned()));
+            argv.extend(["--stats-json".into(), stats.into()]);
+            argv
+        })
+    }
+
+    /// Starts the agent with the arguments `argv` makes from the pcap and stats paths of a new
+    /// temporary directory.
+    fn launch(ns: &Netns, argv: impl FnOnce(&str, &str) -> Vec<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shadow-t-agent-")
             .tempdir()
@@ -52,15 +87,13 @@ impl Agent {
         let pcap = dir.path().join("capture.pcap");
         let stats_path = dir.path().join("stats.json");
         let bin = agent_bin();
-        let bin = bin.to_str().expect("utf-8 path");
-        let mut argv = vec![bin, "capture"];
-        argv.extend_from_slice(args);
-        let (pcap_s, stats_s) = (
+        let mut full = vec![bin.to_str().expect("utf-8 path").to_owned()];
+        full.extend(argv(
             pcap.to_str().expect("utf-8 path"),
             stats_path.to_str().expect("utf-8 path"),
-        );
-        argv.extend_from_slice(&["--write", pcap_s, "--stats-json", stats_s]);
-        let mut cmd = ns.exec(&argv);
+        ));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        let mut cmd = ns.exec(&full);
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -229,6 +262,15 @@ impl AgentExit {
             panic!("shadow-agent wrote no stats JSON; stderr:\n{}", self.stderr)
         });
         Stats::parse(text)
+    }
+
+    /// The stats JSON as a value, for `run`'s nested counters; panics if missing or malformed.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        let text = self.stats_json.as_deref().unwrap_or_else(|| {
+            panic!("shadow-agent wrote no stats JSON; stderr:\n{}", self.stderr)
+        });
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("stats JSON: {e}\n{text}"))
     }
 
     /// The pcap file, decoded; panics if it is missing or malformed.

@@ -168,3 +168,31 @@ pub fn curl_locals(output: &Output) -> Vec<SocketAddr> {
         })
         .collect()
 }
+
+/// Sends GETs of `/paced/N` at `rate` a second for `duration`, on keep-alive connections of
+/// at most 500 requests, checking each answer is a 200; returns how many were sent.
+pub fn paced_gets(ns: &Netns, server: SocketAddr, rate: f64, duration: std::time::Duration) -> u64 {
+    let start = std::time::Instant::now();
+    let interval = std::time::Duration::from_secs_f64(1.0 / rate);
+    let mut sent = 0u64;
+    let mut stream: Option<TcpStream> = None;
+    while start.elapsed() < duration {
+        let due = start + interval.mul_f64(sent as f64);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let s = stream.get_or_insert_with(|| connect(ns, server));
+        s.write_all(&http_request(server, &format!("/paced/{sent}"), b""))
+            .unwrap_or_else(|e| panic!("send to {server}: {e}"));
+        let response = read_http_response(s);
+        assert!(
+            response.starts_with(b"HTTP/1.1 200"),
+            "{server} answered {response:?}"
+        );
+        sent += 1;
+        if sent.is_multiple_of(500) {
+            stream = None;
+        }
+    }
+    sent
+}

@@ -9,6 +9,7 @@
 //! - [`netns`]: [`Netns`] and [`VethLink`], the hosts and the wire between them;
 //! - [`server`]: [`Nginx`] and [`TcpSink`], the live services;
 //! - [`client`]: raw TCP clients sending exact byte streams, and `curl`;
+//! - [`shadow_server`]: [`ShadowServer`], a shadow target that records what it receives;
 //! - [`agent`]: [`Agent`], `shadow-agent` run inside a namespace;
 //! - [`pcap`]: [`Capture`], a pcap file decoded and reassembled per connection.
 #![deny(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod client;
 pub mod netns;
 pub mod pcap;
 pub mod server;
+pub mod shadow_server;
 pub mod tools;
 
 use std::{
@@ -31,6 +33,7 @@ pub use agent::{Agent, AgentExit, Stats};
 pub use netns::{Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};
 pub use server::{Nginx, SinkMode, TcpSink};
+pub use shadow_server::{Received, ShadowMode, ShadowServer};
 
 /// Panics with a clear message unless the test runs as root: everything here needs
 /// `CAP_NET_ADMIN` and `CAP_BPF`. Call it first in every test.

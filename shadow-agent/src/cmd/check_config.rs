@@ -1,5 +1,5 @@
 //! `shadow-agent check-config FILE`: checks a configuration without touching the kernel.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use shadow_agent::config::{Config, ConfigError};
 
@@ -11,17 +11,22 @@ pub struct Args {
 
 /// Prints `FILE: ok`, or every problem as `FILE:LINE: key `...`: message` on stderr.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    match Config::load(&args.file) {
-        Ok(_) => {
-            println!("{}: ok", args.file.display());
-            Ok(())
-        }
+    load(&args.file)?;
+    println!("{}: ok", args.file.display());
+    Ok(())
+}
+
+/// Loads a configuration; on problems prints each, one a line, on stderr and fails with their
+/// number. `run` starts from this too, so it refuses exactly what `check-config` refuses.
+pub fn load(file: &Path) -> anyhow::Result<Config> {
+    match Config::load(file) {
+        Ok(config) => Ok(config),
         Err(ConfigError::Invalid(errors)) => {
             eprintln!("{errors}");
             let n = errors.issues.len();
             anyhow::bail!(
                 "{}: {n} error{}",
-                args.file.display(),
+                file.display(),
                 if n == 1 { "" } else { "s" }
             )
         }

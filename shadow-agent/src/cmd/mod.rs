@@ -1,7 +1,9 @@
 //! The subcommands of `shadow-agent`: argument parsing and I/O around the library.
 pub mod capture;
 pub mod check_config;
+pub mod common;
 pub mod inspect;
+pub mod run;
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Logs never carry packet payloads,
 /// bodies or header values.

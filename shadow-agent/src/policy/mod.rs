@@ -50,7 +50,11 @@ pub enum Decision<'p> {
         route: RouteId,
         targets: &'p [TargetId],
     },
-    Drop(DropReason),
+    /// `route` is the route that dropped it, `None` when no route was reached.
+    Drop {
+        route: Option<RouteId>,
+        reason: DropReason,
+    },
 }
 
 /// Why a request is not mirrored.
@@ -66,15 +70,20 @@ pub enum DropReason {
     Method,
     /// Left out by per-request sampling.
     Sample,
+    /// Already shadow traffic: it carries the shadow header or `shadow=true` in `baggage`.
+    /// Never mirrored again, so copies of copies cannot multiply down a call chain or loop
+    /// back through the agent's own capture.
+    ShadowTraffic,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::NoRoute,
         DropReason::BadTarget,
         DropReason::DenyPath,
         DropReason::Method,
         DropReason::Sample,
+        DropReason::ShadowTraffic,
     ];
 
     /// Stable snake_case label for metrics.
@@ -85,6 +94,7 @@ impl DropReason {
             DropReason::DenyPath => "deny_path",
             DropReason::Method => "method",
             DropReason::Sample => "sample",
+            DropReason::ShadowTraffic => "shadow_traffic",
         }
     }
 }
@@ -164,7 +174,10 @@ impl Policy {
     /// then allowed methods, then sampling.
     pub fn decide(&self, req: &RequestView<'_>) -> Decision<'_> {
         let Some(raw_path) = path::target_path(req.target) else {
-            return Decision::Drop(DropReason::BadTarget);
+            return Decision::Drop {
+                route: None,
+                reason: DropReason::BadTarget,
+            };
         };
         let normalised = path::normalise(raw_path);
         let host = match_host(req.target, req.host);
@@ -174,17 +187,24 @@ impl Policy {
             .enumerate()
             .find(|(_, r)| r.fits(req.port, host.as_deref(), req.method, &normalised))
         else {
-            return Decision::Drop(DropReason::NoRoute);
+            return Decision::Drop {
+                route: None,
+                reason: DropReason::NoRoute,
+            };
+        };
+        let drop = |reason| Decision::Drop {
+            route: Some(RouteId(i)),
+            reason,
         };
         if route.denies(raw_path) {
-            return Decision::Drop(DropReason::DenyPath);
+            return drop(DropReason::DenyPath);
         }
         if !route.allows_method(req.method) {
-            return Decision::Drop(DropReason::Method);
+            return drop(DropReason::Method);
         }
         let share = route.config().sample_percent * self.ramp_percent / 100.0;
         if !sampled(self.seed, req.sample_key, share) {
-            return Decision::Drop(DropReason::Sample);
+            return drop(DropReason::Sample);
         }
         Decision::Mirror {
             route: RouteId(i),

@@ -107,6 +107,21 @@ impl<I: IdSource> Tagger<I> {
         Self { config, ids }
     }
 
+    /// Whether captured `headers` mark the request as shadow traffic already: the shadow header
+    /// (any value) or a `shadow=true` member in `baggage`.
+    pub fn is_tagged(&self, headers: &[Header]) -> bool {
+        header(headers, &self.config.header.0).is_some()
+            || all_headers(headers, BAGGAGE)
+                .flat_map(|v| v.split(|&b| b == b','))
+                .any(|member| {
+                    let member = member.split(|&b| b == b';').next().unwrap_or_default();
+                    let mut kv = member.splitn(2, |&b| b == b'=');
+                    let (key, value) = (kv.next().unwrap_or_default(), kv.next());
+                    key.trim_ascii() == b"shadow"
+                        && value.is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"true"))
+                })
+    }
+
     /// The headers of the copy of `req` that `route` sends to `target`.
     pub fn headers(
         &mut self,

@@ -53,7 +53,7 @@ fn outcome(policy: &Policy, req: &RequestView<'_>) -> String {
         Decision::Mirror { route, .. } => policy
             .route(route)
             .map_or_else(|| "unknown route".into(), |r| r.name().to_owned()),
-        Decision::Drop(reason) => reason.label().to_owned(),
+        Decision::Drop { reason, .. } => reason.label().to_owned(),
     }
 }
 
@@ -191,7 +191,13 @@ fn sampling_is_deterministic_and_proportional() {
     policy.set_ramp_percent(0.0);
     assert_eq!(count(&policy), 0);
     let req = view(8080, "GET", "/x", None);
-    assert_eq!(policy.decide(&req), Decision::Drop(DropReason::Sample));
+    assert!(matches!(
+        policy.decide(&req),
+        Decision::Drop {
+            route: Some(_),
+            reason: DropReason::Sample
+        }
+    ));
 }
 
 #[test]

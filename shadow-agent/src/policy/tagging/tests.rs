@@ -407,3 +407,28 @@ proptest! {
         prop_assert_eq!(values(&out, "x-shadow-id"), ["id-1"]);
     }
 }
+
+#[test]
+fn shadow_traffic_is_recognised() {
+    let config = config();
+    let t = tagger(&config);
+    let cases: &[(&[(&str, &str)], bool)] = &[
+        (&[], false),
+        (&[("X-Shadow-Request", "1")], true),
+        (&[("x-shadow-request", "")], true),
+        (&[("baggage", "userId=7, shadow=true")], true),
+        (&[("baggage", "shadow = TRUE;p=1")], true),
+        (&[("baggage", "shadow=false")], false),
+        (&[("baggage", "notshadow=true")], false),
+        (&[("baggage", "userId=shadow")], false),
+        (&[("x-shadow-id", "n-1")], false),
+    ];
+    for (list, want) in cases {
+        assert_eq!(t.is_tagged(&headers(list)), *want, "{list:?}");
+    }
+    // Every copy the tagger makes is recognised as shadow traffic.
+    let route = &config.routes[0];
+    let captured = headers(&[("baggage", "a=1")]);
+    let copy = tagger(&config).headers(&request("GET", &captured), route, &route.targets[0]);
+    assert!(t.is_tagged(&copy));
+}

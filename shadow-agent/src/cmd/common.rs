@@ -1,0 +1,88 @@
+//! What the capturing commands share: argument parsers, stop signals and counter tables.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use shadow_agent::capture::ring::RingCountersSnapshot;
+use shadow_common::KernelCounters;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (write it as 10s, 2m or 1h)"))
+}
+
+/// SIGINT, SIGTERM and the end of `--duration`, whichever comes first. The handlers are
+/// installed when this is made, not when it is first awaited.
+pub struct StopSignal {
+    interrupt: Signal,
+    terminate: Signal,
+    duration: Option<Duration>,
+}
+
+impl StopSignal {
+    pub fn install(duration: Option<Duration>) -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            duration,
+        })
+    }
+
+    /// Resolves with the reason to stop.
+    pub async fn wait(mut self) -> &'static str {
+        let timeout = async {
+            match self.duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupted",
+            _ = self.terminate.recv() => "terminated",
+            _ = timeout => "duration over",
+        }
+    }
+}
+
+pub fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 9] {
+    [
+        ("packets_seen", k.packets_seen),
+        ("packets_matched", k.packets_matched),
+        ("packets_sampled", k.packets_sampled),
+        ("packets_bare_ack", k.packets_bare_ack),
+        ("records_written", k.records_written),
+        ("bytes_written", k.bytes_written),
+        ("ringbuf_full", k.ringbuf_full),
+        ("packets_truncated", k.packets_truncated),
+        ("load_errors", k.load_errors),
+    ]
+}
+
+pub fn ring_fields(a: &RingCountersSnapshot) -> [(&'static str, u64); 5] {
+    [
+        ("records_read", a.records_read),
+        ("incomplete_packets", a.incomplete_packets),
+        ("malformed_records", a.malformed_records),
+        ("channel_full", a.channel_full),
+        ("read_batches", a.batches),
+    ]
+}
+
+/// `name value` lines under a title, for summaries on stderr.
+pub fn table(title: &str, fields: &[(&str, u64)]) -> String {
+    let mut out = format!("{title}:\n");
+    for (name, value) in fields {
+        out += &format!("  {name:<20} {value}\n");
+    }
+    out
+}
+
+/// A JSON object of counters.
+pub fn object(fields: &[(&str, u64)]) -> Value {
+    Value::Object(
+        fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect(),
+    )
+}

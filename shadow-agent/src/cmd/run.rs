@@ -1,0 +1,677 @@
+//! `shadow-agent run`: the agent. Captured packets become HTTP requests, the policy picks what is
+//! mirrored and where, the budget decides how much, and the forwarder sends tagged copies.
+//! SIGHUP or a change of the file reloads the configuration; `--dry-run` does all of it but the
+//! sending and reports what would be sent.
+use std::collections::BTreeSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use shadow_agent::capture::clock::monotonic_now_ns;
+use shadow_agent::capture::interfaces::InterfaceSelector;
+use shadow_agent::capture::kernel::{AttachMode, RingSettings};
+use shadow_agent::capture::live::{INTERFACE_RESCAN, LiveCapture, LiveOptions};
+use shadow_agent::capture::{CaptureSettings, CapturedPacket};
+use shadow_agent::config::Config;
+use shadow_agent::forward::{Forwarder, Lane, LaneLimits};
+use shadow_agent::http::HttpEvent;
+use shadow_agent::mirror::latency::HistogramSnapshot;
+use shadow_agent::mirror::stats::{CopyDrop, MirrorStats, TargetCounters};
+use shadow_agent::mirror::{Mirror, Plan};
+use shadow_agent::pipeline::{LinkType, Pipeline, PipelineConfig, PipelineEvent};
+use shadow_agent::policy::ramp::{Health, Ramp, RampEvent};
+use shadow_agent::policy::tagging::NodeIds;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::check_config;
+use super::common::{self, StopSignal, parse_duration};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The TOML configuration file; `check-config` checks it without touching the kernel.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Do everything but send: decide, tag and charge the budget, and report per route and
+    /// target the copies and bytes per second that would be sent.
+    #[arg(long)]
+    dry_run: bool,
+    /// This node's name, carried in copy ids. Default: $NODE_NAME, else the host name.
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// How to attach to TC: TCX where the kernel has it (6.6+), else netlink clsact filters.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    attach: AttachMode,
+    /// Stop after this long (`30s`, `2h`); without it, run until SIGINT or SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// How often to print what was mirrored (or would be, in a dry run) on stderr; `0s` never.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    report_interval: Duration,
+    /// At exit, write every counter to this file as JSON.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+}
+
+/// Captured packets waiting for the pipeline; more are dropped and counted (`channel_full`).
+const CHANNEL_PACKETS: usize = 8192;
+/// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
+const BATCH: usize = 512;
+/// How often idle flows expire, the ramp is judged and the file is looked at.
+const TICK: Duration = Duration::from_secs(1);
+
+pub fn run(args: Args) -> Result<()> {
+    let config = check_config::load(&args.config)?;
+    let node = node_name(args.node_name.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(agent(args, config, node))
+}
+
+/// `--node-name`, `$NODE_NAME` or the host name; it travels in headers, so it is checked.
+fn node_name(arg: Option<&str>) -> Result<String> {
+    let name = match arg {
+        Some(name) => name.to_owned(),
+        None => match std::env::var("NODE_NAME") {
+            Ok(name) if !name.is_empty() => name,
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("cannot read the host name; give --node-name")?
+                .trim()
+                .to_owned(),
+        },
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !valid {
+        bail!("node name `{name}`: use 1 to 253 letters, digits, `.`, `-` or `_`");
+    }
+    Ok(name)
+}
+
+fn seed(node: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    node.hash(&mut h);
+    h.finish()
+}
+
+fn capture_settings(config: &Config, seed: u64) -> CaptureSettings {
+    CaptureSettings {
+        ports: config.capture.ports.clone(),
+        sample_percent: config.capture.sample_percent,
+        service_cidrs: BTreeSet::new(),
+        sample_seed: seed as u32,
+    }
+}
+
+async fn agent(args: Args, config: Config, node: String) -> Result<()> {
+    let seed = seed(&node);
+    // Before attaching, so that a signal right after start stops the agent cleanly.
+    let stop = StopSignal::install(args.duration)?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let options = LiveOptions {
+        settings: capture_settings(&config, seed),
+        interfaces: InterfaceSelector::new(&config.capture.interfaces)?,
+        hooks: config.capture.hooks.clone(),
+        attach: args.attach,
+        ring: RingSettings::default(),
+        channel_packets: CHANNEL_PACKETS,
+    };
+    let (mut live, mut packets) = LiveCapture::start(options)?;
+    let mut state = Agent::new(&args, config, node, seed);
+    eprintln!(
+        "shadow-agent: capturing on {} ports {:?}, {}% of connections; {}",
+        live.describe(),
+        state.config.capture.ports,
+        state.config.capture.sample_percent,
+        state.describe(),
+    );
+
+    let mut tick = tokio::time::interval(TICK);
+    let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
+    let mut report = (!args.report_interval.is_zero()).then(|| {
+        tokio::time::interval_at(
+            tokio::time::Instant::now() + args.report_interval,
+            args.report_interval,
+        )
+    });
+    let stop = stop.wait();
+    tokio::pin!(stop);
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            n = packets.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    tracing::error!("the ring buffer reader stopped");
+                    break;
+                }
+                for packet in batch.drain(..) {
+                    state.on_packet(&packet);
+                }
+            }
+            _ = tick.tick() => {
+                state.on_tick();
+                if state.file_changed() {
+                    state.reload(&mut live, "the file changed");
+                }
+            }
+            _ = hangup.recv() => state.reload(&mut live, "SIGHUP"),
+            _ = rescan.tick() => {
+                if let Err(e) = live.rescan_interfaces() {
+                    tracing::warn!(error = %e, "attaching to a new interface failed");
+                }
+            }
+            _ = async { report.as_mut().expect("guarded").tick().await }, if report.is_some() => {
+                state.report();
+            }
+            reason = &mut stop => {
+                tracing::info!("{reason}: stopping");
+                break;
+            }
+        }
+    }
+
+    // Keep handling what the kernel wrote before the detach, then let copies in flight finish.
+    let stopping = live.stop();
+    tokio::pin!(stopping);
+    let totals = loop {
+        tokio::select! {
+            totals = &mut stopping => break totals?,
+            Some(packet) = packets.recv() => state.on_packet(&packet),
+        }
+    };
+    while let Ok(packet) = packets.try_recv() {
+        state.on_packet(&packet);
+    }
+    let mut ended = Vec::new();
+    state.pipeline.finish(&mut ended);
+    state.dispatch(ended);
+    let grace = state.config.budget.timeout + Duration::from_secs(1);
+    state.lanes.clear();
+    std::mem::take(&mut state.forwarder).close(grace).await;
+
+    let summary = state.summary(&totals);
+    eprint!("{summary}");
+    if let Some(path) = &args.stats_json {
+        let json = state.stats_json(&totals);
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The file's identity as last loaded; a change means a new file to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
+    }
+}
+
+/// The ramp, and the counters at the start of its current step.
+struct RampState {
+    ramp: Ramp,
+    since: Totals,
+}
+
+/// Sums over a configuration's targets, for health windows.
+#[derive(Clone, Debug, Default)]
+struct Totals {
+    completed: u64,
+    errors: u64,
+    latency: HistogramSnapshot,
+}
+
+impl Totals {
+    fn of(targets: &[Arc<TargetCounters>]) -> Self {
+        let mut t = Totals::default();
+        for c in targets {
+            t.completed += c.completed();
+            t.errors += c.errors();
+            t.latency.add(&c.latency.snapshot());
+        }
+        t
+    }
+
+    fn health_since(&self, start: &Totals) -> Health {
+        let latency = self.latency.since(&start.latency);
+        Health {
+            requests: self.completed.saturating_sub(start.completed),
+            errors: self.errors.saturating_sub(start.errors),
+            p99: latency.quantile(0.99),
+        }
+    }
+}
+
+/// Rates since the last report: copies and bytes per route and per target.
+#[derive(Clone, Debug, Default)]
+struct Reported {
+    at: Option<Instant>,
+    /// (name, seen, copies, bytes) per route and (url, sent, bytes, dropped) per target.
+    routes: Vec<(String, u64, u64, u64)>,
+    targets: Vec<(String, u64, u64, u64)>,
+}
+
+struct Agent {
+    config: Config,
+    config_path: PathBuf,
+    stamp: Option<FileStamp>,
+    node: String,
+    seed: u64,
+    dry_run: bool,
+    started: Instant,
+    stats: Arc<MirrorStats>,
+    mirror: Mirror<NodeIds>,
+    forwarder: Forwarder,
+    /// By target id of the current configuration; empty in a dry run.
+    lanes: Vec<Arc<Lane>>,
+    ramp: Option<RampState>,
+    pipeline: Pipeline,
+    events: Vec<PipelineEvent>,
+    generation: u64,
+    reload_errors: u64,
+    reported: Reported,
+}
+
+impl Agent {
+    fn new(args: &Args, config: Config, node: String, seed: u64) -> Self {
+        let stats = Arc::new(MirrorStats::default());
+        let mirror = Mirror::new(&config, NodeIds::new(&node), seed, stats.clone());
+        let pipeline = Pipeline::new(PipelineConfig {
+            service_ports: config.capture.ports.iter().copied().collect(),
+            ..PipelineConfig::default()
+        });
+        let mut agent = Self {
+            stamp: FileStamp::of(&args.config),
+            config_path: args.config.clone(),
+            node,
+            seed,
+            dry_run: args.dry_run,
+            started: Instant::now(),
+            stats,
+            mirror,
+            forwarder: Forwarder::default(),
+            lanes: Vec::new(),
+            ramp: None,
+            pipeline,
+            events: Vec::new(),
+            generation: 1,
+            reload_errors: 0,
+            reported: Reported::default(),
+            config,
+        };
+        agent.connect_lanes();
+        agent.ramp = agent.config.ramp.as_ref().map(|r| RampState {
+            ramp: Ramp::new(r, Instant::now()),
+            since: Totals::of(agent.mirror.all_target_counters()),
+        });
+        agent.apply_ramp();
+        agent.reported = agent.snapshot();
+        agent
+    }
+
+    fn describe(&self) -> String {
+        let routes = self.config.routes.len();
+        let targets = self.mirror.policy().targets().len();
+        let what = format!(
+            "{routes} route{} to {targets} target{}",
+            if routes == 1 { "" } else { "s" },
+            if targets == 1 { "" } else { "s" }
+        );
+        if self.dry_run {
+            format!("dry run of {what}: nothing is sent")
+        } else {
+            format!("mirroring {what}")
+        }
+    }
+
+    /// Makes the forwarder's lanes match the current configuration's targets.
+    fn connect_lanes(&mut self) {
+        if self.dry_run {
+            return;
+        }
+        let targets: Vec<_> = self
+            .mirror
+            .policy()
+            .targets()
+            .iter()
+            .cloned()
+            .zip(self.mirror.all_target_counters().iter().cloned())
+            .collect();
+        self.lanes.clear();
+        self.lanes = self
+            .forwarder
+            .reconfigure(&targets, LaneLimits::from(&self.config.budget));
+    }
+
+    fn apply_ramp(&mut self) {
+        let percent = self.ramp.as_ref().map_or(100.0, |r| r.ramp.percent());
+        self.mirror.set_ramp_percent(percent);
+    }
+
+    fn on_packet(&mut self, packet: &CapturedPacket) {
+        let mut events = std::mem::take(&mut self.events);
+        self.pipeline.push_frame(
+            LinkType::Ethernet,
+            Duration::from_nanos(packet.monotonic_ns),
+            &packet.data,
+            &mut events,
+        );
+        self.dispatch(events);
+    }
+
+    /// Mirrors the requests among `events`; the vector is kept for reuse.
+    fn dispatch(&mut self, mut events: Vec<PipelineEvent>) {
+        if !events.is_empty() {
+            let now = Instant::now();
+            for event in events.drain(..) {
+                if let PipelineEvent::Http {
+                    flow,
+                    event: HttpEvent::Request(request),
+                } = event
+                {
+                    let plan = self.mirror.plan(now, &flow, &request);
+                    self.send(plan);
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    fn send(&self, plan: Plan) {
+        let Some(route) = plan.route else { return };
+        let mut mirrored = false;
+        for copy in plan.copies {
+            let Some(counters) = self.mirror.target_counters(copy.target) else {
+                continue;
+            };
+            let bytes = copy.wire_bytes;
+            let sent = if self.dry_run {
+                counters.sent.inc();
+                counters.sent_bytes.add(bytes);
+                Ok(())
+            } else {
+                match self.lanes.get(copy.target.0) {
+                    Some(lane) => lane.try_send(copy),
+                    None => Err(CopyDrop::Closed),
+                }
+            };
+            match sent {
+                Ok(()) => {
+                    mirrored = true;
+                    route.copies.inc();
+                    route.copy_bytes.add(bytes);
+                }
+                Err(reason) => counters.dropped(reason).inc(),
+            }
+        }
+        if mirrored {
+            route.mirrored.inc();
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        self.pipeline
+            .expire(Duration::from_nanos(monotonic_now_ns()), &mut events);
+        self.dispatch(events);
+        self.observe_ramp();
+    }
+
+    fn observe_ramp(&mut self) {
+        let Some(state) = self.ramp.as_mut() else {
+            return;
+        };
+        let now = Totals::of(self.mirror.all_target_counters());
+        let health = now.health_since(&state.since);
+        let Some(event) = state.ramp.observe(Instant::now(), &health) else {
+            return;
+        };
+        let percent = |step: Option<usize>| {
+            step.and_then(|s| self.config.ramp.as_ref()?.steps.get(s))
+                .map_or(0.0, |s| s.percent)
+        };
+        match event {
+            RampEvent::Advanced { from, to } => tracing::info!(
+                from = percent(Some(from)),
+                to = percent(Some(to)),
+                "ramp: the shadow stayed healthy; mirroring more"
+            ),
+            RampEvent::FellBack { from, to } => tracing::warn!(
+                from = percent(Some(from)),
+                to = percent(to),
+                copies = health.requests,
+                errors = health.errors,
+                p99_ms = health.p99.map(|d| d.as_millis() as u64),
+                "ramp: the shadow crossed the guard; fell back and holding there"
+            ),
+        }
+        state.since = now;
+        self.apply_ramp();
+    }
+
+    fn file_changed(&mut self) -> bool {
+        let now = FileStamp::of(&self.config_path);
+        if now.is_some() && now != self.stamp {
+            self.stamp = now;
+            return true;
+        }
+        false
+    }
+
+    /// Loads the file again and applies it; on any error the running configuration stays.
+    fn reload(&mut self, live: &mut LiveCapture, why: &str) {
+        self.stamp = FileStamp::of(&self.config_path);
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_errors += 1;
+                tracing::error!(
+                    "{why}: the configuration was not reloaded, the running one stays:\n{e}"
+                );
+                return;
+            }
+        };
+        let old = &self.config;
+        if new.capture.interfaces != old.capture.interfaces
+            || new.capture.hooks != old.capture.hooks
+        {
+            tracing::warn!(
+                "capture.interfaces and capture.hooks change only on restart; the rest is applied"
+            );
+        }
+        if new.capture.ports != old.capture.ports {
+            tracing::warn!(
+                "capture.ports changed: connections on new ports are picked up as they start"
+            );
+        }
+        if new.admin != old.admin {
+            tracing::warn!("admin changes only on restart");
+        }
+        if let Err(e) = live.apply(&capture_settings(&new, self.seed)) {
+            self.reload_errors += 1;
+            tracing::error!(
+                "{why}: the kernel maps could not be updated, the running configuration stays: {e}"
+            );
+            return;
+        }
+        let ramp_changed = new.ramp != self.config.ramp;
+        self.config = new;
+        self.mirror = Mirror::new(
+            &self.config,
+            NodeIds::new(&self.node),
+            self.seed,
+            self.stats.clone(),
+        );
+        self.connect_lanes();
+        if ramp_changed {
+            self.ramp = self.config.ramp.as_ref().map(|r| RampState {
+                ramp: Ramp::new(r, Instant::now()),
+                since: Totals::of(self.mirror.all_target_counters()),
+            });
+        } else if let Some(state) = self.ramp.as_mut() {
+            state.since = Totals::of(self.mirror.all_target_counters());
+        }
+        self.apply_ramp();
+        self.generation += 1;
+        tracing::info!(
+            generation = self.generation,
+            "{why}: configuration reloaded; {}",
+            self.describe()
+        );
+    }
+
+    fn snapshot(&self) -> Reported {
+        Reported {
+            at: Some(Instant::now()),
+            routes: self
+                .stats
+                .routes()
+                .iter()
+                .map(|(n, r)| (n.clone(), r.seen.get(), r.copies.get(), r.copy_bytes.get()))
+                .collect(),
+            targets: self
+                .stats
+                .targets()
+                .iter()
+                .map(|(u, t)| {
+                    let dropped = CopyDrop::ALL.iter().map(|d| t.dropped(*d).get()).sum();
+                    (u.clone(), t.sent.get(), t.sent_bytes.get(), dropped)
+                })
+                .collect(),
+        }
+    }
+
+    /// Prints the rates since the last report.
+    fn report(&mut self) {
+        let now = self.snapshot();
+        let secs = match (self.reported.at, now.at) {
+            (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(1e-3),
+            _ => return,
+        };
+        let verb = if self.dry_run { "would send" } else { "sent" };
+        let mut out = format!(
+            "shadow-agent: {} over the last {secs:.0}s{}:\n",
+            if self.dry_run { "dry run" } else { "mirroring" },
+            self.ramp
+                .as_ref()
+                .map(|r| format!(" (ramp at {}%)", r.ramp.percent()))
+                .unwrap_or_default()
+        );
+        let before = |list: &[(String, u64, u64, u64)], name: &str| {
+            list.iter()
+                .find(|e| e.0 == name)
+                .map_or((0, 0, 0), |e| (e.1, e.2, e.3))
+        };
+        for (name, seen, copies, bytes) in &now.routes {
+            let (s0, c0, b0) = before(&self.reported.routes, name);
+            out += &format!(
+                "  route {name}: {:.1} requests/s seen, {verb} {:.1} copies/s, {}/s\n",
+                (seen - s0) as f64 / secs,
+                (copies - c0) as f64 / secs,
+                human_bytes((bytes - b0) as f64 / secs),
+            );
+        }
+        for (url, sent, bytes, dropped) in &now.targets {
+            let (s0, b0, d0) = before(&self.reported.targets, url);
+            out += &format!(
+                "  target {url}: {verb} {:.1} copies/s, {}/s; {:.1}/s dropped by budget or limits\n",
+                (sent - s0) as f64 / secs,
+                human_bytes((bytes - b0) as f64 / secs),
+                (dropped - d0) as f64 / secs,
+            );
+        }
+        eprint!("{out}");
+        self.reported = now;
+    }
+
+    fn summary(&self, totals: &shadow_agent::capture::live::CaptureTotals) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let verb = if self.dry_run {
+            "would have sent"
+        } else {
+            "sent"
+        };
+        let mut out = format!(
+            "shadow-agent: {} for {secs:.1}s; {} requests rebuilt\n",
+            if self.dry_run { "dry run" } else { "mirrored" },
+            self.stats.requests.get()
+        );
+        for (name, r) in self.stats.routes() {
+            out += &format!(
+                "  route {name}: {} seen, {} mirrored; {verb} {} copies ({:.1}/s, {}/s)\n",
+                r.seen.get(),
+                r.mirrored.get(),
+                r.copies.get(),
+                r.copies.get() as f64 / secs,
+                human_bytes(r.copy_bytes.get() as f64 / secs),
+            );
+        }
+        for (url, t) in self.stats.targets() {
+            let latency = t.latency.snapshot();
+            let ms = |q| {
+                latency.quantile(q).map_or("-".to_owned(), |d| {
+                    format!("{:.1}ms", d.as_secs_f64() * 1e3)
+                })
+            };
+            out += &format!(
+                "  target {url}: {verb} {} copies ({:.1}/s); {} answered 2xx, {} errors; p50 {} p99 {}\n",
+                t.sent.get(),
+                t.sent.get() as f64 / secs,
+                t.responses(2),
+                t.errors(),
+                ms(0.5),
+                ms(0.99),
+            );
+        }
+        out += &common::table("kernel counters", &common::kernel_fields(&totals.kernel));
+        out += &common::table("ring counters", &common::ring_fields(&totals.ring));
+        out
+    }
+
+    fn stats_json(&self, totals: &shadow_agent::capture::live::CaptureTotals) -> serde_json::Value {
+        let pipeline = self.pipeline.counters();
+        let anomalies: Vec<(&str, u64)> = pipeline.http_anomalies.clone();
+        json!({
+            "dry_run": self.dry_run,
+            "seconds": self.started.elapsed().as_secs_f64(),
+            "config_generation": self.generation,
+            "config_reload_errors": self.reload_errors,
+            "ramp": self.ramp.as_ref().map(|r| json!({
+                "step": r.ramp.step(),
+                "percent": r.ramp.percent(),
+                "held": r.ramp.is_held(),
+            })),
+            "kernel": common::object(&common::kernel_fields(&totals.kernel)),
+            "ring": common::object(&common::ring_fields(&totals.ring)),
+            "pipeline": common::object(&pipeline.pairs()),
+            "http_anomalies": common::object(&anomalies),
+            "mirror": self.stats.to_json(),
+        })
+    }
+}
+
+fn human_bytes(per_sec: f64) -> String {
+    if per_sec >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", per_sec / (1024.0 * 1024.0))
+    } else if per_sec >= 1024.0 {
+        format!("{:.1} KiB", per_sec / 1024.0)
+    } else {
+        format!("{per_sec:.0} B")
+    }
+}

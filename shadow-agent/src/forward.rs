@@ -1,0 +1,474 @@
+//! Sends copies to shadow targets over HTTP/1.1 with hyper, within each target's limits.
+//!
+//! Each target has a lane: a queue of at most `max_in_flight` copies (queued or awaiting an
+//! answer) and `max_connections` workers, each holding at most one keep-alive connection. A copy
+//! that finds the lane full is dropped and counted, never waited for; a copy gets one attempt
+//! within `timeout` of being admitted, and is never retried, so a slow or failing shadow costs a
+//! bounded amount and live traffic never waits for any of it.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{BudgetConfig, Target};
+use crate::mirror::ShadowRequest;
+use crate::mirror::stats::{CopyDrop, Failure, TargetCounters};
+
+/// What limits a lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaneLimits {
+    pub max_in_flight: u32,
+    pub max_connections: u32,
+    pub timeout: Duration,
+}
+
+impl From<&BudgetConfig> for LaneLimits {
+    fn from(b: &BudgetConfig) -> Self {
+        Self {
+            max_in_flight: b.max_in_flight,
+            max_connections: b.max_connections,
+            timeout: b.timeout,
+        }
+    }
+}
+
+/// A copy on its way, holding its place in the lane until it is answered or has failed.
+struct Job {
+    request: http::Request<Bytes>,
+    admitted: Instant,
+    _place: OwnedSemaphorePermit,
+}
+
+/// One target's queue and workers.
+pub struct Lane {
+    target: Target,
+    limits: LaneLimits,
+    queue: mpsc::Sender<Job>,
+    places: Arc<Semaphore>,
+    counters: Arc<TargetCounters>,
+    workers: Vec<JoinHandle<()>>,
+    receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
+}
+
+impl Lane {
+    /// Starts the lane's workers; must be called inside a tokio runtime.
+    pub fn start(target: Target, limits: LaneLimits, counters: Arc<TargetCounters>) -> Self {
+        let places = limits.max_in_flight.max(1) as usize;
+        let (queue, receiver) = mpsc::channel(places);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let workers = (0..limits.max_connections.max(1))
+            .map(|_| {
+                tokio::spawn(work(
+                    target.clone(),
+                    limits.timeout,
+                    receiver.clone(),
+                    counters.clone(),
+                ))
+            })
+            .collect();
+        Self {
+            target,
+            limits,
+            queue,
+            places: Arc::new(Semaphore::new(places)),
+            counters,
+            workers,
+            receiver,
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Hands a copy to the lane, counting it as sent, or refuses it at once.
+    ///
+    /// # Errors
+    /// [`CopyDrop::InFlight`] when `max_in_flight` copies are pending, [`CopyDrop::Closed`]
+    /// when the lane is shutting down. The caller counts the drop.
+    pub fn try_send(&self, copy: ShadowRequest) -> Result<(), CopyDrop> {
+        let place = self
+            .places
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CopyDrop::InFlight)?;
+        let job = Job {
+            request: copy.request,
+            admitted: Instant::now(),
+            _place: place,
+        };
+        // The queue holds as many jobs as there are places, so only a closed lane refuses.
+        self.queue.try_send(job).map_err(|_| CopyDrop::Closed)?;
+        self.counters.sent.inc();
+        self.counters.sent_bytes.add(copy.wire_bytes);
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Lets the workers finish what is queued, each copy within its timeout, then stops them;
+    /// copies still queued after `grace` are counted as [`CopyDrop::Closed`].
+    pub async fn close(self, grace: Duration) {
+        let Lane {
+            queue,
+            workers,
+            receiver,
+            counters,
+            ..
+        } = self;
+        drop(queue);
+        let deadline = Instant::now() + grace;
+        for worker in workers {
+            let abort = worker.abort_handle();
+            if tokio::time::timeout_at(deadline, worker).await.is_err() {
+                abort.abort();
+            }
+        }
+        let mut receiver = receiver.lock().await;
+        receiver.close();
+        while let Ok(job) = receiver.try_recv() {
+            drop(job);
+            counters.dropped(CopyDrop::Closed).inc();
+            counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Every target's lane, kept across reloads while the target and the limits stay the same.
+#[derive(Default)]
+pub struct Forwarder {
+    lanes: BTreeMap<Target, Arc<Lane>>,
+}
+
+impl Forwarder {
+    /// Makes the lanes of `targets`, reusing those whose limits did not change, and returns
+    /// them in the order of `targets`; lanes no longer wanted are closed in the background.
+    pub fn reconfigure(
+        &mut self,
+        targets: &[(Target, Arc<TargetCounters>)],
+        limits: LaneLimits,
+    ) -> Vec<Arc<Lane>> {
+        let mut old = std::mem::take(&mut self.lanes);
+        let lanes: Vec<Arc<Lane>> = targets
+            .iter()
+            .map(|(target, counters)| {
+                let lane = match old.remove(target) {
+                    Some(lane) if lane.limits == limits => lane,
+                    _ => Arc::new(Lane::start(target.clone(), limits, counters.clone())),
+                };
+                self.lanes.insert(target.clone(), lane.clone());
+                lane
+            })
+            .collect();
+        for (_, lane) in old {
+            if let Ok(lane) = Arc::try_unwrap(lane) {
+                let grace = lane.limits.timeout;
+                tokio::spawn(lane.close(grace));
+            }
+        }
+        lanes
+    }
+
+    /// Closes every lane, waiting at most `grace` for copies in flight.
+    pub async fn close(self, grace: Duration) {
+        let closing: Vec<_> = self
+            .lanes
+            .into_values()
+            .filter_map(|lane| Arc::try_unwrap(lane).ok())
+            .map(|lane| lane.close(grace))
+            .collect();
+        futures_join_all(closing).await;
+    }
+}
+
+/// Awaits every future, concurrently.
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: Vec<F>) {
+    let handles: Vec<JoinHandle<()>> = futures.into_iter().map(tokio::spawn).collect();
+    for handle in handles {
+        let _ = handle.await;
+    }
+}
+
+/// A keep-alive connection to a target, and the task that drives it.
+struct Connection {
+    sender: http1::SendRequest<Full<Bytes>>,
+    driver: JoinHandle<()>,
+    counters: Arc<TargetCounters>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One worker: takes copies from the lane's queue and sends them over its connection.
+async fn work(
+    target: Target,
+    timeout: Duration,
+    receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
+    counters: Arc<TargetCounters>,
+) {
+    let mut connection: Option<Connection> = None;
+    loop {
+        let job = receiver.lock().await.recv().await;
+        let Some(job) = job else { break };
+        let deadline = job.admitted + timeout;
+        let sent = tokio::time::timeout_at(
+            deadline,
+            exchange(&mut connection, &target, job.request, &counters),
+        )
+        .await;
+        match sent {
+            Ok(Ok(status)) => counters.answered(status, job.admitted.elapsed()),
+            Ok(Err(failure)) => {
+                counters.failed(failure).inc();
+                connection = None;
+            }
+            Err(_) => {
+                counters.failed(Failure::Timeout).inc();
+                // The connection may be half-way through an exchange: start afresh.
+                connection = None;
+            }
+        }
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends one copy and reads its whole answer; the status on success.
+async fn exchange(
+    connection: &mut Option<Connection>,
+    target: &Target,
+    request: http::Request<Bytes>,
+    counters: &Arc<TargetCounters>,
+) -> Result<u16, Failure> {
+    if connection.as_ref().is_none_or(|c| c.sender.is_closed()) {
+        *connection = None;
+        *connection = Some(connect(target, counters).await?);
+    }
+    let Some(conn) = connection.as_mut() else {
+        return Err(Failure::Connect);
+    };
+    conn.sender.ready().await.map_err(|_| Failure::Io)?;
+    let response = conn
+        .sender
+        .send_request(request.map(Full::new))
+        .await
+        .map_err(|_| Failure::Io)?;
+    let status = response.status().as_u16();
+    // Read the answer to its end (and throw it away), so the connection can carry the next
+    // copy and the latency covers the whole answer.
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        frame.map_err(|_| Failure::Io)?;
+    }
+    Ok(status)
+}
+
+async fn connect(target: &Target, counters: &Arc<TargetCounters>) -> Result<Connection, Failure> {
+    let stream = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|_| Failure::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| Failure::Connect)?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    counters.connections.fetch_add(1, Ordering::Relaxed);
+    Ok(Connection {
+        sender,
+        driver,
+        counters: counters.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn copy(path: &str) -> ShadowRequest {
+        let mut request = http::Request::new(Bytes::from_static(b"hello"));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = path.parse().expect("uri");
+        request
+            .headers_mut()
+            .insert("host", http::HeaderValue::from_static("shadow"));
+        ShadowRequest {
+            target: crate::policy::TargetId(0),
+            request,
+            wire_bytes: 40,
+        }
+    }
+
+    /// A server on loopback that answers each request after `delay` with `status`, counting
+    /// connections, and records the request heads.
+    async fn server(
+        status: u16,
+        delay: Duration,
+    ) -> (Target, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, h) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // Requests here are a head and a 5-byte body.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            if buf.len() < end + 4 + 5 {
+                                break;
+                            }
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            h.lock().expect("lock").push(head);
+                            buf.drain(..end + 4 + 5);
+                            tokio::time::sleep(delay).await;
+                            let answer =
+                                format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        (target, connections, heads)
+    }
+
+    async fn settle(counters: &TargetCounters, completed: u64) {
+        for _ in 0..500 {
+            if counters.completed() >= completed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "only {} of {completed} copies completed",
+            counters.completed()
+        );
+    }
+
+    #[tokio::test]
+    async fn copies_reuse_at_most_max_connections() {
+        let (target, connections, heads) = server(200, Duration::ZERO).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 64,
+            max_connections: 2,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, counters.clone());
+        for i in 0..40 {
+            lane.try_send(copy(&format!("/c/{i}")))
+                .expect("room in the lane");
+        }
+        settle(&counters, 40).await;
+        assert_eq!(counters.responses(2), 40);
+        assert!(connections.load(Ordering::SeqCst) <= 2);
+        let heads = heads.lock().expect("lock").clone();
+        assert_eq!(heads.len(), 40);
+        assert!(heads[0].contains("content-length: 5"), "{}", heads[0]);
+        assert!(heads[0].contains("host: shadow"), "{}", heads[0]);
+        assert_eq!(counters.sent.get(), 40);
+        assert_eq!(counters.sent_bytes.get(), 40 * 40);
+        lane.close(Duration::from_secs(1)).await;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_lane_refuses_at_once_and_a_slow_target_times_out() {
+        let (target, _, _) = server(200, Duration::from_secs(30)).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 3,
+            max_connections: 1,
+            timeout: Duration::from_millis(200),
+        };
+        let lane = Lane::start(target, limits, counters.clone());
+        for i in 0..3 {
+            lane.try_send(copy(&format!("/{i}"))).expect("room");
+        }
+        assert_eq!(lane.try_send(copy("/full")), Err(CopyDrop::InFlight));
+        settle(&counters, 3).await;
+        assert_eq!(counters.failed(Failure::Timeout).get(), 3);
+        // Room again once they timed out.
+        lane.try_send(copy("/again")).expect("room");
+        lane.close(Duration::from_secs(1)).await;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_down_target_counts_connect_failures() {
+        // Bind then drop: nothing listens on the port.
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 2,
+            timeout: Duration::from_secs(2),
+        };
+        let lane = Lane::start(target, limits, counters.clone());
+        for _ in 0..5 {
+            lane.try_send(copy("/")).expect("room");
+        }
+        settle(&counters, 5).await;
+        assert_eq!(counters.failed(Failure::Connect).get(), 5);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 0);
+        lane.close(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn answers_are_counted_by_class_with_latency() {
+        let (target, _, _) = server(503, Duration::from_millis(20)).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 1,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, counters.clone());
+        lane.try_send(copy("/")).expect("room");
+        settle(&counters, 1).await;
+        assert_eq!(counters.responses(5), 1);
+        assert_eq!(counters.errors(), 1);
+        let p99 = counters.latency.snapshot().quantile(0.99).expect("one");
+        assert!(p99 >= Duration::from_millis(20), "{p99:?}");
+        lane.close(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,227 @@
+//! From a rebuilt request to the copies that go out, and what became of each.
+//!
+//! Pure: [`Mirror::plan`] takes a request and the time, consults the policy, tags a copy for
+//! each of the route's targets and charges the budget; the sender (`forward`) only sends what
+//! it is given. Every request and every copy is counted in [`stats`], dropped ones by reason.
+
+pub mod latency;
+pub mod stats;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Uri};
+
+use crate::budget::{Budget, BudgetLimits};
+use crate::config::Config;
+use crate::http::Request;
+use crate::pipeline::FlowAddrs;
+use crate::policy::path::origin_form;
+use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
+use crate::policy::{Decision, DropReason, Policy, RequestView, TargetId};
+use stats::{CopyDrop, MirrorStats, RouteCounters, TargetCounters};
+
+/// One copy, ready to be sent to its target.
+#[derive(Debug)]
+pub struct ShadowRequest {
+    pub target: TargetId,
+    /// Origin-form URI, the copy's headers (Host first) and the decoded body. The sender adds
+    /// `Content-Length` for the body; framing headers of the capture never travel.
+    pub request: http::Request<Bytes>,
+    /// Approximate size on the wire, as the byte budgets count it.
+    pub wire_bytes: u64,
+}
+
+/// What [`Mirror::plan`] decided for one request.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// The route that decided, when one did.
+    pub route: Option<Arc<RouteCounters>>,
+    /// Copies that passed the policy and the budget.
+    pub copies: Vec<ShadowRequest>,
+}
+
+/// The policy, the budget and the tagger of one configuration.
+pub struct Mirror<I> {
+    policy: Policy,
+    budget: Budget,
+    tagger: Tagger<I>,
+    stats: Arc<MirrorStats>,
+    /// By [`RouteId`].
+    routes: Vec<Arc<RouteCounters>>,
+    /// By [`TargetId`].
+    targets: Vec<Arc<TargetCounters>>,
+}
+
+impl<I: IdSource> Mirror<I> {
+    /// `seed` varies per-request sampling between nodes; `stats` outlives reloads.
+    pub fn new(config: &Config, ids: I, seed: u64, stats: Arc<MirrorStats>) -> Self {
+        let policy = Policy::from_config(config, seed);
+        let routes = policy
+            .routes()
+            .iter()
+            .map(|r| stats.route(r.name()))
+            .collect();
+        let targets = policy
+            .targets()
+            .iter()
+            .map(|t| stats.target(&t.to_string()))
+            .collect();
+        let budget = Budget::new(BudgetLimits::from(&config.budget), policy.targets().len());
+        Self {
+            policy,
+            budget,
+            tagger: Tagger::new(config.tagging.clone(), ids),
+            stats,
+            routes,
+            targets,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The counters of a target of this configuration.
+    pub fn target_counters(&self, id: TargetId) -> Option<&Arc<TargetCounters>> {
+        self.targets.get(id.0)
+    }
+
+    /// The counters of every target of this configuration, by [`TargetId`].
+    pub fn all_target_counters(&self) -> &[Arc<TargetCounters>] {
+        &self.targets
+    }
+
+    /// Sets the share the ramp allows, 0 to 100.
+    pub fn set_ramp_percent(&mut self, percent: f64) {
+        self.policy.set_ramp_percent(percent);
+    }
+
+    /// Decides on `req`, seen on `flow`, at `now`: the copies to send, tagged and charged to
+    /// the budget. Drops are counted here.
+    pub fn plan(&mut self, now: Instant, flow: &FlowAddrs, req: &Request) -> Plan {
+        self.stats.requests.inc();
+        if self.tagger.is_tagged(&req.headers) {
+            self.stats.unrouted(DropReason::ShadowTraffic).inc();
+            return Plan::default();
+        }
+        let host = req
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("host"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok());
+        let view = RequestView {
+            port: flow.server.port(),
+            method: &req.method,
+            target: &req.target,
+            host,
+            sample_key: sample_key(flow, req.seq),
+        };
+        let (route_id, target_ids) = match self.policy.decide(&view) {
+            Decision::Drop {
+                route: None,
+                reason,
+            } => {
+                self.stats.unrouted(reason).inc();
+                return Plan::default();
+            }
+            Decision::Drop {
+                route: Some(route),
+                reason,
+            } => {
+                let counters = self.routes[route.0].clone();
+                counters.seen.inc();
+                counters.dropped(reason).inc();
+                return Plan {
+                    route: Some(counters),
+                    copies: Vec::new(),
+                };
+            }
+            Decision::Mirror { route, targets } => (route, targets.to_vec()),
+        };
+        let route_counters = self.routes[route_id.0].clone();
+        route_counters.seen.inc();
+        let captured = CapturedRequest {
+            method: &req.method,
+            target: &req.target,
+            headers: &req.headers,
+            body: &req.body,
+            client: flow.client,
+            server: flow.server,
+            sequence: req.seq,
+        };
+        let mut copies = Vec::with_capacity(target_ids.len());
+        for target_id in target_ids {
+            let counters = &self.targets[target_id.0];
+            let (Some(route), Some(target)) =
+                (self.policy.route(route_id), self.policy.target(target_id))
+            else {
+                continue;
+            };
+            let headers = self.tagger.headers(&captured, route.config(), target);
+            let Some((request, wire_bytes)) = build(&captured, headers, req.body.clone()) else {
+                counters.dropped(CopyDrop::Invalid).inc();
+                continue;
+            };
+            if let Err(over) = self.budget.try_acquire(now, target_id, wire_bytes) {
+                counters.dropped(CopyDrop::Budget(over.which)).inc();
+                continue;
+            }
+            copies.push(ShadowRequest {
+                target: target_id,
+                request,
+                wire_bytes,
+            });
+        }
+        Plan {
+            route: Some(route_counters),
+            copies,
+        }
+    }
+}
+
+/// Different for every request of every connection, the same on every node for one request.
+fn sample_key(flow: &FlowAddrs, seq: u64) -> u64 {
+    let mut h = DefaultHasher::new();
+    (flow.client, flow.server, seq).hash(&mut h);
+    h.finish()
+}
+
+/// The copy as an HTTP request, with its size on the wire; `None` when the captured method,
+/// target or a header cannot be sent as valid HTTP/1.1.
+fn build(
+    req: &CapturedRequest<'_>,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Bytes,
+) -> Option<(http::Request<Bytes>, u64)> {
+    let method = Method::from_bytes(req.method.as_bytes()).ok()?;
+    let path = origin_form(req.target)?;
+    let uri: Uri = path.parse().ok()?;
+    // "GET /x HTTP/1.1\r\n" and the final "\r\n".
+    let mut wire = req.method.len() + path.len() + 14;
+    let mut request = http::Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    let map = request.headers_mut();
+    for (name, value) in headers {
+        // The sender frames the body itself.
+        if name.eq_ignore_ascii_case("content-length") {
+            continue;
+        }
+        wire += name.len() + value.len() + 4;
+        let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(&value).ok()?;
+        map.append(name, value);
+    }
+    let body_len = request.body().len();
+    if body_len > 0 {
+        // "content-length: N\r\n"
+        wire += 18 + body_len.to_string().len();
+    }
+    Some((request, (wire + body_len) as u64))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,331 @@
+//! What became of every captured request and every copy, per route and per target. Lock-free
+//! counters that the planner and the senders update and that reports and metrics read.
+//!
+//! Counters live as long as the agent: a reload that keeps a route's name or a target's URL
+//! keeps counting into the same ones.
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::latency::LatencyHistogram;
+use crate::budget::BudgetKind;
+use crate::policy::DropReason;
+
+/// A counter that any thread may add to.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Requests a route saw and what became of them.
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    /// Requests whose route this was.
+    pub seen: Counter,
+    /// Requests of which at least one copy went out (or would have, in a dry run).
+    pub mirrored: Counter,
+    /// Copies that went out (or would have), to all the route's targets.
+    pub copies: Counter,
+    /// Their bytes on the wire, approximately.
+    pub copy_bytes: Counter,
+    /// Requests the route's rules left out, by [`DropReason`] (indexed as `DropReason::ALL`).
+    dropped: [Counter; DropReason::ALL.len()],
+}
+
+impl RouteCounters {
+    pub fn dropped(&self, reason: DropReason) -> &Counter {
+        &self.dropped[reason_index(reason)]
+    }
+}
+
+fn reason_index(reason: DropReason) -> usize {
+    DropReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or_default()
+}
+
+/// Why a copy to one target did not go out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CopyDrop {
+    Budget(BudgetKind),
+    /// The target already had `max_in_flight` copies waiting for an answer.
+    InFlight,
+    /// The captured request cannot be written as a valid HTTP/1.1 request (a method, target or
+    /// header value that HTTP does not allow).
+    Invalid,
+    /// The agent was stopping, or the target was removed by a reload.
+    Closed,
+}
+
+impl CopyDrop {
+    pub const ALL: [CopyDrop; 7] = [
+        CopyDrop::Budget(BudgetKind::NodeRequests),
+        CopyDrop::Budget(BudgetKind::NodeBytes),
+        CopyDrop::Budget(BudgetKind::TargetRequests),
+        CopyDrop::Budget(BudgetKind::TargetBytes),
+        CopyDrop::InFlight,
+        CopyDrop::Invalid,
+        CopyDrop::Closed,
+    ];
+
+    /// Stable snake_case label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CopyDrop::Budget(kind) => kind.label(),
+            CopyDrop::InFlight => "in_flight",
+            CopyDrop::Invalid => "invalid",
+            CopyDrop::Closed => "closed",
+        }
+    }
+}
+
+/// How a copy that went out failed to get an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made (refused, unreachable, name not resolved).
+    Connect,
+    /// No complete answer within `budget.timeout`.
+    Timeout,
+    /// The connection broke or the answer was not HTTP.
+    Io,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 3] = [Failure::Connect, Failure::Timeout, Failure::Io];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Timeout => "timeout",
+            Failure::Io => "io",
+        }
+    }
+}
+
+/// Copies to one target and their answers.
+#[derive(Debug, Default)]
+pub struct TargetCounters {
+    /// Copies handed to the sender (counted by the sender side, or by the dry run).
+    pub sent: Counter,
+    /// Bytes of those copies on the wire (request line, headers and body, approximately).
+    pub sent_bytes: Counter,
+    dropped: [Counter; CopyDrop::ALL.len()],
+    /// Answers by status class: 1xx to 5xx.
+    responses: [Counter; 5],
+    failures: [Counter; Failure::ALL.len()],
+    /// Copies queued or awaiting an answer now.
+    pub in_flight: AtomicU64,
+    /// Connections open now.
+    pub connections: AtomicU64,
+    /// Time from handing a copy to the sender to the end of its answer, answered copies only.
+    pub latency: LatencyHistogram,
+}
+
+impl TargetCounters {
+    pub fn dropped(&self, reason: CopyDrop) -> &Counter {
+        let i = CopyDrop::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or_default();
+        &self.dropped[i]
+    }
+
+    pub fn failed(&self, failure: Failure) -> &Counter {
+        let i = Failure::ALL
+            .iter()
+            .position(|f| *f == failure)
+            .unwrap_or_default();
+        &self.failures[i]
+    }
+
+    /// Counts an answer and its latency.
+    pub fn answered(&self, status: u16, latency: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].inc();
+        self.latency.record(latency);
+    }
+
+    /// Answers with a status of `class`xx (1 to 5).
+    pub fn responses(&self, class: usize) -> u64 {
+        self.responses
+            .get(class.wrapping_sub(1))
+            .map_or(0, Counter::get)
+    }
+
+    /// Copies that failed: 5xx answers and every [`Failure`]; what the ramp's guard calls errors.
+    pub fn errors(&self) -> u64 {
+        self.responses(5) + self.failures.iter().map(Counter::get).sum::<u64>()
+    }
+
+    /// Copies answered or failed.
+    pub fn completed(&self) -> u64 {
+        self.responses.iter().map(Counter::get).sum::<u64>()
+            + self.failures.iter().map(Counter::get).sum::<u64>()
+    }
+}
+
+/// Every route's and target's counters, by name and URL.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Requests rebuilt from captured traffic.
+    pub requests: Counter,
+    /// Requests no route decided on, by reason (`no_route`, `bad_target`, `shadow_traffic`).
+    unrouted: [Counter; DropReason::ALL.len()],
+    routes: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
+    targets: Mutex<BTreeMap<String, Arc<TargetCounters>>>,
+}
+
+impl MirrorStats {
+    pub fn unrouted(&self, reason: DropReason) -> &Counter {
+        &self.unrouted[reason_index(reason)]
+    }
+
+    /// The counters of the route named `name`, made on first use.
+    pub fn route(&self, name: &str) -> Arc<RouteCounters> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The counters of the target at `url`, made on first use.
+    pub fn target(&self, url: &str) -> Arc<TargetCounters> {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.entry(url.to_owned()).or_default().clone()
+    }
+
+    /// Every route's counters, by name.
+    pub fn routes(&self) -> Vec<(String, Arc<RouteCounters>)> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Every target's counters, by URL.
+    pub fn targets(&self) -> Vec<(String, Arc<TargetCounters>)> {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Everything, as JSON: for `--stats-json` and the admin endpoint.
+    pub fn to_json(&self) -> Value {
+        let unrouted = nonzero(
+            DropReason::ALL
+                .iter()
+                .map(|r| (r.label(), self.unrouted(*r).get())),
+        );
+        let routes: Vec<Value> = self
+            .routes()
+            .iter()
+            .map(|(name, r)| {
+                let dropped = nonzero(
+                    DropReason::ALL
+                        .iter()
+                        .map(|d| (d.label(), r.dropped(*d).get())),
+                );
+                json!({
+                    "name": name,
+                    "seen": r.seen.get(),
+                    "mirrored": r.mirrored.get(),
+                    "copies": r.copies.get(),
+                    "copy_bytes": r.copy_bytes.get(),
+                    "dropped": dropped,
+                })
+            })
+            .collect();
+        let targets: Vec<Value> = self
+            .targets()
+            .iter()
+            .map(|(url, t)| {
+                let dropped = nonzero(
+                    CopyDrop::ALL
+                        .iter()
+                        .map(|d| (d.label(), t.dropped(*d).get())),
+                );
+                let failures: serde_json::Map<String, Value> = Failure::ALL
+                    .iter()
+                    .map(|f| (f.label().to_owned(), t.failed(*f).get().into()))
+                    .collect();
+                let responses: serde_json::Map<String, Value> = (1..=5)
+                    .map(|c| (format!("{c}xx"), t.responses(c).into()))
+                    .collect();
+                let latency = t.latency.snapshot();
+                let ms = |q| latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
+                json!({
+                    "url": url,
+                    "sent": t.sent.get(),
+                    "sent_bytes": t.sent_bytes.get(),
+                    "dropped": dropped,
+                    "responses": responses,
+                    "failures": failures,
+                    "in_flight": t.in_flight.load(Ordering::Relaxed),
+                    "connections": t.connections.load(Ordering::Relaxed),
+                    "latency_p50_ms": ms(0.5),
+                    "latency_p99_ms": ms(0.99),
+                })
+            })
+            .collect();
+        json!({
+            "requests": self.requests.get(),
+            "unrouted": unrouted,
+            "routes": routes,
+            "targets": targets,
+        })
+    }
+}
+
+/// The counters that are not zero, as a JSON object.
+fn nonzero<'a>(counters: impl Iterator<Item = (&'a str, u64)>) -> Value {
+    Value::Object(
+        counters
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (k.to_owned(), n.into()))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_distinct() {
+        let labels: std::collections::BTreeSet<_> =
+            CopyDrop::ALL.iter().map(|d| d.label()).collect();
+        assert_eq!(labels.len(), CopyDrop::ALL.len());
+    }
+
+    #[test]
+    fn counters_survive_lookups_by_name() {
+        let stats = MirrorStats::default();
+        stats.route("api").seen.inc();
+        stats.route("api").seen.inc();
+        stats
+            .target("http://a:1")
+            .answered(503, Duration::from_millis(3));
+        stats.target("http://a:1").failed(Failure::Timeout).inc();
+        assert_eq!(stats.route("api").seen.get(), 2);
+        let t = stats.target("http://a:1");
+        assert_eq!((t.responses(5), t.errors(), t.completed()), (1, 2, 2));
+        let json = stats.to_json();
+        assert_eq!(json["routes"][0]["seen"], 2);
+        assert_eq!(json["targets"][0]["responses"]["5xx"], 1);
+        assert_eq!(json["targets"][0]["failures"]["timeout"], 1);
+    }
+}

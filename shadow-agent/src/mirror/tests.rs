@@ -1,0 +1,265 @@
+use std::time::Duration;
+
+use super::*;
+use crate::budget::BudgetKind;
+use crate::http::Version;
+use crate::policy::tagging::NodeIds;
+
+const CONFIG: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [8080, 9090]
+
+[[route]]
+name = "orders"
+match = { port = 8080, path_prefix = "/orders/" }
+targets = ["http://198.18.0.9:8080", "http://198.18.0.10:8080"]
+allow_methods = ["GET", "POST"]
+deny_paths = ["/orders/*/refund"]
+
+[[route]]
+name = "rest"
+match = { port = 8080 }
+targets = ["http://198.18.0.9:8080"]
+
+[budget]
+node_rps = 1000
+target_rps = 5
+"#;
+
+fn mirror() -> (Mirror<NodeIds>, Arc<MirrorStats>) {
+    let config = match Config::from_toml(CONFIG, "mirror.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let stats = Arc::new(MirrorStats::default());
+    let m = Mirror::new(&config, NodeIds::with_epoch("node-a", 7), 1, stats.clone());
+    (m, stats)
+}
+
+fn flow(port: u16) -> FlowAddrs {
+    FlowAddrs {
+        client: "198.18.0.1:40000".parse().expect("addr"),
+        server: format!("198.18.0.2:{port}").parse().expect("addr"),
+    }
+}
+
+fn request(seq: u64, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Request {
+    Request {
+        seq,
+        method: method.into(),
+        target: target.into(),
+        version: Version::Http11,
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        body: Bytes::copy_from_slice(body),
+        trailers: Vec::new(),
+        wire_len: 0,
+        started: Duration::ZERO,
+        completed: Duration::ZERO,
+    }
+}
+
+fn header<'r>(copy: &'r ShadowRequest, name: &str) -> Option<&'r str> {
+    copy.request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+}
+
+#[test]
+fn get_is_copied_to_every_target_of_its_route() {
+    let (mut m, stats) = mirror();
+    let req = request(
+        0,
+        "GET",
+        "/orders/7?x=1",
+        &[("Host", "shop"), ("Accept", "*/*")],
+        b"",
+    );
+    let plan = m.plan(Instant::now(), &flow(8080), &req);
+    assert_eq!(plan.copies.len(), 2);
+    let targets: Vec<_> = plan.copies.iter().map(|c| c.target).collect();
+    assert_eq!(targets, [TargetId(0), TargetId(1)]);
+    for copy in &plan.copies {
+        assert_eq!(copy.request.method(), Method::GET);
+        assert_eq!(copy.request.uri(), "/orders/7?x=1");
+        assert_eq!(header(copy, "host"), Some("shop"));
+        assert_eq!(header(copy, "accept"), Some("*/*"));
+        assert_eq!(header(copy, "x-shadow-request"), Some("1"));
+        assert_eq!(header(copy, "baggage"), Some("shadow=true"));
+        assert!(header(copy, "x-shadow-id").is_some_and(|v| v.starts_with("node-a-")));
+        assert_eq!(header(copy, "idempotency-key"), None);
+    }
+    assert_eq!(stats.route("orders").seen.get(), 1);
+}
+
+#[test]
+fn methods_and_deny_paths() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    // PUT is not allowed on `orders`; `rest` is never tried once `orders` matched.
+    let put = m.plan(
+        now,
+        &flow(8080),
+        &request(0, "PUT", "/orders/7", &[], b"{}"),
+    );
+    assert!(put.copies.is_empty());
+    assert_eq!(stats.route("orders").dropped(DropReason::Method).get(), 1);
+    // POST /orders/…/refund is denied whatever the method.
+    let refund = m.plan(
+        now,
+        &flow(8080),
+        &request(1, "POST", "/orders/7/refund", &[], b""),
+    );
+    assert!(refund.copies.is_empty());
+    assert_eq!(stats.route("orders").dropped(DropReason::DenyPath).get(), 1);
+    // POST on `rest`: only the default safe methods.
+    let post = m.plan(now, &flow(8080), &request(2, "POST", "/cart", &[], b"{}"));
+    assert!(post.copies.is_empty());
+    assert_eq!(stats.route("rest").dropped(DropReason::Method).get(), 1);
+    // No route for port 9090.
+    let other = m.plan(now, &flow(9090), &request(3, "GET", "/", &[], b""));
+    assert!(other.copies.is_empty() && other.route.is_none());
+    assert_eq!(stats.unrouted(DropReason::NoRoute).get(), 1);
+}
+
+#[test]
+fn allowed_post_carries_a_stable_idempotency_key() {
+    let (mut m, _) = mirror();
+    let now = Instant::now();
+    let req = request(4, "POST", "/orders/", &[("Content-Length", "2")], b"{}");
+    let first = m.plan(now, &flow(8080), &req);
+    let again = m.plan(now, &flow(8080), &req);
+    let other = m.plan(
+        now,
+        &flow(8080),
+        &request(5, "POST", "/orders/", &[], b"{}"),
+    );
+    let key = |p: &Plan, i: usize| header(&p.copies[i], "idempotency-key").map(str::to_owned);
+    assert!(key(&first, 0).is_some());
+    // Both targets, and a second plan of the same request, carry the same key.
+    assert_eq!(key(&first, 0), key(&first, 1));
+    assert_eq!(key(&first, 0), key(&again, 0));
+    assert_ne!(key(&first, 0), key(&other, 0));
+    // The client's own key wins.
+    let own = m.plan(
+        now,
+        &flow(8080),
+        &request(6, "POST", "/orders/", &[("Idempotency-Key", "abc")], b"{}"),
+    );
+    assert_eq!(key(&own, 0).as_deref(), Some("abc"));
+    // The captured Content-Length is not copied: the sender frames the body.
+    assert_eq!(
+        first.copies[0]
+            .request
+            .headers()
+            .get_all("content-length")
+            .iter()
+            .count(),
+        0
+    );
+    assert_eq!(first.copies[0].request.body().as_ref(), b"{}");
+}
+
+#[test]
+fn request_content_never_chooses_the_destination() {
+    let (mut m, _) = mirror();
+    let hostile = request(
+        0,
+        "GET",
+        "http://evil.example:6666/orders/1",
+        &[("Host", "evil.example:6666"), ("X-Forwarded-Host", "evil")],
+        b"",
+    );
+    let plan = m.plan(Instant::now(), &flow(8080), &hostile);
+    let targets: Vec<String> = plan
+        .copies
+        .iter()
+        .map(|c| m.policy().target(c.target).expect("target").to_string())
+        .collect();
+    assert_eq!(
+        targets,
+        ["http://198.18.0.9:8080", "http://198.18.0.10:8080"]
+    );
+    for copy in &plan.copies {
+        // Absolute-form becomes origin-form: no authority in the request line.
+        assert_eq!(copy.request.uri(), "/orders/1");
+        assert_eq!(copy.request.uri().authority(), None);
+    }
+}
+
+#[test]
+fn shadow_traffic_is_never_mirrored_again() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    let first = m.plan(now, &flow(8080), &request(0, "GET", "/orders/1", &[], b""));
+    // A copy captured again (the target on a captured port of this host, or the shadow's own
+    // downstream calls carrying baggage).
+    let copy = &first.copies[0].request;
+    let recaptured = Request {
+        headers: copy
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        ..request(1, "GET", "/orders/1", &[], b"")
+    };
+    assert!(m.plan(now, &flow(8080), &recaptured).copies.is_empty());
+    let downstream = request(2, "GET", "/orders/1", &[("baggage", "shadow=true")], b"");
+    assert!(m.plan(now, &flow(8080), &downstream).copies.is_empty());
+    assert_eq!(stats.unrouted(DropReason::ShadowTraffic).get(), 2);
+}
+
+#[test]
+fn budget_and_invalid_copies_are_counted_per_target() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    // target_rps = 5: the sixth request in the same instant is over budget on both targets.
+    for seq in 0..6 {
+        let plan = m.plan(
+            now,
+            &flow(8080),
+            &request(seq, "GET", "/orders/1", &[], b""),
+        );
+        assert_eq!(
+            plan.copies.len(),
+            if seq < 5 { 2 } else { 0 },
+            "request {seq}"
+        );
+    }
+    let t = stats.target("http://198.18.0.9:8080");
+    assert_eq!(
+        t.dropped(CopyDrop::Budget(BudgetKind::TargetRequests))
+            .get(),
+        1
+    );
+    // A header value HTTP does not allow (a bare CR) cannot be sent.
+    let later = now + Duration::from_secs(5);
+    let bad = request(9, "GET", "/orders/1", &[("X-Bad", "a\rb")], b"");
+    assert!(m.plan(later, &flow(8080), &bad).copies.is_empty());
+    assert_eq!(t.dropped(CopyDrop::Invalid).get(), 1);
+}
+
+#[test]
+fn wire_bytes_count_head_and_body() {
+    let (mut m, _) = mirror();
+    let body = vec![b'x'; 1000];
+    let plan = m.plan(
+        Instant::now(),
+        &flow(8080),
+        &request(0, "POST", "/orders/", &[], &body),
+    );
+    let copy = &plan.copies[0];
+    let head: usize = copy
+        .request
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let expected =
+        "POST /orders/ HTTP/1.1\r\n".len() + head + "content-length: 1000\r\n".len() + 2 + 1000;
+    assert_eq!(copy.wire_bytes, expected as u64);
+}

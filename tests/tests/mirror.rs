@@ -1,0 +1,597 @@
+//! `shadow-agent run` end to end: a client, a live nginx and a recording shadow server, each in
+//! its own network namespace; the agent runs on the live host and mirrors what nginx receives.
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use shadow_tests::client::{curl, http_keepalive, http_request, paced_gets};
+use shadow_tests::{
+    Agent, Netns, Nginx, Received, ShadowMode, ShadowServer, SinkMode, TcpSink, VethLink,
+    require_root, wait_for,
+};
+
+const ARRIVAL: Duration = Duration::from_secs(20);
+
+/// client ⇄ live ⇄ shadow.
+struct Site {
+    client: Netns,
+    live: Netns,
+    shadow: Netns,
+    front: VethLink,
+    back: VethLink,
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Self {
+        let client = Netns::new("mc");
+        let live = Netns::new("ml");
+        let shadow = Netns::new("ms");
+        let front = VethLink::new(&client, "veth-c", &live, "veth-lf");
+        let back = VethLink::new(&live, "veth-lb", &shadow, "veth-s");
+        Site {
+            client,
+            live,
+            shadow,
+            front,
+            back,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn live_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.front.b_addr.into(), 80)
+    }
+
+    fn shadow_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.back.b_addr.into(), 8080)
+    }
+
+    fn live_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.live_addr())
+    }
+
+    /// Writes `config.toml`: capture on the live host's front interface, port 80, then `rest`.
+    fn config(&self, rest: &str) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        write_atomically(
+            &path,
+            &format!(
+                "[capture]\ninterfaces = [\"veth-lf\"]\nports = [80]\n\n{}",
+                rest.replace("SHADOW", &self.shadow_addr().to_string())
+            ),
+        );
+        path
+    }
+}
+
+/// Replaces a file as editors and Kubernetes do: a new file renamed over the old.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
+}
+
+/// A route to the shadow with generous budgets, and `extra` route keys.
+fn route(extra: &str) -> String {
+    format!(
+        "[[route]]\nname = \"web\"\nmatch = {{ port = 80 }}\ntargets = [\"http://SHADOW\"]\n{extra}\n\n\
+         [budget]\nnode_rps = 10000\ntarget_rps = 10000\nnode_bytes_per_sec = 100_000_000\ntimeout = \"1s\"\n"
+    )
+}
+
+fn count(json: &Value, path: &[&str]) -> u64 {
+    let mut v = json;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_u64().unwrap_or(0)
+}
+
+/// The shadow headers every copy carries; returns the copy id.
+#[track_caller]
+fn assert_tagged(r: &Received) -> String {
+    assert_eq!(r.header("x-shadow-request").as_deref(), Some("1"), "{r:?}");
+    let baggage = r.header("baggage").unwrap_or_default();
+    assert!(
+        baggage.split(',').any(|m| m.trim() == "shadow=true"),
+        "{r:?}"
+    );
+    let id = r.header("x-shadow-id").unwrap_or_default();
+    assert!(!id.is_empty(), "no id: {r:?}");
+    id
+}
+
+#[test]
+fn gets_arrive_tagged_and_nothing_else_does() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
+    // Where a hostile Host header or absolute-form target points: it must get nothing.
+    let decoy_addr = SocketAddr::new(site.front.a_addr.into(), 9999);
+    let decoy = TcpSink::start(&site.client, decoy_addr, SinkMode::Drain);
+    let config = site.config(&route("deny_paths = [\"/admin/**\"]"));
+    let agent = Agent::run(
+        &site.live,
+        &config,
+        &["--report-interval", "0s", "--node-name", "node-1"],
+    );
+
+    let mut args: Vec<String> = Vec::new();
+    for i in 0..10 {
+        args.extend([
+            "-H".into(),
+            format!("X-Trace: t{i}"),
+            site.live_url(&format!("/items/{i}?q={i}")),
+        ]);
+        args.push("--next".into());
+    }
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    args.extend([
+        "-H".into(),
+        format!("traceparent: {traceparent}"),
+        site.live_url("/traced"),
+    ]);
+    args.push("--next".into());
+    args.extend([
+        "-H".into(),
+        format!("Host: {decoy_addr}"),
+        site.live_url("/hostile"),
+    ]);
+    args.push("--next".into());
+    args.extend([
+        "--request-target".into(),
+        format!("http://{decoy_addr}/absolute"),
+        site.live_url("/"),
+    ]);
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        args.push("--next".into());
+        args.extend([
+            "-X".into(),
+            method.into(),
+            "-d".into(),
+            "x=1".into(),
+            site.live_url("/items/1"),
+        ]);
+    }
+    args.push("--next".into());
+    args.push(site.live_url("/admin/users"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut all = vec!["-o", "/dev/null"];
+    all.extend(args);
+    curl(&site.client, &all);
+
+    let received = shadow.wait_for(13, ARRIVAL);
+    let exit = agent.interrupt();
+    exit.assert_success();
+    assert_eq!(
+        received.len(),
+        13,
+        "{:#?}",
+        received.iter().map(|r| &r.target).collect::<Vec<_>>()
+    );
+    let mut ids = BTreeSet::new();
+    for r in &received {
+        assert_eq!(r.method, "GET", "{r:?}");
+        assert!(ids.insert(assert_tagged(r)), "ids repeat");
+        assert!(
+            r.header("x-shadow-id")
+                .unwrap_or_default()
+                .starts_with("node-1-")
+        );
+        assert_eq!(r.header("idempotency-key"), None, "{r:?}");
+        assert!(r.body.is_empty());
+    }
+    // Each GET arrives as sent, apart from the documented tags.
+    for i in 0..10 {
+        let target = format!("/items/{i}?q={i}");
+        let r = received
+            .iter()
+            .find(|r| r.target == target)
+            .unwrap_or_else(|| panic!("{target} never arrived"));
+        let names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "host",
+                "user-agent",
+                "accept",
+                "x-trace",
+                "x-shadow-request",
+                "baggage",
+                "x-shadow-id"
+            ],
+            "{r:?}"
+        );
+        // curl leaves the default port out of Host.
+        assert_eq!(r.header("host"), Some(site.live_addr().ip().to_string()));
+        assert_eq!(r.header("x-trace"), Some(format!("t{i}")));
+        assert_eq!(r.header("accept").as_deref(), Some("*/*"));
+        assert!(
+            r.header("user-agent")
+                .unwrap_or_default()
+                .starts_with("curl/")
+        );
+    }
+    // traceparent keeps the trace, with a new span.
+    let traced = received
+        .iter()
+        .find(|r| r.target == "/traced")
+        .expect("traced request");
+    let parent = traced.header("traceparent").expect("traceparent kept");
+    assert!(
+        parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{parent}"
+    );
+    assert_ne!(parent, traceparent);
+    // A hostile Host is kept as a header (host = "preserve") but chooses nothing.
+    let hostile = received
+        .iter()
+        .find(|r| r.target == "/hostile")
+        .expect("hostile request");
+    assert_eq!(hostile.header("host"), Some(decoy_addr.to_string()));
+    assert!(
+        received.iter().any(|r| r.target == "/absolute"),
+        "absolute-form goes out in origin-form"
+    );
+    assert!(
+        decoy.received().is_empty(),
+        "a copy went where the request pointed"
+    );
+
+    let json = exit.json();
+    let web = &json["mirror"]["routes"][0];
+    assert_eq!(count(web, &["dropped", "method"]), 4, "{json:#}");
+    assert_eq!(count(web, &["dropped", "deny_path"]), 1, "{json:#}");
+    assert_eq!(count(web, &["mirrored"]), 13, "{json:#}");
+    assert_eq!(
+        count(&json["mirror"]["targets"][0], &["responses", "2xx"]),
+        13,
+        "{json:#}"
+    );
+}
+
+#[test]
+fn an_allowed_post_arrives_once_with_an_idempotency_key() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(201));
+    let config = site.config(&route("allow_methods = [\"GET\", \"POST\"]"));
+    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+
+    let mut requests: Vec<Vec<u8>> = (0..20)
+        .map(|i| {
+            http_request(
+                site.live_addr(),
+                &format!("/orders/{i}"),
+                format!("{{\"n\":{i}}}").as_bytes(),
+            )
+        })
+        .collect();
+    // The same body twice on one connection: two requests, two keys.
+    requests.push(http_request(site.live_addr(), "/orders/same", b"same"));
+    requests.push(http_request(site.live_addr(), "/orders/same", b"same"));
+    let own = b"POST /orders/own HTTP/1.1\r\nHost: x\r\nIdempotency-Key: client-key-1\r\nContent-Length: 2\r\n\r\nhi";
+    requests.push(own.to_vec());
+    http_keepalive(&site.client, site.live_addr(), &requests);
+
+    let received = shadow.wait_for(23, ARRIVAL);
+    let exit = agent.interrupt();
+    exit.assert_success();
+    assert_eq!(received.len(), 23);
+    let mut keys = BTreeSet::new();
+    for i in 0..20 {
+        let target = format!("/orders/{i}");
+        let copies: Vec<&Received> = received.iter().filter(|r| r.target == target).collect();
+        assert_eq!(copies.len(), 1, "{target} arrived {} times", copies.len());
+        let r = copies[0];
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.body, format!("{{\"n\":{i}}}").as_bytes());
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(r.header("content-length"), Some(r.body.len().to_string()));
+        assert_tagged(r);
+        let key = r.header("idempotency-key").expect("idempotency key");
+        assert!(keys.insert(key), "keys repeat");
+    }
+    let same: BTreeSet<String> = received
+        .iter()
+        .filter(|r| r.target == "/orders/same")
+        .filter_map(|r| r.header("idempotency-key"))
+        .collect();
+    assert_eq!(
+        same.len(),
+        2,
+        "two requests with one body still get two keys"
+    );
+    let own = received
+        .iter()
+        .find(|r| r.target == "/orders/own")
+        .expect("own-key request");
+    assert_eq!(
+        own.header("idempotency-key").as_deref(),
+        Some("client-key-1")
+    );
+}
+
+#[test]
+fn live_clients_see_nothing_when_the_shadow_is_down_slow_or_resetting() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let config = site.config(&route("").replace("timeout = \"1s\"", "timeout = \"300ms\""));
+    let urls: Vec<String> = (0..30).map(|i| site.live_url(&format!("/p/{i}"))).collect();
+    let fetch = || {
+        let mut args = vec!["-w", "%{http_code}\n"];
+        args.extend(urls.iter().map(String::as_str));
+        String::from_utf8_lossy(&curl(&site.client, &args).stdout).into_owned()
+    };
+    let baseline = fetch();
+    assert_eq!(baseline.matches("ok\n200").count(), 30, "{baseline}");
+
+    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    // Down: nothing listens on the shadow's port.
+    assert_eq!(fetch(), baseline);
+    // Slow: answers after 2 s, past the 300 ms timeout.
+    let shadow = ShadowServer::start(
+        &site.shadow,
+        site.shadow_addr(),
+        ShadowMode::Slow(Duration::from_secs(2)),
+    );
+    assert_eq!(fetch(), baseline);
+    // Resetting every connection.
+    shadow.set_mode(ShadowMode::Reset);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fetch(), baseline);
+    std::thread::sleep(Duration::from_secs(1));
+    let exit = agent.interrupt();
+    exit.assert_success();
+    let json = exit.json();
+    let target = &json["mirror"]["targets"][0];
+    for failure in ["connect", "timeout", "io"] {
+        assert!(
+            count(target, &["failures", failure]) > 0,
+            "no {failure} failure counted: {json:#}"
+        );
+    }
+}
+
+#[test]
+fn the_agent_never_mirrors_its_own_copies() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    // The shadow runs on the live host itself, on a port that is captured too, and a route
+    // mirrors that port to itself: without loop protection every copy would be copied again.
+    let own = SocketAddr::new(site.front.b_addr.into(), 8080);
+    let shadow = ShadowServer::start(&site.live, own, ShadowMode::Answer(200));
+    let config = site.dir.path().join("config.toml");
+    write_atomically(
+        &config,
+        &format!(
+            "[capture]\ninterfaces = [\"veth-lf\", \"lo\"]\nports = [80, 8080]\n\n\
+             [[route]]\nname = \"web\"\nmatch = {{ port = 80 }}\ntargets = [\"http://{own}\"]\n\n\
+             [[route]]\nname = \"loop\"\nmatch = {{ port = 8080 }}\ntargets = [\"http://{own}\"]\n"
+        ),
+    );
+    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    let urls: Vec<String> = (0..10)
+        .map(|i| site.live_url(&format!("/own/{i}")))
+        .collect();
+    let mut args = vec!["-o", "/dev/null"];
+    args.extend(urls.iter().map(String::as_str));
+    curl(&site.client, &args);
+    shadow.wait_for(10, ARRIVAL);
+    std::thread::sleep(Duration::from_secs(2));
+    let exit = agent.interrupt();
+    exit.assert_success();
+    assert_eq!(shadow.count(), 10, "copies were copied again");
+    let json = exit.json();
+    assert!(
+        count(&json["mirror"], &["unrouted", "shadow_traffic"]) >= 10,
+        "the copies were not seen and recognised on lo: {json:#}"
+    );
+}
+
+#[test]
+fn the_budget_holds_over_30_seconds_and_memory_stays_flat() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
+    let rest = route("").replace("node_rps = 10000", "node_rps = 50");
+    let config = site.config(&rest);
+    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    let pid = agent.pid();
+    let rss = move || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+    };
+    let sampler = std::thread::spawn(move || {
+        let mut samples = Vec::new();
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_secs(1));
+            samples.push(rss());
+        }
+        samples
+    });
+    let window = Duration::from_secs(30);
+    let start = std::time::Instant::now();
+    let sent = paced_gets(&site.client, site.live_addr(), 150.0, window);
+    let elapsed = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = sampler.join().expect("sampler");
+    let exit = agent.interrupt();
+    exit.assert_success();
+
+    let arrived = shadow.count() as f64;
+    // 50 a second, plus the one-second burst the bucket starts with.
+    let allowed = 50.0 * elapsed + 50.0;
+    assert!(sent as f64 > 140.0 * elapsed, "the client sent only {sent}");
+    assert!(
+        arrived <= allowed * 1.05 && arrived >= 50.0 * elapsed * 0.95,
+        "{arrived} arrived in {elapsed:.1}s at a budget of 50/s"
+    );
+    let json = exit.json();
+    let over = count(&json["mirror"]["targets"][0], &["dropped", "node_requests"]);
+    assert_eq!(
+        over + arrived as u64,
+        sent,
+        "every request is mirrored or counted: {json:#}"
+    );
+    // Memory: the last ten seconds hold no more than the first ten plus 4 MiB.
+    let early = samples[..10].iter().max().copied().unwrap_or(0);
+    let late = samples[20..].iter().max().copied().unwrap_or(0);
+    assert!(
+        late <= early + 4096,
+        "RSS grew from {early} kB to {late} kB: {samples:?}"
+    );
+}
+
+#[test]
+fn reloads_apply_in_place_and_a_bad_file_changes_nothing() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
+    // The kernel samples no connection at first.
+    let off = site.config(&format!("sample_percent = 0\n{}", route("")));
+    let on = route("");
+    let agent = Agent::run(&site.live, &off, &["--report-interval", "0s"]);
+    let get = |path: &str| {
+        curl(&site.client, &["-o", "/dev/null", &site.live_url(path)]);
+    };
+    get("/before");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(shadow.count(), 0, "nothing is captured at 0 %");
+
+    // A change of the file is picked up without a signal; the kernel maps change in place.
+    site.config(&on);
+    wait_for("the reload", Duration::from_secs(15), || {
+        agent
+            .stderr()
+            .contains("the file changed: configuration reloaded")
+            .then_some(())
+    });
+    get("/after-file");
+    shadow.wait_for(1, ARRIVAL);
+
+    // A broken file is refused with its line; the running configuration stays.
+    site.config("[[route]]\nname = 7\n");
+    wait_for("the refusal", Duration::from_secs(15), || {
+        agent.stderr().contains("was not reloaded").then_some(())
+    });
+    assert!(
+        agent.stderr().contains("config.toml:6"),
+        "{}",
+        agent.stderr()
+    );
+    get("/after-bad");
+    shadow.wait_for(2, ARRIVAL);
+
+    // SIGHUP reloads too: now /denied is denied.
+    site.config(&route("deny_paths = [\"/denied\"]"));
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the SIGHUP reload", Duration::from_secs(15), || {
+        agent
+            .stderr()
+            .contains("SIGHUP: configuration reloaded")
+            .then_some(())
+    });
+    get("/denied");
+    get("/last");
+    let received = shadow.wait_for(3, ARRIVAL);
+    let exit = agent.interrupt();
+    exit.assert_success();
+    let targets: Vec<&str> = received.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(targets, ["/after-file", "/after-bad", "/last"]);
+    let json = exit.json();
+    assert!(count(&json, &["config_generation"]) >= 3, "{json:#}");
+    assert_eq!(count(&json, &["config_reload_errors"]), 1, "{json:#}");
+}
+
+#[test]
+fn a_dry_run_sends_nothing_and_reports_what_it_would_send() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
+    let config = site.config(&route(""));
+    let agent = Agent::run(
+        &site.live,
+        &config,
+        &["--dry-run", "--report-interval", "1s"],
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("dry run of 1 route to 1 target: nothing is sent")
+    );
+    let urls: Vec<String> = (0..10)
+        .map(|i| site.live_url(&format!("/dry/{i}")))
+        .collect();
+    let mut args = vec!["-o", "/dev/null"];
+    args.extend(urls.iter().map(String::as_str));
+    args.extend(["--next", "-o", "/dev/null", "-d", "x", &urls[0]]);
+    curl(&site.client, &args);
+    // The periodic report names the target with a rate above zero.
+    wait_for("a report of copies", Duration::from_secs(15), || {
+        agent
+            .stderr()
+            .lines()
+            .any(|l| {
+                l.contains("target http://")
+                    && l.contains("would send")
+                    && !l.contains("would send 0.0")
+            })
+            .then_some(())
+    });
+    let exit = agent.interrupt();
+    exit.assert_success();
+    assert_eq!(shadow.count(), 0, "a dry run sent copies");
+    let json = exit.json();
+    assert_eq!(json["dry_run"], Value::Bool(true));
+    assert_eq!(
+        count(&json["mirror"]["targets"][0], &["sent"]),
+        10,
+        "{json:#}"
+    );
+    assert_eq!(
+        count(&json["mirror"]["routes"][0], &["dropped", "method"]),
+        1,
+        "{json:#}"
+    );
+    assert!(
+        exit.stderr.contains("would have sent 10 copies"),
+        "{}",
+        exit.stderr
+    );
+}
+
+#[test]
+fn a_config_error_names_its_line_and_nothing_is_attached() {
+    require_root();
+    let site = Site::new();
+    let config = site.config(
+        "[[route]]\nname = \"web\"\nmatch = { port = 81 }\ntargets = [\"http://SHADOW\"]\n",
+    );
+    let exit = Agent::spawn_run(&site.live, &config, &[]).wait(Duration::from_secs(30));
+    assert!(!exit.status.success());
+    assert!(
+        exit.stderr
+            .contains("config.toml:7: key `route[0].match.port`"),
+        "{}",
+        exit.stderr
+    );
+    site.live.assert_nothing_attached("after a refused config");
+}
