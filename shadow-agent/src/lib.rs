@@ -8,6 +8,7 @@
 //!   files and tests all drive.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
 pub mod budget;
 pub mod capture;
 pub mod config;

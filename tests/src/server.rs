@@ -27,6 +27,61 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx listening on `addr` inside `ns` and waits until it accepts connections.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let server = format!(
+            r#"
+    server {{
+        listen {addr};
+        location / {{
+            client_max_body_size 10m;
+            return 200 "ok\n";
+        }}
+    }}"#
+        );
+        Self::with_server(ns, addr, &server)
+    }
+
+    /// nginx as a reverse proxy on `addr` to `upstream`, optionally copying every request to
+    /// `mirror` with nginx's own `mirror` module: the in-path mirroring shadow is compared with.
+    pub fn proxy(
+        ns: &Netns,
+        addr: SocketAddr,
+        upstream: SocketAddr,
+        mirror: Option<SocketAddr>,
+    ) -> Self {
+        let (mirror_directive, mirror_location) = match mirror {
+            Some(m) => (
+                "mirror /shadow-mirror;\n            mirror_request_body on;".to_owned(),
+                format!(
+                    r#"
+        location = /shadow-mirror {{
+            internal;
+            proxy_pass http://{m}$request_uri;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"#
+                ),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let server = format!(
+            r#"
+    upstream live {{ server {upstream}; keepalive 64; }}
+    server {{
+        listen {addr};
+        location / {{
+            {mirror_directive}
+            proxy_pass http://live;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}{mirror_location}
+    }}"#
+        );
+        Self::with_server(ns, addr, &server)
+    }
+
+    /// Starts nginx with `server` (one or more blocks inside `http`) and waits until `addr`
+    /// accepts connections.
+    fn with_server(ns: &Netns, addr: SocketAddr, server: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shadow-t-nginx-")
             .tempdir()
@@ -39,7 +94,7 @@ user root;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log info;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
     access_log {d}/access.log;
     client_body_temp_path {d}/body;
@@ -48,13 +103,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     keepalive_requests 1000;
-    server {{
-        listen {addr};
-        location / {{
-            client_max_body_size 10m;
-            return 200 "ok\n";
-        }}
-    }}
+{server}
 }}
 "#
         );
@@ -91,6 +140,13 @@ http {{
             },
         );
         Nginx { addr, child, dir }
+    }
+
+    /// Requests served so far: the lines of the access log.
+    pub fn served(&self) -> usize {
+        std::fs::read(self.dir.path().join("access.log"))
+            .map(|log| log.iter().filter(|&&b| b == b'\n').count())
+            .unwrap_or(0)
     }
 
     /// nginx's access log: one line per request served.

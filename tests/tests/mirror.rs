@@ -165,6 +165,19 @@ fn gets_arrive_tagged_and_nothing_else_does() {
     curl(&site.client, &all);
 
     let received = shadow.wait_for(13, ARRIVAL);
+    // The admin endpoint, on loopback of the agent's host.
+    let ready = curl(&site.live, &["http://127.0.0.1:9464/readyz"]);
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ready\n");
+    wait_for(
+        "the metrics to show the copies",
+        Duration::from_secs(10),
+        || {
+            let metrics = curl(&site.live, &["http://127.0.0.1:9464/metrics"]);
+            let text = String::from_utf8_lossy(&metrics.stdout).into_owned();
+            text.contains("shadow_route_mirrored_total{route=\"web\"} 13")
+                .then_some(text)
+        },
+    );
     let exit = agent.interrupt();
     exit.assert_success();
     assert_eq!(
@@ -594,4 +607,51 @@ fn a_config_error_names_its_line_and_nothing_is_attached() {
         exit.stderr
     );
     site.live.assert_nothing_attached("after a refused config");
+}
+
+#[test]
+fn the_ramp_advances_while_healthy_and_falls_back_for_good() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
+    let ramp = "[ramp]\nsteps = [{ percent = 50, hold = \"2s\" }, { percent = 100, hold = \"1h\" }]\n\
+                guard = { error_percent = 20, min_requests = 10 }\n";
+    let config = site.config(&format!("{}\n{ramp}", route("")));
+    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    let burst = |from: usize, n: usize| {
+        let urls: Vec<String> = (from..from + n)
+            .map(|i| site.live_url(&format!("/r/{i}")))
+            .collect();
+        let mut args = vec!["-o", "/dev/null"];
+        args.extend(urls.iter().map(String::as_str));
+        curl(&site.client, &args);
+    };
+    // Step one: about half of the requests are mirrored.
+    burst(0, 200);
+    std::thread::sleep(Duration::from_secs(1));
+    let first = shadow.count();
+    assert!(
+        (60..=140).contains(&first),
+        "{first} of 200 mirrored at 50 %"
+    );
+    // Healthy for the hold time: the next step mirrors everything.
+    wait_for("the ramp to advance", Duration::from_secs(15), || {
+        agent.stderr().contains("mirroring more").then_some(())
+    });
+    burst(200, 50);
+    shadow.wait_for(first + 50, ARRIVAL);
+
+    // Now the shadow fails: the ramp falls back to the step before and stays there.
+    shadow.set_mode(ShadowMode::Answer(503));
+    burst(250, 50);
+    wait_for("the fall back", Duration::from_secs(15), || {
+        agent.stderr().contains("fell back").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let exit = agent.interrupt();
+    exit.assert_success();
+    let json = exit.json();
+    assert_eq!(json["ramp"]["percent"], 50.0, "{json:#}");
+    assert_eq!(json["ramp"]["held"], true, "{json:#}");
 }

@@ -5,15 +5,18 @@
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
+use shadow_agent::admin::metrics::{self, AgentCollector, AgentSnapshot};
+use shadow_agent::admin::{AdminServer, AdminState};
 use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
 use shadow_agent::capture::kernel::{AttachMode, RingSettings};
-use shadow_agent::capture::live::{INTERFACE_RESCAN, LiveCapture, LiveOptions};
+use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
 use shadow_agent::capture::{CaptureSettings, CapturedPacket};
 use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, Lane, LaneLimits};
@@ -123,14 +126,36 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         ring: RingSettings::default(),
         channel_packets: CHANNEL_PACKETS,
     };
-    let (mut live, mut packets) = LiveCapture::start(options)?;
     let mut state = Agent::new(&args, config, node, seed);
+    // Before attaching, so that an address in use is an error before anything is attached.
+    let admin_state = Arc::new(AdminState {
+        registry: metrics::registry(AgentCollector {
+            stats: state.stats.clone(),
+            snapshot: state.snapshot.clone(),
+        }),
+        ready: Default::default(),
+        stats: {
+            let (stats, snapshot, started) =
+                (state.stats.clone(), state.snapshot.clone(), state.started);
+            Box::new(move || {
+                let snap = snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                stats_json(&snap, &stats, started.elapsed().as_secs_f64())
+            })
+        },
+    });
+    let listen = state.config.admin.listen;
+    let admin = AdminServer::start(listen, admin_state.clone())
+        .await
+        .with_context(|| format!("cannot serve the admin endpoint on {listen}"))?;
+    let (mut live, mut packets) = LiveCapture::start(options)?;
+    admin_state.ready.store(true, Ordering::Relaxed);
     eprintln!(
-        "shadow-agent: capturing on {} ports {:?}, {}% of connections; {}",
+        "shadow-agent: capturing on {} ports {:?}, {}% of connections; {}; admin on http://{}",
         live.describe(),
         state.config.capture.ports,
         state.config.capture.sample_percent,
         state.describe(),
+        admin.addr,
     );
 
     let mut tick = tokio::time::interval(TICK);
@@ -157,6 +182,10 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             }
             _ = tick.tick() => {
                 state.on_tick();
+                match live.totals() {
+                    Ok(totals) => state.publish(&totals, packets.len()),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the kernel counters"),
+                }
                 if state.file_changed() {
                     state.reload(&mut live, "the file changed");
                 }
@@ -196,10 +225,18 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     state.lanes.clear();
     std::mem::take(&mut state.forwarder).close(grace).await;
 
+    admin_state.ready.store(false, Ordering::Relaxed);
+    state.publish(&totals, 0);
+    drop(admin);
     let summary = state.summary(&totals);
     eprint!("{summary}");
     if let Some(path) = &args.stats_json {
-        let json = state.stats_json(&totals);
+        let snap = state
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let json = stats_json(&snap, &state.stats, state.started.elapsed().as_secs_f64());
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -276,6 +313,8 @@ struct Agent {
     dry_run: bool,
     started: Instant,
     stats: Arc<MirrorStats>,
+    /// What the admin endpoint shows of the counters this loop owns.
+    snapshot: Arc<Mutex<AgentSnapshot>>,
     mirror: Mirror<NodeIds>,
     forwarder: Forwarder,
     /// By target id of the current configuration; empty in a dry run.
@@ -304,6 +343,7 @@ impl Agent {
             dry_run: args.dry_run,
             started: Instant::now(),
             stats,
+            snapshot: Arc::default(),
             mirror,
             forwarder: Forwarder::default(),
             lanes: Vec::new(),
@@ -600,7 +640,27 @@ impl Agent {
         self.reported = now;
     }
 
-    fn summary(&self, totals: &shadow_agent::capture::live::CaptureTotals) -> String {
+    /// Makes the counters the run loop owns visible to the admin endpoint.
+    fn publish(&self, totals: &CaptureTotals, queued: usize) {
+        let snap = AgentSnapshot {
+            kernel: totals.kernel,
+            ring: totals.ring,
+            pipeline: self.pipeline.counters().clone(),
+            flows_tracked: self.pipeline.flows() as u64,
+            flow_memory_bytes: self.pipeline.memory_bytes() as u64,
+            channel_queued: queued as u64,
+            channel_capacity: CHANNEL_PACKETS as u64,
+            config_generation: self.generation,
+            config_reload_errors: self.reload_errors,
+            ramp_percent: self.ramp.as_ref().map_or(100.0, |r| r.ramp.percent()),
+            ramp_step: self.ramp.as_ref().and_then(|r| r.ramp.step()),
+            ramp_held: self.ramp.as_ref().map(|r| r.ramp.is_held()),
+            dry_run: self.dry_run,
+        };
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snap;
+    }
+
+    fn summary(&self, totals: &CaptureTotals) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let verb = if self.dry_run {
             "would have sent"
@@ -643,27 +703,27 @@ impl Agent {
         out += &common::table("ring counters", &common::ring_fields(&totals.ring));
         out
     }
+}
 
-    fn stats_json(&self, totals: &shadow_agent::capture::live::CaptureTotals) -> serde_json::Value {
-        let pipeline = self.pipeline.counters();
-        let anomalies: Vec<(&str, u64)> = pipeline.http_anomalies.clone();
-        json!({
-            "dry_run": self.dry_run,
-            "seconds": self.started.elapsed().as_secs_f64(),
-            "config_generation": self.generation,
-            "config_reload_errors": self.reload_errors,
-            "ramp": self.ramp.as_ref().map(|r| json!({
-                "step": r.ramp.step(),
-                "percent": r.ramp.percent(),
-                "held": r.ramp.is_held(),
-            })),
-            "kernel": common::object(&common::kernel_fields(&totals.kernel)),
-            "ring": common::object(&common::ring_fields(&totals.ring)),
-            "pipeline": common::object(&pipeline.pairs()),
-            "http_anomalies": common::object(&anomalies),
-            "mirror": self.stats.to_json(),
-        })
-    }
+/// Every counter as JSON: `--stats-json` and the admin endpoint's `/stats`.
+fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_json::Value {
+    json!({
+        "dry_run": snap.dry_run,
+        "seconds": seconds,
+        "config_generation": snap.config_generation,
+        "config_reload_errors": snap.config_reload_errors,
+        "ramp": snap.ramp_held.map(|held| json!({
+            "step": snap.ramp_step,
+            "percent": snap.ramp_percent,
+            "held": held,
+        })),
+        "kernel": common::object(&common::kernel_fields(&snap.kernel)),
+        "ring": common::object(&common::ring_fields(&snap.ring)),
+        "flows_tracked": snap.flows_tracked,
+        "pipeline": common::object(&snap.pipeline.pairs()),
+        "http_anomalies": common::object(&snap.pipeline.http_anomalies),
+        "mirror": stats.to_json(),
+    })
 }
 
 fn human_bytes(per_sec: f64) -> String {

@@ -18,12 +18,15 @@ pub const BUCKETS: usize = SUB * POWERS + 1;
 #[derive(Debug)]
 pub struct LatencyHistogram {
     buckets: [AtomicU64; BUCKETS],
+    /// Of every latency recorded, in nanoseconds (Prometheus histograms carry a sum).
+    sum_ns: AtomicU64,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
         Self {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
         }
     }
 }
@@ -31,6 +34,13 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     pub fn record(&self, latency: Duration) {
         self.buckets[bucket(latency)].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The sum of every latency recorded.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
     }
 
     /// The counts now; subtract two snapshots for the latencies recorded between them.

@@ -1,0 +1,480 @@
+//! The Prometheus exposition: every counter of the agent, read at scrape time.
+//!
+//! The mirror's counters are atomics read directly; what the run loop owns (kernel and ring
+//! counters, the pipeline's counters, the ramp) it publishes as an [`AgentSnapshot`] once per tick.
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use shadow_common::KernelCounters;
+
+use crate::capture::ring::RingCountersSnapshot;
+use crate::mirror::latency::HistogramSnapshot;
+use crate::mirror::stats::{CopyDrop, Failure, MirrorStats};
+use crate::pipeline::PipelineCounters;
+use crate::policy::DropReason;
+
+/// What the run loop publishes for scrapes and `/stats`.
+#[derive(Clone, Debug, Default)]
+pub struct AgentSnapshot {
+    pub kernel: KernelCounters,
+    pub ring: RingCountersSnapshot,
+    pub pipeline: PipelineCounters,
+    pub flows_tracked: u64,
+    pub flow_memory_bytes: u64,
+    /// Captured packets waiting in the channel to the pipeline, and its capacity.
+    pub channel_queued: u64,
+    pub channel_capacity: u64,
+    pub config_generation: u64,
+    pub config_reload_errors: u64,
+    /// The ramp's share in percent (100 without a ramp) and step (`None` without a ramp).
+    pub ramp_percent: f64,
+    pub ramp_step: Option<usize>,
+    /// Whether the ramp fell back and holds; `None` without a ramp.
+    pub ramp_held: Option<bool>,
+    pub dry_run: bool,
+}
+
+/// The collector registered with the exposition registry.
+#[derive(Debug)]
+pub struct AgentCollector {
+    pub stats: Arc<MirrorStats>,
+    pub snapshot: Arc<Mutex<AgentSnapshot>>,
+}
+
+/// Upper bounds of the exported latency histogram, in seconds.
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A registry holding only `collector`, all names prefixed `shadow_`.
+pub fn registry(collector: AgentCollector) -> Registry {
+    let mut registry = Registry::with_prefix("shadow");
+    registry.register_collector(Box::new(collector));
+    registry
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: u64,
+) -> std::fmt::Result {
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, unit, c.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// A family of counters with one label set each.
+fn counters<'l>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: impl IntoIterator<Item = (Vec<(&'l str, String)>, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, value) in rows {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+    }
+    Ok(())
+}
+
+/// A family of gauges with one label set each.
+fn gauges<'l>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Vec<(&'l str, String)>, i64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        family.encode_family(&labels)?.encode_gauge(&value)?;
+    }
+    Ok(())
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let snap = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let k = &snap.kernel;
+        let kernel: [(&str, &str, u64); 9] = [
+            (
+                "kernel_packets_seen",
+                "Packets the kernel program ran on.",
+                k.packets_seen,
+            ),
+            (
+                "kernel_packets_matched",
+                "Packets of a captured port (and CIDR).",
+                k.packets_matched,
+            ),
+            (
+                "kernel_packets_sampled",
+                "Packets of sampled connections.",
+                k.packets_sampled,
+            ),
+            (
+                "kernel_packets_bare_ack",
+                "Sampled packets without payload, not copied.",
+                k.packets_bare_ack,
+            ),
+            (
+                "kernel_records_written",
+                "Ring buffer records written.",
+                k.records_written,
+            ),
+            (
+                "kernel_ringbuf_full",
+                "Packets dropped because the ring buffer was full.",
+                k.ringbuf_full,
+            ),
+            (
+                "kernel_packets_truncated",
+                "Packets longer than the capture limit, copied in part.",
+                k.packets_truncated,
+            ),
+            (
+                "kernel_load_errors",
+                "Packets whose bytes the kernel could not read.",
+                k.load_errors,
+            ),
+            (
+                "ring_channel_full",
+                "Captured packets dropped because the pipeline fell behind.",
+                snap.ring.channel_full,
+            ),
+        ];
+        for (name, help, value) in kernel {
+            counter(&mut e, name, help, None, value)?;
+        }
+        counter(
+            &mut e,
+            "kernel_written",
+            "Bytes written to the ring buffer.",
+            Some(&Unit::Bytes),
+            k.bytes_written,
+        )?;
+        counter(
+            &mut e,
+            "ring_records_read",
+            "Ring buffer records read.",
+            None,
+            snap.ring.records_read,
+        )?;
+        counter(
+            &mut e,
+            "ring_malformed_records",
+            "Ring buffer records that did not parse.",
+            None,
+            snap.ring.malformed_records,
+        )?;
+        counter(
+            &mut e,
+            "ring_incomplete_packets",
+            "Packets whose records did not all arrive.",
+            None,
+            snap.ring.incomplete_packets,
+        )?;
+        gauge(
+            &mut e,
+            "capture_channel_fill_ratio",
+            "Share of the capture channel to the pipeline in use, 0 to 1.",
+            snap.channel_queued as f64 / snap.channel_capacity.max(1) as f64,
+        )?;
+        gauge(
+            &mut e,
+            "flows_tracked",
+            "TCP connections tracked.",
+            snap.flows_tracked as f64,
+        )?;
+        gauge(
+            &mut e,
+            "flow_memory_bytes",
+            "Memory accounted to the flow table.",
+            snap.flow_memory_bytes as f64,
+        )?;
+        counters(
+            &mut e,
+            "pipeline_events",
+            "Frames, segments and flows by what became of them (see README, inspect).",
+            None,
+            snap.pipeline
+                .pairs()
+                .into_iter()
+                .map(|(name, v)| (vec![("event", name.to_owned())], v)),
+        )?;
+        counters(
+            &mut e,
+            "http_anomalies",
+            "Malformed or unsupported HTTP, by kind.",
+            None,
+            snap.pipeline
+                .http_anomalies
+                .iter()
+                .map(|(kind, v)| (vec![("kind", (*kind).to_owned())], *v)),
+        )?;
+        counter(
+            &mut e,
+            "requests",
+            "HTTP requests rebuilt from captured traffic.",
+            None,
+            self.stats.requests.get(),
+        )?;
+
+        let routes = self.stats.routes();
+        let targets = self.stats.targets();
+        counters(
+            &mut e,
+            "route_requests",
+            "Requests each route decided on.",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.seen.get())),
+        )?;
+        counters(
+            &mut e,
+            "route_mirrored",
+            "Requests of which at least one copy was sent (or would be, in a dry run).",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.mirrored.get())),
+        )?;
+        let unrouted = [
+            DropReason::NoRoute,
+            DropReason::BadTarget,
+            DropReason::ShadowTraffic,
+        ];
+        counters(
+            &mut e,
+            "requests_dropped",
+            "Requests not mirrored, by route (`-` when none decided) and reason.",
+            None,
+            unrouted
+                .iter()
+                .map(|r| {
+                    (
+                        vec![("route", "-".to_owned()), ("reason", r.label().to_owned())],
+                        self.stats.unrouted(*r).get(),
+                    )
+                })
+                .chain(routes.iter().flat_map(|(n, r)| {
+                    [DropReason::DenyPath, DropReason::Method, DropReason::Sample]
+                        .into_iter()
+                        .map(move |d| {
+                            (
+                                vec![("route", n.clone()), ("reason", d.label().to_owned())],
+                                r.dropped(d).get(),
+                            )
+                        })
+                })),
+        )?;
+        counters(
+            &mut e,
+            "copies_sent",
+            "Copies handed to the sender, per target (in a dry run: that would be).",
+            None,
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.sent.get())),
+        )?;
+        counters(
+            &mut e,
+            "copies_sent",
+            "Bytes of copies on the wire, approximately, per target.",
+            Some(&Unit::Bytes),
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.sent_bytes.get())),
+        )?;
+        counters(
+            &mut e,
+            "copies_dropped",
+            "Copies not sent, per target and reason: a budget, in_flight, invalid, closed.",
+            None,
+            targets.iter().flat_map(|(u, t)| {
+                CopyDrop::ALL.into_iter().map(move |d| {
+                    (
+                        vec![("target", u.clone()), ("reason", d.label().to_owned())],
+                        t.dropped(d).get(),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut e,
+            "shadow_responses",
+            "Answers of the shadow, per target and status class.",
+            None,
+            targets.iter().flat_map(|(u, t)| {
+                (1..=5).map(move |c| {
+                    (
+                        vec![("target", u.clone()), ("class", format!("{c}xx"))],
+                        t.responses(c),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut e,
+            "copy_failures",
+            "Copies without an answer, per target and kind: connect, timeout, io.",
+            None,
+            targets.iter().flat_map(|(u, t)| {
+                Failure::ALL.into_iter().map(move |f| {
+                    (
+                        vec![("target", u.clone()), ("kind", f.label().to_owned())],
+                        t.failed(f).get(),
+                    )
+                })
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "copies_in_flight",
+            "Copies queued or awaiting an answer, per target.",
+            targets.iter().map(|(u, t)| {
+                (
+                    vec![("target", u.clone())],
+                    t.in_flight.load(Ordering::Relaxed) as i64,
+                )
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "target_connections",
+            "Open connections, per target.",
+            targets.iter().map(|(u, t)| {
+                (
+                    vec![("target", u.clone())],
+                    t.connections.load(Ordering::Relaxed) as i64,
+                )
+            }),
+        )?;
+        let mut latency = e.encode_descriptor(
+            "shadow_latency",
+            "Time from handing a copy to the sender to the end of its answer, per target.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (url, t) in &targets {
+            let snapshot = t.latency.snapshot();
+            let (sum, count, buckets) = coarse(&snapshot, t.latency.sum());
+            latency
+                .encode_family(&vec![("target", url.clone())])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        gauge(
+            &mut e,
+            "config_generation",
+            "Configurations loaded: 1 at start, one more per reload.",
+            snap.config_generation as f64,
+        )?;
+        counter(
+            &mut e,
+            "config_reload_errors",
+            "Reloads refused (the running configuration stayed).",
+            None,
+            snap.config_reload_errors,
+        )?;
+        gauge(
+            &mut e,
+            "ramp_percent",
+            "The share the ramp allows, in percent.",
+            snap.ramp_percent,
+        )?;
+        gauge(
+            &mut e,
+            "ramp_step",
+            "The ramp's step, from 0; -1 after falling back below the first, or without a ramp.",
+            snap.ramp_step.map_or(-1.0, |s| s as f64),
+        )?;
+        gauge(
+            &mut e,
+            "dry_run",
+            "1 in a dry run: nothing is sent.",
+            f64::from(u8::from(snap.dry_run)),
+        )?;
+        Ok(())
+    }
+}
+
+/// The fine histogram as Prometheus buckets: each fine bucket counts in the first bound at or
+/// above its upper edge (so latencies are rounded up, never down).
+fn coarse(h: &HistogramSnapshot, sum: Duration) -> (f64, u64, Vec<(f64, u64)>) {
+    let mut buckets: Vec<(f64, u64)> = LATENCY_BOUNDS.iter().map(|b| (*b, 0)).collect();
+    buckets.push((f64::MAX, 0));
+    for (edge, n) in h.buckets() {
+        let secs = edge.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        buckets[i].1 += n;
+    }
+    (sum.as_secs_f64(), h.count(), buckets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    #[test]
+    fn exposition_names_help_and_labels() {
+        let stats = Arc::new(MirrorStats::default());
+        stats.requests.add(3);
+        stats.route("api").seen.add(2);
+        stats.route("api").dropped(DropReason::Method).inc();
+        let t = stats.target("http://198.18.0.9:8080");
+        t.sent.add(1);
+        t.answered(200, Duration::from_millis(3));
+        t.dropped(CopyDrop::InFlight).inc();
+        let snapshot = Arc::new(Mutex::new(AgentSnapshot {
+            config_generation: 2,
+            ramp_percent: 100.0,
+            ..AgentSnapshot::default()
+        }));
+        let registry = registry(AgentCollector { stats, snapshot });
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encodes");
+        for line in [
+            "shadow_requests_total 3",
+            "shadow_route_requests_total{route=\"api\"} 2",
+            "shadow_requests_dropped_total{route=\"api\",reason=\"method\"} 1",
+            "shadow_copies_sent_total{target=\"http://198.18.0.9:8080\"} 1",
+            "shadow_copies_dropped_total{target=\"http://198.18.0.9:8080\",reason=\"in_flight\"} 1",
+            "shadow_shadow_responses_total{target=\"http://198.18.0.9:8080\",class=\"2xx\"} 1",
+            "shadow_shadow_latency_seconds_bucket{le=\"0.005\",target=\"http://198.18.0.9:8080\"} 1",
+            "shadow_shadow_latency_seconds_count{target=\"http://198.18.0.9:8080\"} 1",
+            "shadow_config_generation 2",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
+        // Every family has HELP and TYPE.
+        let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP")).count();
+        assert_eq!(families, helps);
+        assert!(families > 20, "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
