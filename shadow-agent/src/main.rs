@@ -21,6 +21,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Mirror live traffic to shadow targets, as the configuration file says.
     Run(cmd::run::Args),
+    /// Show a running agent's routes, targets and capture, from its admin endpoint.
+    Status(cmd::status::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +33,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::CheckConfig(args) => cmd::check_config::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Status(args) => cmd::status::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -23,6 +23,10 @@ use crate::policy::DropReason;
 /// What the run loop publishes for scrapes and `/stats`.
 #[derive(Clone, Debug, Default)]
 pub struct AgentSnapshot {
+    /// The node's name, as copy ids carry it.
+    pub node: String,
+    /// The attachments, as `interface/hook ... via TCX`.
+    pub attached: String,
     pub kernel: KernelCounters,
     pub ring: RingCountersSnapshot,
     pub pipeline: PipelineCounters,

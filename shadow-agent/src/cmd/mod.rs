@@ -4,6 +4,7 @@ pub mod check_config;
 pub mod common;
 pub mod inspect;
 pub mod run;
+pub mod status;
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Logs never carry packet payloads,
 /// bodies or header values.

@@ -148,6 +148,9 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         .await
         .with_context(|| format!("cannot serve the admin endpoint on {listen}"))?;
     let (mut live, mut packets) = LiveCapture::start(options)?;
+    if let Ok(totals) = live.totals() {
+        state.publish(&totals, 0, live.describe());
+    }
     admin_state.ready.store(true, Ordering::Relaxed);
     eprintln!(
         "shadow-agent: capturing on {} ports {:?}, {}% of connections; {}; admin on http://{}",
@@ -183,7 +186,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             _ = tick.tick() => {
                 state.on_tick();
                 match live.totals() {
-                    Ok(totals) => state.publish(&totals, packets.len()),
+                    Ok(totals) => state.publish(&totals, packets.len(), live.describe()),
                     Err(e) => tracing::warn!(error = %e, "cannot read the kernel counters"),
                 }
                 if state.file_changed() {
@@ -226,7 +229,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     std::mem::take(&mut state.forwarder).close(grace).await;
 
     admin_state.ready.store(false, Ordering::Relaxed);
-    state.publish(&totals, 0);
+    state.publish(&totals, 0, String::new());
     drop(admin);
     let summary = state.summary(&totals);
     eprint!("{summary}");
@@ -641,8 +644,10 @@ impl Agent {
     }
 
     /// Makes the counters the run loop owns visible to the admin endpoint.
-    fn publish(&self, totals: &CaptureTotals, queued: usize) {
+    fn publish(&self, totals: &CaptureTotals, queued: usize, attached: String) {
         let snap = AgentSnapshot {
+            node: self.node.clone(),
+            attached,
             kernel: totals.kernel,
             ring: totals.ring,
             pipeline: self.pipeline.counters().clone(),
@@ -708,6 +713,8 @@ impl Agent {
 /// Every counter as JSON: `--stats-json` and the admin endpoint's `/stats`.
 fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_json::Value {
     json!({
+        "node": snap.node,
+        "attached": snap.attached,
         "dry_run": snap.dry_run,
         "seconds": seconds,
         "config_generation": snap.config_generation,

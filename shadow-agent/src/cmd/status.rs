@@ -1,0 +1,319 @@
+//! `shadow-agent status`: one readable table of a running agent, from its admin endpoint.
+//!
+//! Rates come from two readings of `/stats` an interval apart; `--watch` keeps reading and
+//! redraws in place.
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use super::common::parse_duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The agent's admin endpoint (`[admin] listen`).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    admin: SocketAddr,
+    /// Time between the two readings that rates are computed from, and between redraws.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Redraw in place until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.interval.is_zero() {
+        bail!("--interval must be above 0");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut before = (Instant::now(), fetch(args.admin).await?);
+        loop {
+            tokio::time::sleep(args.interval).await;
+            let now = (Instant::now(), fetch(args.admin).await?);
+            let secs = now.0.duration_since(before.0).as_secs_f64();
+            let table = render(&before.1, &now.1, secs);
+            if args.watch {
+                // Clear the screen and go home, so the table stays in place.
+                print!("\x1b[2J\x1b[H{table}");
+            } else {
+                print!("{table}");
+                return Ok(());
+            }
+            before = now;
+        }
+    })
+}
+
+/// `GET /stats` from the admin endpoint.
+async fn fetch(admin: SocketAddr) -> Result<Value> {
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the agent's admin endpoint at {admin}; is `shadow-agent run` running?"
+            )
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("admin endpoint")?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("/stats")
+        .header(http::header::HOST, admin.to_string())
+        .body(Empty::<Bytes>::new())
+        .context("request")?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .context("the admin endpoint did not answer within 5 s")?
+        .context("admin endpoint")?;
+    if !resp.status().is_success() {
+        bail!("the admin endpoint answered {}", resp.status());
+    }
+    let body = resp.into_body().collect().await.context("admin endpoint")?;
+    serde_json::from_slice(&body.to_bytes()).context("the admin endpoint sent no JSON")
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    let mut v = v;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// The entry of `list` whose `key` is `name`, in the earlier reading.
+fn find<'v>(list: &'v Value, key: &str, name: &Value) -> Option<&'v Value> {
+    list.as_array()?.iter().find(|e| &e[key] == name)
+}
+
+/// The sum of an object of counters, and its largest member.
+fn total_and_top(v: &Value) -> (f64, Option<(String, f64)>) {
+    let Some(map) = v.as_object() else {
+        return (0.0, None);
+    };
+    let total = map.values().filter_map(Value::as_f64).sum();
+    let top = map
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    (total, top)
+}
+
+/// Per-key differences of two objects of counters.
+fn delta(now: &Value, before: Option<&Value>) -> Value {
+    let Some(map) = now.as_object() else {
+        return Value::Null;
+    };
+    Value::Object(
+        map.iter()
+            .map(|(k, v)| {
+                let old = before.and_then(|b| b[k].as_f64()).unwrap_or(0.0);
+                (k.clone(), (v.as_f64().unwrap_or(0.0) - old).max(0.0).into())
+            })
+            .collect(),
+    )
+}
+
+/// The table for two readings `secs` apart.
+fn render(before: &Value, now: &Value, secs: f64) -> String {
+    let secs = secs.max(1e-3);
+    let rate = |n: f64, b: f64| (n - b).max(0.0) / secs;
+    let mut out = String::new();
+    let mode = if now["dry_run"] == Value::Bool(true) {
+        "dry run: nothing is sent"
+    } else {
+        "mirroring"
+    };
+    let ramp = match now["ramp"].as_object() {
+        Some(r) => format!(
+            ", ramp {}%{}",
+            r.get("percent").and_then(Value::as_f64).unwrap_or(0.0),
+            if r.get("held") == Some(&Value::Bool(true)) {
+                " (fell back, holding)"
+            } else {
+                ""
+            }
+        ),
+        None => String::new(),
+    };
+    out += &format!(
+        "shadow-agent on {}: {mode}; configuration {}{ramp}; rates over {secs:.1}s\n\n",
+        now["node"].as_str().unwrap_or("?"),
+        num(now, &["config_generation"]),
+    );
+
+    out += &format!(
+        "{:<24} {:>9} {:>11} {:>10}  {}\n",
+        "ROUTE", "SEEN/s", "MIRRORED/s", "DROPPED/s", "TOP DROP REASON"
+    );
+    let routes_before = &before["mirror"]["routes"];
+    for r in now["mirror"]["routes"].as_array().into_iter().flatten() {
+        let b = find(routes_before, "name", &r["name"]);
+        let dropped = delta(&r["dropped"], b.map(|b| &b["dropped"]));
+        let (dropped_total, top) = total_and_top(&dropped);
+        let top = top
+            .filter(|(_, n)| *n > 0.0)
+            .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
+        out += &format!(
+            "{:<24} {:>9.1} {:>11.1} {:>10.1}  {top}\n",
+            r["name"].as_str().unwrap_or("?"),
+            rate(num(r, &["seen"]), b.map_or(0.0, |b| num(b, &["seen"]))),
+            rate(
+                num(r, &["mirrored"]),
+                b.map_or(0.0, |b| num(b, &["mirrored"]))
+            ),
+            dropped_total / secs,
+        );
+    }
+    let unrouted = delta(
+        &now["mirror"]["unrouted"],
+        Some(&before["mirror"]["unrouted"]),
+    );
+    let (n, top) = total_and_top(&unrouted);
+    if n > 0.0 {
+        out += &format!(
+            "{:<24} {:>9.1} {:>11} {:>10.1}  {}\n",
+            "(no route)",
+            n / secs,
+            "-",
+            n / secs,
+            top.map_or("-".to_owned(), |(k, v)| format!("{k} ({:.1}/s)", v / secs))
+        );
+    }
+
+    out += &format!(
+        "\n{:<32} {:>8} {:>7} {:>9} {:>9} {:>9} {:>10}  {}\n",
+        "TARGET", "SENT/s", "ERROR%", "P50", "P99", "IN FLIGHT", "DROPPED/s", "TOP DROP REASON"
+    );
+    let targets_before = &before["mirror"]["targets"];
+    for t in now["mirror"]["targets"].as_array().into_iter().flatten() {
+        let b = find(targets_before, "url", &t["url"]);
+        let sent = rate(num(t, &["sent"]), b.map_or(0.0, |b| num(b, &["sent"])));
+        let answers = delta(&t["responses"], b.map(|b| &b["responses"]));
+        let failures = delta(&t["failures"], b.map(|b| &b["failures"]));
+        let (answered, _) = total_and_top(&answers);
+        let (failed, _) = total_and_top(&failures);
+        let errors = failed + answers["5xx"].as_f64().unwrap_or(0.0);
+        let error_percent = if answered + failed > 0.0 {
+            format!("{:.1}", errors * 100.0 / (answered + failed))
+        } else {
+            "-".to_owned()
+        };
+        let ms = |k: &str| {
+            t[k].as_f64()
+                .map_or("-".to_owned(), |v| format!("{v:.1}ms"))
+        };
+        let dropped = delta(&t["dropped"], b.map(|b| &b["dropped"]));
+        let (dropped_total, top) = total_and_top(&dropped);
+        let top = top
+            .filter(|(_, n)| *n > 0.0)
+            .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
+        out += &format!(
+            "{:<32} {sent:>8.1} {error_percent:>7} {:>9} {:>9} {:>9} {:>10.1}  {top}\n",
+            t["url"].as_str().unwrap_or("?"),
+            ms("latency_p50_ms"),
+            ms("latency_p99_ms"),
+            num(t, &["in_flight"]),
+            dropped_total / secs,
+        );
+    }
+
+    let k = |name: &str| rate(num(now, &["kernel", name]), num(before, &["kernel", name]));
+    out += &format!(
+        "\nCAPTURE {}\n  packets/s seen {:.0}, matched {:.0}, sampled {:.0}; ring buffer drops/s {:.1}, \
+         channel drops/s {:.1}; flows tracked {}\n",
+        now["attached"].as_str().unwrap_or(""),
+        k("packets_seen"),
+        k("packets_matched"),
+        k("packets_sampled"),
+        k("ringbuf_full"),
+        rate(
+            num(now, &["ring", "channel_full"]),
+            num(before, &["ring", "channel_full"])
+        ),
+        num(now, &["flows_tracked"]),
+    );
+    out += "  (p50 and p99 are since the agent started)\n";
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reading(
+        seen: u64,
+        mirrored: u64,
+        method: u64,
+        sent: u64,
+        fivexx: u64,
+        seen_pkts: u64,
+    ) -> Value {
+        json!({
+            "node": "node-1",
+            "attached": "eth0/ingress via TCX",
+            "dry_run": false,
+            "config_generation": 2,
+            "ramp": {"step": 1, "percent": 25.0, "held": false},
+            "kernel": {"packets_seen": seen_pkts, "packets_matched": 0, "packets_sampled": 0, "ringbuf_full": 0},
+            "ring": {"channel_full": 0},
+            "flows_tracked": 7,
+            "mirror": {
+                "requests": seen,
+                "unrouted": {},
+                "routes": [{"name": "web", "seen": seen, "mirrored": mirrored, "dropped": {"method": method}}],
+                "targets": [{
+                    "url": "http://198.18.0.9:8080", "sent": sent, "dropped": {},
+                    "responses": {"2xx": sent - fivexx, "5xx": fivexx}, "failures": {"timeout": 0},
+                    "in_flight": 3, "latency_p50_ms": 1.5, "latency_p99_ms": 9.0,
+                }],
+            },
+        })
+    }
+
+    #[test]
+    fn rates_and_top_reasons() {
+        let before = reading(100, 80, 20, 80, 0, 1000);
+        let now = reading(300, 260, 40, 260, 18, 5000);
+        let table = render(&before, &now, 2.0);
+        let line = |start: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start} line in\n{table}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            line("web"),
+            ["web", "100.0", "90.0", "10.0", "method", "(10.0/s)"]
+        );
+        let target = line("http://198.18.0.9:8080");
+        assert_eq!(
+            &target[..6],
+            [
+                "http://198.18.0.9:8080",
+                "90.0",
+                "10.0",
+                "1.5ms",
+                "9.0ms",
+                "3"
+            ]
+        );
+        assert!(
+            table.contains("node-1: mirroring; configuration 2, ramp 25%"),
+            "{table}"
+        );
+        assert!(table.contains("packets/s seen 2000"), "{table}");
+    }
+}
