@@ -45,7 +45,7 @@ impl Agent {
 
     /// Like [`Agent::start`], without waiting: for runs expected to fail.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
-        Self::launch(ns, |pcap, stats| {
+        Self::launch(ns, None, |pcap, stats| {
             let mut argv = vec!["capture".to_owned()];
             argv.extend(args.iter().map(|a| (*a).to_owned()));
             argv.extend([
@@ -69,7 +69,7 @@ impl Agent {
     /// Like [`Agent::run`], without waiting: for runs expected to fail.
     pub fn spawn_run(ns: &Netns, config: &Path, args: &[&str]) -> Self {
         let config = config.to_str().expect("utf-8 path").to_owned();
-        Self::launch(ns, |_, stats| {
+        Self::launch(ns, None, |_, stats| {
             let mut argv = vec!["run".to_owned(), "--config".into(), config];
             argv.extend(args.iter().map(|a| (*a).to_owned()));
             argv.extend(["--stats-json".into(), stats.into()]);
@@ -77,9 +77,30 @@ impl Agent {
         })
     }
 
+    /// Like [`Agent::spawn`] (`capture`), run by `capsh` as the user `nobody` with only the
+    /// capabilities `caps` (names such as `cap_bpf`), in the ambient set so that they survive
+    /// the exec. The temporary directory is made writable for that user.
+    pub fn spawn_with_capabilities(ns: &Netns, caps: &[&str], args: &[&str]) -> Self {
+        Self::launch(ns, Some(caps), |pcap, stats| {
+            let mut argv = vec!["capture".to_owned()];
+            argv.extend(args.iter().map(|a| (*a).to_owned()));
+            argv.extend([
+                "--write".into(),
+                pcap.into(),
+                "--stats-json".into(),
+                stats.into(),
+            ]);
+            argv
+        })
+    }
+
     /// Starts the agent with the arguments `argv` makes from the pcap and stats paths of a new
-    /// temporary directory.
-    fn launch(ns: &Netns, argv: impl FnOnce(&str, &str) -> Vec<String>) -> Self {
+    /// temporary directory; with `caps`, as `nobody` with only those capabilities.
+    fn launch(
+        ns: &Netns,
+        caps: Option<&[&str]>,
+        argv: impl FnOnce(&str, &str) -> Vec<String>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shadow-t-agent-")
             .tempdir()
@@ -87,7 +108,27 @@ impl Agent {
         let pcap = dir.path().join("capture.pcap");
         let stats_path = dir.path().join("stats.json");
         let bin = agent_bin();
-        let mut full = vec![bin.to_str().expect("utf-8 path").to_owned()];
+        let bin = bin.to_str().expect("utf-8 path").to_owned();
+        let mut full = match caps {
+            None => vec![bin],
+            Some(caps) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                    .expect("chmod the agent's directory");
+                let caps = caps.join(",");
+                // Keep the caps across the switch to nobody (--keep), then raise them into the
+                // ambient set, which is what an exec of a binary without file caps keeps.
+                vec![
+                    "capsh".to_owned(),
+                    format!("--caps={caps}+eip cap_setuid,cap_setgid,cap_setpcap+ep"),
+                    "--keep=1".into(),
+                    "--user=nobody".into(),
+                    format!("--addamb={caps}"),
+                    format!("--shell={bin}"),
+                    "--".into(),
+                ]
+            }
+        };
         full.extend(argv(
             pcap.to_str().expect("utf-8 path"),
             stats_path.to_str().expect("utf-8 path"),
