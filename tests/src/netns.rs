@@ -221,8 +221,26 @@ impl VethLink {
         // processes apart too (not required: each address lives in its own namespaces).
         let subnet = (std::process::id().wrapping_mul(131).wrapping_add(id)) % (1 << 15);
         let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + subnet * 4;
-        let a_addr = Ipv4Addr::from(base + 1);
-        let b_addr = Ipv4Addr::from(base + 2);
+        Self::with_addresses(
+            a,
+            a_if,
+            b,
+            b_if,
+            Ipv4Addr::from(base + 1),
+            Ipv4Addr::from(base + 2),
+        )
+    }
+
+    /// Like [`VethLink::new`] with given addresses, which must share a /30 in 198.18.0.0/15;
+    /// for the demo, whose shipped configuration names them.
+    pub fn with_addresses(
+        a: &Netns,
+        a_if: &str,
+        b: &Netns,
+        b_if: &str,
+        a_addr: Ipv4Addr,
+        b_addr: Ipv4Addr,
+    ) -> Self {
         a.ip(&[
             "link",
             "add",
