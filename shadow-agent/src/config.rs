@@ -51,6 +51,7 @@ pub struct Config {
     pub budget: BudgetConfig,
     pub tagging: TaggingConfig,
     pub admin: AdminConfig,
+    pub limits: LimitsConfig,
     pub ramp: Option<RampConfig>,
 }
 
@@ -241,6 +242,24 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[limits]`: what the agent may hold in memory, all of it together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// The ceiling, in bytes; the agent sizes its buffers so that it stays below.
+    pub memory_bytes: u64,
+}
+
+/// The smallest `limits.memory`: the program, its runtime and the ring buffer need about half.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 512 << 20,
+        }
+    }
+}
+
 /// `[ramp]`: steps of mirrored share that advance while the shadow stays healthy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RampConfig {
@@ -422,6 +441,12 @@ struct RawAdmin {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory: Option<Sp<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRamp {
     steps: Sp<Vec<Sp<RawStep>>>,
     guard: Option<Sp<RawGuard>>,
@@ -548,6 +573,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     let mut budget = None;
     let mut tagging = None;
     let mut admin = None;
+    let mut limits = None;
     let mut ramp = None;
     for (key, value) in root.iter() {
         let name: &str = key.get_ref();
@@ -561,6 +587,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
             "budget" => budget = report.section::<RawBudget>(value, name),
             "tagging" => tagging = report.section::<RawTagging>(value, name),
             "admin" => admin = report.section::<RawAdmin>(value, name),
+            "limits" => limits = report.section::<RawLimits>(value, name),
             "ramp" => {
                 ramp = Some(
                     report
@@ -571,7 +598,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
             other => report.at(
                 key.span(),
                 other,
-                "unknown section; expected capture, route, budget, tagging, admin or ramp",
+                "unknown section; expected capture, route, budget, tagging, admin, limits or ramp",
             ),
         }
     }
@@ -595,6 +622,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     };
     let budget = budget.map_or_else(BudgetConfig::default, |b| check_budget(b, report));
     let admin = admin.map_or_else(AdminConfig::default, |a| check_admin(a, report));
+    let limits = limits.map_or_else(LimitsConfig::default, |l| check_limits(l, report));
     let ramp = match ramp {
         Some(Some((r, span))) => check_ramp(r, span, report),
         _ => None,
@@ -622,6 +650,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
         budget,
         tagging,
         admin,
+        limits,
         ramp,
     })
 }
@@ -1168,6 +1197,53 @@ fn check_admin(raw: RawAdmin, r: &mut Report<'_>) -> AdminConfig {
             d
         }
     }
+}
+
+fn check_limits(raw: RawLimits, r: &mut Report<'_>) -> LimitsConfig {
+    let d = LimitsConfig::default();
+    let Some(memory) = raw.memory else {
+        return d;
+    };
+    match parse_bytes(memory.get_ref()) {
+        Some(bytes) if bytes >= MIN_MEMORY_BYTES => LimitsConfig {
+            memory_bytes: bytes,
+        },
+        Some(_) => {
+            r.at(
+                memory.span(),
+                "limits.memory",
+                "at least 64MiB: the program, its runtime and the ring buffer need about half",
+            );
+            d
+        }
+        None => {
+            r.at(
+                memory.span(),
+                "limits.memory",
+                format!(
+                    "`{}` is not a size such as `256MiB` or `1GiB`",
+                    memory.get_ref()
+                ),
+            );
+            d
+        }
+    }
+}
+
+/// `512MiB`, `1GiB`, `65536KiB` or a plain number of bytes.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(scale)
 }
 
 fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option<RampConfig> {

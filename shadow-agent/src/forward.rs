@@ -41,11 +41,13 @@ impl From<&BudgetConfig> for LaneLimits {
     }
 }
 
-/// A copy on its way, holding its place in the lane until it is answered or has failed.
+/// A copy on its way, holding its place in the lane and its bytes of the memory share until it
+/// is answered or has failed.
 struct Job {
     request: http::Request<Bytes>,
     admitted: Instant,
     _place: OwnedSemaphorePermit,
+    _memory: OwnedSemaphorePermit,
 }
 
 /// One target's queue and workers.
@@ -54,6 +56,8 @@ pub struct Lane {
     limits: LaneLimits,
     queue: mpsc::Sender<Job>,
     places: Arc<Semaphore>,
+    /// Bytes of copies pending, shared by every lane.
+    memory: Arc<Semaphore>,
     counters: Arc<TargetCounters>,
     workers: Vec<JoinHandle<()>>,
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
@@ -61,7 +65,12 @@ pub struct Lane {
 
 impl Lane {
     /// Starts the lane's workers; must be called inside a tokio runtime.
-    pub fn start(target: Target, limits: LaneLimits, counters: Arc<TargetCounters>) -> Self {
+    pub fn start(
+        target: Target,
+        limits: LaneLimits,
+        memory: Arc<Semaphore>,
+        counters: Arc<TargetCounters>,
+    ) -> Self {
         let places = limits.max_in_flight.max(1) as usize;
         let (queue, receiver) = mpsc::channel(places);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -80,6 +89,7 @@ impl Lane {
             limits,
             queue,
             places: Arc::new(Semaphore::new(places)),
+            memory,
             counters,
             workers,
             receiver,
@@ -93,9 +103,15 @@ impl Lane {
     /// Hands a copy to the lane, counting it as sent, or refuses it at once.
     ///
     /// # Errors
-    /// [`CopyDrop::InFlight`] when `max_in_flight` copies are pending, [`CopyDrop::Closed`]
-    /// when the lane is shutting down. The caller counts the drop.
+    /// [`CopyDrop::InFlight`] when `max_in_flight` copies are pending, [`CopyDrop::Memory`]
+    /// when pending copies hold all the memory they may, [`CopyDrop::Closed`] when the lane is
+    /// shutting down. The caller counts the drop.
     pub fn try_send(&self, copy: ShadowRequest) -> Result<(), CopyDrop> {
+        let memory = self
+            .memory
+            .clone()
+            .try_acquire_many_owned(u32::try_from(copy.wire_bytes).unwrap_or(u32::MAX))
+            .map_err(|_| CopyDrop::Memory)?;
         let place = self
             .places
             .clone()
@@ -105,6 +121,7 @@ impl Lane {
             request: copy.request,
             admitted: Instant::now(),
             _place: place,
+            _memory: memory,
         };
         // The queue holds as many jobs as there are places, so only a closed lane refuses.
         self.queue.try_send(job).map_err(|_| CopyDrop::Closed)?;
@@ -143,12 +160,20 @@ impl Lane {
 }
 
 /// Every target's lane, kept across reloads while the target and the limits stay the same.
-#[derive(Default)]
 pub struct Forwarder {
     lanes: BTreeMap<Target, Arc<Lane>>,
+    memory: Arc<Semaphore>,
 }
 
 impl Forwarder {
+    /// Copies pending, to all targets together, may hold `memory_bytes` (heads and bodies).
+    pub fn new(memory_bytes: usize) -> Self {
+        Self {
+            lanes: BTreeMap::new(),
+            memory: Arc::new(Semaphore::new(memory_bytes.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+
     /// Makes the lanes of `targets`, reusing those whose limits did not change, and returns
     /// them in the order of `targets`; lanes no longer wanted are closed in the background.
     pub fn reconfigure(
@@ -162,7 +187,12 @@ impl Forwarder {
             .map(|(target, counters)| {
                 let lane = match old.remove(target) {
                     Some(lane) if lane.limits == limits => lane,
-                    _ => Arc::new(Lane::start(target.clone(), limits, counters.clone())),
+                    _ => Arc::new(Lane::start(
+                        target.clone(),
+                        limits,
+                        self.memory.clone(),
+                        counters.clone(),
+                    )),
                 };
                 self.lanes.insert(target.clone(), lane.clone());
                 lane
@@ -178,9 +208,8 @@ impl Forwarder {
     }
 
     /// Closes every lane, waiting at most `grace` for copies in flight.
-    pub async fn close(self, grace: Duration) {
-        let closing: Vec<_> = self
-            .lanes
+    pub async fn close(&mut self, grace: Duration) {
+        let closing: Vec<_> = std::mem::take(&mut self.lanes)
             .into_values()
             .filter_map(|lane| Arc::try_unwrap(lane).ok())
             .map(|lane| lane.close(grace))
@@ -301,6 +330,10 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    fn memory(bytes: usize) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(bytes))
+    }
+
     fn copy(path: &str) -> ShadowRequest {
         let mut request = http::Request::new(Bytes::from_static(b"hello"));
         *request.method_mut() = http::Method::POST;
@@ -386,7 +419,7 @@ mod tests {
             max_connections: 2,
             timeout: Duration::from_secs(5),
         };
-        let lane = Lane::start(target, limits, counters.clone());
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
         for i in 0..40 {
             lane.try_send(copy(&format!("/c/{i}")))
                 .expect("room in the lane");
@@ -413,7 +446,7 @@ mod tests {
             max_connections: 1,
             timeout: Duration::from_millis(200),
         };
-        let lane = Lane::start(target, limits, counters.clone());
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
         for i in 0..3 {
             lane.try_send(copy(&format!("/{i}"))).expect("room");
         }
@@ -424,6 +457,25 @@ mod tests {
         lane.try_send(copy("/again")).expect("room");
         lane.close(Duration::from_secs(1)).await;
         assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn pending_copies_hold_at_most_their_memory() {
+        let (target, _, _) = server(200, Duration::from_secs(30)).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 100,
+            max_connections: 1,
+            timeout: Duration::from_millis(300),
+        };
+        // Room for two copies of 40 bytes.
+        let lane = Lane::start(target, limits, memory(100), counters.clone());
+        lane.try_send(copy("/1")).expect("room");
+        lane.try_send(copy("/2")).expect("room");
+        assert_eq!(lane.try_send(copy("/3")), Err(CopyDrop::Memory));
+        settle(&counters, 2).await;
+        lane.try_send(copy("/4")).expect("the memory came back");
+        lane.close(Duration::from_secs(1)).await;
     }
 
     #[tokio::test]
@@ -443,7 +495,7 @@ mod tests {
             max_connections: 2,
             timeout: Duration::from_secs(2),
         };
-        let lane = Lane::start(target, limits, counters.clone());
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
         for _ in 0..5 {
             lane.try_send(copy("/")).expect("room");
         }
@@ -462,7 +514,7 @@ mod tests {
             max_connections: 1,
             timeout: Duration::from_secs(5),
         };
-        let lane = Lane::start(target, limits, counters.clone());
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
         lane.try_send(copy("/")).expect("room");
         settle(&counters, 1).await;
         assert_eq!(counters.responses(5), 1);

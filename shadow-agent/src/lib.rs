@@ -15,6 +15,7 @@ pub mod config;
 pub mod flows;
 pub mod forward;
 pub mod http;
+pub mod memory;
 pub mod mirror;
 pub mod pcap_file;
 pub mod pipeline;

@@ -655,3 +655,64 @@ fn the_ramp_advances_while_healthy_and_falls_back_for_good() {
     assert_eq!(json["ramp"]["percent"], 50.0, "{json:#}");
     assert_eq!(json["ramp"]["held"], true, "{json:#}");
 }
+
+#[test]
+fn memory_stays_under_the_ceiling_with_large_bodies_and_a_stalled_shadow() {
+    require_root();
+    let site = Site::new();
+    let _nginx = Nginx::start(&site.live, site.live_addr());
+    // Answers only after a minute: every copy stays pending.
+    let _shadow = ShadowServer::start(
+        &site.shadow,
+        site.shadow_addr(),
+        ShadowMode::Slow(Duration::from_secs(60)),
+    );
+    let rest = route("allow_methods = [\"GET\", \"POST\"]").replace(
+        "timeout = \"1s\"",
+        "timeout = \"60s\"\nmax_in_flight = 100000",
+    );
+    let config = site.config(&format!("{rest}\n[limits]\nmemory = \"96MiB\"\n"));
+    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    let pid = agent.pid();
+    // Eight clients each upload 2 MB bodies for ten seconds.
+    let body = shadow_tests::pattern(2 << 20, 7);
+    std::thread::scope(|scope| {
+        for c in 0..8 {
+            let (site, body) = (&site, &body);
+            scope.spawn(move || {
+                let start = std::time::Instant::now();
+                let mut i = 0;
+                while start.elapsed() < Duration::from_secs(10) {
+                    let requests: Vec<Vec<u8>> = (0..4)
+                        .map(|k| {
+                            http_request(site.live_addr(), &format!("/upload/{c}/{i}/{k}"), body)
+                        })
+                        .collect();
+                    http_keepalive(&site.client, site.live_addr(), &requests);
+                    i += 1;
+                }
+            });
+        }
+    });
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    let stats = curl(&site.live, &["http://127.0.0.1:9464/stats"]);
+    let json: Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    let exit = agent.kill();
+    eprintln!("peak RSS {peak_kib} kB");
+    let target = &json["mirror"]["targets"][0];
+    assert!(
+        count(target, &["dropped", "memory"]) > 0 && count(target, &["sent"]) > 0,
+        "the memory share never filled: {json:#}"
+    );
+    assert!(
+        peak_kib <= 96 * 1024,
+        "peak RSS {peak_kib} kB over the 96 MiB ceiling; stderr:\n{}",
+        exit.stderr
+    );
+    assert!(exit.stderr.contains("memory shared out"), "{}", exit.stderr);
+}

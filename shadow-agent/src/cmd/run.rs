@@ -21,6 +21,7 @@ use shadow_agent::capture::{CaptureSettings, CapturedPacket};
 use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, Lane, LaneLimits};
 use shadow_agent::http::HttpEvent;
+use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::latency::HistogramSnapshot;
 use shadow_agent::mirror::stats::{CopyDrop, MirrorStats, TargetCounters};
 use shadow_agent::mirror::{Mirror, Plan};
@@ -58,8 +59,6 @@ pub struct Args {
     stats_json: Option<PathBuf>,
 }
 
-/// Captured packets waiting for the pipeline; more are dropped and counted (`channel_full`).
-const CHANNEL_PACKETS: usize = 8192;
 /// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
 const BATCH: usize = 512;
 /// How often idle flows expire, the ramp is judged and the file is looked at.
@@ -118,15 +117,29 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     // Before attaching, so that a signal right after start stops the agent cleanly.
     let stop = StopSignal::install(args.duration)?;
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let ring = RingSettings::default();
+    let plan = MemoryPlan::new(
+        config.limits.memory_bytes,
+        u64::from(ring.bytes),
+        Pipeline::bytes_per_flow(),
+    );
+    tracing::info!(
+        memory = config.limits.memory_bytes,
+        channel_packets = plan.channel_packets,
+        max_flows = plan.flows.max_flows,
+        flow_buffer_bytes = plan.flows.max_buffered_bytes,
+        copy_bytes = plan.copy_bytes,
+        "memory shared out"
+    );
     let options = LiveOptions {
         settings: capture_settings(&config, seed),
         interfaces: InterfaceSelector::new(&config.capture.interfaces)?,
         hooks: config.capture.hooks.clone(),
         attach: args.attach,
-        ring: RingSettings::default(),
-        channel_packets: CHANNEL_PACKETS,
+        ring,
+        channel_packets: plan.channel_packets,
     };
-    let mut state = Agent::new(&args, config, node, seed);
+    let mut state = Agent::new(&args, config, node, seed, &plan);
     // Before attaching, so that an address in use is an error before anything is attached.
     let admin_state = Arc::new(AdminState {
         registry: metrics::registry(AgentCollector {
@@ -226,7 +239,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     state.dispatch(ended);
     let grace = state.config.budget.timeout + Duration::from_secs(1);
     state.lanes.clear();
-    std::mem::take(&mut state.forwarder).close(grace).await;
+    state.forwarder.close(grace).await;
 
     admin_state.ready.store(false, Ordering::Relaxed);
     state.publish(&totals, 0, String::new());
@@ -320,6 +333,8 @@ struct Agent {
     snapshot: Arc<Mutex<AgentSnapshot>>,
     mirror: Mirror<NodeIds>,
     forwarder: Forwarder,
+    /// Captured packets the channel to the pipeline holds at most.
+    channel_capacity: usize,
     /// By target id of the current configuration; empty in a dry run.
     lanes: Vec<Arc<Lane>>,
     ramp: Option<RampState>,
@@ -331,10 +346,11 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(args: &Args, config: Config, node: String, seed: u64) -> Self {
+    fn new(args: &Args, config: Config, node: String, seed: u64, plan: &MemoryPlan) -> Self {
         let stats = Arc::new(MirrorStats::default());
         let mirror = Mirror::new(&config, NodeIds::new(&node), seed, stats.clone());
         let pipeline = Pipeline::new(PipelineConfig {
+            flows: plan.flows.clone(),
             service_ports: config.capture.ports.iter().copied().collect(),
             ..PipelineConfig::default()
         });
@@ -348,7 +364,8 @@ impl Agent {
             stats,
             snapshot: Arc::default(),
             mirror,
-            forwarder: Forwarder::default(),
+            forwarder: Forwarder::new(plan.copy_bytes),
+            channel_capacity: plan.channel_packets,
             lanes: Vec::new(),
             ramp: None,
             pipeline,
@@ -543,8 +560,8 @@ impl Agent {
                 "capture.ports changed: connections on new ports are picked up as they start"
             );
         }
-        if new.admin != old.admin {
-            tracing::warn!("admin changes only on restart");
+        if new.admin != old.admin || new.limits != old.limits {
+            tracing::warn!("admin and limits change only on restart");
         }
         if let Err(e) = live.apply(&capture_settings(&new, self.seed)) {
             self.reload_errors += 1;
@@ -654,7 +671,7 @@ impl Agent {
             flows_tracked: self.pipeline.flows() as u64,
             flow_memory_bytes: self.pipeline.memory_bytes() as u64,
             channel_queued: queued as u64,
-            channel_capacity: CHANNEL_PACKETS as u64,
+            channel_capacity: self.channel_capacity as u64,
             config_generation: self.generation,
             config_reload_errors: self.reload_errors,
             ramp_percent: self.ramp.as_ref().map_or(100.0, |r| r.ramp.percent()),

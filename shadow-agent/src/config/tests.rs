@@ -419,6 +419,24 @@ fn section_errors() {
             "allow_remote",
         ),
         (
+            "[limits]\nmemory = \"32MiB\"",
+            12,
+            "limits.memory",
+            "at least 64MiB",
+        ),
+        (
+            "[limits]\nmemory = \"1 GB\"",
+            12,
+            "limits.memory",
+            "not a size",
+        ),
+        (
+            "[limits]\nmemory = \"99999999999999GiB\"",
+            12,
+            "limits.memory",
+            "not a size",
+        ),
+        (
             "[ramp]\nsteps = [{ percent = 10, hold = \"1m\" }, { percent = 5, hold = \"1m\" }]\nguard = { p99 = \"1s\" }",
             12,
             "ramp.steps[1].percent",
@@ -475,6 +493,8 @@ fn accepted_values() {
         "[budget]\nnode_rps = 0.5\ntarget_bytes_per_sec = 1000\ntimeout = \"500ms\"",
         "[tagging]\nheader = \"X-Mirror:  yes \"\nbaggage = false",
         "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }, { percent = 100, hold = \"1h\" }]\nguard = { error_percent = 1 }",
+        "[limits]\nmemory = \"1GiB\"",
+        "[limits]\nmemory = \"67108864\"",
     ];
     for section in cases {
         let src = format!("{MINIMAL}\n{section}\n");
@@ -482,6 +502,9 @@ fn accepted_values() {
             panic!("`{section}` refused: {e}");
         }
     }
+    let src = format!("{MINIMAL}\n[limits]\nmemory = \"96MiB\"\n");
+    let config = Config::from_toml(&src, "t.toml").expect("valid");
+    assert_eq!(config.limits.memory_bytes, 96 << 20);
     let src = format!("{MINIMAL}\n[tagging]\nheader = \"X-Mirror:  yes \"\n");
     let config = Config::from_toml(&src, "t.toml").expect("valid");
     assert_eq!(config.tagging.header, ("x-mirror".into(), "yes".into()));

@@ -66,6 +66,9 @@ pub enum CopyDrop {
     Budget(BudgetKind),
     /// The target already had `max_in_flight` copies waiting for an answer.
     InFlight,
+    /// Copies waiting for an answer, to all targets, already held their share of
+    /// `limits.memory`.
+    Memory,
     /// The captured request cannot be written as a valid HTTP/1.1 request (a method, target or
     /// header value that HTTP does not allow).
     Invalid,
@@ -74,12 +77,13 @@ pub enum CopyDrop {
 }
 
 impl CopyDrop {
-    pub const ALL: [CopyDrop; 7] = [
+    pub const ALL: [CopyDrop; 8] = [
         CopyDrop::Budget(BudgetKind::NodeRequests),
         CopyDrop::Budget(BudgetKind::NodeBytes),
         CopyDrop::Budget(BudgetKind::TargetRequests),
         CopyDrop::Budget(BudgetKind::TargetBytes),
         CopyDrop::InFlight,
+        CopyDrop::Memory,
         CopyDrop::Invalid,
         CopyDrop::Closed,
     ];
@@ -89,6 +93,7 @@ impl CopyDrop {
         match self {
             CopyDrop::Budget(kind) => kind.label(),
             CopyDrop::InFlight => "in_flight",
+            CopyDrop::Memory => "memory",
             CopyDrop::Invalid => "invalid",
             CopyDrop::Closed => "closed",
         }
