@@ -72,6 +72,9 @@ pub struct RouteConfig {
     pub name: String,
     pub matcher: RouteMatch,
     pub targets: Vec<Target>,
+    /// A target running the live version: it gets the same copies, and where its answers
+    /// differ from live ones, the comparison learns noise.
+    pub baseline: Option<Target>,
     /// Share of matching requests mirrored, decided per request in user space.
     pub sample_percent: f64,
     /// Upper-case method names.
@@ -389,6 +392,7 @@ struct RawRoute {
     #[serde(rename = "match")]
     matcher: Sp<RawMatch>,
     targets: Sp<Vec<Sp<String>>>,
+    baseline: Option<Sp<String>>,
     sample_percent: Option<Sp<f64>>,
     allow_methods: Option<Sp<Vec<Sp<String>>>>,
     #[serde(default)]
@@ -847,6 +851,21 @@ fn check_route(
         }
     }
 
+    let baseline = raw.baseline.and_then(|b| match Target::parse(b.get_ref()) {
+        Ok(t) if targets.contains(&t) => {
+            r.at(
+                b.span(),
+                format!("{key}.baseline"),
+                format!("`{t}` is also a target: the baseline runs the live version"),
+            );
+            None
+        }
+        Ok(t) => Some(t),
+        Err(e) => {
+            r.at(b.span(), format!("{key}.baseline"), e);
+            None
+        }
+    });
     let sample_percent = percent(
         raw.sample_percent,
         100.0,
@@ -925,6 +944,7 @@ fn check_route(
         name: raw.name.into_inner(),
         matcher: matcher?,
         targets,
+        baseline,
         sample_percent: sample_percent?,
         allow_methods,
         deny_paths,

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::{BudgetConfig, Target};
 use crate::mirror::ShadowRequest;
+use crate::mirror::pairing::{Answer, PairKey, Role};
 use crate::mirror::stats::{CopyDrop, Failure, TargetCounters};
 
 /// What limits a lane.
@@ -41,10 +42,30 @@ impl From<&BudgetConfig> for LaneLimits {
     }
 }
 
+/// A target's answer kept for a comparison.
+#[derive(Debug)]
+pub struct TargetAnswer {
+    pub key: PairKey,
+    pub role: Role,
+    pub answer: Answer,
+}
+
+/// What every lane shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Bytes of copies pending, all lanes together.
+    pub memory: Arc<Semaphore>,
+    /// Where answers wanted for comparisons go; when full, they are dropped and counted.
+    pub answers: Option<mpsc::Sender<TargetAnswer>>,
+    /// Body bytes kept of such an answer; the rest is read and dropped.
+    pub answer_body_bytes: usize,
+}
+
 /// A copy on its way, holding its place in the lane and its bytes of the memory share until it
 /// is answered or has failed.
 struct Job {
     request: http::Request<Bytes>,
+    compare: Option<(PairKey, Role)>,
     admitted: Instant,
     _place: OwnedSemaphorePermit,
     _memory: OwnedSemaphorePermit,
@@ -56,8 +77,7 @@ pub struct Lane {
     limits: LaneLimits,
     queue: mpsc::Sender<Job>,
     places: Arc<Semaphore>,
-    /// Bytes of copies pending, shared by every lane.
-    memory: Arc<Semaphore>,
+    shared: Shared,
     counters: Arc<TargetCounters>,
     workers: Vec<JoinHandle<()>>,
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
@@ -68,7 +88,7 @@ impl Lane {
     pub fn start(
         target: Target,
         limits: LaneLimits,
-        memory: Arc<Semaphore>,
+        shared: Shared,
         counters: Arc<TargetCounters>,
     ) -> Self {
         let places = limits.max_in_flight.max(1) as usize;
@@ -80,6 +100,7 @@ impl Lane {
                     target.clone(),
                     limits.timeout,
                     receiver.clone(),
+                    shared.clone(),
                     counters.clone(),
                 ))
             })
@@ -89,7 +110,7 @@ impl Lane {
             limits,
             queue,
             places: Arc::new(Semaphore::new(places)),
-            memory,
+            shared,
             counters,
             workers,
             receiver,
@@ -108,6 +129,7 @@ impl Lane {
     /// shutting down. The caller counts the drop.
     pub fn try_send(&self, copy: ShadowRequest) -> Result<(), CopyDrop> {
         let memory = self
+            .shared
             .memory
             .clone()
             .try_acquire_many_owned(u32::try_from(copy.wire_bytes).unwrap_or(u32::MAX))
@@ -119,6 +141,7 @@ impl Lane {
             .map_err(|_| CopyDrop::InFlight)?;
         let job = Job {
             request: copy.request,
+            compare: copy.compare.map(|key| (key, copy.role)),
             admitted: Instant::now(),
             _place: place,
             _memory: memory,
@@ -162,15 +185,24 @@ impl Lane {
 /// Every target's lane, kept across reloads while the target and the limits stay the same.
 pub struct Forwarder {
     lanes: BTreeMap<Target, Arc<Lane>>,
-    memory: Arc<Semaphore>,
+    shared: Shared,
 }
 
 impl Forwarder {
-    /// Copies pending, to all targets together, may hold `memory_bytes` (heads and bodies).
-    pub fn new(memory_bytes: usize) -> Self {
+    /// Copies pending, to all targets together, may hold `memory_bytes` (heads and bodies);
+    /// answers wanted for comparisons go to `answers`, with at most `answer_body_bytes` of body.
+    pub fn new(
+        memory_bytes: usize,
+        answers: Option<mpsc::Sender<TargetAnswer>>,
+        answer_body_bytes: usize,
+    ) -> Self {
         Self {
             lanes: BTreeMap::new(),
-            memory: Arc::new(Semaphore::new(memory_bytes.min(Semaphore::MAX_PERMITS))),
+            shared: Shared {
+                memory: Arc::new(Semaphore::new(memory_bytes.min(Semaphore::MAX_PERMITS))),
+                answers,
+                answer_body_bytes,
+            },
         }
     }
 
@@ -190,7 +222,7 @@ impl Forwarder {
                     _ => Arc::new(Lane::start(
                         target.clone(),
                         limits,
-                        self.memory.clone(),
+                        self.shared.clone(),
                         counters.clone(),
                     )),
                 };
@@ -245,6 +277,7 @@ async fn work(
     target: Target,
     timeout: Duration,
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
+    shared: Shared,
     counters: Arc<TargetCounters>,
 ) {
     let mut connection: Option<Connection> = None;
@@ -252,13 +285,24 @@ async fn work(
         let job = receiver.lock().await.recv().await;
         let Some(job) = job else { break };
         let deadline = job.admitted + timeout;
+        let keep = job.compare.map(|_| shared.answer_body_bytes);
         let sent = tokio::time::timeout_at(
             deadline,
-            exchange(&mut connection, &target, job.request, &counters),
+            exchange(&mut connection, &target, job.request, keep, &counters),
         )
         .await;
         match sent {
-            Ok(Ok(status)) => counters.answered(status, job.admitted.elapsed()),
+            Ok(Ok(mut answer)) => {
+                answer.latency = job.admitted.elapsed();
+                counters.answered(answer.status, answer.latency);
+                if let (Some((key, role)), Some(answers)) = (job.compare, &shared.answers)
+                    && answers
+                        .try_send(TargetAnswer { key, role, answer })
+                        .is_err()
+                {
+                    counters.answers_dropped.inc();
+                }
+            }
             Ok(Err(failure)) => {
                 counters.failed(failure).inc();
                 connection = None;
@@ -273,13 +317,15 @@ async fn work(
     }
 }
 
-/// Sends one copy and reads its whole answer; the status on success.
+/// Sends one copy and reads its whole answer, keeping `keep` bytes of the body (none when
+/// `None`; the headers are kept only then too).
 async fn exchange(
     connection: &mut Option<Connection>,
     target: &Target,
     request: http::Request<Bytes>,
+    keep: Option<usize>,
     counters: &Arc<TargetCounters>,
-) -> Result<u16, Failure> {
+) -> Result<Answer, Failure> {
     if connection.as_ref().is_none_or(|c| c.sender.is_closed()) {
         *connection = None;
         *connection = Some(connect(target, counters).await?);
@@ -294,13 +340,35 @@ async fn exchange(
         .await
         .map_err(|_| Failure::Io)?;
     let status = response.status().as_u16();
-    // Read the answer to its end (and throw it away), so the connection can carry the next
-    // copy and the latency covers the whole answer.
-    let mut body = response.into_body();
-    while let Some(frame) = body.frame().await {
-        frame.map_err(|_| Failure::Io)?;
+    let headers = match keep {
+        Some(_) => response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        None => Vec::new(),
+    };
+    // Read the answer to its end, so the connection can carry the next copy and the latency
+    // covers the whole answer; keep what the comparison wants of it.
+    let limit = keep.unwrap_or(0);
+    let mut body = Vec::new();
+    let mut truncated = false;
+    let mut incoming = response.into_body();
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|_| Failure::Io)?;
+        if let Ok(data) = frame.into_data() {
+            let room = limit.saturating_sub(body.len());
+            body.extend_from_slice(&data[..room.min(data.len())]);
+            truncated |= keep.is_some() && data.len() > room;
+        }
     }
-    Ok(status)
+    Ok(Answer {
+        status,
+        headers,
+        body: Bytes::from(body),
+        body_truncated: truncated,
+        latency: Duration::ZERO,
+    })
 }
 
 async fn connect(target: &Target, counters: &Arc<TargetCounters>) -> Result<Connection, Failure> {
@@ -330,8 +398,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn memory(bytes: usize) -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(bytes))
+    fn memory(bytes: usize) -> Shared {
+        Shared {
+            memory: Arc::new(Semaphore::new(bytes)),
+            answers: None,
+            answer_body_bytes: 0,
+        }
     }
 
     fn copy(path: &str) -> ShadowRequest {
@@ -343,6 +415,8 @@ mod tests {
             .insert("host", http::HeaderValue::from_static("shadow"));
         ShadowRequest {
             target: crate::policy::TargetId(0),
+            role: crate::mirror::pairing::Role::Candidate,
+            compare: None,
             request,
             wire_bytes: 40,
         }
@@ -475,6 +549,55 @@ mod tests {
         assert_eq!(lane.try_send(copy("/3")), Err(CopyDrop::Memory));
         settle(&counters, 2).await;
         lane.try_send(copy("/4")).expect("the memory came back");
+        lane.close(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn answers_wanted_for_comparison_are_kept_up_to_the_limit() {
+        let (target, _, _) = server(200, Duration::ZERO).await;
+        let counters = Arc::new(TargetCounters::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        let shared = Shared {
+            answers: Some(tx),
+            answer_body_bytes: 1,
+            ..memory(1 << 20)
+        };
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 1,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, shared, counters.clone());
+        let key = PairKey {
+            flow: crate::pipeline::FlowAddrs {
+                client: "198.18.0.1:1".parse().expect("addr"),
+                server: "198.18.0.2:80".parse().expect("addr"),
+            },
+            seq: 3,
+        };
+        let mut wanted = copy("/kept");
+        wanted.compare = Some(key);
+        wanted.role = Role::Baseline;
+        lane.try_send(copy("/not-kept")).expect("room");
+        lane.try_send(wanted).expect("room");
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(
+            (got.key, got.role, got.answer.status),
+            (key, Role::Baseline, 200)
+        );
+        // The server answers `ok`; one byte is kept.
+        assert_eq!(got.answer.body.as_ref(), b"o");
+        assert!(got.answer.body_truncated);
+        assert!(
+            got.answer
+                .headers
+                .iter()
+                .any(|(n, v)| n == "content-length" && v == b"2")
+        );
+        assert!(rx.try_recv().is_err(), "only the wanted answer is kept");
         lane.close(Duration::from_secs(1)).await;
     }
 

@@ -364,7 +364,7 @@ impl Agent {
             stats,
             snapshot: Arc::default(),
             mirror,
-            forwarder: Forwarder::new(plan.copy_bytes),
+            forwarder: Forwarder::new(plan.copy_bytes, None, 0),
             channel_capacity: plan.channel_packets,
             lanes: Vec::new(),
             ramp: None,

@@ -5,6 +5,7 @@
 //! it is given. Every request and every copy is counted in [`stats`], dropped ones by reason.
 
 pub mod latency;
+pub mod pairing;
 pub mod stats;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -21,12 +22,17 @@ use crate::pipeline::FlowAddrs;
 use crate::policy::path::origin_form;
 use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
 use crate::policy::{Decision, DropReason, Policy, RequestView, TargetId};
+use pairing::{PairKey, Role};
 use stats::{CopyDrop, MirrorStats, RouteCounters, TargetCounters};
 
 /// One copy, ready to be sent to its target.
 #[derive(Debug)]
 pub struct ShadowRequest {
     pub target: TargetId,
+    /// The shadow under test, or the route's baseline.
+    pub role: Role,
+    /// When set, the answer is kept for the comparison of this request.
+    pub compare: Option<PairKey>,
     /// Origin-form URI, the copy's headers (Host first) and the decoded body. The sender adds
     /// `Content-Length` for the body; framing headers of the capture never travel.
     pub request: http::Request<Bytes>,
@@ -152,8 +158,13 @@ impl<I: IdSource> Mirror<I> {
             server: flow.server,
             sequence: req.seq,
         };
-        let mut copies = Vec::with_capacity(target_ids.len());
-        for target_id in target_ids {
+        let baseline = self.policy.route(route_id).and_then(|r| r.baseline());
+        let mut copies = Vec::with_capacity(target_ids.len() + 1);
+        let roles = target_ids
+            .into_iter()
+            .map(|t| (t, Role::Candidate))
+            .chain(baseline.map(|b| (b, Role::Baseline)));
+        for (target_id, role) in roles {
             let counters = &self.targets[target_id.0];
             let (Some(route), Some(target)) =
                 (self.policy.route(route_id), self.policy.target(target_id))
@@ -171,6 +182,8 @@ impl<I: IdSource> Mirror<I> {
             }
             copies.push(ShadowRequest {
                 target: target_id,
+                role,
+                compare: None,
                 request,
                 wire_bytes,
             });

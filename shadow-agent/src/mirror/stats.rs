@@ -134,6 +134,8 @@ pub struct TargetCounters {
     /// Answers by status class: 1xx to 5xx.
     responses: [Counter; 5],
     failures: [Counter; Failure::ALL.len()],
+    /// Answers wanted for a comparison that the comparison could not take (it fell behind).
+    pub answers_dropped: Counter,
     /// Copies queued or awaiting an answer now.
     pub in_flight: AtomicU64,
     /// Connections open now.

@@ -263,3 +263,40 @@ fn wire_bytes_count_head_and_body() {
         "POST /orders/ HTTP/1.1\r\n".len() + head + "content-length: 1000\r\n".len() + 2 + 1000;
     assert_eq!(copy.wire_bytes, expected as u64);
 }
+
+#[test]
+fn a_baseline_gets_the_same_copy_marked_as_baseline() {
+    let src = CONFIG.replace(
+        "targets = [\"http://198.18.0.9:8080\"]\n",
+        "targets = [\"http://198.18.0.9:8080\"]\nbaseline = \"http://198.18.0.11:8080\"\n",
+    );
+    let config = match Config::from_toml(&src, "mirror.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let stats = Arc::new(MirrorStats::default());
+    let mut m = Mirror::new(&config, NodeIds::with_epoch("n", 1), 1, stats);
+    let plan = m.plan(
+        Instant::now(),
+        &flow(8080),
+        &request(0, "GET", "/cart", &[], b""),
+    );
+    let roles: Vec<(String, Role)> = plan
+        .copies
+        .iter()
+        .map(|c| {
+            (
+                m.policy().target(c.target).expect("target").to_string(),
+                c.role,
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("http://198.18.0.9:8080".to_owned(), Role::Candidate),
+            ("http://198.18.0.11:8080".to_owned(), Role::Baseline)
+        ]
+    );
+    assert!(plan.copies.iter().all(|c| c.compare.is_none()));
+}

@@ -117,21 +117,19 @@ impl Policy {
 
     pub fn new(routes: &[RouteConfig], seed: u64) -> Self {
         let mut targets: Vec<Target> = Vec::new();
+        let mut id = |t: &Target| {
+            let i = targets.iter().position(|x| x == t).unwrap_or_else(|| {
+                targets.push(t.clone());
+                targets.len() - 1
+            });
+            TargetId(i)
+        };
         let routes = routes
             .iter()
             .map(|r| {
-                let ids = r
-                    .targets
-                    .iter()
-                    .map(|t| {
-                        let i = targets.iter().position(|x| x == t).unwrap_or_else(|| {
-                            targets.push(t.clone());
-                            targets.len() - 1
-                        });
-                        TargetId(i)
-                    })
-                    .collect();
-                Route::new(r.clone(), ids)
+                let ids = r.targets.iter().map(&mut id).collect();
+                let baseline = r.baseline.as_ref().map(&mut id);
+                Route::new(r.clone(), ids, baseline)
             })
             .collect();
         Self {

@@ -9,11 +9,25 @@ use crate::policy::path;
 pub struct Route {
     config: RouteConfig,
     targets: Vec<TargetId>,
+    baseline: Option<TargetId>,
 }
 
 impl Route {
-    pub(crate) fn new(config: RouteConfig, targets: Vec<TargetId>) -> Self {
-        Self { config, targets }
+    pub(crate) fn new(
+        config: RouteConfig,
+        targets: Vec<TargetId>,
+        baseline: Option<TargetId>,
+    ) -> Self {
+        Self {
+            config,
+            targets,
+            baseline,
+        }
+    }
+
+    /// The target running the live version, for comparisons; it also gets every copy.
+    pub fn baseline(&self) -> Option<TargetId> {
+        self.baseline
     }
 
     /// The route as configured: header rules and Host rule for tagging.

@@ -1,0 +1,385 @@
+//! Brings together, for one mirrored request, the live service's response (rebuilt from captured
+//! packets), the shadow's answer and, when the route has one, the baseline's, so that they can be
+//! compared. Pure: time is passed in; every entry is bounded in number and bytes and expires.
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::pipeline::FlowAddrs;
+
+/// Which side of a comparison an answer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The shadow: the version under test.
+    Candidate,
+    /// A target running the live version, to learn what differs by itself.
+    Baseline,
+}
+
+/// A request mirrored for comparison: its connection and its number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub flow: FlowAddrs,
+    pub seq: u64,
+}
+
+/// One response, live or from a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// At most the comparison's body limit; `body_truncated` says when more was sent.
+    pub body: Bytes,
+    pub body_truncated: bool,
+    pub latency: Duration,
+}
+
+impl Answer {
+    fn bytes(&self) -> usize {
+        self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 16)
+                .sum::<usize>()
+            + 64
+    }
+}
+
+/// Everything needed to compare one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Complete {
+    pub method: String,
+    pub target: String,
+    pub request_body: Bytes,
+    pub live: Answer,
+    pub candidate: Answer,
+    pub baseline: Option<Answer>,
+}
+
+/// What became of pending comparisons, for counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairingCounters {
+    /// Comparisons completed.
+    pub completed: u64,
+    /// Given up: a part never came within the time allowed (a failed copy, a response the
+    /// capture missed).
+    pub expired: u64,
+    /// Given up to stay within the limits.
+    pub evicted: u64,
+    /// Answers for requests not (or no longer) pending.
+    pub orphans: u64,
+}
+
+struct Pending {
+    method: String,
+    target: String,
+    request_body: Bytes,
+    /// When the request's last byte was captured: the live latency runs from there.
+    request_done: Duration,
+    expect_baseline: bool,
+    live: Option<Answer>,
+    candidate: Option<Answer>,
+    baseline: Option<Answer>,
+    created: Instant,
+}
+
+impl Pending {
+    fn bytes(&self) -> usize {
+        self.method.len()
+            + self.target.len()
+            + self.request_body.len()
+            + [&self.live, &self.candidate, &self.baseline]
+                .iter()
+                .filter_map(|a| a.as_ref().map(Answer::bytes))
+                .sum::<usize>()
+            + 128
+    }
+
+    fn is_complete(&self) -> bool {
+        self.live.is_some()
+            && self.candidate.is_some()
+            && (!self.expect_baseline || self.baseline.is_some())
+    }
+}
+
+/// Pending comparisons, oldest first.
+pub struct Pairing {
+    pending: HashMap<PairKey, Pending>,
+    /// Keys in order of creation; entries already gone are skipped when met.
+    order: VecDeque<(Instant, PairKey)>,
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+    timeout: Duration,
+    counters: PairingCounters,
+}
+
+impl Pairing {
+    /// At most `max_entries` comparisons and `max_bytes` pending at once; a part that has not
+    /// come within `timeout` of the request ends its comparison.
+    pub fn new(max_entries: usize, max_bytes: usize, timeout: Duration) -> Self {
+        Self {
+            pending: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            max_entries: max_entries.max(1),
+            max_bytes,
+            timeout,
+            counters: PairingCounters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> PairingCounters {
+        self.counters
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Bytes held by pending comparisons.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Starts a comparison for a request that was just mirrored; `request_done` is the capture
+    /// time of its last byte.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expect(
+        &mut self,
+        now: Instant,
+        key: PairKey,
+        method: &str,
+        target: &str,
+        request_body: Bytes,
+        request_done: Duration,
+        expect_baseline: bool,
+    ) {
+        let entry = Pending {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            request_body,
+            request_done,
+            expect_baseline,
+            live: None,
+            candidate: None,
+            baseline: None,
+            created: now,
+        };
+        self.bytes += entry.bytes();
+        if let Some(old) = self.pending.insert(key, entry) {
+            self.bytes = self.bytes.saturating_sub(old.bytes());
+            self.counters.evicted += 1;
+        }
+        self.order.push_back((now, key));
+        self.enforce_limits();
+    }
+
+    /// The live response to the request `key`, captured when its last byte was (`done`).
+    pub fn live(&mut self, key: PairKey, mut answer: Answer, done: Duration) -> Option<Complete> {
+        let Some(entry) = self.pending.get(&key) else {
+            // Responses to requests that were not mirrored are the common case: not orphans.
+            return None;
+        };
+        answer.latency = done.saturating_sub(entry.request_done);
+        self.fill(key, |p| &mut p.live, answer)
+    }
+
+    /// A target's answer to the copy of `key`.
+    pub fn answer(&mut self, key: PairKey, role: Role, answer: Answer) -> Option<Complete> {
+        if !self.pending.contains_key(&key) {
+            self.counters.orphans += 1;
+            return None;
+        }
+        match role {
+            Role::Candidate => self.fill(key, |p| &mut p.candidate, answer),
+            Role::Baseline => self.fill(key, |p| &mut p.baseline, answer),
+        }
+    }
+
+    /// Gives up comparisons older than the timeout at `now`.
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(&(created, key)) = self.order.front() {
+            if now.saturating_duration_since(created) < self.timeout {
+                break;
+            }
+            self.order.pop_front();
+            if self.pending.get(&key).is_some_and(|p| p.created == created) {
+                self.remove(key);
+                self.counters.expired += 1;
+            }
+        }
+    }
+
+    fn fill(
+        &mut self,
+        key: PairKey,
+        slot: impl FnOnce(&mut Pending) -> &mut Option<Answer>,
+        answer: Answer,
+    ) -> Option<Complete> {
+        let entry = self.pending.get_mut(&key)?;
+        let added = answer.bytes();
+        let slot = slot(entry);
+        if let Some(old) = slot.replace(answer) {
+            self.bytes = self.bytes.saturating_sub(old.bytes());
+        }
+        self.bytes += added;
+        if !entry.is_complete() {
+            self.enforce_limits();
+            return None;
+        }
+        let done = self.remove(key)?;
+        self.counters.completed += 1;
+        Some(Complete {
+            method: done.method,
+            target: done.target,
+            request_body: done.request_body,
+            live: done.live?,
+            candidate: done.candidate?,
+            baseline: done.baseline,
+        })
+    }
+
+    fn remove(&mut self, key: PairKey) -> Option<Pending> {
+        let entry = self.pending.remove(&key)?;
+        self.bytes = self.bytes.saturating_sub(entry.bytes());
+        Some(entry)
+    }
+
+    /// Drops the oldest comparisons until both limits hold.
+    fn enforce_limits(&mut self) {
+        while self.pending.len() > self.max_entries || self.bytes > self.max_bytes {
+            let Some((created, key)) = self.order.pop_front() else {
+                break;
+            };
+            if self.pending.get(&key).is_some_and(|p| p.created == created) {
+                self.remove(key);
+                self.counters.evicted += 1;
+            }
+        }
+        // The order list only holds live keys and stale markers of replaced ones; keep it from
+        // growing past a multiple of the live entries.
+        if self.order.len() > 2 * self.max_entries + 16 {
+            let pending = &self.pending;
+            self.order
+                .retain(|(created, key)| pending.get(key).is_some_and(|p| p.created == *created));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seq: u64) -> PairKey {
+        PairKey {
+            flow: FlowAddrs {
+                client: "198.18.0.1:40000".parse().expect("addr"),
+                server: "198.18.0.2:80".parse().expect("addr"),
+            },
+            seq,
+        }
+    }
+
+    fn answer(status: u16, body: &'static [u8]) -> Answer {
+        Answer {
+            status,
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            body: Bytes::from_static(body),
+            body_truncated: false,
+            latency: Duration::from_millis(5),
+        }
+    }
+
+    fn expect(p: &mut Pairing, now: Instant, seq: u64, baseline: bool) {
+        p.expect(
+            now,
+            key(seq),
+            "GET",
+            "/x",
+            Bytes::new(),
+            Duration::from_millis(100),
+            baseline,
+        );
+    }
+
+    #[test]
+    fn parts_in_any_order_complete_once() {
+        let now = Instant::now();
+        let mut p = Pairing::new(100, 1 << 20, Duration::from_secs(5));
+        expect(&mut p, now, 1, true);
+        assert_eq!(p.answer(key(1), Role::Candidate, answer(200, b"{}")), None);
+        assert_eq!(p.answer(key(1), Role::Baseline, answer(200, b"{}")), None);
+        let done = p
+            .live(key(1), answer(200, b"{}"), Duration::from_millis(103))
+            .expect("complete");
+        assert_eq!(done.live.latency, Duration::from_millis(3));
+        assert!(done.baseline.is_some());
+        assert!(p.is_empty());
+        assert_eq!(p.bytes(), 0);
+        // A late duplicate is an orphan.
+        assert_eq!(p.answer(key(1), Role::Candidate, answer(200, b"{}")), None);
+        assert_eq!(p.counters().orphans, 1);
+        assert_eq!(p.counters().completed, 1);
+    }
+
+    #[test]
+    fn live_responses_of_unmirrored_requests_are_ignored() {
+        let mut p = Pairing::new(100, 1 << 20, Duration::from_secs(5));
+        assert_eq!(p.live(key(9), answer(200, b""), Duration::ZERO), None);
+        assert_eq!(p.counters(), PairingCounters::default());
+    }
+
+    #[test]
+    fn missing_parts_expire() {
+        let now = Instant::now();
+        let mut p = Pairing::new(100, 1 << 20, Duration::from_secs(5));
+        expect(&mut p, now, 1, false);
+        p.live(key(1), answer(200, b"{}"), Duration::from_millis(101));
+        p.expire(now + Duration::from_secs(4));
+        assert_eq!(p.len(), 1);
+        p.expire(now + Duration::from_secs(5));
+        assert!(p.is_empty());
+        assert_eq!(p.bytes(), 0);
+        assert_eq!(p.counters().expired, 1);
+    }
+
+    #[test]
+    fn limits_evict_the_oldest() {
+        let now = Instant::now();
+        let mut p = Pairing::new(3, 1 << 20, Duration::from_secs(5));
+        for seq in 0..10 {
+            expect(&mut p, now, seq, false);
+        }
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.counters().evicted, 7);
+        // The newest remain.
+        assert!(p.pending.contains_key(&key(9)));
+        // Bytes: big answers push old entries out.
+        let mut p = Pairing::new(100, 4096, Duration::from_secs(5));
+        for seq in 0..4 {
+            expect(&mut p, now, seq, false);
+            let body: &'static [u8] = &[b'x'; 1500];
+            p.answer(key(seq), Role::Candidate, answer(200, body));
+        }
+        assert!(p.bytes() <= 4096, "{}", p.bytes());
+        assert!(p.counters().evicted >= 1);
+    }
+
+    #[test]
+    fn the_order_list_stays_bounded_under_replacement() {
+        let now = Instant::now();
+        let mut p = Pairing::new(4, 1 << 20, Duration::from_secs(5));
+        for i in 0..10_000u64 {
+            expect(&mut p, now + Duration::from_nanos(i), i % 2, false);
+        }
+        assert!(p.order.len() <= 2 * 4 + 16);
+        assert_eq!(p.len(), 2);
+    }
+}
