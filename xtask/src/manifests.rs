@@ -1,0 +1,557 @@
+//! Offline checks of `deploy/`, run by `cargo xtask test` (and alone by the hidden
+//! `cargo xtask manifests`):
+//!
+//! - **Kubernetes**: every resource in `deploy/kubernetes/` validates against the schemas of
+//!   Kubernetes [`KUBERNETES_VERSION`], strictly (unknown fields are errors), with a pinned
+//!   `kubernetes-validate`, which bundles the schemas: once its venv exists (under the target
+//!   directory, reused), nothing is fetched. The kustomization lists exactly the YAML files
+//!   there; the ConfigMap's `shadow.toml` passes `shadow-agent check-config`; the probes, the
+//!   container port and the scrape annotation use the `[admin] listen` port; the container runs
+//!   the config file the ConfigMap is mounted as.
+//! - **Grafana**: every expression of `deploy/grafana/shadow-dashboard.json` parses as PromQL
+//!   (`promql-parser`, the Python binding of the Rust parser), and every metric it names is one
+//!   the agent exports. The exported names are derived from the source of
+//!   `shadow-agent/src/admin/metrics.rs` (see [`exported_metrics`]), so a renamed or removed
+//!   metric fails this check instead of leaving an empty panel.
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::{cargo, root, run::run, target_dir};
+
+/// The Kubernetes version the manifests are validated against (the pinned kubernetes-validate
+/// bundles schemas up to 1.31); they use only stable v1 APIs, which newer versions keep.
+const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// Everything installed in the venv, pinned, transitive dependencies included.
+const PYTHON_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.31.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "attrs==26.1.0",
+    "PyYAML==6.0.4",
+    "packaging==26.4",
+    "importlib_resources==7.1.0",
+    "typing_extensions==4.16.0",
+    "promql-parser==0.11.0",
+];
+
+/// The checks that need YAML or PromQL, run with the venv's Python.
+const HELPER: &str = r#"
+import json, pathlib, re, sys
+import yaml
+
+def kube(directory, config_out):
+    d = pathlib.Path(directory)
+    kustomization = yaml.safe_load((d / "kustomization.yaml").read_text())
+    listed = set(kustomization.get("resources", []))
+    present = {p.name for p in d.glob("*.yaml") if p.name != "kustomization.yaml"}
+    if listed != present:
+        fail(f"kustomization.yaml lists {sorted(listed)}, the folder has {sorted(present)}")
+    docs = [doc for name in sorted(present) for doc in yaml.safe_load_all((d / name).read_text()) if doc]
+    by_kind = {doc["kind"]: doc for doc in docs}
+    config = by_kind["ConfigMap"]["data"]["shadow.toml"]
+    pathlib.Path(config_out).write_text(config)
+    listen = re.search(r'^\s*listen\s*=\s*"[^"]*:(\d+)"', config, re.M)
+    if not listen:
+        fail("no [admin] listen in the ConfigMap's shadow.toml")
+    port = int(listen.group(1))
+    pod = by_kind["DaemonSet"]["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    used = {
+        "annotation prometheus.io/port": int(pod["metadata"]["annotations"]["prometheus.io/port"]),
+        "livenessProbe": c["livenessProbe"]["httpGet"]["port"],
+        "readinessProbe": c["readinessProbe"]["httpGet"]["port"],
+        "containerPort": c["ports"][0]["containerPort"],
+    }
+    for what, p in used.items():
+        if p != port:
+            fail(f"daemonset.yaml: {what} is {p}, [admin] listen is port {port}")
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "config")
+    config_arg = c["command"][c["command"].index("--config") + 1]
+    if config_arg != mount.rstrip("/") + "/shadow.toml":
+        fail(f"daemonset.yaml: --config {config_arg}, but the ConfigMap is mounted at {mount}")
+
+def promql(dashboard):
+    exprs = []
+    def walk(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "expr" and isinstance(x, str):
+                    exprs.append(x)
+                elif k == "definition" and isinstance(x, str):
+                    m = re.fullmatch(r"label_values\((\w+)\s*,\s*\w+\)", x)
+                    if not m:
+                        fail(f"unsupported variable query: {x}")
+                    print(m.group(1))
+                else:
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    walk(json.loads(pathlib.Path(dashboard).read_text()))
+    if not exprs:
+        fail("no expressions in the dashboard")
+    for e in exprs:
+        # Grafana's interval variables are not PromQL; label variables only occur in strings.
+        try:
+            tree = promql_parser.parse(re.sub(r"\$__\w+", "5m", e))
+        except Exception as err:
+            fail(f"not PromQL: {e}: {err}")
+        names(tree, e)
+
+def names(node, expr):
+    if isinstance(node, promql_parser.VectorSelector):
+        name = node.name or next((m.value for m in node.matchers.matchers
+                                  if m.name == "__name__" and m.op == promql_parser.MatchOp.Equal), None)
+        if not name:
+            fail(f"a selector without a metric name in: {expr}")
+        print(name)
+        return
+    for attr in ("expr", "lhs", "rhs", "param", "vector_selector"):
+        child = getattr(node, attr, None)
+        if child is not None:
+            names(child, expr)
+    for child in getattr(node, "args", None) or []:
+        names(child, expr)
+
+def fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+import promql_parser
+{"kube": kube, "promql": promql}[sys.argv[1]](*sys.argv[2:])
+"#;
+
+/// Runs every check; see the module documentation.
+pub fn validate() -> Result<()> {
+    let venv = ensure_venv()?;
+    let helper = venv.join("deploy_checks.py");
+    fs::write(&helper, HELPER)?;
+    let python = venv.join("bin/python");
+    kubernetes(&venv, &python, &helper)?;
+    dashboard(&python, &helper)?;
+    eprintln!("xtask: deploy/ manifests and dashboard are valid");
+    Ok(())
+}
+
+/// The venv with [`PYTHON_PACKAGES`], created once; a changed pin list makes it anew.
+fn ensure_venv() -> Result<PathBuf> {
+    let venv = target_dir().join("manifest-venv");
+    let stamp = venv.join("shadow-pins.txt");
+    let pins = PYTHON_PACKAGES.join("\n");
+    if venv.join("bin/python").exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(&pins)
+    {
+        return Ok(venv);
+    }
+    eprintln!("xtask: creating {} for the manifest checks", venv.display());
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))
+    .context("python3 -m venv (Debian: python3-venv, which `cargo xtask setup` installs)")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PYTHON_PACKAGES))?;
+    fs::write(&stamp, pins)?;
+    Ok(venv)
+}
+
+fn kubernetes(venv: &Path, python: &Path, helper: &Path) -> Result<()> {
+    let dir = root().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    files.sort();
+    ensure!(!files.is_empty(), "no manifests in {}", dir.display());
+    run(Command::new(venv.join("bin/kubernetes-validate"))
+        .args([
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+        ])
+        .args(&files))
+    .context("a manifest in deploy/kubernetes does not validate")?;
+
+    let config = venv.join("configmap-shadow.toml");
+    run(Command::new(python)
+        .arg(helper)
+        .arg("kube")
+        .arg(&dir)
+        .arg(&config))
+    .context("deploy/kubernetes is not consistent")?;
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "shadow-agent",
+            "--bin",
+            "shadow-agent",
+        ])
+        .arg("--")
+        .arg("check-config")
+        .arg(&config))
+    .context(
+        "the ConfigMap's shadow.toml does not pass check-config (lines count from its first line)",
+    )
+}
+
+fn dashboard(python: &Path, helper: &Path) -> Result<()> {
+    let path = root().join("deploy/grafana/shadow-dashboard.json");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    ensure!(
+        json["__inputs"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|i| i["name"] == "DS_PROMETHEUS")),
+        "the dashboard has no DS_PROMETHEUS input"
+    );
+    let mut ids = BTreeSet::new();
+    for panel in json["panels"].as_array().context("no panels")? {
+        let title = panel["title"].as_str().unwrap_or("?");
+        ensure!(
+            ids.insert(panel["id"].as_u64().context("a panel without id")?),
+            "panel id of `{title}` used twice"
+        );
+        if panel["type"] != "row" {
+            ensure!(
+                panel["datasource"]["uid"] == "${DS_PROMETHEUS}",
+                "panel `{title}` does not use ${{DS_PROMETHEUS}}"
+            );
+        }
+    }
+
+    let out = Command::new(python)
+        .arg(helper)
+        .arg("promql")
+        .arg(&path)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let used: BTreeSet<String> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let exported = exported_metrics(&fs::read_to_string(
+        root().join("shadow-agent/src/admin/metrics.rs"),
+    )?)?;
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    ensure!(
+        unknown.is_empty(),
+        "the dashboard uses metrics the agent does not export: {unknown:?}\nexported: {exported:?}"
+    );
+    Ok(())
+}
+
+/// The metric names in the agent's exposition (with `_total`, unit and histogram suffixes),
+/// derived from the source of `shadow-agent/src/admin/metrics.rs`:
+///
+/// In `impl Collector for AgentCollector`, every call of the helpers `counter`, `counters`,
+/// `gauge`, `gauges` (name: 2nd argument, unit: 4th of the counter helpers) and
+/// `encode_descriptor` (name: 1st, unit: 3rd, `MetricType::…`: 4th) names a family. A name is a
+/// string literal, or the loop variable of `for (name, ...) in ARRAY` over a `let ARRAY = [...]`
+/// of tuples whose first element is the literal. As the registry does, every name gets the
+/// prefix `shadow_`, then `_bytes` or `_seconds` for a unit, then `_total` for a counter, or
+/// `_bucket`, `_sum` and `_count` for a histogram.
+///
+/// A shape of code this does not understand is an error, not a guess. As a check on the rules,
+/// every `shadow_…` name that the file's own unit test finds in the real exposition must be
+/// among the derived ones.
+pub fn exported_metrics(source: &str) -> Result<BTreeSet<String>> {
+    let (code, tests) = source.split_once("#[cfg(test)]").unwrap_or((source, ""));
+    let code = strip_comments(code);
+    let start = code
+        .find("impl Collector for AgentCollector")
+        .context("metrics.rs: no `impl Collector for AgentCollector`")?;
+    let body = &code[start..];
+
+    let mut names = BTreeSet::new();
+    for (helper, name_at, unit_at, type_at) in [
+        ("counter", 1, Some(3), None),
+        ("counters", 1, Some(3), None),
+        ("gauge", 1, None, None),
+        ("gauges", 1, None, None),
+        ("encode_descriptor", 0, Some(2), Some(3)),
+    ] {
+        for call in calls(body, helper) {
+            let args = split_args(&body[call..])?;
+            let arg = |i: usize| {
+                args.get(i)
+                    .map(|a| a.trim())
+                    .with_context(|| format!("metrics.rs: `{helper}(` with too few arguments"))
+            };
+            let kind = match (type_at, helper) {
+                (Some(i), _) => match arg(i)? {
+                    "MetricType::Counter" => "counter",
+                    "MetricType::Gauge" => "gauge",
+                    "MetricType::Histogram" => "histogram",
+                    other => bail!("metrics.rs: metric type `{other}` unknown to xtask"),
+                },
+                (None, "counter" | "counters") => "counter",
+                _ => "gauge",
+            };
+            let unit = match unit_at.map(arg).transpose()? {
+                None | Some("None") => "",
+                Some("Some(&Unit::Bytes)") => "_bytes",
+                Some("Some(&Unit::Seconds)") => "_seconds",
+                Some(other) => bail!("metrics.rs: unit `{other}` unknown to xtask"),
+            };
+            for name in resolve_name(body, call, arg(name_at)?)? {
+                let base = format!("shadow_{name}{unit}");
+                match kind {
+                    "counter" => {
+                        names.insert(format!("{base}_total"));
+                    }
+                    "histogram" => {
+                        for suffix in ["_bucket", "_sum", "_count"] {
+                            names.insert(format!("{base}{suffix}"));
+                        }
+                    }
+                    _ => {
+                        names.insert(base);
+                    }
+                }
+            }
+        }
+    }
+    ensure!(
+        names.len() >= 20,
+        "metrics.rs: only {} metric names found; has the file changed shape? {names:?}",
+        names.len()
+    );
+
+    let expected: Vec<&str> = string_literals(tests)
+        .into_iter()
+        .filter(|s| s.starts_with("shadow_"))
+        .filter_map(|s| s.split(['{', ' ']).next())
+        .collect();
+    ensure!(
+        !expected.is_empty(),
+        "metrics.rs: its unit test names no `shadow_…` line to check the derived names against"
+    );
+    for name in expected {
+        ensure!(
+            names.contains(name),
+            "metrics.rs: its unit test expects `{name}`, which xtask did not derive from the \
+             code: update `exported_metrics` in xtask/src/manifests.rs. Derived: {names:?}"
+        );
+    }
+    Ok(names)
+}
+
+/// The positions just after `name(` of calls (not definitions) of `name`.
+fn calls(code: &str, name: &str) -> Vec<usize> {
+    let pattern = format!("{name}(");
+    code.match_indices(&pattern)
+        .filter(|(i, _)| {
+            let before = &code[..*i];
+            !before.ends_with(|c: char| c.is_alphanumeric() || c == '_')
+                && !before.trim_end().ends_with("fn")
+        })
+        .map(|(i, _)| i + pattern.len())
+        .collect()
+}
+
+/// The top-level arguments of the call whose argument list starts at `text[0]`, up to its `)`.
+fn split_args(text: &str) -> Result<Vec<&str>> {
+    let mut args = Vec::new();
+    let (mut depth, mut start, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for (i, c) in text.char_indices() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' if depth > 0 => depth -= 1,
+            ')' | ']' | '}' => {
+                args.push(&text[start..i]);
+                return Ok(args.into_iter().filter(|a| !a.trim().is_empty()).collect());
+            }
+            ',' if depth == 0 => {
+                args.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    bail!("metrics.rs: unbalanced call")
+}
+
+/// The metric names an argument stands for: a literal, or a loop variable over an array.
+fn resolve_name(body: &str, call: usize, arg: &str) -> Result<Vec<String>> {
+    if let Some(literal) = arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')) {
+        return Ok(vec![literal.to_owned()]);
+    }
+    let shape = || format!("metrics.rs: cannot tell which metric `{arg}` names");
+    let ident = arg;
+    let loop_at = body[..call]
+        .rfind(&format!("for ({ident},"))
+        .with_context(shape)?;
+    let after_in = body[loop_at..]
+        .find(") in ")
+        .map(|i| loop_at + i + ") in ".len())
+        .with_context(shape)?;
+    let array: String = body[after_in..]
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    let let_at = body[..loop_at]
+        .rfind(&format!("let {array}"))
+        .with_context(shape)?;
+    let open = body[let_at..]
+        .find("= [")
+        .map(|i| let_at + i + "= [".len())
+        .with_context(shape)?;
+    let mut names = Vec::new();
+    for tuple in split_args(&body[open..])? {
+        let tuple = tuple.trim().strip_prefix('(').with_context(shape)?;
+        let first = split_args(tuple)?.first().map(|a| a.trim().to_owned());
+        match first
+            .as_deref()
+            .and_then(|f| f.strip_prefix('"')?.strip_suffix('"'))
+        {
+            Some(name) => names.push(name.to_owned()),
+            None => bail!(shape()),
+        }
+    }
+    Ok(names)
+}
+
+/// The code without `//` comments (string literals kept as they are).
+fn strip_comments(code: &str) -> String {
+    let mut out = String::with_capacity(code.len());
+    let (mut in_string, mut escaped, mut in_comment) = (false, false, false);
+    let mut chars = code.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_comment {
+            if c == '\n' {
+                in_comment = false;
+                out.push(c);
+            }
+            continue;
+        }
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if c == '/' && chars.peek() == Some(&'/') {
+            in_comment = true;
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The contents of the string literals in `code`, escapes as written.
+fn string_literals(code: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut escaped) = (None, false);
+    for (i, c) in code.char_indices() {
+        match (start, c) {
+            (Some(_), _) if escaped => escaped = false,
+            (Some(_), '\\') => escaped = true,
+            (Some(s), '"') => {
+                out.push(&code[s..i]);
+                start = None;
+            }
+            (None, '"') => start = Some(i + 1),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derives_the_exposition_names_of_metrics_rs() {
+        let source = fs::read_to_string(root().join("shadow-agent/src/admin/metrics.rs"))
+            .expect("metrics.rs");
+        let names = exported_metrics(&source).expect("derives");
+        for name in [
+            "shadow_kernel_packets_seen_total",
+            "shadow_kernel_ringbuf_full_total",
+            "shadow_kernel_written_bytes_total",
+            "shadow_copies_sent_total",
+            "shadow_copies_sent_bytes_total",
+            "shadow_capture_channel_fill_ratio",
+            "shadow_shadow_latency_seconds_bucket",
+            "shadow_config_generation",
+        ] {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
+        assert!(!names.contains("shadow_config_generation_total"));
+        assert!(
+            !names.contains("shadow_route"),
+            "a label taken for a metric"
+        );
+    }
+
+    #[test]
+    fn a_name_in_a_comment_is_not_a_metric() {
+        let source = r#"
+            impl Collector for AgentCollector {
+                fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+                    // counter(&mut e, "commented", "x", None, 1)?;
+                    let kernel: [(&str, &str, u64); 2] = [("a", "A.", 1), ("b", "B, b.", 2)];
+                    for (name, help, value) in kernel {
+                        counter(&mut e, name, help, None, value)?;
+                    }
+                    gauge(&mut e, "g", "G (0, 1).", 0.0)?;
+                    let mut h = e.encode_descriptor("lat", "L.", Some(&Unit::Seconds), MetricType::Histogram)?;
+                    counters(&mut e, "c", "C.", Some(&Unit::Bytes), rows)?;
+                }
+            }
+            #[cfg(test)]
+            "shadow_a_total 1"
+        "#;
+        let err = exported_metrics(source).expect_err("too few names");
+        let message = format!("{err:#}");
+        for name in [
+            "shadow_a_total",
+            "shadow_b_total",
+            "shadow_g",
+            "shadow_lat_seconds_bucket",
+            "shadow_c_bytes_total",
+        ] {
+            assert!(message.contains(name), "{name} not in {message}");
+        }
+        assert!(!message.contains("commented"), "{message}");
+    }
+}
