@@ -70,12 +70,20 @@ pub struct Reassembler {
     /// The stream offset of the FIN, once seen.
     fin_offset: Option<u64>,
     state: State,
-    /// Segments beyond a hole, keyed by stream offset. Invariant: ranges do not overlap and
-    /// every key is greater than `delivered` (held data is drained as soon as it becomes
-    /// contiguous).
-    held: BTreeMap<u64, Vec<u8>>,
-    /// Payload bytes in `held` plus [`HELD_SEGMENT_OVERHEAD`] per segment.
-    held_bytes: usize,
+    /// Segments beyond a hole; boxed and only while there are some, because most streams
+    /// arrive in order and an idle flow should not carry an empty map.
+    held: Option<Box<Held>>,
+}
+
+/// Out-of-order segments of one direction.
+#[derive(Debug, Default)]
+struct Held {
+    /// Keyed by stream offset. Invariant: ranges do not overlap, every key is greater than
+    /// `delivered` (held data is drained as soon as it becomes contiguous) and the map is not
+    /// empty (an empty one is dropped).
+    segments: BTreeMap<u64, Vec<u8>>,
+    /// Payload bytes in `segments` plus [`HELD_SEGMENT_OVERHEAD`] per segment.
+    bytes: usize,
 }
 
 impl Default for Reassembler {
@@ -91,8 +99,7 @@ impl Reassembler {
             delivered: 0,
             fin_offset: None,
             state: State::Unstarted,
-            held: BTreeMap::new(),
-            held_bytes: 0,
+            held: None,
         }
     }
 
@@ -115,7 +122,13 @@ impl Reassembler {
 
     /// Memory held for out-of-order segments, overhead included.
     pub fn held_bytes(&self) -> usize {
-        self.held_bytes
+        self.held.as_ref().map_or(0, |held| held.bytes)
+    }
+
+    /// The stream offset of the first held segment.
+    fn first_held(&self) -> Option<u64> {
+        let held = self.held.as_ref()?;
+        held.segments.keys().next().copied()
     }
 
     /// Bytes delivered or declared lost so far.
@@ -204,10 +217,8 @@ impl Reassembler {
                 // In order: hand on straight from the packet, up to the first held segment
                 // (held bytes came first, so they win).
                 let until_held = self
-                    .held
-                    .keys()
-                    .next()
-                    .map_or(data.len() as u64, |&first| first - offset);
+                    .first_held()
+                    .map_or(data.len() as u64, |first| first - offset);
                 let n = (data.len() as u64).min(until_held) as usize;
                 if n > 0 {
                     deliver(Chunk::Data(&data[..n]));
@@ -233,11 +244,12 @@ impl Reassembler {
     fn hold(&mut self, offset: u64, data: &[u8]) -> usize {
         let end = offset + data.len() as u64;
         let mut cursor = offset;
-        if let Some((&key, bytes)) = self.held.range(..offset).next_back() {
+        let held = self.held.get_or_insert_with(Box::default);
+        if let Some((&key, bytes)) = held.segments.range(..offset).next_back() {
             cursor = cursor.max(key + bytes.len() as u64).min(end);
         }
         let mut pieces: Vec<(u64, u64)> = Vec::new();
-        for (&key, bytes) in self.held.range(offset..end) {
+        for (&key, bytes) in held.segments.range(offset..end) {
             if key > cursor {
                 pieces.push((cursor, key));
             }
@@ -250,8 +262,8 @@ impl Reassembler {
         for (from, to) in pieces {
             let piece = data[(from - offset) as usize..(to - offset) as usize].to_vec();
             stored += piece.len();
-            self.held_bytes += piece.len() + HELD_SEGMENT_OVERHEAD;
-            self.held.insert(from, piece);
+            held.bytes += piece.len() + HELD_SEGMENT_OVERHEAD;
+            held.segments.insert(from, piece);
         }
         stored
     }
@@ -264,12 +276,18 @@ impl Reassembler {
 
     /// Delivers held segments that have become contiguous.
     fn drain(&mut self, deliver: &mut impl FnMut(Chunk<'_>)) {
-        while let Some(entry) = self.held.first_entry() {
+        while let Some(held) = self.held.as_mut() {
+            let Some(entry) = held.segments.first_entry() else {
+                break;
+            };
             if *entry.key() != self.delivered {
                 break;
             }
             let bytes = entry.remove();
-            self.held_bytes -= bytes.len() + HELD_SEGMENT_OVERHEAD;
+            held.bytes -= bytes.len() + HELD_SEGMENT_OVERHEAD;
+            if held.segments.is_empty() {
+                self.held = None;
+            }
             let mut n = bytes.len() as u64;
             if let Some(fin_offset) = self.fin_offset {
                 n = n.min(fin_offset.saturating_sub(self.delivered));
@@ -291,15 +309,14 @@ impl Reassembler {
     }
 
     fn release_held(&mut self) {
-        self.held.clear();
-        self.held_bytes = 0;
+        self.held = None;
     }
 
     /// Declares the first hole lost and delivers what follows it, to make room when the
     /// out-of-order buffer is over its limit. Returns the bytes declared lost (0 when nothing
     /// is held).
     pub fn skip_hole(&mut self, deliver: &mut impl FnMut(Chunk<'_>)) -> u64 {
-        let Some(&first) = self.held.keys().next() else {
+        let Some(first) = self.first_held() else {
             return 0;
         };
         let lost = first - self.delivered;
@@ -333,11 +350,7 @@ impl Reassembler {
         }
         let (mut lost, mut gaps) = (0, 0);
         while self.delivered < target {
-            let hole_end = self
-                .held
-                .keys()
-                .next()
-                .map_or(target, |&first| first.min(target));
+            let hole_end = self.first_held().map_or(target, |first| first.min(target));
             let hole = hole_end - self.delivered;
             if hole == 0 {
                 break;
@@ -360,7 +373,7 @@ impl Reassembler {
         }
         let (mut lost, mut gaps) = (0, 0);
         if self.state == State::Open {
-            while !self.held.is_empty() {
+            while self.held.is_some() {
                 let hole = self.skip_hole(deliver);
                 if hole > 0 {
                     lost += hole;

@@ -8,7 +8,9 @@
 //! ended, oldest first, so that late retransmissions are still recognised as such until the
 //! slot is needed or the idle timeout passes.
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::ops::{Index, IndexMut};
 use std::time::Duration;
 
 use super::FlowCounters;
@@ -41,10 +43,46 @@ impl Default for FlowLimits {
 }
 
 /// A connection's 4-tuple, the same for both directions: `a` is the lower endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowKey {
     pub a: SocketAddr,
     pub b: SocketAddr,
+}
+
+/// Longest encoding of one endpoint for hashing: family, IPv6 address, port, flow info and
+/// scope id.
+const ENDPOINT_HASH_BYTES: usize = 1 + 16 + 2 + 4 + 4;
+
+/// Hashes every field that equality compares, in one write: the derived hash makes three or
+/// more small writes per address, and the index hashes a key for every segment.
+impl Hash for FlowKey {
+    fn hash<S: Hasher>(&self, state: &mut S) {
+        let mut bytes = [0u8; 2 * ENDPOINT_HASH_BYTES];
+        let mut len = 0;
+        for addr in [self.a, self.b] {
+            let mut put = |field: &[u8]| {
+                bytes[len..len + field.len()].copy_from_slice(field);
+                len += field.len();
+            };
+            // The family byte fixes the length of what follows, so two different keys never
+            // encode to the same bytes.
+            match addr {
+                SocketAddr::V4(v4) => {
+                    put(&[4]);
+                    put(&v4.ip().octets());
+                    put(&v4.port().to_le_bytes());
+                }
+                SocketAddr::V6(v6) => {
+                    put(&[6]);
+                    put(&v6.ip().octets());
+                    put(&v6.port().to_le_bytes());
+                    put(&v6.flowinfo().to_le_bytes());
+                    put(&v6.scope_id().to_le_bytes());
+                }
+            }
+        }
+        state.write(&bytes[..len]);
+    }
 }
 
 /// Which way a segment travels relative to its [`FlowKey`].
@@ -179,13 +217,76 @@ struct Slot<H> {
     aux_list: Option<List>,
 }
 
+/// Slots per chunk of the slab.
+const CHUNK_SLOTS: usize = 256;
+
+/// The flow slots, in chunks of [`CHUNK_SLOTS`]: growing never moves a flow and leaves at most
+/// one partly filled chunk of slack, where a doubling `Vec` would leave up to half of its
+/// capacity unused (and copy every flow on each growth).
+#[derive(Debug)]
+struct Slab<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> Slab<T> {
+    const fn new() -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends a slot and returns its number.
+    fn push(&mut self, value: T) -> u32 {
+        if self.len.is_multiple_of(CHUNK_SLOTS) {
+            self.chunks.push(Vec::with_capacity(CHUNK_SLOTS));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(value);
+        }
+        self.len += 1;
+        // max_flows is far below u32::MAX in any sane configuration; the index would run out
+        // of memory long before.
+        (self.len - 1) as u32
+    }
+
+    fn get_mut(&mut self, idx: u32) -> Option<&mut T> {
+        let idx = idx as usize;
+        self.chunks
+            .get_mut(idx / CHUNK_SLOTS)?
+            .get_mut(idx % CHUNK_SLOTS)
+    }
+}
+
+impl<T> Index<u32> for Slab<T> {
+    type Output = T;
+
+    fn index(&self, idx: u32) -> &T {
+        let idx = idx as usize;
+        &self.chunks[idx / CHUNK_SLOTS][idx % CHUNK_SLOTS]
+    }
+}
+
+impl<T> IndexMut<u32> for Slab<T> {
+    fn index_mut(&mut self, idx: u32) -> &mut T {
+        let idx = idx as usize;
+        &mut self.chunks[idx / CHUNK_SLOTS][idx % CHUNK_SLOTS]
+    }
+}
+
 /// All tracked connections. Generic over the application state `H` so that it is tested and
 /// fuzzed on its own.
 #[derive(Debug)]
 pub struct FlowTable<H> {
     limits: FlowLimits,
     index: HashMap<FlowKey, u32>,
-    slots: Vec<Slot<H>>,
+    slots: Slab<Slot<H>>,
     free: Vec<u32>,
     activity: Ends,
     holding: Ends,
@@ -203,7 +304,7 @@ impl<H> FlowTable<H> {
         Self {
             limits,
             index: HashMap::new(),
-            slots: Vec::new(),
+            slots: Slab::new(),
             free: Vec::new(),
             activity: empty,
             holding: empty,
@@ -258,7 +359,7 @@ impl<H> FlowTable<H> {
     }
 
     fn links(&mut self, list: List, idx: u32) -> &mut Links {
-        let slot = &mut self.slots[idx as usize];
+        let slot = &mut self.slots[idx];
         match list {
             List::Activity => &mut slot.activity,
             List::Holding | List::Closed => &mut slot.aux,
@@ -295,10 +396,10 @@ impl<H> FlowTable<H> {
     }
 
     fn set_aux_list(&mut self, idx: u32, list: Option<List>) {
-        let current = self.slots[idx as usize].aux_list;
+        let current = self.slots[idx].aux_list;
         if current == list {
             // Keep the holding list in activity order: a touched holder moves to the front.
-            if list == Some(List::Holding) {
+            if list == Some(List::Holding) && self.holding.head != idx {
                 self.unlink(List::Holding, idx);
                 self.push_front(List::Holding, idx);
             }
@@ -310,7 +411,7 @@ impl<H> FlowTable<H> {
         if let Some(new) = list {
             self.push_front(new, idx);
         }
-        self.slots[idx as usize].aux_list = list;
+        self.slots[idx].aux_list = list;
     }
 
     fn insert(&mut self, flow: Flow<H>) -> u32 {
@@ -323,15 +424,10 @@ impl<H> FlowTable<H> {
         };
         let idx = match self.free.pop() {
             Some(idx) => {
-                self.slots[idx as usize] = slot;
+                self.slots[idx] = slot;
                 idx
             }
-            None => {
-                self.slots.push(slot);
-                // max_flows is far below u32::MAX in any sane configuration; the index
-                // would run out of memory long before.
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slots.push(slot),
         };
         self.index.insert(key, idx);
         self.push_front(List::Activity, idx);
@@ -339,7 +435,7 @@ impl<H> FlowTable<H> {
     }
 
     fn remove(&mut self, idx: u32) -> Option<Flow<H>> {
-        let flow = self.slots[idx as usize].flow.take()?;
+        let flow = self.slots[idx].flow.take()?;
         self.unlink(List::Activity, idx);
         self.set_aux_list(idx, None);
         self.index.remove(&flow.key);
@@ -349,7 +445,7 @@ impl<H> FlowTable<H> {
     }
 
     fn flow_mut(&mut self, idx: u32) -> Option<&mut Flow<H>> {
-        self.slots.get_mut(idx as usize)?.flow.as_mut()
+        self.slots.get_mut(idx)?.flow.as_mut()
     }
 }
 
@@ -393,10 +489,7 @@ impl<H> FlowTable<H> {
         if let Some(old) = idx {
             let reused = seg.syn
                 && seg.ack.is_none()
-                && self.slots[old as usize]
-                    .flow
-                    .as_ref()
-                    .is_some_and(|f| f.closed);
+                && self.slots[old].flow.as_ref().is_some_and(|f| f.closed);
             if reused {
                 // A new connection on the 4-tuple of one that ended.
                 self.remove(old);
@@ -424,10 +517,12 @@ impl<H> FlowTable<H> {
                 return;
             }
         };
-        self.unlink(List::Activity, idx);
-        self.push_front(List::Activity, idx);
+        if self.activity.head != idx {
+            self.unlink(List::Activity, idx);
+            self.push_front(List::Activity, idx);
+        }
         let limit = self.limits.max_flow_out_of_order_bytes;
-        let Some(flow) = self.slots[idx as usize].flow.as_mut() else {
+        let Some(flow) = self.slots[idx].flow.as_mut() else {
             return;
         };
         flow.last_seen = ts;
@@ -567,7 +662,7 @@ impl<H> FlowTable<H> {
         H: StreamHandler<O>,
     {
         let counters = &mut self.counters;
-        if let Some(flow) = self.slots[idx as usize].flow.as_mut()
+        if let Some(flow) = self.slots[idx].flow.as_mut()
             && !flow.closed
         {
             let ts = flow.last_seen;

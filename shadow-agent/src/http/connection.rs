@@ -17,9 +17,6 @@ const HTTP2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
 /// Header storage on the stack for the usual limits; larger limits use the heap.
 const STACK_HEADERS: usize = 128;
 
-/// A partial buffer grown past this is given back after use, so idle connections stay small.
-const KEEP_CAPACITY: usize = 8 * 1024;
-
 /// What the server owes the client, in request order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -42,6 +39,64 @@ struct PendingRequest {
     dropped: bool,
 }
 
+/// The requests the server owes, oldest first. Without pipelining it holds at most one
+/// entry, which is kept inline so that a connection allocates nothing for pairing; deeper
+/// queues spill to the heap, which is given back once they drain.
+#[derive(Debug, Default)]
+struct PendingQueue {
+    /// The oldest entry; `None` only when the queue is empty.
+    front: Option<Pending>,
+    rest: VecDeque<Pending>,
+}
+
+impl PendingQueue {
+    fn len(&self) -> usize {
+        usize::from(self.front.is_some()) + self.rest.len()
+    }
+
+    fn front(&self) -> Option<&Pending> {
+        self.front.as_ref()
+    }
+
+    /// The entry after the front.
+    fn second(&self) -> Option<&Pending> {
+        self.rest.front()
+    }
+
+    fn back(&self) -> Option<&Pending> {
+        self.rest.back().or(self.front.as_ref())
+    }
+
+    fn push_back(&mut self, pending: Pending) {
+        if self.front.is_none() {
+            self.front = Some(pending);
+        } else {
+            self.rest.push_back(pending);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Pending> {
+        let front = std::mem::replace(&mut self.front, self.rest.pop_front());
+        if self.rest.is_empty() && self.rest.capacity() > 0 {
+            self.rest = VecDeque::new();
+        }
+        front
+    }
+
+    fn clear(&mut self) {
+        self.front = None;
+        self.rest = VecDeque::new();
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &Pending> {
+        self.front.iter().chain(&self.rest)
+    }
+
+    fn iter_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut Pending> {
+        self.front.iter_mut().chain(&mut self.rest)
+    }
+}
+
 /// Why a head was rejected before it parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeadProblem {
@@ -53,10 +108,10 @@ enum HeadProblem {
 #[derive(Debug)]
 enum HeadStep {
     NeedMore,
-    /// The head, without leading empty lines, in the input or in the accumulator's buffer.
+    /// The head, without leading empty lines: in the accumulator's buffer if it holds a
+    /// partial head, in the input otherwise.
     Complete {
         range: Range<usize>,
-        in_buffer: bool,
     },
     Problem {
         problem: HeadProblem,
@@ -81,93 +136,143 @@ impl FirstWord {
 }
 
 /// Collects a head that arrives in pieces; a head that arrives whole is parsed in place.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct HeadAccumulator {
+    /// Only while a head spans pieces, so a connection between messages holds nothing.
+    partial: Option<Box<PartialHead>>,
+}
+
+/// The part of a head received so far.
+#[derive(Debug)]
+struct PartialHead {
     buf: Vec<u8>,
     scanner: LineScanner,
     started: Option<Timestamp>,
 }
 
 impl HeadAccumulator {
-    fn new() -> Self {
-        Self {
-            buf: Vec::new(),
-            scanner: LineScanner::head(),
-            started: None,
-        }
-    }
-
     /// True if bytes of a head (not just empty lines) are held.
     fn in_progress(&self) -> bool {
-        self.scanner.started()
+        self.partial
+            .as_ref()
+            .is_some_and(|partial| partial.scanner.started())
+    }
+
+    /// When the head in progress started (its first byte after leading empty lines).
+    fn started(&self) -> Option<Timestamp> {
+        self.partial.as_ref().and_then(|partial| partial.started)
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.partial
+            .as_ref()
+            .map_or(0, |partial| partial.buf.capacity())
     }
 
     fn reset(&mut self) {
-        self.buf.clear();
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf = Vec::new();
-        }
-        self.scanner = LineScanner::head();
-        self.started = None;
+        self.partial = None;
     }
 
     /// Starts a head from a start line found by resynchronisation.
-    fn restart_with(&mut self, line: &[u8], ts: Timestamp) {
-        self.reset();
-        self.buf.extend_from_slice(line);
+    fn restart_with(&mut self, line: Vec<u8>, ts: Timestamp) {
+        let mut scanner = LineScanner::head();
         // A found start line ends in CRLF and is not empty, so this only records the line.
-        let _ = self.scanner.feed(line);
-        self.started = Some(ts);
+        let _ = scanner.feed(&line);
+        self.partial = Some(Box::new(PartialHead {
+            buf: line,
+            scanner,
+            started: Some(ts),
+        }));
     }
 
     /// Returns the step and the bytes of `input` it consumed.
     fn feed(&mut self, input: &[u8], ts: Timestamp, max: usize) -> (HeadStep, usize) {
-        let room = max.saturating_sub(self.buf.len());
+        let Some(partial) = self.partial.as_mut() else {
+            return self.feed_fresh(input, ts, max);
+        };
+        let room = max.saturating_sub(partial.buf.len());
         let window = &input[..input.len().min(room)];
-        let scan = self.scanner.feed(window);
-        if self.started.is_none() && self.scanner.started() {
-            self.started = Some(ts);
+        let scan = partial.scanner.feed(window);
+        if partial.started.is_none() && partial.scanner.started() {
+            partial.started = Some(ts);
         }
-        let leading = self.scanner.leading();
+        let leading = partial.scanner.leading();
         match scan {
-            Scan::End(n) if self.buf.is_empty() => (
-                HeadStep::Complete {
-                    range: leading..n,
-                    in_buffer: false,
-                },
-                n,
-            ),
             Scan::End(n) => {
-                self.buf.extend_from_slice(&window[..n]);
+                partial.buf.extend_from_slice(&window[..n]);
                 (
                     HeadStep::Complete {
-                        range: leading..self.buf.len(),
-                        in_buffer: true,
+                        range: leading..partial.buf.len(),
                     },
                     n,
                 )
             }
-            Scan::NeedMore if self.buf.len() + window.len() >= max => {
-                (self.problem(HeadProblem::TooLarge, window), window.len())
+            Scan::NeedMore if partial.buf.len() + window.len() >= max => {
+                let first_word = FirstWord::of(partial.buf.get(leading..).unwrap_or_default());
+                (HeadStep::too_large(first_word), window.len())
             }
             Scan::NeedMore => {
-                self.buf.extend_from_slice(window);
+                partial.buf.extend_from_slice(window);
                 (HeadStep::NeedMore, window.len())
             }
-            Scan::BareLf(at) => (self.problem(HeadProblem::BareLf, window), at),
-            Scan::ObsFold(at) => (self.problem(HeadProblem::ObsFold, window), at + 1),
+            Scan::BareLf(at) => (partial.problem(HeadProblem::BareLf), at),
+            Scan::ObsFold(at) => (partial.problem(HeadProblem::ObsFold), at + 1),
         }
     }
 
-    fn problem(&self, problem: HeadProblem, window: &[u8]) -> HeadStep {
-        let start = if self.buf.is_empty() {
-            window
-        } else {
-            &self.buf[..]
-        };
-        let first_word = FirstWord::of(start.get(self.scanner.leading()..).unwrap_or_default());
+    /// At a message boundary: a head that ends within `input` is parsed from it in place,
+    /// and only the start of a longer one is copied.
+    fn feed_fresh(&mut self, input: &[u8], ts: Timestamp, max: usize) -> (HeadStep, usize) {
+        let window = &input[..input.len().min(max)];
+        let mut scanner = LineScanner::head();
+        let scan = scanner.feed(window);
+        let leading = scanner.leading();
+        let first_word = || FirstWord::of(window.get(leading..).unwrap_or_default());
+        match scan {
+            Scan::End(n) => (HeadStep::Complete { range: leading..n }, n),
+            Scan::NeedMore if window.len() >= max => {
+                (HeadStep::too_large(first_word()), window.len())
+            }
+            Scan::NeedMore => {
+                self.partial = Some(Box::new(PartialHead {
+                    buf: window.to_vec(),
+                    started: scanner.started().then_some(ts),
+                    scanner,
+                }));
+                (HeadStep::NeedMore, window.len())
+            }
+            Scan::BareLf(at) => (
+                HeadStep::Problem {
+                    problem: HeadProblem::BareLf,
+                    first_word: first_word(),
+                },
+                at,
+            ),
+            Scan::ObsFold(at) => (
+                HeadStep::Problem {
+                    problem: HeadProblem::ObsFold,
+                    first_word: first_word(),
+                },
+                at + 1,
+            ),
+        }
+    }
+}
+
+impl PartialHead {
+    fn problem(&self, problem: HeadProblem) -> HeadStep {
+        let first_word = FirstWord::of(self.buf.get(self.scanner.leading()..).unwrap_or_default());
         HeadStep::Problem {
             problem,
+            first_word,
+        }
+    }
+}
+
+impl HeadStep {
+    fn too_large(first_word: FirstWord) -> Self {
+        Self::Problem {
+            problem: HeadProblem::TooLarge,
             first_word,
         }
     }
@@ -183,24 +288,45 @@ struct RequestInProgress {
     switch: bool,
 }
 
+// The rare states of a direction are boxed, so that a connection between messages carries
+// only a tag and a pointer for each.
+
+/// Looking for the next start line after an error, a gap or a pick-up.
+#[derive(Debug)]
+struct Resync {
+    finder: LineFinder,
+    /// For the first start line after a mid-stream pick-up (reported differently).
+    mid_stream: bool,
+}
+
+impl Resync {
+    fn boxed(kind: StartLine, max_line: usize, mid_stream: bool) -> Box<Self> {
+        Box::new(Self {
+            finder: LineFinder::new(kind, max_line, false),
+            mid_stream,
+        })
+    }
+}
+
+/// The client bytes that follow an Upgrade or CONNECT request, held until the server answers.
+#[derive(Debug)]
+struct AwaitSwitch {
+    seq: u64,
+    held: Vec<u8>,
+    first: Option<Timestamp>,
+    lost: bool,
+}
+
 #[derive(Debug)]
 enum ClientState {
     /// At a message boundary, or inside a head.
     Head,
     Body(Box<RequestInProgress>),
-    /// Looking for the next request line; `mid_stream` for the first one after a pick-up.
-    Resync {
-        finder: LineFinder,
-        mid_stream: bool,
-    },
+    /// Looking for the next request line.
+    Resync(Box<Resync>),
     /// After an Upgrade or CONNECT request: the client's next bytes are HTTP only if the server
     /// refuses, so they wait for its answer (bounded by `max_head_bytes`).
-    AwaitSwitch {
-        seq: u64,
-        held: Vec<u8>,
-        first: Option<Timestamp>,
-        lost: bool,
-    },
+    AwaitSwitch(Box<AwaitSwitch>),
     /// After a request announcing `Connection: close`: the server reads nothing more.
     Closing {
         reported: bool,
@@ -227,10 +353,7 @@ enum ServerState {
     },
     Head,
     Body(Box<ResponseInProgress>),
-    Resync {
-        finder: LineFinder,
-        mid_stream: bool,
-    },
+    Resync(Box<Resync>),
     Closing {
         reported: bool,
     },
@@ -246,7 +369,7 @@ pub struct HttpConnection {
     client_head: HeadAccumulator,
     server: ServerState,
     server_head: HeadAccumulator,
-    pending: VecDeque<Pending>,
+    pending: PendingQueue,
     next_seq: u64,
     /// An Upgrade or CONNECT request refused before the client finished sending it.
     refused_switch: Option<u64>,
@@ -256,14 +379,15 @@ pub struct HttpConnection {
 impl HttpConnection {
     /// `mid_stream`: the SYN was not seen, so the streams may begin inside a message.
     pub fn new(limits: HttpLimits, mid_stream: bool) -> Self {
-        let mut pending = VecDeque::new();
+        let mut pending = PendingQueue::default();
         let (client, server) = if mid_stream {
             pending.push_back(Pending::Unknown);
             (
-                ClientState::Resync {
-                    finder: LineFinder::new(StartLine::Request, limits.max_head_bytes, false),
-                    mid_stream: true,
-                },
+                ClientState::Resync(Resync::boxed(
+                    StartLine::Request,
+                    limits.max_head_bytes,
+                    true,
+                )),
                 ServerState::AwaitFirstRequest { skipped: 0 },
             )
         } else {
@@ -272,9 +396,9 @@ impl HttpConnection {
         Self {
             limits,
             client,
-            client_head: HeadAccumulator::new(),
+            client_head: HeadAccumulator::default(),
             server,
-            server_head: HeadAccumulator::new(),
+            server_head: HeadAccumulator::default(),
             pending,
             next_seq: 0,
             refused_switch: None,
@@ -294,21 +418,21 @@ impl HttpConnection {
             ClientState::Body(request) => {
                 request.reader.buffered_bytes() + headers_size(&request.request.headers)
             }
-            ClientState::Resync { finder, .. } => finder.buffered_bytes(),
-            ClientState::AwaitSwitch { held, .. } => held.capacity(),
+            ClientState::Resync(resync) => resync.finder.buffered_bytes(),
+            ClientState::AwaitSwitch(waiting) => waiting.held.capacity(),
             ClientState::Head | ClientState::Closing { .. } | ClientState::Ended => 0,
         };
         let server = match &self.server {
             ServerState::Body(response) => {
                 response.reader.buffered_bytes() + headers_size(&response.response.headers)
             }
-            ServerState::Resync { finder, .. } => finder.buffered_bytes(),
+            ServerState::Resync(resync) => resync.finder.buffered_bytes(),
             _ => 0,
         };
         client
             + server
-            + self.client_head.buf.capacity()
-            + self.server_head.buf.capacity()
+            + self.client_head.buffered_bytes()
+            + self.server_head.buffered_bytes()
             + self.pending.len() * size_of::<Pending>()
     }
 
@@ -362,13 +486,13 @@ impl HttpConnection {
                     self.client_body_step(&[], Timestamp::ZERO, out);
                 }
             }
-            ClientState::Resync { finder, .. } => {
-                finder.gap();
+            ClientState::Resync(resync) => {
+                resync.finder.gap();
                 self.pending_unknown();
             }
-            ClientState::AwaitSwitch { held, lost, .. } => {
-                *held = Vec::new();
-                *lost = true;
+            ClientState::AwaitSwitch(waiting) => {
+                waiting.held = Vec::new();
+                waiting.lost = true;
             }
             ClientState::Closing { .. } | ClientState::Ended => {}
         }
@@ -404,7 +528,7 @@ impl HttpConnection {
                     self.server_body_step(&[], Timestamp::ZERO, out);
                 }
             }
-            ServerState::Resync { finder, .. } => finder.gap(),
+            ServerState::Resync(resync) => resync.finder.gap(),
             ServerState::AwaitFirstRequest { .. }
             | ServerState::Closing { .. }
             | ServerState::Ended => {}
@@ -425,10 +549,9 @@ impl HttpConnection {
                 out.push(HttpEvent::Anomaly(Anomaly::Truncated { direction }));
                 self.mark_dropped(request.request.seq);
             }
-            ClientState::Resync {
-                mut finder,
-                mid_stream,
-            } => report_skipped(direction, finder.finish(), mid_stream, out),
+            ClientState::Resync(mut resync) => {
+                report_skipped(direction, resync.finder.finish(), resync.mid_stream, out)
+            }
             _ => {}
         }
         self.client_head.reset();
@@ -456,10 +579,9 @@ impl HttpConnection {
             ServerState::Body(response) if !response.dropped => {
                 out.push(HttpEvent::Anomaly(Anomaly::Truncated { direction }));
             }
-            ServerState::Resync {
-                mut finder,
-                mid_stream,
-            } => report_skipped(direction, finder.finish(), mid_stream, out),
+            ServerState::Resync(mut resync) => {
+                report_skipped(direction, resync.finder.finish(), resync.mid_stream, out)
+            }
             _ => {}
         }
         self.server_head.reset();
@@ -471,22 +593,23 @@ impl HttpConnection {
         match &mut self.client {
             ClientState::Head => self.client_head_step(input, ts, out),
             ClientState::Body(_) => self.client_body_step(input, ts, out),
-            ClientState::Resync { finder, mid_stream } => match finder.feed(input) {
+            ClientState::Resync(resync) => match resync.finder.feed(input) {
                 Found::NeedMore => input.len(),
                 Found::Line { line, consumed } => {
-                    report_skipped(Direction::Client, finder.finish(), *mid_stream, out);
-                    self.client_head.restart_with(&line, ts);
+                    let skipped = resync.finder.finish();
+                    report_skipped(Direction::Client, skipped, resync.mid_stream, out);
+                    self.client_head.restart_with(line, ts);
                     self.client = ClientState::Head;
                     consumed
                 }
             },
-            ClientState::AwaitSwitch { held, first, .. } => {
-                if held.len() + input.len() > self.limits.max_head_bytes {
+            ClientState::AwaitSwitch(waiting) => {
+                if waiting.held.len() + input.len() > self.limits.max_head_bytes {
                     out.push(HttpEvent::Anomaly(Anomaly::UndecidedUpgradeOverflow));
                     self.make_opaque();
                 } else {
-                    first.get_or_insert(ts);
-                    held.extend_from_slice(input);
+                    waiting.first.get_or_insert(ts);
+                    waiting.held.extend_from_slice(input);
                 }
                 input.len()
             }
@@ -507,17 +630,14 @@ impl HttpConnection {
         let (step, consumed) = self.client_head.feed(input, ts, self.limits.max_head_bytes);
         match step {
             HeadStep::NeedMore => {}
-            HeadStep::Complete { range, in_buffer } => {
-                let started = self.client_head.started.unwrap_or(ts);
-                let buf = std::mem::take(&mut self.client_head.buf);
-                let head = if in_buffer {
-                    &buf[range]
-                } else {
-                    &input[range]
+            HeadStep::Complete { range } => {
+                let started = self.client_head.started().unwrap_or(ts);
+                let partial = self.client_head.partial.take();
+                let head = match &partial {
+                    Some(partial) => &partial.buf[range],
+                    None => &input[range],
                 };
-                self.on_request_head(head, started, ts, out);
-                self.client_head.buf = buf;
-                self.client_head.reset();
+                return consumed + self.on_request_head(head, started, ts, &input[consumed..], out);
             }
             HeadStep::Problem {
                 problem,
@@ -529,7 +649,7 @@ impl HttpConnection {
                     HeadProblem::ObsFold => Anomaly::ObsFold { direction },
                     HeadProblem::TooLarge => Anomaly::HeadTooLarge { direction },
                 }));
-                let started = self.client_head.started.unwrap_or(ts);
+                let started = self.client_head.started().unwrap_or(ts);
                 self.client_head.reset();
                 // The server read a request here too and will answer it.
                 self.push_request(first_word, false, started, true, out);
@@ -539,18 +659,21 @@ impl HttpConnection {
         consumed
     }
 
+    /// Takes a complete request head and, when it announces a body, reads what of the body
+    /// follows it in `rest`. Returns the bytes of `rest` used.
     fn on_request_head(
         &mut self,
         head: &[u8],
         started: Timestamp,
         ts: Timestamp,
+        rest: &[u8],
         out: &mut Vec<HttpEvent>,
-    ) {
+    ) -> usize {
         let direction = Direction::Client;
         if head == HTTP2_PREFACE_HEAD {
             out.push(HttpEvent::Anomaly(Anomaly::Http2Unsupported));
             self.make_opaque();
-            return;
+            return 0;
         }
         let parsed = match parse_request_head(head, self.limits.max_headers) {
             Ok(parsed) => parsed,
@@ -558,7 +681,7 @@ impl HttpConnection {
                 out.push(HttpEvent::Anomaly(head_error_anomaly(error, direction)));
                 self.push_request(FirstWord::of(head), false, started, true, out);
                 self.client_desync(true);
-                return;
+                return 0;
             }
         };
         let first_word = FirstWord {
@@ -576,7 +699,7 @@ impl HttpConnection {
                 out.push(HttpEvent::Anomaly(framing_anomaly(error, direction)));
                 self.push_request(first_word, false, started, true, out);
                 self.make_opaque();
-                return;
+                return 0;
             }
         };
         let seq = self.push_request(first_word, switch, started, false, out);
@@ -615,47 +738,73 @@ impl HttpConnection {
         };
         if framing == BodyFraming::Empty {
             self.complete_request(in_progress, ts, out);
-        } else {
+            return 0;
+        }
+        let mut in_progress = in_progress;
+        if rest.is_empty() {
             self.client = ClientState::Body(Box::new(in_progress));
+            return 0;
+        }
+        // A body that follows its head in the same piece is read here, so that a message that
+        // arrives whole is never boxed.
+        match self.read_request_body(&mut in_progress, rest, out) {
+            BodyStep::More(used) => {
+                self.client = ClientState::Body(Box::new(in_progress));
+                used
+            }
+            BodyStep::Done(used) => {
+                self.complete_request(in_progress, ts, out);
+                used
+            }
+            BodyStep::Broken(used) => {
+                self.client_desync(false);
+                used
+            }
         }
     }
 
     fn client_body_step(&mut self, input: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) -> usize {
-        let ClientState::Body(request) = &mut self.client else {
+        // Out of the state while it is read, as reading may mark its pairing entry dropped.
+        let state = std::mem::replace(&mut self.client, ClientState::Head);
+        let ClientState::Body(mut request) = state else {
+            self.client = state;
             return 0;
         };
-        let progress = match request.reader.feed(input) {
-            Ok(progress) => progress,
-            Err(error) => {
-                if !request.dropped {
-                    out.push(HttpEvent::Anomaly(Anomaly::InvalidChunk {
-                        direction: Direction::Client,
-                    }));
-                    let seq = request.request.seq;
-                    self.mark_dropped(seq);
-                }
-                self.client_desync(false);
-                return error.consumed;
+        match self.read_request_body(&mut request, input, out) {
+            BodyStep::More(used) => {
+                self.client = ClientState::Body(request);
+                used
             }
-        };
-        if let Some(notice) = progress.notice
-            && !request.dropped
-        {
-            out.push(HttpEvent::Anomaly(notice_anomaly(
-                notice,
-                Direction::Client,
-            )));
-            request.dropped = true;
-            let seq = request.request.seq;
-            self.mark_dropped(seq);
+            BodyStep::Done(used) => {
+                self.complete_request(*request, ts, out);
+                used
+            }
+            BodyStep::Broken(used) => {
+                self.client_desync(false);
+                used
+            }
         }
-        if progress.done
-            && let ClientState::Body(request) =
-                std::mem::replace(&mut self.client, ClientState::Head)
-        {
-            self.complete_request(*request, ts, out);
+    }
+
+    /// Reads body bytes of a request in progress, reporting what goes wrong once per request.
+    fn read_request_body(
+        &mut self,
+        request: &mut RequestInProgress,
+        input: &[u8],
+        out: &mut Vec<HttpEvent>,
+    ) -> BodyStep {
+        let was_dropped = request.dropped;
+        let step = read_body(
+            &mut request.reader,
+            &mut request.dropped,
+            input,
+            Direction::Client,
+            out,
+        );
+        if request.dropped && !was_dropped {
+            self.mark_dropped(request.request.seq);
         }
-        progress.consumed
+        step
     }
 
     fn complete_request(
@@ -676,12 +825,12 @@ impl HttpConnection {
             .take_if(|seq| *seq == request.seq)
             .is_some();
         self.client = if switch && !refused {
-            ClientState::AwaitSwitch {
+            ClientState::AwaitSwitch(Box::new(AwaitSwitch {
                 seq: request.seq,
                 held: Vec::new(),
                 first: None,
                 lost: false,
-            }
+            }))
         } else if close {
             ClientState::Closing { reported: false }
         } else {
@@ -704,32 +853,32 @@ impl HttpConnection {
         if !after_head {
             self.pending_unknown();
         }
-        self.client = ClientState::Resync {
-            finder: LineFinder::new(StartLine::Request, self.limits.max_head_bytes, false),
-            mid_stream: false,
-        };
+        self.client = ClientState::Resync(Resync::boxed(
+            StartLine::Request,
+            self.limits.max_head_bytes,
+            false,
+        ));
     }
 
     /// Resumes the client after the server refused an Upgrade or CONNECT.
     fn release_client(&mut self, seq: u64, out: &mut Vec<HttpEvent>) {
-        let ClientState::AwaitSwitch { seq: waiting, .. } = &self.client else {
+        let ClientState::AwaitSwitch(waiting) = &self.client else {
             // Refused before the request was complete (an early answer to a request body).
             self.refused_switch = Some(seq);
             return;
         };
-        if *waiting != seq {
+        if waiting.seq != seq {
             return;
         }
-        let ClientState::AwaitSwitch {
-            held, first, lost, ..
-        } = std::mem::replace(&mut self.client, ClientState::Head)
+        let ClientState::AwaitSwitch(waiting) =
+            std::mem::replace(&mut self.client, ClientState::Head)
         else {
             return;
         };
-        if lost {
+        if waiting.lost {
             self.client_desync(false);
         }
-        self.client_data(&held, first.unwrap_or_default(), out);
+        self.client_data(&waiting.held, waiting.first.unwrap_or_default(), out);
     }
 
     // ---- server side ----
@@ -742,13 +891,10 @@ impl HttpConnection {
                     .iter()
                     .any(|p| matches!(p, Pending::Request(_)))
                 {
-                    let mut finder =
-                        LineFinder::new(StartLine::Status, self.limits.max_head_bytes, false);
-                    finder.add_skipped(*skipped);
-                    self.server = ServerState::Resync {
-                        finder,
-                        mid_stream: true,
-                    };
+                    let mut resync =
+                        Resync::boxed(StartLine::Status, self.limits.max_head_bytes, true);
+                    resync.finder.add_skipped(*skipped);
+                    self.server = ServerState::Resync(resync);
                     0
                 } else {
                     *skipped += input.len() as u64;
@@ -757,11 +903,12 @@ impl HttpConnection {
             }
             ServerState::Head => self.server_head_step(input, ts, out),
             ServerState::Body(_) => self.server_body_step(input, ts, out),
-            ServerState::Resync { finder, mid_stream } => match finder.feed(input) {
+            ServerState::Resync(resync) => match resync.finder.feed(input) {
                 Found::NeedMore => input.len(),
                 Found::Line { line, consumed } => {
-                    report_skipped(Direction::Server, finder.finish(), *mid_stream, out);
-                    self.server_head.restart_with(&line, ts);
+                    let skipped = resync.finder.finish();
+                    report_skipped(Direction::Server, skipped, resync.mid_stream, out);
+                    self.server_head.restart_with(line, ts);
                     self.server = ServerState::Head;
                     consumed
                 }
@@ -783,17 +930,15 @@ impl HttpConnection {
         let (step, consumed) = self.server_head.feed(input, ts, self.limits.max_head_bytes);
         match step {
             HeadStep::NeedMore => {}
-            HeadStep::Complete { range, in_buffer } => {
-                let started = self.server_head.started.unwrap_or(ts);
-                let buf = std::mem::take(&mut self.server_head.buf);
-                let head = if in_buffer {
-                    &buf[range]
-                } else {
-                    &input[range]
+            HeadStep::Complete { range } => {
+                let started = self.server_head.started().unwrap_or(ts);
+                let partial = self.server_head.partial.take();
+                let head = match &partial {
+                    Some(partial) => &partial.buf[range],
+                    None => &input[range],
                 };
-                self.on_response_head(head, started, ts, out);
-                self.server_head.buf = buf;
-                self.server_head.reset();
+                return consumed
+                    + self.on_response_head(head, started, ts, &input[consumed..], out);
             }
             HeadStep::Problem { problem, .. } => {
                 let direction = Direction::Server;
@@ -809,26 +954,29 @@ impl HttpConnection {
         consumed
     }
 
+    /// Takes a complete response head and, when it announces a body, reads what of the body
+    /// follows it in `rest`. Returns the bytes of `rest` used.
     fn on_response_head(
         &mut self,
         head: &[u8],
         started: Timestamp,
         ts: Timestamp,
+        rest: &[u8],
         out: &mut Vec<HttpEvent>,
-    ) {
+    ) -> usize {
         let direction = Direction::Server;
         let parsed = match parse_response_head(head, self.limits.max_headers) {
             Ok(parsed) => parsed,
             Err(error) => {
                 out.push(HttpEvent::Anomaly(head_error_anomaly(error, direction)));
                 self.server_desync();
-                return;
+                return 0;
             }
         };
         // Interim responses (100 Continue for `Expect: 100-continue`, 102, 103) precede the
         // final one and are not paired.
         if (100..200).contains(&parsed.status) && parsed.status != 101 {
-            return;
+            return 0;
         }
         let request = self.pair(started);
         if request.is_none() {
@@ -896,8 +1044,34 @@ impl HttpConnection {
         };
         if framing == BodyFraming::Empty {
             self.complete_response(in_progress, ts, out);
-        } else {
+            return 0;
+        }
+        let mut in_progress = in_progress;
+        if rest.is_empty() {
             self.server = ServerState::Body(Box::new(in_progress));
+            return 0;
+        }
+        // As for requests: a body that arrives with its head is read without boxing.
+        let step = read_body(
+            &mut in_progress.reader,
+            &mut in_progress.dropped,
+            rest,
+            direction,
+            out,
+        );
+        match step {
+            BodyStep::More(used) => {
+                self.server = ServerState::Body(Box::new(in_progress));
+                used
+            }
+            BodyStep::Done(used) => {
+                self.complete_response(in_progress, ts, out);
+                used
+            }
+            BodyStep::Broken(used) => {
+                self.server_desync();
+                used
+            }
         }
     }
 
@@ -905,34 +1079,28 @@ impl HttpConnection {
         let ServerState::Body(response) = &mut self.server else {
             return 0;
         };
-        let progress = match response.reader.feed(input) {
-            Ok(progress) => progress,
-            Err(error) => {
-                if !response.dropped {
-                    out.push(HttpEvent::Anomaly(Anomaly::InvalidChunk {
-                        direction: Direction::Server,
-                    }));
+        let step = read_body(
+            &mut response.reader,
+            &mut response.dropped,
+            input,
+            Direction::Server,
+            out,
+        );
+        match step {
+            BodyStep::More(used) => used,
+            BodyStep::Done(used) => {
+                if let ServerState::Body(response) =
+                    std::mem::replace(&mut self.server, ServerState::Head)
+                {
+                    self.complete_response(*response, ts, out);
                 }
-                self.server_desync();
-                return error.consumed;
+                used
             }
-        };
-        if let Some(notice) = progress.notice
-            && !response.dropped
-        {
-            out.push(HttpEvent::Anomaly(notice_anomaly(
-                notice,
-                Direction::Server,
-            )));
-            response.dropped = true;
+            BodyStep::Broken(used) => {
+                self.server_desync();
+                used
+            }
         }
-        if progress.done
-            && let ServerState::Body(response) =
-                std::mem::replace(&mut self.server, ServerState::Head)
-        {
-            self.complete_response(*response, ts, out);
-        }
-        progress.consumed
     }
 
     fn complete_response(
@@ -973,17 +1141,18 @@ impl HttpConnection {
     /// The server stream is at an unknown position: the responses owed so far can no longer be
     /// told apart, so the queue restarts with an unknown number of them.
     fn server_desync(&mut self) {
-        if matches!(self.client, ClientState::AwaitSwitch { .. }) {
+        if matches!(self.client, ClientState::AwaitSwitch(_)) {
             // The answer that decides the protocol is lost: what follows cannot be read.
             self.make_opaque();
             return;
         }
         self.pending.clear();
         self.pending.push_back(Pending::Unknown);
-        self.server = ServerState::Resync {
-            finder: LineFinder::new(StartLine::Status, self.limits.max_head_bytes, false),
-            mid_stream: false,
-        };
+        self.server = ServerState::Resync(Resync::boxed(
+            StartLine::Status,
+            self.limits.max_head_bytes,
+            false,
+        ));
     }
 
     // ---- pairing ----
@@ -1048,12 +1217,13 @@ impl HttpConnection {
                 self.pending.pop_front();
                 Some(request)
             }
-            Some(Pending::Unknown) => match self.pending.get(1) {
+            Some(Pending::Unknown) => match self.pending.second() {
                 // A response cannot start before its request: one that does answers a request
                 // shadow never saw, and the unknown stretch is not over yet.
                 Some(Pending::Request(request)) if started >= request.started => {
                     let request = *request;
-                    self.pending.drain(..2);
+                    self.pending.pop_front();
+                    self.pending.pop_front();
                     Some(request)
                 }
                 _ => None,
@@ -1066,9 +1236,48 @@ impl HttpConnection {
         self.opaque = true;
         self.client = ClientState::Ended;
         self.server = ServerState::Ended;
-        self.client_head = HeadAccumulator::new();
-        self.server_head = HeadAccumulator::new();
-        self.pending = VecDeque::new();
+        self.client_head.reset();
+        self.server_head.reset();
+        self.pending.clear();
+    }
+}
+
+/// Where reading body bytes left a message in progress; each carries the input bytes used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyStep {
+    More(usize),
+    Done(usize),
+    /// The chunked coding broke: the stream must be resynchronised.
+    Broken(usize),
+}
+
+/// Feeds body bytes to `reader`; the first problem of a message is reported and marks it
+/// `dropped`.
+fn read_body(
+    reader: &mut BodyReader,
+    dropped: &mut bool,
+    input: &[u8],
+    direction: Direction,
+    out: &mut Vec<HttpEvent>,
+) -> BodyStep {
+    let progress = match reader.feed(input) {
+        Ok(progress) => progress,
+        Err(error) => {
+            if !std::mem::replace(dropped, true) {
+                out.push(HttpEvent::Anomaly(Anomaly::InvalidChunk { direction }));
+            }
+            return BodyStep::Broken(error.consumed);
+        }
+    };
+    if let Some(notice) = progress.notice
+        && !std::mem::replace(dropped, true)
+    {
+        out.push(HttpEvent::Anomaly(notice_anomaly(notice, direction)));
+    }
+    if progress.done {
+        BodyStep::Done(progress.consumed)
+    } else {
+        BodyStep::More(progress.consumed)
     }
 }
 
