@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod budget;
 pub mod capture;
+pub mod compare;
 pub mod config;
 pub mod flows;
 pub mod forward;

@@ -1,0 +1,288 @@
+//! A response body read the way it is compared (JSON, normalised text, or bytes), and the
+//! comparison of bodies and of the configured headers into differences.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use serde_json::Value;
+
+use super::json::{self, DiffOptions, FlatLeaf, Leaf};
+use super::{DiffKind, EXAMPLE_CHARS, Observed};
+
+/// A body ready for comparison.
+#[derive(Debug)]
+pub(super) enum Body<'a> {
+    Json(Value),
+    /// Normalised: line endings `\n`, no trailing whitespace on a line, no trailing empty lines.
+    Text(String),
+    Bytes(&'a [u8]),
+    /// Longer than `max_body_bytes`: only its length and hash are kept.
+    Oversized {
+        len: usize,
+        hash: u64,
+    },
+}
+
+impl<'a> Body<'a> {
+    pub(super) fn parse(observed: &Observed<'a>, max_bytes: usize) -> Self {
+        let bytes = observed.body;
+        if bytes.len() > max_bytes {
+            return Body::Oversized {
+                len: bytes.len(),
+                hash: hash_bytes(bytes),
+            };
+        }
+        let header = |name: &str| {
+            observed
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+        };
+        // Compressed bodies are compared as they are: equal content compresses alike, and the
+        // agent does not decompress.
+        if header("content-encoding").is_some_and(|e| !e.is_empty() && e != "identity") {
+            return Body::Bytes(bytes);
+        }
+        // JSON when it parses, whatever the content type says: services label JSON as
+        // text/plain often enough. A failed parse stops at the first wrong byte, so trying costs
+        // little. Documents nested deeper than serde_json's limit (128) fail here and are
+        // compared as text or bytes.
+        if !bytes.is_empty()
+            && let Ok(v) = serde_json::from_slice::<Value>(bytes)
+        {
+            return Body::Json(v);
+        }
+        let content_type = header("content-type");
+        let textual = match &content_type {
+            Some(t) => {
+                t.starts_with("text/")
+                    || t.contains("json")
+                    || t.contains("xml")
+                    || t.contains("javascript")
+                    || t.starts_with("application/x-www-form-urlencoded")
+            }
+            None => std::str::from_utf8(bytes).is_ok(),
+        };
+        if textual {
+            Body::Text(normalise_text(&String::from_utf8_lossy(bytes)))
+        } else {
+            Body::Bytes(bytes)
+        }
+    }
+
+    pub(super) fn oversized(&self) -> bool {
+        matches!(self, Body::Oversized { .. })
+    }
+
+    /// The kind of a whole-body field.
+    pub(super) fn leaf_kind(&self) -> DiffKind {
+        match self {
+            Body::Json(_) => DiffKind::Changed,
+            Body::Text(_) => DiffKind::Text,
+            _ => DiffKind::Bytes,
+        }
+    }
+
+    /// Length and hash of what is compared, for bodies not compared structurally.
+    fn digest(&self) -> (usize, u64) {
+        match self {
+            Body::Json(v) => (0, hash_bytes(v.to_string().as_bytes())),
+            Body::Text(t) => (t.len(), hash_bytes(t.as_bytes())),
+            Body::Bytes(b) => (b.len(), hash_bytes(b)),
+            Body::Oversized { len, hash } => (*len, *hash),
+        }
+    }
+
+    fn example(&self) -> ExampleValue<'_> {
+        match self {
+            Body::Json(v) => ExampleValue::Json(Some(v)),
+            Body::Text(t) => ExampleValue::Line(1, t.lines().next().unwrap_or_default()),
+            Body::Bytes(b) => ExampleValue::Bytes(b.len()),
+            Body::Oversized { len, .. } => ExampleValue::Bytes(*len),
+        }
+    }
+
+    /// The leaves remembered for learning noise from repeated requests; a body that is not
+    /// JSON is one leaf, `$`. Returns whether leaves were left out.
+    pub(super) fn flatten(&self, o: &DiffOptions<'_>, max: usize, out: &mut Vec<FlatLeaf>) -> bool {
+        match self {
+            Body::Json(v) => json::flatten(v, o, max, out),
+            _ if max == 0 => true,
+            _ => {
+                out.push(FlatLeaf {
+                    at: 0,
+                    field: "$".to_owned(),
+                    value: Leaf::Hash(self.digest().1),
+                });
+                false
+            }
+        }
+    }
+}
+
+/// A value shown in an example, rendered only for a field's first example.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum ExampleValue<'v> {
+    /// `None`: absent on this side.
+    Json(Option<&'v Value>),
+    /// A line of text, numbered from 1.
+    Line(usize, &'v str),
+    Bytes(usize),
+    /// A header's values, `None` when it is absent.
+    Header(Option<String>),
+}
+
+impl ExampleValue<'_> {
+    pub(super) fn render(&self, redacted: bool, sensitive: &dyn Fn(&str) -> bool) -> String {
+        let present = !matches!(self, ExampleValue::Json(None) | ExampleValue::Header(None));
+        if !present {
+            return "(absent)".to_owned();
+        }
+        if redacted {
+            return json::REDACTED.to_owned();
+        }
+        let mut s = match self {
+            ExampleValue::Json(Some(v)) => return json::render_value(v, sensitive, EXAMPLE_CHARS),
+            ExampleValue::Line(n, line) => {
+                let mut line = (*line).to_owned();
+                json::cut(&mut line, EXAMPLE_CHARS);
+                format!("line {n}: {line}")
+            }
+            ExampleValue::Bytes(n) => format!("<{n} bytes>"),
+            ExampleValue::Header(Some(v)) => v.clone(),
+            ExampleValue::Json(None) | ExampleValue::Header(None) => String::new(),
+        };
+        json::cut(&mut s, EXAMPLE_CHARS + 16);
+        s
+    }
+}
+
+/// One difference between two responses.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct BodyDifference<'v> {
+    /// As counted per endpoint: `$.items[*].price`, `header:content-type`, `$` for a whole body.
+    pub field: Cow<'v, str>,
+    /// Where this one is: `$.items[3].price`.
+    pub path: String,
+    /// The name deciding whether the values may be shown: a JSON key or a header name.
+    pub last_key: Option<&'v str>,
+    pub kind: DiffKind,
+    pub live: ExampleValue<'v>,
+    pub shadow: ExampleValue<'v>,
+}
+
+/// The differences between two bodies.
+pub(super) fn compare<'v>(
+    live: &'v Body<'_>,
+    shadow: &'v Body<'_>,
+    options: &DiffOptions<'_>,
+) -> Vec<BodyDifference<'v>> {
+    match (live, shadow) {
+        (Body::Json(a), Body::Json(b)) => json::diff(a, b, options)
+            .differences
+            .into_iter()
+            .map(|d| BodyDifference {
+                field: Cow::Owned(d.field),
+                path: d.path,
+                last_key: d.last_key,
+                kind: d.kind,
+                live: ExampleValue::Json(d.live),
+                shadow: ExampleValue::Json(d.shadow),
+            })
+            .collect(),
+        (Body::Text(a), Body::Text(b)) if a != b => {
+            // The first line that differs is the example.
+            let (mut la, mut lb) = (a.lines(), b.lines());
+            let mut n = 1;
+            let (x, y) = loop {
+                match (la.next(), lb.next()) {
+                    (Some(x), Some(y)) if x == y => n += 1,
+                    (x, y) => break (x, y),
+                }
+            };
+            let line = |l: Option<&'v str>| match l {
+                Some(l) => ExampleValue::Line(n, l),
+                None => ExampleValue::Header(None),
+            };
+            vec![whole(DiffKind::Text, line(x), line(y))]
+        }
+        (Body::Json(_), _) | (_, Body::Json(_)) => {
+            vec![whole(DiffKind::NotJson, live.example(), shadow.example())]
+        }
+        _ if live.digest() != shadow.digest() => {
+            let bytes = |b: &Body<'_>| ExampleValue::Bytes(b.digest().0);
+            vec![whole(DiffKind::Bytes, bytes(live), bytes(shadow))]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn whole<'v>(
+    kind: DiffKind,
+    live: ExampleValue<'v>,
+    shadow: ExampleValue<'v>,
+) -> BodyDifference<'v> {
+    BodyDifference {
+        field: Cow::Borrowed("$"),
+        path: "$".to_owned(),
+        last_key: None,
+        kind,
+        live,
+        shadow,
+    }
+}
+
+/// The configured headers (less the ignored ones) whose values differ. Repeated headers are
+/// joined with `, ` as RFC 9110 allows; surrounding whitespace never counts.
+pub(super) fn compare_headers<'v>(
+    live: &[(String, Vec<u8>)],
+    shadow: &[(String, Vec<u8>)],
+    headers: &'v BTreeSet<String>,
+    ignore: &BTreeSet<String>,
+) -> Vec<BodyDifference<'v>> {
+    let value = |hs: &[(String, Vec<u8>)], name: &str| {
+        let values: Vec<_> = hs
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).trim().to_owned())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    let mut out = Vec::new();
+    for name in headers.iter().filter(|h| !ignore.contains(*h)) {
+        let (a, b) = (value(live, name), value(shadow, name));
+        if a != b {
+            let field = format!("header:{name}");
+            out.push(BodyDifference {
+                path: field.clone(),
+                field: Cow::Owned(field),
+                last_key: Some(name),
+                kind: DiffKind::Header,
+                live: ExampleValue::Header(a),
+                shadow: ExampleValue::Header(b),
+            });
+        }
+    }
+    out
+}
+
+/// Text as compared: `\r\n` and `\r` line ends as `\n`, trailing whitespace of each line and
+/// trailing empty lines dropped.
+pub(super) fn normalise_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split('\n') {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let end = out.trim_end().len();
+    out.truncate(end);
+    out
+}
+
+fn hash_bytes(b: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}

@@ -1,0 +1,641 @@
+//! Live and shadow responses compared per endpoint, with learned noise.
+//!
+//! Pure, like the reassembly and the HTTP parser: [`Comparator::observe`] takes one exchange
+//! (the request, live's response, the candidate's, and a baseline's when the route has one)
+//! and updates bounded counts; [`Comparator::report`] reads them out as a [`Report`], which
+//! serialises to JSON and renders as one offline HTML page ([`render_html`]). No I/O, no clock
+//! (latencies come in with the responses), no threads.
+//!
+//! What is compared: the status code, the configured headers, and the body — JSON structurally
+//! into field paths ([`json`]), text by a normalised form, anything else by bytes. Which of those
+//! differences count is learned per endpoint and field ([`noise`]); the endpoint is the method
+//! and a path template ([`endpoint`]).
+//!
+//! Whether an exchange matched is decided when the report is made, not when it is observed, so
+//! that the first exchanges of an endpoint are judged with what was learned after them: each
+//! exchange is kept as its *outcome*, the set of fields it differed in, with a count. Outcomes
+//! are few in practice (the noisy fields, plus a regression); beyond [`MAX_OUTCOMES`] per
+//! endpoint an exchange is judged at once with what is known then.
+
+mod body;
+pub mod endpoint;
+mod html;
+pub mod json;
+pub mod noise;
+mod report;
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mirror::latency::LatencyHistogram;
+use body::{Body, BodyDifference};
+pub use endpoint::Templater;
+pub use html::render_html;
+pub use json::{ArrayOrder, FieldPattern, FieldPatternError};
+use noise::{EndpointCounts, FieldCounts, Fingerprints, NoiseRule, Snapshot, field_hash};
+pub use report::{
+    EndpointReport, Example, FieldReport, Flag, FlagReason, Latency, Report, StatusMismatches,
+    StatusPair, Totals,
+};
+
+/// Name of the endpoint that counts everything beyond `max_endpoints`.
+pub const OTHER_ENDPOINT: &str = "(other)";
+/// Name of the field that counts every field beyond `max_fields_per_endpoint`.
+pub const OTHER_FIELDS: &str = "(other fields)";
+/// Distinct outcomes (sets of differing fields) kept per endpoint.
+pub const MAX_OUTCOMES: usize = 32;
+/// An exchange differing in more fields than this is judged at once, not kept as an outcome.
+pub const MAX_OUTCOME_FIELDS: usize = 32;
+/// Names whose values are never shown, whatever the configuration says.
+pub const ALWAYS_SENSITIVE: [&str; 4] = [
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "set-cookie",
+];
+/// Characters of each example value shown.
+pub const EXAMPLE_CHARS: usize = 100;
+/// Status pairs (live, shadow) counted per endpoint; the rest are summed.
+const MAX_STATUS_PAIRS: usize = 8;
+/// Differences taken from one comparison; a body that differs everywhere is not listed whole.
+const MAX_DIFFERENCES: usize = 256;
+
+/// What is compared, what is ignored, what is never shown, and how much is kept.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Headers compared by value (lower case).
+    pub headers: BTreeSet<String>,
+    /// Headers never compared, even when listed in `headers`.
+    pub ignore_headers: BTreeSet<String>,
+    /// JSON field paths never compared: `$.request_id`, `**.timestamp`, `$.items[*].id`,
+    /// `$.meta.*`.
+    pub ignore_fields: Vec<FieldPattern>,
+    /// Numbers within this relative difference are equal (0.01: 1 %).
+    pub numeric_tolerance: f64,
+    pub array_order: ArrayOrder,
+    /// Header names, and JSON keys at any depth, whose values are never shown (compared
+    /// case-insensitively), besides [`ALWAYS_SENSITIVE`].
+    pub sensitive: BTreeSet<String>,
+    /// Path templates such as `/users/{id}/orders`, tried before the automatic placeholders.
+    pub templates: Vec<String>,
+    /// Endpoints tracked; the rest are counted under [`OTHER_ENDPOINT`].
+    pub max_endpoints: usize,
+    /// Fields tracked per endpoint; the rest are counted under [`OTHER_FIELDS`]. Also the
+    /// number of leaves remembered per response for learning noise without a baseline.
+    pub max_fields_per_endpoint: usize,
+    /// Bodies longer than this (either side) are compared by length and hash only, and counted.
+    pub max_body_bytes: usize,
+    /// Requests remembered for learning noise from identical repeated requests.
+    pub max_fingerprints: usize,
+    /// Same-version observations an endpoint needs before any of its fields can be noise.
+    pub min_samples: u64,
+    /// A field differing in at least this share of same-version observations is noise.
+    pub noise_share: f64,
+    /// A noisy field still counts when the candidate's difference rate exceeds its noise rate
+    /// by more than this (0.2: 20 points), which is what "clearly above the noise" means here.
+    pub regression_margin: f64,
+    /// An endpoint is flagged below this match rate...
+    pub flag_match_rate: f64,
+    /// ...or when its shadow p50 is at least this many times live's...
+    pub flag_slowdown: f64,
+    /// ...once it has at least this many exchanges compared.
+    pub flag_min_compared: u64,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        let set = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            headers: set(&[
+                "cache-control",
+                "content-encoding",
+                "content-language",
+                "content-type",
+                "location",
+                "vary",
+                "www-authenticate",
+            ]),
+            // Per-response values, and Content-Length: the bodies are compared anyway.
+            ignore_headers: set(&[
+                "age",
+                "content-length",
+                "date",
+                "etag",
+                "expires",
+                "last-modified",
+                "server",
+                "set-cookie",
+                "traceparent",
+                "tracestate",
+                "transfer-encoding",
+                "x-request-id",
+                "x-trace-id",
+            ]),
+            ignore_fields: Vec::new(),
+            numeric_tolerance: 0.0,
+            array_order: ArrayOrder::Ordered,
+            sensitive: set(&[
+                "access_token",
+                "api_key",
+                "authorization",
+                "cookie",
+                "password",
+                "proxy-authorization",
+                "refresh_token",
+                "secret",
+                "set-cookie",
+                "x-api-key",
+            ]),
+            templates: Vec::new(),
+            max_endpoints: 200,
+            max_fields_per_endpoint: 64,
+            max_body_bytes: 256 * 1024,
+            max_fingerprints: 1024,
+            min_samples: 20,
+            noise_share: 0.5,
+            regression_margin: 0.2,
+            flag_match_rate: 0.95,
+            flag_slowdown: 2.0,
+            flag_min_compared: 20,
+        }
+    }
+}
+
+impl CompareConfig {
+    /// An upper bound of [`Comparator::memory_bytes`] under these limits. Generous by design
+    /// (every string at its longest, every table at twice its entries for growth), so a test
+    /// can hold the comparator to it.
+    pub fn memory_limit(&self) -> usize {
+        let fields = self.max_fields_per_endpoint + 1;
+        // A field's path, and its example's path and two values, at their longest.
+        let field_strings = 2 * json::MAX_PATH_CHARS + 2 * (EXAMPLE_CHARS + 16);
+        let endpoint = size_of::<EndpointState>()
+            + endpoint::MAX_ENDPOINT_CHARS
+            + fields * (2 * size_of::<FieldState>() + field_strings)
+            + 2 * fields * (size_of::<(u64, u32)>() + 1)
+            + 2 * MAX_OUTCOMES * (size_of::<(Box<[u32]>, u64)>() + 1)
+            + MAX_OUTCOMES * MAX_OUTCOME_FIELDS * 4
+            + 2 * MAX_STATUS_PAIRS * size_of::<StatusCount>();
+        let endpoints = (self.max_endpoints + 1)
+            * (endpoint
+                + size_of::<EndpointState>()
+                + 2 * (size_of::<(String, u32)>() + 1)
+                + endpoint::MAX_ENDPOINT_CHARS);
+        let snapshot = size_of::<Snapshot>()
+            + self.max_fields_per_endpoint * size_of::<(u64, u64, json::Leaf)>();
+        let fingerprints = self.max_fingerprints
+            * (snapshot
+                + 2 * (size_of::<(u64, (u64, Snapshot))>() + 8)
+                + size_of::<(u64, u64)>()
+                + 16);
+        size_of::<Comparator>() + endpoints + fingerprints
+    }
+
+    fn noise_rule(&self) -> NoiseRule {
+        NoiseRule {
+            min_samples: self.min_samples,
+            noise_share: self.noise_share,
+            regression_margin: self.regression_margin,
+        }
+    }
+}
+
+/// One response as compared.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub status: u16,
+    pub headers: &'a [(String, Vec<u8>)],
+    /// Decoded (de-chunked) body.
+    pub body: &'a [u8],
+    /// From the request's end to the response's end, as measured by whoever saw both.
+    pub latency: Duration,
+}
+
+/// One request with the responses to it.
+#[derive(Clone, Copy, Debug)]
+pub struct Exchange<'a> {
+    pub method: &'a str,
+    /// Origin-form, with the query.
+    pub target: &'a str,
+    pub request_body: &'a [u8],
+    pub live: Observed<'a>,
+    /// The shadow deployment under test.
+    pub candidate: Observed<'a>,
+    /// A target running live's version, when the route names one.
+    pub baseline: Option<Observed<'a>>,
+}
+
+/// What kind of difference a field holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiffKind {
+    /// Same JSON type, another value.
+    Changed,
+    /// Another JSON type (`"1"` against `1`, an object against an array).
+    TypeChanged,
+    /// Present in live only.
+    Missing,
+    /// Present in the shadow only.
+    Added,
+    /// Nested deeper than [`json::MAX_DEPTH`] and not equal.
+    TooDeep,
+    /// JSON on one side only.
+    NotJson,
+    /// Text bodies differing after normalisation.
+    Text,
+    /// Other bodies (binary, compressed, or longer than `max_body_bytes`) differing in bytes.
+    Bytes,
+    /// A compared header.
+    Header,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StatusCount {
+    live: u16,
+    shadow: u16,
+    count: u64,
+}
+
+#[derive(Debug)]
+struct FieldState {
+    path: String,
+    kind: DiffKind,
+    counts: FieldCounts,
+    /// The first difference seen, values already redacted and cut.
+    example: Option<Example>,
+}
+
+impl FieldState {
+    fn memory_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.path.capacity()
+            + self.example.as_ref().map_or(0, |e| {
+                e.path.capacity() + e.live.capacity() + e.shadow.capacity()
+            })
+    }
+}
+
+#[derive(Debug)]
+struct EndpointState {
+    name: String,
+    compared: u64,
+    counts: EndpointCounts,
+    status_mismatches: u64,
+    status_pairs: Vec<StatusCount>,
+    /// Status mismatches beyond [`MAX_STATUS_PAIRS`] distinct pairs.
+    status_pairs_other: u64,
+    fields: Vec<FieldState>,
+    by_field: HashMap<u64, u32>,
+    /// The index of [`OTHER_FIELDS`] in `fields`, once needed.
+    other_fields: Option<u32>,
+    /// Same-status exchanges by the sorted set of fields they differed in.
+    outcomes: HashMap<Box<[u32]>, u64>,
+    /// Exchanges judged when observed (outcome table full or too many fields).
+    judged_matched: u64,
+    judged_mismatched: u64,
+    oversized_bodies: u64,
+    live_latency: LatencyHistogram,
+    shadow_latency: LatencyHistogram,
+}
+
+impl EndpointState {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            compared: 0,
+            counts: EndpointCounts::default(),
+            status_mismatches: 0,
+            status_pairs: Vec::new(),
+            status_pairs_other: 0,
+            fields: Vec::new(),
+            by_field: HashMap::new(),
+            other_fields: None,
+            outcomes: HashMap::new(),
+            judged_matched: 0,
+            judged_mismatched: 0,
+            oversized_bodies: 0,
+            live_latency: LatencyHistogram::default(),
+            shadow_latency: LatencyHistogram::default(),
+        }
+    }
+
+    /// The index of a field, added when there is room, else [`OTHER_FIELDS`].
+    fn field(&mut self, path: &str, kind: DiffKind, max: usize) -> u32 {
+        let key = field_hash(path);
+        if let Some(&i) = self.by_field.get(&key) {
+            return i;
+        }
+        let tracked = self.fields.len() - usize::from(self.other_fields.is_some());
+        if tracked >= max {
+            if let Some(i) = self.other_fields {
+                return i;
+            }
+            let i = self.push_field(OTHER_FIELDS.to_owned(), kind);
+            self.other_fields = Some(i);
+            return i;
+        }
+        let i = self.push_field(path.to_owned(), kind);
+        self.by_field.insert(key, i);
+        i
+    }
+
+    fn push_field(&mut self, path: String, kind: DiffKind) -> u32 {
+        let i = u32::try_from(self.fields.len()).unwrap_or(u32::MAX);
+        self.fields.push(FieldState {
+            path,
+            kind,
+            counts: FieldCounts::default(),
+            example: None,
+        });
+        i
+    }
+
+    /// Whether a difference in field `i` makes an exchange a mismatch, with what is known now.
+    fn counts_against(&self, i: u32, rule: &NoiseRule) -> bool {
+        self.fields
+            .get(i as usize)
+            .is_none_or(|f| f.kind == DiffKind::Header || !rule.is_noise(f.counts, self.counts))
+    }
+
+    fn count_status(&mut self, live: u16, shadow: u16) {
+        self.status_mismatches += 1;
+        if let Some(p) = self
+            .status_pairs
+            .iter_mut()
+            .find(|p| p.live == live && p.shadow == shadow)
+        {
+            p.count += 1;
+        } else if self.status_pairs.len() < MAX_STATUS_PAIRS {
+            self.status_pairs.push(StatusCount {
+                live,
+                shadow,
+                count: 1,
+            });
+        } else {
+            self.status_pairs_other += 1;
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.name.capacity()
+            + self.fields.capacity() * size_of::<FieldState>()
+            + self
+                .fields
+                .iter()
+                .map(|f| f.memory_bytes() - size_of::<FieldState>())
+                .sum::<usize>()
+            + self.by_field.capacity() * (size_of::<(u64, u32)>() + 1)
+            + self.outcomes.capacity() * (size_of::<(Box<[u32]>, u64)>() + 1)
+            + self.outcomes.keys().map(|k| k.len() * 4).sum::<usize>()
+            + self.status_pairs.capacity() * size_of::<StatusCount>()
+    }
+}
+
+/// Compares exchanges and keeps per-endpoint counts, within the configured limits.
+#[derive(Debug)]
+pub struct Comparator {
+    config: CompareConfig,
+    templater: Templater,
+    endpoints: Vec<EndpointState>,
+    by_name: HashMap<String, u32>,
+    /// The index of [`OTHER_ENDPOINT`], once needed.
+    other: Option<u32>,
+    /// Exchanges counted under [`OTHER_ENDPOINT`].
+    endpoints_overflowed: u64,
+    fingerprints: Fingerprints,
+}
+
+impl Comparator {
+    pub fn new(mut config: CompareConfig) -> Self {
+        // Names are compared in lower case everywhere.
+        for set in [
+            &mut config.headers,
+            &mut config.ignore_headers,
+            &mut config.sensitive,
+        ] {
+            *set = set.iter().map(|s| s.to_ascii_lowercase()).collect();
+        }
+        config
+            .sensitive
+            .extend(ALWAYS_SENSITIVE.iter().map(|s| (*s).to_owned()));
+        Self {
+            templater: Templater::new(&config.templates),
+            fingerprints: Fingerprints::new(config.max_fingerprints),
+            config,
+            endpoints: Vec::new(),
+            by_name: HashMap::new(),
+            other: None,
+            endpoints_overflowed: 0,
+        }
+    }
+
+    pub fn config(&self) -> &CompareConfig {
+        &self.config
+    }
+
+    /// The endpoint an exchange is counted under: method and path template, such as
+    /// `GET /users/{id}/orders`; the query string is dropped.
+    pub fn endpoint(&self, method: &str, target: &str) -> String {
+        self.templater.endpoint(method, target)
+    }
+
+    /// Counts one exchange.
+    pub fn observe(&mut self, exchange: &Exchange<'_>) {
+        let name = self.endpoint(exchange.method, exchange.target);
+        let e = self.endpoint_index(name);
+        let cfg = &self.config;
+        let options = json::DiffOptions {
+            tolerance: cfg.numeric_tolerance,
+            order: cfg.array_order,
+            ignore: &cfg.ignore_fields,
+            max_differences: MAX_DIFFERENCES,
+        };
+        let ep = &mut self.endpoints[e as usize];
+        ep.compared += 1;
+        ep.live_latency.record(exchange.live.latency);
+        ep.shadow_latency.record(exchange.candidate.latency);
+
+        let live = Body::parse(&exchange.live, cfg.max_body_bytes);
+        let max_fields = cfg.max_fields_per_endpoint;
+        let sensitive = |k: &str| is_sensitive(&cfg.sensitive, k);
+
+        // Noise first, so that this exchange is judged with what it teaches too.
+        if let Some(baseline) = &exchange.baseline {
+            if baseline.status == exchange.live.status {
+                let other = Body::parse(baseline, cfg.max_body_bytes);
+                let diffs = body::compare(&live, &other, &options);
+                ep.counts.noise_samples += 1;
+                let mut seen = Vec::new();
+                for d in &diffs {
+                    seen.push(ep.field(&d.field, d.kind, max_fields));
+                }
+                seen.sort_unstable();
+                seen.dedup();
+                for i in seen {
+                    ep.fields[i as usize].counts.noise += 1;
+                }
+            }
+        } else if cfg.max_fingerprints > 0 {
+            let mut leaves = Vec::new();
+            let partial = live.flatten(&options, max_fields, &mut leaves);
+            let snapshot = Snapshot::new(e, exchange.live.status, &leaves, partial);
+            let fp = fingerprint(exchange);
+            let newer = snapshot.clone();
+            if let Some(prev) = self.fingerprints.replace(fp, snapshot)
+                && prev.endpoint == e
+                && prev.status == newer.status
+            {
+                ep.counts.noise_samples += 1;
+                let by_hash: HashMap<u64, &str> = leaves
+                    .iter()
+                    .map(|l| (field_hash(&l.field), l.field.as_str()))
+                    .collect();
+                let mut seen = Vec::new();
+                for h in prev.differing_fields(&newer, cfg.numeric_tolerance) {
+                    // A leaf only the older response had: counted if its field is known.
+                    let i = match (ep.by_field.get(&h), by_hash.get(&h)) {
+                        (Some(&i), _) => i,
+                        (None, Some(path)) => ep.field(path, live.leaf_kind(), max_fields),
+                        (None, None) => continue,
+                    };
+                    seen.push(i);
+                }
+                seen.sort_unstable();
+                seen.dedup();
+                for i in seen {
+                    ep.fields[i as usize].counts.noise += 1;
+                }
+            }
+        }
+
+        if exchange.live.status != exchange.candidate.status {
+            ep.count_status(exchange.live.status, exchange.candidate.status);
+            return;
+        }
+        ep.counts.compared_bodies += 1;
+        let candidate = Body::parse(&exchange.candidate, cfg.max_body_bytes);
+        if live.oversized() || candidate.oversized() {
+            ep.oversized_bodies += 1;
+        }
+        let mut diffs = body::compare_headers(
+            exchange.live.headers,
+            exchange.candidate.headers,
+            &cfg.headers,
+            &cfg.ignore_headers,
+        );
+        diffs.extend(body::compare(&live, &candidate, &options));
+
+        let mut differing: Vec<u32> = Vec::new();
+        for d in &diffs {
+            let i = ep.field(&d.field, d.kind, max_fields);
+            let f = &mut ep.fields[i as usize];
+            if f.example.is_none() {
+                f.example = Some(example(d, &sensitive));
+            }
+            differing.push(i);
+        }
+        differing.sort_unstable();
+        differing.dedup();
+        for &i in &differing {
+            ep.fields[i as usize].counts.raw += 1;
+        }
+
+        let outcome = differing.into_boxed_slice();
+        if let Some(n) = ep.outcomes.get_mut(&outcome) {
+            *n += 1;
+        } else if ep.outcomes.len() < MAX_OUTCOMES && outcome.len() <= MAX_OUTCOME_FIELDS {
+            ep.outcomes.insert(outcome, 1);
+        } else {
+            let rule = cfg.noise_rule();
+            if outcome.iter().any(|&i| ep.counts_against(i, &rule)) {
+                ep.judged_mismatched += 1;
+            } else {
+                ep.judged_matched += 1;
+            }
+        }
+    }
+
+    /// The counts so far, endpoints worst first.
+    pub fn report(&self) -> Report {
+        report::build(self)
+    }
+
+    /// Approximate heap and inline size of everything kept; at most
+    /// [`CompareConfig::memory_limit`].
+    pub fn memory_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.endpoints.capacity() * size_of::<EndpointState>()
+            + self
+                .endpoints
+                .iter()
+                .map(|e| e.memory_bytes() - size_of::<EndpointState>())
+                .sum::<usize>()
+            + self.by_name.capacity() * (size_of::<(String, u32)>() + 1)
+            + self.by_name.keys().map(String::capacity).sum::<usize>()
+            + self.fingerprints.memory_bytes()
+    }
+
+    /// The index of an endpoint, added when there is room, else [`OTHER_ENDPOINT`].
+    fn endpoint_index(&mut self, name: String) -> u32 {
+        if let Some(&i) = self.by_name.get(&name) {
+            return i;
+        }
+        let tracked = self.endpoints.len() - usize::from(self.other.is_some());
+        let index = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
+        if tracked >= self.config.max_endpoints {
+            self.endpoints_overflowed += 1;
+            if let Some(i) = self.other {
+                return i;
+            }
+            self.endpoints
+                .push(EndpointState::new(OTHER_ENDPOINT.to_owned()));
+            self.other = Some(index);
+            return index;
+        }
+        let mut name = name;
+        name.shrink_to_fit();
+        self.endpoints.push(EndpointState::new(name.clone()));
+        self.by_name.insert(name, index);
+        index
+    }
+}
+
+/// Identical requests share a fingerprint: method, target with query, and body.
+fn fingerprint(exchange: &Exchange<'_>) -> u64 {
+    let mut h = DefaultHasher::new();
+    exchange.method.to_ascii_uppercase().hash(&mut h);
+    exchange.target.hash(&mut h);
+    exchange.request_body.hash(&mut h);
+    h.finish()
+}
+
+fn is_sensitive(set: &BTreeSet<String>, name: &str) -> bool {
+    // Configured names are lower case already.
+    set.contains(name) || set.contains(&name.to_ascii_lowercase())
+}
+
+/// The example of a difference: values redacted when the field (or a key inside the value) is
+/// sensitive, and cut to [`EXAMPLE_CHARS`].
+fn example(d: &BodyDifference<'_>, sensitive: &dyn Fn(&str) -> bool) -> Example {
+    let redacted = d.last_key.is_some_and(sensitive);
+    let mut path = d.path.clone();
+    json::cut(&mut path, json::MAX_PATH_CHARS);
+    let mut x = Example {
+        path,
+        live: d.live.render(redacted, sensitive),
+        shadow: d.shadow.render(redacted, sensitive),
+    };
+    // Kept for the comparator's life: no spare capacity.
+    for s in [&mut x.path, &mut x.live, &mut x.shadow] {
+        s.shrink_to_fit();
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+//! The comparison's results per endpoint, worst first, as served at `/report` and rendered by
+//! [`super::render_html`].
+//!
+//! The report never leads with an aggregate: `flagged` comes first, then the endpoints worst
+//! first, and the totals last, so that a 99 % overall match rate cannot hide a 40 % mismatch on
+//! one endpoint.
+
+use std::cmp::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Comparator, DiffKind, EndpointState};
+
+/// Fields listed per endpoint.
+const TOP_FIELDS: usize = 10;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Endpoints that need a look, worst first.
+    pub flagged: Vec<Flag>,
+    /// Every endpoint, worst first: flagged ones, then by lowest match rate and largest
+    /// slowdown.
+    pub endpoints: Vec<EndpointReport>,
+    pub totals: Totals,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Flag {
+    pub endpoint: String,
+    pub reasons: Vec<FlagReason>,
+    pub compared: u64,
+    pub match_rate: f64,
+    pub slowdown: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagReason {
+    /// Match rate below `flag_match_rate`.
+    LowMatchRate,
+    /// Shadow p50 at least `flag_slowdown` times live's.
+    Slow,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointReport {
+    /// Method and path template, such as `POST /refunds`.
+    pub endpoint: String,
+    pub compared: u64,
+    /// Exchanges whose status, compared headers and non-noise fields all agreed.
+    pub matched: u64,
+    pub match_rate: f64,
+    pub flagged: bool,
+    pub status_mismatches: StatusMismatches,
+    /// The fields that differed most, those that count before the noise.
+    pub top_fields: Vec<FieldReport>,
+    pub latency: Latency,
+    /// Shadow p50 over live p50.
+    pub slowdown: Option<f64>,
+    /// Same-version observations (baseline responses, repeated identical requests) that the
+    /// noise verdicts rest on.
+    pub noise_samples: u64,
+    /// Exchanges with a body over `max_body_bytes`, compared by length and hash only.
+    pub oversized_bodies: u64,
+    /// Exchanges judged when observed rather than at report time (see the module docs).
+    pub judged_early: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusMismatches {
+    pub count: u64,
+    /// The most frequent (live, shadow) pairs.
+    pub top: Vec<StatusPair>,
+    /// Mismatches in pairs not listed.
+    pub other: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusPair {
+    pub live: u16,
+    pub shadow: u16,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldReport {
+    /// `$.items[*].price`, `header:content-type`, `$` (a whole body), or `(other fields)`.
+    pub path: String,
+    pub kind: DiffKind,
+    /// Exchanges where live and shadow differed in it.
+    pub differing: u64,
+    /// Learned as noise: its differences do not make an exchange a mismatch.
+    pub noise: bool,
+    /// Share of same-version observations where it differed, once there are enough.
+    pub noise_rate: Option<f64>,
+    pub example: Option<Example>,
+}
+
+/// One difference as it was seen: values redacted when sensitive, cut to about 100 characters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    pub path: String,
+    pub live: String,
+    pub shadow: String,
+}
+
+/// Latency quantiles in milliseconds (upper bucket edges, at most about 19 % high).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub live_p50_ms: Option<f64>,
+    pub live_p99_ms: Option<f64>,
+    pub shadow_p50_ms: Option<f64>,
+    pub shadow_p99_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub compared: u64,
+    pub matched: u64,
+    pub match_rate: f64,
+    pub endpoints: usize,
+    pub flagged: usize,
+    /// Exchanges counted under `(other)` because `max_endpoints` was reached.
+    pub endpoints_overflowed: u64,
+    pub memory_bytes: usize,
+}
+
+pub(super) fn build(c: &Comparator) -> Report {
+    let cfg = &c.config;
+    let mut endpoints: Vec<EndpointReport> = c.endpoints.iter().map(|ep| endpoint(ep, c)).collect();
+    endpoints.sort_by(worst_first);
+    let flagged: Vec<Flag> = endpoints
+        .iter()
+        .filter(|e| e.flagged)
+        .map(|e| Flag {
+            endpoint: e.endpoint.clone(),
+            reasons: reasons(e, cfg),
+            compared: e.compared,
+            match_rate: e.match_rate,
+            slowdown: e.slowdown,
+        })
+        .collect();
+    let compared = endpoints.iter().map(|e| e.compared).sum();
+    let matched = endpoints.iter().map(|e| e.matched).sum();
+    Report {
+        totals: Totals {
+            compared,
+            matched,
+            match_rate: rate(matched, compared),
+            endpoints: endpoints.len(),
+            flagged: flagged.len(),
+            endpoints_overflowed: c.endpoints_overflowed,
+            memory_bytes: c.memory_bytes(),
+        },
+        flagged,
+        endpoints,
+    }
+}
+
+fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
+    let cfg = &c.config;
+    let rule = cfg.noise_rule();
+    let matched = ep.judged_matched
+        + ep.outcomes
+            .iter()
+            .filter(|(fields, _)| !fields.iter().any(|&i| ep.counts_against(i, &rule)))
+            .map(|(_, n)| n)
+            .sum::<u64>();
+    let mut fields: Vec<FieldReport> = ep
+        .fields
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.counts.raw > 0)
+        .map(|(i, f)| FieldReport {
+            path: f.path.clone(),
+            kind: f.kind,
+            differing: f.counts.raw,
+            noise: !ep.counts_against(u32::try_from(i).unwrap_or(u32::MAX), &rule),
+            noise_rate: rule.noise_rate(f.counts, ep.counts),
+            example: f.example.clone(),
+        })
+        .collect();
+    // Fields that count first, then by how often they differed.
+    fields.sort_by(|a, b| {
+        (a.noise, std::cmp::Reverse(a.differing), &a.path).cmp(&(
+            b.noise,
+            std::cmp::Reverse(b.differing),
+            &b.path,
+        ))
+    });
+    fields.truncate(TOP_FIELDS);
+
+    let (live, shadow) = (ep.live_latency.snapshot(), ep.shadow_latency.snapshot());
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let latency = Latency {
+        live_p50_ms: ms(live.quantile(0.5)),
+        live_p99_ms: ms(live.quantile(0.99)),
+        shadow_p50_ms: ms(shadow.quantile(0.5)),
+        shadow_p99_ms: ms(shadow.quantile(0.99)),
+    };
+    let slowdown = match (latency.live_p50_ms, latency.shadow_p50_ms) {
+        (Some(l), Some(s)) if l > 0.0 => Some(s / l),
+        _ => None,
+    };
+    let mut top: Vec<StatusPair> = ep
+        .status_pairs
+        .iter()
+        .map(|p| StatusPair {
+            live: p.live,
+            shadow: p.shadow,
+            count: p.count,
+        })
+        .collect();
+    top.sort_by_key(|p| (std::cmp::Reverse(p.count), p.live, p.shadow));
+    let match_rate = rate(matched, ep.compared);
+    let enough = ep.compared >= cfg.flag_min_compared;
+    let flagged = enough
+        && (match_rate < cfg.flag_match_rate || slowdown.is_some_and(|s| s >= cfg.flag_slowdown));
+    EndpointReport {
+        endpoint: ep.name.clone(),
+        compared: ep.compared,
+        matched,
+        match_rate,
+        flagged,
+        status_mismatches: StatusMismatches {
+            count: ep.status_mismatches,
+            top,
+            other: ep.status_pairs_other,
+        },
+        top_fields: fields,
+        latency,
+        slowdown,
+        noise_samples: ep.counts.noise_samples,
+        oversized_bodies: ep.oversized_bodies,
+        judged_early: ep.judged_matched + ep.judged_mismatched,
+    }
+}
+
+fn reasons(e: &EndpointReport, cfg: &super::CompareConfig) -> Vec<FlagReason> {
+    let mut r = Vec::new();
+    if e.match_rate < cfg.flag_match_rate {
+        r.push(FlagReason::LowMatchRate);
+    }
+    if e.slowdown.is_some_and(|s| s >= cfg.flag_slowdown) {
+        r.push(FlagReason::Slow);
+    }
+    r
+}
+
+/// Flagged first; then the lowest match rate, the largest slowdown, the busiest.
+fn worst_first(a: &EndpointReport, b: &EndpointReport) -> Ordering {
+    b.flagged
+        .cmp(&a.flagged)
+        .then_with(|| a.match_rate.total_cmp(&b.match_rate))
+        .then_with(|| {
+            let s = |e: &EndpointReport| e.slowdown.unwrap_or(0.0);
+            s(b).total_cmp(&s(a))
+        })
+        .then_with(|| b.compared.cmp(&a.compared))
+        .then_with(|| a.endpoint.cmp(&b.endpoint))
+}
+
+fn rate(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        1.0
+    } else {
+        part as f64 / whole as f64
+    }
+}

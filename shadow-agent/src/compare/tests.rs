@@ -1,0 +1,638 @@
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+
+type Headers = Vec<(String, Vec<u8>)>;
+
+fn headers(h: &[(&str, &str)]) -> Headers {
+    h.iter()
+        .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn json_headers() -> Headers {
+    headers(&[("Content-Type", "application/json")])
+}
+
+fn observed<'a>(status: u16, headers: &'a Headers, body: &'a [u8], ms: u64) -> Observed<'a> {
+    Observed {
+        status,
+        headers,
+        body,
+        latency: Duration::from_millis(ms),
+    }
+}
+
+/// Deterministic pseudo-random numbers (xorshift), for ids that differ on every response.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What one service version answers, plus the per-response noise: a random request id and
+/// the time.
+fn respond(rng: &mut Rng, tick: u64, target: &str, candidate: bool) -> Vec<u8> {
+    let id: u64 = target
+        .trim_start_matches("/users/")
+        .parse()
+        .unwrap_or_default();
+    let mut total = 100.0 + (id % 7) as f64;
+    // The regression: the candidate's refunds are 10 % off.
+    if candidate && target == "/refunds" {
+        total *= 1.1;
+    }
+    let body = json!({
+        "request_id": format!("{:016x}", rng.next()),
+        "timestamp": tick,
+        "user": {"id": id, "name": format!("user {id}")},
+        "total": total,
+        "items": [{"sku": "a", "qty": 1}, {"sku": "b", "qty": 2}],
+    });
+    body.to_string().into_bytes()
+}
+
+/// Traffic over three endpoints, each request repeated (ten distinct per endpoint): live,
+/// candidate and, when `with_baseline`, a baseline running live's version.
+fn run(c: &mut Comparator, with_baseline: bool) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let h = json_headers();
+    for i in 0..300u64 {
+        let (method, target, req_body) = match i % 3 {
+            0 => ("GET", format!("/users/{}", i % 10), String::new()),
+            1 => (
+                "POST",
+                "/refunds".to_owned(),
+                format!("{{\"order\":{}}}", i % 10),
+            ),
+            _ => ("GET", "/slow".to_owned(), String::new()),
+        };
+        // Every response has its own time: ticks differ between all three.
+        let live = respond(&mut rng, 3 * i, &target, false);
+        let baseline = respond(&mut rng, 3 * i + 1, &target, false);
+        let candidate = respond(&mut rng, 3 * i + 2, &target, true);
+        let live_ms = 10 + i % 3;
+        // The slow endpoint: the candidate takes three times as long.
+        let candidate_ms = if target == "/slow" {
+            3 * live_ms
+        } else {
+            live_ms + 1
+        };
+        c.observe(&Exchange {
+            method,
+            target: &target,
+            request_body: req_body.as_bytes(),
+            live: observed(200, &h, &live, live_ms),
+            candidate: observed(200, &h, &candidate, candidate_ms),
+            baseline: with_baseline.then(|| observed(200, &h, &baseline, live_ms)),
+        });
+    }
+}
+
+fn endpoint<'r>(report: &'r Report, name: &str) -> &'r EndpointReport {
+    report
+        .endpoints
+        .iter()
+        .find(|e| e.endpoint == name)
+        .unwrap_or_else(|| panic!("no endpoint {name} in {report:#?}"))
+}
+
+fn field<'r>(e: &'r EndpointReport, path: &str) -> Option<&'r FieldReport> {
+    e.top_fields.iter().find(|f| f.path == path)
+}
+
+fn learns_noise_and_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: bool) {
+    let mut c = Comparator::new(CompareConfig::default());
+    run(&mut c, with_baseline);
+    let report = c.report();
+    let flagged: Vec<(&str, &[FlagReason])> = report
+        .flagged
+        .iter()
+        .map(|f| (f.endpoint.as_str(), f.reasons.as_slice()))
+        .collect();
+    assert_eq!(
+        flagged,
+        [
+            ("POST /refunds", &[FlagReason::LowMatchRate][..]),
+            ("GET /slow", &[FlagReason::Slow][..]),
+        ],
+        "{report:#?}"
+    );
+    // Worst first, and the JSON leads with the flagged endpoints.
+    let order: Vec<&str> = report
+        .endpoints
+        .iter()
+        .map(|e| e.endpoint.as_str())
+        .collect();
+    assert_eq!(order, ["POST /refunds", "GET /slow", "GET /users/{id}"]);
+    let text = serde_json::to_string(&report).unwrap_or_default();
+    assert!(
+        text.starts_with("{\"flagged\":[{\"endpoint\":\"POST /refunds\""),
+        "{text}"
+    );
+
+    for name in ["GET /users/{id}", "GET /slow", "POST /refunds"] {
+        let e = endpoint(&report, name);
+        assert_eq!(e.compared, 100);
+        assert!(e.noise_samples >= 90, "{name}: {}", e.noise_samples);
+        for noisy in ["$.request_id", "$.timestamp"] {
+            let f = field(e, noisy).unwrap_or_else(|| panic!("{name}: {noisy} not listed"));
+            assert!(f.noise, "{name}: {noisy} not learned as noise: {f:?}");
+        }
+    }
+    let users = endpoint(&report, "GET /users/{id}");
+    assert_eq!(users.match_rate, 1.0);
+    assert!(!users.flagged);
+
+    let slow = endpoint(&report, "GET /slow");
+    assert_eq!(slow.match_rate, 1.0);
+    let slowdown = slow.slowdown.unwrap_or_default();
+    assert!((2.5..3.7).contains(&slowdown), "{slowdown}");
+
+    let refunds = endpoint(&report, "POST /refunds");
+    assert_eq!(refunds.matched, 0);
+    let total = &refunds.top_fields[0];
+    assert_eq!(total.path, "$.total");
+    assert!(!total.noise);
+    assert_eq!(total.differing, 100);
+    let example = total
+        .example
+        .as_ref()
+        .unwrap_or_else(|| panic!("no example"));
+    let (live, shadow): (f64, f64) = (
+        example.live.parse().unwrap_or_default(),
+        example.shadow.parse().unwrap_or_default(),
+    );
+    assert!((shadow / live - 1.1).abs() < 1e-9, "{example:?}");
+    assert!(refunds.slowdown.unwrap_or_default() < 2.0);
+}
+
+#[test]
+fn with_a_baseline() {
+    learns_noise_and_flags_exactly_the_regression_and_the_slow_endpoint(true);
+}
+
+#[test]
+fn without_a_baseline_from_repeated_requests() {
+    learns_noise_and_flags_exactly_the_regression_and_the_slow_endpoint(false);
+}
+
+#[test]
+fn without_noise_observations_everything_counts() {
+    // No baseline and no repeated request: nothing can be learned, so the request id counts.
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = json_headers();
+    for i in 0..50 {
+        let target = format!("/users/{i}");
+        let live = format!("{{\"request_id\":\"a{i}\"}}");
+        let shadow = format!("{{\"request_id\":\"b{i}\"}}");
+        c.observe(&Exchange {
+            method: "GET",
+            target: &target,
+            request_body: b"",
+            live: observed(200, &h, live.as_bytes(), 5),
+            candidate: observed(200, &h, shadow.as_bytes(), 5),
+            baseline: None,
+        });
+    }
+    let report = c.report();
+    let e = endpoint(&report, "GET /users/{id}");
+    assert_eq!((e.compared, e.matched, e.noise_samples), (50, 0, 0));
+    assert!(!e.top_fields[0].noise);
+}
+
+#[test]
+fn ignore_lists_apply_before_anything_is_learned() {
+    let config = CompareConfig {
+        ignore_fields: vec![
+            FieldPattern::new("$.request_id").unwrap_or_else(|e| panic!("{e}")),
+            FieldPattern::new("**.timestamp").unwrap_or_else(|e| panic!("{e}")),
+        ],
+        ..CompareConfig::default()
+    };
+    let mut c = Comparator::new(config);
+    let lh = headers(&[
+        ("Content-Type", "application/json"),
+        ("Date", "Mon"),
+        ("Vary", "a"),
+    ]);
+    let sh = headers(&[
+        ("content-type", "application/json"),
+        ("Date", "Tue"),
+        ("vary", "a"),
+    ]);
+    c.observe(&Exchange {
+        method: "GET",
+        target: "/x",
+        request_body: b"",
+        live: observed(
+            200,
+            &lh,
+            br#"{"request_id":1,"a":{"timestamp":1},"v":1}"#,
+            5,
+        ),
+        candidate: observed(
+            200,
+            &sh,
+            br#"{"request_id":2,"a":{"timestamp":2},"v":1}"#,
+            5,
+        ),
+        baseline: None,
+    });
+    let report = c.report();
+    assert_eq!(report.endpoints[0].matched, 1, "{report:#?}");
+}
+
+#[test]
+fn status_and_headers_always_count() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let a = headers(&[("Content-Type", "application/json"), ("Location", "/a")]);
+    let b = headers(&[("Content-Type", "application/json"), ("Location", "/b")]);
+    for i in 0..30 {
+        // Baseline agrees with candidate on the header, so were headers learnable they would
+        // be noise; they are not.
+        c.observe(&Exchange {
+            method: "GET",
+            target: "/h",
+            request_body: b"",
+            live: observed(200, &a, b"{}", 5),
+            candidate: observed(200, &b, b"{}", 5),
+            baseline: Some(observed(200, &b, b"{}", 5)),
+        });
+        let status = if i % 2 == 0 { 500 } else { 200 };
+        c.observe(&Exchange {
+            method: "GET",
+            target: "/s",
+            request_body: b"",
+            live: observed(200, &a, b"{}", 5),
+            candidate: observed(status, &a, b"{}", 5),
+            baseline: None,
+        });
+    }
+    let report = c.report();
+    let h = endpoint(&report, "GET /h");
+    assert_eq!(h.matched, 0);
+    assert_eq!(h.top_fields[0].path, "header:location");
+    assert_eq!(h.top_fields[0].kind, DiffKind::Header);
+    assert!(!h.top_fields[0].noise);
+    let s = endpoint(&report, "GET /s");
+    assert_eq!((s.matched, s.status_mismatches.count), (15, 15));
+    assert_eq!(
+        s.status_mismatches.top,
+        [StatusPair {
+            live: 200,
+            shadow: 500,
+            count: 15
+        }]
+    );
+}
+
+#[test]
+fn text_bytes_and_oversized_bodies() {
+    let config = CompareConfig {
+        max_body_bytes: 64,
+        ..CompareConfig::default()
+    };
+    let mut c = Comparator::new(config);
+    let text = headers(&[("Content-Type", "text/plain")]);
+    let bin = headers(&[("Content-Type", "image/png")]);
+    let gz = headers(&[
+        ("Content-Type", "application/json"),
+        ("Content-Encoding", "gzip"),
+    ]);
+    let big_a = vec![b'a'; 100];
+    let mut big_b = big_a.clone();
+    big_b[99] = b'b';
+    // (target, headers, live, shadow, matches)
+    type Case<'a> = (&'a str, &'a Headers, &'a [u8], &'a [u8], bool);
+    let cases: [Case; 7] = [
+        ("/t1", &text, b"a  \r\nb\r\n\r\n", b"a\nb", true),
+        ("/t2", &text, b"a\nb", b"a\nc", false),
+        ("/b1", &bin, b"\x89PNG\x00", b"\x89PNG\x00", true),
+        ("/b2", &bin, b"\x89PNG\x00", b"\x89PNG\x01", false),
+        ("/z", &gz, b"\x1f\x8b\x01", b"\x1f\x8b\x02", false),
+        ("/o1", &text, &big_a, &big_a, true),
+        ("/o2", &text, &big_a, &big_b, false),
+    ];
+    for (target, h, live, shadow, _) in cases {
+        c.observe(&Exchange {
+            method: "GET",
+            target,
+            request_body: b"",
+            live: observed(200, h, live, 5),
+            candidate: observed(200, h, shadow, 5),
+            baseline: None,
+        });
+    }
+    let report = c.report();
+    for (target, _, _, _, matches) in cases {
+        let e = endpoint(&report, &format!("GET {target}"));
+        assert_eq!(e.matched == 1, matches, "{e:#?}");
+    }
+    let t2 = endpoint(&report, "GET /t2");
+    let example = t2.top_fields[0]
+        .example
+        .clone()
+        .unwrap_or_else(|| panic!("example"));
+    assert_eq!(
+        (example.live.as_str(), example.shadow.as_str()),
+        ("line 2: b", "line 2: c")
+    );
+    assert_eq!(t2.top_fields[0].kind, DiffKind::Text);
+    assert_eq!(endpoint(&report, "GET /o2").oversized_bodies, 1);
+    assert_eq!(
+        endpoint(&report, "GET /b2").top_fields[0].kind,
+        DiffKind::Bytes
+    );
+}
+
+#[test]
+fn json_against_an_error_page() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = json_headers();
+    let html = headers(&[("Content-Type", "text/html")]);
+    c.observe(&Exchange {
+        method: "GET",
+        target: "/j",
+        request_body: b"",
+        live: observed(200, &h, br#"{"a":1}"#, 5),
+        candidate: observed(200, &html, b"<html>oops</html>", 5),
+        baseline: None,
+    });
+    let report = c.report();
+    let e = endpoint(&report, "GET /j");
+    let kinds: Vec<DiffKind> = e.top_fields.iter().map(|f| f.kind).collect();
+    assert!(kinds.contains(&DiffKind::NotJson), "{kinds:?}");
+    assert!(kinds.contains(&DiffKind::Header), "{kinds:?}");
+}
+
+#[test]
+fn sensitive_values_are_never_shown() {
+    let config = CompareConfig {
+        headers: ["x-session".to_owned(), "content-type".to_owned()].into(),
+        // Added to the defaults (password, ...); authorization and cookies are always sensitive.
+        sensitive: (CompareConfig::default().sensitive.into_iter())
+            .chain(["x-session".to_owned(), "Card_Number".to_owned()])
+            .filter(|s| s != "authorization")
+            .collect(),
+        ..CompareConfig::default()
+    };
+    let mut c = Comparator::new(config);
+    let lh = headers(&[
+        ("Content-Type", "application/json"),
+        ("X-Session", "s3cr3t-live"),
+    ]);
+    let sh = headers(&[
+        ("Content-Type", "application/json"),
+        ("x-session", "s3cr3t-shadow"),
+    ]);
+    let live = json!({
+        "password": "hunter2",
+        "card_number": "4111111111111111",
+        "profile": {"authorization": "Bearer live-token", "name": "ann"},
+    });
+    let shadow = json!({
+        "password": "hunter3",
+        "card_number": "4111111111111112",
+        "profile": "gone",
+    });
+    let (live, shadow) = (live.to_string(), shadow.to_string());
+    c.observe(&Exchange {
+        method: "POST",
+        target: "/login",
+        request_body: b"",
+        live: observed(200, &lh, live.as_bytes(), 5),
+        candidate: observed(200, &sh, shadow.as_bytes(), 5),
+        baseline: None,
+    });
+    let report = c.report();
+    let text = serde_json::to_string(&report).unwrap_or_default();
+    let html = render_html(&report);
+    for secret in ["s3cr3t", "hunter", "4111", "live-token"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+        assert!(!html.contains(secret), "{secret} in the page");
+    }
+    // Redacted, not left out: the differences are still listed.
+    let e = &report.endpoints[0];
+    for path in ["$.password", "$.card_number", "header:x-session"] {
+        let f = field(e, path).unwrap_or_else(|| panic!("{path} not listed: {e:#?}"));
+        let x = f.example.as_ref().unwrap_or_else(|| panic!("no example"));
+        assert_eq!(
+            (x.live.as_str(), x.shadow.as_str()),
+            ("<redacted>", "<redacted>")
+        );
+    }
+    // A sensitive key inside a value shown is redacted; its neighbours are not.
+    let profile = field(e, "$.profile").unwrap_or_else(|| panic!("no $.profile"));
+    let x = profile
+        .example
+        .as_ref()
+        .unwrap_or_else(|| panic!("no example"));
+    assert_eq!(x.live, r#"{"authorization":"<redacted>","name":"ann"}"#);
+}
+
+#[test]
+fn examples_are_cut() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = json_headers();
+    let live = json!({"s": "x".repeat(10_000)}).to_string();
+    let shadow = json!({"s": "y".repeat(10_000)}).to_string();
+    c.observe(&Exchange {
+        method: "GET",
+        target: "/long",
+        request_body: b"",
+        live: observed(200, &h, live.as_bytes(), 5),
+        candidate: observed(200, &h, shadow.as_bytes(), 5),
+        baseline: None,
+    });
+    let report = c.report();
+    let x = report.endpoints[0].top_fields[0]
+        .example
+        .clone()
+        .unwrap_or_else(|| panic!("no example"));
+    assert!(
+        x.live.len() <= EXAMPLE_CHARS && x.shadow.len() <= EXAMPLE_CHARS,
+        "{x:?}"
+    );
+}
+
+#[test]
+fn html_escapes_everything_from_traffic() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = json_headers();
+    let payload = "<script>alert('x')</script><img onerror=alert(1)>";
+    let live = json!({ payload: "a", "v": payload }).to_string();
+    let shadow = json!({ payload: "b", "v": "\"><script>alert(2)</script>" }).to_string();
+    for _ in 0..30 {
+        c.observe(&Exchange {
+            method: "GET",
+            target: "/x/<script>alert(3)</script>",
+            request_body: b"",
+            live: observed(200, &h, live.as_bytes(), 5),
+            candidate: observed(200, &h, shadow.as_bytes(), 20),
+            baseline: None,
+        });
+    }
+    let report = c.report();
+    assert_eq!(report.flagged.len(), 1);
+    let page = render_html(&report);
+    let lower = page.to_ascii_lowercase();
+    assert!(!lower.contains("<script"), "{page}");
+    assert!(!lower.contains("<img"), "{page}");
+    assert!(lower.contains("&lt;script&gt;"), "{page}");
+    // Self-contained: nothing is loaded from anywhere.
+    for external in ["src=", "href=", "<link", "@import", "url("] {
+        assert!(!lower.contains(external), "{external} in {page}");
+    }
+    assert!(page.contains("<svg") && page.contains("<style>"));
+    assert!(page.contains("Content-Security-Policy"));
+}
+
+#[test]
+fn an_empty_report_renders() {
+    let c = Comparator::new(CompareConfig::default());
+    let report = c.report();
+    assert!(report.endpoints.is_empty());
+    assert_eq!(report.totals.match_rate, 1.0);
+    assert!(render_html(&report).contains("No endpoint is flagged"));
+}
+
+#[test]
+fn memory_stays_bounded() {
+    let config = CompareConfig::default();
+    let limit = config.memory_limit();
+    // The worst case of the defaults: every path and example at its longest.
+    assert!(limit < 20 << 20, "{limit}");
+    let mut c = Comparator::new(config.clone());
+    let h = json_headers();
+    let mut rng = Rng(7);
+    for i in 0..10_000u64 {
+        // A new endpoint, new fields with long names, long values, new request every time.
+        let target = format!("/e{i}/{}", "p".repeat(i as usize % 300));
+        let key = |k: u64| format!("field_{i}_{k}_{}", "k".repeat(200));
+        let mut live = serde_json::Map::new();
+        let mut shadow = serde_json::Map::new();
+        for k in 0..8 {
+            live.insert(key(k), json!(format!("{}{}", rng.next(), "v".repeat(150))));
+            shadow.insert(key(k), json!(rng.next()));
+        }
+        let (live, shadow) = (
+            Value::Object(live).to_string(),
+            Value::Object(shadow).to_string(),
+        );
+        for target in [target.as_str(), "/shared"] {
+            c.observe(&Exchange {
+                method: "GET",
+                target,
+                request_body: i.to_string().as_bytes(),
+                live: observed(200, &h, live.as_bytes(), 5),
+                candidate: observed(200 + (i % 50) as u16, &h, shadow.as_bytes(), 5),
+                baseline: None,
+            });
+        }
+    }
+    assert!(c.endpoints.len() <= config.max_endpoints + 1);
+    assert!(
+        c.endpoints
+            .iter()
+            .all(|e| e.fields.len() <= config.max_fields_per_endpoint + 1)
+    );
+    assert!(c.endpoints.iter().all(|e| e.outcomes.len() <= MAX_OUTCOMES));
+    assert!(c.fingerprints.len() <= config.max_fingerprints);
+    let used = c.memory_bytes();
+    assert!(used <= limit, "{used} > {limit}");
+    let report = c.report();
+    let other = endpoint(&report, OTHER_ENDPOINT);
+    assert_eq!(other.compared, 10_000 - config.max_endpoints as u64 + 1);
+    assert!(report.totals.endpoints_overflowed > 0);
+    let shared = endpoint(&report, "GET /shared");
+    assert!(field(shared, OTHER_FIELDS).is_some() || shared.judged_early > 0);
+    assert_eq!(shared.compared, 10_000);
+    eprintln!("memory: {used} bytes used, {limit} bytes limit");
+}
+
+#[test]
+fn outcomes_beyond_the_table_are_judged_at_once() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = json_headers();
+    for i in 0..(MAX_OUTCOMES as u64 + 10) {
+        let live = json!({ format!("f{i}"): 1 }).to_string();
+        let shadow = json!({ format!("f{i}"): 2 }).to_string();
+        c.observe(&Exchange {
+            method: "GET",
+            target: "/o",
+            request_body: b"",
+            live: observed(200, &h, live.as_bytes(), 5),
+            candidate: observed(200, &h, shadow.as_bytes(), 5),
+            baseline: None,
+        });
+    }
+    let e = &c.report().endpoints[0];
+    assert_eq!((e.matched, e.judged_early), (0, 10));
+}
+
+#[test]
+fn config_reads_from_toml() {
+    let config: CompareConfig = toml::from_str(
+        r#"
+        ignore_fields = ["$.request_id", "**.timestamp"]
+        array_order = "unordered"
+        numeric_tolerance = 0.01
+        templates = ["/users/{id}/orders"]
+        "#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.ignore_fields[1].as_str(), "**.timestamp");
+    assert_eq!(config.array_order, ArrayOrder::Unordered);
+    assert_eq!(config.max_endpoints, CompareConfig::default().max_endpoints);
+    let bad = toml::from_str::<CompareConfig>("ignore_fields = [\"request_id\"]");
+    assert!(bad.is_err());
+}
+
+fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..200),
+        "[\\[\\]{}\",:0-9a-z .-]{0,80}".prop_map(String::into_bytes),
+    ]
+}
+
+proptest! {
+    /// Arbitrary bytes as bodies, under any content type, never panic, and a body always
+    /// matches itself.
+    #[test]
+    fn arbitrary_bodies(
+        live in body_strategy(),
+        shadow in body_strategy(),
+        content_type in prop_oneof![
+            Just("application/json"), Just("text/plain"), Just("image/png"), Just("")
+        ],
+        unordered in any::<bool>(),
+    ) {
+        let config = CompareConfig {
+            array_order: if unordered { ArrayOrder::Unordered } else { ArrayOrder::Ordered },
+            max_body_bytes: 100,
+            ..CompareConfig::default()
+        };
+        let mut c = Comparator::new(config);
+        let h = headers(&[("Content-Type", content_type)]);
+        for (a, b, baseline) in [(&live, &shadow, None), (&live, &live, Some(&shadow))] {
+            c.observe(&Exchange {
+                method: "POST",
+                target: "/p",
+                request_body: &live,
+                live: observed(200, &h, a, 5),
+                candidate: observed(200, &h, b, 5),
+                baseline: baseline.map(|x| observed(200, &h, x, 5)),
+            });
+        }
+        let report = c.report();
+        prop_assert!(report.endpoints[0].matched >= 1);
+        let _ = render_html(&report);
+    }
+}
