@@ -19,6 +19,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::capture::Hook;
 use crate::capture::interfaces::InterfaceSelector;
+use crate::compare::CompareConfig;
 use crate::policy::path::DenyGlob;
 
 /// Methods mirrored when a route does not say otherwise: the safe ones.
@@ -53,6 +54,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
     pub ramp: Option<RampConfig>,
+    /// Comparison of live and shadow responses, when `[compare]` is present.
+    pub compare: Option<CompareConfig>,
 }
 
 /// `[capture]`: what the kernel program copies.
@@ -578,6 +581,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     let mut tagging = None;
     let mut admin = None;
     let mut limits = None;
+    let mut compare = None;
     let mut ramp = None;
     for (key, value) in root.iter() {
         let name: &str = key.get_ref();
@@ -592,6 +596,11 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
             "tagging" => tagging = report.section::<RawTagging>(value, name),
             "admin" => admin = report.section::<RawAdmin>(value, name),
             "limits" => limits = report.section::<RawLimits>(value, name),
+            "compare" => {
+                compare = report
+                    .section::<CompareConfig>(value, name)
+                    .map(|c| (c, key.span()));
+            }
             "ramp" => {
                 ramp = Some(
                     report
@@ -602,7 +611,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
             other => report.at(
                 key.span(),
                 other,
-                "unknown section; expected capture, route, budget, tagging, admin, limits or ramp",
+                "unknown section; expected capture, route, budget, tagging, admin, limits, compare or ramp",
             ),
         }
     }
@@ -627,6 +636,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     let budget = budget.map_or_else(BudgetConfig::default, |b| check_budget(b, report));
     let admin = admin.map_or_else(AdminConfig::default, |a| check_admin(a, report));
     let limits = limits.map_or_else(LimitsConfig::default, |l| check_limits(l, report));
+    let compare = compare.and_then(|(c, span)| check_compare(c, span, report));
     let ramp = match ramp {
         Some(Some((r, span))) => check_ramp(r, span, report),
         _ => None,
@@ -656,6 +666,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
         admin,
         limits,
         ramp,
+        compare,
     })
 }
 
@@ -1217,6 +1228,52 @@ fn check_admin(raw: RawAdmin, r: &mut Report<'_>) -> AdminConfig {
             d
         }
     }
+}
+
+/// The numbers of `[compare]` in their ranges (names, patterns and unknown keys were checked
+/// when it was read).
+fn check_compare(
+    c: CompareConfig,
+    section: Range<usize>,
+    r: &mut Report<'_>,
+) -> Option<CompareConfig> {
+    let shares = [
+        ("compare.noise_share", c.noise_share),
+        ("compare.regression_margin", c.regression_margin),
+        ("compare.flag_match_rate", c.flag_match_rate),
+    ];
+    let counts = [
+        ("compare.max_endpoints", c.max_endpoints),
+        ("compare.max_fields_per_endpoint", c.max_fields_per_endpoint),
+        ("compare.max_body_bytes", c.max_body_bytes),
+        ("compare.max_fingerprints", c.max_fingerprints),
+    ];
+    let before = r.issues.len();
+    for (key, v) in shares {
+        if !(0.0..=1.0).contains(&v) {
+            r.at(section.clone(), key, "a share from 0 to 1");
+        }
+    }
+    for (key, v) in counts {
+        if v == 0 {
+            r.at(section.clone(), key, "at least 1");
+        }
+    }
+    if !(c.numeric_tolerance >= 0.0 && c.numeric_tolerance.is_finite()) {
+        r.at(
+            section.clone(),
+            "compare.numeric_tolerance",
+            "a relative tolerance of 0 or more, such as 0.01",
+        );
+    }
+    if !(c.flag_slowdown > 1.0 && c.flag_slowdown.is_finite()) {
+        r.at(
+            section,
+            "compare.flag_slowdown",
+            "a factor above 1, such as 2",
+        );
+    }
+    (r.issues.len() == before).then_some(c)
 }
 
 fn check_limits(raw: RawLimits, r: &mut Report<'_>) -> LimitsConfig {

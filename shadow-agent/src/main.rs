@@ -23,6 +23,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Show a running agent's routes, targets and capture, from its admin endpoint.
     Status(cmd::status::Args),
+    /// Write a running agent's comparison of live and shadow responses as an HTML page.
+    Report(cmd::report::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig(args) => cmd::check_config::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Status(args) => cmd::status::run(args),
+        Command::Report(args) => cmd::report::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -572,6 +572,12 @@ impl Pipeline {
         &self.config
     }
 
+    /// Changes the service ports, as a reload does: connections already tracked keep their
+    /// roles; new ones on the new ports are picked up.
+    pub fn set_service_ports(&mut self, ports: Vec<u16>) {
+        self.config.service_ports = ports;
+    }
+
     /// Takes one captured frame. Frames that are not usable TCP are counted by kind.
     /// Flows idle for the idle timeout at `ts` are expired first.
     pub fn push_frame(

@@ -360,3 +360,56 @@ fn answer_http(
         stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")?;
     }
 }
+
+/// A small JSON service (`app.py`, run by Debian's python3) deployed as `live`, `baseline` or
+/// `candidate`: the same answers with a random request id and a timestamp each, except that the
+/// candidate is 10 % high on `POST /refunds` and three times slower on `GET /slow`. Dropping it
+/// kills it.
+pub struct JsonApp {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl JsonApp {
+    pub fn start(ns: &Netns, addr: SocketAddr, variant: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for the app");
+        let script = dir.path().join("app.py");
+        std::fs::write(&script, include_str!("app.py")).expect("write app.py");
+        let mut child = ns
+            .exec(&[
+                "python3",
+                script.to_str().expect("utf-8 path"),
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+                variant,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+        wait_for(
+            "the app to accept connections",
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("app.py exited: {status}");
+                }
+                ns.run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+            },
+        );
+        JsonApp {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for JsonApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

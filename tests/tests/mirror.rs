@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use shadow_tests::client::{curl, http_keepalive, http_request, paced_gets};
 use shadow_tests::{
-    Agent, Netns, Nginx, Received, ShadowMode, ShadowServer, SinkMode, TcpSink, VethLink,
+    Agent, JsonApp, Netns, Nginx, Received, ShadowMode, ShadowServer, SinkMode, TcpSink, VethLink,
     require_root, wait_for,
 };
 
@@ -715,4 +715,159 @@ fn memory_stays_under_the_ceiling_with_large_bodies_and_a_stalled_shadow() {
         exit.stderr
     );
     assert!(exit.stderr.contains("memory shared out"), "{}", exit.stderr);
+}
+
+/// Live, candidate and (optionally) baseline deployments of one JSON app that differ in
+/// controlled ways: a random id and a timestamp everywhere, a 10 % regression on
+/// `POST /refunds` and a three times slower `GET /slow` in the candidate only.
+fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: bool) {
+    require_root();
+    let site = Site::new();
+    let _live = JsonApp::start(&site.live, site.live_addr(), "live");
+    let _candidate = JsonApp::start(&site.shadow, site.shadow_addr(), "candidate");
+    let baseline_addr = SocketAddr::new(site.back.b_addr.into(), 8081);
+    let _baseline = JsonApp::start(&site.shadow, baseline_addr, "live");
+    let baseline = if with_baseline {
+        format!("baseline = \"http://{baseline_addr}\"")
+    } else {
+        String::new()
+    };
+    let path = site.dir.path().join("config.toml");
+    write_atomically(
+        &path,
+        &format!(
+            "[capture]\ninterfaces = [\"veth-lf\"]\nhooks = [\"ingress\", \"egress\"]\nports = [80]\n\n{}\n\
+             [compare]\nmin_samples = 10\nflag_min_compared = 10\n",
+            route(&format!("allow_methods = [\"GET\", \"POST\"]\n{baseline}"))
+                .replace("SHADOW", &site.shadow_addr().to_string())
+        ),
+    );
+    let agent = Agent::run(&site.live, &path, &["--report-interval", "0s"]);
+    // Without a baseline, noise is learned from identical repeated requests.
+    let mut args: Vec<String> = vec!["-o".into(), "/dev/null".into()];
+    for i in 0..30 {
+        let user = if with_baseline { i } else { 7 };
+        args.extend([
+            site.live_url(&format!("/users/{user}")),
+            site.live_url("/slow"),
+        ]);
+        args.extend(
+            [
+                "--next",
+                "-o",
+                "/dev/null",
+                "-H",
+                "Content-Type: application/json",
+            ]
+            .map(String::from),
+        );
+        args.extend([
+            "-d".into(),
+            "{\"amount\": 40}".into(),
+            site.live_url("/refunds"),
+        ]);
+        args.extend(["--next", "-o", "/dev/null"].map(String::from));
+    }
+    args.truncate(args.len() - 3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    curl(&site.client, &args);
+    let report: Value = wait_for(
+        "30 comparisons per endpoint",
+        Duration::from_secs(30),
+        || {
+            let out = curl(&site.live, &["http://127.0.0.1:9464/report"]);
+            let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let endpoints = report["endpoints"].as_array()?;
+            (endpoints.len() == 3 && endpoints.iter().all(|e| count(e, &["compared"]) >= 30))
+                .then_some(report)
+        },
+    );
+    let flagged: BTreeSet<&str> = report["flagged"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["endpoint"].as_str())
+        .collect();
+    assert_eq!(
+        flagged,
+        BTreeSet::from(["GET /slow", "POST /refunds"]),
+        "{report:#}"
+    );
+    let endpoint = |name: &str| {
+        report["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["endpoint"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {report:#}"))
+    };
+    let users = endpoint("GET /users/{id}");
+    assert_eq!(
+        users["match_rate"], 1.0,
+        "noise counted as a difference: {report:#}"
+    );
+    let refunds = endpoint("POST /refunds");
+    assert_eq!(refunds["match_rate"], 0.0, "{report:#}");
+    let fields: Vec<&str> = refunds["top_fields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["noise"] == false)
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(fields, ["$.total"], "{report:#}");
+    let slow = endpoint("GET /slow");
+    assert_eq!(slow["match_rate"], 1.0, "{report:#}");
+    assert!(
+        slow["slowdown"].as_f64().unwrap_or(0.0) >= 2.0,
+        "{report:#}"
+    );
+
+    // The page, written by `report` and looked at in a real browser.
+    let page = site.dir.path().join("report.html");
+    let bin = shadow_tests::agent_bin();
+    shadow_tests::run_ok(&mut site.live.exec(&[
+        bin.to_str().expect("utf-8 path"),
+        "report",
+        "--out",
+        page.to_str().expect("utf-8 path"),
+    ]));
+    let html = std::fs::read_to_string(&page).expect("report page");
+    assert!(
+        html.contains("POST /refunds") && html.contains("$.total"),
+        "{html}"
+    );
+    let shot = site.dir.path().join("report.png");
+    shadow_tests::run_ok(std::process::Command::new("chromium").args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,1600",
+        &format!("--screenshot={}", shot.display()),
+        &format!("file://{}", page.display()),
+    ]));
+    let png = std::fs::read(&shot).expect("screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Ok(dir) = std::env::var("SHADOW_KEEP_SCREENSHOT") {
+        let _ = std::fs::copy(
+            &shot,
+            Path::new(&dir).join(format!("report-{with_baseline}.png")),
+        );
+    }
+    agent.interrupt().assert_success();
+}
+
+#[test]
+fn comparison_with_a_baseline() {
+    comparison_flags_exactly_the_regression_and_the_slow_endpoint(true);
+}
+
+#[test]
+fn comparison_without_a_baseline() {
+    comparison_flags_exactly_the_regression_and_the_slow_endpoint(false);
 }

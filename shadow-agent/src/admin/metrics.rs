@@ -15,7 +15,9 @@ use prometheus_client::registry::{Registry, Unit};
 use shadow_common::KernelCounters;
 
 use crate::capture::ring::RingCountersSnapshot;
+use crate::compare::Report;
 use crate::mirror::latency::HistogramSnapshot;
+use crate::mirror::pairing::PairingCounters;
 use crate::mirror::stats::{CopyDrop, Failure, MirrorStats};
 use crate::pipeline::PipelineCounters;
 use crate::policy::DropReason;
@@ -43,6 +45,10 @@ pub struct AgentSnapshot {
     /// Whether the ramp fell back and holds; `None` without a ramp.
     pub ramp_held: Option<bool>,
     pub dry_run: bool,
+    /// Comparisons waiting for their parts, and what became of the others; `None` without
+    /// `[compare]`.
+    pub compare_pending: u64,
+    pub compare: Option<PairingCounters>,
 }
 
 /// The collector registered with the exposition registry.
@@ -50,6 +56,8 @@ pub struct AgentSnapshot {
 pub struct AgentCollector {
     pub stats: Arc<MirrorStats>,
     pub snapshot: Arc<Mutex<AgentSnapshot>>,
+    /// The comparison report as of the last tick; `None` without `[compare]`.
+    pub report: Arc<Mutex<Option<Report>>>,
 }
 
 /// Upper bounds of the exported latency histogram, in seconds.
@@ -458,7 +466,11 @@ mod tests {
             ramp_percent: 100.0,
             ..AgentSnapshot::default()
         }));
-        let registry = registry(AgentCollector { stats, snapshot });
+        let registry = registry(AgentCollector {
+            stats,
+            snapshot,
+            report: Arc::default(),
+        });
         let mut text = String::new();
         encode(&mut text, &registry).expect("encodes");
         for line in [

@@ -6,8 +6,8 @@
 pub mod metrics;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
@@ -21,6 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::compare::{Report, render_html};
+
 /// Admin connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
 /// How long one admin connection may stay open.
@@ -33,6 +35,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The JSON of `/stats`, made on request.
     pub stats: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The comparison report as of the agent's last tick; `None` without `[compare]`.
+    pub report: Arc<Mutex<Option<Report>>>,
 }
 
 /// The running endpoint; dropping it stops it.
@@ -108,20 +112,44 @@ fn answer(state: &AdminState, req: &http::Request<Incoming>) -> Response<Full<By
                 plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        "/stats" => {
-            let body = serde_json::to_vec_pretty(&(state.stats)()).unwrap_or_default();
-            let mut resp = Response::new(Full::new(Bytes::from(body)));
+        "/stats" => json((state.stats)()),
+        "/report" | "/report.html" => {
+            let report = state
+                .report
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some(report) = report else {
+                return plain(
+                    StatusCode::NOT_FOUND,
+                    "no comparison: add a [compare] section to the configuration\n",
+                );
+            };
+            if req.uri().path() == "/report" {
+                return json(serde_json::to_value(&report).unwrap_or_default());
+            }
+            let mut resp = Response::new(Full::new(Bytes::from(render_html(&report))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
             );
             resp
         }
         _ => plain(
             StatusCode::NOT_FOUND,
-            "not found: /metrics, /healthz, /readyz, /stats\n",
+            "not found: /metrics, /healthz, /readyz, /stats, /report, /report.html\n",
         ),
     }
+}
+
+fn json(value: serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
@@ -139,7 +167,6 @@ mod tests {
     use super::*;
     use crate::mirror::stats::MirrorStats;
     use metrics::{AgentCollector, AgentSnapshot};
-    use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: SocketAddr, request: &str) -> String {
@@ -157,11 +184,13 @@ mod tests {
         let registry = metrics::registry(AgentCollector {
             stats: stats.clone(),
             snapshot: Arc::new(Mutex::new(AgentSnapshot::default())),
+            report: Arc::default(),
         });
         let state = Arc::new(AdminState {
             registry,
             ready: AtomicBool::new(false),
             stats: Box::new(move || stats.to_json()),
+            report: Arc::default(),
         });
         let server = AdminServer::start("127.0.0.1:0".parse().expect("addr"), state.clone())
             .await

@@ -3,6 +3,7 @@ pub mod capture;
 pub mod check_config;
 pub mod common;
 pub mod inspect;
+pub mod report;
 pub mod run;
 pub mod status;
 

@@ -18,17 +18,21 @@ use shadow_agent::capture::interfaces::InterfaceSelector;
 use shadow_agent::capture::kernel::{AttachMode, RingSettings};
 use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
 use shadow_agent::capture::{CaptureSettings, CapturedPacket};
+use shadow_agent::compare::{Comparator, Exchange, Observed, Report};
 use shadow_agent::config::Config;
-use shadow_agent::forward::{Forwarder, Lane, LaneLimits};
+use shadow_agent::forward::{Forwarder, Lane, LaneLimits, TargetAnswer};
 use shadow_agent::http::HttpEvent;
 use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::latency::HistogramSnapshot;
+use shadow_agent::mirror::pairing::{Answer, Complete, PairKey, Pairing, Role};
 use shadow_agent::mirror::stats::{CopyDrop, MirrorStats, TargetCounters};
 use shadow_agent::mirror::{Mirror, Plan};
 use shadow_agent::pipeline::{LinkType, Pipeline, PipelineConfig, PipelineEvent};
+use shadow_agent::policy::path::origin_form;
 use shadow_agent::policy::ramp::{Health, Ramp, RampEvent};
 use shadow_agent::policy::tagging::NodeIds;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 use super::check_config;
 use super::common::{self, StopSignal, parse_duration};
@@ -61,6 +65,12 @@ pub struct Args {
 
 /// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
 const BATCH: usize = 512;
+/// Targets' answers waiting for the comparison; more are dropped and counted.
+const COMPARE_ANSWERS: usize = 4096;
+/// Requests waiting for their live and targets' responses at most.
+const PENDING_COMPARISONS: usize = 10_000;
+/// How much longer than the copy's timeout a comparison waits for its parts.
+const COMPARE_SLACK: Duration = Duration::from_secs(5);
 /// How often idle flows expire, the ramp is judged and the file is looked at.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -139,13 +149,15 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         ring,
         channel_packets: plan.channel_packets,
     };
-    let mut state = Agent::new(&args, config, node, seed, &plan);
+    let (mut state, mut answers) = Agent::new(&args, config, node, seed, &plan);
     // Before attaching, so that an address in use is an error before anything is attached.
     let admin_state = Arc::new(AdminState {
         registry: metrics::registry(AgentCollector {
             stats: state.stats.clone(),
             snapshot: state.snapshot.clone(),
+            report: state.report.clone(),
         }),
+        report: state.report.clone(),
         ready: Default::default(),
         stats: {
             let (stats, snapshot, started) =
@@ -207,6 +219,9 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
                 }
             }
             _ = hangup.recv() => state.reload(&mut live, "SIGHUP"),
+            Some(answer) = async { answers.as_mut()?.recv().await }, if answers.is_some() => {
+                state.on_answer(answer);
+            }
             _ = rescan.tick() => {
                 if let Err(e) = live.rescan_interfaces() {
                     tracing::warn!(error = %e, "attaching to a new interface failed");
@@ -320,6 +335,40 @@ struct Reported {
     targets: Vec<(String, u64, u64, u64)>,
 }
 
+/// Which roles of a request's copies went out.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sent {
+    candidate: bool,
+    baseline: bool,
+}
+
+/// Comparison of live and shadow responses, with `[compare]`.
+struct Comparing {
+    comparator: Comparator,
+    pairing: Pairing,
+}
+
+impl Comparing {
+    fn observe(&mut self, done: &Complete) {
+        fn observed(a: &Answer) -> Observed<'_> {
+            Observed {
+                status: a.status,
+                headers: &a.headers,
+                body: &a.body,
+                latency: a.latency,
+            }
+        }
+        self.comparator.observe(&Exchange {
+            method: &done.method,
+            target: &done.target,
+            request_body: &done.request_body,
+            live: observed(&done.live),
+            candidate: observed(&done.candidate),
+            baseline: done.baseline.as_ref().map(observed),
+        });
+    }
+}
+
 struct Agent {
     config: Config,
     config_path: PathBuf,
@@ -340,14 +389,47 @@ struct Agent {
     ramp: Option<RampState>,
     pipeline: Pipeline,
     events: Vec<PipelineEvent>,
+    compare: Option<Comparing>,
+    /// The comparison report as of the last tick, for the admin endpoint.
+    report: Arc<Mutex<Option<Report>>>,
     generation: u64,
     reload_errors: u64,
     reported: Reported,
 }
 
 impl Agent {
-    fn new(args: &Args, config: Config, node: String, seed: u64, plan: &MemoryPlan) -> Self {
+    /// The agent, and where targets' answers for comparisons arrive when `[compare]` is on.
+    fn new(
+        args: &Args,
+        config: Config,
+        node: String,
+        seed: u64,
+        plan: &MemoryPlan,
+    ) -> (Self, Option<mpsc::Receiver<TargetAnswer>>) {
         let stats = Arc::new(MirrorStats::default());
+        // Comparisons take their memory from the copies' share: pending pairs a quarter of
+        // it, the comparator its own bound.
+        let mut copy_bytes = plan.copy_bytes;
+        let (compare, answers_tx, answers_rx) = match &config.compare {
+            Some(c) if !args.dry_run => {
+                let pairing_bytes = copy_bytes / 4;
+                copy_bytes = copy_bytes
+                    .saturating_sub(pairing_bytes + c.memory_limit())
+                    .max(1 << 20);
+                let (tx, rx) = mpsc::channel(COMPARE_ANSWERS);
+                let comparing = Comparing {
+                    comparator: Comparator::new(c.clone()),
+                    pairing: Pairing::new(
+                        PENDING_COMPARISONS,
+                        pairing_bytes,
+                        config.budget.timeout + COMPARE_SLACK,
+                    ),
+                };
+                (Some(comparing), Some(tx), Some(rx))
+            }
+            _ => (None, None, None),
+        };
+        let answer_body_bytes = config.compare.as_ref().map_or(0, |c| c.max_body_bytes);
         let mirror = Mirror::new(&config, NodeIds::new(&node), seed, stats.clone());
         let pipeline = Pipeline::new(PipelineConfig {
             flows: plan.flows.clone(),
@@ -364,12 +446,14 @@ impl Agent {
             stats,
             snapshot: Arc::default(),
             mirror,
-            forwarder: Forwarder::new(plan.copy_bytes, None, 0),
+            forwarder: Forwarder::new(copy_bytes, answers_tx, answer_body_bytes),
             channel_capacity: plan.channel_packets,
             lanes: Vec::new(),
             ramp: None,
             pipeline,
             events: Vec::new(),
+            compare,
+            report: Arc::default(),
             generation: 1,
             reload_errors: 0,
             reported: Reported::default(),
@@ -382,7 +466,7 @@ impl Agent {
         });
         agent.apply_ramp();
         agent.reported = agent.snapshot();
-        agent
+        (agent, answers_rx)
     }
 
     fn describe(&self) -> String {
@@ -440,23 +524,75 @@ impl Agent {
         if !events.is_empty() {
             let now = Instant::now();
             for event in events.drain(..) {
-                if let PipelineEvent::Http {
-                    flow,
-                    event: HttpEvent::Request(request),
-                } = event
-                {
-                    let plan = self.mirror.plan(now, &flow, &request);
-                    self.send(plan);
+                match event {
+                    PipelineEvent::Http {
+                        flow,
+                        event: HttpEvent::Request(request),
+                    } => {
+                        let mut plan = self.mirror.plan(now, &flow, &request);
+                        let key = PairKey {
+                            flow,
+                            seq: request.seq,
+                        };
+                        let comparing = self.compare.is_some() && !self.dry_run;
+                        if comparing {
+                            for copy in &mut plan.copies {
+                                copy.compare = Some(key);
+                            }
+                        }
+                        let sent = self.send(plan);
+                        if let Some(c) = self.compare.as_mut().filter(|_| comparing)
+                            && sent.candidate
+                        {
+                            c.pairing.expect(
+                                now,
+                                key,
+                                &request.method,
+                                origin_form(&request.target).unwrap_or(&request.target),
+                                request.body.clone(),
+                                request.completed,
+                                sent.baseline,
+                            );
+                        }
+                    }
+                    PipelineEvent::Http {
+                        flow,
+                        event: HttpEvent::Response(response),
+                    } => {
+                        let (Some(c), Some(seq)) = (self.compare.as_mut(), response.request_seq)
+                        else {
+                            continue;
+                        };
+                        let limit = c.comparator.config().max_body_bytes;
+                        let body_truncated = response.body.len() > limit;
+                        let answer = Answer {
+                            status: response.status,
+                            headers: response.headers,
+                            body: response.body.slice(..response.body.len().min(limit)),
+                            body_truncated,
+                            latency: Duration::ZERO,
+                        };
+                        if let Some(done) =
+                            c.pairing
+                                .live(PairKey { flow, seq }, answer, response.completed)
+                        {
+                            c.observe(&done);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
         self.events = events;
     }
 
-    fn send(&self, plan: Plan) {
-        let Some(route) = plan.route else { return };
+    /// Sends (or in a dry run, counts) the copies of a plan; says which roles went out.
+    fn send(&self, plan: Plan) -> Sent {
+        let mut out = Sent::default();
+        let Some(route) = plan.route else { return out };
         let mut mirrored = false;
         for copy in plan.copies {
+            let role = copy.role;
             let Some(counters) = self.mirror.target_counters(copy.target) else {
                 continue;
             };
@@ -476,6 +612,10 @@ impl Agent {
                     mirrored = true;
                     route.copies.inc();
                     route.copy_bytes.add(bytes);
+                    match role {
+                        Role::Candidate => out.candidate = true,
+                        Role::Baseline => out.baseline = true,
+                    }
                 }
                 Err(reason) => counters.dropped(reason).inc(),
             }
@@ -483,9 +623,23 @@ impl Agent {
         if mirrored {
             route.mirrored.inc();
         }
+        out
+    }
+
+    /// A target's answer kept for a comparison.
+    fn on_answer(&mut self, answer: TargetAnswer) {
+        if let Some(c) = self.compare.as_mut()
+            && let Some(done) = c.pairing.answer(answer.key, answer.role, answer.answer)
+        {
+            c.observe(&done);
+        }
     }
 
     fn on_tick(&mut self) {
+        if let Some(c) = self.compare.as_mut() {
+            c.pairing.expire(Instant::now());
+            *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.comparator.report());
+        }
         let mut events = std::mem::take(&mut self.events);
         self.pipeline
             .expire(Duration::from_nanos(monotonic_now_ns()), &mut events);
@@ -555,13 +709,12 @@ impl Agent {
                 "capture.interfaces and capture.hooks change only on restart; the rest is applied"
             );
         }
-        if new.capture.ports != old.capture.ports {
-            tracing::warn!(
-                "capture.ports changed: connections on new ports are picked up as they start"
-            );
-        }
-        if new.admin != old.admin || new.limits != old.limits {
-            tracing::warn!("admin and limits change only on restart");
+        let ports_changed = new.capture.ports != old.capture.ports;
+        if new.admin != old.admin
+            || new.limits != old.limits
+            || new.compare.is_some() != old.compare.is_some()
+        {
+            tracing::warn!("admin, limits and compare change only on restart");
         }
         if let Err(e) = live.apply(&capture_settings(&new, self.seed)) {
             self.reload_errors += 1;
@@ -571,6 +724,10 @@ impl Agent {
             return;
         }
         let ramp_changed = new.ramp != self.config.ramp;
+        if ports_changed {
+            self.pipeline
+                .set_service_ports(new.capture.ports.iter().copied().collect());
+        }
         self.config = new;
         self.mirror = Mirror::new(
             &self.config,
@@ -678,6 +835,8 @@ impl Agent {
             ramp_step: self.ramp.as_ref().and_then(|r| r.ramp.step()),
             ramp_held: self.ramp.as_ref().map(|r| r.ramp.is_held()),
             dry_run: self.dry_run,
+            compare_pending: self.compare.as_ref().map_or(0, |c| c.pairing.len() as u64),
+            compare: self.compare.as_ref().map(|c| c.pairing.counters()),
         };
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snap;
     }
@@ -746,6 +905,13 @@ fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_
         "flows_tracked": snap.flows_tracked,
         "pipeline": common::object(&snap.pipeline.pairs()),
         "http_anomalies": common::object(&snap.pipeline.http_anomalies),
+        "compare": snap.compare.map(|c| json!({
+            "pending": snap.compare_pending,
+            "completed": c.completed,
+            "expired": c.expired,
+            "evicted": c.evicted,
+            "orphans": c.orphans,
+        })),
         "mirror": stats.to_json(),
     })
 }

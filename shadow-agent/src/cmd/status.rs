@@ -35,10 +35,10 @@ pub fn run(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut before = (Instant::now(), fetch(args.admin).await?);
+        let mut before = (Instant::now(), fetch(args.admin, "/stats").await?);
         loop {
             tokio::time::sleep(args.interval).await;
-            let now = (Instant::now(), fetch(args.admin).await?);
+            let now = (Instant::now(), fetch(args.admin, "/stats").await?);
             let secs = now.0.duration_since(before.0).as_secs_f64();
             let table = render(&before.1, &now.1, secs);
             if args.watch {
@@ -53,8 +53,8 @@ pub fn run(args: Args) -> Result<()> {
     })
 }
 
-/// `GET /stats` from the admin endpoint.
-async fn fetch(admin: SocketAddr) -> Result<Value> {
+/// `GET path` from the admin endpoint, as JSON.
+pub async fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .with_context(|| {
@@ -67,7 +67,7 @@ async fn fetch(admin: SocketAddr) -> Result<Value> {
         .context("admin endpoint")?;
     tokio::spawn(conn);
     let req = http::Request::builder()
-        .uri("/stats")
+        .uri(path)
         .header(http::header::HOST, admin.to_string())
         .body(Empty::<Bytes>::new())
         .context("request")?;
@@ -75,11 +75,16 @@ async fn fetch(admin: SocketAddr) -> Result<Value> {
         .await
         .context("the admin endpoint did not answer within 5 s")?
         .context("admin endpoint")?;
-    if !resp.status().is_success() {
-        bail!("the admin endpoint answered {}", resp.status());
-    }
+    let status = resp.status();
     let body = resp.into_body().collect().await.context("admin endpoint")?;
-    serde_json::from_slice(&body.to_bytes()).context("the admin endpoint sent no JSON")
+    let body = body.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "the admin endpoint answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    serde_json::from_slice(&body).context("the admin endpoint sent no JSON")
 }
 
 fn num(v: &Value, path: &[&str]) -> f64 {

@@ -494,6 +494,7 @@ fn accepted_values() {
         "[tagging]\nheader = \"X-Mirror:  yes \"\nbaggage = false",
         "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }, { percent = 100, hold = \"1h\" }]\nguard = { error_percent = 1 }",
         "[limits]\nmemory = \"1GiB\"",
+        "[compare]\nignore_fields = [\"$.request_id\", \"**.timestamp\"]\narray_order = \"unordered\"\nnumeric_tolerance = 0.01",
         "[limits]\nmemory = \"67108864\"",
     ];
     for section in cases {
