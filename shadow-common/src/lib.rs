@@ -5,7 +5,7 @@
 //! the same commit.
 #![no_std]
 
-/// Bytes of packet data carried by one ring buffer record.
+/// The most bytes of packet data carried by one ring buffer record.
 ///
 /// A packet longer than this (GRO/TSO super-packets reach 64 KiB) is split into several records
 /// that carry their offset within the packet.
@@ -66,7 +66,8 @@ pub struct CaptureConfig {
     /// [`config_flags`] bits.
     pub flags: u32,
     /// Above this many unread bytes in the ring buffer a record forces a wakeup of the reader;
-    /// below it records are written without one, and the reader's timer collects them.
+    /// below it records are written without one, and the reader's timer collects them. The fill
+    /// level is looked at for every packet over 2 KiB and every 16th smaller one.
     pub wakeup_bytes: u32,
     /// Mixed into the connection hash, so that nodes can sample different connections.
     pub sample_seed: u32,
@@ -89,7 +90,8 @@ pub struct RecordHeader {
     pub captured_len: u32,
     /// Offset of this record's bytes within the packet.
     pub offset: u32,
-    /// Bytes of packet data in this record, at most [`CHUNK_BYTES`].
+    /// Bytes of packet data in this record, at most [`CHUNK_BYTES`]. The record may be longer:
+    /// it is reserved in size classes (see [`MIN_RECORD_ROOM`]).
     pub chunk_len: u32,
     /// [`record_flags`] bits.
     pub flags: u32,
@@ -98,14 +100,11 @@ pub struct RecordHeader {
 /// Size of [`RecordHeader`] in bytes.
 pub const RECORD_HEADER_BYTES: usize = core::mem::size_of::<RecordHeader>();
 
-/// A ring buffer record as the kernel assembles it in per-CPU scratch space: only
-/// `RECORD_HEADER_BYTES + header.chunk_len` bytes of it are written to the ring buffer.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Record {
-    pub header: RecordHeader,
-    pub data: [u8; CHUNK_BYTES],
-}
+/// The smallest packet-data room of a ring buffer record. The kernel reserves each record at the
+/// smallest size class that holds its bytes: the powers of two from this up to [`CHUNK_BYTES`],
+/// and 1536 for a full Ethernet frame. A record is `RECORD_HEADER_BYTES + room` long; its last
+/// `room - chunk_len` bytes are not packet data.
+pub const MIN_RECORD_ROOM: usize = 64;
 
 /// Per-CPU counters of the kernel program, the single entry of the `COUNTERS` per-CPU array.
 #[repr(C)]

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use shadow_common::{
     CAPTURE_LIMIT, CHUNK_BYTES, CaptureConfig, CidrKey, KernelCounters, MAX_CHUNKS,
-    RECORD_HEADER_BYTES, Record, config_flags, connection_hash, is_sampled, port_flags,
+    MIN_RECORD_ROOM, RecordHeader, config_flags, connection_hash, is_sampled, port_flags,
     record_flags,
 };
 
@@ -27,6 +27,10 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+/// Packets longer than this look at the ring buffer's fill level every time (see `copy_packet`).
+const WAKEUP_LOOK_BYTES: u32 = 2048;
+/// The bytes of the TCP header read: ports to flags.
+const TCP_HEADER_READ: usize = 14;
 
 #[map]
 static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
@@ -40,11 +44,6 @@ static SERVICE_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(1024, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(1, 0);
-
-/// Where a record is put together before it is copied into the ring buffer: the stack is only
-/// 512 bytes.
-#[map]
-static SCRATCH: PerCpuArray<Record> = PerCpuArray::with_max_entries(1, 0);
 
 /// The agent sets the real size at load time.
 #[map]
@@ -62,6 +61,13 @@ pub fn shadow_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Does nothing: the benchmark attaches it beside the real programs to measure what the kernel's
+/// BPF statistics add to every run. The agent never loads it.
+#[classifier]
+pub fn shadow_calibrate(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// The TCP connection a packet belongs to, as far as filtering and sampling need it.
 struct Segment {
     src: [u32; 4],
@@ -73,6 +79,16 @@ struct Segment {
     tcp_flags: u8,
 }
 
+/// Where the TCP header of a packet starts, and its ports: all that deciding whether a packet is
+/// selected needs.
+struct Ports {
+    ipv6: bool,
+    /// Offset of the TCP header from the start of the packet.
+    l4: usize,
+    src_port: u16,
+    dst_port: u16,
+}
+
 #[inline(always)]
 fn capture(ctx: &TcContext, hook_flags: u32) {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
@@ -80,17 +96,24 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
     };
     // SAFETY: a per-CPU array value, used by this CPU alone while the program runs.
     let counters = unsafe { &mut *counters };
+    // The only write on the path of a packet that is not selected.
     counters.packets_seen += 1;
 
-    let Some(segment) = parse(ctx) else {
+    // Cheapest rejections first: protocol and ports, read straight from the packet, then one
+    // inlined array lookup per port. Nothing else is read for a packet of another port.
+    let packet = Packet::new(ctx);
+    let Some(ports) = ports(&packet) else {
         return;
     };
-    let to_service = port_selected(segment.dst_port);
+    let to_service = port_selected(ports.dst_port);
     let flags = if to_service {
         hook_flags
-    } else if port_selected(segment.src_port) {
+    } else if port_selected(ports.src_port) {
         hook_flags | record_flags::FROM_SERVICE
     } else {
+        return;
+    };
+    let Some(segment) = segment(&packet, &ports) else {
         return;
     };
     let Some(config) = CONFIG.get(0) else {
@@ -149,127 +172,213 @@ fn cidr_key(addr: &[u32; 4]) -> CidrKey {
     key
 }
 
-/// Reads the IP and TCP headers; `None` for anything that is not a first TCP segment over IPv4 or
-/// IPv6 (IPv6 extension headers are not followed).
+/// The packet's bytes as this program reads them: one bounds check per header, then single-byte
+/// loads straight from the packet's linear data, so that nothing is copied that is not used and
+/// no read is misaligned. A header outside the linear data (rare) is read byte by byte through
+/// `bpf_skb_load_bytes`.
+struct Packet<'a> {
+    ctx: &'a TcContext,
+    start: usize,
+    end: usize,
+}
+
+/// One header of a packet: `len` bytes from offset `at`.
+struct Header<'a> {
+    ctx: &'a TcContext,
+    at: usize,
+    /// Its address in the linear data, when it lies there whole.
+    direct: Option<usize>,
+}
+
+impl<'a> Packet<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext) -> Self {
+        Self {
+            ctx,
+            start: ctx.data(),
+            end: ctx.data_end(),
+        }
+    }
+
+    /// `len` (at least 2) bytes from `at`.
+    #[inline(always)]
+    fn header(&self, at: usize, len: usize) -> Header<'a> {
+        // At least 2: LLVM turns `p + 1 <= end` into `p < end`, from which the verifier grants
+        // no readable byte.
+        let direct = (self.start + at + len <= self.end).then_some(self.start + at);
+        Header {
+            ctx: self.ctx,
+            at,
+            direct,
+        }
+    }
+}
+
+impl Header<'_> {
+    /// Byte `i` of the header; `i` must be less than its `len`.
+    #[inline(always)]
+    fn u8(&self, i: usize) -> Option<u8> {
+        match self.direct {
+            // SAFETY: the header lies between data and data_end (checked in `Packet::header`)
+            // and `i` is within it.
+            Some(p) => Some(unsafe { *((p + i) as *const u8) }),
+            None => self.ctx.load::<u8>(self.at + i).ok(),
+        }
+    }
+
+    #[inline(always)]
+    fn be16(&self, i: usize) -> Option<u16> {
+        Some(u16::from_be_bytes([self.u8(i)?, self.u8(i + 1)?]))
+    }
+
+    #[inline(always)]
+    fn be32(&self, i: usize) -> Option<u32> {
+        Some(u32::from_be_bytes([
+            self.u8(i)?,
+            self.u8(i + 1)?,
+            self.u8(i + 2)?,
+            self.u8(i + 3)?,
+        ]))
+    }
+
+    /// An IPv6 address: its 4 words in host order.
+    #[inline(always)]
+    fn addr6(&self, i: usize) -> Option<[u32; 4]> {
+        Some([
+            self.be32(i)?,
+            self.be32(i + 4)?,
+            self.be32(i + 8)?,
+            self.be32(i + 12)?,
+        ])
+    }
+}
+
+/// The ports of a first TCP segment over IPv4 or IPv6; `None` for anything else (IPv6 extension
+/// headers are not followed).
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Segment> {
-    let protocol = u16::from_be(ctx.skb.protocol() as u16);
-    let (src, dst, l4, ip_payload_len) = match protocol {
+fn ports(packet: &Packet) -> Option<Ports> {
+    let protocol = u16::from_be(packet.ctx.skb.protocol() as u16);
+    let (ipv6, l4) = match protocol {
         ETH_P_IP => {
-            let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
-            let ihl = ((ip[0] & 0x0f) as usize) * 4;
-            // A non-first fragment carries no TCP header.
-            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-            if ip[9] != IPPROTO_TCP || ihl < 20 || fragment_offset != 0 {
+            let ip = packet.header(ETH_HLEN, 20);
+            if ip.u8(9)? != IPPROTO_TCP {
                 return None;
             }
-            let total = u16::from_be_bytes([ip[2], ip[3]]) as u32;
-            let src = [
-                0,
-                0,
-                0,
-                u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
-            ];
-            let dst = [
-                0,
-                0,
-                0,
-                u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
-            ];
-            // BIG TCP sends a zero total length above 64 KiB: fall back to the skb length.
-            let ip_payload = if total == 0 {
-                ctx.len().saturating_sub(ETH_HLEN as u32 + ihl as u32)
-            } else {
-                total.saturating_sub(ihl as u32)
-            };
-            (src, dst, ETH_HLEN + ihl, ip_payload)
+            // A non-first fragment carries no TCP header.
+            if ip.be16(6)? & 0x1fff != 0 {
+                return None;
+            }
+            // At most 60 bytes: the verifier sees a bounded offset.
+            let ihl = ((ip.u8(0)? & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            (false, ETH_HLEN + ihl)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; 40] = read(ctx, ETH_HLEN)?;
-            if ip[6] != IPPROTO_TCP {
+            if packet.header(ETH_HLEN, 40).u8(6)? != IPPROTO_TCP {
                 return None;
             }
-            let payload = u16::from_be_bytes([ip[4], ip[5]]) as u32;
-            let ip_payload = if payload == 0 {
-                ctx.len().saturating_sub(ETH_HLEN as u32 + 40)
-            } else {
-                payload
-            };
-            (words(&ip, 8), words(&ip, 24), ETH_HLEN + 40, ip_payload)
+            (true, ETH_HLEN + 40)
         }
         _ => return None,
     };
-    // The verifier must see a bounded offset: the IPv4 header is at most 60 bytes.
-    if l4 > ETH_HLEN + 60 {
-        return None;
-    }
-    let tcp: [u8; 14] = read(ctx, l4)?;
-    let tcp_header_len = ((tcp[12] >> 4) as u32) * 4;
-    Some(Segment {
-        src,
-        dst,
-        src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
-        dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
-        payload_len: ip_payload_len.saturating_sub(tcp_header_len),
-        tcp_flags: tcp[13],
+    let tcp = packet.header(l4, TCP_HEADER_READ);
+    Some(Ports {
+        ipv6,
+        l4,
+        src_port: tcp.be16(0)?,
+        dst_port: tcp.be16(2)?,
     })
 }
 
-/// Reads `T` at `offset` straight from the packet's linear data when it lies there (the common
-/// case, and much cheaper than a helper call), else through `bpf_skb_load_bytes`.
+/// The rest of what a selected packet needs: addresses, payload length and TCP flags.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() <= end {
-        // SAFETY: the bytes lie between data and data_end, checked just above.
-        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+fn segment(packet: &Packet, ports: &Ports) -> Option<Segment> {
+    let l4 = ports.l4;
+    let (src, dst, ip_payload_len) = if ports.ipv6 {
+        let ip = packet.header(ETH_HLEN, 40);
+        let payload = ip.be16(4)? as u32;
+        // BIG TCP sends a zero payload length above 64 KiB: fall back to the skb length.
+        let payload = if payload == 0 {
+            packet.ctx.len().saturating_sub(l4 as u32)
+        } else {
+            payload
+        };
+        (ip.addr6(8)?, ip.addr6(24)?, payload)
     } else {
-        ctx.load(offset).ok()
-    }
+        let ip = packet.header(ETH_HLEN, 20);
+        let total = ip.be16(2)? as u32;
+        let header = (l4 - ETH_HLEN) as u32;
+        // BIG TCP sends a zero total length above 64 KiB: fall back to the skb length.
+        let payload = if total == 0 {
+            packet.ctx.len().saturating_sub(l4 as u32)
+        } else {
+            total.saturating_sub(header)
+        };
+        ([0, 0, 0, ip.be32(12)?], [0, 0, 0, ip.be32(16)?], payload)
+    };
+    let tcp = packet.header(l4, TCP_HEADER_READ);
+    let tcp_header_len = ((tcp.u8(12)? >> 4) as u32) * 4;
+    Some(Segment {
+        src,
+        dst,
+        src_port: ports.src_port,
+        dst_port: ports.dst_port,
+        payload_len: ip_payload_len.saturating_sub(tcp_header_len),
+        tcp_flags: tcp.u8(13)?,
+    })
 }
 
-#[inline(always)]
-fn words(ip: &[u8; 40], at: usize) -> [u32; 4] {
-    let w =
-        |i: usize| u32::from_be_bytes([ip[at + i], ip[at + i + 1], ip[at + i + 2], ip[at + i + 3]]);
-    [w(0), w(4), w(8), w(12)]
+/// A ring buffer record of one size class: the header and room for `N` packet bytes.
+#[repr(C)]
+struct RecordOf<const N: usize> {
+    header: RecordHeader,
+    data: [u8; N],
 }
 
 /// Copies the packet, from its Ethernet header on, into the ring buffer in records of at most
-/// `CHUNK_BYTES`.
+/// `CHUNK_BYTES`. Each record is reserved in the ring buffer at the smallest size class that holds
+/// its bytes (powers of two from 64, and 1536), which are loaded straight into it: one copy, and
+/// a small record for a small packet.
 #[inline(always)]
 fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureConfig, flags: u32) {
-    let Some(record) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a per-CPU array value, used by this CPU alone while the program runs.
-    let record = unsafe { &mut *record };
-
     let packet_len = ctx.len();
-    let mut flags = flags;
-    let captured_len = if packet_len > CAPTURE_LIMIT {
-        counters.packets_truncated += 1;
-        flags |= record_flags::TRUNCATED;
-        CAPTURE_LIMIT
-    } else {
-        packet_len
+    let mut header = RecordHeader {
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        packet_id: 0,
+        ifindex: 0,
+        packet_len,
+        captured_len: packet_len,
+        offset: 0,
+        chunk_len: 0,
+        flags,
     };
+    if packet_len > CAPTURE_LIMIT {
+        counters.packets_truncated += 1;
+        header.flags |= record_flags::TRUNCATED;
+        header.captured_len = CAPTURE_LIMIT;
+    }
     // SAFETY: a helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
-    record.header.timestamp_ns = unsafe {
-        // SAFETY: a helper without preconditions.
-        bpf_ktime_get_ns()
-    };
-    record.header.packet_id = (cpu << 48) | (counters.packets_sampled & 0xffff_ffff_ffff);
-    record.header.ifindex = unsafe {
+    header.packet_id = (cpu << 48) | (counters.packets_sampled & 0xffff_ffff_ffff);
+    header.ifindex = unsafe {
         // SAFETY: the context pointer the kernel passed to this program.
         (*ctx.skb.skb).ifindex
     };
-    record.header.packet_len = packet_len;
-    record.header.captured_len = captured_len;
-    record.header.flags = flags;
+    // Whether this packet's records wake the reader: only above a fill level, which is looked at
+    // for every large packet and every 16th small one (the look reads the reader's position, a
+    // cache line the reader keeps writing). Small packets alone take long to fill the ring
+    // buffer, and the reader's timer collects them meanwhile.
+    let look = header.captured_len > WAKEUP_LOOK_BYTES || counters.packets_sampled % 16 == 0;
+    let wakeup = if look && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= config.wakeup_bytes as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64;
 
+    let captured_len = header.captured_len;
     let chunks = captured_len.div_ceil(CHUNK_BYTES as u32);
     for i in 0..MAX_CHUNKS {
         let offset = i * CHUNK_BYTES as u32;
@@ -282,43 +391,79 @@ fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureC
         } else {
             len
         };
-        // The verifier must see 1 <= len <= CHUNK_BYTES right at the calls below.
-        if len == 0 || len > CHUNK_BYTES as u32 {
-            break;
-        }
-        // SAFETY: `record.data` holds CHUNK_BYTES bytes and len is at most that.
-        let loaded = unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb as *const _,
-                offset,
-                record.data.as_mut_ptr() as *mut _,
-                len,
-            )
+        header.offset = offset;
+        header.chunk_len = len;
+        let written = match len {
+            0..=64 => write_record::<MIN_RECORD_ROOM>(ctx, &header, wakeup),
+            65..=128 => write_record::<128>(ctx, &header, wakeup),
+            129..=256 => write_record::<256>(ctx, &header, wakeup),
+            257..=512 => write_record::<512>(ctx, &header, wakeup),
+            513..=1024 => write_record::<1024>(ctx, &header, wakeup),
+            // A full Ethernet frame (1514 bytes) fits without wasting a quarter of a 2048.
+            1025..=1536 => write_record::<1536>(ctx, &header, wakeup),
+            1537..=2048 => write_record::<2048>(ctx, &header, wakeup),
+            2049..=4096 => write_record::<4096>(ctx, &header, wakeup),
+            4097..=8192 => write_record::<8192>(ctx, &header, wakeup),
+            _ => write_record::<CHUNK_BYTES>(ctx, &header, wakeup),
         };
-        if loaded < 0 {
-            counters.load_errors += 1;
-            return;
+        match written {
+            Written::Record => {
+                counters.records_written += 1;
+                counters.bytes_written += len as u64;
+            }
+            Written::RingFull => {
+                // The rest of the packet is worthless without this record: count all of them.
+                counters.ringbuf_full += (chunks - i) as u64;
+                return;
+            }
+            Written::LoadError => {
+                counters.load_errors += 1;
+                return;
+            }
         }
-        record.header.offset = offset;
-        record.header.chunk_len = len;
-
-        let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= config.wakeup_bytes as u64 {
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        };
-        let size = RECORD_HEADER_BYTES + len as usize;
-        // SAFETY: `record` is `size_of::<Record>()` bytes long and `size` is at most that.
-        let bytes =
-            unsafe { core::slice::from_raw_parts(record as *const Record as *const u8, size) };
-        if EVENTS.output::<[u8]>(bytes, wakeup as u64).is_err() {
-            // The rest of the packet is worthless without this record: count all of them.
-            counters.ringbuf_full += (chunks - i) as u64;
-            return;
-        }
-        counters.records_written += 1;
-        counters.bytes_written += len as u64;
     }
+}
+
+/// What became of one record.
+enum Written {
+    Record,
+    RingFull,
+    LoadError,
+}
+
+/// Reserves a record with room for `N` bytes, loads `header.chunk_len` packet bytes from
+/// `header.offset` into it and submits it.
+#[inline(always)]
+fn write_record<const N: usize>(ctx: &TcContext, header: &RecordHeader, wakeup: u64) -> Written {
+    // The verifier must see 1 <= len <= N right at the load below. LLVM knows that already from
+    // the caller's match and would drop the check, leaving the verifier to follow paths that
+    // cannot happen (a large len with a small record); a volatile read keeps the check here.
+    // SAFETY: a read of a valid reference.
+    let len = unsafe { core::ptr::read_volatile(&header.chunk_len) };
+    if len == 0 || len > N as u32 {
+        return Written::LoadError;
+    }
+    let Some(mut entry) = EVENTS.reserve::<RecordOf<N>>(0) else {
+        return Written::RingFull;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` points to a reserved `RecordOf<N>`; `data` holds N bytes and len is at
+    // most N.
+    let loaded = unsafe {
+        (*record).header = *header;
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            header.offset,
+            (*record).data.as_mut_ptr() as *mut _,
+            len,
+        )
+    };
+    if loaded < 0 {
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
+        return Written::LoadError;
+    }
+    entry.submit(wakeup);
+    Written::Record
 }
 
 #[cfg(not(test))]

@@ -1,23 +1,33 @@
 //! `cargo xtask bench capture`: the kernel program's cost per packet, from the kernel's own BPF
 //! statistics, and the live service's throughput and latency with and without the program, all
 //! measured side by side in one run on one topology.
+//!
+//! The BPF statistics read the clock around every run, and that cost lands in `run_time_ns`. So
+//! the cost scenarios also attach `shadow_calibrate`, a classifier that returns at once, beside
+//! the real programs: its cost per run is what the statistics themselves add, reported next to
+//! the raw figures with the net cost (raw minus that).
 use std::{
     net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
 };
 
 use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TcAttachType},
+};
 use shadow_tests::{Agent, Netns, Nginx, VethLink};
 
 use crate::run::{command_output, run};
 
 /// One wrk run's figures.
 #[derive(Clone, Copy, Debug, Default)]
-struct Load {
-    requests_per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Load {
+    pub(crate) requests_per_sec: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
 }
 
 /// The kernel program's run-time statistics over one scenario.
@@ -25,20 +35,36 @@ struct Load {
 struct ProgramCost {
     runs: u64,
     ns_per_run: f64,
+    /// CPU time the agent process used over the same time (all its threads, user and kernel).
+    agent_cpu_ns: u64,
 }
 
 pub struct CaptureBench {
     pub seconds: u32,
     pub rounds: u32,
+    /// Measure this agent binary instead of the one just built (e.g. an older build, to compare).
+    pub agent_bin: Option<PathBuf>,
 }
 
+/// Name of the do-nothing classifier in the eBPF object.
+const CALIBRATION_PROGRAM: &str = "shadow_calibrate";
+
 pub fn capture(bench: CaptureBench) -> Result<()> {
-    let agent_bin = crate::target_dir().join("release/shadow-agent");
-    run(crate::cargo().args(["build", "--release", "--package", "shadow-agent"]))?;
+    let out = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    let (built_agent, object) = build_agent()?;
+    // Copies, so that a concurrent build cannot swap the binary under a running benchmark.
+    let agent_bin = out.join("shadow-agent");
+    std::fs::copy(bench.agent_bin.as_ref().unwrap_or(&built_agent), &agent_bin)
+        .context("cannot copy the agent binary")?;
+    let object_copy = out.join("shadow-ebpf.o");
+    std::fs::copy(&object, &object_copy).context("cannot copy the eBPF object")?;
+
     let previous_stats =
         command_output(Command::new("sysctl").args(["-n", "kernel.bpf_stats_enabled"]))?;
     run(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
-    let result = measure(&bench, &agent_bin);
+    // Catch a panic of the test helpers so the statistics are switched back off in any case.
+    let result = std::panic::catch_unwind(|| measure(&bench, &agent_bin, &object_copy));
     let _ = Command::new("sysctl")
         .args([
             "-q",
@@ -46,16 +72,88 @@ pub fn capture(bench: CaptureBench) -> Result<()> {
             &format!("kernel.bpf_stats_enabled={}", previous_stats.trim()),
         ])
         .status();
-    let report = result?;
+    let report = match result {
+        Ok(report) => report?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
     println!("{report}");
-    let out = crate::target_dir().join("bench");
-    std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("capture.md"), &report)?;
     eprintln!("xtask: written to {}", out.join("capture.md").display());
     Ok(())
 }
 
-fn measure(bench: &CaptureBench, agent_bin: &std::path::Path) -> Result<String> {
+/// Builds the release agent; returns it and the eBPF object its build script embedded.
+fn build_agent() -> Result<(PathBuf, PathBuf)> {
+    let args = [
+        "build",
+        "--release",
+        "--package",
+        "shadow-agent",
+        "--bin",
+        "shadow-agent",
+        "--message-format=json-render-diagnostics",
+    ];
+    eprintln!("xtask: $ cargo {}", args.join(" "));
+    let messages = command_output(crate::cargo().args(args).stderr(Stdio::inherit()))?;
+    let mut out_dir = None;
+    for line in messages.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let package = message["package_id"].as_str().unwrap_or_default();
+        if message["reason"] == "build-script-executed" && package.contains("/shadow-agent#") {
+            out_dir = message["out_dir"].as_str().map(PathBuf::from);
+        }
+    }
+    let object = out_dir
+        .context("cargo reported no build script run of shadow-agent")?
+        .join("shadow-ebpf");
+    if std::fs::metadata(&object).map_or(0, |m| m.len()) == 0 {
+        bail!(
+            "{} is empty: shadow-agent was built without its eBPF program (SHADOW_EBPF_STUB=1, or \
+             the toolchain is missing: run `cargo xtask setup`)",
+            object.display()
+        );
+    }
+    Ok((crate::target_dir().join("release/shadow-agent"), object))
+}
+
+/// `shadow_calibrate` attached to both hooks of `iface` in `ns`, for as long as this lives.
+struct Calibration {
+    _ebpf: Ebpf,
+    /// Its program id, to find it in `bpftool prog show`.
+    ids: Vec<u64>,
+}
+
+impl Calibration {
+    fn attach(ns: &Netns, iface: &str, object: &Path) -> Result<Self> {
+        let bytes = std::fs::read(object)?;
+        let ebpf = ns.run_in(|| -> Result<(Ebpf, u64)> {
+            let mut ebpf = EbpfLoader::new()
+                // Only the program is used; keep the unused ring buffer small.
+                .map_max_entries("EVENTS", 4096)
+                .load(&bytes)?;
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(CALIBRATION_PROGRAM)
+                .with_context(|| format!("the eBPF object has no {CALIBRATION_PROGRAM}"))?
+                .try_into()?;
+            program.load()?;
+            let id = program.info()?.id() as u64;
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                program
+                    .attach(iface, hook)
+                    .with_context(|| format!("cannot attach {CALIBRATION_PROGRAM} to {iface}"))?;
+            }
+            Ok((ebpf, id))
+        })?;
+        Ok(Self {
+            _ebpf: ebpf.0,
+            ids: vec![ebpf.1],
+        })
+    }
+}
+
+fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<String> {
     // SAFETY: no other thread of xtask runs yet, so nothing reads the environment concurrently.
     unsafe { std::env::set_var("SHADOW_AGENT_BIN", agent_bin) };
     let client = Netns::new("bench-client");
@@ -83,29 +181,44 @@ fn measure(bench: &CaptureBench, agent_bin: &std::path::Path) -> Result<String> 
     wrk(&client, &url, 2)?;
 
     let mut baseline = Vec::new();
-    let mut attached = Vec::new();
     let mut unmatched = Vec::new();
     let mut unsampled = Vec::new();
     let mut copied = Vec::new();
+    let mut throughput = Vec::new();
+    // Cost per run of the do-nothing program, measured beside the real ones.
+    let mut calibration = Vec::new();
     for round in 0..bench.rounds {
         eprintln!("xtask: round {} of {}", round + 1, bench.rounds);
         baseline.push(wrk(&client, &url, bench.seconds)?);
 
-        let (load, cost) = with_agent(&server, &capture_args("81", "100"), || {
-            wrk(&client, &url, bench.seconds)
-        })?;
-        unmatched.push((load, cost));
+        // The cost scenarios carry the calibration program too. The throughput scenario does
+        // not: its figure is the agent's alone.
+        for (port, percent, costs) in [("81", "100", &mut unmatched), ("80", "0", &mut unsampled)] {
+            let calibrate = Calibration::attach(&server, "bs0", object)?;
+            let (load, cost, calibrated) = with_agent(
+                &server,
+                &capture_args(port, percent),
+                Some(&calibrate),
+                || wrk(&client, &url, bench.seconds),
+            )?;
+            drop(calibrate);
+            costs.push((load, cost));
+            calibration.extend(calibrated);
+        }
 
-        let (load, cost) = with_agent(&server, &capture_args("80", "0"), || {
-            wrk(&client, &url, bench.seconds)
-        })?;
-        unsampled.push((load, cost));
-
-        let (load, cost) = with_agent(&server, &capture_args("80", "100"), || {
+        let (load, cost, _) = with_agent(&server, &capture_args("80", "100"), None, || {
             wrk(&client, &url, bench.seconds)
         })?;
         copied.push((load, cost));
-        attached.push(load);
+
+        // The throughput that counts: BPF statistics off, as in production, so that their clock
+        // reads are not charged to the program.
+        bpf_stats(false)?;
+        let scenario = with_agent(&server, &capture_args("80", "100"), None, || {
+            wrk(&client, &url, bench.seconds)
+        });
+        bpf_stats(true)?;
+        throughput.push(scenario?.0);
     }
 
     let median = |mut v: Vec<f64>| {
@@ -115,18 +228,36 @@ fn measure(bench: &CaptureBench, agent_bin: &std::path::Path) -> Result<String> 
     let base_rps = median(baseline.iter().map(|l| l.requests_per_sec).collect());
     let base_p99 = median(baseline.iter().map(|l| l.p99_ms).collect());
     let base_p50 = median(baseline.iter().map(|l| l.p50_ms).collect());
-    let att_rps = median(attached.iter().map(|l| l.requests_per_sec).collect());
-    let att_p99 = median(attached.iter().map(|l| l.p99_ms).collect());
-    let att_p50 = median(attached.iter().map(|l| l.p50_ms).collect());
-    let cost = |v: &[(Load, ProgramCost)]| {
-        (
-            median(v.iter().map(|(_, c)| c.ns_per_run).collect()),
-            median(v.iter().map(|(_, c)| c.runs as f64).collect()),
+    let att_rps = median(throughput.iter().map(|l| l.requests_per_sec).collect());
+    let att_p99 = median(throughput.iter().map(|l| l.p99_ms).collect());
+    let att_p50 = median(throughput.iter().map(|l| l.p50_ms).collect());
+    let on_rps = median(copied.iter().map(|(l, _)| l.requests_per_sec).collect());
+    let on_p99 = median(copied.iter().map(|(l, _)| l.p99_ms).collect());
+    let on_p50 = median(copied.iter().map(|(l, _)| l.p50_ms).collect());
+    // The agent's CPU per copied packet (not per program run: a packet runs the program once,
+    // on one hook, and only the sampled ones reach the agent) and per second of load.
+    let agent_ns_per_run = median(
+        copied
+            .iter()
+            .map(|(_, c)| c.agent_cpu_ns as f64 / c.runs.max(1) as f64)
+            .collect(),
+    );
+    let agent_ms_per_s = median(
+        copied
+            .iter()
+            .map(|(_, c)| c.agent_cpu_ns as f64 / 1e6 / bench.seconds as f64)
+            .collect(),
+    );
+    let stats_ns = median(calibration.iter().map(|c| c.ns_per_run).collect());
+    let stats_runs = median(calibration.iter().map(|c| c.runs as f64).collect());
+    let row = |what: &str, v: &[(Load, ProgramCost)]| {
+        let ns = median(v.iter().map(|(_, c)| c.ns_per_run).collect());
+        let runs = median(v.iter().map(|(_, c)| c.runs as f64).collect());
+        format!(
+            "| {what} | {ns:.0} | {:.0} | {runs:.0} |\n",
+            (ns - stats_ns).max(0.0)
         )
     };
-    let (unmatched_ns, unmatched_runs) = cost(&unmatched);
-    let (unsampled_ns, unsampled_runs) = cost(&unsampled);
-    let (copied_ns, copied_runs) = cost(&copied);
 
     let cpu =
         command_output(Command::new("sh").args(["-c", "lscpu | sed -n 's/^Model name: *//p'"]))
@@ -135,21 +266,30 @@ fn measure(bench: &CaptureBench, agent_bin: &std::path::Path) -> Result<String> 
     Ok(format!(
         "### cargo xtask bench capture\n\n\
          Machine: {cpu} ({cores} cores), kernel {kernel}. wrk -t2 -c32 for {s} s per scenario, \
-         {r} rounds, medians; nginx in one network namespace, wrk in another, joined by veth; the \
-         program on both hooks of the server's veth end.\n\n\
-         | in-kernel cost per packet (bpf_stats run_time_ns / run_cnt) | ns | packets |\n\
-         | --- | ---: | ---: |\n\
-         | unmatched port | {unmatched_ns:.0} | {unmatched_runs:.0} |\n\
-         | matched, connection not sampled (0 %) | {unsampled_ns:.0} | {unsampled_runs:.0} |\n\
-         | copied (100 %, agent draining to a pcap) | {copied_ns:.0} | {copied_runs:.0} |\n\n\
-         | live service | requests/s | p50 ms | p99 ms |\n\
+         {r} rounds, medians; nginx (1 worker) in one network namespace, wrk in another, joined \
+         by veth; the program on both hooks of the server's veth end. BPF statistics are on in \
+         every scenario but the throughput one (`attached, 100 % copied`).\n\n\
+         Raw: bpf_stats run_time_ns / run_cnt. The statistics read the clock around every run; \
+         what that adds is measured by a do-nothing classifier (`{CALIBRATION_PROGRAM}`) \
+         attached beside the program in the unmatched and unsampled scenarios, and net is raw \
+         minus it.\n\n\
+         | in-kernel cost per packet | raw ns | net ns | packets |\n\
          | --- | ---: | ---: | ---: |\n\
-         | not attached | {base_rps:.0} | {base_p50:.3} | {base_p99:.3} |\n\
-         | attached, 100 % copied | {att_rps:.0} | {att_p50:.3} | {att_p99:.3} |\n\
-         | ratio attached / not attached | {:.3} | {:.2} | {:.2} |\n",
+         {}{}{}\
+         | do-nothing classifier (statistics overhead) | {stats_ns:.0} | 0 | {stats_runs:.0} |\n\n\
+         The agent draining at 100 %: {agent_ms_per_s:.0} ms of CPU per second of load, \
+         {agent_ns_per_run:.0} ns per packet the program ran on.\n\n\
+         | live service | requests/s | ratio to not attached | p50 ms | p99 ms |\n\
+         | --- | ---: | ---: | ---: | ---: |\n\
+         | not attached | {base_rps:.0} | 1 | {base_p50:.3} | {base_p99:.3} |\n\
+         | attached, 100 % copied | {att_rps:.0} | {:.3} | {att_p50:.3} | {att_p99:.3} |\n\
+         | attached, 100 % copied, BPF statistics on | {on_rps:.0} | {:.3} | {on_p50:.3} | \
+         {on_p99:.3} |\n",
+        row("unmatched port", &unmatched),
+        row("matched, connection not sampled (0 %)", &unsampled),
+        row("copied (100 %, agent draining to a pcap)", &copied),
         att_rps / base_rps,
-        att_p50 / base_p50,
-        att_p99 / base_p99,
+        on_rps / base_rps,
         cores = thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -160,53 +300,111 @@ fn measure(bench: &CaptureBench, agent_bin: &std::path::Path) -> Result<String> 
     ))
 }
 
-/// Runs `f` with the agent capturing; returns its result and the program's cost meanwhile.
+/// Runs `f` with the agent capturing; returns its result, the cost of the agent's programs
+/// meanwhile and, when `calibration` is attached, that program's cost over the same time.
 fn with_agent(
     server: &Netns,
     args: &[String],
+    calibration: Option<&Calibration>,
     f: impl FnOnce() -> Result<Load>,
-) -> Result<(Load, ProgramCost)> {
+) -> Result<(Load, ProgramCost, Option<ProgramCost>)> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let loaded_before = programs()?;
     let agent = Agent::start(server, &args);
-    let before = program_cost()?;
+    // The agent's programs are the shadow programs that appeared meanwhile: other shadow runs
+    // on the machine (tests) are not counted.
+    let agent_ids: Vec<u64> = programs()?
+        .into_iter()
+        .filter(|p| {
+            (p.name == "shadow_ingress" || p.name == "shadow_egress")
+                && !loaded_before.iter().any(|b| b.id == p.id)
+        })
+        .map(|p| p.id)
+        .collect();
+    if agent_ids.is_empty() {
+        bail!("cannot find the agent's programs in `bpftool prog show`");
+    }
+    let calibration_ids = calibration.map(|c| c.ids.clone()).unwrap_or_default();
+    let before = programs()?;
+    let cpu_before = cpu_ns(agent.pid());
     let load = f()?;
-    let after = program_cost()?;
+    let cpu_after = cpu_ns(agent.pid());
+    let after = programs()?;
     agent.interrupt().assert_success();
-    let runs = after.runs.saturating_sub(before.runs);
-    let ns = after.ns_per_run * after.runs as f64 - before.ns_per_run * before.runs as f64;
-    Ok((
-        load,
-        ProgramCost {
-            runs,
-            ns_per_run: if runs == 0 { 0.0 } else { ns / runs as f64 },
-        },
-    ))
+    let calibrated = calibration.map(|_| cost_between(&before, &after, &calibration_ids));
+    let mut cost = cost_between(&before, &after, &agent_ids);
+    cost.agent_cpu_ns = cpu_after.saturating_sub(cpu_before);
+    Ok((load, cost, calibrated))
 }
 
-/// Sums run_cnt and run_time_ns of the loaded shadow programs (`bpftool prog show`).
-fn program_cost() -> Result<ProgramCost> {
+/// A loaded BPF program and its statistics, from `bpftool prog show`.
+#[derive(Clone, Debug)]
+struct Program {
+    id: u64,
+    name: String,
+    runs: u64,
+    ns: u64,
+}
+
+fn programs() -> Result<Vec<Program>> {
     let out = command_output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let progs: serde_json::Value = serde_json::from_str(&out).context("bpftool -j prog show")?;
-    let (mut runs, mut ns) = (0u64, 0u64);
-    for p in progs.as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or_default();
-        if name == "shadow_ingress" || name == "shadow_egress" {
-            runs += p["run_cnt"].as_u64().unwrap_or(0);
-            ns += p["run_time_ns"].as_u64().unwrap_or(0);
-        }
-    }
-    Ok(ProgramCost {
+    Ok(progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| Program {
+            id: p["id"].as_u64().unwrap_or(0),
+            name: p["name"].as_str().unwrap_or_default().to_owned(),
+            runs: p["run_cnt"].as_u64().unwrap_or(0),
+            ns: p["run_time_ns"].as_u64().unwrap_or(0),
+        })
+        .collect())
+}
+
+/// Switches the kernel's BPF run-time statistics on or off.
+fn bpf_stats(on: bool) -> Result<()> {
+    let value = format!("kernel.bpf_stats_enabled={}", u8::from(on));
+    run(Command::new("sysctl").args(["-q", "-w", &value]))
+}
+
+/// CPU time of a process so far, in nanoseconds: the sum over its threads of
+/// `/proc/PID/task/TID/schedstat`'s first field.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs and nanoseconds of the programs `ids` between two snapshots.
+fn cost_between(before: &[Program], after: &[Program], ids: &[u64]) -> ProgramCost {
+    let sum = |snapshot: &[Program]| {
+        snapshot
+            .iter()
+            .filter(|p| ids.contains(&p.id))
+            .fold((0u64, 0u64), |(r, n), p| (r + p.runs, n + p.ns))
+    };
+    let (runs0, ns0) = sum(before);
+    let (runs1, ns1) = sum(after);
+    let runs = runs1.saturating_sub(runs0);
+    ProgramCost {
         runs,
         ns_per_run: if runs == 0 {
             0.0
         } else {
-            ns as f64 / runs as f64
+            ns1.saturating_sub(ns0) as f64 / runs as f64
         },
-    })
+        agent_cpu_ns: 0,
+    }
 }
 
 /// Runs wrk from the client namespace and parses its summary.
-fn wrk(client: &Netns, url: &str, seconds: u32) -> Result<Load> {
+pub(crate) fn wrk(client: &Netns, url: &str, seconds: u32) -> Result<Load> {
     let out = client
         .exec(&[
             "wrk",

@@ -52,6 +52,10 @@ enum Bench {
         /// Rounds of all scenarios; medians are reported.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Measure this shadow-agent binary instead of the one just built, e.g. an older build
+        /// to compare with (the calibration program still comes from the new build).
+        #[arg(long, value_name = "FILE")]
+        agent_bin: Option<PathBuf>,
     },
 }
 
@@ -66,9 +70,15 @@ fn main() -> Result<()> {
             }
             setup::ensure()?;
             match which {
-                Bench::Capture { seconds, rounds } => {
-                    bench::capture(bench::CaptureBench { seconds, rounds })
-                }
+                Bench::Capture {
+                    seconds,
+                    rounds,
+                    agent_bin,
+                } => bench::capture(bench::CaptureBench {
+                    seconds,
+                    rounds,
+                    agent_bin,
+                }),
             }
         }
     }

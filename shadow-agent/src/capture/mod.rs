@@ -58,5 +58,7 @@ pub struct CapturedPacket {
     /// Length of the packet on the wire; longer than `data` when `truncated`.
     pub original_len: u32,
     pub truncated: bool,
+    /// The frame. Small frames share one allocation with others captured about the same time,
+    /// which lives as long as any of them: copy what is kept for long.
     pub data: Bytes,
 }

@@ -1,9 +1,10 @@
 //! Ring buffer records back into whole packets (pure: bytes in, packets out).
 //!
-//! The kernel splits a packet longer than [`CHUNK_BYTES`] into several records. Records of one
-//! packet are written by one CPU, one after another, so they arrive in offset order; records of
-//! other CPUs may come in between. A packet missing a record (the ring buffer was full) is dropped
-//! whole and counted, never passed on with a hole.
+//! The kernel splits a packet longer than [`CHUNK_BYTES`] into several records, each reserved in
+//! a size class that may be longer than its data (`chunk_len` says how much is data).
+//! Records of one packet are written by one CPU, one after another, so they arrive in offset
+//! order; records of other CPUs may come in between. A packet missing a record (the ring buffer
+//! was full) is dropped whole and counted, never passed on with a hole.
 use bytes::{Bytes, BytesMut};
 use shadow_common::{CHUNK_BYTES, RECORD_HEADER_BYTES, RecordHeader, record_flags};
 
@@ -31,7 +32,12 @@ struct Partial {
 pub struct PacketAssembler {
     partial: Vec<Option<Partial>>,
     counters: AssemblyCounters,
+    /// Where single-record packets are copied to, see [`PacketAssembler::copy`].
+    arena: BytesMut,
 }
+
+/// Size of the buffers single-record packets are copied into.
+const ARENA_BYTES: usize = 256 * 1024;
 
 impl PacketAssembler {
     /// `cpus`: the number of possible CPUs; a record naming a CPU beyond it is malformed.
@@ -39,7 +45,21 @@ impl PacketAssembler {
         Self {
             partial: (0..cpus).map(|_| None).collect(),
             counters: AssemblyCounters::default(),
+            arena: BytesMut::new(),
         }
+    }
+
+    /// Copies a packet out of the ring buffer into a slice of a shared buffer: no allocation per
+    /// packet. The buffer is reused once every packet cut from it is dropped, and a new one is
+    /// allocated while some are still held, so memory stays bounded by the packets held plus a
+    /// buffer or two. A packet held for long keeps its whole buffer: holders copy what they keep
+    /// (the pipeline takes `&[u8]` and drops the packet).
+    fn copy(&mut self, data: &[u8]) -> Bytes {
+        if self.arena.capacity() < data.len() {
+            self.arena.reserve(ARENA_BYTES.max(data.len()));
+        }
+        self.arena.extend_from_slice(data);
+        self.arena.split().freeze()
     }
 
     pub fn counters(&self) -> AssemblyCounters {
@@ -75,7 +95,8 @@ impl PacketAssembler {
             }
             if header.chunk_len == header.captured_len {
                 self.counters.packets_assembled += 1;
-                return Some(packet(&header, Bytes::copy_from_slice(data)));
+                let data = self.copy(data);
+                return Some(packet(&header, data));
             }
             let mut buf = BytesMut::with_capacity(header.captured_len as usize);
             buf.extend_from_slice(data);
@@ -180,6 +201,41 @@ mod tests {
         assert_eq!(&p.data[..], b"hello");
         assert_eq!(p.hook, Hook::Egress);
         assert_eq!(a.counters().packets_assembled, 1);
+    }
+
+    #[test]
+    fn padding_of_a_size_class_is_not_data() {
+        // The kernel reserves records in size classes: bytes past chunk_len are whatever the
+        // ring buffer held before.
+        let mut r = record(1, b"hello", 0, 5);
+        r.extend_from_slice(&[0xee; 59]);
+        assert_eq!(
+            r.len(),
+            RECORD_HEADER_BYTES + shadow_common::MIN_RECORD_ROOM
+        );
+        let mut a = PacketAssembler::new(4);
+        let p = a.push(&r).expect("complete");
+        assert_eq!(&p.data[..], b"hello");
+    }
+
+    #[test]
+    fn packets_stay_intact_while_the_arena_is_reused() {
+        let mut a = PacketAssembler::new(1);
+        let mut held = Vec::new();
+        for i in 0..2_000u32 {
+            let body: Vec<u8> = (0..(i % 1500 + 1)).map(|b| (b ^ i) as u8).collect();
+            let p = a
+                .push(&record(i as u64, &body, 0, body.len()))
+                .expect("complete");
+            assert_eq!(&p.data[..], &body[..]);
+            // Hold some packets across buffer changes, drop the rest at once.
+            if i % 7 == 0 {
+                held.push((body, p));
+            }
+        }
+        for (body, p) in &held {
+            assert_eq!(&p.data[..], &body[..]);
+        }
     }
 
     #[test]

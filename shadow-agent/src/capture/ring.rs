@@ -64,6 +64,9 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The most records drained before the task yields to others.
 const BATCH_LIMIT: usize = 4096;
 
+/// Channel slots taken at once while draining.
+const PERMIT_BATCH: usize = 64;
+
 /// How long the final drain at shutdown waits for room in the channel before it drops.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -153,25 +156,44 @@ fn drain(
     let mut read = 0;
     let mut out = 0;
     let mut full = 0;
-    // Each record completes at most one packet, so one free slot is enough to take a record.
+    // Room in the channel is taken PERMIT_BATCH slots at a time: one atomic operation on the
+    // channel's semaphore per batch rather than per packet. Unused slots go back when `permits`
+    // is dropped.
+    let mut permits = None;
+    let mut left = 0;
+    // Each record completes at most one packet, so one slot is enough to take a record.
     let result = loop {
         if read == BATCH_LIMIT {
             break Drain::Batch;
         }
-        if !drop_when_full && packets.capacity() == 0 {
-            break Drain::ChannelFull;
+        if left == 0 {
+            let room = packets.capacity().min(PERMIT_BATCH);
+            permits = if room == 0 {
+                None
+            } else {
+                packets.try_reserve_many(room).ok()
+            };
+            left = permits.as_ref().map_or(0, ExactSizeIterator::len);
+            if left == 0 && !drop_when_full {
+                break Drain::ChannelFull;
+            }
         }
         let Some(record) = ring.next() else {
             break Drain::Empty;
         };
         read += 1;
         if let Some(packet) = assembler.push(&record) {
-            match packets.try_send(packet) {
-                Ok(()) => out += 1,
-                Err(_) => full += 1,
+            match permits.as_mut().and_then(Iterator::next) {
+                Some(permit) => {
+                    permit.send(packet);
+                    left -= 1;
+                    out += 1;
+                }
+                None => full += 1,
             }
         }
     };
+    drop(permits);
     if read > 0 {
         let totals = assembler.counters();
         counters.batches.fetch_add(1, Ordering::Relaxed);

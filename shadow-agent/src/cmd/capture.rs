@@ -73,6 +73,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// counted (`channel_full`).
 const CHANNEL_PACKETS: usize = 4096;
 
+/// The most packets the writer takes from the channel at once.
+const WRITE_BATCH: usize = 512;
+
+/// The pcap file's write buffer: large, so that a busy capture costs few write system calls.
+const WRITE_BUFFER: usize = 1 << 20;
+
 pub fn run(args: Args) -> Result<()> {
     let options = LiveOptions {
         settings: CaptureSettings {
@@ -91,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let file = File::create(&args.write)
         .with_context(|| format!("cannot create {}", args.write.display()))?;
-    let pcap = PcapWriter::new(BufWriter::new(file), CAPTURE_LIMIT)
+    let pcap = PcapWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file), CAPTURE_LIMIT)
         .with_context(|| format!("cannot write {}", args.write.display()))?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -132,13 +138,28 @@ async fn capture(
         .with_context(|| format!("cannot write {}", args.write.display()))
     };
     let mut write_error = None;
+    // Packets are taken from the channel in batches: one wakeup of this task per batch, not per
+    // packet.
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut write_batch = |batch: &mut Vec<CapturedPacket>,
+                           write_error: &mut Option<anyhow::Error>| {
+        for packet in batch.drain(..) {
+            if write_error.is_none()
+                && let Err(e) = write(packet)
+            {
+                *write_error = Some(e);
+            }
+        }
+    };
     loop {
         tokio::select! {
-            packet = packets.recv() => {
-                let Some(packet) = packet else { break };
+            taken = packets.recv_many(&mut batch, WRITE_BATCH) => {
+                if taken == 0 {
+                    break;
+                }
+                write_batch(&mut batch, &mut write_error);
                 // Stop capturing rather than pretend: the file would be missing packets.
-                if let Err(e) = write(packet) {
-                    write_error = Some(e);
+                if write_error.is_some() {
                     break;
                 }
             }
@@ -160,19 +181,17 @@ async fn capture(
     let totals = loop {
         tokio::select! {
             totals = &mut stopping => break totals?,
-            Some(packet) = packets.recv(), if write_error.is_none() => {
-                if let Err(e) = write(packet) {
-                    write_error = Some(e);
-                }
+            // 0: the channel is closed and empty; the branch is off until `stopping` is done.
+            1.. = packets.recv_many(&mut batch, WRITE_BATCH), if write_error.is_none() => {
+                write_batch(&mut batch, &mut write_error);
             }
         }
     };
     while write_error.is_none()
         && let Ok(packet) = packets.try_recv()
     {
-        if let Err(e) = write(packet) {
-            write_error = Some(e);
-        }
+        batch.push(packet);
+        write_batch(&mut batch, &mut write_error);
     }
     let packets_written = pcap.packets();
     pcap.into_inner()
