@@ -438,11 +438,15 @@ fn write_record<const N: usize>(ctx: &TcContext, header: &RecordHeader, wakeup: 
     // The verifier must see 1 <= len <= N right at the load below. LLVM knows that already from
     // the caller's match and would drop the check, leaving the verifier to follow paths that
     // cannot happen (a large len with a small record); a volatile read keeps the check here.
+    // The comparison is signed on purpose: older verifiers (6.1) learn no lower bound from
+    // `len != 0`, which is what LLVM makes of an unsigned `len > 0`, but they do from a signed
+    // `len > 0`, and with the upper bound that gives 1 <= len <= N.
     // SAFETY: a read of a valid reference.
-    let len = unsafe { core::ptr::read_volatile(&header.chunk_len) };
-    if len == 0 || len > N as u32 {
+    let len = unsafe { core::ptr::read_volatile(&header.chunk_len) } as i32;
+    if len <= 0 || len > N as i32 {
         return Written::LoadError;
     }
+    let len = len as u32;
     let Some(mut entry) = EVENTS.reserve::<RecordOf<N>>(0) else {
         return Written::RingFull;
     };

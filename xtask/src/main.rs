@@ -10,6 +10,10 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_mirror;
+mod demo;
+mod kernels;
+mod manifests;
 mod run;
 mod setup;
 
@@ -26,6 +30,9 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain, bpf-linker and Debian packages the project needs (as root).
     Setup,
+    /// Check deploy/ offline: Kubernetes manifests, dashboard (part of `test`).
+    #[command(hide = true)]
+    Manifests,
     /// Run the lints, the unit tests and the root-only integration tests.
     Test {
         /// Only the lints and unit tests (no root needed).
@@ -35,6 +42,11 @@ enum Cmd {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Boot Debian 12's 6.1 kernel (no TCX) in a VM and capture there with netlink filters.
+    TestKernels,
+    /// Show shadow at work (as root): three hosts in network namespaces, the agent, a mix of
+    /// traffic, and a report of what was mirrored and what was held back.
+    Demo,
     /// Run a benchmark (as root) and print its report.
     Bench {
         #[command(subcommand)]
@@ -57,13 +69,51 @@ enum Bench {
         #[arg(long, value_name = "FILE")]
         agent_bin: Option<PathBuf>,
     },
+    /// What mirroring costs the live service and how much reaches the shadow, against nginx's
+    /// own `mirror` module.
+    Mirror {
+        /// Seconds of load per scenario.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Rounds of all scenarios; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Requests per second of the fixed-rate latency comparison.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u32,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::setup(),
+        Cmd::Manifests => manifests::validate(),
         Cmd::Test { unit, filter } => test(unit, &filter),
+        Cmd::TestKernels => {
+            if !setup::is_root() {
+                bail!("the older-kernel test needs root (KVM, apt-get download)");
+            }
+            setup::ensure()?;
+            kernels::test_older_kernels()
+        }
+        Cmd::Demo => {
+            if !setup::is_root() {
+                bail!("the demo needs root (network namespaces, BPF): run `sudo cargo xtask demo`");
+            }
+            setup::ensure()?;
+            run(cargo().args([
+                "build",
+                "--package",
+                "shadow-agent",
+                "--bin",
+                "shadow-agent",
+            ]))?;
+            demo::demo(
+                &target_dir().join("debug/shadow-agent"),
+                &root().join("deploy/examples/demo.toml"),
+            )
+        }
         Cmd::Bench { which } => {
             if !setup::is_root() {
                 bail!("benchmarks need root (network namespaces, BPF statistics)");
@@ -78,6 +128,15 @@ fn main() -> Result<()> {
                     seconds,
                     rounds,
                     agent_bin,
+                }),
+                Bench::Mirror {
+                    seconds,
+                    rounds,
+                    rate,
+                } => bench_mirror::run(bench_mirror::MirrorBench {
+                    seconds,
+                    rounds,
+                    rate,
                 }),
             }
         }
@@ -125,6 +184,7 @@ fn test(unit_only: bool, filter: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    manifests::validate()?;
     run(cargo().args([
         "test",
         "--workspace",
@@ -148,5 +208,11 @@ fn test(unit_only: bool, filter: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "--package", "shadow-tests", "--"])
         .args(filter)
-        .env("SHADOW_AGENT_BIN", &agent))
+        .env("SHADOW_AGENT_BIN", &agent))?;
+    // The whole suite also runs on an older kernel, without TCX; a filtered run is for
+    // iterating on a few tests and skips it.
+    if filter.is_empty() {
+        kernels::test_older_kernels()?;
+    }
+    Ok(())
 }

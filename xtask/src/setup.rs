@@ -28,7 +28,16 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",    // ip netns, veth, tc
     "libcap2-bin", // capsh for the least-privilege tests
     "python3",     // a second real HTTP client in the tests
+    // the venv of the offline manifest checks (xtask/src/manifests.rs)
+    "python3-venv",
+    // headless, it looks at the comparison report page in the tests
+    "chromium",
     "ca-certificates",
+    // `cargo xtask test-kernels` (xtask/src/kernels.rs): qemu boots the older kernel; virtme-ng
+    // builds its initramfs with busybox and runs depmod on the unpacked kernel's modules
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
 ];
 
 /// What `setup` found missing; empty when everything is in place.
@@ -205,4 +214,27 @@ fn cargo_home() -> PathBuf {
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// oha, a Rust HTTP load generator with a fixed-rate mode (`-q`), which wrk lacks; only
+/// `cargo xtask bench mirror` needs it, so it is installed on first use rather than by `setup`.
+const OHA_VERSION: &str = "1.16.0";
+
+/// The path of oha, installed from crates.io when missing.
+pub fn ensure_oha() -> Result<PathBuf> {
+    let bin = cargo_home().join("bin/oha");
+    let ready =
+        command_output(Command::new(&bin).arg("--version")).is_ok_and(|v| v.contains(OHA_VERSION));
+    if !ready {
+        eprintln!("xtask: installing oha {OHA_VERSION} for the mirror benchmark");
+        run(Command::new("cargo").args([
+            "install",
+            "oha",
+            "--version",
+            OHA_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    Ok(bin)
 }

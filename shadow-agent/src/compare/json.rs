@@ -629,12 +629,22 @@ fn flatten_into<'v>(
             false
         }
         Value::Object(m) if !m.is_empty() && !deep => {
-            for (k, e) in m {
-                path.push(Segment::Key(k));
-                let cut = flatten_into(e, o, max, path, out);
-                path.pop();
-                if cut {
-                    return true;
+            // An object's own values before those nested in it: when `max` cuts the list, the
+            // fields kept are the shallow ones (ids, timestamps), not the first records of a
+            // long array that happens to sort first.
+            let nested = |e: &Value| match e {
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(m) => !m.is_empty(),
+                _ => false,
+            };
+            for containers in [false, true] {
+                for (k, e) in m.iter().filter(|(_, e)| nested(e) == containers) {
+                    path.push(Segment::Key(k));
+                    let cut = flatten_into(e, o, max, path, out);
+                    path.pop();
+                    if cut {
+                        return true;
+                    }
                 }
             }
             false

@@ -345,8 +345,9 @@ fn flatten_leaves() {
     let mut out = Vec::new();
     assert!(!flatten(&v, &DiffOptions::default(), 100, &mut out));
     let fields: Vec<_> = out.iter().map(|l| l.field.as_str()).collect();
-    assert_eq!(fields, ["$.a[*]", "$.a[*].b", "$.e", "$.f"]);
-    assert_eq!(out[3].value, Leaf::Float(1.5));
+    // An object's own values first (`e` is an empty object: a leaf), then nested ones.
+    assert_eq!(fields, ["$.e", "$.f", "$.a[*]", "$.a[*].b"]);
+    assert_eq!(out[1].value, Leaf::Float(1.5));
     let mut out = Vec::new();
     assert!(flatten(&v, &DiffOptions::default(), 2, &mut out));
     assert_eq!(out.len(), 2);
@@ -407,4 +408,17 @@ proptest! {
         let o = DiffOptions::default();
         prop_assert_eq!(equal(&a, &b, &o), diff(&a, &b, &o).differences.is_empty());
     }
+}
+
+#[test]
+fn a_cut_flattening_keeps_the_shallow_fields() {
+    // `items` sorts before `request_id` and `timestamp`, and holds more leaves than the cut.
+    let items: Vec<Value> = (0..100).map(|i| json!({"id": i, "price": i * 3})).collect();
+    let body = json!({"items": items, "request_id": "r-1", "timestamp": 17.5});
+    let mut leaves = Vec::new();
+    let cut = flatten(&body, &DiffOptions::default(), 64, &mut leaves);
+    assert!(cut);
+    assert_eq!(leaves.len(), 64);
+    let fields: Vec<&str> = leaves.iter().map(|l| l.field.as_str()).collect();
+    assert!(fields.contains(&"$.request_id") && fields.contains(&"$.timestamp"), "{fields:?}");
 }

@@ -1,0 +1,376 @@
+//! `cargo xtask bench mirror`: what mirroring costs the live service and how much of it reaches
+//! the shadow, side by side in one run on one topology, against nginx's own `mirror` module as
+//! the in-path baseline.
+//!
+//! Topology: a client namespace (wrk, oha), a live namespace (nginx serving `ok`, the agent
+//! attached to its interface, and an nginx reverse proxy to it, with and without `mirror`), and a
+//! shadow namespace (nginx serving `ok`, whose access log counts what arrived).
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use shadow_tests::{Agent, Netns, Nginx, VethLink};
+
+use crate::bench::{Load, wrk};
+
+pub struct MirrorBench {
+    pub seconds: u32,
+    pub rounds: u32,
+    /// The fixed rate of the latency comparison, requests per second.
+    pub rate: u32,
+}
+
+/// What the agent did during one load.
+#[derive(Clone, Copy, Debug, Default)]
+struct AgentRun {
+    /// Copies handed to the sender (or counted, in a dry run).
+    copies: u64,
+    /// Requests the shadow's nginx served during the load.
+    delivered: u64,
+    /// Agent CPU time (user + system) during the load, in microseconds.
+    cpu_us: f64,
+}
+
+/// One scenario's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Figures {
+    load: Load,
+    /// Requests completed by the load generator.
+    requests: u64,
+    agent: Option<AgentRun>,
+}
+
+struct Topology {
+    client: Netns,
+    live: Netns,
+    _shadow: Netns,
+    front: VethLink,
+    back: VethLink,
+    _live_nginx: Nginx,
+    shadow_nginx: Nginx,
+    _proxy: Nginx,
+    _mirroring_proxy: Nginx,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let client = Netns::new("bc");
+        let live = Netns::new("bl");
+        let shadow = Netns::new("bs");
+        let front = VethLink::new(&client, "veth-c", &live, "veth-lf");
+        let back = VethLink::new(&live, "veth-lb", &shadow, "veth-s");
+        let live_addr = SocketAddr::new(front.b_addr.into(), 80);
+        let shadow_addr = SocketAddr::new(back.b_addr.into(), 8080);
+        let live_nginx = Nginx::start(&live, live_addr);
+        let shadow_nginx = Nginx::start(&shadow, shadow_addr);
+        let proxy = Nginx::proxy(
+            &live,
+            SocketAddr::new(front.b_addr.into(), 81),
+            live_addr,
+            None,
+        );
+        let mirroring_proxy = Nginx::proxy(
+            &live,
+            SocketAddr::new(front.b_addr.into(), 82),
+            live_addr,
+            Some(shadow_addr),
+        );
+        Self {
+            client,
+            live,
+            _shadow: shadow,
+            front,
+            back,
+            _live_nginx: live_nginx,
+            shadow_nginx,
+            _proxy: proxy,
+            _mirroring_proxy: mirroring_proxy,
+        }
+    }
+
+    fn url(&self, port: u16) -> String {
+        format!("http://{}:{port}/", self.front.b_addr)
+    }
+
+    fn shadow_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.back.b_addr.into(), 8080)
+    }
+
+    /// A configuration that mirrors every request on port 80 with no budget in the way.
+    fn config(&self, dir: &Path) -> Result<std::path::PathBuf> {
+        let path = dir.join("bench.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[capture]\ninterfaces = [\"veth-lf\"]\nports = [80]\n\n\
+                 [[route]]\nname = \"all\"\nmatch = {{ port = 80 }}\ntargets = [\"http://{}\"]\n\n\
+                 [budget]\nnode_rps = 10_000_000\nnode_bytes_per_sec = 100_000_000_000\n\
+                 target_rps = 10_000_000\nmax_in_flight = 4096\nmax_connections = 32\ntimeout = \"2s\"\n",
+                self.shadow_addr()
+            ),
+        )?;
+        Ok(path)
+    }
+}
+
+/// Builds the agent in release mode, measures, prints the report and writes it to
+/// target/bench/mirror.md.
+pub fn run(bench: MirrorBench) -> Result<()> {
+    crate::run::run(crate::cargo().args(["build", "--release", "--package", "shadow-agent"]))?;
+    let out = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    // A copy, so that a concurrent build cannot swap the binary mid-run.
+    let agent = out.join("shadow-agent-mirror");
+    std::fs::copy(crate::target_dir().join("release/shadow-agent"), &agent)?;
+    let report = mirror(bench, &agent)?;
+    println!("{report}");
+    std::fs::write(out.join("mirror.md"), &report)?;
+    eprintln!("xtask: written to {}", out.join("mirror.md").display());
+    Ok(())
+}
+
+fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
+    if bench.rounds == 0 || bench.seconds == 0 {
+        bail!("--rounds and --seconds must be at least 1");
+    }
+    let oha = crate::setup::ensure_oha()?;
+    // The test helpers start the agent from this path.
+    // SAFETY: no other thread runs yet, so none reads the environment meanwhile.
+    unsafe { std::env::set_var("SHADOW_AGENT_BIN", agent_bin) };
+    let topo = Topology::new();
+    let dir = tempfile::tempdir()?;
+    let config = topo.config(dir.path())?;
+    let seconds = bench.seconds;
+    let live = topo.url(80);
+
+    let mut rows: Vec<(&str, Vec<Figures>)> = [
+        "no agent",
+        "agent, 100 %",
+        "agent, dry run",
+        "nginx proxy",
+        "nginx proxy + mirror",
+        "fixed rate, no agent",
+        "fixed rate, agent 100 %",
+    ]
+    .into_iter()
+    .map(|name| (name, Vec::new()))
+    .collect();
+    for round in 0..bench.rounds {
+        eprintln!("xtask: round {} of {}", round + 1, bench.rounds);
+        let max = |url: &str| -> Result<Figures> {
+            let load = wrk(&topo.client, url, seconds)?;
+            Ok(Figures {
+                load,
+                requests: (load.requests_per_sec * f64::from(seconds)) as u64,
+                agent: None,
+            })
+        };
+        let fixed =
+            || -> Result<Figures> { oha_fixed(&topo.client, &oha, &live, bench.rate, seconds) };
+        rows[0].1.push(max(&live)?);
+        rows[1]
+            .1
+            .push(with_agent(&topo, &config, false, || max(&live))?);
+        rows[2]
+            .1
+            .push(with_agent(&topo, &config, true, || max(&live))?);
+        rows[3].1.push(max(&topo.url(81))?);
+        rows[4].1.push(max(&topo.url(82))?);
+        rows[5].1.push(fixed()?);
+        rows[6].1.push(with_agent(&topo, &config, false, fixed)?);
+    }
+    Ok(report(&bench, &rows))
+}
+
+/// Runs `load` with the agent running (mirroring, or a dry run), and reads what it did.
+fn with_agent(
+    topo: &Topology,
+    config: &Path,
+    dry_run: bool,
+    load: impl FnOnce() -> Result<Figures>,
+) -> Result<Figures> {
+    let mut args = vec!["--report-interval", "0s"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let agent = Agent::run(&topo.live, config, &args);
+    let pid = agent.pid();
+    let delivered_before = topo.shadow_nginx.served();
+    let cpu_before = cpu_time_us(pid)?;
+    let mut figures = load()?;
+    // Let copies in flight arrive before counting.
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_time_us(pid)? - cpu_before;
+    let delivered = (topo.shadow_nginx.served() - delivered_before) as u64;
+    let exit = agent.interrupt();
+    exit.assert_success();
+    let json = exit.json();
+    let copies = json["mirror"]["targets"][0]["sent"].as_u64().unwrap_or(0);
+    figures.agent = Some(AgentRun {
+        copies,
+        delivered,
+        cpu_us: cpu,
+    });
+    Ok(figures)
+}
+
+/// User plus system CPU time of a process, in microseconds.
+fn cpu_time_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("short /proc/PID/stat")?
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 * 1e6 / hz)
+}
+
+/// oha at a fixed rate: latency at a load the service can carry.
+fn oha_fixed(client: &Netns, oha: &Path, url: &str, rate: u32, seconds: u32) -> Result<Figures> {
+    let out = client
+        .exec(&[
+            oha.to_str().context("utf-8 path")?,
+            "--no-tui",
+            "--latency-correction",
+            "--output-format",
+            "json",
+            "-z",
+            &format!("{seconds}s"),
+            "-q",
+            &rate.to_string(),
+            "-c",
+            "64",
+            url,
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run oha")?;
+    if !out.status.success() {
+        bail!("oha failed: {}", out.status);
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cannot read oha's JSON")?;
+    let summary = &json["summary"];
+    let percentile = |p: &str| json["latencyPercentiles"][p].as_f64().unwrap_or(0.0) * 1e3;
+    let ok = json["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+    Ok(Figures {
+        load: Load {
+            requests_per_sec: summary["requestsPerSec"].as_f64().unwrap_or(0.0),
+            p50_ms: percentile("p50"),
+            p99_ms: percentile("p99"),
+        },
+        requests: ok,
+        agent: None,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
+    let host = Command::new("uname")
+        .arg("-r")
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut out = format!(
+        "cargo xtask bench mirror --seconds {} --rounds {} --rate {}; kernel {host}; medians of the rounds\n\n",
+        bench.seconds, bench.rounds, bench.rate
+    );
+    out += "| scenario | requests/s | p50 ms | p99 ms | copies/s | delivered / live requests | agent CPU µs/copy |\n";
+    out += "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    let med = |figs: &[Figures], f: &dyn Fn(&Figures) -> f64| median(figs.iter().map(f).collect());
+    for (name, figs) in rows {
+        let rps = med(figs, &|f| f.load.requests_per_sec);
+        let p50 = med(figs, &|f| f.load.p50_ms);
+        let p99 = med(figs, &|f| f.load.p99_ms);
+        let agent = figs.iter().filter_map(|f| f.agent).collect::<Vec<_>>();
+        let (copies, delivered, cpu) = if agent.is_empty() {
+            ("-".into(), "-".into(), "-".into())
+        } else {
+            let secs = f64::from(bench.seconds);
+            let copies = median(agent.iter().map(|a| a.copies as f64 / secs).collect());
+            let dry = name.contains("dry");
+            let delivered = if dry {
+                "none (dry run)".to_owned()
+            } else {
+                // Of the live requests: with no budget in the way, every one should arrive.
+                format!(
+                    "{:.3} %",
+                    median(
+                        figs.iter()
+                            .filter_map(|f| f.agent.map(|a| (a, f.requests)))
+                            .map(|(a, requests)| a.delivered as f64 * 100.0 / requests.max(1) as f64)
+                            .collect()
+                    )
+                )
+            };
+            let cpu = median(
+                agent
+                    .iter()
+                    .map(|a| a.cpu_us / a.copies.max(1) as f64)
+                    .collect(),
+            );
+            (format!("{copies:.0}"), delivered, format!("{cpu:.1}"))
+        };
+        out += &format!(
+            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {copies} | {delivered} | {cpu} |\n"
+        );
+    }
+    let find = |n: &str| {
+        rows.iter()
+            .find(|(name, _)| *name == n)
+            .map(|(_, f)| f.as_slice())
+    };
+    let ratio = |a: &str, b: &str, f: &dyn Fn(&Figures) -> f64| match (find(a), find(b)) {
+        (Some(a), Some(b)) => med(a, f) / med(b, f).max(1e-9),
+        _ => 0.0,
+    };
+    out += &format!(
+        "\nratios, agent 100 % / no agent: throughput {:.3}, p50 {:.2}, p99 {:.2}\n",
+        ratio("agent, 100 %", "no agent", &|f| f.load.requests_per_sec),
+        ratio("agent, 100 %", "no agent", &|f| f.load.p50_ms),
+        ratio("agent, 100 %", "no agent", &|f| f.load.p99_ms),
+    );
+    out += &format!(
+        "ratios, dry run / no agent: throughput {:.3}, p99 {:.2}\n",
+        ratio("agent, dry run", "no agent", &|f| f.load.requests_per_sec),
+        ratio("agent, dry run", "no agent", &|f| f.load.p99_ms),
+    );
+    out += &format!(
+        "ratios at {} requests/s, agent / no agent: p50 {:.2}, p99 {:.2}\n",
+        bench.rate,
+        ratio("fixed rate, agent 100 %", "fixed rate, no agent", &|f| f
+            .load
+            .p50_ms),
+        ratio("fixed rate, agent 100 %", "fixed rate, no agent", &|f| f
+            .load
+            .p99_ms),
+    );
+    out += &format!(
+        "ratios, nginx mirror / nginx proxy: throughput {:.3}, p99 {:.2}\n",
+        ratio("nginx proxy + mirror", "nginx proxy", &|f| f
+            .load
+            .requests_per_sec),
+        ratio("nginx proxy + mirror", "nginx proxy", &|f| f.load.p99_ms),
+    );
+    out
+}
