@@ -420,5 +420,8 @@ fn a_cut_flattening_keeps_the_shallow_fields() {
     assert!(cut);
     assert_eq!(leaves.len(), 64);
     let fields: Vec<&str> = leaves.iter().map(|l| l.field.as_str()).collect();
-    assert!(fields.contains(&"$.request_id") && fields.contains(&"$.timestamp"), "{fields:?}");
+    assert!(
+        fields.contains(&"$.request_id") && fields.contains(&"$.timestamp"),
+        "{fields:?}"
+    );
 }
