@@ -16,7 +16,8 @@ use shadow_agent::capture::{
     ring,
 };
 use shadow_common::{CAPTURE_LIMIT, KernelCounters};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use super::common::{StopSignal, kernel_fields, object, parse_duration, table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,10 +64,6 @@ fn parse_percent(s: &str) -> Result<f64, String> {
         .ok()
         .filter(|p| (0.0..=100.0).contains(p))
         .ok_or_else(|| format!("`{s}` is not a percentage from 0 to 100"))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (write it as 10s, 2m or 1h)"))
 }
 
 /// Captured packets waiting for the writer. At most this many are held; more are dropped and
@@ -210,53 +207,6 @@ async fn capture(
     }
 }
 
-/// SIGINT, SIGTERM and the end of `--duration`, whichever comes first. The handlers are
-/// installed when this is made, not when it is first awaited.
-struct StopSignal {
-    interrupt: Signal,
-    terminate: Signal,
-    duration: Option<Duration>,
-}
-
-impl StopSignal {
-    fn install(duration: Option<Duration>) -> Result<Self> {
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-            duration,
-        })
-    }
-
-    /// Resolves with the reason to stop.
-    async fn wait(mut self) -> &'static str {
-        let timeout = async {
-            match self.duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = self.interrupt.recv() => "interrupted",
-            _ = self.terminate.recv() => "terminated",
-            _ = timeout => "duration over",
-        }
-    }
-}
-
-fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 9] {
-    [
-        ("packets_seen", k.packets_seen),
-        ("packets_matched", k.packets_matched),
-        ("packets_sampled", k.packets_sampled),
-        ("packets_bare_ack", k.packets_bare_ack),
-        ("records_written", k.records_written),
-        ("bytes_written", k.bytes_written),
-        ("ringbuf_full", k.ringbuf_full),
-        ("packets_truncated", k.packets_truncated),
-        ("load_errors", k.load_errors),
-    ]
-}
-
 fn agent_fields(a: &ring::RingCountersSnapshot, packets_written: u64) -> [(&'static str, u64); 6] {
     [
         ("records_read", a.records_read),
@@ -269,15 +219,11 @@ fn agent_fields(a: &ring::RingCountersSnapshot, packets_written: u64) -> [(&'sta
 }
 
 fn print_summary(k: &KernelCounters, a: &ring::RingCountersSnapshot, packets_written: u64) {
-    let mut out = String::from("kernel counters:\n");
-    for (name, value) in kernel_fields(k) {
-        out += &format!("  {name:<20} {value}\n");
-    }
-    out += "agent counters:\n";
-    for (name, value) in agent_fields(a, packets_written) {
-        out += &format!("  {name:<20} {value}\n");
-    }
-    eprint!("{out}");
+    eprint!(
+        "{}{}",
+        table("kernel counters", &kernel_fields(k)),
+        table("agent counters", &agent_fields(a, packets_written))
+    );
 }
 
 fn stats_json(
@@ -285,14 +231,6 @@ fn stats_json(
     a: &ring::RingCountersSnapshot,
     packets_written: u64,
 ) -> serde_json::Value {
-    let object = |fields: &[(&str, u64)]| {
-        serde_json::Value::Object(
-            fields
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).into()))
-                .collect(),
-        )
-    };
     serde_json::json!({
         "kernel": object(&kernel_fields(k)),
         "agent": object(&agent_fields(a, packets_written)),

@@ -61,6 +61,10 @@ pub struct Args {
     /// At exit, write every counter to this file as JSON.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// The agent's CPU priority (nice value, 0 to 19): above 0, live services on the node win
+    /// the CPU when it is short, and copies wait instead.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: i32,
 }
 
 /// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
@@ -77,11 +81,26 @@ const TICK: Duration = Duration::from_secs(1);
 pub fn run(args: Args) -> Result<()> {
     let config = check_config::load(&args.config)?;
     let node = node_name(args.node_name.as_deref())?;
+    lower_priority(args.nice)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(agent(args, config, node))
+}
+
+/// Makes the agent yield the CPU to the services it mirrors (lowering one's own priority needs
+/// no capability).
+fn lower_priority(nice: i32) -> Result<()> {
+    // SAFETY: setpriority only reads its arguments; 0 means this process.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        bail!(
+            "cannot set the agent's nice value to {nice}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// `--node-name`, `$NODE_NAME` or the host name; it travels in headers, so it is checked.
