@@ -29,6 +29,8 @@ pub struct MirrorBench {
 struct AgentRun {
     /// Copies handed to the sender (or counted, in a dry run).
     copies: u64,
+    /// Exchanges compared (with `[compare]`).
+    compared: u64,
     /// Requests the shadow's nginx served during the load.
     delivered: u64,
     /// Agent CPU time (user + system) during the load, in microseconds.
@@ -100,16 +102,27 @@ impl Topology {
         SocketAddr::new(self.back.b_addr.into(), 8080)
     }
 
-    /// A configuration that mirrors every request on port 80 with no budget in the way.
-    fn config(&self, dir: &Path) -> Result<std::path::PathBuf> {
-        let path = dir.join("bench.toml");
+    /// A configuration that mirrors every request on port 80 with no budget in the way; with
+    /// `compare`, it also captures the responses and compares them.
+    fn config(&self, dir: &Path, compare: bool) -> Result<std::path::PathBuf> {
+        let path = dir.join(if compare {
+            "compare.toml"
+        } else {
+            "bench.toml"
+        });
+        let (hooks, section) = if compare {
+            ("[\"ingress\", \"egress\"]", "\n[compare]\n")
+        } else {
+            ("[\"ingress\"]", "")
+        };
         std::fs::write(
             &path,
             format!(
-                "[capture]\ninterfaces = [\"veth-lf\"]\nports = [80]\n\n\
+                "[capture]\ninterfaces = [\"veth-lf\"]\nhooks = {hooks}\nports = [80]\n\n\
                  [[route]]\nname = \"all\"\nmatch = {{ port = 80 }}\ntargets = [\"http://{}\"]\n\n\
                  [budget]\nnode_rps = 10_000_000\nnode_bytes_per_sec = 100_000_000_000\n\
-                 target_rps = 10_000_000\nmax_in_flight = 4096\nmax_connections = 32\ntimeout = \"2s\"\n",
+                 target_rps = 10_000_000\nmax_in_flight = 4096\nmax_connections = 32\ntimeout = \"2s\"\n\
+                 {section}",
                 self.shadow_addr()
             ),
         )?;
@@ -143,7 +156,8 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     unsafe { std::env::set_var("SHADOW_AGENT_BIN", agent_bin) };
     let topo = Topology::new();
     let dir = tempfile::tempdir()?;
-    let config = topo.config(dir.path())?;
+    let config = topo.config(dir.path(), false)?;
+    let compare_config = topo.config(dir.path(), true)?;
     let seconds = bench.seconds;
     let live = topo.url(80);
 
@@ -155,6 +169,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         "nginx proxy + mirror",
         "fixed rate, no agent",
         "fixed rate, agent 100 %",
+        "fixed rate, agent 100 % + compare",
     ]
     .into_iter()
     .map(|name| (name, Vec::new()))
@@ -182,6 +197,9 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         rows[4].1.push(max(&topo.url(82))?);
         rows[5].1.push(fixed()?);
         rows[6].1.push(with_agent(&topo, &config, false, fixed)?);
+        rows[7]
+            .1
+            .push(with_agent(&topo, &compare_config, false, fixed)?);
     }
     Ok(report(&bench, &rows))
 }
@@ -210,8 +228,10 @@ fn with_agent(
     exit.assert_success();
     let json = exit.json();
     let copies = json["mirror"]["targets"][0]["sent"].as_u64().unwrap_or(0);
+    let compared = json["compare"]["completed"].as_u64().unwrap_or(0);
     figures.agent = Some(AgentRun {
         copies,
+        compared,
         delivered,
         cpu_us: cpu,
     });
@@ -365,6 +385,25 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
             .load
             .p99_ms),
     );
+    if let Some(figs) = find("fixed rate, agent 100 % + compare") {
+        let runs: Vec<AgentRun> = figs.iter().filter_map(|f| f.agent).collect();
+        out += &format!(
+            "with [compare] at {} requests/s: {:.0} exchanges compared per second, {:.1} us of \
+             agent CPU per compared exchange (capture of both directions, mirroring and the \
+             comparison together)\n",
+            bench.rate,
+            median(
+                runs.iter()
+                    .map(|a| a.compared as f64 / f64::from(bench.seconds))
+                    .collect()
+            ),
+            median(
+                runs.iter()
+                    .map(|a| a.cpu_us / a.compared.max(1) as f64)
+                    .collect()
+            ),
+        );
+    }
     out += &format!(
         "ratios, nginx mirror / nginx proxy: throughput {:.3}, p99 {:.2}\n",
         ratio("nginx proxy + mirror", "nginx proxy", &|f| f
