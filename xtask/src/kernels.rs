@@ -24,7 +24,6 @@ use nix::{
 };
 
 use crate::{
-    cargo,
     run::{command_output, run},
     target_dir,
 };
@@ -177,14 +176,7 @@ pub fn test_older_kernels() -> Result<()> {
     let vng = ensure_virtme(&vm)?;
     let kernel = ensure_kernel(&vm)?;
     // The guest runs this binary from the shared host filesystem; the eBPF object is inside.
-    run(cargo().args([
-        "build",
-        "--package",
-        "shadow-agent",
-        "--bin",
-        "shadow-agent",
-    ]))?;
-    let agent = fs::canonicalize(target_dir().join("debug/shadow-agent"))?;
+    let agent = fs::canonicalize(crate::build_agent()?)?;
 
     let script = vm.join("guest.sh");
     fs::write(&script, GUEST_SCRIPT)?;

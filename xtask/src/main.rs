@@ -102,17 +102,7 @@ fn main() -> Result<()> {
                 bail!("the demo needs root (network namespaces, BPF): run `sudo cargo xtask demo`");
             }
             setup::ensure()?;
-            run(cargo().args([
-                "build",
-                "--package",
-                "shadow-agent",
-                "--bin",
-                "shadow-agent",
-            ]))?;
-            demo::demo(
-                &target_dir().join("debug/shadow-agent"),
-                &root().join("deploy/examples/demo.toml"),
-            )
+            demo::demo(&build_agent()?, &root().join("deploy/examples/demo.toml"))
         }
         Cmd::Bench { which } => {
             if !setup::is_root() {
@@ -141,6 +131,19 @@ fn main() -> Result<()> {
             }
         }
     }
+}
+
+/// Builds the agent (debug, with its eBPF program) and returns the binary's path: what the
+/// integration tests, the demo and the older-kernel test run.
+fn build_agent() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "shadow-agent",
+        "--bin",
+        "shadow-agent",
+    ]))?;
+    Ok(target_dir().join("debug/shadow-agent"))
 }
 
 /// The workspace root.
@@ -197,14 +200,7 @@ fn test(unit_only: bool, filter: &[String]) -> Result<()> {
         return Ok(());
     }
     // The integration tests run this binary inside their network namespaces.
-    run(cargo().args([
-        "build",
-        "--package",
-        "shadow-agent",
-        "--bin",
-        "shadow-agent",
-    ]))?;
-    let agent = target_dir().join("debug/shadow-agent");
+    let agent = build_agent()?;
     run(cargo()
         .args(["test", "--package", "shadow-tests", "--"])
         .args(filter)
