@@ -30,7 +30,7 @@ use std::{
 };
 
 pub use agent::{Agent, AgentExit, Stats};
-pub use netns::{Netns, VethLink};
+pub use netns::{Hosts, Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};
 pub use server::{JsonApp, Nginx, SinkMode, TcpSink};
 pub use shadow_server::{Received, ShadowMode, ShadowServer};

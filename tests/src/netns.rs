@@ -277,3 +277,31 @@ impl Drop for VethLink {
             .status();
     }
 }
+
+/// The usual test topology: a client and a server namespace joined by a veth pair (`veth-c` in
+/// the client, `veth-s` in the server).
+pub struct Hosts {
+    // Declared first so it is dropped while its namespaces still exist.
+    pub link: VethLink,
+    pub client: Netns,
+    pub server: Netns,
+}
+
+impl Hosts {
+    /// `label` tells the namespaces of different test files apart in `ip netns`.
+    pub fn new(label: &str) -> Self {
+        let client = Netns::new(&format!("{label}c"));
+        let server = Netns::new(&format!("{label}s"));
+        let link = VethLink::new(&client, "veth-c", &server, "veth-s");
+        Hosts {
+            link,
+            client,
+            server,
+        }
+    }
+
+    /// The server's address, on `port`.
+    pub fn server_addr(&self, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.link.b_addr.into(), port)
+    }
+}

@@ -17,36 +17,18 @@ use std::{
 use nix::sys::signal::Signal;
 use shadow_common::{CHUNK_BYTES, SAMPLE_SCALE, connection_hash, is_sampled};
 use shadow_tests::{
-    Agent, Capture, FlowKey, Netns, Nginx, SinkMode, TcpSink, VethLink,
+    Agent, Capture, FlowKey, Hosts, Netns, Nginx, SinkMode, TcpSink, VethLink,
     agent::EXIT_TIMEOUT,
     client::{self, Exchange},
     pattern, require_root,
 };
 
-/// A client and a server namespace joined by a veth pair.
-struct Hosts {
-    // Declared first so it is dropped while its namespaces still exist.
-    link: VethLink,
-    client: Netns,
-    server: Netns,
+/// The agent on the server's veth.
+trait CaptureAgent {
+    fn agent(&self, ports: &[u16], extra: &[&str]) -> Agent;
 }
 
-impl Hosts {
-    fn new() -> Self {
-        let client = Netns::new("c");
-        let server = Netns::new("s");
-        let link = VethLink::new(&client, "veth-c", &server, "veth-s");
-        Hosts {
-            link,
-            client,
-            server,
-        }
-    }
-
-    fn server_addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.link.b_addr.into(), port)
-    }
-
+impl CaptureAgent for Hosts {
     /// The agent on the server's veth, for `ports`, with `extra` arguments.
     fn agent(&self, ports: &[u16], extra: &[&str]) -> Agent {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -93,7 +75,7 @@ fn predicted_sampled(client: SocketAddr, server: SocketAddr, percent: f64) -> bo
 #[test]
 fn small_requests_are_captured_byte_exact() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let started = SystemTime::now();
     let agent = h.agent(&[80], &[]);
@@ -171,7 +153,7 @@ fn small_requests_are_captured_byte_exact() {
 #[test]
 fn megabyte_bodies_on_keepalive_connections_are_captured_byte_exact() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let sink = TcpSink::start(&h.server, h.server_addr(8080), SinkMode::Http);
     let agent = h.agent(&[80, 8080], &[]);
@@ -244,7 +226,7 @@ fn many_connections(ns: &Netns, server: SocketAddr, n: usize) -> Vec<Exchange> {
 #[test]
 fn sampling_zero_percent_captures_nothing() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--sample-percent", "0"]);
     many_connections(&h.client, nginx.addr, 20);
@@ -276,7 +258,7 @@ fn sampling_zero_percent_captures_nothing() {
 #[test]
 fn sampling_hundred_percent_captures_every_connection() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--sample-percent", "100"]);
     let exchanges = many_connections(&h.client, nginx.addr, 20);
@@ -302,7 +284,7 @@ fn sampling_hundred_percent_captures_every_connection() {
 
 fn sample_exactly_the_predicted_connections(percent: &str) {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--sample-percent", percent]);
     let exchanges = many_connections(&h.client, nginx.addr, 60);
@@ -364,7 +346,7 @@ fn sampling_fractional_percent_captures_exactly_the_predicted_connections() {
 #[test]
 fn unmatched_ports_cost_nothing_and_appear_nowhere() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(8081));
     let echo = TcpSink::start(&h.server, h.server_addr(9000), SinkMode::Echo);
     // Port 80 has no service at all; the traffic goes to 8081 and 9000.
@@ -410,7 +392,7 @@ fn unmatched_ports_cost_nothing_and_appear_nowhere() {
 #[test]
 fn only_the_selected_port_is_captured_when_several_are_busy() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let other = Nginx::start(&h.server, h.server_addr(8081));
     let agent = h.agent(&[80], &[]);
@@ -442,7 +424,7 @@ fn only_the_selected_port_is_captured_when_several_are_busy() {
 #[test]
 fn attached_while_running_and_nothing_left_after_sigint() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     h.server.assert_nothing_attached("before the agent");
     let agent = h.agent(&[80], &[]);
     let attached = h.server.bpf_attachments();
@@ -460,7 +442,7 @@ fn attached_while_running_and_nothing_left_after_sigint() {
 #[test]
 fn sigint_right_after_capturing_on_stops_cleanly() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     for round in 0..10 {
         let agent = h.agent(&[80], &[]);
         let exit = agent.interrupt();
@@ -479,7 +461,7 @@ fn sigint_right_after_capturing_on_stops_cleanly() {
 #[test]
 fn nothing_left_after_sigterm() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let agent = h.agent(&[80], &[]);
     agent.signal(Signal::SIGTERM);
     let exit = agent.wait(EXIT_TIMEOUT);
@@ -492,7 +474,7 @@ fn nothing_left_after_sigterm() {
 #[test]
 fn duration_ends_the_capture() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--duration", "3s"]);
     let ex = many_connections(&h.client, nginx.addr, 1);
@@ -508,7 +490,7 @@ fn duration_ends_the_capture() {
 #[test]
 fn nothing_left_after_sigkill() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let agent = h.agent(&[80], &[]);
     let exit = agent.kill();
     assert_eq!(exit.status.code(), None, "killed by a signal");
@@ -519,7 +501,7 @@ fn nothing_left_after_sigkill() {
 #[test]
 fn restart_after_sigkill_captures_and_leaves_nothing() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let first = h.agent(&[80], &[]);
     many_connections(&h.client, nginx.addr, 2);
@@ -601,7 +583,7 @@ fn crafted_streams(h: &Hosts, sink: &TcpSink) -> Vec<(Exchange, Vec<u8>)> {
 #[test]
 fn the_live_service_receives_the_same_bytes_with_and_without_the_agent() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let sink = TcpSink::start(&h.server, h.server_addr(9000), SinkMode::Echo);
     let without = crafted_streams(&h, &sink);
     let agent = h.agent(&[9000], &[]);
@@ -681,7 +663,7 @@ fn gso_super_packets_on_loopback_are_captured_whole() {
 #[test]
 fn ingress_hook_alone_sees_only_client_to_server() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--hooks", "ingress"]);
     let exchanges = many_connections(&h.client, nginx.addr, 3);
@@ -704,7 +686,7 @@ fn ingress_hook_alone_sees_only_client_to_server() {
 #[test]
 fn interface_globs_are_matched() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = Agent::start(&h.server, &["--interface", "veth*", "--port", "80"]);
     let exchanges = many_connections(&h.client, nginx.addr, 2);
@@ -749,7 +731,7 @@ fn a_glob_attaches_to_an_interface_that_appears_later() {
 #[test]
 fn cidr_filter_selects_the_service_address() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     // The server's own /30, and one that holds neither host.
     let own = format!("{}/30", h.link.b_addr);
@@ -831,7 +813,7 @@ fn ipv6_on_loopback_samples_exactly_the_predicted_connections() {
 #[test]
 fn two_interfaces_at_once() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     h.server
         .ip(&["addr", "add", "198.18.255.1/32", "dev", "lo"]);
     let sink = TcpSink::start(
@@ -858,7 +840,7 @@ fn two_interfaces_at_once() {
 #[test]
 fn counters_add_up_when_stopped_in_the_middle_of_transfers() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let sink = TcpSink::start(&h.server, h.server_addr(9000), SinkMode::Echo);
     let agent = h.agent(&[9000], &[]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -891,7 +873,7 @@ fn counters_add_up_when_stopped_in_the_middle_of_transfers() {
 #[test]
 fn counters_add_up_under_wrk_load() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &[]);
     let url = format!("http://{}/load", nginx.addr);
@@ -931,7 +913,7 @@ fn counters_add_up_under_wrk_load() {
 #[test]
 fn every_request_of_an_ab_burst_is_captured() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &[]);
     let url = format!("http://{}/burst", nginx.addr);
@@ -999,7 +981,7 @@ fn assert_rejected(ns: &Netns, args: &[&str], mentions: &[&str]) {
 #[test]
 fn bad_input_is_rejected_before_anything_is_attached() {
     require_root();
-    let h = Hosts::new();
+    let h = Hosts::new("");
     assert_rejected(
         &h.server,
         &["--interface", "nosuchif0", "--port", "80"],

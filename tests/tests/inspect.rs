@@ -1,36 +1,13 @@
 //! `shadow-agent inspect` on real captures: tcpdump recordings of curl, wrk and Python clients
 //! talking to nginx, and the agent's own pcap, must yield every request nginx served, bodies
 //! byte-exact.
-use std::{collections::BTreeMap, net::SocketAddr, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use sha2::{Digest, Sha256};
 use shadow_tests::{
-    Agent, Netns, Nginx, VethLink, client, pattern, require_root,
+    Agent, Hosts, Nginx, client, pattern, require_root,
     tools::{Tcpdump, inspect},
 };
-
-struct Hosts {
-    link: VethLink,
-    client: Netns,
-    server: Netns,
-}
-
-impl Hosts {
-    fn new() -> Self {
-        let client = Netns::new("ic");
-        let server = Netns::new("is");
-        let link = VethLink::new(&client, "veth-c", &server, "veth-s");
-        Hosts {
-            link,
-            client,
-            server,
-        }
-    }
-
-    fn server_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.link.b_addr.into(), 80)
-    }
-}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -99,10 +76,10 @@ fn assert_every_request(pcap: &Path, nginx: &Nginx, uploads: &Uploads) {
 #[test]
 fn tcpdump_captures_of_curl_wrk_and_python_are_rebuilt_whole() {
     require_root();
-    let h = Hosts::new();
-    let nginx = Nginx::start(&h.server, h.server_addr());
+    let h = Hosts::new("i");
+    let nginx = Nginx::start(&h.server, h.server_addr(80));
     let mut tcpdump = Tcpdump::start(&h.server, "veth-s", "tcp port 80");
-    let base = format!("http://{}", h.server_addr());
+    let base = format!("http://{}", h.server_addr(80));
     let mut uploads = Uploads::new();
 
     // curl: keep-alive GETs, a small POST, a 300 kB POST (Expect: 100-continue), a chunked one.
@@ -185,10 +162,10 @@ c.close()
 #[test]
 fn the_agents_own_pcap_round_trips_through_inspect() {
     require_root();
-    let h = Hosts::new();
-    let nginx = Nginx::start(&h.server, h.server_addr());
+    let h = Hosts::new("i");
+    let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = Agent::start(&h.server, &["--interface", "veth-s", "--port", "80"]);
-    let base = format!("http://{}", h.server_addr());
+    let base = format!("http://{}", h.server_addr(80));
     let mut uploads = Uploads::new();
     let body = uploads.file("/round/trip", pattern(200_000, 7));
     client::curl(

@@ -826,6 +826,15 @@ fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: 
         "{report:#}"
     );
 
+    let metrics = curl(&site.live, &["http://127.0.0.1:9464/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for line in [
+        "shadow_compare_flagged{endpoint=\"POST /refunds\"} 1",
+        "shadow_compare_flagged{endpoint=\"GET /users/{id}\"} 0",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
+
     // The page, written by `report` and looked at in a real browser.
     let page = site.dir.path().join("report.html");
     let bin = shadow_tests::agent_bin();

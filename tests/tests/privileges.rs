@@ -1,21 +1,19 @@
 //! Least privilege: the agent runs as an ordinary user with exactly CAP_BPF, CAP_NET_ADMIN and
 //! CAP_PERFMON, and without any one of them it stops before attaching, naming the one missing.
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use shadow_tests::client::curl;
-use shadow_tests::{Agent, Netns, Nginx, VethLink, require_root};
+use shadow_tests::{Agent, Hosts, Netns, Nginx, require_root};
 
 const CAPS: [&str; 3] = ["cap_bpf", "cap_net_admin", "cap_perfmon"];
 
 #[test]
 fn the_three_capabilities_are_enough_for_an_ordinary_user() {
     require_root();
-    let client = Netns::new("pc");
-    let server = Netns::new("ps");
-    let link = VethLink::new(&client, "veth-c", &server, "veth-s");
-    let addr = SocketAddr::new(link.b_addr.into(), 80);
-    let _nginx = Nginx::start(&server, addr);
+    let hosts = Hosts::new("p");
+    let (client, server) = (&hosts.client, &hosts.server);
+    let addr = hosts.server_addr(80);
+    let _nginx = Nginx::start(server, addr);
     let mut agent =
         Agent::spawn_with_capabilities(&server, &CAPS, &["--interface", "veth-s", "--port", "80"]);
     agent.wait_ready(shadow_tests::agent::READY_TIMEOUT);

@@ -262,25 +262,11 @@ pub fn test_older_kernels() -> Result<()> {
     bail!("the capture on the older kernel failed (see the guest output above)")
 }
 
-/// The venv with virtme-ng, created once; a changed pin list makes it anew.
+/// The venv with virtme-ng.
 fn ensure_virtme(vm: &Path) -> Result<PathBuf> {
     let venv = vm.join("venv");
-    let stamp = venv.join("shadow-pins.txt");
-    let pins = PYTHON_PACKAGES.join("\n");
-    let vng = venv.join("bin/vng");
-    if vng.exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(&pins) {
-        return Ok(vng);
-    }
-    eprintln!("xtask: creating {} with virtme-ng", venv.display());
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))
-    .context("python3 -m venv (Debian: python3-venv, which `cargo xtask setup` installs)")?;
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PYTHON_PACKAGES))?;
-    fs::write(&stamp, pins)?;
-    Ok(vng)
+    crate::setup::python_venv(&venv, PYTHON_PACKAGES, "virtme-ng")?;
+    Ok(venv.join("bin/vng"))
 }
 
 /// The image of the kernel that Debian 12's meta package names now, unpacked (not installed)

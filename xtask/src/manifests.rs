@@ -143,24 +143,10 @@ pub fn validate() -> Result<()> {
     Ok(())
 }
 
-/// The venv with [`PYTHON_PACKAGES`], created once; a changed pin list makes it anew.
+/// The venv with [`PYTHON_PACKAGES`].
 fn ensure_venv() -> Result<PathBuf> {
     let venv = target_dir().join("manifest-venv");
-    let stamp = venv.join("shadow-pins.txt");
-    let pins = PYTHON_PACKAGES.join("\n");
-    if venv.join("bin/python").exists() && fs::read_to_string(&stamp).ok().as_deref() == Some(&pins)
-    {
-        return Ok(venv);
-    }
-    eprintln!("xtask: creating {} for the manifest checks", venv.display());
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))
-    .context("python3 -m venv (Debian: python3-venv, which `cargo xtask setup` installs)")?;
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PYTHON_PACKAGES))?;
-    fs::write(&stamp, pins)?;
+    crate::setup::python_venv(&venv, PYTHON_PACKAGES, "the manifest checks")?;
     Ok(venv)
 }
 

@@ -238,3 +238,25 @@ pub fn ensure_oha() -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// A Python venv at `venv` with exactly `packages` (pinned `name==version`), created on first use
+/// and made anew when the pin list changes; `purpose` names it in messages.
+pub fn python_venv(venv: &Path, packages: &[&str], purpose: &str) -> Result<()> {
+    let stamp = venv.join("shadow-pins.txt");
+    let pins = packages.join("\n");
+    if venv.join("bin/python").exists()
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&pins)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: creating {} for {purpose}", venv.display());
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(venv))
+    .context("python3 -m venv (Debian: python3-venv, which `cargo xtask setup` installs)")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages))?;
+    std::fs::write(&stamp, pins)?;
+    Ok(())
+}

@@ -426,6 +426,103 @@ impl Collector for AgentCollector {
             "1 in a dry run: nothing is sent.",
             f64::from(u8::from(snap.dry_run)),
         )?;
+        self.encode_comparison(&mut e, &snap)
+    }
+}
+
+impl AgentCollector {
+    /// The comparison's metrics, when `[compare]` is on.
+    fn encode_comparison(
+        &self,
+        e: &mut DescriptorEncoder,
+        snap: &AgentSnapshot,
+    ) -> std::fmt::Result {
+        let Some(pairing) = snap.compare else {
+            return Ok(());
+        };
+        gauge(
+            e,
+            "compare_pending",
+            "Mirrored requests waiting for their live and shadow responses.",
+            snap.compare_pending as f64,
+        )?;
+        counters(
+            e,
+            "compare_incomplete",
+            "Comparisons given up: a part did not come in time (expired), limits (evicted), or an \
+             answer for no pending request (orphan).",
+            None,
+            [
+                ("expired", pairing.expired),
+                ("evicted", pairing.evicted),
+                ("orphan", pairing.orphans),
+            ]
+            .into_iter()
+            .map(|(r, n)| (vec![("reason", r.to_owned())], n)),
+        )?;
+        counters(
+            e,
+            "compare_answers_dropped",
+            "Target answers kept for a comparison that it could not take in time, per target.",
+            None,
+            self.stats
+                .targets()
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.answers_dropped.get())),
+        )?;
+        let report = self
+            .report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let endpoints = report.map(|r| r.endpoints).unwrap_or_default();
+        counters(
+            e,
+            "compare_exchanges",
+            "Exchanges compared per endpoint, by outcome: matched, or mismatched after learned \
+             noise.",
+            None,
+            endpoints.iter().flat_map(|ep| {
+                [
+                    ("matched", ep.matched),
+                    ("mismatched", ep.compared.saturating_sub(ep.matched)),
+                ]
+                .into_iter()
+                .map(|(outcome, n)| {
+                    (
+                        vec![
+                            ("endpoint", ep.endpoint.clone()),
+                            ("outcome", outcome.to_owned()),
+                        ],
+                        n,
+                    )
+                })
+            }),
+        )?;
+        gauges(
+            e,
+            "compare_flagged",
+            "1 when an endpoint is flagged: low match rate or slow shadow.",
+            endpoints.iter().map(|ep| {
+                (
+                    vec![("endpoint", ep.endpoint.clone())],
+                    i64::from(ep.flagged),
+                )
+            }),
+        )?;
+        let mut slowdown = e.encode_descriptor(
+            "compare_slowdown_ratio",
+            "Shadow p50 latency over live p50, per endpoint.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ep in &endpoints {
+            if let Some(v) = ep.slowdown {
+                slowdown
+                    .encode_family(&vec![("endpoint", ep.endpoint.clone())])?
+                    .encode_gauge(&v)?;
+            }
+        }
         Ok(())
     }
 }
@@ -492,5 +589,57 @@ mod tests {
         assert_eq!(families, helps);
         assert!(families > 20, "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn comparison_metrics_appear_with_compare_on() {
+        use crate::compare::{Comparator, CompareConfig, Exchange, Observed};
+        let mut comparator = Comparator::new(CompareConfig::default());
+        let headers = vec![("content-type".to_owned(), b"application/json".to_vec())];
+        let observed = |body: &'static [u8]| Observed {
+            status: 200,
+            headers: &headers,
+            body,
+            latency: Duration::from_millis(2),
+        };
+        comparator.observe(&Exchange {
+            method: "GET",
+            target: "/users/7",
+            request_body: b"",
+            live: observed(b"{\"total\":1}"),
+            candidate: observed(b"{\"total\":2}"),
+            baseline: None,
+        });
+        let stats = Arc::new(MirrorStats::default());
+        stats.target("http://198.18.0.9:8080").answers_dropped.inc();
+        let collector = |compare| AgentCollector {
+            stats: stats.clone(),
+            snapshot: Arc::new(Mutex::new(AgentSnapshot {
+                compare,
+                compare_pending: 4,
+                ..AgentSnapshot::default()
+            })),
+            report: Arc::new(Mutex::new(Some(comparator.report()))),
+        };
+        let encode_with = |compare| {
+            let mut text = String::new();
+            encode(&mut text, &registry(collector(compare))).expect("encodes");
+            text
+        };
+        let text = encode_with(Some(PairingCounters {
+            expired: 3,
+            ..PairingCounters::default()
+        }));
+        for line in [
+            "shadow_compare_pending 4",
+            "shadow_compare_incomplete_total{reason=\"expired\"} 3",
+            "shadow_compare_answers_dropped_total{target=\"http://198.18.0.9:8080\"} 1",
+            "shadow_compare_exchanges_total{endpoint=\"GET /users/{id}\",outcome=\"mismatched\"} 1",
+            "shadow_compare_flagged{endpoint=\"GET /users/{id}\"} 0",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
+        // Without `[compare]`, none of them.
+        assert!(!encode_with(None).contains("_compare_"));
     }
 }

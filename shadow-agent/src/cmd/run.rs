@@ -731,7 +731,7 @@ impl Agent {
         let ports_changed = new.capture.ports != old.capture.ports;
         if new.admin != old.admin
             || new.limits != old.limits
-            || new.compare.is_some() != old.compare.is_some()
+            || serde_json::to_value(&new.compare).ok() != serde_json::to_value(&old.compare).ok()
         {
             tracing::warn!("admin, limits and compare change only on restart");
         }

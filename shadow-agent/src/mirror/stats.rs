@@ -281,6 +281,7 @@ impl MirrorStats {
                     "dropped": dropped,
                     "responses": responses,
                     "failures": failures,
+                    "answers_dropped": t.answers_dropped.get(),
                     "in_flight": t.in_flight.load(Ordering::Relaxed),
                     "connections": t.connections.load(Ordering::Relaxed),
                     "latency_p50_ms": ms(0.5),
