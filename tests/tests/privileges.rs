@@ -15,7 +15,7 @@ fn the_three_capabilities_are_enough_for_an_ordinary_user() {
     let addr = hosts.server_addr(80);
     let _nginx = Nginx::start(server, addr);
     let mut agent =
-        Agent::spawn_with_capabilities(&server, &CAPS, &["--interface", "veth-s", "--port", "80"]);
+        Agent::spawn_with_capabilities(server, &CAPS, &["--interface", "veth-s", "--port", "80"]);
     agent.wait_ready(shadow_tests::agent::READY_TIMEOUT);
     let pid = agent.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -26,7 +26,7 @@ fn the_three_capabilities_are_enough_for_an_ordinary_user() {
         .expect("effective uid");
     assert_ne!(uid, "0", "the agent runs as root:\n{status}");
     curl(
-        &client,
+        client,
         &["-o", "/dev/null", &format!("http://{addr}/least-privilege")],
     );
     std::thread::sleep(Duration::from_millis(500));
