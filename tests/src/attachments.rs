@@ -26,15 +26,22 @@ struct QueryAttr {
 }
 
 /// How many programs are attached with TCX to `ifindex` (of the calling thread's network
-/// namespace), on ingress and on egress.
-///
-/// # Minimum kernel version
-/// 6.6 (TCX).
-pub fn tcx_program_counts(ifindex: u32) -> io::Result<(u32, u32)> {
-    Ok((
-        query(ifindex, BPF_TCX_INGRESS)?,
-        query(ifindex, BPF_TCX_EGRESS)?,
-    ))
+/// namespace), on ingress and on egress; `None` on a kernel without TCX (before 6.6), which
+/// does not know the attach type and answers EINVAL.
+pub fn tcx_program_counts(ifindex: u32) -> io::Result<Option<(u32, u32)>> {
+    let ingress = match query(ifindex, BPF_TCX_INGRESS) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some((ingress, query(ifindex, BPF_TCX_EGRESS)?)))
+}
+
+/// Whether the running kernel has TCX (6.6 and later). Without it the agent attaches netlink
+/// clsact filters, which outlive a killed agent until its next start replaces them.
+pub fn kernel_has_tcx() -> bool {
+    // The loopback interface always has index 1 in the calling thread's namespace.
+    !matches!(tcx_program_counts(1), Ok(None))
 }
 
 #[allow(

@@ -151,8 +151,8 @@ impl Netns {
         });
         for (name, counts) in counts {
             match counts {
-                Ok((0, 0)) => {}
-                Ok((ingress, egress)) => found.push(format!(
+                Ok(None | Some((0, 0))) => {}
+                Ok(Some((ingress, egress))) => found.push(format!(
                     "tcx on {name}: {ingress} ingress, {egress} egress program(s)"
                 )),
                 Err(e) => panic!("BPF_PROG_QUERY for TCX on {name}: {e}"),

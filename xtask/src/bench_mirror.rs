@@ -22,6 +22,8 @@ pub struct MirrorBench {
     pub rounds: u32,
     /// The fixed rate of the latency comparison, requests per second.
     pub rate: u32,
+    /// Only the scenarios whose names contain this.
+    pub only: Option<String>,
 }
 
 /// What the agent did during one load.
@@ -175,50 +177,68 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let seconds = bench.seconds;
     let live = topo.url(80);
 
-    let mut rows: Vec<(&str, Vec<Figures>)> = [
-        "no agent",
-        "agent, 100 %",
-        "agent, dry run",
-        "nginx proxy",
-        "nginx proxy + mirror",
-        "fixed rate, no agent",
-        "fixed rate, agent 100 %",
-        "fixed rate, agent 100 % + compare",
-        "fixed rate, agent 100 %, shadow at nice 19",
-    ]
-    .into_iter()
-    .map(|name| (name, Vec::new()))
-    .collect();
+    let max = |url: &str| -> Result<Figures> {
+        let load = wrk(&topo.client, url, seconds)?;
+        Ok(Figures {
+            load,
+            requests: (load.requests_per_sec * f64::from(seconds)) as u64,
+            agent: None,
+        })
+    };
+    let fixed = || -> Result<Figures> { oha_fixed(&topo.client, &oha, &live, bench.rate, seconds) };
+    type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
+    let scenarios: Vec<Scenario> = vec![
+        ("no agent", Box::new(|| max(&live))),
+        (
+            "agent, 100 %",
+            Box::new(|| with_agent(&topo, &config, &[], || max(&live))),
+        ),
+        (
+            "agent, dry run",
+            Box::new(|| with_agent(&topo, &config, &["--dry-run"], || max(&live))),
+        ),
+        ("nginx proxy", Box::new(|| max(&topo.url(81)))),
+        ("nginx proxy + mirror", Box::new(|| max(&topo.url(82)))),
+        ("fixed rate, no agent", Box::new(fixed)),
+        (
+            "fixed rate, agent 100 %",
+            Box::new(|| with_agent(&topo, &config, &[], fixed)),
+        ),
+        (
+            "fixed rate, agent 100 % at SCHED_IDLE",
+            Box::new(|| with_agent(&topo, &config, &["--idle"], fixed)),
+        ),
+        (
+            "fixed rate, agent 100 % + compare",
+            Box::new(|| with_agent(&topo, &compare_config, &[], fixed)),
+        ),
+        (
+            "fixed rate, agent 100 %, shadow at nice 19",
+            Box::new(|| {
+                topo.renice_shadow(19)?;
+                let low = with_agent(&topo, &config, &[], fixed);
+                topo.renice_shadow(0)?;
+                low
+            }),
+        ),
+    ];
+    let mut rows: Vec<(&str, Vec<Figures>)> = scenarios
+        .iter()
+        .filter(|(name, _)| bench.only.as_deref().is_none_or(|o| name.contains(o)))
+        .map(|(name, _)| (*name, Vec::new()))
+        .collect();
+    if rows.is_empty() {
+        bail!("no scenario's name contains {:?}", bench.only);
+    }
     for round in 0..bench.rounds {
         eprintln!("xtask: round {} of {}", round + 1, bench.rounds);
-        let max = |url: &str| -> Result<Figures> {
-            let load = wrk(&topo.client, url, seconds)?;
-            Ok(Figures {
-                load,
-                requests: (load.requests_per_sec * f64::from(seconds)) as u64,
-                agent: None,
-            })
-        };
-        let fixed =
-            || -> Result<Figures> { oha_fixed(&topo.client, &oha, &live, bench.rate, seconds) };
-        rows[0].1.push(max(&live)?);
-        rows[1]
-            .1
-            .push(with_agent(&topo, &config, false, || max(&live))?);
-        rows[2]
-            .1
-            .push(with_agent(&topo, &config, true, || max(&live))?);
-        rows[3].1.push(max(&topo.url(81))?);
-        rows[4].1.push(max(&topo.url(82))?);
-        rows[5].1.push(fixed()?);
-        rows[6].1.push(with_agent(&topo, &config, false, fixed)?);
-        rows[7]
-            .1
-            .push(with_agent(&topo, &compare_config, false, fixed)?);
-        topo.renice_shadow(19)?;
-        let low = with_agent(&topo, &config, false, fixed);
-        topo.renice_shadow(0)?;
-        rows[8].1.push(low?);
+        for (row, (_, scenario)) in rows.iter_mut().zip(
+            scenarios
+                .iter()
+                .filter(|(name, _)| bench.only.as_deref().is_none_or(|o| name.contains(o))),
+        ) {
+            row.1.push(scenario()?);
+        }
     }
     Ok(report(&bench, &rows))
 }
@@ -227,13 +247,11 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
 fn with_agent(
     topo: &Topology,
     config: &Path,
-    dry_run: bool,
+    extra: &[&str],
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
-    if dry_run {
-        args.push("--dry-run");
-    }
+    args.extend_from_slice(extra);
     let agent = Agent::run(&topo.live, config, &args);
     let pid = agent.pid();
     let delivered_before = topo.shadow_nginx.served();
@@ -381,7 +399,8 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
     };
     let ratio = |a: &str, b: &str, f: &dyn Fn(&Figures) -> f64| match (find(a), find(b)) {
         (Some(a), Some(b)) => med(a, f) / med(b, f).max(1e-9),
-        _ => 0.0,
+        // A scenario left out with --only.
+        _ => f64::NAN,
     };
     out += &format!(
         "\nratios, agent 100 % / no agent: throughput {:.3}, p50 {:.2}, p99 {:.2}\n",
@@ -404,6 +423,20 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
         ),
         ratio(
             "fixed rate, agent 100 %, shadow at nice 19",
+            "fixed rate, no agent",
+            &|f| f.load.p99_ms
+        ),
+    );
+    out += &format!(
+        "ratios at {} requests/s, agent at SCHED_IDLE / no agent: p50 {:.2}, p99 {:.2}\n",
+        bench.rate,
+        ratio(
+            "fixed rate, agent 100 % at SCHED_IDLE",
+            "fixed rate, no agent",
+            &|f| f.load.p50_ms
+        ),
+        ratio(
+            "fixed rate, agent 100 % at SCHED_IDLE",
             "fixed rate, no agent",
             &|f| f.load.p99_ms
         ),

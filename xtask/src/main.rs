@@ -38,12 +38,15 @@ enum Cmd {
         /// Only the lints and unit tests (no root needed).
         #[arg(long)]
         unit: bool,
-        /// Passed to the integration test binary, e.g. a test name filter.
+        /// Also run the kernel integration tests in a VM booted with this kernel image (repeat
+        /// for several). `debian-6.1` names Debian 12's own 6.1 kernel (no TCX), downloaded
+        /// once; an unfiltered run without `--kernel` boots that one.
+        #[arg(long, value_name = "PATH")]
+        kernel: Vec<PathBuf>,
+        /// Passed to the integration test binaries, e.g. a test name filter.
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Boot Debian 12's 6.1 kernel (no TCX) in a VM and capture there with netlink filters.
-    TestKernels,
     /// Show shadow at work (as root): three hosts in network namespaces, the agent, a mix of
     /// traffic, and a report of what was mirrored and what was held back.
     Demo,
@@ -81,6 +84,9 @@ enum Bench {
         /// Requests per second of the fixed-rate latency comparison.
         #[arg(long, default_value_t = 10_000)]
         rate: u32,
+        /// Only the scenarios whose names contain this, e.g. `fixed rate`.
+        #[arg(long, value_name = "TEXT")]
+        only: Option<String>,
     },
 }
 
@@ -89,14 +95,11 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::setup(),
         Cmd::Manifests => manifests::validate(),
-        Cmd::Test { unit, filter } => test(unit, &filter),
-        Cmd::TestKernels => {
-            if !setup::is_root() {
-                bail!("the older-kernel test needs root (KVM, apt-get download)");
-            }
-            setup::ensure()?;
-            kernels::test_older_kernels()
-        }
+        Cmd::Test {
+            unit,
+            kernel,
+            filter,
+        } => test(unit, &kernel, &filter),
         Cmd::Demo => {
             if !setup::is_root() {
                 bail!("the demo needs root (network namespaces, BPF): run `sudo cargo xtask demo`");
@@ -123,10 +126,12 @@ fn main() -> Result<()> {
                     seconds,
                     rounds,
                     rate,
+                    only,
                 } => bench_mirror::run(bench_mirror::MirrorBench {
                     seconds,
                     rounds,
                     rate,
+                    only,
                 }),
             }
         }
@@ -166,7 +171,10 @@ fn cargo() -> Command {
     cmd
 }
 
-fn test(unit_only: bool, filter: &[String]) -> Result<()> {
+fn test(unit_only: bool, kernels: &[PathBuf], filter: &[String]) -> Result<()> {
+    if unit_only && !kernels.is_empty() {
+        bail!("--kernel runs integration tests, which --unit leaves out");
+    }
     if !unit_only && !setup::is_root() {
         bail!(
             "the integration tests need root (network namespaces, BPF): run `sudo cargo xtask \
@@ -205,10 +213,23 @@ fn test(unit_only: bool, filter: &[String]) -> Result<()> {
         .args(["test", "--package", "shadow-tests", "--"])
         .args(filter)
         .env("SHADOW_AGENT_BIN", &agent))?;
-    // The whole suite also runs on an older kernel, without TCX; a filtered run is for
-    // iterating on a few tests and skips it.
-    if filter.is_empty() {
-        kernels::test_older_kernels()?;
+    // The kernel tests also run on an older kernel, without TCX; a filtered run is for
+    // iterating on a few tests and boots only the kernels asked for.
+    let mut vms: Vec<kernels::Kernel> = kernels
+        .iter()
+        .map(|k| {
+            if k == Path::new("debian-6.1") {
+                kernels::Kernel::Debian
+            } else {
+                kernels::Kernel::Image(k.clone())
+            }
+        })
+        .collect();
+    if vms.is_empty() && filter.is_empty() {
+        vms.push(kernels::Kernel::Debian);
+    }
+    for kernel in &vms {
+        kernels::test_in_vm(kernel, &agent, filter)?;
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // headless, it looks at the comparison report page in the tests
     "chromium",
     "ca-certificates",
-    // `cargo xtask test-kernels` (xtask/src/kernels.rs): qemu boots the older kernel; virtme-ng
+    // `cargo xtask test --kernel` (xtask/src/kernels.rs): qemu boots the older kernel; virtme-ng
     // builds its initramfs with busybox and runs depmod on the unpacked kernel's modules
     "qemu-system-x86",
     "busybox-static",

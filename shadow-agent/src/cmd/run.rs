@@ -65,6 +65,12 @@ pub struct Args {
     /// the CPU when it is short, and copies wait instead.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     nice: i32,
+    /// Run under the kernel's idle scheduling class (SCHED_IDLE) instead of a nice value: the
+    /// agent then runs only on CPU time no other task wants, and never delays a live service's
+    /// wake-up. On a saturated node copies are then dropped and counted, not the live traffic
+    /// slowed.
+    #[arg(long, conflicts_with = "nice")]
+    idle: bool,
 }
 
 /// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
@@ -81,7 +87,11 @@ const TICK: Duration = Duration::from_secs(1);
 pub fn run(args: Args) -> Result<()> {
     let config = check_config::load(&args.config)?;
     let node = node_name(args.node_name.as_deref())?;
-    lower_priority(args.nice)?;
+    if args.idle {
+        idle_priority()?;
+    } else {
+        lower_priority(args.nice)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -97,6 +107,21 @@ fn lower_priority(nice: i32) -> Result<()> {
     if rc != 0 {
         bail!(
             "cannot set the agent's nice value to {nice}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Moves the agent to SCHED_IDLE, before any other thread starts: threads inherit the policy of
+/// the thread that creates them. Moving to SCHED_IDLE needs no capability.
+fn idle_priority() -> Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler only reads `param`; 0 means the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        bail!(
+            "cannot move the agent to SCHED_IDLE: {}",
             std::io::Error::last_os_error()
         );
     }
