@@ -58,6 +58,25 @@ impl Agent {
         })
     }
 
+    /// Like [`Agent::start`], with the pcap written to /dev/null: the agent drains the ring
+    /// buffer and formats every record, and no disk write-back (done by kernel threads, not
+    /// charged to the agent) enters a benchmark. There is no pcap to read afterwards.
+    pub fn start_discarding(ns: &Netns, args: &[&str]) -> Self {
+        let mut agent = Self::launch(ns, None, |_, stats| {
+            let mut argv = vec!["capture".to_owned()];
+            argv.extend(args.iter().map(|a| (*a).to_owned()));
+            argv.extend([
+                "--write".into(),
+                "/dev/null".into(),
+                "--stats-json".into(),
+                stats.into(),
+            ]);
+            argv
+        });
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
     /// Starts `shadow-agent run --config CONFIG ARGS --stats-json DIR/stats.json` inside `ns`
     /// and waits for its `capturing on` line.
     pub fn run(ns: &Netns, config: &Path, args: &[&str]) -> Self {

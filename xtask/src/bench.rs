@@ -185,6 +185,7 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let mut unsampled = Vec::new();
     let mut copied = Vec::new();
     let mut throughput = Vec::new();
+    let mut throughput_discarded = Vec::new();
     // Cost per run of the do-nothing program, measured beside the real ones.
     let mut calibration = Vec::new();
     for round in 0..bench.rounds {
@@ -199,6 +200,7 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
                 &server,
                 &capture_args(port, percent),
                 Some(&calibrate),
+                Pcap::File,
                 || wrk(&client, &url, bench.seconds),
             )?;
             drop(calibrate);
@@ -206,19 +208,28 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
             calibration.extend(calibrated);
         }
 
-        let (load, cost, _) = with_agent(&server, &capture_args("80", "100"), None, || {
-            wrk(&client, &url, bench.seconds)
-        })?;
+        let (load, cost, _) = with_agent(
+            &server,
+            &capture_args("80", "100"),
+            None,
+            Pcap::File,
+            || wrk(&client, &url, bench.seconds),
+        )?;
         copied.push((load, cost));
 
         // The throughput that counts: BPF statistics off, as in production, so that their clock
-        // reads are not charged to the program.
+        // reads are not charged to the program; the pcap written to disk as a user's capture
+        // does, and discarded, as the mirroring agent (which writes nothing) would.
         bpf_stats(false)?;
-        let scenario = with_agent(&server, &capture_args("80", "100"), None, || {
-            wrk(&client, &url, bench.seconds)
+        let scenarios = [Pcap::File, Pcap::Discarded].map(|pcap| {
+            with_agent(&server, &capture_args("80", "100"), None, pcap, || {
+                wrk(&client, &url, bench.seconds)
+            })
         });
         bpf_stats(true)?;
-        throughput.push(scenario?.0);
+        let [to_file, discarded] = scenarios;
+        throughput.push(to_file?.0);
+        throughput_discarded.push(discarded?.0);
     }
 
     let median = |mut v: Vec<f64>| {
@@ -231,6 +242,14 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let att_rps = median(throughput.iter().map(|l| l.requests_per_sec).collect());
     let att_p99 = median(throughput.iter().map(|l| l.p99_ms).collect());
     let att_p50 = median(throughput.iter().map(|l| l.p50_ms).collect());
+    let null_rps = median(
+        throughput_discarded
+            .iter()
+            .map(|l| l.requests_per_sec)
+            .collect(),
+    );
+    let null_p99 = median(throughput_discarded.iter().map(|l| l.p99_ms).collect());
+    let null_p50 = median(throughput_discarded.iter().map(|l| l.p50_ms).collect());
     let on_rps = median(copied.iter().map(|(l, _)| l.requests_per_sec).collect());
     let on_p99 = median(copied.iter().map(|(l, _)| l.p99_ms).collect());
     let on_p50 = median(copied.iter().map(|(l, _)| l.p50_ms).collect());
@@ -268,7 +287,7 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
          Machine: {cpu} ({cores} cores), kernel {kernel}. wrk -t2 -c32 for {s} s per scenario, \
          {r} rounds, medians; nginx (1 worker) in one network namespace, wrk in another, joined \
          by veth; the program on both hooks of the server's veth end. BPF statistics are on in \
-         every scenario but the throughput one (`attached, 100 % copied`).\n\n\
+         every scenario but the throughput ones (`attached, 100 % copied, ...`).\n\n\
          Raw: bpf_stats run_time_ns / run_cnt. The statistics read the clock around every run; \
          what that adds is measured by a do-nothing classifier (`{CALIBRATION_PROGRAM}`) \
          attached beside the program in the unmatched and unsampled scenarios, and net is raw \
@@ -282,12 +301,16 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
          | live service | requests/s | ratio to not attached | p50 ms | p99 ms |\n\
          | --- | ---: | ---: | ---: | ---: |\n\
          | not attached | {base_rps:.0} | 1 | {base_p50:.3} | {base_p99:.3} |\n\
-         | attached, 100 % copied | {att_rps:.0} | {:.3} | {att_p50:.3} | {att_p99:.3} |\n\
+         | attached, 100 % copied, pcap to /dev/null | {null_rps:.0} | {:.3} | {null_p50:.3} | \
+         {null_p99:.3} |\n\
+         | attached, 100 % copied, pcap to disk | {att_rps:.0} | {:.3} | {att_p50:.3} | \
+         {att_p99:.3} |\n\
          | attached, 100 % copied, BPF statistics on | {on_rps:.0} | {:.3} | {on_p50:.3} | \
          {on_p99:.3} |\n",
         row("unmatched port", &unmatched),
         row("matched, connection not sampled (0 %)", &unsampled),
         row("copied (100 %, agent draining to a pcap)", &copied),
+        null_rps / base_rps,
         att_rps / base_rps,
         on_rps / base_rps,
         cores = thread::available_parallelism()
@@ -300,17 +323,31 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     ))
 }
 
+/// Where the draining agent writes its pcap.
+#[derive(Clone, Copy)]
+enum Pcap {
+    /// A file on the disk of the machine, as a user's capture would.
+    File,
+    /// /dev/null: the agent drains and formats everything, and the disk's write-back (kernel
+    /// threads' CPU, which is not the agent's) stays out of the figure.
+    Discarded,
+}
+
 /// Runs `f` with the agent capturing; returns its result, the cost of the agent's programs
 /// meanwhile and, when `calibration` is attached, that program's cost over the same time.
 fn with_agent(
     server: &Netns,
     args: &[String],
     calibration: Option<&Calibration>,
+    pcap: Pcap,
     f: impl FnOnce() -> Result<Load>,
 ) -> Result<(Load, ProgramCost, Option<ProgramCost>)> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let loaded_before = programs()?;
-    let agent = Agent::start(server, &args);
+    let agent = match pcap {
+        Pcap::File => Agent::start(server, &args),
+        Pcap::Discarded => Agent::start_discarding(server, &args),
+    };
     // The agent's programs are the shadow programs that appeared meanwhile: other shadow runs
     // on the machine (tests) are not counted.
     let agent_ids: Vec<u64> = programs()?

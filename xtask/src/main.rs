@@ -39,8 +39,8 @@ enum Cmd {
         #[arg(long)]
         unit: bool,
         /// Also run the kernel integration tests in a VM booted with this kernel image (repeat
-        /// for several). `debian-6.1` names Debian 12's own 6.1 kernel (no TCX), downloaded
-        /// once; an unfiltered run without `--kernel` boots that one.
+        /// for several). `debian-6.1` and `debian-5.10` name Debian 12's and Debian 11's own
+        /// kernels (no TCX), downloaded once; an unfiltered run without `--kernel` boots both.
         #[arg(long, value_name = "PATH")]
         kernel: Vec<PathBuf>,
         /// Passed to the integration test binaries, e.g. a test name filter.
@@ -218,15 +218,17 @@ fn test(unit_only: bool, kernels: &[PathBuf], filter: &[String]) -> Result<()> {
     let mut vms: Vec<kernels::Kernel> = kernels
         .iter()
         .map(|k| {
-            if k == Path::new("debian-6.1") {
-                kernels::Kernel::Debian
-            } else {
-                kernels::Kernel::Image(k.clone())
+            match kernels::Debian::ALL
+                .into_iter()
+                .find(|d| Path::new(d.name()) == k)
+            {
+                Some(release) => kernels::Kernel::Debian(release),
+                None => kernels::Kernel::Image(k.clone()),
             }
         })
         .collect();
     if vms.is_empty() && filter.is_empty() {
-        vms.push(kernels::Kernel::Debian);
+        vms.extend(kernels::Debian::ALL.map(kernels::Kernel::Debian));
     }
     for kernel in &vms {
         kernels::test_in_vm(kernel, &agent, filter)?;
