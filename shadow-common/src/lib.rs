@@ -29,6 +29,7 @@ pub mod names {
     pub const PORTS: &str = "PORTS";
     pub const SERVICE_CIDRS: &str = "SERVICE_CIDRS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const INTERFACE_COUNTERS: &str = "INTERFACE_COUNTERS";
     pub const EVENTS: &str = "EVENTS";
 }
 
@@ -145,6 +146,37 @@ impl KernelCounters {
     }
 }
 
+/// The most interfaces with counters of their own in the `INTERFACE_COUNTERS` map. The agent
+/// adds an interface's entry when it attaches to it and removes it when the interface is gone;
+/// an interface attached while the map is full is counted in [`KernelCounters`] only (and the
+/// agent counts that it happened).
+pub const MAX_INTERFACES: u32 = 1024;
+
+/// Per-CPU counters of one interface, the values of the `INTERFACE_COUNTERS` per-CPU hash map
+/// (keyed by ifindex, `u32`). The kernel program only looks entries up, on the path of a matched
+/// packet, and never adds one: the agent does, zeroed, before it attaches to the interface. Each
+/// field counts the same as its namesake in [`KernelCounters`], for this interface alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub packets_matched: u64,
+    pub packets_sampled: u64,
+    pub records_written: u64,
+    pub bytes_written: u64,
+    pub ringbuf_full: u64,
+}
+
+impl InterfaceCounters {
+    /// Adds `other` field by field, to sum the per-CPU values.
+    pub fn add(&mut self, other: &Self) {
+        self.packets_matched += other.packets_matched;
+        self.packets_sampled += other.packets_sampled;
+        self.records_written += other.records_written;
+        self.bytes_written += other.bytes_written;
+        self.ringbuf_full += other.ringbuf_full;
+    }
+}
+
 /// Key of the `SERVICE_CIDRS` LPM trie: an IPv6 address, IPv4 as `::ffff:a.b.c.d`.
 pub type CidrKey = [u8; 16];
 
@@ -206,6 +238,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelCounters {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::InterfaceCounters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::RecordHeader {}
 }
 
@@ -246,5 +280,6 @@ mod tests {
         assert_eq!(RECORD_HEADER_BYTES, 40);
         assert_eq!(core::mem::size_of::<CaptureConfig>(), 16);
         assert_eq!(core::mem::size_of::<KernelCounters>(), 72);
+        assert_eq!(core::mem::size_of::<InterfaceCounters>(), 40);
     }
 }

@@ -11,13 +11,13 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use shadow_common::{
-    CAPTURE_LIMIT, CHUNK_BYTES, CaptureConfig, CidrKey, KernelCounters, MAX_CHUNKS,
-    MIN_RECORD_ROOM, RecordHeader, config_flags, connection_hash, is_sampled, port_flags,
-    record_flags,
+    CAPTURE_LIMIT, CHUNK_BYTES, CaptureConfig, CidrKey, InterfaceCounters, KernelCounters,
+    MAX_CHUNKS, MAX_INTERFACES, MIN_RECORD_ROOM, RecordHeader, config_flags, connection_hash,
+    is_sampled, port_flags, record_flags,
 };
 
 const ETH_HLEN: usize = 14;
@@ -44,6 +44,13 @@ static SERVICE_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(1024, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// By ifindex. Only the agent adds entries (one per attached interface), so the program only
+/// looks them up: the map never fills from the kernel side, and a packet of another port never
+/// pays for the lookup.
+#[map]
+static INTERFACE_COUNTERS: PerCpuHashMap<u32, InterfaceCounters> =
+    PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
 
 /// The agent sets the real size at load time.
 #[map]
@@ -133,6 +140,16 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
         }
     }
     counters.packets_matched += 1;
+    // SAFETY: the context pointer the kernel passed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a per-CPU value, used by this CPU alone while the program runs. `None` for an
+    // interface the agent could not add (the map was full): the global counters still count it.
+    let mut iface = INTERFACE_COUNTERS
+        .get_ptr_mut(ifindex)
+        .map(|p| unsafe { &mut *p });
+    if let Some(i) = iface.as_deref_mut() {
+        i.packets_matched += 1;
+    }
 
     let hash = connection_hash(
         &segment.src,
@@ -149,7 +166,10 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
         return;
     }
     counters.packets_sampled += 1;
-    copy_packet(ctx, counters, config, flags);
+    if let Some(i) = iface.as_deref_mut() {
+        i.packets_sampled += 1;
+    }
+    copy_packet(ctx, counters, iface, config, flags, ifindex);
 }
 
 #[inline(always)]
@@ -342,13 +362,20 @@ struct RecordOf<const N: usize> {
 /// its bytes (powers of two from 64, and 1536), which are loaded straight into it: one copy, and
 /// a small record for a small packet.
 #[inline(always)]
-fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureConfig, flags: u32) {
+fn copy_packet(
+    ctx: &TcContext,
+    counters: &mut KernelCounters,
+    mut iface: Option<&mut InterfaceCounters>,
+    config: &CaptureConfig,
+    flags: u32,
+    ifindex: u32,
+) {
     let packet_len = ctx.len();
     let mut header = RecordHeader {
         // SAFETY: a helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         packet_id: 0,
-        ifindex: 0,
+        ifindex,
         packet_len,
         captured_len: packet_len,
         offset: 0,
@@ -363,10 +390,6 @@ fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureC
     // SAFETY: a helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
     header.packet_id = (cpu << 48) | (counters.packets_sampled & 0xffff_ffff_ffff);
-    header.ifindex = unsafe {
-        // SAFETY: the context pointer the kernel passed to this program.
-        (*ctx.skb.skb).ifindex
-    };
     // Whether this packet's records wake the reader: only above a fill level, which is looked at
     // for every large packet and every 16th small one (the look reads the reader's position, a
     // cache line the reader keeps writing). Small packets alone take long to fill the ring
@@ -410,10 +433,17 @@ fn copy_packet(ctx: &TcContext, counters: &mut KernelCounters, config: &CaptureC
             Written::Record => {
                 counters.records_written += 1;
                 counters.bytes_written += len as u64;
+                if let Some(iface) = iface.as_deref_mut() {
+                    iface.records_written += 1;
+                    iface.bytes_written += len as u64;
+                }
             }
             Written::RingFull => {
                 // The rest of the packet is worthless without this record: count all of them.
                 counters.ringbuf_full += (chunks - i) as u64;
+                if let Some(iface) = iface {
+                    iface.ringbuf_full += (chunks - i) as u64;
+                }
                 return;
             }
             Written::LoadError => {

@@ -12,7 +12,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
@@ -20,7 +23,8 @@ use aya::{
     util::KernelVersion,
 };
 use shadow_common::{
-    CaptureConfig, CidrKey, KernelCounters, SAMPLE_SCALE, config_flags, names, port_flags,
+    CaptureConfig, CidrKey, InterfaceCounters, KernelCounters, MAX_INTERFACES, SAMPLE_SCALE,
+    config_flags, names, port_flags,
 };
 use thiserror::Error;
 
@@ -68,6 +72,8 @@ pub enum KernelError {
     },
     #[error("invalid capture setting: {0}")]
     Setting(String),
+    #[error("cannot count the CPUs: {0}")]
+    Cpus(String),
 }
 
 /// A service CIDR such as `198.18.0.0/15` or `fd00::/8`.
@@ -188,6 +194,14 @@ impl Default for RingSettings {
     }
 }
 
+/// The counters of one interface the program is attached to, summed over all CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceTotals {
+    pub name: String,
+    pub ifindex: u32,
+    pub counters: InterfaceCounters,
+}
+
 /// The loaded kernel program and where it is attached.
 pub struct KernelCapture {
     ebpf: Ebpf,
@@ -196,6 +210,12 @@ pub struct KernelCapture {
     wakeup_bytes: u32,
     attached: BTreeMap<(u32, Hook), (String, SchedClassifierLinkId)>,
     tcx: bool,
+    /// Possible CPUs: the number of values of a per-CPU map entry.
+    cpus: usize,
+    /// Interfaces with an entry in `INTERFACE_COUNTERS`, by ifindex.
+    counted: BTreeMap<u32, String>,
+    /// Interfaces attached without an entry because the map was full.
+    uncounted: u64,
 }
 
 impl KernelCapture {
@@ -244,6 +264,8 @@ impl KernelCapture {
                 ));
             }
         };
+        let cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| KernelError::Cpus(format!("{what}: {e}")))?;
         Ok(Self {
             ebpf,
             settings: None,
@@ -251,6 +273,9 @@ impl KernelCapture {
             wakeup_bytes: ring.bytes / 4,
             attached: BTreeMap::new(),
             tcx,
+            cpus,
+            counted: BTreeMap::new(),
+            uncounted: 0,
         })
     }
 
@@ -361,17 +386,89 @@ impl KernelCapture {
             let _ = tc::qdisc_detach_program(&iface.name, attach_type, name);
             TcAttachOptions::Netlink(NlOptions::default())
         };
+        // The entry comes first, so that every packet the program matches on this interface
+        // is counted in it.
+        let first_hook = !self.attachments().any(|(_, i, _)| i == iface.ifindex);
+        if first_hook {
+            self.count_interface(iface)?;
+        }
         let program = self.classifier(name)?;
-        let link = program
-            .attach_with_options(&iface.name, attach_type, options)
-            .map_err(attach_err)?;
+        let link = match program.attach_with_options(&iface.name, attach_type, options) {
+            Ok(link) => link,
+            Err(e) => {
+                if first_hook {
+                    self.forget_interface(iface.ifindex);
+                }
+                return Err(attach_err(e));
+            }
+        };
         self.attached
             .insert((iface.ifindex, hook), (iface.name.clone(), link));
         Ok(())
     }
 
-    /// Detaches from one interface. An interface that is gone took its attachment with it.
+    /// Adds a zeroed `INTERFACE_COUNTERS` entry for `iface`. A full map is not an error: the
+    /// interface is captured all the same, counted in the global counters only, and counted
+    /// in [`KernelCapture::uncounted_interfaces`].
+    fn count_interface(&mut self, iface: &Interface) -> Result<(), KernelError> {
+        let map_err = |source| KernelError::Map {
+            map: names::INTERFACE_COUNTERS,
+            source,
+        };
+        let zeroed = PerCpuValues::try_from(vec![InterfaceCounters::default(); self.cpus])
+            .map_err(|e| KernelError::Cpus(e.to_string()))?;
+        let mut map = self.interface_map()?;
+        match map.insert(iface.ifindex, zeroed, 0) {
+            Ok(()) => {
+                self.counted.insert(iface.ifindex, iface.name.clone());
+                Ok(())
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                self.uncounted += 1;
+                tracing::warn!(
+                    interface = %iface.name,
+                    limit = MAX_INTERFACES,
+                    "no room for this interface's own counters; its packets are in the totals only"
+                );
+                Ok(())
+            }
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Removes the `INTERFACE_COUNTERS` entry of an interface that is no longer attached.
+    fn forget_interface(&mut self, ifindex: u32) {
+        if self.counted.remove(&ifindex).is_some()
+            && let Ok(mut map) = self.interface_map()
+            && let Err(e) = map.remove(&ifindex)
+        {
+            tracing::debug!(ifindex, error = %e, "removing the interface's counters");
+        }
+    }
+
+    fn interface_map(
+        &mut self,
+    ) -> Result<PerCpuHashMap<&mut MapData, u32, InterfaceCounters>, KernelError> {
+        let map = self
+            .ebpf
+            .map_mut(names::INTERFACE_COUNTERS)
+            .ok_or(KernelError::Missing(names::INTERFACE_COUNTERS))?;
+        PerCpuHashMap::try_from(map).map_err(|source| KernelError::Map {
+            map: names::INTERFACE_COUNTERS,
+            source,
+        })
+    }
+
+    /// Detaches from one interface, and once no hook of it is left, removes its counters. An
+    /// interface that is gone took its attachment with it.
     pub fn detach(&mut self, ifindex: u32, hook: Hook) {
+        self.detach_link(ifindex, hook);
+        if !self.attachments().any(|(_, i, _)| i == ifindex) {
+            self.forget_interface(ifindex);
+        }
+    }
+
+    fn detach_link(&mut self, ifindex: u32, hook: Hook) {
         if let Some((iface, link)) = self.attached.remove(&(ifindex, hook))
             && let Ok(program) = self.classifier(program_name(hook))
             && let Err(e) = program.detach(link)
@@ -380,11 +477,12 @@ impl KernelCapture {
         }
     }
 
-    /// Detaches from every interface.
+    /// Detaches from every interface. The interfaces' counters stay readable, with their final
+    /// values, until the program is unloaded.
     pub fn detach_all(&mut self) {
         let keys: Vec<_> = self.attached.keys().copied().collect();
         for (ifindex, hook) in keys {
-            self.detach(ifindex, hook);
+            self.detach_link(ifindex, hook);
         }
     }
 
@@ -415,6 +513,41 @@ impl KernelCapture {
             total.add(c);
         }
         Ok(total)
+    }
+
+    /// The counters of every interface with an entry of its own, by ifindex: those attached
+    /// now, and after [`KernelCapture::detach_all`], those that were.
+    pub fn interface_counters(&self) -> Result<Vec<InterfaceTotals>, KernelError> {
+        let map_err = |source| KernelError::Map {
+            map: names::INTERFACE_COUNTERS,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map(names::INTERFACE_COUNTERS)
+            .ok_or(KernelError::Missing(names::INTERFACE_COUNTERS))?;
+        let map: PerCpuHashMap<_, u32, InterfaceCounters> =
+            PerCpuHashMap::try_from(map).map_err(map_err)?;
+        let mut out = Vec::with_capacity(self.counted.len());
+        for (ifindex, name) in &self.counted {
+            let per_cpu = map.get(ifindex, 0).map_err(map_err)?;
+            let mut counters = InterfaceCounters::default();
+            for c in per_cpu.iter() {
+                counters.add(c);
+            }
+            out.push(InterfaceTotals {
+                name: name.clone(),
+                ifindex: *ifindex,
+                counters,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Interfaces attached without counters of their own because `INTERFACE_COUNTERS` (of
+    /// [`MAX_INTERFACES`] entries) was full; their packets are in the global counters only.
+    pub fn uncounted_interfaces(&self) -> u64 {
+        self.uncounted
     }
 
     /// Takes the ring buffer out, for the reader task to own.

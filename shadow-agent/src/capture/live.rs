@@ -1,6 +1,6 @@
 //! Live capture as one piece: checks, load, attach, the ring buffer reader, and an orderly stop.
 //! Every command that captures (`capture`, and the mirroring agent) starts it the same way.
-use std::{collections::BTreeSet, io, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, io, os::fd::AsFd, sync::Arc, time::Duration};
 
 use shadow_common::KernelCounters;
 use thiserror::Error;
@@ -13,9 +13,9 @@ use super::{
     CaptureSettings, CapturedPacket, Hook, KernelCapture,
     clock::WallClock,
     interfaces::{self, InterfaceError, InterfaceSelector},
-    kernel::{AttachMode, KernelError, RingSettings},
+    kernel::{AttachMode, InterfaceTotals, KernelError, RingSettings},
     privileges::{self, PrivilegeError},
-    ring::{self, RingCounters, RingCountersSnapshot},
+    ring::{self, RingCounters, RingCountersSnapshot, RingFill},
 };
 
 #[derive(Debug, Error)]
@@ -30,6 +30,8 @@ pub enum CaptureError {
     Cpus(String),
     #[error("ring buffer reader: {0}")]
     Reader(#[from] io::Error),
+    #[error("cannot map the ring buffer's positions: {0}")]
+    RingFill(#[source] io::Error),
 }
 
 /// What to capture and how.
@@ -48,10 +50,17 @@ pub struct LiveOptions {
 pub const INTERFACE_RESCAN: Duration = Duration::from_secs(1);
 
 /// Counters of the kernel program and of the reader, read together.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct CaptureTotals {
     pub kernel: KernelCounters,
     pub ring: RingCountersSnapshot,
+    /// Per attached interface (after a stop: per interface that was attached), by ifindex.
+    pub interfaces: Vec<InterfaceTotals>,
+    /// Interfaces attached without counters of their own (the kernel's map was full).
+    pub interfaces_uncounted: u64,
+    /// Bytes in the ring buffer not yet read, and its size.
+    pub ring_fill_bytes: u64,
+    pub ring_size_bytes: u64,
 }
 
 /// The kernel program attached and the ring buffer being read.
@@ -62,6 +71,7 @@ pub struct LiveCapture {
     reader: JoinHandle<io::Result<()>>,
     shutdown: watch::Sender<bool>,
     counters: Arc<RingCounters>,
+    fill: RingFill,
     clock: WallClock,
 }
 
@@ -84,6 +94,8 @@ impl LiveCapture {
         let mut kernel = KernelCapture::load(options.ring, options.attach)?;
         kernel.apply(&options.settings)?;
         let ring = kernel.take_ring()?;
+        let fill =
+            RingFill::map(ring.as_fd(), options.ring.bytes).map_err(CaptureError::RingFill)?;
         let counters = Arc::new(RingCounters::default());
         let (packets_tx, packets_rx) = mpsc::channel(options.channel_packets);
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -103,6 +115,7 @@ impl LiveCapture {
             reader,
             shutdown,
             counters,
+            fill,
             clock: WallClock::now(),
         };
         live.rescan_interfaces()?;
@@ -176,6 +189,10 @@ impl LiveCapture {
         Ok(CaptureTotals {
             kernel: self.kernel.counters()?,
             ring: self.counters.snapshot(),
+            interfaces: self.kernel.interface_counters()?,
+            interfaces_uncounted: self.kernel.uncounted_interfaces(),
+            ring_fill_bytes: self.fill.fill(),
+            ring_size_bytes: self.fill.size(),
         })
     }
 

@@ -5,9 +5,11 @@
 //! cannot take at once are dropped and counted: the channel never grows and the ring buffer is
 //! never left to fill up behind a slow consumer.
 use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -210,4 +212,80 @@ fn drain(
         counters.channel_full.fetch_add(full, Ordering::Relaxed);
     }
     result
+}
+
+/// How full the kernel's ring buffer is: its producer position less its consumer position, read
+/// from the map's two metadata pages, which are mapped read-only for this (as libbpf's
+/// `ring_buffer__avail_data_size` reads them). aya's `RingBuf` keeps its own mapping private;
+/// this one only reads, so it never disturbs the reader. Unmapped on drop.
+#[derive(Debug)]
+pub struct RingFill {
+    /// Address of the mapping: the consumer page, then the producer page.
+    addr: usize,
+    page: usize,
+    size: u64,
+}
+
+impl RingFill {
+    /// Maps the consumer page (offset 0) and the producer page (offset one page) of the ring
+    /// buffer map `ring`, of `size` data bytes, read-only.
+    ///
+    /// # Errors
+    /// When the kernel refuses the mapping.
+    pub fn map(ring: BorrowedFd<'_>, size: u32) -> io::Result<Self> {
+        // SAFETY: `sysconf` has no preconditions. `mmap` makes a new shared read-only mapping
+        // of two pages of the map (the kernel checks the offset and length against the map and
+        // keeps the map alive while the mapping exists), at an address of its choice, so no
+        // memory of this process is touched; `Drop` unmaps exactly it and nothing else ever
+        // does. A ring buffer map's consumer and producer pages each start with its position, an
+        // `unsigned long` the kernel (and the reader) update atomically.
+        let (page, addr) = unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                ring.as_raw_fd(),
+                0,
+            );
+            (page, addr)
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: addr as usize,
+            page,
+            size: u64::from(size),
+        })
+    }
+
+    /// The ring buffer's data size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes written and not yet consumed (records being written included). The consumer
+    /// position is read first, as libbpf does: it never passes the producer position.
+    pub fn fill(&self) -> u64 {
+        let position = |offset: usize| {
+            // SAFETY: within the mapping made in `map`, which lives as long as `self`; page
+            // aligned, so aligned for an atomic, and only ever accessed atomically.
+            let position = unsafe { AtomicUsize::from_ptr((self.addr + offset) as *mut usize) };
+            position.load(Ordering::Acquire) as u64
+        };
+        let consumer = position(0);
+        let producer = position(self.page);
+        producer.saturating_sub(consumer)
+    }
+}
+
+impl Drop for RingFill {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once; nothing refers to it afterwards.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, 2 * self.page);
+        }
+    }
 }

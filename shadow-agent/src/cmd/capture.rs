@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use shadow_agent::capture::live::CaptureTotals;
 use shadow_agent::capture::{
     CaptureSettings, CapturedPacket, Hook,
     interfaces::InterfaceSelector,
@@ -15,9 +16,11 @@ use shadow_agent::capture::{
     pcap::PcapWriter,
     ring,
 };
-use shadow_common::{CAPTURE_LIMIT, KernelCounters};
+use shadow_common::CAPTURE_LIMIT;
 
-use super::common::{StopSignal, kernel_fields, object, parse_duration, table};
+use super::common::{
+    StopSignal, interface_tables, interfaces_json, kernel_fields, object, parse_duration, table,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -195,9 +198,9 @@ async fn capture(
         .flush()
         .with_context(|| format!("cannot write {}", args.write.display()))?;
 
-    print_summary(&totals.kernel, &totals.ring, packets_written);
+    print_summary(&totals, packets_written);
     if let Some(path) = &args.stats_json {
-        let stats = stats_json(&totals.kernel, &totals.ring, packets_written);
+        let stats = stats_json(&totals, packets_written);
         std::fs::write(path, serde_json::to_vec_pretty(&stats)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -218,21 +221,20 @@ fn agent_fields(a: &ring::RingCountersSnapshot, packets_written: u64) -> [(&'sta
     ]
 }
 
-fn print_summary(k: &KernelCounters, a: &ring::RingCountersSnapshot, packets_written: u64) {
+fn print_summary(t: &CaptureTotals, packets_written: u64) {
     eprint!(
-        "{}{}",
-        table("kernel counters", &kernel_fields(k)),
-        table("agent counters", &agent_fields(a, packets_written))
+        "{}{}{}",
+        table("kernel counters", &kernel_fields(&t.kernel)),
+        table("agent counters", &agent_fields(&t.ring, packets_written)),
+        interface_tables(&t.interfaces, t.interfaces_uncounted),
     );
 }
 
-fn stats_json(
-    k: &KernelCounters,
-    a: &ring::RingCountersSnapshot,
-    packets_written: u64,
-) -> serde_json::Value {
+fn stats_json(t: &CaptureTotals, packets_written: u64) -> serde_json::Value {
     serde_json::json!({
-        "kernel": object(&kernel_fields(k)),
-        "agent": object(&agent_fields(a, packets_written)),
+        "kernel": object(&kernel_fields(&t.kernel)),
+        "agent": object(&agent_fields(&t.ring, packets_written)),
+        "interfaces": interfaces_json(&t.interfaces),
+        "interfaces_uncounted": t.interfaces_uncounted,
     })
 }

@@ -3,8 +3,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use shadow_agent::capture::kernel::InterfaceTotals;
 use shadow_agent::capture::ring::RingCountersSnapshot;
-use shadow_common::KernelCounters;
+use shadow_common::{InterfaceCounters, KernelCounters};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -56,6 +57,54 @@ pub fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 9] {
         ("packets_truncated", k.packets_truncated),
         ("load_errors", k.load_errors),
     ]
+}
+
+pub fn interface_fields(c: &InterfaceCounters) -> [(&'static str, u64); 5] {
+    [
+        ("packets_matched", c.packets_matched),
+        ("packets_sampled", c.packets_sampled),
+        ("records_written", c.records_written),
+        ("bytes_written", c.bytes_written),
+        ("ringbuf_full", c.ringbuf_full),
+    ]
+}
+
+/// Each interface's counters, as a JSON array of objects with its name and ifindex.
+pub fn interfaces_json(interfaces: &[InterfaceTotals]) -> Value {
+    Value::Array(
+        interfaces
+            .iter()
+            .map(|i| {
+                let mut o = serde_json::Map::new();
+                o.insert("name".into(), i.name.clone().into());
+                o.insert("ifindex".into(), i.ifindex.into());
+                for (k, v) in interface_fields(&i.counters) {
+                    o.insert(k.into(), v.into());
+                }
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
+/// Each interface's counters as `name value` tables, for summaries on stderr.
+pub fn interface_tables(interfaces: &[InterfaceTotals], uncounted: u64) -> String {
+    let mut out: String = interfaces
+        .iter()
+        .map(|i| {
+            table(
+                &format!("interface {} counters", i.name),
+                &interface_fields(&i.counters),
+            )
+        })
+        .collect();
+    if uncounted > 0 {
+        out += &format!(
+            "{uncounted} interface(s) had no counters of their own (the kernel's map was full); \
+             their packets are in the kernel counters only\n"
+        );
+    }
+    out
 }
 
 pub fn ring_fields(a: &RingCountersSnapshot) -> [(&'static str, u64); 5] {
