@@ -67,6 +67,18 @@ impl TokenBucket {
         self.refill(now);
         units(amount) <= self.tokens
     }
+
+    /// The tokens the bucket holds at `now`, read without taking any and without moving its
+    /// clock: what a copy at `now` could take.
+    pub fn tokens(&self, now: Instant) -> f64 {
+        let added = self.last.map_or(0, |last| {
+            now.saturating_duration_since(last)
+                .as_nanos()
+                .saturating_mul(self.rate_micros)
+        });
+        let held = self.tokens.saturating_add(added).min(self.capacity);
+        held as f64 / UNITS_PER_TOKEN as f64
+    }
 }
 
 fn units(tokens: f64) -> u128 {
@@ -146,6 +158,30 @@ struct Pair {
     bytes: Option<TokenBucket>,
 }
 
+impl Pair {
+    fn tokens(&self, now: Instant) -> Tokens {
+        Tokens {
+            requests: self.requests.tokens(now),
+            bytes: self.bytes.as_ref().map(|b| b.tokens(now)),
+        }
+    }
+}
+
+/// Tokens held by the node's or a target's buckets: requests, and bytes where bytes are
+/// limited.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Tokens {
+    pub requests: f64,
+    pub bytes: Option<f64>,
+}
+
+/// Tokens held by every bucket of a budget at one moment: the node's, and each target's by URL.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BudgetTokens {
+    pub node: Tokens,
+    pub targets: Vec<(String, Tokens)>,
+}
+
 /// The node's buckets and one pair per target.
 #[derive(Clone, Debug)]
 pub struct Budget {
@@ -214,6 +250,17 @@ impl Budget {
             }
         }
         Ok(())
+    }
+}
+
+impl Budget {
+    /// The tokens of the node's buckets and of each target's (by [`TargetId`]) at `now`, read
+    /// without taking any.
+    pub fn tokens(&self, now: Instant) -> (Tokens, Vec<Tokens>) {
+        (
+            self.node.tokens(now),
+            self.targets.iter().map(|t| t.tokens(now)).collect(),
+        )
     }
 }
 
@@ -343,6 +390,63 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(b.try_acquire(start, TargetId(0), 1), Ok(()));
         }
+    }
+
+    #[test]
+    fn tokens_are_read_without_taking_any() {
+        let start = Instant::now();
+        let mut b = Budget::new(limits(), 1);
+        let full = Tokens {
+            requests: 2.0,
+            bytes: Some(500.0),
+        };
+        // Full before the first copy.
+        let (node, targets) = b.tokens(start);
+        assert_eq!(
+            node,
+            Tokens {
+                requests: 3.0,
+                bytes: Some(1000.0)
+            }
+        );
+        assert_eq!(targets, [full]);
+        assert_eq!(b.try_acquire(start, TargetId(0), 100), Ok(()));
+        let (node, targets) = b.tokens(start);
+        assert_eq!((node.requests, node.bytes), (2.0, Some(900.0)));
+        assert_eq!(
+            targets,
+            [Tokens {
+                requests: 1.0,
+                bytes: Some(400.0)
+            }]
+        );
+        // Reading again, later, takes nothing and refills at the rates: 250 ms of 2/s and of
+        // 500 B/s (400 + 125, held at the 500 burst).
+        let later = start + Duration::from_millis(250);
+        for _ in 0..3 {
+            let (_, targets) = b.tokens(later);
+            assert_eq!(
+                targets,
+                [Tokens {
+                    requests: 1.5,
+                    bytes: Some(500.0)
+                }]
+            );
+        }
+        // Never above the burst, and reading moved no clock: a copy now still sees the refill.
+        assert_eq!(b.tokens(start + Duration::from_secs(60)).1, [full]);
+        assert_eq!(b.try_acquire(later, TargetId(0), 500), Ok(()));
+        let (_, targets) = b.tokens(later);
+        assert_eq!(targets[0].requests, 0.5);
+        // Without a byte limit there is no byte bucket.
+        let unlimited = Budget::new(
+            BudgetLimits {
+                target_bytes_per_sec: None,
+                ..limits()
+            },
+            1,
+        );
+        assert_eq!(unlimited.tokens(start).1[0].bytes, None);
     }
 
     #[test]

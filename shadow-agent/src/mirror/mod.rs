@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Uri};
 
-use crate::budget::{Budget, BudgetLimits};
+use crate::budget::{Budget, BudgetLimits, BudgetTokens};
 use crate::config::Config;
 use crate::http::Request;
 use crate::pipeline::FlowAddrs;
@@ -98,6 +98,22 @@ impl<I: IdSource> Mirror<I> {
     /// The counters of every target of this configuration, by [`TargetId`].
     pub fn all_target_counters(&self) -> &[Arc<TargetCounters>] {
         &self.targets
+    }
+
+    /// The tokens the budget's buckets hold at `now`, the node's and each target's by URL, read
+    /// without taking any.
+    pub fn budget_tokens(&self, now: Instant) -> BudgetTokens {
+        let (node, targets) = self.budget.tokens(now);
+        BudgetTokens {
+            node,
+            targets: self
+                .policy
+                .targets()
+                .iter()
+                .map(ToString::to_string)
+                .zip(targets)
+                .collect(),
+        }
     }
 
     /// Sets the share the ramp allows, 0 to 100.
