@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::config::{BudgetConfig, Target};
 use crate::mirror::ShadowRequest;
 use crate::mirror::pairing::{Answer, PairKey, Role};
-use crate::mirror::stats::{CopyDrop, Failure, TargetCounters};
+use crate::mirror::stats::{CopyDrop, Failure, RouteCounters, TargetCounters};
 
 /// What limits a lane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +66,8 @@ pub struct Shared {
 struct Job {
     request: http::Request<Bytes>,
     compare: Option<(PairKey, Role)>,
+    /// The route whose counters the answer counts in too.
+    route: Option<Arc<RouteCounters>>,
     admitted: Instant,
     _place: OwnedSemaphorePermit,
     _memory: OwnedSemaphorePermit,
@@ -142,6 +144,7 @@ impl Lane {
         let job = Job {
             request: copy.request,
             compare: copy.compare.map(|key| (key, copy.role)),
+            route: copy.route,
             admitted: Instant::now(),
             _place: place,
             _memory: memory,
@@ -291,10 +294,14 @@ async fn work(
             exchange(&mut connection, &target, job.request, keep, &counters),
         )
         .await;
+        let route = job.route.as_deref().map(|r| &r.answers);
         match sent {
             Ok(Ok(mut answer)) => {
                 answer.latency = job.admitted.elapsed();
-                counters.answered(answer.status, answer.latency);
+                counters.answers.answered(answer.status, answer.latency);
+                if let Some(route) = route {
+                    route.answered(answer.status, answer.latency);
+                }
                 if let (Some((key, role)), Some(answers)) = (job.compare, &shared.answers)
                     && answers
                         .try_send(TargetAnswer { key, role, answer })
@@ -304,11 +311,17 @@ async fn work(
                 }
             }
             Ok(Err(failure)) => {
-                counters.failed(failure).inc();
+                counters.answers.failed(failure).inc();
+                if let Some(route) = route {
+                    route.failed(failure).inc();
+                }
                 connection = None;
             }
             Err(_) => {
-                counters.failed(Failure::Timeout).inc();
+                counters.answers.failed(Failure::Timeout).inc();
+                if let Some(route) = route {
+                    route.failed(Failure::Timeout).inc();
+                }
                 // The connection may be half-way through an exchange: start afresh.
                 connection = None;
             }
@@ -417,6 +430,7 @@ mod tests {
             target: crate::policy::TargetId(0),
             role: crate::mirror::pairing::Role::Candidate,
             compare: None,
+            route: None,
             request,
             wire_bytes: 40,
         }
@@ -473,14 +487,14 @@ mod tests {
 
     async fn settle(counters: &TargetCounters, completed: u64) {
         for _ in 0..500 {
-            if counters.completed() >= completed {
+            if counters.answers.completed() >= completed {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!(
             "only {} of {completed} copies completed",
-            counters.completed()
+            counters.answers.completed()
         );
     }
 
@@ -499,7 +513,7 @@ mod tests {
                 .expect("room in the lane");
         }
         settle(&counters, 40).await;
-        assert_eq!(counters.responses(2), 40);
+        assert_eq!(counters.answers.responses(2), 40);
         assert!(connections.load(Ordering::SeqCst) <= 2);
         let heads = heads.lock().expect("lock").clone();
         assert_eq!(heads.len(), 40);
@@ -526,7 +540,7 @@ mod tests {
         }
         assert_eq!(lane.try_send(copy("/full")), Err(CopyDrop::InFlight));
         settle(&counters, 3).await;
-        assert_eq!(counters.failed(Failure::Timeout).get(), 3);
+        assert_eq!(counters.answers.failed(Failure::Timeout).get(), 3);
         // Room again once they timed out.
         lane.try_send(copy("/again")).expect("room");
         lane.close(Duration::from_secs(1)).await;
@@ -623,7 +637,7 @@ mod tests {
             lane.try_send(copy("/")).expect("room");
         }
         settle(&counters, 5).await;
-        assert_eq!(counters.failed(Failure::Connect).get(), 5);
+        assert_eq!(counters.answers.failed(Failure::Connect).get(), 5);
         assert_eq!(counters.connections.load(Ordering::Relaxed), 0);
         lane.close(Duration::from_secs(1)).await;
     }
@@ -640,9 +654,14 @@ mod tests {
         let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
         lane.try_send(copy("/")).expect("room");
         settle(&counters, 1).await;
-        assert_eq!(counters.responses(5), 1);
-        assert_eq!(counters.errors(), 1);
-        let p99 = counters.latency.snapshot().quantile(0.99).expect("one");
+        assert_eq!(counters.answers.responses(5), 1);
+        assert_eq!(counters.answers.errors(), 1);
+        let p99 = counters
+            .answers
+            .latency
+            .snapshot()
+            .quantile(0.99)
+            .expect("one");
         assert!(p99 >= Duration::from_millis(20), "{p99:?}");
         lane.close(Duration::from_secs(1)).await;
     }

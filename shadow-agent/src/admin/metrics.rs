@@ -7,18 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use shadow_common::KernelCounters;
+use shadow_common::{InterfaceCounters, KernelCounters, MAX_INTERFACES};
 
+use crate::budget::BudgetTokens;
+use crate::capture::kernel::InterfaceTotals;
 use crate::capture::ring::RingCountersSnapshot;
 use crate::compare::Report;
 use crate::mirror::latency::HistogramSnapshot;
 use crate::mirror::pairing::PairingCounters;
-use crate::mirror::stats::{CopyDrop, Failure, MirrorStats};
+use crate::mirror::stats::{Answers, CopyDrop, Failure, MirrorStats};
 use crate::pipeline::PipelineCounters;
 use crate::policy::DropReason;
 
@@ -31,6 +33,15 @@ pub struct AgentSnapshot {
     pub attached: String,
     pub kernel: KernelCounters,
     pub ring: RingCountersSnapshot,
+    /// The kernel's counters per attached interface, by ifindex.
+    pub interfaces: Vec<InterfaceTotals>,
+    /// Interfaces attached without counters of their own (the kernel's map was full).
+    pub interfaces_uncounted: u64,
+    /// Bytes in the kernel's ring buffer not yet read, and its size.
+    pub ring_fill_bytes: u64,
+    pub ring_size_bytes: u64,
+    /// Tokens in the budget's buckets.
+    pub budget: BudgetTokens,
     pub pipeline: PipelineCounters,
     pub flows_tracked: u64,
     pub flow_memory_bytes: u64,
@@ -39,9 +50,11 @@ pub struct AgentSnapshot {
     pub channel_capacity: u64,
     pub config_generation: u64,
     pub config_reload_errors: u64,
-    /// The ramp's share in percent (100 without a ramp) and step (`None` without a ramp).
+    /// The ramp's share in percent (100 without a ramp), step (`None` without a ramp, or after
+    /// falling back below the first) and number of steps (0 without a ramp).
     pub ramp_percent: f64,
     pub ramp_step: Option<usize>,
+    pub ramp_steps: usize,
     /// Whether the ramp fell back and holds; `None` without a ramp.
     pub ramp_held: Option<bool>,
     pub dry_run: bool,
@@ -64,6 +77,9 @@ pub struct AgentCollector {
 const LATENCY_BOUNDS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// One field of an interface's counters.
+type InterfaceField = fn(&InterfaceCounters) -> u64;
 
 /// A registry holding only `collector`, all names prefixed `shadow_`.
 pub fn registry(collector: AgentCollector) -> Registry {
@@ -106,11 +122,11 @@ fn counters<'l>(
 }
 
 /// A family of gauges with one label set each.
-fn gauges<'l>(
+fn gauges<'l, V: EncodeGaugeValue>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: impl IntoIterator<Item = (Vec<(&'l str, String)>, i64)>,
+    rows: impl IntoIterator<Item = (Vec<(&'l str, String)>, V)>,
 ) -> std::fmt::Result {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, value) in rows {
@@ -204,6 +220,73 @@ impl Collector for AgentCollector {
             "Packets whose records did not all arrive.",
             None,
             snap.ring.incomplete_packets,
+        )?;
+        gauge(
+            &mut e,
+            "ring_buffer_fill_bytes",
+            "Bytes in the kernel's ring buffer that the agent has not read yet.",
+            snap.ring_fill_bytes as f64,
+        )?;
+        gauge(
+            &mut e,
+            "ring_buffer_size_bytes",
+            "Size of the kernel's ring buffer.",
+            snap.ring_size_bytes as f64,
+        )?;
+        let interface: [(&str, &str, InterfaceField); 4] = [
+            (
+                "interface_packets_matched",
+                "Packets of a captured port (and CIDR), per interface.",
+                |c| c.packets_matched,
+            ),
+            (
+                "interface_packets_sampled",
+                "Packets of sampled connections copied, per interface.",
+                |c| c.packets_sampled,
+            ),
+            (
+                "interface_records_written",
+                "Ring buffer records written, per interface.",
+                |c| c.records_written,
+            ),
+            (
+                "interface_ringbuf_full",
+                "Packets dropped because the ring buffer was full, per interface.",
+                |c| c.ringbuf_full,
+            ),
+        ];
+        for (name, help, field) in interface {
+            counters(
+                &mut e,
+                name,
+                help,
+                None,
+                snap.interfaces
+                    .iter()
+                    .map(|i| (vec![("interface", i.name.clone())], field(&i.counters))),
+            )?;
+        }
+        counters(
+            &mut e,
+            "interface_written",
+            "Bytes written to the ring buffer, per interface.",
+            Some(&Unit::Bytes),
+            snap.interfaces.iter().map(|i| {
+                (
+                    vec![("interface", i.name.clone())],
+                    i.counters.bytes_written,
+                )
+            }),
+        )?;
+        counter(
+            &mut e,
+            "interfaces_uncounted",
+            &format!(
+                "Interfaces attached without counters of their own, the kernel's map of \
+                 {MAX_INTERFACES} being full; their packets are in the kernel_* totals only."
+            ),
+            None,
+            snap.interfaces_uncounted,
         )?;
         gauge(
             &mut e,
@@ -341,7 +424,7 @@ impl Collector for AgentCollector {
                 (1..=5).map(move |c| {
                     (
                         vec![("target", u.clone()), ("class", format!("{c}xx"))],
-                        t.responses(c),
+                        t.answers.responses(c),
                     )
                 })
             }),
@@ -355,7 +438,7 @@ impl Collector for AgentCollector {
                 Failure::ALL.into_iter().map(move |f| {
                     (
                         vec![("target", u.clone()), ("kind", f.label().to_owned())],
-                        t.failed(f).get(),
+                        t.answers.failed(f).get(),
                     )
                 })
             }),
@@ -389,12 +472,79 @@ impl Collector for AgentCollector {
             MetricType::Histogram,
         )?;
         for (url, t) in &targets {
-            let snapshot = t.latency.snapshot();
-            let (sum, count, buckets) = coarse(&snapshot, t.latency.sum());
+            let (sum, count, buckets) = coarse(&t.answers);
             latency
                 .encode_family(&vec![("target", url.clone())])?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
+        counters(
+            &mut e,
+            "route_shadow_responses",
+            "Answers of the route's shadow targets (not its baseline), per route and status class.",
+            None,
+            routes.iter().flat_map(|(n, r)| {
+                (1..=5).map(move |c| {
+                    (
+                        vec![("route", n.clone()), ("class", format!("{c}xx"))],
+                        r.answers.responses(c),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut e,
+            "route_copy_failures",
+            "Copies to the route's shadow targets without an answer, per route and kind: \
+             connect, timeout, io.",
+            None,
+            routes.iter().flat_map(|(n, r)| {
+                Failure::ALL.into_iter().map(move |f| {
+                    (
+                        vec![("route", n.clone()), ("kind", f.label().to_owned())],
+                        r.answers.failed(f).get(),
+                    )
+                })
+            }),
+        )?;
+        let mut route_latency = e.encode_descriptor(
+            "route_shadow_latency",
+            "Time from handing a copy to the sender to the end of its answer, per route (its \
+             shadow targets, not its baseline).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (name, r) in &routes {
+            let (sum, count, buckets) = coarse(&r.answers);
+            route_latency
+                .encode_family(&vec![("route", name.clone())])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let tokens = &snap.budget;
+        gauges(
+            &mut e,
+            "budget_tokens",
+            "Tokens in the budget's buckets now, per scope (node, or target with its URL) and \
+             unit (requests, bytes); a copy takes one request and its size in bytes.",
+            [(&tokens.node, "node", None)]
+                .into_iter()
+                .chain(tokens.targets.iter().map(|(u, t)| (t, "target", Some(u))))
+                .flat_map(|(t, scope, url)| {
+                    let labels = move |unit: &str| {
+                        let mut l = vec![("scope", scope.to_owned())];
+                        if let Some(url) = url {
+                            l.push(("target", url.clone()));
+                        }
+                        l.push(("unit", unit.to_owned()));
+                        l
+                    };
+                    [
+                        Some((labels("requests"), t.requests)),
+                        t.bytes.map(|b| (labels("bytes"), b)),
+                    ]
+                    .into_iter()
+                    .flatten()
+                }),
+        )?;
         gauge(
             &mut e,
             "config_generation",
@@ -527,9 +677,11 @@ impl AgentCollector {
     }
 }
 
-/// The fine histogram as Prometheus buckets: each fine bucket counts in the first bound at or
-/// above its upper edge (so latencies are rounded up, never down).
-fn coarse(h: &HistogramSnapshot, sum: Duration) -> (f64, u64, Vec<(f64, u64)>) {
+/// The fine latency histogram of `answers` as Prometheus buckets: each fine bucket counts in the
+/// first bound at or above its upper edge (so latencies are rounded up, never down).
+fn coarse(answers: &Answers) -> (f64, u64, Vec<(f64, u64)>) {
+    let h: HistogramSnapshot = answers.latency.snapshot();
+    let sum: Duration = answers.latency.sum();
     let mut buckets: Vec<(f64, u64)> = LATENCY_BOUNDS.iter().map(|b| (*b, 0)).collect();
     buckets.push((f64::MAX, 0));
     for (edge, n) in h.buckets() {
@@ -550,17 +702,53 @@ mod tests {
 
     #[test]
     fn exposition_names_help_and_labels() {
+        use crate::budget::Tokens;
+        use shadow_common::InterfaceCounters;
+
         let stats = Arc::new(MirrorStats::default());
         stats.requests.add(3);
         stats.route("api").seen.add(2);
         stats.route("api").dropped(DropReason::Method).inc();
+        stats
+            .route("api")
+            .answers
+            .answered(503, Duration::from_millis(30));
+        stats.route("api").answers.failed(Failure::Timeout).inc();
         let t = stats.target("http://198.18.0.9:8080");
         t.sent.add(1);
-        t.answered(200, Duration::from_millis(3));
+        t.answers.answered(200, Duration::from_millis(3));
         t.dropped(CopyDrop::InFlight).inc();
+        let interface = |name: &str, ifindex, matched| InterfaceTotals {
+            name: name.into(),
+            ifindex,
+            counters: InterfaceCounters {
+                packets_matched: matched,
+                packets_sampled: 7,
+                records_written: 8,
+                bytes_written: 900,
+                ringbuf_full: 2,
+            },
+        };
         let snapshot = Arc::new(Mutex::new(AgentSnapshot {
             config_generation: 2,
             ramp_percent: 100.0,
+            interfaces: vec![interface("veth-lf", 4, 10), interface("lo", 1, 5)],
+            interfaces_uncounted: 1,
+            ring_fill_bytes: 4096,
+            ring_size_bytes: 16 << 20,
+            budget: BudgetTokens {
+                node: Tokens {
+                    requests: 12.5,
+                    bytes: Some(1000.0),
+                },
+                targets: vec![(
+                    "http://198.18.0.9:8080".into(),
+                    Tokens {
+                        requests: 3.0,
+                        bytes: None,
+                    },
+                )],
+            },
             ..AgentSnapshot::default()
         }));
         let registry = registry(AgentCollector {
@@ -579,15 +767,61 @@ mod tests {
             "shadow_shadow_responses_total{target=\"http://198.18.0.9:8080\",class=\"2xx\"} 1",
             "shadow_shadow_latency_seconds_bucket{le=\"0.005\",target=\"http://198.18.0.9:8080\"} 1",
             "shadow_shadow_latency_seconds_count{target=\"http://198.18.0.9:8080\"} 1",
+            // Per route: the route's own answers, not the target's.
+            "shadow_route_shadow_responses_total{route=\"api\",class=\"5xx\"} 1",
+            "shadow_route_shadow_responses_total{route=\"api\",class=\"2xx\"} 0",
+            "shadow_route_copy_failures_total{route=\"api\",kind=\"timeout\"} 1",
+            "shadow_route_shadow_latency_seconds_bucket{le=\"0.025\",route=\"api\"} 0",
+            "shadow_route_shadow_latency_seconds_bucket{le=\"0.05\",route=\"api\"} 1",
+            "shadow_route_shadow_latency_seconds_count{route=\"api\"} 1",
+            "shadow_interface_packets_matched_total{interface=\"veth-lf\"} 10",
+            "shadow_interface_packets_matched_total{interface=\"lo\"} 5",
+            "shadow_interface_packets_sampled_total{interface=\"lo\"} 7",
+            "shadow_interface_records_written_total{interface=\"lo\"} 8",
+            "shadow_interface_ringbuf_full_total{interface=\"lo\"} 2",
+            "shadow_interface_written_bytes_total{interface=\"lo\"} 900",
+            "shadow_interfaces_uncounted_total 1",
+            "shadow_ring_buffer_fill_bytes 4096",
+            "shadow_ring_buffer_size_bytes 16777216",
+            "shadow_budget_tokens{scope=\"node\",unit=\"requests\"} 12.5",
+            "shadow_budget_tokens{scope=\"node\",unit=\"bytes\"} 1000.0",
+            "shadow_budget_tokens{scope=\"target\",target=\"http://198.18.0.9:8080\",unit=\"requests\"} 3.0",
             "shadow_config_generation 2",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }
-        // Every family has HELP and TYPE.
+        // A target without a byte limit has no byte bucket.
+        assert!(
+            !text.contains("target=\"http://198.18.0.9:8080\",unit=\"bytes\""),
+            "{text}"
+        );
+        // Every family has HELP and TYPE, and every new one has real help text.
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP")).count();
         assert_eq!(families, helps);
         assert!(families > 20, "{text}");
+        // Family names as HELP shows them: without `shadow_` (so that xtask's check of the
+        // names above does not take them for series) and without `_total`.
+        for family in [
+            "route_shadow_responses",
+            "route_copy_failures",
+            "route_shadow_latency_seconds",
+            "interface_packets_matched",
+            "interface_packets_sampled",
+            "interface_records_written",
+            "interface_ringbuf_full",
+            "interface_written_bytes",
+            "interfaces_uncounted",
+            "ring_buffer_fill_bytes",
+            "ring_buffer_size_bytes",
+            "budget_tokens",
+        ] {
+            let help = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("# HELP shadow_{family} ")))
+                .unwrap_or_else(|| panic!("no HELP for {family} in:\n{text}"));
+            assert!(help.len() > 20 && help.ends_with('.'), "{family}: {help}");
+        }
         assert!(text.ends_with("# EOF\n"));
     }
 

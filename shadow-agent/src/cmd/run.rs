@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use shadow_agent::admin::metrics::{self, AgentCollector, AgentSnapshot};
 use shadow_agent::admin::{AdminServer, AdminState};
+use shadow_agent::budget::Tokens;
 use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
 use shadow_agent::capture::kernel::{AttachMode, RingSettings};
@@ -25,7 +26,7 @@ use shadow_agent::http::HttpEvent;
 use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::latency::HistogramSnapshot;
 use shadow_agent::mirror::pairing::{Answer, Complete, PairKey, Pairing, Role};
-use shadow_agent::mirror::stats::{CopyDrop, MirrorStats, TargetCounters};
+use shadow_agent::mirror::stats::{Answers, CopyDrop, MirrorStats, TargetCounters};
 use shadow_agent::mirror::{Mirror, Plan};
 use shadow_agent::pipeline::{LinkType, Pipeline, PipelineConfig, PipelineEvent};
 use shadow_agent::policy::path::origin_form;
@@ -353,9 +354,9 @@ impl Totals {
     fn of(targets: &[Arc<TargetCounters>]) -> Self {
         let mut t = Totals::default();
         for c in targets {
-            t.completed += c.completed();
-            t.errors += c.errors();
-            t.latency.add(&c.latency.snapshot());
+            t.completed += c.answers.completed();
+            t.errors += c.answers.errors();
+            t.latency.add(&c.answers.latency.snapshot());
         }
         t
     }
@@ -868,6 +869,11 @@ impl Agent {
             attached,
             kernel: totals.kernel,
             ring: totals.ring,
+            interfaces: totals.interfaces.clone(),
+            interfaces_uncounted: totals.interfaces_uncounted,
+            ring_fill_bytes: totals.ring_fill_bytes,
+            ring_size_bytes: totals.ring_size_bytes,
+            budget: self.mirror.budget_tokens(Instant::now()),
             pipeline: self.pipeline.counters().clone(),
             flows_tracked: self.pipeline.flows() as u64,
             flow_memory_bytes: self.pipeline.memory_bytes() as u64,
@@ -877,6 +883,7 @@ impl Agent {
             config_reload_errors: self.reload_errors,
             ramp_percent: self.ramp.as_ref().map_or(100.0, |r| r.ramp.percent()),
             ramp_step: self.ramp.as_ref().and_then(|r| r.ramp.step()),
+            ramp_steps: self.config.ramp.as_ref().map_or(0, |r| r.steps.len()),
             ramp_held: self.ramp.as_ref().map(|r| r.ramp.is_held()),
             dry_run: self.dry_run,
             compare_pending: self.compare.as_ref().map_or(0, |c| c.pairing.len() as u64),
@@ -897,35 +904,43 @@ impl Agent {
             if self.dry_run { "dry run" } else { "mirrored" },
             self.stats.requests.get()
         );
-        for (name, r) in self.stats.routes() {
-            out += &format!(
-                "  route {name}: {} seen, {} mirrored; {verb} {} copies ({:.1}/s, {}/s)\n",
-                r.seen.get(),
-                r.mirrored.get(),
-                r.copies.get(),
-                r.copies.get() as f64 / secs,
-                human_bytes(r.copy_bytes.get() as f64 / secs),
-            );
-        }
-        for (url, t) in self.stats.targets() {
-            let latency = t.latency.snapshot();
+        let answers = |a: &Answers| {
+            let latency = a.latency.snapshot();
             let ms = |q| {
                 latency.quantile(q).map_or("-".to_owned(), |d| {
                     format!("{:.1}ms", d.as_secs_f64() * 1e3)
                 })
             };
+            format!(
+                "{} answered 2xx, {} errors; p50 {} p99 {}",
+                a.responses(2),
+                a.errors(),
+                ms(0.5),
+                ms(0.99)
+            )
+        };
+        for (name, r) in self.stats.routes() {
             out += &format!(
-                "  target {url}: {verb} {} copies ({:.1}/s); {} answered 2xx, {} errors; p50 {} p99 {}\n",
+                "  route {name}: {} seen, {} mirrored; {verb} {} copies ({:.1}/s, {}/s); shadow: {}\n",
+                r.seen.get(),
+                r.mirrored.get(),
+                r.copies.get(),
+                r.copies.get() as f64 / secs,
+                human_bytes(r.copy_bytes.get() as f64 / secs),
+                answers(&r.answers),
+            );
+        }
+        for (url, t) in self.stats.targets() {
+            out += &format!(
+                "  target {url}: {verb} {} copies ({:.1}/s); {}\n",
                 t.sent.get(),
                 t.sent.get() as f64 / secs,
-                t.responses(2),
-                t.errors(),
-                ms(0.5),
-                ms(0.99),
+                answers(&t.answers),
             );
         }
         out += &common::table("kernel counters", &common::kernel_fields(&totals.kernel));
         out += &common::table("ring counters", &common::ring_fields(&totals.ring));
+        out += &common::interface_tables(&totals.interfaces, totals.interfaces_uncounted);
         out
     }
 }
@@ -941,11 +956,26 @@ fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_
         "config_reload_errors": snap.config_reload_errors,
         "ramp": snap.ramp_held.map(|held| json!({
             "step": snap.ramp_step,
+            "steps": snap.ramp_steps,
             "percent": snap.ramp_percent,
             "held": held,
         })),
         "kernel": common::object(&common::kernel_fields(&snap.kernel)),
         "ring": common::object(&common::ring_fields(&snap.ring)),
+        "ring_buffer": {
+            "fill_bytes": snap.ring_fill_bytes,
+            "size_bytes": snap.ring_size_bytes,
+        },
+        "interfaces": common::interfaces_json(&snap.interfaces),
+        "interfaces_uncounted": snap.interfaces_uncounted,
+        "budget": {
+            "node": tokens(&snap.budget.node),
+            "targets": snap.budget.targets.iter().map(|(url, t)| {
+                let mut v = tokens(t);
+                v["url"] = url.as_str().into();
+                v
+            }).collect::<Vec<_>>(),
+        },
         "flows_tracked": snap.flows_tracked,
         "pipeline": common::object(&snap.pipeline.pairs()),
         "http_anomalies": common::object(&snap.pipeline.http_anomalies),
@@ -958,6 +988,11 @@ fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_
         })),
         "mirror": stats.to_json(),
     })
+}
+
+/// A pair of buckets' tokens: `bytes` is null where bytes are not limited.
+fn tokens(t: &Tokens) -> serde_json::Value {
+    json!({"requests": t.requests, "bytes": t.bytes})
 }
 
 fn human_bytes(per_sec: f64) -> String {

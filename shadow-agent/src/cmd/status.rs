@@ -128,6 +128,54 @@ fn delta(now: &Value, before: Option<&Value>) -> Value {
     )
 }
 
+/// Error rate over the interval, and p50 and p99 since the start, of an entry with `responses`,
+/// `failures` and `latency_p50_ms`/`latency_p99_ms` (a route's shadow answers or a target's).
+fn answer_columns(now: &Value, before: Option<&Value>) -> (String, String, String) {
+    let answers = delta(&now["responses"], before.map(|b| &b["responses"]));
+    let failures = delta(&now["failures"], before.map(|b| &b["failures"]));
+    let (answered, _) = total_and_top(&answers);
+    let (failed, _) = total_and_top(&failures);
+    let errors = failed + answers["5xx"].as_f64().unwrap_or(0.0);
+    let error_percent = if answered + failed > 0.0 {
+        format!("{:.1}", errors * 100.0 / (answered + failed))
+    } else {
+        "-".to_owned()
+    };
+    let ms = |k: &str| {
+        now[k]
+            .as_f64()
+            .map_or("-".to_owned(), |v| format!("{v:.1}ms"))
+    };
+    (error_percent, ms("latency_p50_ms"), ms("latency_p99_ms"))
+}
+
+/// The ramp as a short cell: `2/4 25%` (step 2 of 4, 25 % of each route's share), `off` after
+/// falling back below the first step, `-` without a ramp.
+fn ramp_cell(ramp: &Value) -> String {
+    let Some(r) = ramp.as_object() else {
+        return "-".to_owned();
+    };
+    let percent = r.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
+    match r.get("step").and_then(Value::as_u64) {
+        Some(step) => format!(
+            "{}/{} {percent}%",
+            step + 1,
+            r.get("steps").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        None => "off".to_owned(),
+    }
+}
+
+fn human_bytes(bytes: f64) -> String {
+    if bytes >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+    } else if bytes >= 1024.0 {
+        format!("{:.1} KiB", bytes / 1024.0)
+    } else {
+        format!("{bytes:.0} B")
+    }
+}
+
 /// The table for two readings `secs` apart.
 fn render(before: &Value, now: &Value, secs: f64) -> String {
     let secs = secs.max(1e-3);
@@ -140,8 +188,8 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
     };
     let ramp = match now["ramp"].as_object() {
         Some(r) => format!(
-            ", ramp {}%{}",
-            r.get("percent").and_then(Value::as_f64).unwrap_or(0.0),
+            ", ramp {} of every route{}",
+            ramp_cell(&now["ramp"]),
             if r.get("held") == Some(&Value::Bool(true)) {
                 " (fell back, holding)"
             } else {
@@ -156,9 +204,19 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
         num(now, &["config_generation"]),
     );
 
+    // The ramp scales every route alike; its column says so on each row.
+    let ramp = ramp_cell(&now["ramp"]);
     out += &format!(
-        "{:<24} {:>9} {:>11} {:>10}  {}\n",
-        "ROUTE", "SEEN/s", "MIRRORED/s", "DROPPED/s", "TOP DROP REASON"
+        "{:<24} {:>9} {:>11} {:>10} {:>7} {:>9} {:>9} {:>9}  {}\n",
+        "ROUTE",
+        "SEEN/s",
+        "MIRRORED/s",
+        "DROPPED/s",
+        "ERROR%",
+        "P50",
+        "P99",
+        "RAMP",
+        "TOP DROP REASON"
     );
     let routes_before = &before["mirror"]["routes"];
     for r in now["mirror"]["routes"].as_array().into_iter().flatten() {
@@ -168,8 +226,9 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
         let top = top
             .filter(|(_, n)| *n > 0.0)
             .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
+        let (error_percent, p50, p99) = answer_columns(r, b);
         out += &format!(
-            "{:<24} {:>9.1} {:>11.1} {:>10.1}  {top}\n",
+            "{:<24} {:>9.1} {:>11.1} {:>10.1} {error_percent:>7} {p50:>9} {p99:>9} {ramp:>9}  {top}\n",
             r["name"].as_str().unwrap_or("?"),
             rate(num(r, &["seen"]), b.map_or(0.0, |b| num(b, &["seen"]))),
             rate(
@@ -186,11 +245,15 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
     let (n, top) = total_and_top(&unrouted);
     if n > 0.0 {
         out += &format!(
-            "{:<24} {:>9.1} {:>11} {:>10.1}  {}\n",
+            "{:<24} {:>9.1} {:>11} {:>10.1} {:>7} {:>9} {:>9} {:>9}  {}\n",
             "(no route)",
             n / secs,
             "-",
             n / secs,
+            "-",
+            "-",
+            "-",
+            "-",
             top.map_or("-".to_owned(), |(k, v)| format!("{k} ({:.1}/s)", v / secs))
         );
     }
@@ -203,39 +266,51 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
     for t in now["mirror"]["targets"].as_array().into_iter().flatten() {
         let b = find(targets_before, "url", &t["url"]);
         let sent = rate(num(t, &["sent"]), b.map_or(0.0, |b| num(b, &["sent"])));
-        let answers = delta(&t["responses"], b.map(|b| &b["responses"]));
-        let failures = delta(&t["failures"], b.map(|b| &b["failures"]));
-        let (answered, _) = total_and_top(&answers);
-        let (failed, _) = total_and_top(&failures);
-        let errors = failed + answers["5xx"].as_f64().unwrap_or(0.0);
-        let error_percent = if answered + failed > 0.0 {
-            format!("{:.1}", errors * 100.0 / (answered + failed))
-        } else {
-            "-".to_owned()
-        };
-        let ms = |k: &str| {
-            t[k].as_f64()
-                .map_or("-".to_owned(), |v| format!("{v:.1}ms"))
-        };
+        let (error_percent, p50, p99) = answer_columns(t, b);
         let dropped = delta(&t["dropped"], b.map(|b| &b["dropped"]));
         let (dropped_total, top) = total_and_top(&dropped);
         let top = top
             .filter(|(_, n)| *n > 0.0)
             .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
         out += &format!(
-            "{:<32} {sent:>8.1} {error_percent:>7} {:>9} {:>9} {:>9} {:>10.1}  {top}\n",
+            "{:<32} {sent:>8.1} {error_percent:>7} {p50:>9} {p99:>9} {:>9} {:>10.1}  {top}\n",
             t["url"].as_str().unwrap_or("?"),
-            ms("latency_p50_ms"),
-            ms("latency_p99_ms"),
             num(t, &["in_flight"]),
             dropped_total / secs,
         );
     }
 
+    out += &format!(
+        "\n{:<16} {:>11} {:>10} {:>16}\n",
+        "INTERFACE", "MATCHED/s", "COPIED/s", "RING DROPS/s"
+    );
+    let interfaces_before = &before["interfaces"];
+    for i in now["interfaces"].as_array().into_iter().flatten() {
+        let b = find(interfaces_before, "ifindex", &i["ifindex"]);
+        let r = |k: &str| rate(num(i, &[k]), b.map_or(0.0, |b| num(b, &[k])));
+        out += &format!(
+            "{:<16} {:>11.1} {:>10.1} {:>16.1}\n",
+            i["name"].as_str().unwrap_or("?"),
+            r("packets_matched"),
+            r("packets_sampled"),
+            r("ringbuf_full"),
+        );
+    }
+    let uncounted = num(now, &["interfaces_uncounted"]);
+    if uncounted > 0.0 {
+        out += &format!(
+            "({uncounted} interface(s) without counters of their own: in the totals below only)\n"
+        );
+    }
+
     let k = |name: &str| rate(num(now, &["kernel", name]), num(before, &["kernel", name]));
+    let (fill, size) = (
+        num(now, &["ring_buffer", "fill_bytes"]),
+        num(now, &["ring_buffer", "size_bytes"]),
+    );
     out += &format!(
         "\nCAPTURE {}\n  packets/s seen {:.0}, matched {:.0}, sampled {:.0}; ring buffer drops/s {:.1}, \
-         channel drops/s {:.1}; flows tracked {}\n",
+         channel drops/s {:.1}; flows tracked {}\n  ring buffer {} of {} unread ({:.1}%)\n",
         now["attached"].as_str().unwrap_or(""),
         k("packets_seen"),
         k("packets_matched"),
@@ -246,8 +321,11 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
             num(before, &["ring", "channel_full"])
         ),
         num(now, &["flows_tracked"]),
+        human_bytes(fill),
+        human_bytes(size),
+        fill * 100.0 / size.max(1.0),
     );
-    out += "  (p50 and p99 are since the agent started)\n";
+    out += "  (ERROR% is over the interval; p50 and p99 are since the agent started)\n";
     out
 }
 
@@ -256,6 +334,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A reading of `/stats`: `n` scales every counter, so two readings give known rates.
     fn reading(
         seen: u64,
         mirrored: u64,
@@ -263,20 +342,41 @@ mod tests {
         sent: u64,
         fivexx: u64,
         seen_pkts: u64,
+        n: u64,
     ) -> Value {
+        let mut interfaces = vec![json!({
+            "name": "eth0", "ifindex": 2, "packets_matched": 1000 * n,
+            "packets_sampled": 500 * n, "records_written": 500 * n, "bytes_written": 0,
+            "ringbuf_full": 7 * (n - 1),
+        })];
+        if n > 1 {
+            // Attached between the two readings: its counters started at zero.
+            interfaces.push(json!({
+                "name": "veth9", "ifindex": 9, "packets_matched": 40, "packets_sampled": 4,
+                "records_written": 4, "bytes_written": 0, "ringbuf_full": 0,
+            }));
+        }
         json!({
             "node": "node-1",
             "attached": "eth0/ingress via TCX",
             "dry_run": false,
             "config_generation": 2,
-            "ramp": {"step": 1, "percent": 25.0, "held": false},
+            "ramp": {"step": 1, "steps": 4, "percent": 25.0, "held": false},
             "kernel": {"packets_seen": seen_pkts, "packets_matched": 0, "packets_sampled": 0, "ringbuf_full": 0},
             "ring": {"channel_full": 0},
+            "ring_buffer": {"fill_bytes": 4 << 20, "size_bytes": 16 << 20},
+            "interfaces": interfaces,
+            "interfaces_uncounted": 0,
             "flows_tracked": 7,
             "mirror": {
                 "requests": seen,
                 "unrouted": {},
-                "routes": [{"name": "web", "seen": seen, "mirrored": mirrored, "dropped": {"method": method}}],
+                "routes": [{
+                    "name": "web", "seen": seen, "mirrored": mirrored, "dropped": {"method": method},
+                    "responses": {"2xx": sent - fivexx, "5xx": fivexx},
+                    "failures": {"timeout": 10 * (n - 1), "connect": 0},
+                    "latency_p50_ms": 2.0, "latency_p99_ms": 12.0,
+                }],
                 "targets": [{
                     "url": "http://198.18.0.9:8080", "sent": sent, "dropped": {},
                     "responses": {"2xx": sent - fivexx, "5xx": fivexx}, "failures": {"timeout": 0},
@@ -288,8 +388,8 @@ mod tests {
 
     #[test]
     fn rates_and_top_reasons() {
-        let before = reading(100, 80, 20, 80, 0, 1000);
-        let now = reading(300, 260, 40, 260, 18, 5000);
+        let before = reading(100, 80, 20, 80, 0, 1000, 1);
+        let now = reading(300, 260, 40, 260, 18, 5000, 3);
         let table = render(&before, &now, 2.0);
         let line = |start: &str| {
             table
@@ -300,8 +400,28 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(
+            line("ROUTE"),
+            [
+                "ROUTE",
+                "SEEN/s",
+                "MIRRORED/s",
+                "DROPPED/s",
+                "ERROR%",
+                "P50",
+                "P99",
+                "RAMP",
+                "TOP",
+                "DROP",
+                "REASON"
+            ]
+        );
+        // 180 answers (18 of them 5xx) and 20 timeouts in the interval: 38 errors of 200.
+        assert_eq!(
             line("web"),
-            ["web", "100.0", "90.0", "10.0", "method", "(10.0/s)"]
+            [
+                "web", "100.0", "90.0", "10.0", "19.0", "2.0ms", "12.0ms", "2/4", "25%", "method",
+                "(10.0/s)"
+            ]
         );
         let target = line("http://198.18.0.9:8080");
         assert_eq!(
@@ -315,10 +435,47 @@ mod tests {
                 "3"
             ]
         );
+        assert_eq!(
+            line("INTERFACE"),
+            ["INTERFACE", "MATCHED/s", "COPIED/s", "RING", "DROPS/s"]
+        );
+        assert_eq!(line("eth0"), ["eth0", "1000.0", "500.0", "7.0"]);
+        assert_eq!(line("veth9"), ["veth9", "20.0", "2.0", "0.0"]);
         assert!(
-            table.contains("node-1: mirroring; configuration 2, ramp 25%"),
+            table.contains("node-1: mirroring; configuration 2, ramp 2/4 25% of every route"),
             "{table}"
         );
         assert!(table.contains("packets/s seen 2000"), "{table}");
+        assert!(
+            table.contains("ring buffer 4.0 MiB of 16.0 MiB unread (25.0%)"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn without_ramp_or_answers_cells_say_so() {
+        let mut before = reading(100, 80, 20, 80, 0, 1000, 1);
+        let mut now = reading(100, 80, 20, 80, 0, 1000, 1);
+        for r in [&mut before, &mut now] {
+            r["ramp"] = Value::Null;
+            r["mirror"]["routes"][0]["latency_p50_ms"] = Value::Null;
+            r["mirror"]["routes"][0]["latency_p99_ms"] = Value::Null;
+        }
+        let table = render(&before, &now, 2.0);
+        let web: Vec<&str> = table
+            .lines()
+            .find(|l| l.starts_with("web"))
+            .expect("web row")
+            .split_whitespace()
+            .collect();
+        assert_eq!(web, ["web", "0.0", "0.0", "0.0", "-", "-", "-", "-", "-"]);
+        assert!(!table.contains("ramp"), "{table}");
+        // After falling back below the first step, the ramp is off and held.
+        now["ramp"] = json!({"step": null, "steps": 4, "percent": 0.0, "held": true});
+        let table = render(&before, &now, 2.0);
+        assert!(
+            table.contains("ramp off of every route (fell back, holding)"),
+            "{table}"
+        );
     }
 }

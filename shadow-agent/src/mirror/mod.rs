@@ -33,6 +33,9 @@ pub struct ShadowRequest {
     pub role: Role,
     /// When set, the answer is kept for the comparison of this request.
     pub compare: Option<PairKey>,
+    /// The counters of the route that decided, where the answer counts too; set for the shadow
+    /// under test only, not for a baseline. Shared, so a copy costs no allocation for it.
+    pub route: Option<Arc<RouteCounters>>,
     /// Origin-form URI, the copy's headers (Host first) and the decoded body. The sender adds
     /// `Content-Length` for the body; framing headers of the capture never travel.
     pub request: http::Request<Bytes>,
@@ -200,6 +203,7 @@ impl<I: IdSource> Mirror<I> {
                 target: target_id,
                 role,
                 compare: None,
+                route: (role == Role::Candidate).then(|| route_counters.clone()),
                 request,
                 wire_bytes,
             });

@@ -45,6 +45,9 @@ pub struct RouteCounters {
     pub copy_bytes: Counter,
     /// Requests the route's rules left out, by [`DropReason`] (indexed as `DropReason::ALL`).
     dropped: [Counter; DropReason::ALL.len()],
+    /// What the route's shadow targets answered to its copies. A baseline's answers are not
+    /// the shadow's: they count in the baseline target's counters only.
+    pub answers: Answers,
 }
 
 impl RouteCounters {
@@ -123,36 +126,18 @@ impl Failure {
     }
 }
 
-/// Copies to one target and their answers.
+/// What became of copies that went out: answers by status class with their latency, and
+/// copies that got none. Kept per target, and per route for the route's shadow targets.
 #[derive(Debug, Default)]
-pub struct TargetCounters {
-    /// Copies handed to the sender (counted by the sender side, or by the dry run).
-    pub sent: Counter,
-    /// Bytes of those copies on the wire (request line, headers and body, approximately).
-    pub sent_bytes: Counter,
-    dropped: [Counter; CopyDrop::ALL.len()],
+pub struct Answers {
     /// Answers by status class: 1xx to 5xx.
     responses: [Counter; 5],
     failures: [Counter; Failure::ALL.len()],
-    /// Answers wanted for a comparison that the comparison could not take (it fell behind).
-    pub answers_dropped: Counter,
-    /// Copies queued or awaiting an answer now.
-    pub in_flight: AtomicU64,
-    /// Connections open now.
-    pub connections: AtomicU64,
     /// Time from handing a copy to the sender to the end of its answer, answered copies only.
     pub latency: LatencyHistogram,
 }
 
-impl TargetCounters {
-    pub fn dropped(&self, reason: CopyDrop) -> &Counter {
-        let i = CopyDrop::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or_default();
-        &self.dropped[i]
-    }
-
+impl Answers {
     pub fn failed(&self, failure: Failure) -> &Counter {
         let i = Failure::ALL
             .iter()
@@ -184,6 +169,53 @@ impl TargetCounters {
     pub fn completed(&self) -> u64 {
         self.responses.iter().map(Counter::get).sum::<u64>()
             + self.failures.iter().map(Counter::get).sum::<u64>()
+    }
+
+    /// Answers by class, failures by kind, and p50 and p99 in milliseconds, as `/stats` shows
+    /// them.
+    fn to_json(&self) -> serde_json::Map<String, Value> {
+        let failures: serde_json::Map<String, Value> = Failure::ALL
+            .iter()
+            .map(|f| (f.label().to_owned(), self.failed(*f).get().into()))
+            .collect();
+        let responses: serde_json::Map<String, Value> = (1..=5)
+            .map(|c| (format!("{c}xx"), self.responses(c).into()))
+            .collect();
+        let latency = self.latency.snapshot();
+        let ms = |q| latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
+        let mut out = serde_json::Map::new();
+        out.insert("responses".into(), responses.into());
+        out.insert("failures".into(), failures.into());
+        out.insert("latency_p50_ms".into(), ms(0.5).into());
+        out.insert("latency_p99_ms".into(), ms(0.99).into());
+        out
+    }
+}
+
+/// Copies to one target and their answers.
+#[derive(Debug, Default)]
+pub struct TargetCounters {
+    /// Copies handed to the sender (counted by the sender side, or by the dry run).
+    pub sent: Counter,
+    /// Bytes of those copies on the wire (request line, headers and body, approximately).
+    pub sent_bytes: Counter,
+    dropped: [Counter; CopyDrop::ALL.len()],
+    pub answers: Answers,
+    /// Answers wanted for a comparison that the comparison could not take (it fell behind).
+    pub answers_dropped: Counter,
+    /// Copies queued or awaiting an answer now.
+    pub in_flight: AtomicU64,
+    /// Connections open now.
+    pub connections: AtomicU64,
+}
+
+impl TargetCounters {
+    pub fn dropped(&self, reason: CopyDrop) -> &Counter {
+        let i = CopyDrop::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or_default();
+        &self.dropped[i]
     }
 }
 
@@ -246,14 +278,18 @@ impl MirrorStats {
                         .iter()
                         .map(|d| (d.label(), r.dropped(*d).get())),
                 );
-                json!({
+                let mut route = json!({
                     "name": name,
                     "seen": r.seen.get(),
                     "mirrored": r.mirrored.get(),
                     "copies": r.copies.get(),
                     "copy_bytes": r.copy_bytes.get(),
                     "dropped": dropped,
-                })
+                });
+                if let Some(o) = route.as_object_mut() {
+                    o.extend(r.answers.to_json());
+                }
+                route
             })
             .collect();
         let targets: Vec<Value> = self
@@ -265,28 +301,19 @@ impl MirrorStats {
                         .iter()
                         .map(|d| (d.label(), t.dropped(*d).get())),
                 );
-                let failures: serde_json::Map<String, Value> = Failure::ALL
-                    .iter()
-                    .map(|f| (f.label().to_owned(), t.failed(*f).get().into()))
-                    .collect();
-                let responses: serde_json::Map<String, Value> = (1..=5)
-                    .map(|c| (format!("{c}xx"), t.responses(c).into()))
-                    .collect();
-                let latency = t.latency.snapshot();
-                let ms = |q| latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
-                json!({
+                let mut target = json!({
                     "url": url,
                     "sent": t.sent.get(),
                     "sent_bytes": t.sent_bytes.get(),
                     "dropped": dropped,
-                    "responses": responses,
-                    "failures": failures,
                     "answers_dropped": t.answers_dropped.get(),
                     "in_flight": t.in_flight.load(Ordering::Relaxed),
                     "connections": t.connections.load(Ordering::Relaxed),
-                    "latency_p50_ms": ms(0.5),
-                    "latency_p99_ms": ms(0.99),
-                })
+                });
+                if let Some(o) = target.as_object_mut() {
+                    o.extend(t.answers.to_json());
+                }
+                target
             })
             .collect();
         json!({
@@ -326,14 +353,55 @@ mod tests {
         stats.route("api").seen.inc();
         stats
             .target("http://a:1")
+            .answers
             .answered(503, Duration::from_millis(3));
-        stats.target("http://a:1").failed(Failure::Timeout).inc();
+        stats
+            .target("http://a:1")
+            .answers
+            .failed(Failure::Timeout)
+            .inc();
         assert_eq!(stats.route("api").seen.get(), 2);
         let t = stats.target("http://a:1");
-        assert_eq!((t.responses(5), t.errors(), t.completed()), (1, 2, 2));
+        assert_eq!(
+            (
+                t.answers.responses(5),
+                t.answers.errors(),
+                t.answers.completed()
+            ),
+            (1, 2, 2)
+        );
         let json = stats.to_json();
         assert_eq!(json["routes"][0]["seen"], 2);
         assert_eq!(json["targets"][0]["responses"]["5xx"], 1);
         assert_eq!(json["targets"][0]["failures"]["timeout"], 1);
+        let p50 = json["targets"][0]["latency_p50_ms"].as_f64().expect("p50");
+        assert!((3.0..=3.75).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn routes_keep_their_shadows_answers_and_latency() {
+        let stats = MirrorStats::default();
+        let route = stats.route("api");
+        for ms in [1, 2, 3, 4, 5, 6, 7, 8, 9, 200] {
+            route.answers.answered(200, Duration::from_millis(ms));
+        }
+        route.answers.answered(502, Duration::from_millis(5));
+        route.answers.failed(Failure::Connect).inc();
+        let json = stats.to_json();
+        let api = &json["routes"][0];
+        assert_eq!(api["responses"]["2xx"], 10, "{json:#}");
+        assert_eq!(api["responses"]["5xx"], 1, "{json:#}");
+        assert_eq!(api["failures"]["connect"], 1, "{json:#}");
+        // 11 answers: the median is the 6th (5 ms twice), the p99 the slowest; each is the
+        // upper edge of its bucket, at most 25 % above.
+        let p50 = api["latency_p50_ms"].as_f64().expect("p50");
+        let p99 = api["latency_p99_ms"].as_f64().expect("p99");
+        assert!((5.0..=6.25).contains(&p50), "{p50}");
+        assert!((200.0..=250.0).contains(&p99), "{p99}");
+        assert_eq!(route.answers.latency.snapshot().count(), 11);
+        assert_eq!((route.answers.errors(), route.answers.completed()), (2, 12));
+        // A route that sent nothing has no latency yet.
+        stats.route("quiet");
+        assert_eq!(stats.to_json()["routes"][1]["latency_p99_ms"], Value::Null);
     }
 }

@@ -275,7 +275,7 @@ fn a_baseline_gets_the_same_copy_marked_as_baseline() {
         Err(e) => panic!("{e}"),
     };
     let stats = Arc::new(MirrorStats::default());
-    let mut m = Mirror::new(&config, NodeIds::with_epoch("n", 1), 1, stats);
+    let mut m = Mirror::new(&config, NodeIds::with_epoch("n", 1), 1, stats.clone());
     let plan = m.plan(
         Instant::now(),
         &flow(8080),
@@ -299,4 +299,8 @@ fn a_baseline_gets_the_same_copy_marked_as_baseline() {
         ]
     );
     assert!(plan.copies.iter().all(|c| c.compare.is_none()));
+    // The shadow's answer counts in its route's counters too; the baseline's does not.
+    let rest = stats.route("rest");
+    let route_of = |i: usize| plan.copies[i].route.as_ref().map(|r| Arc::ptr_eq(r, &rest));
+    assert_eq!((route_of(0), route_of(1)), (Some(true), None));
 }
