@@ -105,7 +105,11 @@ fn total_and_top(v: &Value) -> (f64, Option<(String, f64)>) {
     let Some(map) = v.as_object() else {
         return (0.0, None);
     };
-    let total = map.values().filter_map(Value::as_f64).sum();
+    // A fold from 0: `sum` of no floats is -0.0, which prints as `-0.0`.
+    let total = map
+        .values()
+        .filter_map(Value::as_f64)
+        .fold(0.0, |a, b| a + b);
     let top = map
         .iter()
         .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
@@ -424,15 +428,18 @@ mod tests {
             ]
         );
         let target = line("http://198.18.0.9:8080");
+        // Nothing dropped: 0.0, not -0.0 (a sum of no floats).
         assert_eq!(
-            &target[..6],
+            target,
             [
                 "http://198.18.0.9:8080",
                 "90.0",
                 "10.0",
                 "1.5ms",
                 "9.0ms",
-                "3"
+                "3",
+                "0.0",
+                "-"
             ]
         );
         assert_eq!(
