@@ -69,15 +69,18 @@ impl TokenBucket {
     }
 
     /// The tokens the bucket holds at `now`, read without taking any and without moving its
-    /// clock: what a copy at `now` could take.
+    /// clock: what a copy at `now` could take, to the nearest millionth of a token (finer
+    /// would only show that a burst such as 1e8 bytes is not exact in femto-tokens).
     pub fn tokens(&self, now: Instant) -> f64 {
+        const UNITS_PER_MICRO: u128 = UNITS_PER_TOKEN / 1_000_000;
         let added = self.last.map_or(0, |last| {
             now.saturating_duration_since(last)
                 .as_nanos()
                 .saturating_mul(self.rate_micros)
         });
         let held = self.tokens.saturating_add(added).min(self.capacity);
-        held as f64 / UNITS_PER_TOKEN as f64
+        let micros = held.saturating_add(UNITS_PER_MICRO / 2) / UNITS_PER_MICRO;
+        micros as f64 / 1e6
     }
 }
 
@@ -438,6 +441,15 @@ mod tests {
         assert_eq!(b.try_acquire(later, TargetId(0), 500), Ok(()));
         let (_, targets) = b.tokens(later);
         assert_eq!(targets[0].requests, 0.5);
+        // A burst whose femto-tokens are not exact (1e8 * 1e15 is not an f64) reads whole.
+        let large = Budget::new(
+            BudgetLimits {
+                node_bytes_per_sec: 1e8,
+                ..limits()
+            },
+            1,
+        );
+        assert_eq!(large.tokens(start).0.bytes, Some(1e8));
         // Without a byte limit there is no byte bucket.
         let unlimited = Budget::new(
             BudgetLimits {

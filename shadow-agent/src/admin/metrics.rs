@@ -16,7 +16,7 @@ use shadow_common::{InterfaceCounters, KernelCounters, MAX_INTERFACES};
 
 use crate::budget::BudgetTokens;
 use crate::capture::kernel::InterfaceTotals;
-use crate::capture::ring::RingCountersSnapshot;
+use crate::capture::ring::{RingCountersSnapshot, RingLevel};
 use crate::compare::Report;
 use crate::mirror::latency::HistogramSnapshot;
 use crate::mirror::pairing::PairingCounters;
@@ -37,9 +37,8 @@ pub struct AgentSnapshot {
     pub interfaces: Vec<InterfaceTotals>,
     /// Interfaces attached without counters of their own (the kernel's map was full).
     pub interfaces_uncounted: u64,
-    /// Bytes in the kernel's ring buffer not yet read, and its size.
-    pub ring_fill_bytes: u64,
-    pub ring_size_bytes: u64,
+    /// The kernel's ring buffer: its size and positions.
+    pub ring_level: RingLevel,
     /// Tokens in the budget's buckets.
     pub budget: BudgetTokens,
     pub pipeline: PipelineCounters,
@@ -225,13 +224,13 @@ impl Collector for AgentCollector {
             &mut e,
             "ring_buffer_fill_bytes",
             "Bytes in the kernel's ring buffer that the agent has not read yet.",
-            snap.ring_fill_bytes as f64,
+            snap.ring_level.fill_bytes() as f64,
         )?;
         gauge(
             &mut e,
             "ring_buffer_size_bytes",
             "Size of the kernel's ring buffer.",
-            snap.ring_size_bytes as f64,
+            snap.ring_level.size_bytes as f64,
         )?;
         let interface: [(&str, &str, InterfaceField); 4] = [
             (
@@ -734,8 +733,11 @@ mod tests {
             ramp_percent: 100.0,
             interfaces: vec![interface("veth-lf", 4, 10), interface("lo", 1, 5)],
             interfaces_uncounted: 1,
-            ring_fill_bytes: 4096,
-            ring_size_bytes: 16 << 20,
+            ring_level: RingLevel {
+                size_bytes: 16 << 20,
+                consumer_position: 1 << 30,
+                producer_position: (1 << 30) + 4096,
+            },
             budget: BudgetTokens {
                 node: Tokens {
                     requests: 12.5,

@@ -15,7 +15,7 @@ use super::{
     interfaces::{self, InterfaceError, InterfaceSelector},
     kernel::{AttachMode, InterfaceTotals, KernelError, RingSettings},
     privileges::{self, PrivilegeError},
-    ring::{self, RingCounters, RingCountersSnapshot, RingFill},
+    ring::{self, RingCounters, RingCountersSnapshot, RingFill, RingLevel},
 };
 
 #[derive(Debug, Error)]
@@ -58,9 +58,8 @@ pub struct CaptureTotals {
     pub interfaces: Vec<InterfaceTotals>,
     /// Interfaces attached without counters of their own (the kernel's map was full).
     pub interfaces_uncounted: u64,
-    /// Bytes in the ring buffer not yet read, and its size.
-    pub ring_fill_bytes: u64,
-    pub ring_size_bytes: u64,
+    /// The ring buffer's size and positions.
+    pub ring_level: RingLevel,
 }
 
 /// The kernel program attached and the ring buffer being read.
@@ -191,8 +190,7 @@ impl LiveCapture {
             ring: self.counters.snapshot(),
             interfaces: self.kernel.interface_counters()?,
             interfaces_uncounted: self.kernel.uncounted_interfaces(),
-            ring_fill_bytes: self.fill.fill(),
-            ring_size_bytes: self.fill.size(),
+            ring_level: self.fill.level(),
         })
     }
 

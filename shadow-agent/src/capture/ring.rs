@@ -1,4 +1,4 @@
-//! Drains the kernel's ring buffer into a bounded channel of packets.
+//! Drains the kernel's ring buffer into a bounded channel of packets, and tells how full it is.
 //!
 //! The kernel wakes the reader only above a fill level (a wakeup per record would cost about a
 //! microsecond each); below it, a short timer collects records in batches. Packets the next stage
@@ -214,10 +214,29 @@ fn drain(
     result
 }
 
-/// How full the kernel's ring buffer is: its producer position less its consumer position, read
-/// from the map's two metadata pages, which are mapped read-only for this (as libbpf's
-/// `ring_buffer__avail_data_size` reads them). aya's `RingBuf` keeps its own mapping private;
-/// this one only reads, so it never disturbs the reader. Unmapped on drop.
+/// Where the kernel's ring buffer stands at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingLevel {
+    /// Size of the data area in bytes.
+    pub size_bytes: u64,
+    /// Bytes the reader has consumed since the ring buffer was made, record headers included.
+    pub consumer_position: u64,
+    /// Bytes reserved by the kernel program since the ring buffer was made.
+    pub producer_position: u64,
+}
+
+impl RingLevel {
+    /// Bytes written and not yet consumed (records being written included).
+    pub fn fill_bytes(&self) -> u64 {
+        self.producer_position
+            .saturating_sub(self.consumer_position)
+    }
+}
+
+/// Reads the kernel ring buffer's producer and consumer positions from the map's two metadata
+/// pages, mapped read-only for this (as libbpf's `ring_buffer__avail_data_size` reads them).
+/// aya's `RingBuf` keeps its own mapping private; this one only reads, so it never disturbs the
+/// reader. Unmapped on drop.
 #[derive(Debug)]
 pub struct RingFill {
     /// Address of the mapping: the consumer page, then the producer page.
@@ -261,23 +280,21 @@ impl RingFill {
         })
     }
 
-    /// The ring buffer's data size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Bytes written and not yet consumed (records being written included). The consumer
-    /// position is read first, as libbpf does: it never passes the producer position.
-    pub fn fill(&self) -> u64 {
+    /// The positions now. The consumer position is read first, as libbpf does: it never passes
+    /// the producer position.
+    pub fn level(&self) -> RingLevel {
         let position = |offset: usize| {
             // SAFETY: within the mapping made in `map`, which lives as long as `self`; page
             // aligned, so aligned for an atomic, and only ever accessed atomically.
             let position = unsafe { AtomicUsize::from_ptr((self.addr + offset) as *mut usize) };
             position.load(Ordering::Acquire) as u64
         };
-        let consumer = position(0);
-        let producer = position(self.page);
-        producer.saturating_sub(consumer)
+        let consumer_position = position(0);
+        RingLevel {
+            size_bytes: self.size,
+            consumer_position,
+            producer_position: position(self.page),
+        }
     }
 }
 

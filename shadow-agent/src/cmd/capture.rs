@@ -236,5 +236,10 @@ fn stats_json(t: &CaptureTotals, packets_written: u64) -> serde_json::Value {
         "agent": object(&agent_fields(&t.ring, packets_written)),
         "interfaces": interfaces_json(&t.interfaces),
         "interfaces_uncounted": t.interfaces_uncounted,
+        "ring_buffer": {
+            "size_bytes": t.ring_level.size_bytes,
+            "consumer_position": t.ring_level.consumer_position,
+            "producer_position": t.ring_level.producer_position,
+        },
     })
 }
