@@ -347,14 +347,34 @@ impl AgentExit {
     }
 }
 
-/// The agent's stats JSON: `{"kernel": {...}, "agent": {...}}`, each a map of counter names to
-/// numbers.
+/// The agent's stats JSON: `{"kernel": {...}, "agent": {...}, "interfaces": [...],
+/// "ring_buffer": {...}}`, the first two maps of counter names to numbers.
 #[derive(Clone, Debug)]
 pub struct Stats {
     pub kernel: BTreeMap<String, u64>,
     pub agent: BTreeMap<String, u64>,
+    /// The kernel's counters per interface, by interface name.
+    pub interfaces: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The ring buffer's `size_bytes`, `consumer_position` and `producer_position` at exit.
+    pub ring_buffer: BTreeMap<String, u64>,
     pub text: String,
 }
+
+/// The counters each interface has, named as their totals in `kernel`.
+pub const INTERFACE_COUNTERS: [&str; 5] = [
+    "packets_matched",
+    "packets_sampled",
+    "records_written",
+    "bytes_written",
+    "ringbuf_full",
+];
+
+/// The kernel's ring buffer size (the agent's default), in bytes.
+pub const RING_BUFFER_BYTES: u64 = 16 << 20;
+
+/// Bytes of a ring buffer record besides its packet data: the kernel's 8-byte record header and
+/// shadow's 40-byte `RecordHeader`.
+const RECORD_OVERHEAD: u64 = 8 + 40;
 
 /// Counter names the stats JSON must hold.
 pub const KERNEL_COUNTERS: [&str; 9] = [
@@ -398,11 +418,45 @@ impl Stats {
             }
             map
         };
+        let interfaces = json
+            .get("interfaces")
+            .and_then(|v| v.as_array())
+            .unwrap_or_else(|| panic!("stats JSON has no \"interfaces\" array: {text}"))
+            .iter()
+            .map(|i| {
+                let name = i["name"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("an interface without a name: {text}"));
+                let counters: BTreeMap<String, u64> = INTERFACE_COUNTERS
+                    .iter()
+                    .map(|k| {
+                        let v = i[*k]
+                            .as_u64()
+                            .unwrap_or_else(|| panic!("interface {name} lacks {k}: {text}"));
+                        ((*k).to_owned(), v)
+                    })
+                    .collect();
+                (name.to_owned(), counters)
+            })
+            .collect();
         Stats {
             kernel: section("kernel", &KERNEL_COUNTERS),
             agent: section("agent", &AGENT_COUNTERS),
+            interfaces,
+            ring_buffer: section(
+                "ring_buffer",
+                &["size_bytes", "consumer_position", "producer_position"],
+            ),
             text: text.to_owned(),
         }
+    }
+
+    /// A counter of one interface; panics if the interface has no counters.
+    #[track_caller]
+    pub fn i(&self, interface: &str, name: &str) -> u64 {
+        self.interfaces
+            .get(interface)
+            .unwrap_or_else(|| panic!("no counters for interface {interface}: {}", self.text))[name]
     }
 
     /// A kernel counter.
@@ -441,6 +495,30 @@ impl Stats {
             self.a("records_read") <= self.k("records_written"),
             "the agent read more records than the kernel wrote: {t}"
         );
+        // Every attached interface has counters of its own, which add up to the totals.
+        assert!(!self.interfaces.is_empty(), "no interface counters: {t}");
+        for name in INTERFACE_COUNTERS {
+            let sum: u64 = self.interfaces.values().map(|i| i[name]).sum();
+            assert_eq!(sum, self.k(name), "interfaces' {name} vs the total: {t}");
+        }
+        // At exit the reader has consumed everything the kernel reserved; each record took its
+        // overhead and at least its packet bytes, at most twice them (or 64).
+        let ring = |k: &str| self.ring_buffer[k];
+        assert_eq!(ring("size_bytes"), RING_BUFFER_BYTES, "{t}");
+        assert_eq!(
+            ring("consumer_position"),
+            ring("producer_position"),
+            "records left unread in the ring buffer: {t}"
+        );
+        if self.k("load_errors") == 0 {
+            let (records, bytes) = (self.k("records_written"), self.k("bytes_written"));
+            let produced = ring("producer_position");
+            assert!(
+                (records * RECORD_OVERHEAD + bytes..=records * (RECORD_OVERHEAD + 64) + 2 * bytes)
+                    .contains(&produced),
+                "ring buffer producer position {produced} for {records} records of {bytes} bytes: {t}"
+            );
+        }
         assert!(
             self.a("packets_written") <= sampled,
             "more packets written than sampled: {t}"

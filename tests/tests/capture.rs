@@ -863,7 +863,26 @@ fn two_interfaces_at_once() {
     assert_exchange(&capture, &a, over_veth);
     assert_exchange(&capture, &b, over_lo);
     assert_eq!(sink.received_from(a.client), b"over the veth");
-    exit.stats().assert_add_up(&capture);
+    let stats = exit.stats();
+    // assert_add_up checks that the interfaces' counters add up to the totals; here each
+    // interface carried one exchange, so each has its own share of them.
+    stats.assert_add_up(&capture);
+    assert_eq!(
+        stats.interfaces.keys().collect::<Vec<_>>(),
+        ["lo", "veth-s"],
+        "{}",
+        stats.text
+    );
+    for iface in ["lo", "veth-s"] {
+        // A handshake, data and FIN each way: at least 4 copied packets per connection.
+        assert!(
+            stats.i(iface, "packets_sampled") >= 4
+                && stats.i(iface, "packets_matched") >= stats.i(iface, "packets_sampled")
+                && stats.i(iface, "records_written") >= stats.i(iface, "packets_sampled"),
+            "{iface}: {}",
+            stats.text
+        );
+    }
     h.server.assert_nothing_attached("after SIGINT");
 }
 

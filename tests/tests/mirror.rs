@@ -82,6 +82,22 @@ fn route(extra: &str) -> String {
     )
 }
 
+/// The value of one series of a `/metrics` text, as `name{labels}` exactly as exposed.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The agent's `/metrics`, from the live host.
+fn metrics_text(site: &Site) -> String {
+    let out = curl(&site.live, &["http://127.0.0.1:9464/metrics"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The ring buffer size the agent uses (it has no setting).
+const RING_BUFFER_BYTES: f64 = (16 << 20) as f64;
+
 fn count(json: &Value, path: &[&str]) -> u64 {
     let mut v = json;
     for p in path {
@@ -178,6 +194,7 @@ fn gets_arrive_tagged_and_nothing_else_does() {
                 .then_some(text)
         },
     );
+    assert_operations_metrics(&site);
     let exit = agent.interrupt();
     exit.assert_success();
     assert_eq!(
@@ -265,6 +282,182 @@ fn gets_arrive_tagged_and_nothing_else_does() {
         13,
         "{json:#}"
     );
+}
+
+/// What an operator reads, after the 13 copies of `gets_arrive_tagged_and_nothing_else_does`
+/// were answered: the captured interface's counters, the route's shadow answers and latency, the
+/// ring buffer and the budget, in `/metrics`, `/stats` and `status`.
+fn assert_operations_metrics(site: &Site) {
+    let web = "{route=\"web\"}";
+    // The forwarder counts an answer just after the shadow sent it, and the kernel's counters
+    // reach /metrics once per tick (1 s): wait until they stand still over more than a tick.
+    let matched = "shadow_kernel_packets_matched_total";
+    let mut previous = None;
+    let text = wait_for(
+        "13 answers, and the kernel counters to settle",
+        Duration::from_secs(20),
+        || {
+            std::thread::sleep(Duration::from_millis(1100));
+            let text = metrics_text(site);
+            let now = metric(&text, matched).filter(|m| *m > 0.0);
+            let settled = now.is_some() && std::mem::replace(&mut previous, now) == now;
+            let answered = metric(
+                &text,
+                &format!("shadow_route_shadow_latency_seconds_count{web}"),
+            ) == Some(13.0);
+            (settled && answered).then_some(text)
+        },
+    );
+    let m =
+        |series: &str| metric(&text, series).unwrap_or_else(|| panic!("no `{series}` in\n{text}"));
+    // The route's answers are the target's: its only target, no baseline.
+    let target = format!("target=\"http://{}\"", site.shadow_addr());
+    let route_answers: f64 = (1..=5)
+        .map(|c| {
+            m(&format!(
+                "shadow_route_shadow_responses_total{{route=\"web\",class=\"{c}xx\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(route_answers, 13.0, "{text}");
+    assert_eq!(
+        m(&format!(
+            "shadow_shadow_responses_total{{{target},class=\"2xx\"}}"
+        )),
+        m("shadow_route_shadow_responses_total{route=\"web\",class=\"2xx\"}"),
+        "{text}"
+    );
+    assert_eq!(
+        m(&format!("shadow_route_shadow_latency_seconds_count{web}")),
+        m(&format!("shadow_shadow_latency_seconds_count{{{target}}}")),
+        "{text}"
+    );
+    assert!(
+        m(&format!("shadow_route_shadow_latency_seconds_sum{web}")) > 0.0,
+        "{text}"
+    );
+    // veth-lf is the only interface attached: its counters are the totals.
+    for (interface, total) in [
+        ("packets_matched", "packets_matched"),
+        ("packets_sampled", "packets_sampled"),
+        ("records_written", "records_written"),
+        ("ringbuf_full", "ringbuf_full"),
+    ] {
+        let own = m(&format!(
+            "shadow_interface_{interface}_total{{interface=\"veth-lf\"}}"
+        ));
+        assert_eq!(
+            own,
+            m(&format!("shadow_kernel_{total}_total")),
+            "{interface}: {text}"
+        );
+    }
+    // The 18 requests, each in a segment of its own (the ingress hook only: no answers).
+    assert!(
+        m("shadow_interface_packets_sampled_total{interface=\"veth-lf\"}") >= 18.0,
+        "{text}"
+    );
+    assert_eq!(m("shadow_interfaces_uncounted_total"), 0.0, "{text}");
+    assert_eq!(
+        m("shadow_ring_buffer_size_bytes"),
+        RING_BUFFER_BYTES,
+        "{text}"
+    );
+    let fill = m("shadow_ring_buffer_fill_bytes");
+    assert!((0.0..=RING_BUFFER_BYTES).contains(&fill), "{fill}: {text}");
+    // The budget: 10 000 requests and 100 MB a second for the node, 10 000 requests for the
+    // target (no byte limit, so no byte bucket). The 13 copies took their tokens long enough
+    // ago for the buckets to be full again at the next tick, at exactly their one-second burst.
+    let text = wait_for(
+        "the budget to be full again",
+        Duration::from_secs(10),
+        || {
+            let text = metrics_text(site);
+            (metric(
+                &text,
+                "shadow_budget_tokens{scope=\"node\",unit=\"requests\"}",
+            ) == Some(10_000.0))
+            .then_some(text)
+        },
+    );
+    assert_eq!(
+        metric(&text, "shadow_budget_tokens{scope=\"node\",unit=\"bytes\"}"),
+        Some(100_000_000.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("shadow_budget_tokens{{scope=\"target\",{target},unit=\"requests\"}}")
+        ),
+        Some(10_000.0),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!("{target},unit=\"bytes\"")),
+        "{text}"
+    );
+
+    // /stats says the same.
+    let out = curl(&site.live, &["http://127.0.0.1:9464/stats"]);
+    let json: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let veth = json["interfaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "veth-lf"))
+        .unwrap_or_else(|| panic!("no veth-lf in {json:#}"));
+    assert_eq!(
+        count(veth, &["packets_matched"]),
+        count(&json, &["kernel", "packets_matched"]),
+        "{json:#}"
+    );
+    assert!(count(veth, &["packets_matched"]) > 0, "{json:#}");
+    let route = &json["mirror"]["routes"][0];
+    assert_eq!(count(route, &["responses", "2xx"]), 13, "{json:#}");
+    let (p50, p99) = (
+        route["latency_p50_ms"].as_f64().expect("p50"),
+        route["latency_p99_ms"].as_f64().expect("p99"),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 1000.0, "{json:#}");
+    assert_eq!(
+        json["ring_buffer"]["size_bytes"].as_f64(),
+        Some(RING_BUFFER_BYTES),
+        "{json:#}"
+    );
+    // Every record written went through the ring buffer: the kernel's and shadow's headers
+    // (48 bytes) and the packet bytes, at least.
+    let produced = count(&json["ring_buffer"], &["producer_position"]);
+    let written = count(&json, &["kernel", "records_written"]) * 48
+        + count(&json, &["kernel", "bytes_written"]);
+    assert!(produced >= written && written > 0, "{json:#}");
+    assert_eq!(json["budget"]["node"]["requests"], 10_000.0, "{json:#}");
+
+    // And `status` shows them: the route's latency, the interface, the ring buffer.
+    let bin = shadow_tests::agent_bin();
+    let out = shadow_tests::run_ok(&mut site.live.exec(&[
+        bin.to_str().expect("utf-8 path"),
+        "status",
+        "--interval",
+        "1s",
+    ]));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = |first: &str| -> Vec<String> {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .unwrap_or_else(|| panic!("no {first} row in\n{table}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    // ROUTE SEEN/s MIRRORED/s DROPPED/s ERROR% P50 P99 RAMP: no answers in the interval, so
+    // no error rate; p50 and p99 since the start; no ramp.
+    let web_row = row("web");
+    assert_eq!(web_row[4], "-", "{table}");
+    assert_eq!(web_row[5], format!("{p50:.1}ms"), "{table}");
+    assert_eq!(web_row[6], format!("{p99:.1}ms"), "{table}");
+    assert_eq!(web_row[7], "-", "{table}");
+    assert_eq!(row("veth-lf").len(), 4, "{table}");
+    assert!(table.contains("of 16.0 MiB unread"), "{table}");
 }
 
 #[test]
@@ -433,20 +626,25 @@ fn the_budget_holds_over_30_seconds_and_memory_stays_flat() {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .expect("VmRSS")
     };
-    let sampler = std::thread::spawn(move || {
-        let mut samples = Vec::new();
-        for _ in 0..30 {
-            std::thread::sleep(Duration::from_secs(1));
-            samples.push(rss());
-        }
-        samples
-    });
+    // Each second: the agent's RSS, and the tokens in the node's request bucket.
+    let node_tokens = "shadow_budget_tokens{scope=\"node\",unit=\"requests\"}";
     let window = Duration::from_secs(30);
     let start = std::time::Instant::now();
-    let sent = paced_gets(&site.client, site.live_addr(), 150.0, window);
+    let (sent, (samples, tokens)) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let (mut samples, mut tokens) = (Vec::new(), Vec::new());
+            for _ in 0..30 {
+                std::thread::sleep(Duration::from_secs(1));
+                samples.push(rss());
+                tokens.push(metric(&metrics_text(&site), node_tokens).unwrap_or(f64::NAN));
+            }
+            (samples, tokens)
+        });
+        let sent = paced_gets(&site.client, site.live_addr(), 150.0, window);
+        (sent, sampler.join().expect("sampler"))
+    });
     let elapsed = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
-    let samples = sampler.join().expect("sampler");
     let exit = agent.interrupt();
     exit.assert_success();
 
@@ -464,6 +662,19 @@ fn the_budget_holds_over_30_seconds_and_memory_stays_flat() {
         over + arrived as u64,
         sent,
         "every request is mirrored or counted: {json:#}"
+    );
+    // Asked for three times what it allows, the node's bucket stays about empty: the gauge
+    // reads it without taking tokens (or fewer copies would have arrived above), never above
+    // its one-second burst.
+    assert!(
+        tokens.iter().all(|t| (0.0..=50.0).contains(t)),
+        "node request tokens {tokens:?}"
+    );
+    let mut middle = tokens[5..25].to_vec();
+    middle.sort_by(f64::total_cmp);
+    assert!(
+        middle[middle.len() / 2] < 5.0,
+        "node request tokens {tokens:?}"
     );
     // Memory: the last ten seconds hold no more than the first ten plus 4 MiB.
     let early = samples[..10].iter().max().copied().unwrap_or(0);
