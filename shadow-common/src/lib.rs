@@ -153,13 +153,12 @@ impl KernelCounters {
 pub const MAX_INTERFACES: u32 = 1024;
 
 /// Per-CPU counters of one interface, the values of the `INTERFACE_COUNTERS` per-CPU hash map
-/// (keyed by ifindex, `u32`). The kernel program only looks entries up, on the path of a matched
+/// (keyed by ifindex, `u32`). The kernel program only looks entries up, on the path of a copied
 /// packet, and never adds one: the agent does, zeroed, before it attaches to the interface. Each
 /// field counts the same as its namesake in [`KernelCounters`], for this interface alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceCounters {
-    pub packets_matched: u64,
     pub packets_sampled: u64,
     pub records_written: u64,
     pub bytes_written: u64,
@@ -169,7 +168,6 @@ pub struct InterfaceCounters {
 impl InterfaceCounters {
     /// Adds `other` field by field, to sum the per-CPU values.
     pub fn add(&mut self, other: &Self) {
-        self.packets_matched += other.packets_matched;
         self.packets_sampled += other.packets_sampled;
         self.records_written += other.records_written;
         self.bytes_written += other.bytes_written;
@@ -280,6 +278,6 @@ mod tests {
         assert_eq!(RECORD_HEADER_BYTES, 40);
         assert_eq!(core::mem::size_of::<CaptureConfig>(), 16);
         assert_eq!(core::mem::size_of::<KernelCounters>(), 72);
-        assert_eq!(core::mem::size_of::<InterfaceCounters>(), 40);
+        assert_eq!(core::mem::size_of::<InterfaceCounters>(), 32);
     }
 }

@@ -361,8 +361,7 @@ pub struct Stats {
 }
 
 /// The counters each interface has, named as their totals in `kernel`.
-pub const INTERFACE_COUNTERS: [&str; 5] = [
-    "packets_matched",
+pub const INTERFACE_COUNTERS: [&str; 4] = [
     "packets_sampled",
     "records_written",
     "bytes_written",

@@ -877,7 +877,6 @@ fn two_interfaces_at_once() {
         // A handshake, data and FIN each way: at least 4 copied packets per connection.
         assert!(
             stats.i(iface, "packets_sampled") >= 4
-                && stats.i(iface, "packets_matched") >= stats.i(iface, "packets_sampled")
                 && stats.i(iface, "records_written") >= stats.i(iface, "packets_sampled"),
             "{iface}: {}",
             stats.text

@@ -232,12 +232,7 @@ impl Collector for AgentCollector {
             "Size of the kernel's ring buffer.",
             snap.ring_level.size_bytes as f64,
         )?;
-        let interface: [(&str, &str, InterfaceField); 4] = [
-            (
-                "interface_packets_matched",
-                "Packets of a captured port (and CIDR), per interface.",
-                |c| c.packets_matched,
-            ),
+        let interface: [(&str, &str, InterfaceField); 3] = [
             (
                 "interface_packets_sampled",
                 "Packets of sampled connections copied, per interface.",
@@ -717,12 +712,11 @@ mod tests {
         t.sent.add(1);
         t.answers.answered(200, Duration::from_millis(3));
         t.dropped(CopyDrop::InFlight).inc();
-        let interface = |name: &str, ifindex, matched| InterfaceTotals {
+        let interface = |name: &str, ifindex, sampled| InterfaceTotals {
             name: name.into(),
             ifindex,
             counters: InterfaceCounters {
-                packets_matched: matched,
-                packets_sampled: 7,
+                packets_sampled: sampled,
                 records_written: 8,
                 bytes_written: 900,
                 ringbuf_full: 2,
@@ -731,7 +725,7 @@ mod tests {
         let snapshot = Arc::new(Mutex::new(AgentSnapshot {
             config_generation: 2,
             ramp_percent: 100.0,
-            interfaces: vec![interface("veth-lf", 4, 10), interface("lo", 1, 5)],
+            interfaces: vec![interface("veth-lf", 4, 10), interface("lo", 1, 7)],
             interfaces_uncounted: 1,
             ring_level: RingLevel {
                 size_bytes: 16 << 20,
@@ -776,8 +770,7 @@ mod tests {
             "shadow_route_shadow_latency_seconds_bucket{le=\"0.025\",route=\"api\"} 0",
             "shadow_route_shadow_latency_seconds_bucket{le=\"0.05\",route=\"api\"} 1",
             "shadow_route_shadow_latency_seconds_count{route=\"api\"} 1",
-            "shadow_interface_packets_matched_total{interface=\"veth-lf\"} 10",
-            "shadow_interface_packets_matched_total{interface=\"lo\"} 5",
+            "shadow_interface_packets_sampled_total{interface=\"veth-lf\"} 10",
             "shadow_interface_packets_sampled_total{interface=\"lo\"} 7",
             "shadow_interface_records_written_total{interface=\"lo\"} 8",
             "shadow_interface_ringbuf_full_total{interface=\"lo\"} 2",
@@ -808,7 +801,6 @@ mod tests {
             "route_shadow_responses",
             "route_copy_failures",
             "route_shadow_latency_seconds",
-            "interface_packets_matched",
             "interface_packets_sampled",
             "interface_records_written",
             "interface_ringbuf_full",

@@ -59,9 +59,8 @@ pub fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 9] {
     ]
 }
 
-pub fn interface_fields(c: &InterfaceCounters) -> [(&'static str, u64); 5] {
+pub fn interface_fields(c: &InterfaceCounters) -> [(&'static str, u64); 4] {
     [
-        ("packets_matched", c.packets_matched),
         ("packets_sampled", c.packets_sampled),
         ("records_written", c.records_written),
         ("bytes_written", c.bytes_written),

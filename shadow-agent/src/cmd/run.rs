@@ -62,16 +62,13 @@ pub struct Args {
     /// At exit, write every counter to this file as JSON.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
-    /// The agent's CPU priority (nice value, 0 to 19): above 0, live services on the node win
-    /// the CPU when it is short, and copies wait instead.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
-    nice: i32,
-    /// Run under the kernel's idle scheduling class (SCHED_IDLE) instead of a nice value: the
-    /// agent then runs only on CPU time no other task wants, and never delays a live service's
-    /// wake-up. On a saturated node copies are then dropped and counted, not the live traffic
-    /// slowed.
-    #[arg(long, conflicts_with = "nice")]
-    idle: bool,
+    /// Run at this nice value (0 to 19) instead of the kernel's idle scheduling class. By
+    /// default the agent runs under SCHED_IDLE: only on CPU time no other task wants, so that it
+    /// never delays a live service's wake-up, and on a saturated node copies are dropped and
+    /// counted rather than live traffic slowed. A nice value gives the agent a share of a busy
+    /// CPU instead, at the cost of live latency.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: Option<i32>,
 }
 
 /// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
@@ -88,10 +85,9 @@ const TICK: Duration = Duration::from_secs(1);
 pub fn run(args: Args) -> Result<()> {
     let config = check_config::load(&args.config)?;
     let node = node_name(args.node_name.as_deref())?;
-    if args.idle {
-        idle_priority()?;
-    } else {
-        lower_priority(args.nice)?;
+    match args.nice {
+        None => idle_priority()?,
+        Some(nice) => lower_priority(nice)?,
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -285,17 +285,16 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
     }
 
     out += &format!(
-        "\n{:<16} {:>11} {:>10} {:>16}\n",
-        "INTERFACE", "MATCHED/s", "COPIED/s", "RING DROPS/s"
+        "\n{:<16} {:>10} {:>16}\n",
+        "INTERFACE", "COPIED/s", "RING DROPS/s"
     );
     let interfaces_before = &before["interfaces"];
     for i in now["interfaces"].as_array().into_iter().flatten() {
         let b = find(interfaces_before, "ifindex", &i["ifindex"]);
         let r = |k: &str| rate(num(i, &[k]), b.map_or(0.0, |b| num(b, &[k])));
         out += &format!(
-            "{:<16} {:>11.1} {:>10.1} {:>16.1}\n",
+            "{:<16} {:>10.1} {:>16.1}\n",
             i["name"].as_str().unwrap_or("?"),
-            r("packets_matched"),
             r("packets_sampled"),
             r("ringbuf_full"),
         );
@@ -349,14 +348,13 @@ mod tests {
         n: u64,
     ) -> Value {
         let mut interfaces = vec![json!({
-            "name": "eth0", "ifindex": 2, "packets_matched": 1000 * n,
-            "packets_sampled": 500 * n, "records_written": 500 * n, "bytes_written": 0,
+            "name": "eth0", "ifindex": 2, "packets_sampled": 500 * n, "records_written": 500 * n, "bytes_written": 0,
             "ringbuf_full": 7 * (n - 1),
         })];
         if n > 1 {
             // Attached between the two readings: its counters started at zero.
             interfaces.push(json!({
-                "name": "veth9", "ifindex": 9, "packets_matched": 40, "packets_sampled": 4,
+                "name": "veth9", "ifindex": 9, "packets_sampled": 4,
                 "records_written": 4, "bytes_written": 0, "ringbuf_full": 0,
             }));
         }
@@ -444,10 +442,10 @@ mod tests {
         );
         assert_eq!(
             line("INTERFACE"),
-            ["INTERFACE", "MATCHED/s", "COPIED/s", "RING", "DROPS/s"]
+            ["INTERFACE", "COPIED/s", "RING", "DROPS/s"]
         );
-        assert_eq!(line("eth0"), ["eth0", "1000.0", "500.0", "7.0"]);
-        assert_eq!(line("veth9"), ["veth9", "20.0", "2.0", "0.0"]);
+        assert_eq!(line("eth0"), ["eth0", "500.0", "7.0"]);
+        assert_eq!(line("veth9"), ["veth9", "2.0", "0.0"]);
         assert!(
             table.contains("node-1: mirroring; configuration 2, ramp 2/4 25% of every route"),
             "{table}"
