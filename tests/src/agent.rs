@@ -45,34 +45,14 @@ impl Agent {
 
     /// Like [`Agent::start`], without waiting: for runs expected to fail.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
-        Self::launch(ns, None, |pcap, stats| {
-            let mut argv = vec!["capture".to_owned()];
-            argv.extend(args.iter().map(|a| (*a).to_owned()));
-            argv.extend([
-                "--write".into(),
-                pcap.into(),
-                "--stats-json".into(),
-                stats.into(),
-            ]);
-            argv
-        })
+        Self::launch(ns, None, |pcap, stats| capture_argv(args, pcap, stats))
     }
 
     /// Like [`Agent::start`], with the pcap written to /dev/null: the agent drains the ring
     /// buffer and formats every record, and no disk write-back (done by kernel threads, not
     /// charged to the agent) enters a benchmark. There is no pcap to read afterwards.
     pub fn start_discarding(ns: &Netns, args: &[&str]) -> Self {
-        let mut agent = Self::launch(ns, None, |_, stats| {
-            let mut argv = vec!["capture".to_owned()];
-            argv.extend(args.iter().map(|a| (*a).to_owned()));
-            argv.extend([
-                "--write".into(),
-                "/dev/null".into(),
-                "--stats-json".into(),
-                stats.into(),
-            ]);
-            argv
-        });
+        let mut agent = Self::launch(ns, None, |_, stats| capture_argv(args, "/dev/null", stats));
         agent.wait_ready(READY_TIMEOUT);
         agent
     }
@@ -101,15 +81,7 @@ impl Agent {
     /// the exec. The temporary directory is made writable for that user.
     pub fn spawn_with_capabilities(ns: &Netns, caps: &[&str], args: &[&str]) -> Self {
         Self::launch(ns, Some(caps), |pcap, stats| {
-            let mut argv = vec!["capture".to_owned()];
-            argv.extend(args.iter().map(|a| (*a).to_owned()));
-            argv.extend([
-                "--write".into(),
-                pcap.into(),
-                "--stats-json".into(),
-                stats.into(),
-            ]);
-            argv
+            capture_argv(args, pcap, stats)
         })
     }
 
@@ -198,6 +170,32 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
+    }
+
+    /// The scheduling policy (`SCHED_*`) and nice value of each of the agent's threads, from
+    /// `/proc/PID/task/*/stat`.
+    pub fn scheduling(&self) -> Vec<(u32, i32)> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        std::fs::read_dir(&tasks)
+            .unwrap_or_else(|e| panic!("{tasks}: {e}"))
+            .map(|task| {
+                let path = task.expect("task entry").path().join("stat");
+                let stat = std::fs::read_to_string(&path).expect("task stat");
+                // Fields after the command name, which is in parentheses and may hold spaces:
+                // nice is field 19 and policy field 41 of the whole line.
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, rest)| rest.split_whitespace().collect())
+                    .unwrap_or_default();
+                let field = |n: usize| fields.get(n - 3).copied().unwrap_or("?");
+                let parse = |n| {
+                    field(n)
+                        .parse::<i64>()
+                        .unwrap_or_else(|_| panic!("field {n} of {}: {stat}", path.display()))
+                };
+                (parse(41) as u32, parse(19) as i32)
+            })
+            .collect()
     }
 
     /// Waits for the `capturing on` line; panics with the agent's stderr if it exits first or
@@ -345,6 +343,19 @@ impl AgentExit {
     pub fn pcap_path(&self) -> &Path {
         &self.pcap
     }
+}
+
+/// `capture ARGS --write PCAP --stats-json STATS`.
+fn capture_argv(args: &[&str], pcap: &str, stats: &str) -> Vec<String> {
+    let mut argv = vec!["capture".to_owned()];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    argv.extend([
+        "--write".into(),
+        pcap.into(),
+        "--stats-json".into(),
+        stats.into(),
+    ]);
+    argv
 }
 
 /// The agent's stats JSON: `{"kernel": {...}, "agent": {...}, "interfaces": [...],

@@ -120,6 +120,10 @@ fn assert_tagged(r: &Received) -> String {
     id
 }
 
+/// Linux scheduling policies, as `/proc/PID/stat` numbers them.
+const SCHED_OTHER: u32 = 0;
+const SCHED_IDLE: u32 = 5;
+
 #[test]
 fn gets_arrive_tagged_and_nothing_else_does() {
     require_root();
@@ -134,6 +138,12 @@ fn gets_arrive_tagged_and_nothing_else_does() {
         &site.live,
         &config,
         &["--report-interval", "0s", "--node-name", "node-1"],
+    );
+    // By default every thread of the agent runs in the idle class, so live services always win.
+    let scheduling = agent.scheduling();
+    assert!(
+        !scheduling.is_empty() && scheduling.iter().all(|(policy, _)| *policy == SCHED_IDLE),
+        "not all threads under SCHED_IDLE: {scheduling:?}"
     );
 
     let mut args: Vec<String> = Vec::new();
@@ -756,7 +766,13 @@ fn a_dry_run_sends_nothing_and_reports_what_it_would_send() {
     let agent = Agent::run(
         &site.live,
         &config,
-        &["--dry-run", "--report-interval", "1s"],
+        &["--dry-run", "--report-interval", "1s", "--nice", "7"],
+    );
+    // `--nice` instead of the idle class: the normal class at that nice value, every thread.
+    let scheduling = agent.scheduling();
+    assert!(
+        !scheduling.is_empty() && scheduling.iter().all(|s| *s == (SCHED_OTHER, 7)),
+        "not all threads at SCHED_OTHER, nice 7: {scheduling:?}"
     );
     assert!(
         agent

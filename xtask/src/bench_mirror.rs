@@ -428,54 +428,22 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
         ratio("agent, dry run", "no agent", &|f| f.load.requests_per_sec),
         ratio("agent, dry run", "no agent", &|f| f.load.p99_ms),
     );
-    out += &format!(
-        "ratios at {} requests/s, agent with the shadow at SCHED_IDLE / no agent: p50 {:.2}, p99 {:.2}\n",
-        bench.rate,
-        ratio(
+    for (what, scenario) in [
+        ("agent", "fixed rate, agent 100 %"),
+        ("agent at nice 10", "fixed rate, agent 100 % at nice 10"),
+        ("agent dry run", "fixed rate, agent dry run"),
+        (
+            "agent with the shadow at SCHED_IDLE",
             "fixed rate, agent 100 %, shadow at SCHED_IDLE",
-            "fixed rate, no agent",
-            &|f| f.load.p50_ms
         ),
-        ratio(
-            "fixed rate, agent 100 %, shadow at SCHED_IDLE",
-            "fixed rate, no agent",
-            &|f| f.load.p99_ms
-        ),
-    );
-    out += &format!(
-        "ratios at {} requests/s, agent at nice 10 / no agent: p50 {:.2}, p99 {:.2}\n",
-        bench.rate,
-        ratio(
-            "fixed rate, agent 100 % at nice 10",
-            "fixed rate, no agent",
-            &|f| f.load.p50_ms
-        ),
-        ratio(
-            "fixed rate, agent 100 % at nice 10",
-            "fixed rate, no agent",
-            &|f| f.load.p99_ms
-        ),
-    );
-    out += &format!(
-        "ratios at {} requests/s, agent dry run / no agent: p50 {:.2}, p99 {:.2}\n",
-        bench.rate,
-        ratio("fixed rate, agent dry run", "fixed rate, no agent", &|f| f
-            .load
-            .p50_ms),
-        ratio("fixed rate, agent dry run", "fixed rate, no agent", &|f| f
-            .load
-            .p99_ms),
-    );
-    out += &format!(
-        "ratios at {} requests/s, agent / no agent: p50 {:.2}, p99 {:.2}\n",
-        bench.rate,
-        ratio("fixed rate, agent 100 %", "fixed rate, no agent", &|f| f
-            .load
-            .p50_ms),
-        ratio("fixed rate, agent 100 %", "fixed rate, no agent", &|f| f
-            .load
-            .p99_ms),
-    );
+    ] {
+        out += &format!(
+            "ratios at {} requests/s, {what} / no agent: p50 {:.2}, p99 {:.2}\n",
+            bench.rate,
+            ratio(scenario, "fixed rate, no agent", &|f| f.load.p50_ms),
+            ratio(scenario, "fixed rate, no agent", &|f| f.load.p99_ms),
+        );
+    }
     if let Some(figs) = find("fixed rate, agent 100 % + compare") {
         let runs: Vec<AgentRun> = figs.iter().filter_map(|f| f.agent).collect();
         out += &format!(
