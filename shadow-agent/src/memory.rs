@@ -4,16 +4,11 @@
 //!
 //! Shares of what is left after a fixed reserve (program, runtime, allocator slack) and the
 //! ring buffer (mapped into the agent, so it counts):
-//! - 1/8 for captured packets waiting for the pipeline (each up to the capture limit);
+//! - 1/8 for batches of captured packets waiting for the pipeline;
 //! - 1/8 for the fixed state of tracked flows;
 //! - 3/8 for bytes the flows buffer (out-of-order segments, heads and bodies being rebuilt);
 //! - 3/8 for copies waiting for their target's answer (heads and bodies).
-use shadow_common::CAPTURE_LIMIT;
-
-use crate::flows::FlowLimits;
-
-/// The most one captured packet holds.
-const PACKET_BYTES: usize = CAPTURE_LIMIT as usize;
+use crate::{capture::PacketBatch, flows::FlowLimits};
 
 /// Program, runtime, allocator slack and the odd allocation not counted elsewhere.
 pub const RESERVE_BYTES: u64 = 24 << 20;
@@ -21,8 +16,8 @@ pub const RESERVE_BYTES: u64 = 24 << 20;
 /// The sizes that follow from a memory ceiling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
-    /// Captured packets held for the pipeline at most.
-    pub channel_packets: usize,
+    /// Batches of captured packets held for the pipeline at most.
+    pub channel_batches: usize,
     pub flows: FlowLimits,
     /// Bytes of copies pending, all targets together.
     pub copy_bytes: usize,
@@ -36,7 +31,7 @@ impl MemoryPlan {
         let eighth = usize::try_from(left / 8).unwrap_or(usize::MAX);
         let defaults = FlowLimits::default();
         Self {
-            channel_packets: (eighth / PACKET_BYTES).clamp(32, 8192),
+            channel_batches: (eighth / PacketBatch::MAX_BYTES).clamp(4, 1024),
             flows: FlowLimits {
                 max_flows: (eighth / bytes_per_flow.max(1)).clamp(1024, defaults.max_flows),
                 max_buffered_bytes: (eighth * 3).max(1 << 20),
@@ -49,7 +44,7 @@ impl MemoryPlan {
 
     /// The most these buffers can hold together, for the record.
     pub fn bound(&self, bytes_per_flow: usize) -> u64 {
-        (self.channel_packets * PACKET_BYTES
+        (self.channel_batches * PacketBatch::MAX_BYTES
             + self.flows.max_flows * bytes_per_flow
             + self.flows.max_buffered_bytes
             + self.copy_bytes) as u64
@@ -64,7 +59,7 @@ mod tests {
     #[test]
     fn the_default_ceiling() {
         let plan = MemoryPlan::new(512 << 20, 16 << 20, 700);
-        assert!((500..=1000).contains(&plan.channel_packets), "{plan:?}");
+        assert!((100..=200).contains(&plan.channel_batches), "{plan:?}");
         assert_eq!(plan.flows.max_flows, 65_536);
         assert!(plan.flows.max_buffered_bytes > 150 << 20);
         assert!(plan.bound(700) + RESERVE_BYTES + (16 << 20) <= 512 << 20);

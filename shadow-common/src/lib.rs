@@ -152,10 +152,17 @@ impl KernelCounters {
 /// agent counts that it happened).
 pub const MAX_INTERFACES: u32 = 1024;
 
-/// Per-CPU counters of one interface, the values of the `INTERFACE_COUNTERS` per-CPU hash map
-/// (keyed by ifindex, `u32`). The kernel program only looks entries up, on the path of a copied
-/// packet, and never adds one: the agent does, zeroed, before it attaches to the interface. Each
-/// field counts the same as its namesake in [`KernelCounters`], for this interface alone.
+/// Counters of one interface: each field counts the same as its namesake in [`KernelCounters`],
+/// for this interface alone.
+///
+/// They are counted in two places, so that a copied packet costs the kernel program no lookup.
+/// The agent counts what it reads from the ring buffer by the records' ifindex:
+/// `packets_sampled` (packets whose first record it read), `records_written` and
+/// `bytes_written`. The program counts what it could not write, per CPU, in the
+/// `INTERFACE_COUNTERS` per-CPU hash map (keyed by ifindex, `u32`): `ringbuf_full`, and
+/// `packets_sampled` for a packet whose first record was lost. It only looks entries up, and
+/// only then; the agent adds them, zeroed, before it attaches to the interface. The two add up
+/// to the interface's counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceCounters {

@@ -45,9 +45,10 @@ static SERVICE_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(1024, 0);
 #[map]
 static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(1, 0);
 
-/// By ifindex. Only the agent adds entries (one per attached interface), so the program only
-/// looks them up: the map never fills from the kernel side, and a packet of another port never
-/// pays for the lookup.
+/// By ifindex: what the program could not copy, per interface. Only the agent adds entries (one
+/// per attached interface), so the program only looks them up, and only for a packet it could
+/// not copy whole: the agent counts what it reads from the record's ifindex, and a copied packet
+/// never pays for the lookup (a hash of the ifindex, about a fifth of the cost of a copy).
 #[map]
 static INTERFACE_COUNTERS: PerCpuHashMap<u32, InterfaceCounters> =
     PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
@@ -158,17 +159,27 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
     counters.packets_sampled += 1;
     // SAFETY: the context pointer the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Looked up only for a packet that is copied: the lookup (a hash of the ifindex, tens of
-    // nanoseconds) would more than double the cost of a matched packet that is not.
+    copy_packet(ctx, counters, config, flags, ifindex);
+}
+
+/// Counts, for the packet's interface, records that were not written from chunk `first` on;
+/// `first == 0`: the whole packet was lost, so the agent never sees it and cannot count it.
+#[inline(always)]
+fn count_lost(ifindex: u32, first: u32, chunks: u32, full: bool) {
     // SAFETY: a per-CPU value, used by this CPU alone while the program runs. `None` for an
     // interface the agent could not add (the map was full): the global counters still count it.
-    let mut iface = INTERFACE_COUNTERS
+    let Some(iface) = INTERFACE_COUNTERS
         .get_ptr_mut(ifindex)
-        .map(|p| unsafe { &mut *p });
-    if let Some(i) = iface.as_deref_mut() {
-        i.packets_sampled += 1;
+        .map(|p| unsafe { &mut *p })
+    else {
+        return;
+    };
+    if first == 0 {
+        iface.packets_sampled += 1;
     }
-    copy_packet(ctx, counters, iface, config, flags, ifindex);
+    if full {
+        iface.ringbuf_full += (chunks - first) as u64;
+    }
 }
 
 #[inline(always)]
@@ -364,7 +375,6 @@ struct RecordOf<const N: usize> {
 fn copy_packet(
     ctx: &TcContext,
     counters: &mut KernelCounters,
-    mut iface: Option<&mut InterfaceCounters>,
     config: &CaptureConfig,
     flags: u32,
     ifindex: u32,
@@ -432,21 +442,16 @@ fn copy_packet(
             Written::Record => {
                 counters.records_written += 1;
                 counters.bytes_written += len as u64;
-                if let Some(iface) = iface.as_deref_mut() {
-                    iface.records_written += 1;
-                    iface.bytes_written += len as u64;
-                }
             }
             Written::RingFull => {
                 // The rest of the packet is worthless without this record: count all of them.
                 counters.ringbuf_full += (chunks - i) as u64;
-                if let Some(iface) = iface {
-                    iface.ringbuf_full += (chunks - i) as u64;
-                }
+                count_lost(ifindex, i, chunks, true);
                 return;
             }
             Written::LoadError => {
                 counters.load_errors += 1;
+                count_lost(ifindex, i, chunks, false);
                 return;
             }
         }

@@ -959,6 +959,46 @@ fn counters_add_up_under_wrk_load() {
 }
 
 #[test]
+fn a_stalled_reader_loses_records_counted_per_interface() {
+    require_root();
+    let h = Hosts::new("");
+    let sink = TcpSink::start(&h.server, h.server_addr(9000), SinkMode::Echo);
+    let agent = h.agent(&[9000], &[]);
+    // Stopped, the agent reads nothing: the 16 MiB ring buffer fills and the kernel counts what
+    // it could not write, per interface too, while the live transfers go on unharmed.
+    signal(agent.pid(), "STOP");
+    let body = pattern(1 << 20, 53);
+    for _ in 0..24 {
+        let ex = client::send_and_close(&h.client, sink.addr, &body);
+        assert_eq!(ex.received, body, "live transfer with the ring buffer full");
+    }
+    signal(agent.pid(), "CONT");
+    let exit = agent.interrupt();
+    exit.assert_success();
+    let capture = exit.capture();
+    capture.assert_well_formed();
+    let stats = exit.stats();
+    // The interfaces' counters, the agent's part (what it read) and the kernel's (what it could
+    // not write), add up to the totals.
+    stats.assert_add_up(&capture);
+    assert!(stats.k("ringbuf_full") > 0, "nothing lost: {}", stats.text);
+    assert_eq!(
+        stats.interfaces["veth-s"]["ringbuf_full"],
+        stats.k("ringbuf_full"),
+        "{}",
+        stats.text
+    );
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+#[test]
 fn every_request_of_an_ab_burst_is_captured() {
     require_root();
     let h = Hosts::new("");

@@ -186,11 +186,14 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let mut copied = Vec::new();
     let mut throughput = Vec::new();
     let mut throughput_discarded = Vec::new();
+    // Each throughput run's ratio to the mean of the two baseline runs either side of it: the
+    // machine's speed drifts between runs, and a ratio of neighbours cancels most of that.
+    let mut ratio = Vec::new();
+    let mut ratio_discarded = Vec::new();
     // Cost per run of the do-nothing program, measured beside the real ones.
     let mut calibration = Vec::new();
     for round in 0..bench.rounds {
         eprintln!("xtask: round {} of {}", round + 1, bench.rounds);
-        baseline.push(wrk(&client, &url, bench.seconds)?);
 
         // The cost scenarios carry the calibration program too. The throughput scenario does
         // not: its figure is the agent's alone.
@@ -218,18 +221,38 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         copied.push((load, cost));
 
         // The throughput that counts: BPF statistics off, as in production, so that their clock
-        // reads are not charged to the program; the pcap written to disk as a user's capture
-        // does, and discarded, as the mirroring agent (which writes nothing) would.
+        // reads are not charged to the program; the pcap discarded, as the mirroring agent
+        // (which writes nothing) would, and written to disk as a user's capture does. Each
+        // between two runs without the program.
         bpf_stats(false)?;
-        let scenarios = [Pcap::File, Pcap::Discarded].map(|pcap| {
-            with_agent(&server, &capture_args("80", "100"), None, pcap, || {
-                wrk(&client, &url, bench.seconds)
-            })
-        });
+        let measured = (|| -> Result<()> {
+            let mut before = wrk(&client, &url, bench.seconds)?;
+            baseline.push(before);
+            for (pcap, loads, ratios) in [
+                (
+                    Pcap::Discarded,
+                    &mut throughput_discarded,
+                    &mut ratio_discarded,
+                ),
+                (Pcap::File, &mut throughput, &mut ratio),
+            ] {
+                let (load, _, _) =
+                    with_agent(&server, &capture_args("80", "100"), None, pcap, || {
+                        wrk(&client, &url, bench.seconds)
+                    })?;
+                let after = wrk(&client, &url, bench.seconds)?;
+                baseline.push(after);
+                ratios.push(
+                    load.requests_per_sec
+                        / ((before.requests_per_sec + after.requests_per_sec) / 2.0),
+                );
+                loads.push(load);
+                before = after;
+            }
+            Ok(())
+        })();
         bpf_stats(true)?;
-        let [to_file, discarded] = scenarios;
-        throughput.push(to_file?.0);
-        throughput_discarded.push(discarded?.0);
+        measured?;
     }
 
     let median = |mut v: Vec<f64>| {
@@ -306,13 +329,18 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
          | attached, 100 % copied, pcap to disk | {att_rps:.0} | {:.3} | {att_p50:.3} | \
          {att_p99:.3} |\n\
          | attached, 100 % copied, BPF statistics on | {on_rps:.0} | {:.3} | {on_p50:.3} | \
-         {on_p99:.3} |\n",
+         {on_p99:.3} |\n\n\
+         The ratios of the first two attached rows are medians of each run's ratio to the mean of \
+         the runs without the program just before and after it; per round, /dev/null: {}; disk: \
+         {}. The last row's is to the median of all runs without the program.\n",
         row("unmatched port", &unmatched),
         row("matched, connection not sampled (0 %)", &unsampled),
         row("copied (100 %, agent draining to a pcap)", &copied),
-        null_rps / base_rps,
-        att_rps / base_rps,
+        median(ratio_discarded.clone()),
+        median(ratio.clone()),
         on_rps / base_rps,
+        spread(&ratio_discarded),
+        spread(&ratio),
         cores = thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -321,6 +349,15 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         s = bench.seconds,
         r = bench.rounds,
     ))
+}
+
+/// Ratios as `0.93, 0.95, ...`.
+fn spread(ratios: &[f64]) -> String {
+    ratios
+        .iter()
+        .map(|r| format!("{r:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where the draining agent writes its pcap.

@@ -544,6 +544,11 @@ impl KernelCapture {
         Ok(out)
     }
 
+    /// Whether `ifindex` has counters of its own.
+    pub fn counts_interface(&self, ifindex: u32) -> bool {
+        self.counted.contains_key(&ifindex)
+    }
+
     /// Interfaces attached without counters of their own because `INTERFACE_COUNTERS` (of
     /// [`MAX_INTERFACES`] entries) was full; their packets are in the global counters only.
     pub fn uncounted_interfaces(&self) -> u64 {

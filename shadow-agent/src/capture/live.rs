@@ -10,7 +10,7 @@ use tokio::{
 };
 
 use super::{
-    CaptureSettings, CapturedPacket, Hook, KernelCapture,
+    CaptureSettings, Hook, KernelCapture, PacketBatch,
     clock::WallClock,
     interfaces::{self, InterfaceError, InterfaceSelector},
     kernel::{AttachMode, InterfaceTotals, KernelError, RingSettings},
@@ -42,8 +42,9 @@ pub struct LiveOptions {
     pub hooks: BTreeSet<Hook>,
     pub attach: AttachMode,
     pub ring: RingSettings,
-    /// Captured packets held for the next stage at most; more are dropped and counted.
-    pub channel_packets: usize,
+    /// Batches of captured packets held for the next stage at most (each at most
+    /// [`PacketBatch::MAX_BYTES`]); while they are all taken, the ring buffer absorbs the rest.
+    pub channel_batches: usize,
 }
 
 /// How often new interfaces matching the patterns should be looked for.
@@ -82,7 +83,7 @@ impl LiveCapture {
     /// Every check fails before anything is loaded or attached, naming what is wrong.
     pub fn start(
         options: LiveOptions,
-    ) -> Result<(Self, mpsc::Receiver<CapturedPacket>), CaptureError> {
+    ) -> Result<(Self, mpsc::Receiver<PacketBatch>), CaptureError> {
         options.settings.validate()?;
         options.interfaces.check_exact(&interfaces::list()?)?;
         privileges::check_kernel()?;
@@ -96,7 +97,7 @@ impl LiveCapture {
         let fill =
             RingFill::map(ring.as_fd(), options.ring.bytes).map_err(CaptureError::RingFill)?;
         let counters = Arc::new(RingCounters::default());
-        let (packets_tx, packets_rx) = mpsc::channel(options.channel_packets);
+        let (packets_tx, packets_rx) = mpsc::channel(options.channel_batches.max(1));
         let (shutdown, shutdown_rx) = watch::channel(false);
         // The reader runs before the first attachment, so nothing is written that nobody reads.
         let reader = tokio::spawn(ring::read(
@@ -134,6 +135,10 @@ impl LiveCapture {
         for (ifindex, hook) in gone {
             self.kernel.detach(ifindex, hook);
         }
+        // Bounded by the interfaces counted: a gone interface's late records add an entry
+        // that goes at the next scan.
+        self.counters
+            .retain_interfaces(|ifindex| self.kernel.counts_interface(ifindex));
         for iface in present.values() {
             for hook in &self.hooks {
                 if iface.is_loopback()
@@ -184,11 +189,21 @@ impl LiveCapture {
         self.clock
     }
 
+    /// Each counted interface's counters: what the reader took from the ring buffer for it and
+    /// what the kernel could not write.
+    fn interface_counters(&self) -> Result<Vec<InterfaceTotals>, CaptureError> {
+        let mut interfaces = self.kernel.interface_counters()?;
+        for i in &mut interfaces {
+            i.counters.add(&self.counters.interface(i.ifindex));
+        }
+        Ok(interfaces)
+    }
+
     pub fn totals(&self) -> Result<CaptureTotals, CaptureError> {
         Ok(CaptureTotals {
             kernel: self.kernel.counters()?,
             ring: self.counters.snapshot(),
-            interfaces: self.kernel.interface_counters()?,
+            interfaces: self.interface_counters()?,
             interfaces_uncounted: self.kernel.uncounted_interfaces(),
             ring_level: self.fill.level(),
         })

@@ -5,10 +5,9 @@
 //! Records of one packet are written by one CPU, one after another, so they arrive in offset
 //! order; records of other CPUs may come in between. A packet missing a record (the ring buffer
 //! was full) is dropped whole and counted, never passed on with a hole.
-use bytes::{Bytes, BytesMut};
-use shadow_common::{CHUNK_BYTES, RECORD_HEADER_BYTES, RecordHeader, record_flags};
+use shadow_common::{CHUNK_BYTES, InterfaceCounters, RECORD_HEADER_BYTES, RecordHeader};
 
-use super::{CapturedPacket, Hook};
+use super::PacketBatch;
 
 /// Counters of the record stage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,7 +23,7 @@ pub struct AssemblyCounters {
 /// A packet whose records are still arriving.
 struct Partial {
     header: RecordHeader,
-    data: BytesMut,
+    data: Vec<u8>,
 }
 
 /// Joins records into packets. Holds at most one partial packet per CPU (records of one packet
@@ -32,12 +31,12 @@ struct Partial {
 pub struct PacketAssembler {
     partial: Vec<Option<Partial>>,
     counters: AssemblyCounters,
-    /// Where single-record packets are copied to, see [`PacketAssembler::copy`].
-    arena: BytesMut,
+    /// What was read per interface since [`PacketAssembler::take_interface_counts`] last ran:
+    /// `packets_sampled` (packets whose first record came), `records_written` and
+    /// `bytes_written`. The kernel counts only what it could not write, so that a copied packet
+    /// costs it no lookup; the two add up to the interface's counters.
+    interfaces: Vec<(u32, InterfaceCounters)>,
 }
-
-/// Size of the buffers single-record packets are copied into.
-const ARENA_BYTES: usize = 256 * 1024;
 
 impl PacketAssembler {
     /// `cpus`: the number of possible CPUs; a record naming a CPU beyond it is malformed.
@@ -45,39 +44,61 @@ impl PacketAssembler {
         Self {
             partial: (0..cpus).map(|_| None).collect(),
             counters: AssemblyCounters::default(),
-            arena: BytesMut::new(),
+            interfaces: Vec::new(),
         }
     }
 
-    /// Copies a packet out of the ring buffer into a slice of a shared buffer: no allocation per
-    /// packet. The buffer is reused once every packet cut from it is dropped, and a new one is
-    /// allocated while some are still held, so memory stays bounded by the packets held plus a
-    /// buffer or two. A packet held for long keeps its whole buffer: holders copy what they keep
-    /// (the pipeline takes `&[u8]` and drops the packet).
-    fn copy(&mut self, data: &[u8]) -> Bytes {
-        if self.arena.capacity() < data.len() {
-            self.arena.reserve(ARENA_BYTES.max(data.len()));
+    /// Hands out the per-interface counts gathered since the last call, by ifindex, and starts
+    /// again from zero. Called after every drain, so the list holds at most one entry per
+    /// record of a drain.
+    pub fn take_interface_counts(&mut self) -> std::vec::Drain<'_, (u32, InterfaceCounters)> {
+        self.interfaces.drain(..)
+    }
+
+    fn count(&mut self, header: &RecordHeader) {
+        // A node's traffic comes through a few interfaces at a time: the last one is the likely
+        // one, and a short scan finds the others.
+        let at = match self.interfaces.last() {
+            Some((ifindex, _)) if *ifindex == header.ifindex => self.interfaces.len() - 1,
+            _ => match self
+                .interfaces
+                .iter()
+                .position(|(i, _)| *i == header.ifindex)
+            {
+                Some(at) => at,
+                None => {
+                    self.interfaces
+                        .push((header.ifindex, InterfaceCounters::default()));
+                    self.interfaces.len() - 1
+                }
+            },
+        };
+        let c = &mut self.interfaces[at].1;
+        c.records_written += 1;
+        c.bytes_written += u64::from(header.chunk_len);
+        if header.offset == 0 {
+            c.packets_sampled += 1;
         }
-        self.arena.extend_from_slice(data);
-        self.arena.split().freeze()
     }
 
     pub fn counters(&self) -> AssemblyCounters {
         self.counters
     }
 
-    /// Takes one ring buffer record; returns the packet it completes, if any.
-    pub fn push(&mut self, record: &[u8]) -> Option<CapturedPacket> {
+    /// Takes one ring buffer record; the packet it completes, if any, is added to `batch`.
+    /// Returns whether it completed one.
+    pub fn push(&mut self, record: &[u8], batch: &mut PacketBatch) -> bool {
         self.counters.records_read += 1;
         let Some(header) = parse_header(record) else {
             self.counters.malformed_records += 1;
-            return None;
+            return false;
         };
+        self.count(&header);
         let data = &record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + header.chunk_len as usize];
         let cpu = (header.packet_id >> 48) as usize;
         let Some(slot) = self.partial.get_mut(cpu) else {
             self.counters.malformed_records += 1;
-            return None;
+            return false;
         };
 
         // A different packet from this CPU means the one in progress lost its remaining records.
@@ -87,30 +108,32 @@ impl PacketAssembler {
             self.counters.incomplete_packets += 1;
             *slot = None;
         }
-        if slot.is_none() {
+        let Some(p) = slot else {
             if header.offset != 0 {
                 // The start of this packet was lost.
                 self.counters.incomplete_packets += 1;
-                return None;
+                return false;
             }
             if header.chunk_len == header.captured_len {
+                // The common case, a packet in one record: copied once, from the ring buffer
+                // into the batch.
                 self.counters.packets_assembled += 1;
-                let data = self.copy(data);
-                return Some(packet(&header, data));
+                batch.push(&header, data);
+                return true;
             }
-            let mut buf = BytesMut::with_capacity(header.captured_len as usize);
+            let mut buf = Vec::with_capacity(header.captured_len as usize);
             buf.extend_from_slice(data);
             *slot = Some(Partial { header, data: buf });
-            return None;
-        }
-        let p = slot.as_mut()?;
+            return false;
+        };
         p.data.extend_from_slice(data);
         if p.data.len() < header.captured_len as usize {
-            return None;
+            return false;
         }
-        let p = slot.take()?;
         self.counters.packets_assembled += 1;
-        Some(packet(&p.header, p.data.freeze()))
+        batch.push(&p.header, &p.data);
+        *slot = None;
+        true
     }
 }
 
@@ -137,26 +160,21 @@ fn parse_header(record: &[u8]) -> Option<RecordHeader> {
     fits.then_some(header)
 }
 
-fn packet(header: &RecordHeader, data: Bytes) -> CapturedPacket {
-    CapturedPacket {
-        monotonic_ns: header.timestamp_ns,
-        ifindex: header.ifindex,
-        hook: if header.flags & record_flags::EGRESS != 0 {
-            Hook::Egress
-        } else {
-            Hook::Ingress
-        },
-        from_service: header.flags & record_flags::FROM_SERVICE != 0,
-        original_len: header.packet_len,
-        truncated: header.flags & record_flags::TRUNCATED != 0,
-        data,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::Hook;
     use proptest::prelude::*;
+    use shadow_common::record_flags;
+
+    /// Pushes one record; the packet it completed, as its bytes and hook.
+    fn push(a: &mut PacketAssembler, record: &[u8]) -> Option<(Vec<u8>, Hook)> {
+        let mut batch = PacketBatch::default();
+        a.push(record, &mut batch).then(|| {
+            let p = batch.iter().next().expect("a packet");
+            (p.data.to_vec(), p.hook)
+        })
+    }
 
     fn record(packet_id: u64, packet: &[u8], offset: usize, len: usize) -> Vec<u8> {
         let header = RecordHeader {
@@ -197,9 +215,9 @@ mod tests {
     #[test]
     fn single_record_packet() {
         let mut a = PacketAssembler::new(4);
-        let p = a.push(&record(1, b"hello", 0, 5)).expect("complete");
-        assert_eq!(&p.data[..], b"hello");
-        assert_eq!(p.hook, Hook::Egress);
+        let (data, hook) = push(&mut a, &record(1, b"hello", 0, 5)).expect("complete");
+        assert_eq!(data, b"hello");
+        assert_eq!(hook, Hook::Egress);
         assert_eq!(a.counters().packets_assembled, 1);
     }
 
@@ -214,27 +232,33 @@ mod tests {
             RECORD_HEADER_BYTES + shadow_common::MIN_RECORD_ROOM
         );
         let mut a = PacketAssembler::new(4);
-        let p = a.push(&r).expect("complete");
-        assert_eq!(&p.data[..], b"hello");
+        let (data, _) = push(&mut a, &r).expect("complete");
+        assert_eq!(data, b"hello");
     }
 
     #[test]
-    fn packets_stay_intact_while_the_arena_is_reused() {
-        let mut a = PacketAssembler::new(1);
-        let mut held = Vec::new();
-        for i in 0..2_000u32 {
-            let body: Vec<u8> = (0..(i % 1500 + 1)).map(|b| (b ^ i) as u8).collect();
-            let p = a
-                .push(&record(i as u64, &body, 0, body.len()))
-                .expect("complete");
-            assert_eq!(&p.data[..], &body[..]);
-            // Hold some packets across buffer changes, drop the rest at once.
-            if i % 7 == 0 {
-                held.push((body, p));
+    fn a_batch_keeps_its_packets_apart_and_in_order() {
+        let mut a = PacketAssembler::new(2);
+        let mut batch = PacketBatch::default();
+        let mut bodies = Vec::new();
+        let big: Vec<u8> = (0..40_000u32).map(|b| (b * 3) as u8).collect();
+        for i in 0..300u32 {
+            let body: Vec<u8> = (0..(i * 7 % 1500 + 1)).map(|b| (b ^ i) as u8).collect();
+            assert!(a.push(&record(u64::from(i), &body, 0, body.len()), &mut batch));
+            bodies.push(body);
+            // Now and then a packet in several records, from the other CPU, in between.
+            if i % 50 == 0 {
+                let recs = split((1 << 48) | u64::from(i), &big);
+                let done: Vec<bool> = recs.iter().map(|r| a.push(r, &mut batch)).collect();
+                assert_eq!(done.iter().filter(|d| **d).count(), 1);
+                bodies.push(big.clone());
             }
         }
-        for (body, p) in &held {
-            assert_eq!(&p.data[..], &body[..]);
+        assert_eq!(batch.len(), bodies.len());
+        assert!(batch.is_full(), "{} bytes", batch.frames.len());
+        for (p, body) in batch.iter().zip(&bodies) {
+            assert_eq!(p.data, &body[..]);
+            assert_eq!(p.original_len as usize, body.len());
         }
     }
 
@@ -245,17 +269,17 @@ mod tests {
         let a_recs = split(1, &big);
         let b_recs = split((1 << 48) | 9, &other);
         let mut asm = PacketAssembler::new(4);
-        let mut done = Vec::new();
+        let mut done = PacketBatch::default();
         for i in 0..a_recs.len().max(b_recs.len()) {
             for recs in [&a_recs, &b_recs] {
                 if let Some(r) = recs.get(i) {
-                    done.extend(asm.push(r));
+                    asm.push(r, &mut done);
                 }
             }
         }
         assert_eq!(done.len(), 2);
-        assert!(done.iter().any(|p| p.data[..] == big[..]));
-        assert!(done.iter().any(|p| p.data[..] == other[..]));
+        assert!(done.iter().any(|p| p.data == &big[..]));
+        assert!(done.iter().any(|p| p.data == &other[..]));
     }
 
     #[test]
@@ -263,21 +287,60 @@ mod tests {
         let big: Vec<u8> = vec![7; 40_000];
         let recs = split(1, &big);
         let mut asm = PacketAssembler::new(4);
-        assert!(asm.push(&recs[0]).is_none());
+        assert!(push(&mut asm, &recs[0]).is_none());
         // recs[1] lost; the next packet from the same CPU starts.
-        assert!(asm.push(&recs[2]).is_none());
-        let p = asm.push(&record(2, b"next", 0, 4)).expect("next packet");
-        assert_eq!(&p.data[..], b"next");
+        assert!(push(&mut asm, &recs[2]).is_none());
+        let (data, _) = push(&mut asm, &record(2, b"next", 0, 4)).expect("next packet");
+        assert_eq!(data, b"next");
         assert_eq!(asm.counters().incomplete_packets, 2);
+    }
+
+    #[test]
+    fn counts_what_it_reads_per_interface() {
+        let on = |ifindex: u32, mut r: Vec<u8>| {
+            r[16..20].copy_from_slice(&ifindex.to_ne_bytes());
+            r
+        };
+        let mut a = PacketAssembler::new(4);
+        let mut batch = PacketBatch::default();
+        // A packet in three records on interface 3, whose middle record is lost: the records
+        // read are counted, the packet once, and no packet is passed on.
+        let recs = split(1, &vec![1u8; 40_000]);
+        a.push(&recs[0], &mut batch);
+        a.push(&recs[2], &mut batch);
+        a.push(&on(7, record(2, b"hello", 0, 5)), &mut batch);
+        a.push(&record(3, b"hi", 0, 2), &mut batch);
+        // Malformed: not counted for any interface.
+        a.push(&[0; 8], &mut batch);
+        let mut counts: Vec<_> = a.take_interface_counts().collect();
+        counts.sort_by_key(|(ifindex, _)| *ifindex);
+        let counters = |packets_sampled, records_written, bytes_written| InterfaceCounters {
+            packets_sampled,
+            records_written,
+            bytes_written,
+            ringbuf_full: 0,
+        };
+        assert_eq!(
+            counts,
+            [
+                (
+                    3,
+                    counters(2, 3, (CHUNK_BYTES + 40_000 - 2 * CHUNK_BYTES + 2) as u64)
+                ),
+                (7, counters(1, 1, 5)),
+            ]
+        );
+        assert_eq!(a.take_interface_counts().count(), 0);
+        assert_eq!(batch.len(), 2);
     }
 
     #[test]
     fn malformed_records_are_counted() {
         let mut asm = PacketAssembler::new(4);
-        assert!(asm.push(&[1, 2, 3]).is_none());
+        assert!(push(&mut asm, &[1, 2, 3]).is_none());
         let mut r = record(1, b"hello", 0, 5);
         r.truncate(RECORD_HEADER_BYTES + 2);
-        assert!(asm.push(&r).is_none());
+        assert!(push(&mut asm, &r).is_none());
         assert_eq!(asm.counters().malformed_records, 2);
     }
 
@@ -285,10 +348,15 @@ mod tests {
         #[test]
         fn never_panics_on_arbitrary_records(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 0..20)) {
             let mut asm = PacketAssembler::new(4);
+            let mut batch = PacketBatch::default();
             for r in &records {
-                let _ = asm.push(r);
+                asm.push(r, &mut batch);
             }
             prop_assert_eq!(asm.counters().records_read, records.len() as u64);
+            prop_assert_eq!(batch.len() as u64, asm.counters().packets_assembled);
+            for p in batch.iter() {
+                prop_assert!(p.data.len() <= p.original_len as usize);
+            }
         }
     }
 }

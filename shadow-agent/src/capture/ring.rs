@@ -1,26 +1,30 @@
-//! Drains the kernel's ring buffer into a bounded channel of packets, and tells how full it is.
+//! Drains the kernel's ring buffer into a bounded channel of packet batches, and tells how full it
+//! is.
 //!
 //! The kernel wakes the reader only above a fill level (a wakeup per record would cost about a
-//! microsecond each); below it, a short timer collects records in batches. Packets the next stage
-//! cannot take at once are dropped and counted: the channel never grows and the ring buffer is
-//! never left to fill up behind a slow consumer.
+//! microsecond each); below it, a short timer collects records in batches. Packets go on in
+//! [`PacketBatch`]es, one channel send per batch. While the next stage has no room the reader
+//! leaves records in the ring buffer: the channel never grows, and what does not fit is counted
+//! by the kernel (`ringbuf_full`).
 use std::{
+    collections::BTreeMap,
     io,
     os::fd::{AsRawFd, BorrowedFd},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
+use shadow_common::InterfaceCounters;
 use tokio::{
     io::unix::AsyncFd,
     sync::{mpsc, watch},
 };
 
-use super::{CapturedPacket, records::PacketAssembler};
+use super::{PacketBatch, records::PacketAssembler};
 
 /// Counters of the reader, shared with whoever reports them.
 #[derive(Debug, Default)]
@@ -33,6 +37,10 @@ pub struct RingCounters {
     pub channel_full: AtomicU64,
     /// Times the reader woke up and found records.
     pub batches: AtomicU64,
+    /// Per ifindex, what the reader took from the ring buffer: see
+    /// [`PacketAssembler::take_interface_counts`]. Added to once per drain; the owner removes
+    /// the entries of interfaces it no longer counts.
+    pub interfaces: Mutex<BTreeMap<u32, InterfaceCounters>>,
 }
 
 /// A snapshot of [`RingCounters`].
@@ -47,6 +55,24 @@ pub struct RingCountersSnapshot {
 }
 
 impl RingCounters {
+    /// What the reader took from the ring buffer for `ifindex`.
+    pub fn interface(&self, ifindex: u32) -> InterfaceCounters {
+        let interfaces = self
+            .interfaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        interfaces.get(&ifindex).copied().unwrap_or_default()
+    }
+
+    /// Forgets the interfaces for which `keep` is false.
+    pub fn retain_interfaces(&self, keep: impl Fn(u32) -> bool) {
+        let mut interfaces = self
+            .interfaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        interfaces.retain(|ifindex, _| keep(*ifindex));
+    }
+
     pub fn snapshot(&self) -> RingCountersSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RingCountersSnapshot {
@@ -66,9 +92,6 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The most records drained before the task yields to others.
 const BATCH_LIMIT: usize = 4096;
 
-/// Channel slots taken at once while draining.
-const PERMIT_BATCH: usize = 64;
-
 /// How long the final drain at shutdown waits for room in the channel before it drops.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -82,7 +105,7 @@ pub async fn read(
     ring: RingBuf<MapData>,
     cpus: usize,
     poll_interval: Duration,
-    packets: mpsc::Sender<CapturedPacket>,
+    packets: mpsc::Sender<PacketBatch>,
     counters: Arc<RingCounters>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -90,6 +113,8 @@ pub async fn read(
     // `AsyncFd` owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
     let mut assembler = PacketAssembler::new(cpus);
+    // Packets read and not yet handed on; kept across drains while the channel is full.
+    let mut batch = PacketBatch::default();
     let mut timer = tokio::time::interval(poll_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'wakeups: loop {
@@ -102,7 +127,14 @@ pub async fn read(
             _ = shutdown.changed() => break 'wakeups,
         }
         loop {
-            match drain(ring.get_mut(), &mut assembler, &packets, &counters, false) {
+            match drain(
+                ring.get_mut(),
+                &mut assembler,
+                &mut batch,
+                &packets,
+                &counters,
+                false,
+            ) {
                 Drain::Empty => break,
                 Drain::Batch => tokio::task::yield_now().await,
                 Drain::ChannelFull => tokio::select! {
@@ -122,6 +154,7 @@ pub async fn read(
         match drain(
             ring.get_mut(),
             &mut assembler,
+            &mut batch,
             &packets,
             &counters,
             drop_when_full,
@@ -138,64 +171,44 @@ pub async fn read(
 
 /// What one call of [`drain`] left behind.
 enum Drain {
-    /// The ring buffer is empty.
+    /// The ring buffer is empty and every packet read was handed on.
     Empty,
-    /// A full batch was taken; there may be more.
+    /// A full batch of records was taken; there may be more.
     Batch,
-    /// The channel has no room: records stay in the ring buffer.
+    /// The channel has no room: the batch being filled waits, and records stay in the ring
+    /// buffer.
     ChannelFull,
 }
 
-/// Drains up to [`BATCH_LIMIT`] records. Unless `drop_when_full`, it stops while the channel is
-/// full, so no packet is lost here.
+/// Drains up to [`BATCH_LIMIT`] records into `batch`, handing it on whenever it is full and at
+/// the end. Unless `drop_when_full`, it stops while the channel is full, so no packet is lost
+/// here.
 fn drain(
     ring: &mut RingBuf<MapData>,
     assembler: &mut PacketAssembler,
-    packets: &mpsc::Sender<CapturedPacket>,
+    batch: &mut PacketBatch,
+    packets: &mpsc::Sender<PacketBatch>,
     counters: &RingCounters,
     drop_when_full: bool,
 ) -> Drain {
     let mut read = 0;
-    let mut out = 0;
-    let mut full = 0;
-    // Room in the channel is taken PERMIT_BATCH slots at a time: one atomic operation on the
-    // channel's semaphore per batch rather than per packet. Unused slots go back when `permits`
-    // is dropped.
-    let mut permits = None;
-    let mut left = 0;
-    // Each record completes at most one packet, so one slot is enough to take a record.
     let result = loop {
+        if batch.is_full() && !hand_on(batch, packets, counters, drop_when_full) {
+            break Drain::ChannelFull;
+        }
         if read == BATCH_LIMIT {
             break Drain::Batch;
         }
-        if left == 0 {
-            let room = packets.capacity().min(PERMIT_BATCH);
-            permits = if room == 0 {
-                None
-            } else {
-                packets.try_reserve_many(room).ok()
-            };
-            left = permits.as_ref().map_or(0, ExactSizeIterator::len);
-            if left == 0 && !drop_when_full {
-                break Drain::ChannelFull;
-            }
-        }
         let Some(record) = ring.next() else {
-            break Drain::Empty;
+            break if batch.is_empty() || hand_on(batch, packets, counters, drop_when_full) {
+                Drain::Empty
+            } else {
+                Drain::ChannelFull
+            };
         };
         read += 1;
-        if let Some(packet) = assembler.push(&record) {
-            match permits.as_mut().and_then(Iterator::next) {
-                Some(permit) => {
-                    permit.send(packet);
-                    left -= 1;
-                    out += 1;
-                }
-                None => full += 1,
-            }
-        }
+        assembler.push(&record, batch);
     };
-    drop(permits);
     if read > 0 {
         let totals = assembler.counters();
         counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -208,10 +221,42 @@ fn drain(
         counters
             .incomplete_packets
             .store(totals.incomplete_packets, Ordering::Relaxed);
-        counters.packets_out.fetch_add(out, Ordering::Relaxed);
-        counters.channel_full.fetch_add(full, Ordering::Relaxed);
+        let mut interfaces = counters
+            .interfaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (ifindex, read) in assembler.take_interface_counts() {
+            interfaces.entry(ifindex).or_default().add(&read);
+        }
     }
     result
+}
+
+/// Sends `batch` on, leaving an empty one in its place. When the channel is full (or closed) it
+/// keeps the batch and returns false, unless `drop_when_full`: then the packets are dropped and
+/// counted.
+fn hand_on(
+    batch: &mut PacketBatch,
+    packets: &mpsc::Sender<PacketBatch>,
+    counters: &RingCounters,
+    drop_when_full: bool,
+) -> bool {
+    let len = batch.len() as u64;
+    match packets.try_send(std::mem::take(batch)) {
+        Ok(()) => {
+            counters.packets_out.fetch_add(len, Ordering::Relaxed);
+            true
+        }
+        Err(mpsc::error::TrySendError::Full(back) | mpsc::error::TrySendError::Closed(back)) => {
+            if drop_when_full {
+                counters.channel_full.fetch_add(len, Ordering::Relaxed);
+                true
+            } else {
+                *batch = back;
+                false
+            }
+        }
+    }
 }
 
 /// Where the kernel's ring buffer stands at one moment.

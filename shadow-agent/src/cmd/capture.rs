@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use shadow_agent::capture::live::CaptureTotals;
 use shadow_agent::capture::{
-    CaptureSettings, CapturedPacket, Hook,
+    CaptureSettings, Hook, PacketBatch,
     interfaces::InterfaceSelector,
     kernel::{AttachMode, Cidr, RingSettings},
     live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
@@ -69,12 +69,9 @@ fn parse_percent(s: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("`{s}` is not a percentage from 0 to 100"))
 }
 
-/// Captured packets waiting for the writer. At most this many are held; more are dropped and
-/// counted (`channel_full`).
-const CHANNEL_PACKETS: usize = 4096;
-
-/// The most packets the writer takes from the channel at once.
-const WRITE_BATCH: usize = 512;
+/// Batches of captured packets waiting for the writer (each at most `PacketBatch::MAX_BYTES`);
+/// while they are all taken, the kernel's ring buffer absorbs the rest.
+const CHANNEL_BATCHES: usize = 16;
 
 /// The pcap file's write buffer: large, so that a busy capture costs few write system calls.
 const WRITE_BUFFER: usize = 1 << 20;
@@ -91,7 +88,7 @@ pub fn run(args: Args) -> Result<()> {
         hooks: args.hooks.iter().copied().collect(),
         attach: args.attach,
         ring: RingSettings::default(),
-        channel_packets: CHANNEL_PACKETS,
+        channel_batches: CHANNEL_BATCHES,
     };
     options.settings.validate()?;
 
@@ -129,35 +126,31 @@ async fn capture(
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
     let stop = stop.wait();
     tokio::pin!(stop);
-    let mut write = |packet: CapturedPacket| {
-        pcap.write(
-            clock.to_unix(packet.monotonic_ns),
-            &packet.data,
-            packet.original_len,
-        )
-        .with_context(|| format!("cannot write {}", args.write.display()))
-    };
     let mut write_error = None;
-    // Packets are taken from the channel in batches: one wakeup of this task per batch, not per
-    // packet.
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    let mut write_batch = |batch: &mut Vec<CapturedPacket>,
-                           write_error: &mut Option<anyhow::Error>| {
-        for packet in batch.drain(..) {
-            if write_error.is_none()
-                && let Err(e) = write(packet)
-            {
-                *write_error = Some(e);
+    // Stops at the first error: the file would be missing packets.
+    let mut write = |batch: PacketBatch, write_error: &mut Option<anyhow::Error>| {
+        for packet in batch.iter() {
+            if write_error.is_some() {
+                return;
+            }
+            if let Err(e) = pcap.write(
+                clock.to_unix(packet.monotonic_ns),
+                packet.data,
+                packet.original_len,
+            ) {
+                *write_error = Some(
+                    anyhow::Error::new(e).context(format!("cannot write {}", args.write.display())),
+                );
             }
         }
     };
     loop {
         tokio::select! {
-            taken = packets.recv_many(&mut batch, WRITE_BATCH) => {
-                if taken == 0 {
+            received = packets.recv() => {
+                let Some(batch) = received else {
                     break;
-                }
-                write_batch(&mut batch, &mut write_error);
+                };
+                write(batch, &mut write_error);
                 // Stop capturing rather than pretend: the file would be missing packets.
                 if write_error.is_some() {
                     break;
@@ -181,17 +174,14 @@ async fn capture(
     let totals = loop {
         tokio::select! {
             totals = &mut stopping => break totals?,
-            // 0: the channel is closed and empty; the branch is off until `stopping` is done.
-            1.. = packets.recv_many(&mut batch, WRITE_BATCH), if write_error.is_none() => {
-                write_batch(&mut batch, &mut write_error);
-            }
+            // None: the channel is closed and empty; the branch is off until `stopping` is done.
+            Some(batch) = packets.recv(), if write_error.is_none() => write(batch, &mut write_error),
         }
     };
     while write_error.is_none()
-        && let Ok(packet) = packets.try_recv()
+        && let Ok(batch) = packets.try_recv()
     {
-        batch.push(packet);
-        write_batch(&mut batch, &mut write_error);
+        write(batch, &mut write_error);
     }
     let packets_written = pcap.packets();
     pcap.into_inner()

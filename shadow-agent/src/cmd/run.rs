@@ -18,7 +18,7 @@ use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
 use shadow_agent::capture::kernel::{AttachMode, RingSettings};
 use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
-use shadow_agent::capture::{CaptureSettings, CapturedPacket};
+use shadow_agent::capture::{CaptureSettings, CapturedPacket, PacketBatch};
 use shadow_agent::compare::{Comparator, Exchange, Observed, Report};
 use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, Lane, LaneLimits, TargetAnswer};
@@ -71,8 +71,6 @@ pub struct Args {
     nice: Option<i32>,
 }
 
-/// Packets taken from the channel per turn of the loop, so timers and signals still get a turn.
-const BATCH: usize = 512;
 /// Targets' answers waiting for the comparison; more are dropped and counted.
 const COMPARE_ANSWERS: usize = 4096;
 /// Requests waiting for their live and targets' responses at most.
@@ -176,7 +174,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     );
     tracing::info!(
         memory = config.limits.memory_bytes,
-        channel_packets = plan.channel_packets,
+        channel_batches = plan.channel_batches,
         max_flows = plan.flows.max_flows,
         flow_buffer_bytes = plan.flows.max_buffered_bytes,
         copy_bytes = plan.copy_bytes,
@@ -188,7 +186,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         hooks: config.capture.hooks.clone(),
         attach: args.attach,
         ring,
-        channel_packets: plan.channel_packets,
+        channel_batches: plan.channel_batches,
     };
     let (mut state, mut answers) = Agent::new(&args, config, node, seed, &plan);
     // Before attaching, so that an address in use is an error before anything is attached.
@@ -237,17 +235,16 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     });
     let stop = stop.wait();
     tokio::pin!(stop);
-    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
-            n = packets.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
+            // One batch per turn (at most `PacketBatch::MAX_PACKETS`), so that timers and
+            // signals get their turns.
+            received = packets.recv() => {
+                let Some(batch) = received else {
                     tracing::error!("the ring buffer reader stopped");
                     break;
-                }
-                for packet in batch.drain(..) {
-                    state.on_packet(&packet);
-                }
+                };
+                state.on_batch(&batch);
             }
             _ = tick.tick() => {
                 state.on_tick();
@@ -284,11 +281,11 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     let totals = loop {
         tokio::select! {
             totals = &mut stopping => break totals?,
-            Some(packet) = packets.recv() => state.on_packet(&packet),
+            Some(batch) = packets.recv() => state.on_batch(&batch),
         }
     };
-    while let Ok(packet) = packets.try_recv() {
-        state.on_packet(&packet);
+    while let Ok(batch) = packets.try_recv() {
+        state.on_batch(&batch);
     }
     let mut ended = Vec::new();
     state.pipeline.finish(&mut ended);
@@ -488,7 +485,7 @@ impl Agent {
             snapshot: Arc::default(),
             mirror,
             forwarder: Forwarder::new(copy_bytes, answers_tx, answer_body_bytes),
-            channel_capacity: plan.channel_packets,
+            channel_capacity: plan.channel_batches,
             lanes: Vec::new(),
             ramp: None,
             pipeline,
@@ -549,12 +546,18 @@ impl Agent {
         self.mirror.set_ramp_percent(percent);
     }
 
-    fn on_packet(&mut self, packet: &CapturedPacket) {
+    fn on_batch(&mut self, batch: &PacketBatch) {
+        for packet in batch.iter() {
+            self.on_packet(packet);
+        }
+    }
+
+    fn on_packet(&mut self, packet: CapturedPacket<'_>) {
         let mut events = std::mem::take(&mut self.events);
         self.pipeline.push_frame(
             LinkType::Ethernet,
             Duration::from_nanos(packet.monotonic_ns),
-            &packet.data,
+            packet.data,
             &mut events,
         );
         self.dispatch(events);
