@@ -226,27 +226,36 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         // between two runs without the program.
         bpf_stats(false)?;
         let measured = (|| -> Result<()> {
-            let mut before = wrk(&client, &url, bench.seconds)?;
+            // Dirty pages of earlier scenarios (the pcap files, nginx's log) are written back
+            // before each run rather than by kernel threads during it.
+            let load = || -> Result<Load> {
+                run(&mut Command::new("sync"))?;
+                wrk(&client, &url, bench.seconds)
+            };
+            let mut before = load()?;
             baseline.push(before);
-            for (pcap, loads, ratios) in [
+            let mut scenarios = [
                 (
                     Pcap::Discarded,
                     &mut throughput_discarded,
                     &mut ratio_discarded,
                 ),
                 (Pcap::File, &mut throughput, &mut ratio),
-            ] {
-                let (load, _, _) =
-                    with_agent(&server, &capture_args("80", "100"), None, pcap, || {
-                        wrk(&client, &url, bench.seconds)
-                    })?;
-                let after = wrk(&client, &url, bench.seconds)?;
+            ];
+            // Each goes first in every other round: neither gains from its place.
+            if round % 2 == 1 {
+                scenarios.reverse();
+            }
+            for (pcap, loads, ratios) in scenarios {
+                let (attached, _, _) =
+                    with_agent(&server, &capture_args("80", "100"), None, pcap, load)?;
+                let after = load()?;
                 baseline.push(after);
                 ratios.push(
-                    load.requests_per_sec
+                    attached.requests_per_sec
                         / ((before.requests_per_sec + after.requests_per_sec) / 2.0),
                 );
-                loads.push(load);
+                loads.push(attached);
                 before = after;
             }
             Ok(())
@@ -255,10 +264,6 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         measured?;
     }
 
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let base_rps = median(baseline.iter().map(|l| l.requests_per_sec).collect());
     let base_p99 = median(baseline.iter().map(|l| l.p99_ms).collect());
     let base_p50 = median(baseline.iter().map(|l| l.p50_ms).collect());
@@ -349,6 +354,18 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         s = bench.seconds,
         r = bench.rounds,
     ))
+}
+
+/// The median: for an even count, the mean of the two middle values (taking the upper one
+/// would favour the higher figures); 0 for none.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Ratios as `0.93, 0.95, ...`.
@@ -531,6 +548,13 @@ fn millis(v: &str) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert!((median(vec![0.97, 0.93, 0.98, 0.94]) - 0.955).abs() < 1e-12);
+    }
 
     #[test]
     fn reads_wrk_output() {

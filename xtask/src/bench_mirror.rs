@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use shadow_tests::{Agent, Netns, Nginx, VethLink};
 
-use crate::bench::{Load, wrk};
+use crate::bench::{Load, median, wrk};
 
 pub struct MirrorBench {
     pub seconds: u32,
@@ -349,11 +349,6 @@ fn oha_fixed(client: &Netns, oha: &Path, url: &str, rate: u32, seconds: u32) -> 
         requests: ok,
         agent: None,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {

@@ -185,7 +185,7 @@ impl Collector for AgentCollector {
             ),
             (
                 "ring_channel_full",
-                "Captured packets dropped because the pipeline fell behind.",
+                "Captured packets dropped at shutdown because the pipeline had stopped.",
                 snap.ring.channel_full,
             ),
         ];

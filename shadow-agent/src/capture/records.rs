@@ -93,13 +93,15 @@ impl PacketAssembler {
             self.counters.malformed_records += 1;
             return false;
         };
-        self.count(&header);
-        let data = &record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + header.chunk_len as usize];
         let cpu = (header.packet_id >> 48) as usize;
-        let Some(slot) = self.partial.get_mut(cpu) else {
+        if cpu >= self.partial.len() {
             self.counters.malformed_records += 1;
             return false;
-        };
+        }
+        // Well formed: counted for its interface, whether or not it completes a packet.
+        self.count(&header);
+        let data = &record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + header.chunk_len as usize];
+        let slot = &mut self.partial[cpu];
 
         // A different packet from this CPU means the one in progress lost its remaining records.
         if let Some(p) = slot
@@ -310,8 +312,9 @@ mod tests {
         a.push(&recs[2], &mut batch);
         a.push(&on(7, record(2, b"hello", 0, 5)), &mut batch);
         a.push(&record(3, b"hi", 0, 2), &mut batch);
-        // Malformed: not counted for any interface.
+        // Malformed (too short; a CPU beyond those there are): not counted for any interface.
         a.push(&[0; 8], &mut batch);
+        a.push(&record(9 << 48, b"cpu 9", 0, 5), &mut batch);
         let mut counts: Vec<_> = a.take_interface_counts().collect();
         counts.sort_by_key(|(ifindex, _)| *ifindex);
         let counters = |packets_sampled, records_written, bytes_written| InterfaceCounters {

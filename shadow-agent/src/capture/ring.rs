@@ -112,9 +112,12 @@ pub async fn read(
     // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the
     // `AsyncFd` owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-    let mut assembler = PacketAssembler::new(cpus);
-    // Packets read and not yet handed on; kept across drains while the channel is full.
-    let mut batch = PacketBatch::default();
+    let mut reader = Reader {
+        assembler: PacketAssembler::new(cpus),
+        batch: PacketBatch::default(),
+        packets,
+        counters,
+    };
     let mut timer = tokio::time::interval(poll_interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'wakeups: loop {
@@ -127,18 +130,11 @@ pub async fn read(
             _ = shutdown.changed() => break 'wakeups,
         }
         loop {
-            match drain(
-                ring.get_mut(),
-                &mut assembler,
-                &mut batch,
-                &packets,
-                &counters,
-                false,
-            ) {
+            match reader.drain(ring.get_mut(), false) {
                 Drain::Empty => break,
                 Drain::Batch => tokio::task::yield_now().await,
                 Drain::ChannelFull => tokio::select! {
-                    room = packets.reserve() => {
+                    room = reader.packets.reserve() => {
                         if room.is_err() {
                             return Ok(()); // Nobody takes packets any more.
                         }
@@ -151,25 +147,18 @@ pub async fn read(
     // Whatever the kernel wrote before detaching is still worth having.
     let mut drop_when_full = false;
     loop {
-        match drain(
-            ring.get_mut(),
-            &mut assembler,
-            &mut batch,
-            &packets,
-            &counters,
-            drop_when_full,
-        ) {
+        match reader.drain(ring.get_mut(), drop_when_full) {
             Drain::Empty => return Ok(()),
             Drain::Batch => {}
             Drain::ChannelFull => {
-                let room = tokio::time::timeout(SHUTDOWN_WAIT, packets.reserve()).await;
+                let room = tokio::time::timeout(SHUTDOWN_WAIT, reader.packets.reserve()).await;
                 drop_when_full = !matches!(room, Ok(Ok(_)));
             }
         }
     }
 }
 
-/// What one call of [`drain`] left behind.
+/// What one call of [`Reader::drain`] left behind.
 enum Drain {
     /// The ring buffer is empty and every packet read was handed on.
     Empty,
@@ -180,80 +169,80 @@ enum Drain {
     ChannelFull,
 }
 
-/// Drains up to [`BATCH_LIMIT`] records into `batch`, handing it on whenever it is full and at
-/// the end. Unless `drop_when_full`, it stops while the channel is full, so no packet is lost
-/// here.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    assembler: &mut PacketAssembler,
-    batch: &mut PacketBatch,
-    packets: &mpsc::Sender<PacketBatch>,
-    counters: &RingCounters,
-    drop_when_full: bool,
-) -> Drain {
-    let mut read = 0;
-    let result = loop {
-        if batch.is_full() && !hand_on(batch, packets, counters, drop_when_full) {
-            break Drain::ChannelFull;
-        }
-        if read == BATCH_LIMIT {
-            break Drain::Batch;
-        }
-        let Some(record) = ring.next() else {
-            break if batch.is_empty() || hand_on(batch, packets, counters, drop_when_full) {
-                Drain::Empty
-            } else {
-                Drain::ChannelFull
+/// What the reader keeps between drains.
+struct Reader {
+    assembler: PacketAssembler,
+    /// Packets read and not yet handed on; kept across drains while the channel is full.
+    batch: PacketBatch,
+    packets: mpsc::Sender<PacketBatch>,
+    counters: Arc<RingCounters>,
+}
+
+impl Reader {
+    /// Drains up to [`BATCH_LIMIT`] records into the batch, handing it on whenever it is full
+    /// and at the end. Unless `drop_when_full`, it stops while the channel is full, so no packet
+    /// is lost here.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, drop_when_full: bool) -> Drain {
+        let mut read = 0;
+        let result = loop {
+            if self.batch.is_full() && !self.hand_on(drop_when_full) {
+                break Drain::ChannelFull;
+            }
+            if read == BATCH_LIMIT {
+                break Drain::Batch;
+            }
+            let Some(record) = ring.next() else {
+                break if self.batch.is_empty() || self.hand_on(drop_when_full) {
+                    Drain::Empty
+                } else {
+                    Drain::ChannelFull
+                };
             };
+            read += 1;
+            self.assembler.push(&record, &mut self.batch);
         };
-        read += 1;
-        assembler.push(&record, batch);
-    };
-    if read > 0 {
-        let totals = assembler.counters();
-        counters.batches.fetch_add(1, Ordering::Relaxed);
-        counters
-            .records_read
-            .store(totals.records_read, Ordering::Relaxed);
-        counters
-            .malformed_records
+        if read > 0 {
+            self.publish();
+        }
+        result
+    }
+
+    /// Makes the assembler's counts visible to whoever reports them.
+    fn publish(&mut self) {
+        let totals = self.assembler.counters();
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.records_read.store(totals.records_read, Ordering::Relaxed);
+        c.malformed_records
             .store(totals.malformed_records, Ordering::Relaxed);
-        counters
-            .incomplete_packets
+        c.incomplete_packets
             .store(totals.incomplete_packets, Ordering::Relaxed);
-        let mut interfaces = counters
-            .interfaces
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (ifindex, read) in assembler.take_interface_counts() {
+        let mut interfaces = c.interfaces.lock().unwrap_or_else(PoisonError::into_inner);
+        for (ifindex, read) in self.assembler.take_interface_counts() {
             interfaces.entry(ifindex).or_default().add(&read);
         }
     }
-    result
-}
 
-/// Sends `batch` on, leaving an empty one in its place. When the channel is full (or closed) it
-/// keeps the batch and returns false, unless `drop_when_full`: then the packets are dropped and
-/// counted.
-fn hand_on(
-    batch: &mut PacketBatch,
-    packets: &mpsc::Sender<PacketBatch>,
-    counters: &RingCounters,
-    drop_when_full: bool,
-) -> bool {
-    let len = batch.len() as u64;
-    match packets.try_send(std::mem::take(batch)) {
-        Ok(()) => {
-            counters.packets_out.fetch_add(len, Ordering::Relaxed);
-            true
-        }
-        Err(mpsc::error::TrySendError::Full(back) | mpsc::error::TrySendError::Closed(back)) => {
-            if drop_when_full {
-                counters.channel_full.fetch_add(len, Ordering::Relaxed);
+    /// Sends the batch on, leaving an empty one in its place. When the channel is full (or
+    /// closed) it keeps the batch and returns false, unless `drop_when_full`: then the packets
+    /// are dropped and counted.
+    fn hand_on(&mut self, drop_when_full: bool) -> bool {
+        let len = self.batch.len() as u64;
+        match self.packets.try_send(std::mem::take(&mut self.batch)) {
+            Ok(()) => {
+                self.counters.packets_out.fetch_add(len, Ordering::Relaxed);
                 true
-            } else {
-                *batch = back;
-                false
+            }
+            Err(
+                mpsc::error::TrySendError::Full(back) | mpsc::error::TrySendError::Closed(back),
+            ) => {
+                if drop_when_full {
+                    self.counters.channel_full.fetch_add(len, Ordering::Relaxed);
+                    true
+                } else {
+                    self.batch = back;
+                    false
+                }
             }
         }
     }
