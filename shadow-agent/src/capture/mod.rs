@@ -133,8 +133,10 @@ impl PacketBatch {
     /// [`shadow_common::CAPTURE_LIMIT`]).
     fn push(&mut self, header: &shadow_common::RecordHeader, data: &[u8]) {
         if self.packets.is_empty() {
-            // Room for a full batch at once: no reallocation while it fills.
-            self.frames.reserve(Self::FULL_BYTES);
+            // Room for a full batch and the largest packet that can end it, at once: never
+            // reallocated while it fills, so it never holds more than MAX_BYTES.
+            self.frames
+                .reserve(Self::FULL_BYTES + shadow_common::CAPTURE_LIMIT as usize);
             self.packets.reserve(Self::MAX_PACKETS);
         }
         self.frames.extend_from_slice(data);

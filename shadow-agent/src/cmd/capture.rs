@@ -126,33 +126,28 @@ async fn capture(
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
     let stop = stop.wait();
     tokio::pin!(stop);
-    let mut write_error = None;
-    // Stops at the first error: the file would be missing packets.
-    let mut write = |batch: PacketBatch, write_error: &mut Option<anyhow::Error>| {
+    let mut write = |batch: PacketBatch| -> Result<()> {
         for packet in batch.iter() {
-            if write_error.is_some() {
-                return;
-            }
-            if let Err(e) = pcap.write(
+            pcap.write(
                 clock.to_unix(packet.monotonic_ns),
                 packet.data,
                 packet.original_len,
-            ) {
-                *write_error = Some(
-                    anyhow::Error::new(e).context(format!("cannot write {}", args.write.display())),
-                );
-            }
+            )
+            .with_context(|| format!("cannot write {}", args.write.display()))?;
         }
+        Ok(())
     };
+    // The first write error: the file would be missing packets from there on.
+    let mut write_error = None;
     loop {
         tokio::select! {
             received = packets.recv() => {
                 let Some(batch) = received else {
                     break;
                 };
-                write(batch, &mut write_error);
                 // Stop capturing rather than pretend: the file would be missing packets.
-                if write_error.is_some() {
+                if let Err(e) = write(batch) {
+                    write_error = Some(e);
                     break;
                 }
             }
@@ -175,13 +170,15 @@ async fn capture(
         tokio::select! {
             totals = &mut stopping => break totals?,
             // None: the channel is closed and empty; the branch is off until `stopping` is done.
-            Some(batch) = packets.recv(), if write_error.is_none() => write(batch, &mut write_error),
+            Some(batch) = packets.recv(), if write_error.is_none() => {
+                write_error = write(batch).err();
+            }
         }
     };
     while write_error.is_none()
         && let Ok(batch) = packets.try_recv()
     {
-        write(batch, &mut write_error);
+        write_error = write(batch).err();
     }
     let packets_written = pcap.packets();
     pcap.into_inner()
