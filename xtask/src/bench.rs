@@ -281,8 +281,8 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let on_rps = median(copied.iter().map(|(l, _)| l.requests_per_sec).collect());
     let on_p99 = median(copied.iter().map(|(l, _)| l.p99_ms).collect());
     let on_p50 = median(copied.iter().map(|(l, _)| l.p50_ms).collect());
-    // The agent's CPU per copied packet (not per program run: a packet runs the program once,
-    // on one hook, and only the sampled ones reach the agent) and per second of load.
+    // The agent's CPU per packet the program ran on (at 100 % nearly all of them reach the
+    // agent: only bare ACKs do not, and keep-alive traffic has few) and per second of load.
     let agent_ns_per_run = median(
         copied
             .iter()

@@ -133,14 +133,17 @@ pub async fn read(
             match reader.drain(ring.get_mut(), false) {
                 Drain::Empty => break,
                 Drain::Batch => tokio::task::yield_now().await,
-                Drain::ChannelFull => tokio::select! {
-                    room = reader.packets.reserve() => {
-                        if room.is_err() {
-                            return Ok(()); // Nobody takes packets any more.
-                        }
+                Drain::ChannelFull => {
+                    let closed = tokio::select! {
+                        room = reader.packets.reserve() => room.is_err(),
+                        _ = shutdown.changed() => break 'wakeups,
+                    };
+                    if closed {
+                        // Nobody takes packets any more: the batch held is dropped, counted.
+                        reader.hand_on(true);
+                        return Ok(());
                     }
-                    _ = shutdown.changed() => break 'wakeups,
-                },
+                }
             }
         }
     }
@@ -338,5 +341,58 @@ impl Drop for RingFill {
         unsafe {
             libc::munmap(self.addr as *mut libc::c_void, 2 * self.page);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shadow_common::RecordHeader;
+
+    fn reader(packets: mpsc::Sender<PacketBatch>, held: u32) -> Reader {
+        let mut batch = PacketBatch::default();
+        for i in 0..held {
+            let header = RecordHeader {
+                timestamp_ns: u64::from(i),
+                packet_id: u64::from(i),
+                ifindex: 2,
+                packet_len: 3,
+                captured_len: 3,
+                offset: 0,
+                chunk_len: 3,
+                flags: 0,
+            };
+            batch.push(&header, b"abc");
+        }
+        Reader {
+            assembler: PacketAssembler::new(1),
+            batch,
+            packets,
+            counters: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_handed_on_kept_while_the_channel_is_full_or_dropped_and_counted() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut r = reader(tx, 3);
+        assert!(r.hand_on(false));
+        assert!(r.batch.is_empty());
+        assert_eq!(r.counters.snapshot().packets_out, 3);
+
+        // The channel is full: the next batch stays with the reader, nothing is lost.
+        r.batch = reader(r.packets.clone(), 2).batch;
+        assert!(!r.hand_on(false));
+        assert_eq!(r.batch.len(), 2);
+
+        // Nobody takes packets any more: dropped, and counted.
+        drop(rx.try_recv().expect("the first batch"));
+        drop(rx);
+        assert!(!r.hand_on(false));
+        assert_eq!(r.batch.len(), 2);
+        assert!(r.hand_on(true));
+        assert!(r.batch.is_empty());
+        let counters = r.counters.snapshot();
+        assert_eq!((counters.packets_out, counters.channel_full), (3, 2));
     }
 }
