@@ -239,6 +239,20 @@ impl Agent {
         self.wait(EXIT_TIMEOUT)
     }
 
+    /// Stops a capture (SIGINT) and checks what every capture test checks: the agent exited 0,
+    /// the pcap is well formed (nothing truncated, every packet Ethernet/IP/TCP), and the stats'
+    /// counters add up with it. Returns the exit, the pcap decoded and the stats.
+    #[track_caller]
+    pub fn stop_checked(self) -> (AgentExit, Capture, Stats) {
+        let exit = self.interrupt();
+        exit.assert_success();
+        let capture = exit.capture();
+        capture.assert_well_formed();
+        let stats = exit.stats();
+        stats.assert_add_up(&capture);
+        (exit, capture, stats)
+    }
+
     /// SIGKILL, then waits for the exit.
     pub fn kill(self) -> AgentExit {
         self.signal(Signal::SIGKILL);

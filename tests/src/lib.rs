@@ -32,7 +32,7 @@ use std::{
 pub use agent::{Agent, AgentExit, Stats};
 pub use netns::{Hosts, Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};
-pub use server::{JsonApp, Nginx, SinkMode, TcpSink};
+pub use server::{AccessLog, JsonApp, Nginx, SinkMode, TcpSink};
 pub use shadow_server::{Received, ShadowMode, ShadowServer};
 
 /// Panics with a clear message unless the test runs as root: everything here needs

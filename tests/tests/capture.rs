@@ -103,10 +103,7 @@ fn small_requests_are_captured_byte_exact() {
     let curl_clients: BTreeSet<SocketAddr> = client::curl_locals(&out).into_iter().collect();
     assert_eq!(curl_clients.len(), 1, "curl reused its connection");
 
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (exit, capture, stats) = agent.stop_checked();
     for ex in &exchanges {
         assert_exchange(&capture, ex, nginx.addr);
     }
@@ -145,8 +142,6 @@ fn small_requests_are_captured_byte_exact() {
             exit.stderr
         );
     }
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert!(stats.nothing_lost(), "{}", stats.text);
     Capture::assert_tools_read(exit.pcap_path());
 }
@@ -201,14 +196,9 @@ fn megabyte_bodies_on_keepalive_connections_are_captured_byte_exact() {
         curl_sent.len()
     );
 
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (exit, capture, stats) = agent.stop_checked();
     assert_exchange(&capture, &raw, nginx.addr);
     capture.assert_stream(FlowKey::new(curl_client, sink.addr), &curl_sent);
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert!(stats.nothing_lost(), "{}", stats.text);
     assert_eq!(stats.k("packets_truncated"), 0, "{}", stats.text);
     Capture::assert_tools_read(exit.pcap_path());
@@ -263,16 +253,11 @@ fn sampling_hundred_percent_captures_every_connection() {
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--sample-percent", "100"]);
     let exchanges = many_connections(&h.client, nginx.addr, 20);
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (_, capture, stats) = agent.stop_checked();
     for ex in &exchanges {
         assert_exchange(&capture, ex, nginx.addr);
     }
     assert_eq!(capture.connections_to(nginx.addr).len(), exchanges.len());
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert!(stats.nothing_lost(), "{}", stats.text);
     // Every matched packet belongs to a sampled connection.
     assert_eq!(
@@ -289,10 +274,7 @@ fn sample_exactly_the_predicted_connections(percent: &str) {
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--sample-percent", percent]);
     let exchanges = many_connections(&h.client, nginx.addr, 60);
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (_, capture, stats) = agent.stop_checked();
 
     let percent: f64 = percent.parse().expect("percent");
     let predicted: BTreeSet<FlowKey> = exchanges
@@ -324,8 +306,6 @@ fn sample_exactly_the_predicted_connections(percent: &str) {
             );
         }
     }
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert!(stats.nothing_lost(), "{}", stats.text);
     assert!(
         stats.k("packets_matched") > stats.k("packets_sampled") + stats.k("packets_bare_ack"),
@@ -399,10 +379,7 @@ fn only_the_selected_port_is_captured_when_several_are_busy() {
     let agent = h.agent(&[80], &[]);
     let wanted = many_connections(&h.client, nginx.addr, 5);
     many_connections(&h.client, other.addr, 5);
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (_, capture, stats) = agent.stop_checked();
     for ex in &wanted {
         assert_exchange(&capture, ex, nginx.addr);
     }
@@ -412,8 +389,6 @@ fn only_the_selected_port_is_captured_when_several_are_busy() {
             "{flow} is not on port 80"
         );
     }
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert_eq!(
         stats.k("packets_matched"),
         stats.k("packets_sampled") + stats.k("packets_bare_ack"),
@@ -657,10 +632,7 @@ fn gso_super_packets_on_loopback_are_captured_whole() {
     let body = pattern(1 << 20, 41);
     let ex = client::send_and_close(&ns, sink.addr, &body);
     shadow_tests::assert_bytes_eq(&ex.received, &body, "echo over lo");
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (exit, capture, stats) = agent.stop_checked();
     // On lo a packet passes egress and then ingress; were both hooked, reassembly drops the copy.
     assert_exchange(&capture, &ex, sink.addr);
     let biggest = capture
@@ -678,8 +650,6 @@ fn gso_super_packets_on_loopback_are_captured_whole() {
         biggest <= 65536 + 14,
         "{biggest} bytes exceed a 64 KiB packet"
     );
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert!(stats.nothing_lost(), "{}", stats.text);
     assert_eq!(stats.k("packets_truncated"), 0, "{}", stats.text);
     assert!(
@@ -697,10 +667,7 @@ fn ingress_hook_alone_sees_only_client_to_server() {
     let nginx = Nginx::start(&h.server, h.server_addr(80));
     let agent = h.agent(&[80], &["--hooks", "ingress"]);
     let exchanges = many_connections(&h.client, nginx.addr, 3);
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (_, capture, _) = agent.stop_checked();
     for ex in &exchanges {
         capture.assert_stream(FlowKey::new(ex.client, nginx.addr), &ex.sent);
         let back = FlowKey::new(nginx.addr, ex.client);
@@ -710,7 +677,6 @@ fn ingress_hook_alone_sees_only_client_to_server() {
             "{back} passed only egress"
         );
     }
-    exit.stats().assert_add_up(&capture);
 }
 
 #[test]
@@ -747,14 +713,10 @@ fn a_glob_attaches_to_an_interface_that_appears_later() {
     );
     let nginx = Nginx::start(&server, SocketAddr::new(link.b_addr.into(), 80));
     let exchanges = many_connections(&client, nginx.addr, 2);
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (_, capture, _) = agent.stop_checked();
     for ex in &exchanges {
         assert_exchange(&capture, ex, nginx.addr);
     }
-    exit.stats().assert_add_up(&capture);
     server.assert_nothing_attached("after SIGINT");
 }
 
@@ -815,10 +777,7 @@ fn ipv6_on_loopback_samples_exactly_the_predicted_connections() {
     let exchanges: Vec<Exchange> = (0..40)
         .map(|i| client::send_and_close(&ns, sink.addr, format!("v6 connection {i}").as_bytes()))
         .collect();
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    let (_, capture, stats) = agent.stop_checked();
     let predicted: BTreeSet<FlowKey> = exchanges
         .iter()
         .filter(|ex| predicted_sampled(ex.client, server, 50.0))
@@ -835,8 +794,6 @@ fn ipv6_on_loopback_samples_exactly_the_predicted_connections() {
             assert_exchange(&capture, ex, server);
         }
     }
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
     assert!(stats.nothing_lost(), "{}", stats.text);
 }
 
@@ -929,12 +886,7 @@ fn counters_add_up_under_wrk_load() {
         .run(&["wrk", "-t", "2", "-c", "16", "-d", "3s", &url]);
     // Let nginx log the last requests before counting them.
     std::thread::sleep(Duration::from_millis(500));
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
+    let (_, capture, stats) = agent.stop_checked();
     assert!(
         stats.k("packets_sampled") > 1000,
         "little traffic: {}",
@@ -1008,12 +960,7 @@ fn every_request_of_an_ab_burst_is_captured() {
     h.client
         .run(&["ab", "-q", "-k", "-n", "1000", "-c", "8", &url]);
     std::thread::sleep(Duration::from_millis(500));
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
-    let stats = exit.stats();
-    stats.assert_add_up(&capture);
+    let (_, capture, stats) = agent.stop_checked();
     assert!(stats.nothing_lost(), "1000 requests: {}", stats.text);
     let mut requests = 0;
     for flow in capture.connections_to(nginx.addr) {

@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TcAttachType},
 };
-use shadow_tests::{Agent, Netns, Nginx, VethLink};
+use shadow_tests::{AccessLog, Agent, Netns, Nginx, VethLink};
 
 use crate::run::{command_output, run};
 
@@ -44,6 +44,8 @@ pub struct CaptureBench {
     pub rounds: u32,
     /// Measure this agent binary instead of the one just built (e.g. an older build, to compare).
     pub agent_bin: Option<PathBuf>,
+    /// Whether nginx writes its access log (to the machine's disk).
+    pub access_log: AccessLog,
 }
 
 /// Name of the do-nothing classifier in the eBPF object.
@@ -160,7 +162,7 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let server = Netns::new("bench-server");
     let link = VethLink::new(&client, "bc0", &server, "bs0");
     let addr = SocketAddr::from((link.b_addr, 80));
-    let _nginx = Nginx::start(&server, addr);
+    let _nginx = Nginx::serve(&server, addr, bench.access_log);
     let url = format!("http://{addr}/");
     // `Agent` adds `capture --write FILE --stats-json FILE` in a directory of its own.
     let capture_args = |port: &str, percent: &str| -> Vec<String> {
@@ -184,12 +186,24 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let mut unmatched = Vec::new();
     let mut unsampled = Vec::new();
     let mut copied = Vec::new();
-    let mut throughput = Vec::new();
-    let mut throughput_discarded = Vec::new();
-    // Each throughput run's ratio to the mean of the two baseline runs either side of it: the
-    // machine's speed drifts between runs, and a ratio of neighbours cancels most of that.
-    let mut ratio = Vec::new();
-    let mut ratio_discarded = Vec::new();
+    let mut throughput = [
+        Throughput::new(
+            "control: not attached, measured as the attached runs are",
+            None,
+        ),
+        Throughput::new(
+            "attached, 0 % sampled (filter only)",
+            Some(("0", Pcap::Discarded)),
+        ),
+        Throughput::new(
+            "attached, 100 % copied, pcap to /dev/null",
+            Some(("100", Pcap::Discarded)),
+        ),
+        Throughput::new(
+            "attached, 100 % copied, pcap to disk",
+            Some(("100", Pcap::File)),
+        ),
+    ];
     // Cost per run of the do-nothing program, measured beside the real ones.
     let mut calibration = Vec::new();
     for round in 0..bench.rounds {
@@ -226,36 +240,31 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         // between two runs without the program.
         bpf_stats(false)?;
         let measured = (|| -> Result<()> {
-            // Dirty pages of earlier scenarios (the pcap files, nginx's log) are written back
-            // before each run rather than by kernel threads during it.
+            // Dirty pages of earlier scenarios (the pcap files, and nginx's log if it writes
+            // one) are written back before each run rather than by kernel threads during it.
             let load = || -> Result<Load> {
                 run(&mut Command::new("sync"))?;
                 wrk(&client, &url, bench.seconds)
             };
             let mut before = load()?;
             baseline.push(before);
-            let mut scenarios = [
-                (
-                    Pcap::Discarded,
-                    &mut throughput_discarded,
-                    &mut ratio_discarded,
-                ),
-                (Pcap::File, &mut throughput, &mut ratio),
-            ];
-            // Each goes first in every other round: neither gains from its place.
-            if round % 2 == 1 {
-                scenarios.reverse();
-            }
-            for (pcap, loads, ratios) in scenarios {
-                let (attached, _, _) =
-                    with_agent(&server, &capture_args("80", "100"), None, pcap, load)?;
+            // Each goes first in turn: none gains from its place.
+            let count = throughput.len();
+            for i in 0..count {
+                let scenario = &mut throughput[(i + round as usize) % count];
+                let measured = match scenario.agent {
+                    Some((percent, pcap)) => {
+                        with_agent(&server, &capture_args("80", percent), None, pcap, load)?.0
+                    }
+                    None => load()?,
+                };
                 let after = load()?;
                 baseline.push(after);
-                ratios.push(
-                    attached.requests_per_sec
+                scenario.ratios.push(
+                    measured.requests_per_sec
                         / ((before.requests_per_sec + after.requests_per_sec) / 2.0),
                 );
-                loads.push(attached);
+                scenario.loads.push(measured);
                 before = after;
             }
             Ok(())
@@ -267,17 +276,6 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     let base_rps = median(baseline.iter().map(|l| l.requests_per_sec).collect());
     let base_p99 = median(baseline.iter().map(|l| l.p99_ms).collect());
     let base_p50 = median(baseline.iter().map(|l| l.p50_ms).collect());
-    let att_rps = median(throughput.iter().map(|l| l.requests_per_sec).collect());
-    let att_p99 = median(throughput.iter().map(|l| l.p99_ms).collect());
-    let att_p50 = median(throughput.iter().map(|l| l.p50_ms).collect());
-    let null_rps = median(
-        throughput_discarded
-            .iter()
-            .map(|l| l.requests_per_sec)
-            .collect(),
-    );
-    let null_p99 = median(throughput_discarded.iter().map(|l| l.p99_ms).collect());
-    let null_p50 = median(throughput_discarded.iter().map(|l| l.p50_ms).collect());
     let on_rps = median(copied.iter().map(|(l, _)| l.requests_per_sec).collect());
     let on_p99 = median(copied.iter().map(|(l, _)| l.p99_ms).collect());
     let on_p50 = median(copied.iter().map(|(l, _)| l.p50_ms).collect());
@@ -313,9 +311,10 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
     Ok(format!(
         "### cargo xtask bench capture\n\n\
          Machine: {cpu} ({cores} cores), kernel {kernel}. wrk -t2 -c32 for {s} s per scenario, \
-         {r} rounds, medians; nginx (1 worker) in one network namespace, wrk in another, joined \
+         {r} rounds, medians; nginx (1 worker, access log {log}) in one network namespace, wrk \
+         in another, joined \
          by veth; the program on both hooks of the server's veth end. BPF statistics are on in \
-         every scenario but the throughput ones (`attached, 100 % copied, ...`).\n\n\
+         every scenario but the throughput ones (all attached rows but the last).\n\n\
          Raw: bpf_stats run_time_ns / run_cnt. The statistics read the clock around every run; \
          what that adds is measured by a do-nothing classifier (`{CALIBRATION_PROGRAM}`) \
          attached beside the program in the unmatched and unsampled scenarios, and net is raw \
@@ -326,32 +325,36 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
          | do-nothing classifier (statistics overhead) | {stats_ns:.0} | 0 | {stats_runs:.0} |\n\n\
          The agent draining at 100 %: {agent_ms_per_s:.0} ms of CPU per second of load, \
          {agent_ns_per_run:.0} ns per packet the program ran on.\n\n\
-         | live service | requests/s | ratio to not attached | p50 ms | p99 ms |\n\
-         | --- | ---: | ---: | ---: | ---: |\n\
-         | not attached | {base_rps:.0} | 1 | {base_p50:.3} | {base_p99:.3} |\n\
-         | attached, 100 % copied, pcap to /dev/null | {null_rps:.0} | {:.3} | {null_p50:.3} | \
-         {null_p99:.3} |\n\
-         | attached, 100 % copied, pcap to disk | {att_rps:.0} | {:.3} | {att_p50:.3} | \
-         {att_p99:.3} |\n\
-         | attached, 100 % copied, BPF statistics on | {on_rps:.0} | {:.3} | {on_p50:.3} | \
+         | live service | requests/s | ratio to not attached | mean ± standard error | \
+         p50 ms | p99 ms |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n\
+         | not attached | {base_rps:.0} | 1 | | {base_p50:.3} | {base_p99:.3} |\n\
+         {}\
+         | attached, 100 % copied, BPF statistics on | {on_rps:.0} | {:.3} | | {on_p50:.3} | \
          {on_p99:.3} |\n\n\
-         The ratios of the first two attached rows are medians of each run's ratio to the mean of \
-         the runs without the program just before and after it; per round, /dev/null: {}; disk: \
-         {}. The last row's is to the median of all runs without the program.\n",
+         Every row but the first and the last is the median of its runs' ratios to the mean of \
+         the runs without the program just before and after each; the control is such a run \
+         without the program, so its distance from 1 is the method's own error. The last row's \
+         ratio is to the median of all runs without the program. Ratios per round:\n\n{}",
         row("unmatched port", &unmatched),
         row("matched, connection not sampled (0 %)", &unsampled),
         row("copied (100 %, agent draining to a pcap)", &copied),
-        median(ratio_discarded.clone()),
-        median(ratio.clone()),
+        throughput.iter().map(Throughput::row).collect::<String>(),
         on_rps / base_rps,
-        spread(&ratio_discarded),
-        spread(&ratio),
+        throughput
+            .iter()
+            .map(|t| format!("- {}: {}\n", t.name, spread(&t.ratios)))
+            .collect::<String>(),
         cores = thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         kernel = kernel.trim(),
         cpu = cpu.trim(),
         s = bench.seconds,
+        log = match bench.access_log {
+            AccessLog::On => "on",
+            AccessLog::Off => "off",
+        },
         r = bench.rounds,
     ))
 }
@@ -368,6 +371,19 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// `0.934 ± 0.012`: the mean and its standard error (sample standard deviation over the square
+/// root of the count), so that a reader sees how far the rounds pin the ratio down; `-` below
+/// two values.
+fn mean_and_error(v: &[f64]) -> String {
+    let n = v.len() as f64;
+    if v.len() < 2 {
+        return "-".into();
+    }
+    let mean = v.iter().sum::<f64>() / n;
+    let variance = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    format!("{mean:.3} ± {:.3}", (variance / n).sqrt())
+}
+
 /// Ratios as `0.93, 0.95, ...`.
 fn spread(ratios: &[f64]) -> String {
     ratios
@@ -375,6 +391,42 @@ fn spread(ratios: &[f64]) -> String {
         .map(|r| format!("{r:.3}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// One throughput scenario: its runs, each between two runs without the program.
+struct Throughput {
+    name: &'static str,
+    /// The agent's `--sample-percent` and where its pcap goes; `None`: no agent (the control).
+    agent: Option<(&'static str, Pcap)>,
+    loads: Vec<Load>,
+    /// Each run's ratio to the mean of the runs either side of it: the machine's speed drifts
+    /// between runs, and a ratio of neighbours cancels most of that.
+    ratios: Vec<f64>,
+}
+
+impl Throughput {
+    fn new(name: &'static str, agent: Option<(&'static str, Pcap)>) -> Self {
+        Self {
+            name,
+            agent,
+            loads: Vec::new(),
+            ratios: Vec::new(),
+        }
+    }
+
+    /// Its line in the report's table.
+    fn row(&self) -> String {
+        let of = |f: fn(&Load) -> f64| median(self.loads.iter().map(f).collect());
+        format!(
+            "| {} | {:.0} | {:.3} | {} | {:.3} | {:.3} |\n",
+            self.name,
+            of(|l| l.requests_per_sec),
+            median(self.ratios.clone()),
+            mean_and_error(&self.ratios),
+            of(|l| l.p50_ms),
+            of(|l| l.p99_ms),
+        )
+    }
 }
 
 /// Where the draining agent writes its pcap.
@@ -554,6 +606,16 @@ mod tests {
         assert_eq!(median(vec![]), 0.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert!((median(vec![0.97, 0.93, 0.98, 0.94]) - 0.955).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mean_with_its_standard_error() {
+        assert_eq!(mean_and_error(&[0.9]), "-");
+        // Mean 0.95; sample variance 0.0004 (0.0016 / 4); error sqrt(0.0004 / 5) = 0.0089.
+        assert_eq!(
+            mean_and_error(&[0.93, 0.93, 0.95, 0.97, 0.97]),
+            "0.950 ± 0.009"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod run;
 mod setup;
 
 use run::run;
+use shadow_tests::AccessLog;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -71,6 +72,10 @@ enum Bench {
         /// to compare with (the calibration program still comes from the new build).
         #[arg(long, value_name = "FILE")]
         agent_bin: Option<PathBuf>,
+        /// Let nginx write its access log to disk. Off by default: at this load it writes about
+        /// 9 MB/s, and the disk's write-back makes the runs vary.
+        #[arg(long)]
+        nginx_access_log: bool,
     },
     /// What mirroring costs the live service and how much reaches the shadow, against nginx's
     /// own `mirror` module.
@@ -117,10 +122,16 @@ fn main() -> Result<()> {
                     seconds,
                     rounds,
                     agent_bin,
+                    nginx_access_log,
                 } => bench::capture(bench::CaptureBench {
                     seconds,
                     rounds,
                     agent_bin,
+                    access_log: if nginx_access_log {
+                        AccessLog::On
+                    } else {
+                        AccessLog::Off
+                    },
                 }),
                 Bench::Mirror {
                     seconds,
