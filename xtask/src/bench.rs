@@ -314,7 +314,7 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
          {r} rounds, medians; nginx (1 worker, access log {log}) in one network namespace, wrk \
          in another, joined \
          by veth; the program on both hooks of the server's veth end. BPF statistics are on in \
-         every scenario but the throughput ones (all attached rows but the last).\n\n\
+         every scenario but the throughput ones (the live service's rows but the last).\n\n\
          Raw: bpf_stats run_time_ns / run_cnt. The statistics read the clock around every run; \
          what that adds is measured by a do-nothing classifier (`{CALIBRATION_PROGRAM}`) \
          attached beside the program in the unmatched and unsampled scenarios, and net is raw \
