@@ -239,17 +239,12 @@ impl Agent {
         self.wait(EXIT_TIMEOUT)
     }
 
-    /// Stops a capture (SIGINT) and checks what every capture test checks: the agent exited 0,
-    /// the pcap is well formed (nothing truncated, every packet Ethernet/IP/TCP), and the stats'
-    /// counters add up with it. Returns the exit, the pcap decoded and the stats.
+    /// Stops a capture (SIGINT) and checks its exit ([`AgentExit::checked`]). Returns the exit,
+    /// the pcap decoded and the stats.
     #[track_caller]
     pub fn stop_checked(self) -> (AgentExit, Capture, Stats) {
         let exit = self.interrupt();
-        exit.assert_success();
-        let capture = exit.capture();
-        capture.assert_well_formed();
-        let stats = exit.stats();
-        stats.assert_add_up(&capture);
+        let (capture, stats) = exit.checked();
         (exit, capture, stats)
     }
 
@@ -325,6 +320,19 @@ impl AgentExit {
             );
         }
         self
+    }
+
+    /// Checks what every capture test checks of a finished capture: it exited 0, the pcap is
+    /// well formed (nothing truncated, every packet Ethernet/IP/TCP), and the stats' counters
+    /// add up with it. Returns the pcap decoded and the stats.
+    #[track_caller]
+    pub fn checked(&self) -> (Capture, Stats) {
+        self.assert_success();
+        let capture = self.capture();
+        capture.assert_well_formed();
+        let stats = self.stats();
+        stats.assert_add_up(&capture);
+        (capture, stats)
     }
 
     /// The counters of the stats JSON; panics if the file is missing or malformed.

@@ -813,17 +813,12 @@ fn two_interfaces_at_once() {
     let over_lo = SocketAddr::new(Ipv4Addr::new(198, 18, 255, 1).into(), 9000);
     let a = client::send_and_close(&h.client, over_veth, b"over the veth");
     let b = client::send_and_close(&h.server, over_lo, b"over loopback");
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
+    // stop_checked also checks that the interfaces' counters add up to the totals; here each
+    // interface carried one exchange, so each has its own share of them.
+    let (_, capture, stats) = agent.stop_checked();
     assert_exchange(&capture, &a, over_veth);
     assert_exchange(&capture, &b, over_lo);
     assert_eq!(sink.received_from(a.client), b"over the veth");
-    let stats = exit.stats();
-    // assert_add_up checks that the interfaces' counters add up to the totals; here each
-    // interface carried one exchange, so each has its own share of them.
-    stats.assert_add_up(&capture);
     assert_eq!(
         stats.interfaces.keys().collect::<Vec<_>>(),
         ["lo", "veth-s"],
@@ -867,10 +862,7 @@ fn counters_add_up_when_stopped_in_the_middle_of_transfers() {
     });
     let (exit, n) = transfers;
     assert!(n > 0, "no transfer finished");
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
-    exit.stats().assert_add_up(&capture);
+    exit.checked();
     Capture::assert_tools_read(exit.pcap_path());
     h.server.assert_nothing_attached("after SIGINT under load");
 }
@@ -925,14 +917,9 @@ fn a_stalled_reader_loses_records_counted_per_interface() {
         assert_eq!(ex.received, body, "live transfer with the ring buffer full");
     }
     signal(agent.pid(), "CONT");
-    let exit = agent.interrupt();
-    exit.assert_success();
-    let capture = exit.capture();
-    capture.assert_well_formed();
-    let stats = exit.stats();
     // The interfaces' counters, the agent's part (what it read) and the kernel's (what it could
-    // not write), add up to the totals.
-    stats.assert_add_up(&capture);
+    // not write), add up to the totals: stop_checked checks that.
+    let (_, _, stats) = agent.stop_checked();
     assert!(stats.k("ringbuf_full") > 0, "nothing lost: {}", stats.text);
     assert_eq!(
         stats.interfaces["veth-s"]["ringbuf_full"],
