@@ -11,6 +11,7 @@
 //! - [`client`]: raw TCP clients sending exact byte streams, and `curl`;
 //! - [`shadow_server`]: [`ShadowServer`], a shadow target that records what it receives;
 //! - [`agent`]: [`Agent`], `shadow-agent` run inside a namespace;
+//! - [`site`]: [`site::Site`], client ⇄ live ⇄ shadow for `shadow-agent run` tests;
 //! - [`pcap`]: [`Capture`], a pcap file decoded and reassembled per connection.
 #![deny(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod netns;
 pub mod pcap;
 pub mod server;
 pub mod shadow_server;
+pub mod site;
 pub mod tools;
 
 use std::{

@@ -2,123 +2,23 @@
 //! its own network namespace; the agent runs on the live host and mirrors what nginx receives.
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 use shadow_tests::client::{curl, http_keepalive, http_request, paced_gets};
+use shadow_tests::site::{
+    Site, assert_tagged, count, metric, metrics_text, route, write_atomically,
+};
 use shadow_tests::{
-    Agent, JsonApp, Netns, Nginx, Received, ShadowMode, ShadowServer, SinkMode, TcpSink, VethLink,
-    require_root, wait_for,
+    Agent, JsonApp, Nginx, Received, ShadowMode, ShadowServer, SinkMode, TcpSink, require_root,
+    wait_for,
 };
 
 const ARRIVAL: Duration = Duration::from_secs(20);
 
-/// client ⇄ live ⇄ shadow.
-struct Site {
-    client: Netns,
-    live: Netns,
-    shadow: Netns,
-    front: VethLink,
-    back: VethLink,
-    dir: tempfile::TempDir,
-}
-
-impl Site {
-    fn new() -> Self {
-        let client = Netns::new("mc");
-        let live = Netns::new("ml");
-        let shadow = Netns::new("ms");
-        let front = VethLink::new(&client, "veth-c", &live, "veth-lf");
-        let back = VethLink::new(&live, "veth-lb", &shadow, "veth-s");
-        Site {
-            client,
-            live,
-            shadow,
-            front,
-            back,
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn live_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.front.b_addr.into(), 80)
-    }
-
-    fn shadow_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.back.b_addr.into(), 8080)
-    }
-
-    fn live_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.live_addr())
-    }
-
-    /// Writes `config.toml`: capture on the live host's front interface, port 80, then `rest`.
-    fn config(&self, rest: &str) -> PathBuf {
-        let path = self.dir.path().join("config.toml");
-        write_atomically(
-            &path,
-            &format!(
-                "[capture]\ninterfaces = [\"veth-lf\"]\nports = [80]\n\n{}",
-                rest.replace("SHADOW", &self.shadow_addr().to_string())
-            ),
-        );
-        path
-    }
-}
-
-/// Replaces a file as editors and Kubernetes do: a new file renamed over the old.
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).expect("write config");
-    std::fs::rename(&tmp, path).expect("rename config");
-}
-
-/// A route to the shadow with generous budgets, and `extra` route keys.
-fn route(extra: &str) -> String {
-    format!(
-        "[[route]]\nname = \"web\"\nmatch = {{ port = 80 }}\ntargets = [\"http://SHADOW\"]\n{extra}\n\n\
-         [budget]\nnode_rps = 10000\ntarget_rps = 10000\nnode_bytes_per_sec = 100_000_000\ntimeout = \"1s\"\n"
-    )
-}
-
-/// The value of one series of a `/metrics` text, as `name{labels}` exactly as exposed.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-}
-
-/// The agent's `/metrics`, from the live host.
-fn metrics_text(site: &Site) -> String {
-    let out = curl(&site.live, &["http://127.0.0.1:9464/metrics"]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The ring buffer size the agent uses (it has no setting).
 const RING_BUFFER_BYTES: f64 = (16 << 20) as f64;
-
-fn count(json: &Value, path: &[&str]) -> u64 {
-    let mut v = json;
-    for p in path {
-        v = &v[*p];
-    }
-    v.as_u64().unwrap_or(0)
-}
-
-/// The shadow headers every copy carries; returns the copy id.
-#[track_caller]
-fn assert_tagged(r: &Received) -> String {
-    assert_eq!(r.header("x-shadow-request").as_deref(), Some("1"), "{r:?}");
-    let baggage = r.header("baggage").unwrap_or_default();
-    assert!(
-        baggage.split(',').any(|m| m.trim() == "shadow=true"),
-        "{r:?}"
-    );
-    let id = r.header("x-shadow-id").unwrap_or_default();
-    assert!(!id.is_empty(), "no id: {r:?}");
-    id
-}
 
 /// Linux scheduling policies, as `/proc/PID/stat` numbers them.
 const SCHED_OTHER: u32 = 0;
