@@ -232,6 +232,7 @@ fn workload_one(c: u16, request: &[u8]) -> Vec<Vec<u8>> {
                 ack: seg.ack,
                 fin: seg.fin,
                 rst: seg.rst,
+                window_scale: seg.window_scale,
             };
             ethernet_frame(src, dst, seg.seq, flags, seg.payload).expect("frame")
         })

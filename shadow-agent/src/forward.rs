@@ -583,10 +583,10 @@ mod tests {
         };
         let lane = Lane::start(target, limits, shared, counters.clone());
         let key = PairKey {
-            flow: crate::pipeline::FlowAddrs {
-                client: "198.18.0.1:1".parse().expect("addr"),
-                server: "198.18.0.2:80".parse().expect("addr"),
-            },
+            flow: crate::pipeline::FlowAddrs::new(
+                "198.18.0.1:1".parse().expect("addr"),
+                "198.18.0.2:80".parse().expect("addr"),
+            ),
             seq: 3,
         };
         let mut wanted = copy("/kept");

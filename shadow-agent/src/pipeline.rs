@@ -21,11 +21,13 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{
+    EtherType, NetSlice, SlicedPacket, TcpOptionElement, TcpOptionsIterator, TransportSlice,
+};
 
 use crate::flows::{
-    Chunk, CloseReason, Direction, FlowCounters, FlowKey, FlowLimits, FlowTable, Segment,
-    StreamHandler, counter_set,
+    Chunk, CloseReason, ConnectionId, Direction, FlowCounters, FlowKey, FlowLimits, FlowTable,
+    Segment, StreamHandler, counter_set,
 };
 use crate::http::{HttpConnection, HttpEvent, HttpLimits, Timestamp};
 
@@ -123,16 +125,30 @@ fn decode_plain_ipv4(frame: &[u8]) -> Option<Segment<'_>> {
     let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
     let address = |at: usize| IpAddr::V4(Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]));
     let flags = tcp[13];
+    let syn = flags & 0x02 != 0;
     Some(Segment {
         src: SocketAddr::new(address(12), port(0)),
         dst: SocketAddr::new(address(16), port(2)),
         seq: word(4),
         ack: (flags & 0x10 != 0).then(|| word(8)),
-        syn: flags & 0x02 != 0,
+        syn,
         fin: flags & 0x01 != 0,
         rst: flags & 0x04 != 0,
+        window: port(14),
+        window_scale: syn.then(|| window_scale(&tcp[20..data_offset])).flatten(),
         payload: &tcp[data_offset..],
     })
+}
+
+/// The shift of a window scale option among a TCP header's options (RFC 7323), if there is
+/// one; options after a malformed one are not read.
+fn window_scale(options: &[u8]) -> Option<u8> {
+    TcpOptionsIterator::from_slice(options)
+        .map_while(Result::ok)
+        .find_map(|option| match option {
+            TcpOptionElement::WindowScale(shift) => Some(shift),
+            _ => None,
+        })
 }
 
 /// Any frame of any link type, through etherparse.
@@ -188,6 +204,8 @@ fn decode_sliced(link: LinkType, frame: &[u8]) -> Result<Segment<'_>, Undecodabl
         syn: tcp.syn(),
         fin: tcp.fin(),
         rst: tcp.rst(),
+        window: tcp.window_size(),
+        window_scale: tcp.syn().then(|| window_scale(tcp.options())).flatten(),
         payload: tcp.payload(),
     })
 }
@@ -202,11 +220,26 @@ pub struct PipelineConfig {
     pub service_ports: Vec<u16>,
 }
 
-/// The two endpoints of a connection, by role.
+/// A connection: its two endpoints by role, and the initial sequence numbers that tell it
+/// apart from earlier and later connections on the same 4-tuple (where its SYNs were seen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowAddrs {
     pub client: SocketAddr,
     pub server: SocketAddr,
+    pub client_isn: Option<u32>,
+    pub server_isn: Option<u32>,
+}
+
+impl FlowAddrs {
+    /// A connection whose handshake was not seen.
+    pub const fn new(client: SocketAddr, server: SocketAddr) -> Self {
+        Self {
+            client,
+            server,
+            client_isn: None,
+            server_isn: None,
+        }
+    }
 }
 
 /// What the pipeline produces.
@@ -262,6 +295,19 @@ pub struct PipelineCounters {
 }
 
 impl PipelineCounters {
+    /// The sum of what became of the frames: undecodable by kind, other ports, and segments
+    /// taken by the flow table. Equal to `frames.frames` (tests check it).
+    pub fn frame_outcomes(&self) -> u64 {
+        let f = &self.frames;
+        f.frames_not_ip
+            + f.frames_not_tcp
+            + f.frames_ip_fragment
+            + f.frames_truncated
+            + f.frames_malformed
+            + f.segments_other_port
+            + self.flows.segments
+    }
+
     /// Every scalar counter with its name; anomalies by kind are in `http_anomalies`.
     pub fn pairs(&self) -> Vec<(&'static str, u64)> {
         let mut pairs = self.frames.pairs();
@@ -353,19 +399,16 @@ fn shape(bytes: impl Iterator<Item = u8>) -> Shape {
     }
 }
 
-fn index(dir: Direction) -> usize {
-    match dir {
-        Direction::FromA => 0,
-        Direction::FromB => 1,
-    }
-}
-
 /// One connection's HTTP state: the parser and the client/server roles.
 #[derive(Debug)]
 struct HttpFlow {
     /// Dropped when the flow closes, so a lingering closed flow holds no buffers.
     conn: Option<HttpConnection>,
     roles: Roles,
+    /// The connection's ISNs (client's, server's) as its events name them, fixed by the first
+    /// event so that every event of the connection carries the same, whatever the table learns
+    /// later.
+    isns: Option<(Option<u32>, Option<u32>)>,
 }
 
 impl HttpFlow {
@@ -388,13 +431,19 @@ impl HttpFlow {
         Self {
             conn: Some(HttpConnection::new(limits, !seg.syn)),
             roles,
+            isns: None,
         }
     }
 
-    fn addrs(key: &FlowKey, client: Direction) -> FlowAddrs {
+    fn addrs(&mut self, conn: &ConnectionId, client: Direction) -> FlowAddrs {
+        let (client_isn, server_isn) = *self
+            .isns
+            .get_or_insert_with(|| (conn.isn(client), conn.isn(client.reverse())));
         FlowAddrs {
-            client: key.source(client),
-            server: key.destination(client),
+            client: conn.key.source(client),
+            server: conn.key.destination(client),
+            client_isn,
+            server_isn,
         }
     }
 
@@ -419,7 +468,7 @@ impl HttpFlow {
     }
 
     /// Settles the roles of a sniffing flow and replays what was kept, the client first.
-    fn decide(&mut self, key: &FlowKey, client: Direction, ts: Timestamp, sink: &mut Sink<'_>) {
+    fn decide(&mut self, id: &ConnectionId, client: Direction, ts: Timestamp, sink: &mut Sink<'_>) {
         let Roles::Sniffing(sniff) = std::mem::replace(&mut self.roles, Roles::Known(client))
         else {
             return;
@@ -428,7 +477,7 @@ impl HttpFlow {
             return;
         };
         for dir in [client, client.reverse()] {
-            let i = index(dir);
+            let i = dir.index();
             if sniff.dropped[i] > 0 {
                 Self::feed(
                     conn,
@@ -450,7 +499,8 @@ impl HttpFlow {
                 );
             }
         }
-        sink.flush(Self::addrs(key, client));
+        let addrs = self.addrs(id, client);
+        sink.flush(addrs);
     }
 
     /// The fallback when the payload never told: the lower port is the server's.
@@ -469,7 +519,7 @@ impl HttpFlow {
         chunk: Chunk<'_>,
         key: &FlowKey,
     ) -> Option<Direction> {
-        let i = index(dir);
+        let i = dir.index();
         match chunk {
             Chunk::Data(data) => {
                 let head = &sniff.heads[i];
@@ -501,7 +551,7 @@ impl HttpFlow {
 impl StreamHandler<Sink<'_>> for HttpFlow {
     fn chunk(
         &mut self,
-        key: &FlowKey,
+        id: &ConnectionId,
         dir: Direction,
         chunk: Chunk<'_>,
         ts: Duration,
@@ -510,29 +560,29 @@ impl StreamHandler<Sink<'_>> for HttpFlow {
         if let Roles::Sniffing(sniff) = &mut self.roles {
             // A short first piece is kept in the head and replayed by `decide`; a deciding
             // piece is fed below, after the replay.
-            match Self::sniff(sniff, dir, chunk, key) {
-                Some(client) => self.decide(key, client, ts, sink),
+            match Self::sniff(sniff, dir, chunk, &id.key) {
+                Some(client) => self.decide(id, client, ts, sink),
                 None => return,
             }
         }
         let (Roles::Known(client), Some(conn)) = (&self.roles, self.conn.as_mut()) else {
             return;
         };
-        Self::feed(conn, *client, dir, chunk, ts, sink.scratch);
-        sink.flush(Self::addrs(key, *client));
+        let client = *client;
+        Self::feed(conn, client, dir, chunk, ts, sink.scratch);
+        let addrs = self.addrs(id, client);
+        sink.flush(addrs);
     }
 
-    fn closed(&mut self, key: &FlowKey, reason: CloseReason, sink: &mut Sink<'_>) {
+    fn closed(&mut self, id: &ConnectionId, reason: CloseReason, sink: &mut Sink<'_>) {
         let client = match &self.roles {
             Roles::Known(client) => *client,
-            Roles::Sniffing(_) => Self::fallback_client(key),
+            Roles::Sniffing(_) => Self::fallback_client(&id.key),
         };
         self.conn = None;
         self.roles = Roles::Known(client);
-        sink.out.push(PipelineEvent::FlowEnded {
-            flow: Self::addrs(key, client),
-            reason,
-        });
+        let flow = self.addrs(id, client);
+        sink.out.push(PipelineEvent::FlowEnded { flow, reason });
     }
 
     fn buffered_bytes(&self) -> usize {
@@ -676,8 +726,17 @@ impl Pipeline {
 pub mod synthetic {
     use std::net::{IpAddr, SocketAddr};
 
-    use etherparse::PacketBuilder;
     use etherparse::err::packet::BuildWriteError;
+    use etherparse::{PacketBuilder, TcpOptionElement, TcpOptionWriteError};
+
+    /// Why a segment could not be built.
+    #[derive(Debug, thiserror::Error)]
+    pub enum BuildError {
+        #[error(transparent)]
+        Write(#[from] BuildWriteError),
+        #[error(transparent)]
+        Options(#[from] TcpOptionWriteError),
+    }
 
     /// The TCP header fields of a built segment besides ports and sequence number.
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -687,6 +746,8 @@ pub mod synthetic {
         pub ack: Option<u32>,
         pub fin: bool,
         pub rst: bool,
+        /// A window scale option with this shift.
+        pub window_scale: Option<u8>,
     }
 
     fn write(
@@ -696,7 +757,7 @@ pub mod synthetic {
         seq: u32,
         flags: TcpFlags,
         payload: &[u8],
-    ) -> Result<Vec<u8>, BuildWriteError> {
+    ) -> Result<Vec<u8>, BuildError> {
         const WINDOW: u16 = 65_535;
         let ip = match (link, src.ip(), dst.ip()) {
             (Some((s, d)), IpAddr::V4(a), IpAddr::V4(b)) => PacketBuilder::ethernet2(s, d)
@@ -727,6 +788,9 @@ pub mod synthetic {
         if flags.rst {
             builder = builder.rst();
         }
+        if let Some(shift) = flags.window_scale {
+            builder = builder.options(&[TcpOptionElement::WindowScale(shift)])?;
+        }
         let mut frame = Vec::with_capacity(builder.size(payload.len()));
         builder.write(&mut frame, payload)?;
         Ok(frame)
@@ -750,7 +814,7 @@ pub mod synthetic {
         seq: u32,
         flags: TcpFlags,
         payload: &[u8],
-    ) -> Result<Vec<u8>, BuildWriteError> {
+    ) -> Result<Vec<u8>, BuildError> {
         write(
             Some(([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])),
             src,
@@ -772,10 +836,13 @@ pub mod synthetic {
         seq: u32,
         flags: TcpFlags,
         payload: &[u8],
-    ) -> Result<Vec<u8>, BuildWriteError> {
+    ) -> Result<Vec<u8>, BuildError> {
         write(None, src, dst, seq, flags, payload)
     }
 }
+
+#[cfg(test)]
+mod churn;
 
 #[cfg(test)]
 mod tests {
@@ -907,7 +974,9 @@ mod tests {
             reqs[0].0,
             FlowAddrs {
                 client: conn.client,
-                server: conn.server
+                server: conn.server,
+                client_isn: Some(conn.client_isn),
+                server_isn: Some(conn.server_isn),
             }
         );
         assert_eq!(reqs[0].1.method, "POST");
@@ -925,6 +994,148 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, PipelineEvent::FlowEnded { .. }))
         );
+    }
+
+    /// One client port, five connections one after another, each closed by the server after
+    /// its response (`Connection: close`): captured both ways, and only the client's way (the
+    /// agent's default ingress hook), where no flow ever looks closed.
+    #[test]
+    fn five_connections_on_one_four_tuple_are_five_flows() {
+        let request = b"GET /again HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        for both_ways in [true, false] {
+            let mut frames = Vec::new();
+            for i in 0..5u32 {
+                let conn = Conn::new("198.18.0.1:40000", "198.18.0.2:80", i * 0x3000_0000, 7 + i);
+                let handshake = conn.handshake();
+                frames.push(handshake[0].clone());
+                if both_ways {
+                    frames.push(handshake[1].clone());
+                }
+                frames.push(conn.client_sends(0, conn.client_ack(), request));
+                let fin = |flags: TcpFlags| TcpFlags { fin: true, ..flags };
+                if both_ways {
+                    let ack = conn.server_ack(request.len());
+                    frames.push(conn.server_sends(0, ack, response));
+                    frames.push(conn.server_sends(response.len(), fin(ack), b""));
+                }
+                let ack = TcpFlags {
+                    ack: Some(conn.server_isn.wrapping_add(2 + response.len() as u32)),
+                    ..TcpFlags::default()
+                };
+                frames.push(conn.client_sends(request.len(), fin(ack), b""));
+            }
+            let config = PipelineConfig {
+                service_ports: vec![80],
+                ..PipelineConfig::default()
+            };
+            let (events, pipeline) = run(&frames, config);
+            let c = pipeline.counters();
+            assert_eq!(c.frames.frames, if both_ways { 30 } else { 15 });
+            assert_eq!(c.frames.frames, c.frame_outcomes());
+            assert_eq!(c.flows.segments, c.flows.segment_outcomes());
+            assert_eq!(c.flows.flows_created, 5, "{:?}", c.flows);
+            assert_eq!(c.http.requests, 5);
+            let reqs = requests(&events);
+            assert!(reqs.iter().all(|(_, r)| r.target == "/again"));
+            // Each connection is told apart from the others on its 4-tuple by its ISNs.
+            let isns: std::collections::BTreeSet<_> =
+                reqs.iter().map(|(flow, _)| flow.client_isn).collect();
+            assert_eq!(isns.len(), 5, "{reqs:?}");
+            if both_ways {
+                assert_eq!(c.flows.flows_closed, 5);
+                assert_eq!(c.http.responses, 5);
+            } else {
+                assert_eq!((c.flows.flows_reused, c.flows.flows_finished), (4, 1));
+            }
+        }
+    }
+
+    /// Established keep-alive connections live through a flood of SYNs that fills the flow
+    /// table many times over, and every request they carry is rebuilt.
+    #[test]
+    fn keep_alive_connections_outlive_a_syn_flood() {
+        let config = PipelineConfig {
+            flows: FlowLimits {
+                max_flows: 2_000,
+                ..FlowLimits::default()
+            },
+            service_ports: vec![80],
+            ..PipelineConfig::default()
+        };
+        let mut pipeline = Pipeline::new(config);
+        let mut events = Vec::new();
+        let push = |pipeline: &mut Pipeline, frame: &[u8], events: &mut Vec<PipelineEvent>| {
+            pipeline.push_frame(LinkType::Ethernet, TS, frame, events);
+        };
+        let request = |i: usize| format!("GET /k/{i} HTTP/1.1\r\nHost: shop\r\n\r\n").into_bytes();
+        let conns: Vec<Conn> = (0..50)
+            .map(|i| {
+                Conn::new(
+                    &format!("198.18.3.{i}:45000"),
+                    "198.18.0.2:80",
+                    1_000 * i,
+                    9,
+                )
+            })
+            .collect();
+        // Each request is sent in two halves with a quarter of the flood between them: a
+        // connection evicted meanwhile would lose it.
+        let mut sent = vec![0usize; conns.len()];
+        let mut send_half = |pipeline: &mut Pipeline,
+                             round: usize,
+                             half: usize,
+                             events: &mut Vec<PipelineEvent>| {
+            for (i, conn) in conns.iter().enumerate() {
+                let bytes = request(round);
+                let cut = bytes.len() / 2;
+                let piece = if half == 0 {
+                    &bytes[..cut]
+                } else {
+                    &bytes[cut..]
+                };
+                push(
+                    pipeline,
+                    &conn.client_sends(sent[i], conn.client_ack(), piece),
+                    events,
+                );
+                sent[i] += piece.len();
+            }
+        };
+        for conn in &conns {
+            for frame in conn.handshake() {
+                push(&mut pipeline, &frame, &mut events);
+            }
+        }
+        send_half(&mut pipeline, 0, 0, &mut events);
+        for i in 0..100_000u32 {
+            let src = SocketAddr::from((
+                [198, 19, (i >> 8) as u8, i as u8],
+                1024 + (i % 60_000) as u16,
+            ));
+            let flags = TcpFlags {
+                syn: true,
+                ..TcpFlags::default()
+            };
+            let syn = ethernet_frame(src, addr("198.18.0.2:80"), i, flags, b"").expect("frame");
+            push(&mut pipeline, &syn, &mut events);
+            if i % 25_000 == 24_999 {
+                let round = (i / 25_000) as usize;
+                send_half(&mut pipeline, round, 1, &mut events);
+                send_half(&mut pipeline, round + 1, 0, &mut events);
+            }
+        }
+        let c = pipeline.counters().clone();
+        assert_eq!(c.http.requests, 50 * 4, "{:?}", c.flows);
+        assert_eq!(c.flows.flows_created, 100_000 + 50, "{:?}", c.flows);
+        assert_eq!(c.flows.flows_evicted_flow_limit, 100_000 - (2_000 - 50));
+        let kept: std::collections::BTreeSet<_> = requests(&events)
+            .iter()
+            .map(|(flow, _)| flow.client)
+            .collect();
+        assert_eq!(kept.len(), 50);
+        assert_eq!(c.frames.frames, c.frame_outcomes());
+        assert_eq!(c.flows.segments, c.flows.segment_outcomes());
     }
 
     #[test]
@@ -1145,6 +1356,7 @@ mod tests {
                 ack: (flags & 2 != 0).then_some(seq ^ 0x5555),
                 fin: flags & 4 != 0,
                 rst: flags & 8 != 0,
+                window_scale: (flags & 16 != 0).then_some(flags >> 5),
             };
             let mut frame = ethernet_frame(addr("10.0.0.1:40000"), addr("10.0.0.2:80"), seq, tcp, &payload)
                 .expect("frame");
@@ -1157,7 +1369,10 @@ mod tests {
             }
             frame.truncate(cut.index(frame.len() + 1));
             let view = |seg: Segment<'_>| {
-                (seg.src, seg.dst, seg.seq, seg.ack, seg.syn, seg.fin, seg.rst, seg.payload.to_vec())
+                (
+                    (seg.src, seg.dst, seg.seq, seg.ack, seg.syn, seg.fin, seg.rst),
+                    (seg.window, seg.window_scale, seg.payload.to_vec()),
+                )
             };
             if let Some(fast) = decode_plain_ipv4(&frame) {
                 let general = decode_sliced(LinkType::Ethernet, &frame);

@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
             ack: (*d & 0x02 != 0).then(|| seqs[lane ^ 1].wrapping_add(jump as u32)),
             fin: *d & 0x04 != 0,
             rst: *d & 0x08 != 0,
+            window_scale: (*d & 0x10 != 0).then_some(*b & 0x0f),
         };
         let Ok(frame) = ip_packet(src, dst, seq, flags, &payload) else {
             continue;
@@ -91,6 +92,9 @@ fuzz_target!(|data: &[u8]| {
         if *op & 0x10 != 0 {
             pipeline.expire(ts, &mut out);
         }
+        let counters = pipeline.counters();
+        assert_eq!(counters.frames.frames, counters.frame_outcomes());
+        assert_eq!(counters.flows.segments, counters.flows.segment_outcomes());
         let bound = 3 * Pipeline::bytes_per_flow() + 8192;
         assert!(pipeline.flows() <= 3);
         assert!(
@@ -102,4 +106,6 @@ fuzz_target!(|data: &[u8]| {
     }
     pipeline.finish(&mut out);
     assert_eq!(pipeline.flows(), 0);
+    let flows = &pipeline.counters().flows;
+    assert_eq!(flows.flows_created, flows.flows_ended());
 });

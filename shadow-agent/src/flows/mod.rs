@@ -17,8 +17,10 @@
 pub mod reassembly;
 pub mod table;
 
-pub use reassembly::{Chunk, Reassembler, SegmentKind};
-pub use table::{CloseReason, Direction, FlowKey, FlowLimits, FlowTable, Segment, StreamHandler};
+pub use reassembly::{Chunk, LARGEST_WINDOW, Reassembler, SegmentKind};
+pub use table::{
+    CloseReason, ConnectionId, Direction, FlowKey, FlowLimits, FlowTable, Segment, StreamHandler,
+};
 
 /// Declares a struct of `u64` counters and its `pairs()`, so that every consumer (the
 /// `inspect` summary, the metrics exporter) lists them from this one declaration.
@@ -46,7 +48,9 @@ macro_rules! counter_set {
 pub(crate) use counter_set;
 
 counter_set! {
-    /// What the flow table saw and did.
+    /// What the flow table saw and did. Every flow created ends in exactly one of the `flows_*`
+    /// outcomes below (or is still tracked); every segment taken ends in exactly one of the
+    /// `segments_*` outcomes, so `segments` is their sum.
     pub struct FlowCounters {
         /// Flows that started (on a SYN, or on payload when picked up mid-stream).
         flows_created,
@@ -54,22 +58,37 @@ counter_set! {
         flows_closed,
         /// Flows without a segment for the idle timeout.
         flows_expired,
-        /// Flows evicted to stay within the flow limit.
+        /// Flows evicted to stay within the flow limit (handshakes without data first).
         flows_evicted_flow_limit,
         /// Flows evicted to stay within the global byte limit.
         flows_evicted_memory,
         /// Flows still open at the end of input.
         flows_finished,
+        /// Flows ended by a new connection on their 4-tuple (a SYN with a new initial sequence
+        /// number after its sender had finished, never sent, or nothing was exchanged).
+        flows_reused,
+        /// TCP segments taken, each counted again in exactly one `segments_*` outcome below.
+        segments,
         /// Segments delivered at once.
         segments_in_order,
         /// Segments held until a hole before them filled (or was declared lost).
         segments_out_of_order,
-        /// Segments that carried only bytes already seen.
+        /// Segments that carried only bytes already seen, repeated SYNs, and payload on a
+        /// connection that already closed.
         segments_retransmitted,
         /// Segments that carried some bytes already seen and some new ones.
         segments_overlapping,
         /// Segments with a sequence number outside any possible window.
         segments_out_of_window,
+        /// Segments without payload that did their part: a SYN, a FIN, an accepted reset, an
+        /// acknowledgement.
+        segments_control,
+        /// SYNs on a connection whose sender's stream is open and carried data: the kernel
+        /// answers with a challenge ACK and keeps the connection (RFC 5961), and so does shadow.
+        segments_syn_challenged,
+        /// Resets whose sequence number is outside the window: the kernel ignores them (RFC
+        /// 5961), and so does shadow.
+        segments_rst_out_of_window,
         /// Segments of connections whose protocol shadow does not read (after an upgrade).
         segments_opaque,
         /// Resets and bare acknowledgements of connections not tracked.
@@ -79,5 +98,32 @@ counter_set! {
         gaps,
         /// Stream bytes in those holes.
         bytes_lost,
+    }
+}
+
+impl FlowCounters {
+    /// The sum of the segment outcomes; equal to `segments` (a test checks it).
+    pub fn segment_outcomes(&self) -> u64 {
+        self.segments_in_order
+            + self.segments_out_of_order
+            + self.segments_retransmitted
+            + self.segments_overlapping
+            + self.segments_out_of_window
+            + self.segments_control
+            + self.segments_syn_challenged
+            + self.segments_rst_out_of_window
+            + self.segments_opaque
+            + self.segments_ignored
+    }
+
+    /// Flows that ended, by any outcome; `flows_created` minus this is what is still tracked
+    /// and open.
+    pub fn flows_ended(&self) -> u64 {
+        self.flows_closed
+            + self.flows_expired
+            + self.flows_evicted_flow_limit
+            + self.flows_evicted_memory
+            + self.flows_finished
+            + self.flows_reused
     }
 }

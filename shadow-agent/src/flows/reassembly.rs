@@ -19,6 +19,9 @@ use std::collections::BTreeMap;
 /// (65 535 << 14, RFC 7323) rounded up.
 const MAX_WINDOW: i64 = 1 << 30;
 
+/// The largest window TCP can advertise: 65 535 scaled by the largest shift, 14 (RFC 7323).
+pub const LARGEST_WINDOW: u32 = 65_535 << 14;
+
 /// Bookkeeping cost charged for each segment held out of order on top of its payload (the
 /// `Vec` header and the B-tree slot), so that a flood of one-byte segments is bounded by the
 /// same limit as a few large ones.
@@ -69,6 +72,8 @@ pub struct Reassembler {
     delivered: u64,
     /// The stream offset of the FIN, once seen.
     fin_offset: Option<u64>,
+    /// The initial sequence number, when the stream started with a SYN.
+    isn: Option<u32>,
     state: State,
     /// Segments beyond a hole; boxed and only while there are some, because most streams
     /// arrive in order and an idle flow should not carry an empty map.
@@ -98,6 +103,7 @@ impl Reassembler {
             next_seq: 0,
             delivered: 0,
             fin_offset: None,
+            isn: None,
             state: State::Unstarted,
             held: None,
         }
@@ -108,8 +114,48 @@ impl Reassembler {
     pub fn syn(&mut self, isn: u32) {
         if self.state == State::Unstarted {
             self.next_seq = isn.wrapping_add(1);
+            self.isn = Some(isn);
             self.state = State::Open;
         }
+    }
+
+    /// The initial sequence number, when the stream started with a SYN that was seen.
+    pub fn isn(&self) -> Option<u32> {
+        self.isn
+    }
+
+    /// The sequence number of the next byte expected, once the stream's position is known.
+    pub fn next_seq(&self) -> Option<u32> {
+        (self.state != State::Unstarted).then_some(self.next_seq)
+    }
+
+    /// Whether the sender's FIN was seen, even with bytes before it still missing: the sender
+    /// has finished sending.
+    pub fn fin_seen(&self) -> bool {
+        self.fin_offset.is_some() || self.state == State::Ended
+    }
+
+    /// Whether any payload was seen (delivered, declared lost or held).
+    pub fn carried_data(&self) -> bool {
+        self.delivered > 0 || self.held.is_some()
+    }
+
+    /// Whether a reset with sequence number `seq` lies in the window of what this direction's
+    /// sender may still send (RFC 5961 section 3): from the next byte expected up to `window`
+    /// bytes beyond the furthest byte seen, plus one for a FIN. Held segments count as seen, so
+    /// bytes missing from the capture do not make a real reset look out of window. `None` when
+    /// the stream's position is unknown (nothing seen from the sender yet).
+    pub fn rst_in_window(&self, seq: u32, window: u32) -> Option<bool> {
+        if self.state == State::Unstarted {
+            return None;
+        }
+        let distance = i64::from(seq.wrapping_sub(self.next_seq) as i32);
+        let seen_beyond = self.held.as_ref().map_or(0, |held| {
+            held.segments
+                .last_key_value()
+                .map_or(0, |(&at, bytes)| at + bytes.len() as u64 - self.delivered)
+        });
+        Some(distance >= 0 && distance <= seen_beyond as i64 + i64::from(window) + 1)
     }
 
     pub fn is_started(&self) -> bool {

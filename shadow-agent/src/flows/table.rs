@@ -14,7 +14,7 @@ use std::ops::{Index, IndexMut};
 use std::time::Duration;
 
 use super::FlowCounters;
-use super::reassembly::{Chunk, Reassembler, SegmentKind};
+use super::reassembly::{Chunk, LARGEST_WINDOW, Reassembler, SegmentKind};
 
 /// The limits that bound the table's memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +93,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// 0 for [`Direction::FromA`], 1 for [`Direction::FromB`]: a slot in per-direction arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Self::FromA => 0,
+            Self::FromB => 1,
+        }
+    }
+
     pub fn reverse(self) -> Self {
         match self {
             Self::FromA => Self::FromB,
@@ -137,7 +145,28 @@ pub struct Segment<'a> {
     pub syn: bool,
     pub fin: bool,
     pub rst: bool,
+    /// The window field, unscaled.
+    pub window: u16,
+    /// The window scale option, on a SYN that carries one.
+    pub window_scale: Option<u8>,
     pub payload: &'a [u8],
+}
+
+/// A tracked connection as its handler sees it: the 4-tuple, and each direction's initial
+/// sequence number where its SYN was seen. Two connections on one 4-tuple, one after the other,
+/// differ in their ISNs; a connection picked up in mid-stream has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId {
+    pub key: FlowKey,
+    /// By [`Direction::index`].
+    pub isn: [Option<u32>; 2],
+}
+
+impl ConnectionId {
+    /// The initial sequence number of the stream travelling in `dir`.
+    pub fn isn(&self, dir: Direction) -> Option<u32> {
+        self.isn[dir.index()]
+    }
 }
 
 /// Why a flow left the table (or stopped carrying data).
@@ -153,15 +182,26 @@ pub enum CloseReason {
     EvictedMemory,
     /// End of input ([`FlowTable::finish`]).
     Finished,
+    /// A new connection started on the 4-tuple: a SYN with a new initial sequence number after
+    /// its sender had finished with this one (FIN), had never sent in it, or it never carried
+    /// data.
+    Reused,
 }
 
 /// The application layer above the reassemblers (HTTP in shadow; anything in tests).
 pub trait StreamHandler<O: ?Sized> {
     /// The next piece of one direction's stream. A flow's chunks arrive in stream order per
     /// direction; [`Chunk::End`] comes once per direction, last.
-    fn chunk(&mut self, key: &FlowKey, dir: Direction, chunk: Chunk<'_>, ts: Duration, out: &mut O);
+    fn chunk(
+        &mut self,
+        conn: &ConnectionId,
+        dir: Direction,
+        chunk: Chunk<'_>,
+        ts: Duration,
+        out: &mut O,
+    );
     /// The flow is over; called once, after both directions' [`Chunk::End`].
-    fn closed(&mut self, key: &FlowKey, reason: CloseReason, out: &mut O);
+    fn closed(&mut self, conn: &ConnectionId, reason: CloseReason, out: &mut O);
     /// Bytes the handler buffers, charged to the global limit.
     fn buffered_bytes(&self) -> usize;
     /// True once the handler reads no more data: the table stops reassembling the flow.
@@ -194,12 +234,19 @@ enum List {
     Activity,
     Holding,
     Closed,
+    Expendable,
 }
 
 #[derive(Debug)]
 struct Flow<H> {
     key: FlowKey,
     dirs: [Reassembler; 2],
+    /// The last window each direction advertised (unscaled), by [`Direction::index`].
+    windows: [Option<u16>; 2],
+    /// The window scale each direction's SYN offered; scaling applies only when both did.
+    window_scales: [Option<u8>; 2],
+    /// The last SYN challenged on this flow, until its connection is confirmed.
+    challenged: Option<ChallengedSyn>,
     handler: H,
     last_seen: Duration,
     /// Bytes charged to the global limit at the last update.
@@ -208,11 +255,144 @@ struct Flow<H> {
     closed: bool,
 }
 
+impl<H> Flow<H> {
+    fn new(key: FlowKey, handler: H, ts: Duration) -> Self {
+        Self {
+            key,
+            dirs: [Reassembler::new(), Reassembler::new()],
+            windows: [None; 2],
+            window_scales: [None; 2],
+            challenged: None,
+            handler,
+            last_seen: ts,
+            accounted: 0,
+            opaque: false,
+            closed: false,
+        }
+    }
+
+    fn id(&self) -> ConnectionId {
+        ConnectionId {
+            key: self.key,
+            isn: [self.dirs[0].isn(), self.dirs[1].isn()],
+        }
+    }
+
+    /// The window the receiver of segments travelling in `dir` last advertised, scaled; the
+    /// largest TCP allows while none was seen.
+    fn receive_window(&self, dir: Direction) -> u32 {
+        let receiver = dir.reverse().index();
+        let Some(window) = self.windows[receiver] else {
+            return LARGEST_WINDOW;
+        };
+        let shift = match self.window_scales {
+            [Some(_), Some(_)] => self.window_scales[receiver].unwrap_or(0).min(14),
+            _ => 0,
+        };
+        u32::from(window) << shift
+    }
+
+    /// Nothing of a conversation is lost by ending it: a handshake that carried no data yet
+    /// (what a SYN flood leaves), or a connection one side finished while the other was never
+    /// seen. The flow limit evicts these before established connections.
+    fn is_expendable(&self) -> bool {
+        let [a, b] = &self.dirs;
+        let quiet = !a.carried_data() && !b.carried_data();
+        let finished_one_way =
+            (a.fin_seen() && !b.is_started()) || (b.fin_seen() && !a.is_started());
+        quiet || finished_one_way
+    }
+
+    /// What a SYN without ACK from `dir`, with sequence number `seq`, means for this flow.
+    fn syn_meaning(&self, dir: Direction, seq: u32) -> SynMeaning {
+        let sender = &self.dirs[dir.index()];
+        let peer = &self.dirs[dir.reverse().index()];
+        if sender.isn() == Some(seq) {
+            SynMeaning::Retransmitted
+        } else if self.closed
+            || !sender.is_started()
+            || sender.fin_seen()
+            || (!sender.carried_data() && !peer.carried_data())
+        {
+            SynMeaning::NewConnection
+        } else {
+            SynMeaning::Challenged
+        }
+    }
+}
+
+/// A SYN that was challenged (see [`SynMeaning::Challenged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChallengedSyn {
+    sender: Direction,
+    isn: u32,
+    window_scale: Option<u8>,
+}
+
+impl ChallengedSyn {
+    /// Whether `seg`, travelling in `dir`, shows that the kernel accepted this SYN as a new
+    /// connection: the peer's SYN-ACK for it, or the sender's first data after it.
+    fn is_confirmed_by(&self, dir: Direction, seg: &Segment<'_>) -> bool {
+        let first = self.isn.wrapping_add(1);
+        if dir == self.sender {
+            !seg.syn && !seg.payload.is_empty() && seg.seq == first
+        } else {
+            seg.syn && seg.ack == Some(first)
+        }
+    }
+
+    /// The SYN itself, for the new flow's handler.
+    fn segment(&self, key: &FlowKey) -> Segment<'static> {
+        Segment {
+            src: key.source(self.sender),
+            dst: key.destination(self.sender),
+            seq: self.isn,
+            ack: None,
+            syn: true,
+            fin: false,
+            rst: false,
+            window: 0,
+            window_scale: self.window_scale,
+            payload: &[],
+        }
+    }
+}
+
+/// What a SYN without ACK on a tracked 4-tuple is, judged as the receiving kernel would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SynMeaning {
+    /// The SYN that opened this connection, again.
+    Retransmitted,
+    /// A new connection (a TIME-WAIT or closed socket accepts it, and a half-open one is
+    /// replaced): the sender had finished with the tracked one, had never sent in it, or it
+    /// never carried data.
+    NewConnection,
+    /// The sender's stream carried data and is still open: the kernel answers with a challenge
+    /// ACK and keeps the connection (RFC 5961 section 4); if the sender really started afresh,
+    /// its reset follows and closes the flow, and its next SYN opens the new one. Where the old
+    /// connection had in fact ended unseen (a lost FIN), the kernel accepts the SYN, and the
+    /// peer's SYN-ACK or the sender's data right after the SYN shows it.
+    Challenged,
+}
+
+/// What became of one segment: each is a counter, and every segment ends in exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Reassembled(SegmentKind),
+    /// A repeated SYN, or payload on a connection that already closed.
+    Retransmitted,
+    SynChallenged,
+    RstOutOfWindow,
+    Opaque,
+    Ignored,
+}
+
 #[derive(Debug)]
 struct Slot<H> {
     flow: Option<Flow<H>>,
     activity: Links,
-    /// Links in the holding list or the closed list (a closed flow holds nothing).
+    /// Links in the holding, closed or expendable list (a closed flow holds nothing, and an
+    /// expendable one is only filed as such while it holds nothing).
     aux: Links,
     aux_list: Option<List>,
 }
@@ -291,6 +471,9 @@ pub struct FlowTable<H> {
     activity: Ends,
     holding: Ends,
     closed: Ends,
+    expendable: Ends,
+    /// Flows in the closed list.
+    closed_flows: usize,
     buffered: usize,
     counters: FlowCounters,
 }
@@ -309,6 +492,8 @@ impl<H> FlowTable<H> {
             activity: empty,
             holding: empty,
             closed: empty,
+            expendable: empty,
+            closed_flows: 0,
             buffered: 0,
             counters: FlowCounters::default(),
         }
@@ -350,11 +535,18 @@ impl<H> FlowTable<H> {
         &self.counters
     }
 
+    /// Tracked flows that are still open: [`FlowTable::len`] less the closed ones kept so that
+    /// late retransmissions are recognised.
+    pub fn open_flows(&self) -> usize {
+        self.len() - self.closed_flows
+    }
+
     fn ends(&mut self, list: List) -> &mut Ends {
         match list {
             List::Activity => &mut self.activity,
             List::Holding => &mut self.holding,
             List::Closed => &mut self.closed,
+            List::Expendable => &mut self.expendable,
         }
     }
 
@@ -362,7 +554,7 @@ impl<H> FlowTable<H> {
         let slot = &mut self.slots[idx];
         match list {
             List::Activity => &mut slot.activity,
-            List::Holding | List::Closed => &mut slot.aux,
+            List::Holding | List::Closed | List::Expendable => &mut slot.aux,
         }
     }
 
@@ -398,18 +590,27 @@ impl<H> FlowTable<H> {
     fn set_aux_list(&mut self, idx: u32, list: Option<List>) {
         let current = self.slots[idx].aux_list;
         if current == list {
-            // Keep the holding list in activity order: a touched holder moves to the front.
-            if list == Some(List::Holding) && self.holding.head != idx {
-                self.unlink(List::Holding, idx);
-                self.push_front(List::Holding, idx);
+            // Keep the holding and expendable lists in activity order: a touched flow moves to
+            // the front.
+            if let Some(list @ (List::Holding | List::Expendable)) = list
+                && self.ends(list).head != idx
+            {
+                self.unlink(list, idx);
+                self.push_front(list, idx);
             }
             return;
         }
         if let Some(old) = current {
             self.unlink(old, idx);
+            if old == List::Closed {
+                self.closed_flows -= 1;
+            }
         }
         if let Some(new) = list {
             self.push_front(new, idx);
+            if new == List::Closed {
+                self.closed_flows += 1;
+            }
         }
         self.slots[idx].aux_list = list;
     }
@@ -449,11 +650,26 @@ impl<H> FlowTable<H> {
     }
 }
 
+/// The connection a segment travelling in `dir` belongs to, from its two reassemblers (`this`
+/// for `dir`, `peer` for the reverse).
+fn connection(
+    key: FlowKey,
+    dir: Direction,
+    this: &Reassembler,
+    peer: &Reassembler,
+) -> ConnectionId {
+    let isn = match dir {
+        Direction::FromA => [this.isn(), peer.isn()],
+        Direction::FromB => [peer.isn(), this.isn()],
+    };
+    ConnectionId { key, isn }
+}
+
 /// Hands reassembled chunks to the handler, counting gaps and skipping data once the handler
 /// reads no more.
 fn deliver_to<'a, H: StreamHandler<O>, O: ?Sized>(
     handler: &'a mut H,
-    key: &'a FlowKey,
+    conn: &'a ConnectionId,
     dir: Direction,
     ts: Duration,
     counters: &'a mut FlowCounters,
@@ -467,7 +683,7 @@ fn deliver_to<'a, H: StreamHandler<O>, O: ?Sized>(
         if matches!(chunk, Chunk::Data(_)) && handler.is_opaque() {
             return;
         }
-        handler.chunk(key, dir, chunk, ts, out);
+        handler.chunk(conn, dir, chunk, ts, out);
     }
 }
 
@@ -475,6 +691,9 @@ impl<H> FlowTable<H> {
     /// Takes one TCP segment at capture time `ts`. `create` builds the application state of
     /// a new flow from its first segment. A new flow starts only on a SYN or on a segment
     /// that carries payload; resets and bare acknowledgements of unknown flows are ignored.
+    ///
+    /// Every segment ends in exactly one segment counter (`segments` is their sum); see
+    /// [`FlowCounters`].
     pub fn segment<O: ?Sized>(
         &mut self,
         seg: &Segment<'_>,
@@ -484,62 +703,120 @@ impl<H> FlowTable<H> {
     ) where
         H: StreamHandler<O>,
     {
+        self.counters.segments += 1;
+        let outcome = self.take(seg, ts, create, out);
+        let counters = &mut self.counters;
+        *match outcome {
+            Outcome::Reassembled(SegmentKind::InOrder) => &mut counters.segments_in_order,
+            Outcome::Reassembled(SegmentKind::OutOfOrder) => &mut counters.segments_out_of_order,
+            Outcome::Reassembled(SegmentKind::Retransmitted) | Outcome::Retransmitted => {
+                &mut counters.segments_retransmitted
+            }
+            Outcome::Reassembled(SegmentKind::Overlapping) => &mut counters.segments_overlapping,
+            Outcome::Reassembled(SegmentKind::OutOfWindow) => &mut counters.segments_out_of_window,
+            Outcome::Reassembled(SegmentKind::Control) => &mut counters.segments_control,
+            Outcome::SynChallenged => &mut counters.segments_syn_challenged,
+            Outcome::RstOutOfWindow => &mut counters.segments_rst_out_of_window,
+            Outcome::Opaque => &mut counters.segments_opaque,
+            Outcome::Ignored => &mut counters.segments_ignored,
+        } += 1;
+    }
+
+    /// [`FlowTable::segment`] but for the counting of its outcome.
+    fn take<O: ?Sized>(
+        &mut self,
+        seg: &Segment<'_>,
+        ts: Duration,
+        create: impl FnOnce(&FlowKey, Direction, &Segment<'_>) -> H,
+        out: &mut O,
+    ) -> Outcome
+    where
+        H: StreamHandler<O>,
+    {
         let (key, dir) = FlowKey::new(seg.src, seg.dst);
         let mut idx = self.index.get(&key).copied();
-        if let Some(old) = idx {
-            let reused = seg.syn
-                && seg.ack.is_none()
-                && self.slots[old].flow.as_ref().is_some_and(|f| f.closed);
-            if reused {
-                // A new connection on the 4-tuple of one that ended.
-                self.remove(old);
+        // A challenged SYN that the kernel took as a new connection after all, to be replayed
+        // into the new flow.
+        let mut accepted_syn = None;
+        if let Some(old) = idx
+            && let Some(flow) = self.slots[old].flow.as_mut()
+        {
+            if seg.syn && seg.ack.is_none() {
+                match flow.syn_meaning(dir, seg.seq) {
+                    SynMeaning::NewConnection => {
+                        if flow.closed {
+                            self.remove(old);
+                        } else {
+                            self.end_and_remove(old, CloseReason::Reused, out);
+                        }
+                        idx = None;
+                    }
+                    SynMeaning::Retransmitted => {
+                        self.touch(old, ts);
+                        return Outcome::Retransmitted;
+                    }
+                    SynMeaning::Challenged => {
+                        flow.challenged = Some(ChallengedSyn {
+                            sender: dir,
+                            isn: seg.seq,
+                            window_scale: seg.window_scale,
+                        });
+                        self.touch(old, ts);
+                        return Outcome::SynChallenged;
+                    }
+                }
+            } else if let Some(syn) = flow.challenged
+                && syn.is_confirmed_by(dir, seg)
+            {
+                // The old connection had ended where the capture could not see it (its FIN or
+                // reset was lost): the peer answered the SYN with a SYN-ACK, or the SYN's sender
+                // sent data right after it, which it does only once the handshake completed.
+                self.end_and_remove(old, CloseReason::Reused, out);
                 idx = None;
+                accepted_syn = Some(syn);
             }
         }
         let idx = match idx {
             Some(idx) => idx,
             None if seg.syn || !seg.payload.is_empty() => {
                 self.make_room(out);
-                let handler = create(&key, dir, seg);
+                let handler = match accepted_syn {
+                    Some(syn) => create(&key, syn.sender, &syn.segment(&key)),
+                    None => create(&key, dir, seg),
+                };
                 self.counters.flows_created += 1;
-                self.insert(Flow {
-                    key,
-                    dirs: [Reassembler::new(), Reassembler::new()],
-                    handler,
-                    last_seen: ts,
-                    accounted: 0,
-                    opaque: false,
-                    closed: false,
-                })
+                let mut flow = Flow::new(key, handler, ts);
+                if let Some(syn) = accepted_syn {
+                    flow.dirs[syn.sender.index()].syn(syn.isn);
+                    flow.window_scales[syn.sender.index()] = syn.window_scale;
+                }
+                self.insert(flow)
             }
-            None => {
-                self.counters.segments_ignored += 1;
-                return;
-            }
+            None => return Outcome::Ignored,
         };
-        if self.activity.head != idx {
-            self.unlink(List::Activity, idx);
-            self.push_front(List::Activity, idx);
-        }
+        self.touch(idx, ts);
         let limit = self.limits.max_flow_out_of_order_bytes;
         let Some(flow) = self.slots[idx].flow.as_mut() else {
-            return;
+            return Outcome::Ignored;
         };
-        flow.last_seen = ts;
-        let counters = &mut self.counters;
-        if flow.closed {
-            if !seg.payload.is_empty() {
-                counters.segments_retransmitted += 1;
-            }
-            return;
+        flow.windows[dir.index()] = Some(seg.window);
+        if seg.syn && !flow.dirs[dir.index()].is_started() {
+            flow.window_scales[dir.index()] = seg.window_scale;
         }
+        if flow.closed {
+            return if seg.payload.is_empty() {
+                Outcome::Reassembled(SegmentKind::Control)
+            } else {
+                Outcome::Retransmitted
+            };
+        }
+        let rst_window = flow.receive_window(dir);
         let Flow {
-            key,
             dirs,
             handler,
             opaque,
             ..
-        } = flow;
+        } = &mut *flow;
         let (this, peer) = match dir {
             Direction::FromA => {
                 let [a, b] = dirs;
@@ -550,7 +827,18 @@ impl<H> FlowTable<H> {
                 (b, a)
             }
         };
-        if *opaque {
+        if seg.rst {
+            // RFC 5961 section 3: a reset counts only within the window. With nothing seen from
+            // its sender, it must acknowledge exactly what the peer sent (a refused SYN).
+            let accepted = this
+                .rst_in_window(seg.seq, rst_window)
+                .unwrap_or_else(|| seg.ack.is_some_and(|ack| peer.next_seq() == Some(ack)));
+            if !accepted {
+                return Outcome::RstOutOfWindow;
+            }
+        }
+        let counters = &mut self.counters;
+        let outcome = if *opaque {
             // Only the connection's end still matters.
             if seg.rst {
                 this.close(&mut |_| {});
@@ -558,11 +846,33 @@ impl<H> FlowTable<H> {
             } else if seg.fin {
                 this.close(&mut |_| {});
             }
-            counters.segments_opaque += 1;
+            Outcome::Opaque
+        } else if seg.rst {
+            let conn = connection(key, dir, this, peer);
+            this.close(&mut deliver_to(handler, &conn, dir, ts, counters, out));
+            peer.close(&mut deliver_to(
+                handler,
+                &conn,
+                dir.reverse(),
+                ts,
+                counters,
+                out,
+            ));
+            Outcome::Reassembled(SegmentKind::Control)
         } else {
+            let mut repeated_syn = false;
             if seg.syn {
-                this.syn(seg.seq);
+                if !this.is_started() {
+                    this.syn(seg.seq);
+                } else if this.isn() == Some(seg.seq) {
+                    repeated_syn = true;
+                } else {
+                    // A SYN-ACK of another connection on a stream already under way.
+                    return Outcome::SynChallenged;
+                }
             }
+            // After the SYN, which may have given this direction its ISN.
+            let conn = connection(key, dir, this, peer);
             let data_seq = if seg.syn {
                 seg.seq.wrapping_add(1)
             } else {
@@ -572,32 +882,13 @@ impl<H> FlowTable<H> {
                 data_seq,
                 seg.payload,
                 seg.fin,
-                &mut deliver_to(handler, key, dir, ts, counters, out),
+                &mut deliver_to(handler, &conn, dir, ts, counters, out),
             );
-            match kind {
-                SegmentKind::InOrder => counters.segments_in_order += 1,
-                SegmentKind::OutOfOrder => counters.segments_out_of_order += 1,
-                SegmentKind::Retransmitted => counters.segments_retransmitted += 1,
-                SegmentKind::Overlapping => counters.segments_overlapping += 1,
-                SegmentKind::OutOfWindow => counters.segments_out_of_window += 1,
-                SegmentKind::Control => {}
-            }
             if let Some(ack) = seg.ack {
                 peer.acked(
                     ack,
-                    &mut deliver_to(handler, key, dir.reverse(), ts, counters, out),
+                    &mut deliver_to(handler, &conn, dir.reverse(), ts, counters, out),
                 );
-            }
-            if seg.rst {
-                this.close(&mut deliver_to(handler, key, dir, ts, counters, out));
-                peer.close(&mut deliver_to(
-                    handler,
-                    key,
-                    dir.reverse(),
-                    ts,
-                    counters,
-                    out,
-                ));
             }
             // Over the per-flow limit: give up on the oldest hole of the fuller direction.
             while this.held_bytes() + peer.held_bytes() > limit {
@@ -606,16 +897,35 @@ impl<H> FlowTable<H> {
                 } else {
                     (&mut *peer, dir.reverse())
                 };
-                fuller.skip_hole(&mut deliver_to(handler, key, fuller_dir, ts, counters, out));
+                fuller.skip_hole(&mut deliver_to(
+                    handler, &conn, fuller_dir, ts, counters, out,
+                ));
             }
             if handler.is_opaque() {
                 *opaque = true;
                 this.discard_held();
                 peer.discard_held();
             }
-        }
+            if repeated_syn && kind == SegmentKind::Control {
+                Outcome::Retransmitted
+            } else {
+                Outcome::Reassembled(kind)
+            }
+        };
         self.after_update(idx, out);
         self.enforce_global_limit(out);
+        outcome
+    }
+
+    /// Moves a flow to the front of the activity list: it saw a segment at `ts`.
+    fn touch(&mut self, idx: u32, ts: Duration) {
+        if self.activity.head != idx {
+            self.unlink(List::Activity, idx);
+            self.push_front(List::Activity, idx);
+        }
+        if let Some(flow) = self.flow_mut(idx) {
+            flow.last_seen = ts;
+        }
     }
 
     /// Re-charges a flow's bytes after it changed, files it in the right list and closes it
@@ -630,7 +940,8 @@ impl<H> FlowTable<H> {
         let ended = flow.dirs.iter().all(Reassembler::is_ended);
         if ended && !flow.closed {
             flow.closed = true;
-            flow.handler.closed(&flow.key, CloseReason::Closed, out);
+            let id = flow.id();
+            flow.handler.closed(&id, CloseReason::Closed, out);
             self.counters.flows_closed += 1;
         }
         let Some(flow) = self.flow_mut(idx) else {
@@ -644,11 +955,14 @@ impl<H> FlowTable<H> {
         };
         let before = std::mem::replace(&mut flow.accounted, now);
         let closed = flow.closed;
+        let expendable = flow.is_expendable();
         self.buffered = self.buffered - before + now;
         let list = if closed {
             Some(List::Closed)
         } else if now > 0 {
             Some(List::Holding)
+        } else if expendable {
+            Some(List::Expendable)
         } else {
             None
         };
@@ -666,8 +980,8 @@ impl<H> FlowTable<H> {
             && !flow.closed
         {
             let ts = flow.last_seen;
+            let conn = flow.id();
             let Flow {
-                key,
                 dirs,
                 handler,
                 opaque,
@@ -677,23 +991,25 @@ impl<H> FlowTable<H> {
                 if *opaque {
                     reassembler.close(&mut |_| {});
                 } else {
-                    reassembler.close(&mut deliver_to(handler, key, dir, ts, counters, out));
+                    reassembler.close(&mut deliver_to(handler, &conn, dir, ts, counters, out));
                 }
             }
-            handler.closed(key, reason, out);
-            match reason {
-                CloseReason::Closed => counters.flows_closed += 1,
-                CloseReason::Expired => counters.flows_expired += 1,
-                CloseReason::EvictedFlowLimit => counters.flows_evicted_flow_limit += 1,
-                CloseReason::EvictedMemory => counters.flows_evicted_memory += 1,
-                CloseReason::Finished => counters.flows_finished += 1,
-            }
+            handler.closed(&conn, reason, out);
+            *match reason {
+                CloseReason::Closed => &mut counters.flows_closed,
+                CloseReason::Expired => &mut counters.flows_expired,
+                CloseReason::EvictedFlowLimit => &mut counters.flows_evicted_flow_limit,
+                CloseReason::EvictedMemory => &mut counters.flows_evicted_memory,
+                CloseReason::Finished => &mut counters.flows_finished,
+                CloseReason::Reused => &mut counters.flows_reused,
+            } += 1;
         }
         self.remove(idx);
     }
 
     /// Frees a slot for a new flow when the table is full: a connection that already ended
-    /// goes first; failing that, the least recently active flow is evicted.
+    /// goes first, then the least recently active expendable one (a handshake without data, so
+    /// a SYN flood displaces only its own kind), and only then the least recently active flow.
     fn make_room<O: ?Sized>(&mut self, out: &mut O)
     where
         H: StreamHandler<O>,
@@ -702,6 +1018,9 @@ impl<H> FlowTable<H> {
             if self.closed.tail != NIL {
                 let idx = self.closed.tail;
                 self.remove(idx);
+            } else if self.expendable.tail != NIL {
+                let idx = self.expendable.tail;
+                self.end_and_remove(idx, CloseReason::EvictedFlowLimit, out);
             } else if self.activity.tail != NIL {
                 let idx = self.activity.tail;
                 self.end_and_remove(idx, CloseReason::EvictedFlowLimit, out);
@@ -772,7 +1091,7 @@ mod tests {
     impl StreamHandler<Log> for Recorder {
         fn chunk(
             &mut self,
-            _: &FlowKey,
+            _: &ConnectionId,
             dir: Direction,
             chunk: Chunk<'_>,
             _: Duration,
@@ -789,10 +1108,10 @@ mod tests {
             }
         }
 
-        fn closed(&mut self, key: &FlowKey, reason: CloseReason, out: &mut Log) {
+        fn closed(&mut self, conn: &ConnectionId, reason: CloseReason, out: &mut Log) {
             self.closed = Some(reason);
             out.push((
-                *key,
+                conn.key,
                 format!("{reason:?} a:{} b:{}", self.from_a, self.from_b),
             ));
         }
@@ -827,6 +1146,8 @@ mod tests {
             syn: false,
             fin: false,
             rst: false,
+            window: 65_535,
+            window_scale: None,
             payload: payload.as_bytes(),
         }
     }
@@ -936,6 +1257,7 @@ mod tests {
         );
         assert_eq!(t.counters().flows_created, 2);
         assert_eq!(t.len(), 1);
+        assert_adds_up(&t);
     }
 
     #[test]
@@ -953,20 +1275,23 @@ mod tests {
         );
         push(&mut t, seg(true, 1, "ab"), secs(1), &mut log);
         push(&mut t, seg(true, 6, "fg"), secs(1), &mut log);
-        push(
-            &mut t,
-            Segment {
-                rst: true,
-                ..seg(false, 0, "")
-            },
-            secs(1),
-            &mut log,
-        );
+        // Nothing was seen from the server: its reset counts only if it acknowledges exactly
+        // what the client's stream reached.
+        let reset = |ack| Segment {
+            rst: true,
+            ack: Some(ack),
+            ..seg(false, 0, "")
+        };
+        push(&mut t, reset(2), secs(1), &mut log);
+        assert!(log.is_empty());
+        assert_eq!(t.counters().segments_rst_out_of_window, 1);
+        push(&mut t, reset(3), secs(1), &mut log);
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].1, format!("Closed a:ab[gap 3]fg[end] b:[end]"));
         assert_eq!(t.counters().gaps, 1);
         assert_eq!(t.counters().bytes_lost, 3);
         assert_eq!(t.buffered_bytes(), 0);
+        assert_adds_up(&t);
     }
 
     #[test]
@@ -1004,6 +1329,7 @@ mod tests {
         t.expire(secs(24), &mut log);
         assert!(t.is_empty());
         assert_eq!(t.counters().flows_expired, 2);
+        assert_adds_up(&t);
     }
 
     #[test]
@@ -1035,6 +1361,7 @@ mod tests {
             log[0].1,
             "Finished a:abcd[gap 2]ghij[gap 2]mnop[gap 2]stuv[end] b:[end]"
         );
+        assert_adds_up(&t);
     }
 
     #[test]
@@ -1058,6 +1385,7 @@ mod tests {
         assert_eq!(log[0].0.a.port(), 2, "port 2 was the least recently active");
         assert!(log[0].1.starts_with("EvictedFlowLimit"));
         assert_eq!(t.counters().flows_evicted_flow_limit, 1);
+        assert_adds_up(&t);
     }
 
     #[test]
@@ -1090,6 +1418,7 @@ mod tests {
         );
         assert!(t.buffered_bytes() <= 300);
         assert_eq!(t.len(), 2);
+        assert_adds_up(&t);
     }
 
     #[test]
@@ -1125,5 +1454,299 @@ mod tests {
         assert_eq!(t.buffered_bytes(), 0);
         // The slab never grew past the limit either.
         assert!(t.slots.len() <= 10_000);
+        assert_adds_up(&t);
+    }
+
+    /// The segment and flow identities every sequence of segments keeps.
+    #[track_caller]
+    fn assert_adds_up(t: &FlowTable<Recorder>) {
+        let c = t.counters();
+        assert_eq!(c.segments, c.segment_outcomes(), "{c:?}");
+        let open = t.open_flows() as u64;
+        assert_eq!(c.flows_created, c.flows_ended() + open, "{c:?}");
+    }
+
+    fn syn(from_client: bool, isn: u32) -> Segment<'static> {
+        Segment {
+            syn: true,
+            ..seg(from_client, isn, "")
+        }
+    }
+
+    fn fin(from_client: bool, seq: u32, payload: &str) -> Segment<'_> {
+        Segment {
+            fin: true,
+            ..seg(from_client, seq, payload)
+        }
+    }
+
+    fn rst(from_client: bool, seq: u32) -> Segment<'static> {
+        Segment {
+            rst: true,
+            ..seg(from_client, seq, "")
+        }
+    }
+
+    /// What `shadow-agent run` sees with its default ingress hook: only the client's packets,
+    /// a connection per request, every one on the same 4-tuple.
+    #[test]
+    fn each_connection_on_a_reused_four_tuple_is_a_new_flow() {
+        let mut t = FlowTable::new(FlowLimits::default());
+        let mut log = Log::new();
+        for i in 0..5u32 {
+            let isn = 1_000 + i * 100_000;
+            push(&mut t, syn(true, isn), secs(1), &mut log);
+            // A repeated SYN of the same connection is a retransmission.
+            push(&mut t, syn(true, isn), secs(1), &mut log);
+            push(&mut t, seg(true, isn + 1, "GET"), secs(1), &mut log);
+            push(&mut t, fin(true, isn + 4, ""), secs(1), &mut log);
+            assert_adds_up(&t);
+        }
+        t.finish(&mut log);
+        let c = t.counters();
+        assert_eq!(c.flows_created, 5, "{c:?}");
+        assert_eq!(c.flows_reused, 4);
+        assert_eq!(c.flows_finished, 1);
+        assert_eq!(c.segments_retransmitted, 5);
+        assert_eq!(c.segments_in_order, 5);
+        assert_eq!(log.len(), 5);
+        for (i, (_, text)) in log.iter().enumerate() {
+            let reason = if i < 4 { "Reused" } else { "Finished" };
+            assert_eq!(text, &format!("{reason} a:GET[end] b:[end]"), "{log:?}");
+        }
+        assert_adds_up(&t);
+    }
+
+    #[test]
+    fn a_syn_on_a_closed_connection_opens_the_next_one_unless_it_is_the_old_syn() {
+        let mut t = FlowTable::new(FlowLimits::default());
+        let mut log = Log::new();
+        push(&mut t, syn(true, 100), secs(1), &mut log);
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ack: Some(101),
+                ..seg(false, 500, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(&mut t, seg(true, 101, "GET"), secs(1), &mut log);
+        push(&mut t, fin(false, 501, "200"), secs(1), &mut log);
+        push(&mut t, fin(true, 104, ""), secs(1), &mut log);
+        assert_eq!(t.counters().flows_closed, 1);
+        // The old SYN, late: a retransmission, not a connection.
+        push(&mut t, syn(true, 100), secs(2), &mut log);
+        assert_eq!(t.counters().flows_created, 1);
+        assert_eq!(t.counters().segments_retransmitted, 1);
+        push(&mut t, syn(true, 7_000), secs(2), &mut log);
+        push(&mut t, seg(true, 7_001, "PUT"), secs(2), &mut log);
+        assert_eq!(t.counters().flows_created, 2);
+        assert_eq!(
+            t.counters().flows_reused,
+            0,
+            "the old one had closed already"
+        );
+        t.finish(&mut log);
+        assert_eq!(log[1].1, "Finished a:PUT[end] b:[end]");
+        assert_adds_up(&t);
+    }
+
+    /// RFC 5961 section 4: a SYN on an established connection gets a challenge ACK; a client
+    /// that really started afresh answers it with a reset, then sends its SYN again.
+    #[test]
+    fn a_syn_on_an_open_connection_is_challenged_until_a_reset_in_window_ends_it() {
+        let mut t = FlowTable::new(FlowLimits::default());
+        let mut log = Log::new();
+        push(&mut t, syn(true, 100), secs(1), &mut log);
+        push(&mut t, seg(true, 101, "GET /a"), secs(1), &mut log);
+        push(&mut t, syn(true, 90_000), secs(2), &mut log);
+        assert_eq!(t.counters().segments_syn_challenged, 1);
+        assert_eq!(t.counters().flows_created, 1);
+        // The old connection goes on.
+        push(&mut t, seg(true, 107, " HTTP"), secs(2), &mut log);
+        // A reset far outside the window changes nothing (a blind attacker's guess).
+        push(&mut t, rst(true, 100 + (1 << 31)), secs(3), &mut log);
+        assert_eq!(t.counters().segments_rst_out_of_window, 1);
+        push(&mut t, seg(true, 112, "/1.1"), secs(3), &mut log);
+        // The client's reset, in the window, ends it; its SYN again opens the new one.
+        push(&mut t, rst(true, 116), secs(4), &mut log);
+        assert_eq!(t.counters().flows_closed, 1);
+        push(&mut t, syn(true, 90_000), secs(4), &mut log);
+        push(&mut t, seg(true, 90_001, "GET /b"), secs(4), &mut log);
+        t.finish(&mut log);
+        assert_eq!(
+            log.iter()
+                .map(|(_, text)| text.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "Closed a:GET /a HTTP/1.1[end] b:[end]",
+                "Finished a:GET /b[end] b:[end]"
+            ]
+        );
+        assert_eq!(t.counters().flows_created, 2);
+        assert_adds_up(&t);
+    }
+
+    /// The client's FIN was lost from the capture: its next connection's SYN is challenged at
+    /// first, then shown to be a new connection by what follows it.
+    #[test]
+    fn a_challenged_syn_that_the_kernel_accepted_opens_the_new_connection() {
+        for confirmed_by_syn_ack in [true, false] {
+            let mut t = FlowTable::new(FlowLimits::default());
+            let mut log = Log::new();
+            push(&mut t, syn(true, 100), secs(1), &mut log);
+            push(&mut t, seg(true, 101, "GET /a"), secs(1), &mut log);
+            push(&mut t, syn(true, 50_000), secs(2), &mut log);
+            // Data of the old stream does not confirm it (a spoofed SYN changes nothing).
+            push(&mut t, seg(true, 107, "!"), secs(2), &mut log);
+            assert_eq!(t.counters().flows_created, 1);
+            if confirmed_by_syn_ack {
+                push(
+                    &mut t,
+                    Segment {
+                        syn: true,
+                        ack: Some(50_001),
+                        ..seg(false, 9_000, "")
+                    },
+                    secs(2),
+                    &mut log,
+                );
+            }
+            push(&mut t, seg(true, 50_001, "GET /b"), secs(2), &mut log);
+            assert_eq!(t.counters().flows_reused, 1, "{:?}", t.counters());
+            t.finish(&mut log);
+            let texts: Vec<_> = log.iter().map(|(_, text)| text.as_str()).collect();
+            assert_eq!(
+                texts,
+                [
+                    "Reused a:GET /a![end] b:[end]",
+                    "Finished a:GET /b[end] b:[end]"
+                ]
+            );
+            assert_eq!(t.counters().segments_syn_challenged, 1);
+            assert_adds_up(&t);
+        }
+    }
+
+    #[test]
+    fn a_reset_counts_only_within_the_receivers_window() {
+        let mut t = FlowTable::new(FlowLimits::default());
+        let mut log = Log::new();
+        // Both SYNs offer window scaling: the server's window of 512 means 512 << 2 bytes.
+        push(
+            &mut t,
+            Segment {
+                window_scale: Some(7),
+                ..syn(true, 100)
+            },
+            secs(1),
+            &mut log,
+        );
+        push(
+            &mut t,
+            Segment {
+                syn: true,
+                ack: Some(101),
+                window: 512,
+                window_scale: Some(2),
+                ..seg(false, 500, "")
+            },
+            secs(1),
+            &mut log,
+        );
+        push(&mut t, seg(true, 101, "GET"), secs(1), &mut log);
+        let window = 512 << 2;
+        // Just beyond the window (and the FIN's number): ignored, counted.
+        push(&mut t, rst(true, 104 + window + 2), secs(1), &mut log);
+        // Before the next expected byte: ignored too.
+        push(&mut t, rst(true, 103), secs(1), &mut log);
+        assert_eq!(t.counters().segments_rst_out_of_window, 2);
+        assert!(log.is_empty());
+        // At the edge of the window: a reset.
+        push(&mut t, rst(true, 104 + window + 1), secs(1), &mut log);
+        assert_eq!(log.len(), 1);
+        assert!(log[0].1.starts_with("Closed"), "{log:?}");
+        assert_adds_up(&t);
+    }
+
+    /// A SYN flood fills the table with handshakes that carry nothing; they displace one
+    /// another, never the established connections.
+    #[test]
+    fn a_syn_flood_evicts_handshakes_before_established_connections() {
+        let limits = FlowLimits {
+            max_flows: 1_000,
+            ..FlowLimits::default()
+        };
+        let mut t = FlowTable::new(limits);
+        let mut log = Log::new();
+        let client = |i: u32| SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 40_000));
+        let established = 100u32;
+        for i in 0..established {
+            push(
+                &mut t,
+                Segment {
+                    src: client(i),
+                    ..syn(true, 0)
+                },
+                secs(1),
+                &mut log,
+            );
+            push(
+                &mut t,
+                Segment {
+                    src: client(i),
+                    ..seg(true, 1, "a")
+                },
+                secs(1),
+                &mut log,
+            );
+        }
+        for i in 0..100_000u32 {
+            let src = SocketAddr::from((
+                [172, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                1024 + (i % 50_000) as u16,
+            ));
+            push(
+                &mut t,
+                Segment {
+                    src,
+                    ..syn(true, i)
+                },
+                Duration::from_millis(1_000 + u64::from(i) / 10),
+                &mut log,
+            );
+            assert!(t.len() <= 1_000);
+        }
+        for i in 0..established {
+            push(
+                &mut t,
+                Segment {
+                    src: client(i),
+                    ..seg(true, 2, "b")
+                },
+                secs(20),
+                &mut log,
+            );
+        }
+        let flooder =
+            |key: &FlowKey| matches!(key.b.ip(), std::net::IpAddr::V4(ip) if ip.octets()[0] == 172);
+        assert!(
+            log.iter().all(|(key, _)| flooder(key)),
+            "an established connection was evicted"
+        );
+        t.finish(&mut log);
+        // The server, 10.0.0.2, is the lower endpoint: the clients' text is `b:`.
+        let kept = log
+            .iter()
+            .filter(|(_, text)| text.ends_with("b:ab[end]"))
+            .count();
+        assert_eq!(kept, established as usize);
+        assert_eq!(
+            t.counters().flows_evicted_flow_limit,
+            100_000 - (1_000 - 100)
+        );
+        assert_adds_up(&t);
     }
 }

@@ -175,6 +175,8 @@ impl<I: IdSource> Mirror<I> {
             body: &req.body,
             client: flow.client,
             server: flow.server,
+            client_isn: flow.client_isn,
+            server_isn: flow.server_isn,
             sequence: req.seq,
         };
         let baseline = self.policy.route(route_id).and_then(|r| r.baseline());
@@ -215,10 +217,11 @@ impl<I: IdSource> Mirror<I> {
     }
 }
 
-/// Different for every request of every connection, the same on every node for one request.
+/// Different for every request of every connection (connections on a reused 4-tuple differ in
+/// their ISNs), the same on every node for one request.
 fn sample_key(flow: &FlowAddrs, seq: u64) -> u64 {
     let mut h = DefaultHasher::new();
-    (flow.client, flow.server, seq).hash(&mut h);
+    (flow, seq).hash(&mut h);
     h.finish()
 }
 

@@ -279,10 +279,10 @@ mod tests {
 
     fn key(seq: u64) -> PairKey {
         PairKey {
-            flow: FlowAddrs {
-                client: "198.18.0.1:40000".parse().expect("addr"),
-                server: "198.18.0.2:80".parse().expect("addr"),
-            },
+            flow: FlowAddrs::new(
+                "198.18.0.1:40000".parse().expect("addr"),
+                "198.18.0.2:80".parse().expect("addr"),
+            ),
             seq,
         }
     }

@@ -38,10 +38,10 @@ fn mirror() -> (Mirror<NodeIds>, Arc<MirrorStats>) {
 }
 
 fn flow(port: u16) -> FlowAddrs {
-    FlowAddrs {
-        client: "198.18.0.1:40000".parse().expect("addr"),
-        server: format!("198.18.0.2:{port}").parse().expect("addr"),
-    }
+    FlowAddrs::new(
+        "198.18.0.1:40000".parse().expect("addr"),
+        format!("198.18.0.2:{port}").parse().expect("addr"),
+    )
 }
 
 fn request(seq: u64, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Request {

@@ -43,6 +43,10 @@ pub struct CapturedRequest<'a> {
     pub client: SocketAddr,
     /// The server's end of the connection.
     pub server: SocketAddr,
+    /// The initial sequence numbers of the connection where its handshake was seen: they tell
+    /// it apart from earlier and later connections on the same 4-tuple.
+    pub client_isn: Option<u32>,
+    pub server_isn: Option<u32>,
     /// The request's number on its connection, from 0.
     pub sequence: u64,
 }
@@ -242,11 +246,13 @@ pub fn merge_baggage(existing: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The idempotency key derived for a captured request: SHA-256, in hex, over its method,
-/// target, connection and number on the connection, and the SHA-256 of its body. The same
-/// for every copy of one request, different for two requests.
+/// target, connection (4-tuple and initial sequence numbers) and number on the connection, and
+/// the SHA-256 of its body. The same for every copy of one request, on every node that saw its
+/// connection's handshake; different for two requests, also for the same request sent again on
+/// a new connection that reuses the 4-tuple.
 pub fn idempotency_key(req: &CapturedRequest<'_>) -> String {
     let mut h = Sha256::new();
-    h.update(b"shadow-idempotency-v1");
+    h.update(b"shadow-idempotency-v2");
     for part in [
         req.method.as_bytes(),
         req.target.as_bytes(),
@@ -256,6 +262,16 @@ pub fn idempotency_key(req: &CapturedRequest<'_>) -> String {
         // Length-prefixed, so that no two different requests write the same bytes.
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
+    }
+    for isn in [req.client_isn, req.server_isn] {
+        // A presence byte, so that an unknown ISN never writes what a known one could.
+        match isn {
+            Some(isn) => {
+                h.update([1]);
+                h.update(isn.to_be_bytes());
+            }
+            None => h.update([0]),
+        }
     }
     h.update(req.sequence.to_be_bytes());
     h.update(Sha256::digest(req.body));

@@ -67,6 +67,8 @@ fn request<'a>(method: &'a str, headers: &'a [Header]) -> CapturedRequest<'a> {
         body: b"{}",
         client: "10.0.0.1:40000".parse().expect("addr"),
         server: "10.0.0.2:8080".parse().expect("addr"),
+        client_isn: Some(1_000),
+        server_isn: Some(9_000),
         sequence: 0,
     }
 }
@@ -273,6 +275,23 @@ fn derived_keys_change_with_every_part_of_the_request() {
             server: "10.0.0.3:8080".parse().expect("addr"),
             ..base
         },
+        // The same request again on a new connection that reuses the 4-tuple.
+        CapturedRequest {
+            client_isn: Some(2_000),
+            ..base
+        },
+        CapturedRequest {
+            server_isn: Some(9_001),
+            ..base
+        },
+        CapturedRequest {
+            client_isn: None,
+            ..base
+        },
+        CapturedRequest {
+            server_isn: None,
+            ..base
+        },
     ];
     for v in variants {
         assert_ne!(idempotency_key(&v), key, "{v:?}");
@@ -389,6 +408,8 @@ proptest! {
                 body,
                 client: SocketAddr::from(([10, 0, 0, 1], *port)),
                 server: SocketAddr::from(([10, 0, 0, 2], 8080)),
+                client_isn: Some(u32::from(*port) * 7),
+                server_isn: None,
                 sequence: *seq,
             };
             idempotency_key(&req)
