@@ -99,6 +99,26 @@ impl Netns {
         })
     }
 
+    /// Narrows the namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, which is
+    /// per namespace) to `first..=last`, so that clients opening a connection per request wrap
+    /// it quickly and use each port, and so each 4-tuple, again and again.
+    pub fn set_ephemeral_ports(&self, first: u16, last: u16) {
+        const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+        // /proc/sys/net shows the namespace of the thread that opens it.
+        let now = self.run_in(|| {
+            std::fs::write(RANGE, format!("{first} {last}"))
+                .unwrap_or_else(|e| panic!("cannot write {RANGE}: {e}"));
+            std::fs::read_to_string(RANGE).unwrap_or_else(|e| panic!("cannot read {RANGE}: {e}"))
+        });
+        let now: Vec<&str> = now.split_whitespace().collect();
+        assert_eq!(
+            now,
+            [first.to_string(), last.to_string()],
+            "{RANGE} in {}",
+            self.name
+        );
+    }
+
     /// Pids of the processes inside the namespace (`ip netns pids`).
     pub fn pids(&self) -> Vec<i32> {
         let out = Command::new("ip")
