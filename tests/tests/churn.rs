@@ -3,7 +3,8 @@
 //! one, and each of its requests must be rebuilt and mirrored. Keep-alive load (mirror.rs, the
 //! benchmarks' wrk and oha) never uses a 4-tuple twice, so only these tests see it.
 //!
-//! Topology: [`Site`], client ⇄ live nginx ⇄ recording shadow, the agent on the live host.
+//! Topology: [`Site`], client ⇄ live nginx ⇄ recording shadow, the agent on the live host. Every
+//! test's name starts with `churn`: `cargo xtask test -- churn` runs them.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -80,12 +81,12 @@ fn five_connections_on_one_4_tuple(hooks: Option<&str>) {
 }
 
 #[test]
-fn five_connections_on_one_4_tuple_each_arrive_with_the_default_hooks() {
+fn churn_five_connections_on_one_4_tuple_each_arrive_with_the_default_hooks() {
     five_connections_on_one_4_tuple(None);
 }
 
 #[test]
-fn five_connections_on_one_4_tuple_each_arrive_with_both_hooks() {
+fn churn_five_connections_on_one_4_tuple_each_arrive_with_both_hooks() {
     five_connections_on_one_4_tuple(Some("[\"ingress\", \"egress\"]"));
 }
 
@@ -200,11 +201,11 @@ fn every_request_is_mirrored_while_ephemeral_ports_wrap(hooks: Option<&str>) {
 }
 
 #[test]
-fn every_request_is_mirrored_while_ephemeral_ports_wrap_with_the_default_hooks() {
+fn churn_every_request_is_mirrored_while_ephemeral_ports_wrap_with_the_default_hooks() {
     every_request_is_mirrored_while_ephemeral_ports_wrap(None);
 }
 
 #[test]
-fn every_request_is_mirrored_while_ephemeral_ports_wrap_with_both_hooks() {
+fn churn_every_request_is_mirrored_while_ephemeral_ports_wrap_with_both_hooks() {
     every_request_is_mirrored_while_ephemeral_ports_wrap(Some("[\"ingress\", \"egress\"]"));
 }
