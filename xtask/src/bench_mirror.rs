@@ -39,6 +39,10 @@ struct AgentRun {
     copies: u64,
     /// Exchanges compared (with `[compare]`).
     compared: u64,
+    /// Requests the agent rebuilt from captured packets.
+    rebuilt: u64,
+    /// Packets the kernel program had no ring buffer room for: copies lost before the agent.
+    ringbuf_full: u64,
     /// Requests the shadow's nginx served during the load.
     delivered: u64,
     /// Agent CPU time (user + system) during the load, in microseconds.
@@ -333,6 +337,8 @@ fn with_agent(
     figures.agent = Some(AgentRun {
         copies,
         compared,
+        rebuilt: json["pipeline"]["requests"].as_u64().unwrap_or(0),
+        ringbuf_full: json["kernel"]["ringbuf_full"].as_u64().unwrap_or(0),
         delivered,
         cpu_us: cpu,
     });
@@ -553,6 +559,26 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             bench.churn_rate,
             med(figs, &|f| (f.requests + f.errors) as f64 / f64::from(ports)),
         );
+    }
+    // Where copies went missing: requests the agent never rebuilt, packets lost before it.
+    for (name, figs) in rows {
+        let runs: Vec<(u64, AgentRun)> = figs
+            .iter()
+            .filter_map(|f| f.agent.map(|a| (f.requests, a)))
+            .collect();
+        if runs
+            .iter()
+            .any(|(requests, a)| a.rebuilt < *requests || a.ringbuf_full > 0)
+        {
+            out += &format!(
+                "{name}: per round, requests rebuilt by the agent / live requests {:?}, packets \
+                 lost for want of ring buffer room {:?}\n",
+                runs.iter()
+                    .map(|(requests, a)| format!("{} / {requests}", a.rebuilt))
+                    .collect::<Vec<_>>(),
+                runs.iter().map(|(_, a)| a.ringbuf_full).collect::<Vec<_>>(),
+            );
+        }
     }
     for (name, figs) in rows {
         if figs.iter().any(|f| f.errors > 0) {
