@@ -196,3 +196,77 @@ pub fn paced_gets(ns: &Netns, server: SocketAddr, rate: f64, duration: std::time
     }
     sent
 }
+
+/// GETs `paths` one after the other, each on a connection of its own with `Connection: close`,
+/// all from `local` (SO_REUSEADDR and bind): one 4-tuple used again and again, as by clients that
+/// bind their port. Runs `one_port_client.py` with python3 inside `ns`; panics unless every
+/// answer is a 200. Returns the address each connection left from.
+pub fn gets_from_one_port(
+    ns: &Netns,
+    local: SocketAddr,
+    server: SocketAddr,
+    paths: &[String],
+) -> Vec<SocketAddr> {
+    let dir = tempfile::tempdir().expect("tempdir for the client");
+    let script = dir.path().join("one_port_client.py");
+    std::fs::write(&script, include_str!("one_port_client.py")).expect("write the client");
+    let (local_ip, local_port) = (local.ip().to_string(), local.port().to_string());
+    let (server_ip, server_port) = (server.ip().to_string(), server.port().to_string());
+    let mut argv = vec![
+        "python3",
+        script.to_str().expect("utf-8 path"),
+        &local_ip,
+        &local_port,
+        &server_ip,
+        &server_port,
+    ];
+    argv.extend(paths.iter().map(String::as_str));
+    let out = run_ok(&mut ns.exec(&argv));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), paths.len(), "the client printed:\n{text}");
+    lines
+        .iter()
+        .map(|line| {
+            let (addr, status) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("the client printed {line:?}"));
+            assert!(
+                status.starts_with("HTTP/1.1 200"),
+                "{server} answered {line:?}"
+            );
+            addr.parse()
+                .unwrap_or_else(|e| panic!("the client printed {addr:?}: {e}"))
+        })
+        .collect()
+}
+
+/// `ab -n REQUESTS -c CONCURRENCY URL`, Apache's benchmark client, run inside `ns`. Without `-k`
+/// it speaks HTTP/1.0 and opens a connection per request, which the server closes; connections
+/// take their ports from the namespace's ephemeral range. Panics unless ab succeeds and every
+/// request completed with a 2xx answer; returns the number completed.
+pub fn ab(ns: &Netns, url: &str, requests: u64, concurrency: u32) -> u64 {
+    let out = run_ok(&mut ns.exec(&[
+        "ab",
+        "-q",
+        "-s",
+        "60",
+        "-n",
+        &requests.to_string(),
+        "-c",
+        &concurrency.to_string(),
+        url,
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    let complete = field("Complete requests:")
+        .unwrap_or_else(|| panic!("ab reported no complete requests:\n{text}"));
+    assert_eq!(field("Failed requests:"), Some(0), "ab:\n{text}");
+    // ab prints this line only when some answers were not 2xx.
+    assert_eq!(field("Non-2xx responses:"), None, "ab:\n{text}");
+    assert_eq!(complete, requests, "ab:\n{text}");
+    complete
+}

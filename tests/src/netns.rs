@@ -18,6 +18,9 @@ use nix::{
 
 use crate::run_ok;
 
+/// Where a namespace's ephemeral port range is read and set.
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
 /// Counter behind namespace names and veth subnets, unique within the test process.
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
@@ -97,6 +100,37 @@ impl Netns {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// The namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, which is per
+    /// namespace): the first and last port that connections without a bound port take.
+    pub fn ephemeral_ports(&self) -> (u16, u16) {
+        // /proc/sys/net shows the namespace of the thread that opens it.
+        let text = self.run_in(|| {
+            std::fs::read_to_string(PORT_RANGE)
+                .unwrap_or_else(|e| panic!("cannot read {PORT_RANGE}: {e}"))
+        });
+        let ports: Vec<u16> = text
+            .split_whitespace()
+            .map(|p| {
+                p.parse()
+                    .unwrap_or_else(|e| panic!("{PORT_RANGE}: {text:?}: {e}"))
+            })
+            .collect();
+        match ports[..] {
+            [first, last] => (first, last),
+            _ => panic!("{PORT_RANGE}: {text:?}"),
+        }
+    }
+
+    /// Narrows the ephemeral port range to `first..=last`, so that clients opening a connection
+    /// per request wrap it quickly and use each port, and so each 4-tuple, again and again.
+    pub fn set_ephemeral_ports(&self, first: u16, last: u16) {
+        self.run_in(|| {
+            std::fs::write(PORT_RANGE, format!("{first} {last}"))
+                .unwrap_or_else(|e| panic!("cannot write {PORT_RANGE}: {e}"))
+        });
+        assert_eq!(self.ephemeral_ports(), (first, last), "in {}", self.name);
     }
 
     /// Pids of the processes inside the namespace (`ip netns pids`).

@@ -95,6 +95,17 @@ pub fn metrics_text(site: &Site) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The agent's `/stats`, from the live host. It is published once per tick (a second).
+pub fn stats(site: &Site) -> Value {
+    let out = curl(&site.live, &["http://127.0.0.1:9464/stats"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "/stats is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 pub fn count(json: &Value, path: &[&str]) -> u64 {
     let mut v = json;
     for p in path {

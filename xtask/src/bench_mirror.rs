@@ -2,6 +2,10 @@
 //! the shadow, side by side in one run on one topology, against nginx's own `mirror` module as
 //! the in-path baseline.
 //!
+//! Fixed-rate load comes in two kinds of client: keep-alive connections, and a new connection
+//! per request ("churn"), run long enough for the client's ephemeral ports to wrap twice, so
+//! that 4-tuples are used again as they are by such clients in production.
+//!
 //! Topology: a client namespace (wrk, oha), a live namespace (nginx serving `ok`, the agent
 //! attached to its interface, and an nginx reverse proxy to it, with and without `mirror`), and a
 //! shadow namespace (nginx serving `ok`, whose access log counts what arrived).
@@ -22,6 +26,8 @@ pub struct MirrorBench {
     pub rounds: u32,
     /// The fixed rate of the latency comparison, requests per second.
     pub rate: u32,
+    /// The fixed rate of the churn scenarios, requests (and so new connections) per second.
+    pub churn_rate: u32,
     /// Only the scenarios whose names contain this.
     pub only: Option<String>,
 }
@@ -33,6 +39,10 @@ struct AgentRun {
     copies: u64,
     /// Exchanges compared (with `[compare]`).
     compared: u64,
+    /// Requests the agent rebuilt from captured packets.
+    rebuilt: u64,
+    /// Packets the kernel program had no ring buffer room for: copies lost before the agent.
+    ringbuf_full: u64,
     /// Requests the shadow's nginx served during the load.
     delivered: u64,
     /// Agent CPU time (user + system) during the load, in microseconds.
@@ -43,9 +53,23 @@ struct AgentRun {
 #[derive(Clone, Copy, Debug, Default)]
 struct Figures {
     load: Load,
+    /// How long the load ran.
+    seconds: u32,
     /// Requests completed by the load generator.
     requests: u64,
+    /// Requests the load generator saw fail (oha only; not those cut off by the end of the run).
+    errors: u64,
     agent: Option<AgentRun>,
+}
+
+/// How the load generator's clients use connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Connections {
+    /// Many requests on each connection.
+    KeepAlive,
+    /// A new connection for each request (`Connection: close`), which the server closes: the
+    /// client's ephemeral ports wrap, and 4-tuples come back.
+    PerRequest,
 }
 
 struct Topology {
@@ -187,16 +211,40 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let compare_config = topo.config(dir.path(), true)?;
     let seconds = bench.seconds;
     let live = topo.url(80);
+    let ports = port_count(&topo.client);
+    // Long enough for the client's ephemeral ports to wrap twice.
+    let churn_seconds = seconds.max((2 * ports).div_ceil(bench.churn_rate.max(1)));
 
     let max = |url: &str| -> Result<Figures> {
         let load = wrk(&topo.client, url, seconds)?;
         Ok(Figures {
             load,
+            seconds,
             requests: (load.requests_per_sec * f64::from(seconds)) as u64,
+            errors: 0,
             agent: None,
         })
     };
-    let fixed = || -> Result<Figures> { oha_fixed(&topo.client, &oha, &live, bench.rate, seconds) };
+    let fixed = || -> Result<Figures> {
+        oha_fixed(
+            &topo.client,
+            &oha,
+            &live,
+            bench.rate,
+            seconds,
+            Connections::KeepAlive,
+        )
+    };
+    let churn = || -> Result<Figures> {
+        oha_fixed(
+            &topo.client,
+            &oha,
+            &live,
+            bench.churn_rate,
+            churn_seconds,
+            Connections::PerRequest,
+        )
+    };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
@@ -236,6 +284,11 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                 low
             }),
         ),
+        ("churn, fixed rate, no agent", Box::new(churn)),
+        (
+            "churn, fixed rate, agent 100 %",
+            Box::new(|| with_agent(&topo, &config, &[], churn)),
+        ),
     ];
     let mut rows: Vec<(&str, Vec<Figures>)> = scenarios
         .iter()
@@ -255,7 +308,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             row.1.push(scenario()?);
         }
     }
-    Ok(report(&bench, &rows))
+    Ok(report(&bench, ports, &rows))
 }
 
 /// Runs `load` with the agent running (mirroring, or a dry run), and reads what it did.
@@ -284,6 +337,8 @@ fn with_agent(
     figures.agent = Some(AgentRun {
         copies,
         compared,
+        rebuilt: json["pipeline"]["requests"].as_u64().unwrap_or(0),
+        ringbuf_full: json["kernel"]["ringbuf_full"].as_u64().unwrap_or(0),
         delivered,
         cpu_us: cpu,
     });
@@ -312,23 +367,42 @@ fn cpu_time_us(pid: u32) -> Result<f64> {
     Ok(ticks as f64 * 1e6 / hz)
 }
 
-/// oha at a fixed rate: latency at a load the service can carry.
-fn oha_fixed(client: &Netns, oha: &Path, url: &str, rate: u32, seconds: u32) -> Result<Figures> {
+/// The number of ports in the client namespace's ephemeral range.
+fn port_count(client: &Netns) -> u32 {
+    let (first, last) = client.ephemeral_ports();
+    u32::from(last.saturating_sub(first)) + 1
+}
+
+/// oha at a fixed rate (`rate` requests a second for `seconds`): latency at a load the service
+/// can carry.
+fn oha_fixed(
+    client: &Netns,
+    oha: &Path,
+    url: &str,
+    rate: u32,
+    seconds: u32,
+    connections: Connections,
+) -> Result<Figures> {
+    let mut argv = vec![
+        oha.to_str().context("utf-8 path")?.to_owned(),
+        "--no-tui".into(),
+        "--latency-correction".into(),
+        "--output-format".into(),
+        "json".into(),
+        "-z".into(),
+        format!("{seconds}s"),
+        "-q".into(),
+        rate.to_string(),
+        "-c".into(),
+        "64".into(),
+    ];
+    if connections == Connections::PerRequest {
+        argv.push("--disable-keepalive".into());
+    }
+    argv.push(url.to_owned());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = client
-        .exec(&[
-            oha.to_str().context("utf-8 path")?,
-            "--no-tui",
-            "--latency-correction",
-            "--output-format",
-            "json",
-            "-z",
-            &format!("{seconds}s"),
-            "-q",
-            &rate.to_string(),
-            "-c",
-            "64",
-            url,
-        ])
+        .exec(&argv)
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run oha")?;
@@ -340,18 +414,33 @@ fn oha_fixed(client: &Netns, oha: &Path, url: &str, rate: u32, seconds: u32) -> 
     let summary = &json["summary"];
     let percentile = |p: &str| json["latencyPercentiles"][p].as_f64().unwrap_or(0.0) * 1e3;
     let ok = json["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+    // Requests still in flight when `-z` ends are aborted: not a failure of the service.
+    let failed: Vec<(&String, u64)> = json["errorDistribution"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(kind, _)| *kind != "aborted due to deadline")
+        .map(|(kind, n)| (kind, n.as_u64().unwrap_or(0)))
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("xtask: oha's failed requests: {failed:?}");
+    }
+    let errors = failed.iter().map(|(_, n)| n).sum();
     Ok(Figures {
         load: Load {
             requests_per_sec: summary["requestsPerSec"].as_f64().unwrap_or(0.0),
             p50_ms: percentile("p50"),
             p99_ms: percentile("p99"),
         },
+        seconds,
         requests: ok,
+        errors,
         agent: None,
     })
 }
 
-fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
+/// The report; `ports` is the size of the client's ephemeral port range.
+fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> String {
     let host = Command::new("uname")
         .arg("-r")
         .stderr(Stdio::null())
@@ -359,8 +448,9 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let mut out = format!(
-        "cargo xtask bench mirror --seconds {} --rounds {} --rate {}; kernel {host}; medians of the rounds\n\n",
-        bench.seconds, bench.rounds, bench.rate
+        "cargo xtask bench mirror --seconds {} --rounds {} --rate {} --churn-rate {}; kernel {host}; \
+         medians of the rounds\n\n",
+        bench.seconds, bench.rounds, bench.rate, bench.churn_rate
     );
     out += "| scenario | requests/s | p50 ms | p99 ms | copies/s | delivered / live requests | agent CPU µs/copy |\n";
     out += "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n";
@@ -373,8 +463,11 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
         let (copies, delivered, cpu) = if agent.is_empty() {
             ("-".into(), "-".into(), "-".into())
         } else {
-            let secs = f64::from(bench.seconds);
-            let copies = median(agent.iter().map(|a| a.copies as f64 / secs).collect());
+            let copies = median(
+                figs.iter()
+                    .filter_map(|f| f.agent.map(|a| a.copies as f64 / f64::from(f.seconds)))
+                    .collect(),
+            );
             let dry = name.contains("dry");
             let delivered = if dry {
                 "none (dry run)".to_owned()
@@ -423,37 +516,92 @@ fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
         ratio("agent, dry run", "no agent", &|f| f.load.requests_per_sec),
         ratio("agent, dry run", "no agent", &|f| f.load.p99_ms),
     );
-    for (what, scenario) in [
-        ("agent", "fixed rate, agent 100 %"),
-        ("agent at nice 10", "fixed rate, agent 100 % at nice 10"),
-        ("agent dry run", "fixed rate, agent dry run"),
+    let (keep_alive, churn) = ("fixed rate, no agent", "churn, fixed rate, no agent");
+    for (rate, what, scenario, control) in [
+        (bench.rate, "agent", "fixed rate, agent 100 %", keep_alive),
         (
+            bench.rate,
+            "agent at nice 10",
+            "fixed rate, agent 100 % at nice 10",
+            keep_alive,
+        ),
+        (
+            bench.rate,
+            "agent dry run",
+            "fixed rate, agent dry run",
+            keep_alive,
+        ),
+        (
+            bench.rate,
             "agent with the shadow at SCHED_IDLE",
             "fixed rate, agent 100 %, shadow at SCHED_IDLE",
+            keep_alive,
+        ),
+        (
+            bench.churn_rate,
+            "a connection per request, agent",
+            "churn, fixed rate, agent 100 %",
+            churn,
         ),
     ] {
         out += &format!(
-            "ratios at {} requests/s, {what} / no agent: p50 {:.2}, p99 {:.2}\n",
-            bench.rate,
-            ratio(scenario, "fixed rate, no agent", &|f| f.load.p50_ms),
-            ratio(scenario, "fixed rate, no agent", &|f| f.load.p99_ms),
+            "ratios at {rate} requests/s, {what} / no agent: p50 {:.2}, p99 {:.2}\n",
+            ratio(scenario, control, &|f| f.load.p50_ms),
+            ratio(scenario, control, &|f| f.load.p99_ms),
         );
     }
+    for (name, figs) in rows.iter().filter(|(name, _)| name.starts_with("churn")) {
+        // Every connection took a port of the range, whether its request succeeded or not.
+        out += &format!(
+            "{name}: {} s at {} new connections/s; the client's {ports} ephemeral ports wrapped \
+             {:.1} times\n",
+            figs.first().map_or(0, |f| f.seconds),
+            bench.churn_rate,
+            med(figs, &|f| (f.requests + f.errors) as f64 / f64::from(ports)),
+        );
+    }
+    // Where copies went missing: requests the agent never rebuilt, packets lost before it.
+    for (name, figs) in rows {
+        let runs: Vec<(u64, AgentRun)> = figs
+            .iter()
+            .filter_map(|f| f.agent.map(|a| (f.requests, a)))
+            .collect();
+        if runs
+            .iter()
+            .any(|(requests, a)| a.rebuilt < *requests || a.ringbuf_full > 0)
+        {
+            out += &format!(
+                "{name}: per round, requests rebuilt by the agent / live requests {:?}, packets \
+                 lost for want of ring buffer room {:?}\n",
+                runs.iter()
+                    .map(|(requests, a)| format!("{} / {requests}", a.rebuilt))
+                    .collect::<Vec<_>>(),
+                runs.iter().map(|(_, a)| a.ringbuf_full).collect::<Vec<_>>(),
+            );
+        }
+    }
+    for (name, figs) in rows {
+        if figs.iter().any(|f| f.errors > 0) {
+            out += &format!(
+                "{name}: requests failed at the load generator in its rounds: {:?}\n",
+                figs.iter().map(|f| f.errors).collect::<Vec<_>>()
+            );
+        }
+    }
     if let Some(figs) = find("fixed rate, agent 100 % + compare") {
-        let runs: Vec<AgentRun> = figs.iter().filter_map(|f| f.agent).collect();
         out += &format!(
             "with [compare] at {} requests/s: {:.0} exchanges compared per second, {:.1} us of \
              agent CPU per compared exchange (capture of both directions, mirroring and the \
              comparison together)\n",
             bench.rate,
             median(
-                runs.iter()
-                    .map(|a| a.compared as f64 / f64::from(bench.seconds))
+                figs.iter()
+                    .filter_map(|f| f.agent.map(|a| a.compared as f64 / f64::from(f.seconds)))
                     .collect()
             ),
             median(
-                runs.iter()
-                    .map(|a| a.cpu_us / a.compared.max(1) as f64)
+                figs.iter()
+                    .filter_map(|f| f.agent.map(|a| a.cpu_us / a.compared.max(1) as f64))
                     .collect()
             ),
         );

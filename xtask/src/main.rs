@@ -89,7 +89,11 @@ enum Bench {
         /// Requests per second of the fixed-rate latency comparison.
         #[arg(long, default_value_t = 10_000)]
         rate: u32,
-        /// Only the scenarios whose names contain this, e.g. `fixed rate`.
+        /// Requests per second of the churn scenarios, each on a new connection. They run for
+        /// `--seconds`, or longer if the client's ephemeral ports need it to wrap twice.
+        #[arg(long, default_value_t = 2_000)]
+        churn_rate: u32,
+        /// Only the scenarios whose names contain this, e.g. `fixed rate` or `churn`.
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
     },
@@ -137,11 +141,13 @@ fn main() -> Result<()> {
                     seconds,
                     rounds,
                     rate,
+                    churn_rate,
                     only,
                 } => bench_mirror::run(bench_mirror::MirrorBench {
                     seconds,
                     rounds,
                     rate,
+                    churn_rate,
                     only,
                 }),
             }
