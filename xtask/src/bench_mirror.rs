@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use shadow_tests::{Agent, Netns, Nginx, VethLink};
 
 use crate::bench::{Load, median, wrk};
+use crate::cgroup::CpuGroup;
 
 pub struct MirrorBench {
     pub seconds: u32,
@@ -245,6 +246,12 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             Connections::PerRequest,
         )
     };
+    // The agent as production runs it: in a cgroup of its own, weighted as a DaemonSet pod that
+    // requests 100m of CPU, at normal priority (`--nice 0`) or under SCHED_IDLE (the default).
+    let pod = CpuGroup::pod("shadow-bench-agent", 100)?;
+    let in_pod = |extra: &'static [&'static str], load: &dyn Fn() -> Result<Figures>| {
+        with_agent_in(&topo, &config, extra, Some(&pod), load)
+    };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
@@ -255,6 +262,14 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         (
             "agent, dry run",
             Box::new(|| with_agent(&topo, &config, &["--dry-run"], || max(&live))),
+        ),
+        (
+            "agent, 100 %, own cgroup (100m), nice 0",
+            Box::new(|| in_pod(&["--nice", "0"], &|| max(&live))),
+        ),
+        (
+            "agent, 100 %, own cgroup (100m), SCHED_IDLE",
+            Box::new(|| in_pod(&[], &|| max(&live))),
         ),
         ("nginx proxy", Box::new(|| max(&topo.url(81)))),
         ("nginx proxy + mirror", Box::new(|| max(&topo.url(82)))),
@@ -270,6 +285,14 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         (
             "fixed rate, agent dry run",
             Box::new(|| with_agent(&topo, &config, &["--dry-run"], fixed)),
+        ),
+        (
+            "fixed rate, agent 100 %, own cgroup (100m), nice 0",
+            Box::new(|| in_pod(&["--nice", "0"], &fixed)),
+        ),
+        (
+            "fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
+            Box::new(|| in_pod(&[], &fixed)),
         ),
         (
             "fixed rate, agent 100 % + compare",
@@ -318,10 +341,24 @@ fn with_agent(
     extra: &[&str],
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
+    with_agent_in(topo, config, extra, None, load)
+}
+
+/// [`with_agent`], with the agent moved into `cgroup` (when given) before the load starts.
+fn with_agent_in(
+    topo: &Topology,
+    config: &Path,
+    extra: &[&str],
+    cgroup: Option<&CpuGroup>,
+    load: impl FnOnce() -> Result<Figures>,
+) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
     args.extend_from_slice(extra);
     let agent = Agent::run(&topo.live, config, &args);
     let pid = agent.pid();
+    if let Some(cgroup) = cgroup {
+        cgroup.add(pid)?;
+    }
     let delivered_before = topo.shadow_nginx.served();
     let cpu_before = cpu_time_us(pid)?;
     let mut figures = load()?;
@@ -511,11 +548,23 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
         ratio("agent, 100 %", "no agent", &|f| f.load.p50_ms),
         ratio("agent, 100 %", "no agent", &|f| f.load.p99_ms),
     );
-    out += &format!(
-        "ratios, dry run / no agent: throughput {:.3}, p99 {:.2}\n",
-        ratio("agent, dry run", "no agent", &|f| f.load.requests_per_sec),
-        ratio("agent, dry run", "no agent", &|f| f.load.p99_ms),
-    );
+    for (what, scenario) in [
+        ("dry run", "agent, dry run"),
+        (
+            "agent in its own 100m cgroup, nice 0",
+            "agent, 100 %, own cgroup (100m), nice 0",
+        ),
+        (
+            "agent in its own 100m cgroup, SCHED_IDLE",
+            "agent, 100 %, own cgroup (100m), SCHED_IDLE",
+        ),
+    ] {
+        out += &format!(
+            "ratios, {what} / no agent: throughput {:.3}, p99 {:.2}\n",
+            ratio(scenario, "no agent", &|f| f.load.requests_per_sec),
+            ratio(scenario, "no agent", &|f| f.load.p99_ms),
+        );
+    }
     let (keep_alive, churn) = ("fixed rate, no agent", "churn, fixed rate, no agent");
     for (rate, what, scenario, control) in [
         (bench.rate, "agent", "fixed rate, agent 100 %", keep_alive),
@@ -529,6 +578,18 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             bench.rate,
             "agent dry run",
             "fixed rate, agent dry run",
+            keep_alive,
+        ),
+        (
+            bench.rate,
+            "agent in its own 100m cgroup, nice 0",
+            "fixed rate, agent 100 %, own cgroup (100m), nice 0",
+            keep_alive,
+        ),
+        (
+            bench.rate,
+            "agent in its own 100m cgroup, SCHED_IDLE",
+            "fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
             keep_alive,
         ),
         (

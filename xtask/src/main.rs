@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_mirror;
+mod cgroup;
 mod demo;
 mod kernels;
 mod manifests;
