@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Netns, run_ok};
+use crate::{Netns, Program, run_ok};
 
 /// Opens a TCP connection to `server` from inside `ns`.
 pub fn connect(ns: &Netns, server: SocketAddr) -> TcpStream {
@@ -149,9 +149,9 @@ pub fn http_request(host: SocketAddr, path: &str, body: &[u8]) -> Vec<u8> {
 /// Runs `curl -sS --max-time 60 args...` inside `ns` and panics unless it succeeds. Add
 /// [`CURL_LOCAL`] to `-w` to learn the client address of each transfer.
 pub fn curl(ns: &Netns, args: &[&str]) -> Output {
-    let mut argv = vec!["curl", "-sS", "--max-time", "60"];
+    let mut argv = vec!["-sS", "--max-time", "60"];
     argv.extend_from_slice(args);
-    run_ok(&mut ns.exec(&argv))
+    run_ok(&mut ns.exec(Program::Curl, &argv))
 }
 
 /// A `curl -w` format printing the client address of a transfer on a line of its own.

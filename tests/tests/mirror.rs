@@ -11,8 +11,8 @@ use shadow_tests::site::{
     Site, assert_tagged, count, metric, metrics_text, route, write_atomically,
 };
 use shadow_tests::{
-    Agent, JsonApp, Nginx, Received, ShadowMode, ShadowServer, SinkMode, TcpSink, require_root,
-    wait_for,
+    Agent, JsonApp, Nginx, Program, Received, ShadowMode, ShadowServer, SinkMode, TcpSink,
+    require_root, wait_for,
 };
 
 const ARRIVAL: Duration = Duration::from_secs(20);
@@ -342,12 +342,8 @@ fn assert_operations_metrics(site: &Site) {
 
     // And `status` shows them: the route's latency, the interface, the ring buffer.
     let bin = shadow_tests::agent_bin();
-    let out = shadow_tests::run_ok(&mut site.live.exec(&[
-        bin.to_str().expect("utf-8 path"),
-        "status",
-        "--interval",
-        "1s",
-    ]));
+    let out =
+        shadow_tests::run_ok(&mut site.live.exec_built(&bin, &["status", "--interval", "1s"]));
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     let row = |first: &str| -> Vec<String> {
         table
@@ -964,19 +960,17 @@ fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: 
     // The page, written by `report` and looked at in a real browser.
     let page = site.dir.path().join("report.html");
     let bin = shadow_tests::agent_bin();
-    shadow_tests::run_ok(&mut site.live.exec(&[
-        bin.to_str().expect("utf-8 path"),
-        "report",
-        "--out",
-        page.to_str().expect("utf-8 path"),
-    ]));
+    shadow_tests::run_ok(&mut site.live.exec_built(
+        &bin,
+        &["report", "--out", page.to_str().expect("utf-8 path")],
+    ));
     let html = std::fs::read_to_string(&page).expect("report page");
     assert!(
         html.contains("POST /refunds") && html.contains("$.total"),
         "{html}"
     );
     let shot = site.dir.path().join("report.png");
-    shadow_tests::run_ok(std::process::Command::new("chromium").args([
+    shadow_tests::run_ok(Program::Chromium.command().args([
         "--headless",
         "--no-sandbox",
         "--disable-gpu",

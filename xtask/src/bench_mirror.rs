@@ -5,15 +5,10 @@
 //! Topology: a client namespace (wrk, oha), a live namespace (nginx serving `ok`, the agent
 //! attached to its interface, and an nginx reverse proxy to it, with and without `mirror`), and a
 //! shadow namespace (nginx serving `ok`, whose access log counts what arrived).
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use shadow_tests::{Agent, Netns, Nginx, VethLink};
+use shadow_tests::{Agent, Netns, Nginx, Program, VethLink};
 
 use crate::bench::{Load, median, wrk};
 
@@ -177,7 +172,6 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     if bench.rounds == 0 || bench.seconds == 0 {
         bail!("--rounds and --seconds must be at least 1");
     }
-    let oha = crate::setup::ensure_oha()?;
     // The test helpers start the agent from this path.
     // SAFETY: no other thread runs yet, so none reads the environment meanwhile.
     unsafe { std::env::set_var("SHADOW_AGENT_BIN", agent_bin) };
@@ -196,7 +190,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             agent: None,
         })
     };
-    let fixed = || -> Result<Figures> { oha_fixed(&topo.client, &oha, &live, bench.rate, seconds) };
+    let fixed = || -> Result<Figures> { oha_fixed(&topo.client, &live, bench.rate, seconds) };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
@@ -313,22 +307,24 @@ fn cpu_time_us(pid: u32) -> Result<f64> {
 }
 
 /// oha at a fixed rate: latency at a load the service can carry.
-fn oha_fixed(client: &Netns, oha: &Path, url: &str, rate: u32, seconds: u32) -> Result<Figures> {
+fn oha_fixed(client: &Netns, url: &str, rate: u32, seconds: u32) -> Result<Figures> {
     let out = client
-        .exec(&[
-            oha.to_str().context("utf-8 path")?,
-            "--no-tui",
-            "--latency-correction",
-            "--output-format",
-            "json",
-            "-z",
-            &format!("{seconds}s"),
-            "-q",
-            &rate.to_string(),
-            "-c",
-            "64",
-            url,
-        ])
+        .exec(
+            Program::Oha,
+            &[
+                "--no-tui",
+                "--latency-correction",
+                "--output-format",
+                "json",
+                "-z",
+                &format!("{seconds}s"),
+                "-q",
+                &rate.to_string(),
+                "-c",
+                "64",
+                url,
+            ],
+        )
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run oha")?;
@@ -352,7 +348,8 @@ fn oha_fixed(client: &Netns, oha: &Path, url: &str, rate: u32, seconds: u32) -> 
 }
 
 fn report(bench: &MirrorBench, rows: &[(&str, Vec<Figures>)]) -> String {
-    let host = Command::new("uname")
+    let host = Program::Uname
+        .command()
         .arg("-r")
         .stderr(Stdio::null())
         .output()
