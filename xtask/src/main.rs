@@ -14,6 +14,8 @@ mod bench_mirror;
 mod demo;
 mod kernels;
 mod manifests;
+#[cfg(test)]
+mod program_starts;
 mod run;
 mod setup;
 mod venv;
