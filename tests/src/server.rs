@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Netns, wait_for};
+use crate::{Netns, Program, wait_for};
 
 /// nginx from Debian (`nginx -g 'daemon off;'`), serving `200 ok` on every path, run in a
 /// namespace from a config in its own temporary directory. Request bodies up to 10 MB are read and
@@ -128,15 +128,17 @@ http {{
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
         let conf_path = conf_path.to_str().expect("utf-8 path");
-        let mut cmd = ns.exec(&[
-            "nginx",
-            "-p",
-            &dir.path().display().to_string(),
-            "-e",
-            &format!("{d}/error.log"),
-            "-c",
-            conf_path,
-        ]);
+        let mut cmd = ns.exec(
+            Program::Nginx,
+            &[
+                "-p",
+                &dir.path().display().to_string(),
+                "-e",
+                &format!("{d}/error.log"),
+                "-c",
+                conf_path,
+            ],
+        );
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -395,13 +397,15 @@ impl JsonApp {
         let script = dir.path().join("app.py");
         std::fs::write(&script, include_str!("app.py")).expect("write app.py");
         let mut child = ns
-            .exec(&[
-                "python3",
-                script.to_str().expect("utf-8 path"),
-                &addr.ip().to_string(),
-                &addr.port().to_string(),
-                variant,
-            ])
+            .exec(
+                Program::Python3,
+                &[
+                    script.to_str().expect("utf-8 path"),
+                    &addr.ip().to_string(),
+                    &addr.port().to_string(),
+                    variant,
+                ],
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use sha2::{Digest, Sha256};
 use shadow_tests::{
-    Agent, Hosts, Nginx, client, pattern, require_root,
+    Agent, Hosts, Nginx, Program, client, pattern, require_root,
     tools::{Tcpdump, inspect},
 };
 
@@ -149,11 +149,13 @@ c.close()
     for (i, body) in py_bodies.iter().enumerate() {
         std::fs::write(uploads.dir.path().join(format!("py-{i}")), body).expect("write");
     }
-    h.client.run(&["python3", "-c", &script]);
+    h.client.run(Program::Python3, &["-c", &script]);
 
     // wrk: many small keep-alive GETs on several connections.
-    h.client
-        .run(&["wrk", "-t1", "-c2", "-d1s", &format!("{base}/wrk")]);
+    h.client.run(
+        Program::Wrk,
+        &["-t1", "-c2", "-d1s", &format!("{base}/wrk")],
+    );
 
     tcpdump.stop();
     assert_every_request(&tcpdump.path, &nginx, &uploads);
