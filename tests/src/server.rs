@@ -41,10 +41,17 @@ impl Nginx {
 
     /// As [`Nginx::start`], with or without the access log.
     pub fn serve(ns: &Netns, addr: SocketAddr, log: AccessLog) -> Self {
+        Self::serve_with(ns, addr, log, "")
+    }
+
+    /// As [`Nginx::serve`], with `directives` added to the `server` block (such as
+    /// `large_client_header_buffers 8 32k;`).
+    pub fn serve_with(ns: &Netns, addr: SocketAddr, log: AccessLog, directives: &str) -> Self {
         let server = format!(
             r#"
     server {{
         listen {addr};
+        {directives}
         location / {{
             client_max_body_size 10m;
             return 200 "ok\n";

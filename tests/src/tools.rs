@@ -134,9 +134,15 @@ impl Inspection {
 
 /// Runs `shadow-agent inspect --pcap FILE` and parses its output; panics unless it succeeds.
 pub fn inspect(pcap: &Path) -> Inspection {
+    inspect_with(pcap, &[])
+}
+
+/// As [`inspect`], with `args` after the file (such as `--show-secrets`).
+pub fn inspect_with(pcap: &Path, args: &[&str]) -> Inspection {
     let out = program::built(&agent_bin())
         .args(["inspect", "--pcap"])
         .arg(pcap)
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run shadow-agent inspect: {e}"));
     let summary = String::from_utf8_lossy(&out.stderr).into_owned();
