@@ -100,9 +100,9 @@ impl Nginx {
         Self::with_server(ns, addr, &server, AccessLog::On)
     }
 
-    /// Starts nginx with `server` (one or more blocks inside `http`) and waits until `addr`
-    /// accepts connections.
-    fn with_server(ns: &Netns, addr: SocketAddr, server: &str, log: AccessLog) -> Self {
+    /// Starts nginx with `server` (one or more `server` blocks inside `http`, for tests that
+    /// need locations of their own) and waits until `addr` accepts connections.
+    pub fn with_server(ns: &Netns, addr: SocketAddr, server: &str, log: AccessLog) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shadow-t-nginx-")
             .tempdir()

@@ -348,11 +348,8 @@ impl Collector for AgentCollector {
                 .iter()
                 .map(|(n, r)| (vec![("route", n.clone())], r.mirrored.get())),
         )?;
-        let unrouted = [
-            DropReason::NoRoute,
-            DropReason::BadTarget,
-            DropReason::ShadowTraffic,
-        ];
+        let (route_rules, unrouted): (Vec<DropReason>, Vec<DropReason>) =
+            DropReason::ALL.into_iter().partition(|r| r.is_route_rule());
         counters(
             &mut e,
             "requests_dropped",
@@ -367,14 +364,12 @@ impl Collector for AgentCollector {
                     )
                 })
                 .chain(routes.iter().flat_map(|(n, r)| {
-                    [DropReason::DenyPath, DropReason::Method, DropReason::Sample]
-                        .into_iter()
-                        .map(move |d| {
-                            (
-                                vec![("route", n.clone()), ("reason", d.label().to_owned())],
-                                r.dropped(d).get(),
-                            )
-                        })
+                    route_rules.iter().map(move |&d| {
+                        (
+                            vec![("route", n.clone()), ("reason", d.label().to_owned())],
+                            r.dropped(d).get(),
+                        )
+                    })
                 })),
         )?;
         counters(
@@ -822,6 +817,7 @@ mod tests {
     #[test]
     fn comparison_metrics_appear_with_compare_on() {
         use crate::compare::{Comparator, CompareConfig, Exchange, Observed};
+        use crate::policy::path::RequestPath;
         let mut comparator = Comparator::new(CompareConfig::default());
         let headers = vec![("content-type".to_owned(), b"application/json".to_vec())];
         let observed = |body: &'static [u8]| Observed {
@@ -833,6 +829,7 @@ mod tests {
         comparator.observe(&Exchange {
             method: "GET",
             target: "/users/7",
+            path: &RequestPath::of_target("/users/7").expect("readable"),
             request_body: b"",
             live: observed(b"{\"total\":1}"),
             candidate: observed(b"{\"total\":2}"),

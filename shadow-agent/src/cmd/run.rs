@@ -399,6 +399,7 @@ impl Comparing {
         self.comparator.observe(&Exchange {
             method: &done.method,
             target: &done.target,
+            path: &done.path,
             request_body: &done.request_body,
             live: observed(&done.live),
             candidate: observed(&done.candidate),
@@ -584,8 +585,10 @@ impl Agent {
                                 copy.compare = Some(key);
                             }
                         }
+                        let path = plan.path.take();
                         let sent = self.send(plan);
                         if let Some(c) = self.compare.as_mut().filter(|_| comparing)
+                            && let Some(path) = path
                             && sent.candidate
                         {
                             c.pairing.expect(
@@ -593,6 +596,7 @@ impl Agent {
                                 key,
                                 &request.method,
                                 origin_form(&request.target).unwrap_or(&request.target),
+                                path,
                                 request.body.clone(),
                                 request.completed,
                                 sent.baseline,

@@ -19,7 +19,7 @@ use crate::budget::{Budget, BudgetLimits, BudgetTokens};
 use crate::config::Config;
 use crate::http::Request;
 use crate::pipeline::FlowAddrs;
-use crate::policy::path::origin_form;
+use crate::policy::path::{RequestPath, origin_form};
 use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
 use crate::policy::{Decision, DropReason, Policy, RequestView, TargetId};
 use pairing::{PairKey, Role};
@@ -50,6 +50,8 @@ pub struct Plan {
     pub route: Option<Arc<RouteCounters>>,
     /// Copies that passed the policy and the budget.
     pub copies: Vec<ShadowRequest>,
+    /// The path the policy read, when it mirrored: the comparison names the endpoint by it.
+    pub path: Option<RequestPath>,
 }
 
 /// The policy, the budget and the tagger of one configuration.
@@ -144,7 +146,7 @@ impl<I: IdSource> Mirror<I> {
             host,
             sample_key: sample_key(flow, req.seq),
         };
-        let (route_id, target_ids) = match self.policy.decide(&view) {
+        let (route_id, target_ids, path) = match self.policy.decide(&view) {
             Decision::Drop {
                 route: None,
                 reason,
@@ -161,10 +163,14 @@ impl<I: IdSource> Mirror<I> {
                 counters.dropped(reason).inc();
                 return Plan {
                     route: Some(counters),
-                    copies: Vec::new(),
+                    ..Plan::default()
                 };
             }
-            Decision::Mirror { route, targets } => (route, targets.to_vec()),
+            Decision::Mirror {
+                route,
+                targets,
+                path,
+            } => (route, targets.to_vec(), path),
         };
         let route_counters = self.routes[route_id.0].clone();
         route_counters.seen.inc();
@@ -213,6 +219,7 @@ impl<I: IdSource> Mirror<I> {
         Plan {
             route: Some(route_counters),
             copies,
+            path: Some(path),
         }
     }
 }

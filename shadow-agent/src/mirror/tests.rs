@@ -3,6 +3,7 @@ use std::time::Duration;
 use super::*;
 use crate::budget::BudgetKind;
 use crate::http::Version;
+use crate::policy::path::PathError;
 use crate::policy::tagging::NodeIds;
 
 const CONFIG: &str = r#"
@@ -303,4 +304,51 @@ fn a_baseline_gets_the_same_copy_marked_as_baseline() {
     let rest = stats.route("rest");
     let route_of = |i: usize| plan.copies[i].route.as_ref().map(|r| Arc::ptr_eq(r, &rest));
     assert_eq!((route_of(0), route_of(1)), (Some(true), None));
+}
+
+/// The path chooses the route and meets the deny rules as the live server reads it, and the
+/// copy carries the target as the client sent it.
+#[test]
+fn respelled_paths_are_decided_as_read_and_sent_as_spelled() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    let plan = m.plan(
+        now,
+        &flow(8080),
+        &request(0, "GET", "//orders/./7?x=/../1", &[("Host", "shop")], b""),
+    );
+    assert_eq!(plan.copies.len(), 2, "{plan:?}");
+    for copy in &plan.copies {
+        assert_eq!(copy.request.uri(), "//orders/./7?x=/../1");
+    }
+    assert_eq!(
+        plan.path.as_ref().map(RequestPath::as_str),
+        Some("/orders/7")
+    );
+    assert_eq!(stats.route("orders").seen.get(), 1);
+
+    let refund = m.plan(
+        now,
+        &flow(8080),
+        &request(1, "POST", "/orders/7/%72efund/", &[], b""),
+    );
+    assert!(refund.copies.is_empty() && refund.path.is_none());
+    assert_eq!(stats.route("orders").dropped(DropReason::DenyPath).get(), 1);
+
+    let unread = m.plan(
+        now,
+        &flow(8080),
+        &request(2, "GET", "/orders;x/7", &[], b""),
+    );
+    assert!(unread.copies.is_empty() && unread.route.is_none());
+    assert_eq!(
+        stats
+            .unrouted(DropReason::Path(PathError::PathParameter))
+            .get(),
+        1
+    );
+    assert_eq!(
+        stats.to_json()["unrouted"]["path_parameter"],
+        serde_json::json!(1)
+    );
 }
