@@ -773,11 +773,11 @@ impl Agent {
                 .set_service_ports(new.capture.ports.iter().copied().collect());
         }
         self.config = new;
-        self.mirror = Mirror::new(
+        self.mirror.reload(
+            Instant::now(),
             &self.config,
             NodeIds::new(&self.node),
             self.seed,
-            self.stats.clone(),
         );
         self.connect_lanes();
         if ramp_changed {
