@@ -21,7 +21,7 @@ use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, 
 use shadow_agent::capture::{CaptureSettings, CapturedPacket, PacketBatch};
 use shadow_agent::compare::{Comparator, Exchange, Observed, Report};
 use shadow_agent::config::{Config, RampConfig};
-use shadow_agent::forward::{Forwarder, Lane, LaneLimits, TargetAnswer};
+use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
 use shadow_agent::http::HttpEvent;
 use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::latency::HistogramSnapshot;
@@ -291,7 +291,6 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     state.pipeline.finish(&mut ended);
     state.dispatch(ended);
     let grace = state.config.budget.timeout + Duration::from_secs(1);
-    state.lanes.clear();
     state.forwarder.close(grace).await;
 
     admin_state.ready.store(false, Ordering::Relaxed);
@@ -458,8 +457,6 @@ struct Agent {
     forwarder: Forwarder,
     /// Captured packets the channel to the pipeline holds at most.
     channel_capacity: usize,
-    /// By target id of the current configuration; empty in a dry run.
-    lanes: Vec<Arc<Lane>>,
     ramp: Option<RampState>,
     pipeline: Pipeline,
     events: Vec<PipelineEvent>,
@@ -522,7 +519,6 @@ impl Agent {
             mirror,
             forwarder: Forwarder::new(copy_bytes, answers_tx, answer_body_bytes),
             channel_capacity: plan.channel_batches,
-            lanes: Vec::new(),
             ramp: None,
             pipeline,
             events: Vec::new(),
@@ -574,9 +570,7 @@ impl Agent {
             .cloned()
             .zip(self.mirror.all_target_counters().iter().cloned())
             .collect();
-        self.lanes.clear();
-        self.lanes = self
-            .forwarder
+        self.forwarder
             .reconfigure(&targets, LaneLimits::from(&self.config.budget));
     }
 
@@ -685,10 +679,7 @@ impl Agent {
                 counters.sent_bytes.add(bytes);
                 Ok(())
             } else {
-                match self.lanes.get(copy.target.0) {
-                    Some(lane) => lane.try_send(copy),
-                    None => Err(CopyDrop::Closed),
-                }
+                self.forwarder.try_send(copy)
             };
             match sent {
                 Ok(()) => {
@@ -958,9 +949,10 @@ impl Agent {
                 })
             };
             format!(
-                "{} answered 2xx, {} errors; p50 {} p99 {}",
+                "{} answered 2xx, {} errors, {} abandoned; p50 {} p99 {}",
                 a.responses(2),
                 a.errors(),
+                a.abandoned.get(),
                 ms(0.5),
                 ms(0.99)
             )
