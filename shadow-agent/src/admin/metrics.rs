@@ -432,6 +432,17 @@ impl Collector for AgentCollector {
                 })
             }),
         )?;
+        counters(
+            &mut e,
+            "copies_abandoned",
+            "Copies sent that were neither answered nor failed because their lane closed first \
+             (a reload removed the target or changed its limits, or the agent stopped), per \
+             target. Copies sent = answered + failed + abandoned + in flight.",
+            None,
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.answers.abandoned.get())),
+        )?;
         gauges(
             &mut e,
             "copies_in_flight",
@@ -494,6 +505,16 @@ impl Collector for AgentCollector {
                     )
                 })
             }),
+        )?;
+        counters(
+            &mut e,
+            "route_copies_abandoned",
+            "Copies to the route's shadow targets that were neither answered nor failed because \
+             their lane closed first, per route.",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.answers.abandoned.get())),
         )?;
         let mut route_latency = e.encode_descriptor(
             "route_shadow_latency",
@@ -707,6 +728,8 @@ mod tests {
         t.sent.add(1);
         t.answers.answered(200, Duration::from_millis(3));
         t.dropped(CopyDrop::InFlight).inc();
+        t.answers.abandoned.add(2);
+        stats.route("api").answers.abandoned.inc();
         let interface = |name: &str, ifindex, sampled| InterfaceTotals {
             name: name.into(),
             ifindex,
@@ -762,6 +785,8 @@ mod tests {
             "shadow_route_shadow_responses_total{route=\"api\",class=\"5xx\"} 1",
             "shadow_route_shadow_responses_total{route=\"api\",class=\"2xx\"} 0",
             "shadow_route_copy_failures_total{route=\"api\",kind=\"timeout\"} 1",
+            "shadow_copies_abandoned_total{target=\"http://198.18.0.9:8080\"} 2",
+            "shadow_route_copies_abandoned_total{route=\"api\"} 1",
             "shadow_route_shadow_latency_seconds_bucket{le=\"0.025\",route=\"api\"} 0",
             "shadow_route_shadow_latency_seconds_bucket{le=\"0.05\",route=\"api\"} 1",
             "shadow_route_shadow_latency_seconds_count{route=\"api\"} 1",
@@ -795,6 +820,8 @@ mod tests {
         for family in [
             "route_shadow_responses",
             "route_copy_failures",
+            "copies_abandoned",
+            "route_copies_abandoned",
             "route_shadow_latency_seconds",
             "interface_packets_sampled",
             "interface_records_written",

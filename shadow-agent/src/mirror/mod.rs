@@ -70,17 +70,8 @@ impl<I: IdSource> Mirror<I> {
     /// `seed` varies per-request sampling between nodes; `stats` outlives reloads.
     pub fn new(config: &Config, ids: I, seed: u64, stats: Arc<MirrorStats>) -> Self {
         let policy = Policy::from_config(config, seed);
-        let routes = policy
-            .routes()
-            .iter()
-            .map(|r| stats.route(r.name()))
-            .collect();
-        let targets = policy
-            .targets()
-            .iter()
-            .map(|t| stats.target(&t.to_string()))
-            .collect();
-        let budget = Budget::new(BudgetLimits::from(&config.budget), policy.targets().len());
+        let budget = Budget::new(BudgetLimits::from(&config.budget), policy.targets());
+        let (routes, targets) = counters(&policy, &stats);
         Self {
             policy,
             budget,
@@ -89,6 +80,18 @@ impl<I: IdSource> Mirror<I> {
             routes,
             targets,
         }
+    }
+
+    /// Takes a reloaded configuration at `now`: policy, tagging and targets come from it, and
+    /// the budget carries its tokens over ([`Budget::reconfigure`]), so that a reload never
+    /// hands out a fresh burst. The ramp's share is the caller's to set again.
+    pub fn reload(&mut self, now: Instant, config: &Config, ids: I, seed: u64) {
+        let policy = Policy::from_config(config, seed);
+        self.budget
+            .reconfigure(now, BudgetLimits::from(&config.budget), policy.targets());
+        (self.routes, self.targets) = counters(&policy, &self.stats);
+        self.policy = policy;
+        self.tagger = Tagger::new(config.tagging.clone(), ids);
     }
 
     pub fn policy(&self) -> &Policy {
@@ -108,17 +111,7 @@ impl<I: IdSource> Mirror<I> {
     /// The tokens the budget's buckets hold at `now`, the node's and each target's by URL, read
     /// without taking any.
     pub fn budget_tokens(&self, now: Instant) -> BudgetTokens {
-        let (node, targets) = self.budget.tokens(now);
-        BudgetTokens {
-            node,
-            targets: self
-                .policy
-                .targets()
-                .iter()
-                .map(ToString::to_string)
-                .zip(targets)
-                .collect(),
-        }
+        self.budget.tokens(now)
     }
 
     /// Sets the share the ramp allows, 0 to 100.
@@ -222,6 +215,25 @@ impl<I: IdSource> Mirror<I> {
             path: Some(path),
         }
     }
+}
+
+/// The counters of `policy`'s routes (by [`RouteId`]) and targets (by [`TargetId`]), found by
+/// name and URL so that they outlive reloads.
+fn counters(
+    policy: &Policy,
+    stats: &MirrorStats,
+) -> (Vec<Arc<RouteCounters>>, Vec<Arc<TargetCounters>>) {
+    let routes = policy
+        .routes()
+        .iter()
+        .map(|r| stats.route(r.name()))
+        .collect();
+    let targets = policy
+        .targets()
+        .iter()
+        .map(|t| stats.target(&t.to_string()))
+        .collect();
+    (routes, targets)
 }
 
 /// Different for every request of every connection (connections on a reused 4-tuple differ in

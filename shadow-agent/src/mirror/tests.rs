@@ -245,6 +245,55 @@ fn budget_and_invalid_copies_are_counted_per_target() {
 }
 
 #[test]
+fn a_reload_keeps_the_budget_of_the_targets_that_stay() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    for seq in 0..5 {
+        let plan = m.plan(
+            now,
+            &flow(8080),
+            &request(seq, "GET", "/orders/1", &[], b""),
+        );
+        assert_eq!(plan.copies.len(), 2, "request {seq}");
+    }
+    // The same file again: both targets stay empty.
+    let same = Config::from_toml(CONFIG, "mirror.toml").expect("config");
+    m.reload(now, &same, NodeIds::with_epoch("node-a", 8), 1);
+    let plan = m.plan(now, &flow(8080), &request(5, "GET", "/orders/1", &[], b""));
+    assert!(plan.copies.is_empty(), "a reload refilled the budget");
+    // The second target moves first and a third joins: the moved one stays empty (found by
+    // URL, not by its number), the new one starts full.
+    let moved = CONFIG.replace(
+        r#"targets = ["http://198.18.0.9:8080", "http://198.18.0.10:8080"]"#,
+        r#"targets = ["http://198.18.0.10:8080", "http://198.18.0.11:8080"]"#,
+    );
+    let moved = Config::from_toml(&moved, "mirror.toml").expect("config");
+    m.reload(now, &moved, NodeIds::with_epoch("node-a", 9), 1);
+    let plan = m.plan(now, &flow(8080), &request(6, "GET", "/orders/1", &[], b""));
+    let to: Vec<String> = plan
+        .copies
+        .iter()
+        .filter_map(|c| m.policy().target(c.target).map(ToString::to_string))
+        .collect();
+    assert_eq!(to, ["http://198.18.0.11:8080"]);
+    let over = CopyDrop::Budget(BudgetKind::TargetRequests);
+    assert_eq!(
+        stats.target("http://198.18.0.10:8080").dropped(over).get(),
+        2
+    );
+    let tokens = m.budget_tokens(now);
+    let urls: Vec<&str> = tokens.targets.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(
+        urls,
+        [
+            "http://198.18.0.10:8080",
+            "http://198.18.0.11:8080",
+            "http://198.18.0.9:8080"
+        ]
+    );
+}
+
+#[test]
 fn wire_bytes_count_head_and_body() {
     let (mut m, _) = mirror();
     let body = vec![b'x'; 1000];
