@@ -27,6 +27,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use serde_json::{Value, json};
 use shadow_agent::compare::{Comparator, CompareConfig, Exchange, Observed};
+use shadow_agent::policy::path::RequestPath;
 
 /// Responses per pool: each exchange takes three (live, baseline, shadow), all with their own
 /// request id and time.
@@ -180,8 +181,13 @@ fn observed<'a>(headers: &'a Headers, body: &'a [u8], ms: u64) -> Observed<'a> {
     }
 }
 
-/// The exchanges of a case, taken in turn.
-fn exchanges<'a>(case: Case, pools: &'a Pools, headers: &'a Headers) -> Vec<Exchange<'a>> {
+/// The exchanges of a case, taken in turn; all to `TARGET`, whose path the policy read as `path`.
+fn exchanges<'a>(
+    case: Case,
+    pools: &'a Pools,
+    headers: &'a Headers,
+    path: &'a RequestPath,
+) -> Vec<Exchange<'a>> {
     (0..POOL / 3)
         .map(|k| {
             let live = &pools.noisy[3 * k];
@@ -194,6 +200,7 @@ fn exchanges<'a>(case: Case, pools: &'a Pools, headers: &'a Headers) -> Vec<Exch
             Exchange {
                 method: "GET",
                 target: TARGET,
+                path,
                 request_body: b"",
                 live: observed(headers, live, 12),
                 candidate: observed(headers, shadow, 13),
@@ -260,8 +267,9 @@ fn bench_size(c: &mut Criterion, pools: &Pools) {
         });
     }
     let headers: Headers = vec![("Content-Type".to_owned(), b"application/json".to_vec())];
+    let path = RequestPath::of_target(TARGET).expect("a plain path reads");
     for case in Case::ALL {
-        let exchanges = exchanges(case, pools, &headers);
+        let exchanges = exchanges(case, pools, &headers, &path);
         for (label, throughput) in [
             ("comparisons", Throughput::Elements(1)),
             ("bytes", Throughput::Bytes(pools.pair_bytes())),

@@ -1,11 +1,22 @@
 //! What mirroring may cost: token buckets in requests and bytes per second, for the node and
 //! for each target. Pure, with time passed in; over budget a copy is refused at once, so
 //! nothing ever waits for tokens.
+//!
+//! A budget outlives reloads ([`Budget::reconfigure`]): the node's buckets and each target's
+//! (by URL) keep the tokens they hold, capped at their new capacity and never refilled, so a
+//! configuration reloaded every few milliseconds lets through no more than one that never
+//! changes. A target a reload adds starts with a full bucket, as every target does when the
+//! agent starts; a target a reload removes is remembered until its bucket would have refilled,
+//! so removing and adding it back gives it nothing either.
 
 use std::time::{Duration, Instant};
 
-use crate::config::BudgetConfig;
+use crate::config::{BudgetConfig, Target};
 use crate::policy::TargetId;
+
+/// Removed targets whose buckets are remembered at most; beyond, the oldest are forgotten (and
+/// would start full if added back). Each is forgotten anyway once its bucket has refilled.
+const RETIRED_TARGETS: usize = 1024;
 
 /// Token amounts are kept in femto-tokens (1e-15), rates in micro-tokens per second: a
 /// nanosecond at a given rate then refills a whole number of units, and admission is exact.
@@ -49,6 +60,22 @@ impl TokenBucket {
         }
     }
 
+    /// Takes new limits at `now`: the tokens earned at the old rate until `now` stay, capped at
+    /// the new capacity; from `now` on the bucket fills at the new rate. A bucket whose limits
+    /// do not change is left exactly as it would have been.
+    pub fn reconfigure(&mut self, now: Instant, rate_per_sec: f64, burst: f64) {
+        self.refill(now);
+        self.rate_micros = whole(rate_per_sec * MICROS_PER_TOKEN);
+        self.capacity = units(burst);
+        self.tokens = self.tokens.min(self.capacity);
+    }
+
+    /// Whether the bucket holds its whole capacity at `now`: it is then no different from a
+    /// new one of the same limits.
+    fn is_full(&self, now: Instant) -> bool {
+        self.held(now) >= self.capacity
+    }
+
     fn refill(&mut self, now: Instant) {
         if let Some(last) = self.last {
             let elapsed = now.saturating_duration_since(last);
@@ -73,14 +100,18 @@ impl TokenBucket {
     /// would only show that a burst such as 1e8 bytes is not exact in femto-tokens).
     pub fn tokens(&self, now: Instant) -> f64 {
         const UNITS_PER_MICRO: u128 = UNITS_PER_TOKEN / 1_000_000;
+        let micros = self.held(now).saturating_add(UNITS_PER_MICRO / 2) / UNITS_PER_MICRO;
+        micros as f64 / 1e6
+    }
+
+    /// Femto-tokens held at `now`, without moving the clock.
+    fn held(&self, now: Instant) -> u128 {
         let added = self.last.map_or(0, |last| {
             now.saturating_duration_since(last)
                 .as_nanos()
                 .saturating_mul(self.rate_micros)
         });
-        let held = self.tokens.saturating_add(added).min(self.capacity);
-        let micros = held.saturating_add(UNITS_PER_MICRO / 2) / UNITS_PER_MICRO;
-        micros as f64 / 1e6
+        self.tokens.saturating_add(added).min(self.capacity)
     }
 }
 
@@ -162,6 +193,34 @@ struct Pair {
 }
 
 impl Pair {
+    /// Full buckets of these rates, each holding `burst` of its rate (at least one request).
+    fn new(rps: f64, bytes_per_sec: Option<f64>, burst: Duration) -> Self {
+        let secs = burst.as_secs_f64();
+        Pair {
+            requests: TokenBucket::new(rps, (rps * secs).max(1.0)),
+            bytes: bytes_per_sec.map(|b| TokenBucket::new(b, b * secs)),
+        }
+    }
+
+    /// Takes new rates at `now` ([`TokenBucket::reconfigure`]). A byte limit that a reload
+    /// adds starts full, as it would at start; one it removes is gone.
+    fn reconfigure(&mut self, now: Instant, rps: f64, bytes_per_sec: Option<f64>, burst: Duration) {
+        let secs = burst.as_secs_f64();
+        self.requests.reconfigure(now, rps, (rps * secs).max(1.0));
+        self.bytes = match (self.bytes.take(), bytes_per_sec) {
+            (Some(mut bucket), Some(b)) => {
+                bucket.reconfigure(now, b, b * secs);
+                Some(bucket)
+            }
+            (None, Some(b)) => Some(TokenBucket::new(b, b * secs)),
+            (_, None) => None,
+        };
+    }
+
+    fn is_full(&self, now: Instant) -> bool {
+        self.requests.is_full(now) && self.bytes.as_ref().is_none_or(|b| b.is_full(now))
+    }
+
     fn tokens(&self, now: Instant) -> Tokens {
         Tokens {
             requests: self.requests.tokens(now),
@@ -190,25 +249,71 @@ pub struct BudgetTokens {
 pub struct Budget {
     limits: BudgetLimits,
     node: Pair,
+    /// By [`TargetId`]: first the configuration's targets, in the order of `urls`, then any
+    /// the budget was not built for.
     targets: Vec<Pair>,
+    /// The configuration's targets, by [`TargetId`].
+    urls: Vec<Target>,
+    /// Targets a reload removed, oldest first, until their buckets have refilled.
+    retired: Vec<(Target, Pair)>,
 }
 
 impl Budget {
-    /// Budgets for `targets` targets, numbered as [`TargetId`]s.
-    pub fn new(limits: BudgetLimits, targets: usize) -> Self {
-        let node = pair(
+    /// Full buckets for the node and for each of `targets`, numbered as [`TargetId`]s in that
+    /// order.
+    pub fn new(limits: BudgetLimits, targets: &[Target]) -> Self {
+        let node = Pair::new(
             limits.node_rps,
             Some(limits.node_bytes_per_sec),
             limits.burst,
         );
-        let targets = (0..targets)
-            .map(|_| pair(limits.target_rps, limits.target_bytes_per_sec, limits.burst))
+        let pairs = targets
+            .iter()
+            .map(|_| Pair::new(limits.target_rps, limits.target_bytes_per_sec, limits.burst))
             .collect();
         Self {
             limits,
             node,
-            targets,
+            targets: pairs,
+            urls: targets.to_vec(),
+            retired: Vec::new(),
         }
+    }
+
+    /// Takes a reloaded configuration's limits and targets at `now`, renumbering the targets as
+    /// [`TargetId`]s in the order of `targets`. Every bucket keeps its tokens, capped at its new
+    /// capacity: the node's, and those of each target that stays (or comes back before its
+    /// bucket refilled), found by URL. A target new to the budget starts full.
+    pub fn reconfigure(&mut self, now: Instant, limits: BudgetLimits, targets: &[Target]) {
+        let l = limits;
+        self.node
+            .reconfigure(now, l.node_rps, Some(l.node_bytes_per_sec), l.burst);
+        // Targets the budget was not built for have no URL: they are not carried over.
+        self.targets.truncate(self.urls.len());
+        let mut known: Vec<(Target, Pair)> = std::mem::take(&mut self.retired);
+        known.extend(
+            std::mem::take(&mut self.urls)
+                .into_iter()
+                .zip(self.targets.drain(..)),
+        );
+        for url in targets {
+            let pair = match known.iter().rposition(|(u, _)| u == url) {
+                Some(i) => {
+                    let (_, mut pair) = known.remove(i);
+                    pair.reconfigure(now, l.target_rps, l.target_bytes_per_sec, l.burst);
+                    pair
+                }
+                None => Pair::new(l.target_rps, l.target_bytes_per_sec, l.burst),
+            };
+            self.targets.push(pair);
+        }
+        // What is left was removed, now or before: remembered while it is short of tokens.
+        known.retain(|(_, pair)| !pair.is_full(now));
+        let excess = known.len().saturating_sub(RETIRED_TARGETS);
+        known.drain(..excess);
+        self.retired = known;
+        self.urls = targets.to_vec();
+        self.limits = limits;
     }
 
     /// Admits one copy of `bytes` bytes to `target` at `now`, taking from every bucket, or
@@ -226,7 +331,7 @@ impl Budget {
         while self.targets.len() <= target.0 {
             let l = self.limits;
             self.targets
-                .push(pair(l.target_rps, l.target_bytes_per_sec, l.burst));
+                .push(Pair::new(l.target_rps, l.target_bytes_per_sec, l.burst));
         }
         let bytes = bytes as f64;
         let node = &mut self.node;
@@ -257,21 +362,18 @@ impl Budget {
 }
 
 impl Budget {
-    /// The tokens of the node's buckets and of each target's (by [`TargetId`]) at `now`, read
-    /// without taking any.
-    pub fn tokens(&self, now: Instant) -> (Tokens, Vec<Tokens>) {
-        (
-            self.node.tokens(now),
-            self.targets.iter().map(|t| t.tokens(now)).collect(),
-        )
-    }
-}
-
-fn pair(rps: f64, bytes_per_sec: Option<f64>, burst: Duration) -> Pair {
-    let secs = burst.as_secs_f64();
-    Pair {
-        requests: TokenBucket::new(rps, (rps * secs).max(1.0)),
-        bytes: bytes_per_sec.map(|b| TokenBucket::new(b, b * secs)),
+    /// The tokens of the node's buckets and of each of the configuration's targets (by URL, in
+    /// [`TargetId`] order) at `now`, read without taking any.
+    pub fn tokens(&self, now: Instant) -> BudgetTokens {
+        BudgetTokens {
+            node: self.node.tokens(now),
+            targets: self
+                .urls
+                .iter()
+                .zip(&self.targets)
+                .map(|(url, pair)| (url.to_string(), pair.tokens(now)))
+                .collect(),
+        }
     }
 }
 
@@ -342,6 +444,24 @@ mod tests {
         assert!(b.try_take(start + Duration::from_secs(1), 1.0));
     }
 
+    /// `n` targets, `http://198.18.0.1:8000` and on.
+    fn urls(n: u16) -> Vec<Target> {
+        (0..n).map(url).collect()
+    }
+
+    fn url(i: u16) -> Target {
+        Target {
+            host: "198.18.0.1".into(),
+            port: 8000 + i,
+        }
+    }
+
+    /// The node's tokens and the targets', by [`TargetId`].
+    fn split(b: &Budget, now: Instant) -> (Tokens, Vec<Tokens>) {
+        let t = b.tokens(now);
+        (t.node, t.targets.into_iter().map(|(_, t)| t).collect())
+    }
+
     fn limits() -> BudgetLimits {
         BudgetLimits {
             node_rps: 3.0,
@@ -355,7 +475,7 @@ mod tests {
     #[test]
     fn budget_names_the_short_bucket() {
         let start = Instant::now();
-        let mut b = Budget::new(limits(), 2);
+        let mut b = Budget::new(limits(), &urls(2));
         let (t0, t1) = (TargetId(0), TargetId(1));
         assert_eq!(b.try_acquire(start, t0, 100), Ok(()));
         assert_eq!(b.try_acquire(start, t0, 100), Ok(()));
@@ -385,7 +505,7 @@ mod tests {
     #[test]
     fn refused_copies_take_from_no_bucket() {
         let start = Instant::now();
-        let mut b = Budget::new(limits(), 1);
+        let mut b = Budget::new(limits(), &urls(1));
         // Over the target's bytes: the node's request tokens stay.
         for _ in 0..5 {
             assert!(b.try_acquire(start, TargetId(0), 501).is_err());
@@ -398,13 +518,13 @@ mod tests {
     #[test]
     fn tokens_are_read_without_taking_any() {
         let start = Instant::now();
-        let mut b = Budget::new(limits(), 1);
+        let mut b = Budget::new(limits(), &urls(1));
         let full = Tokens {
             requests: 2.0,
             bytes: Some(500.0),
         };
         // Full before the first copy.
-        let (node, targets) = b.tokens(start);
+        let (node, targets) = split(&b, start);
         assert_eq!(
             node,
             Tokens {
@@ -414,7 +534,7 @@ mod tests {
         );
         assert_eq!(targets, [full]);
         assert_eq!(b.try_acquire(start, TargetId(0), 100), Ok(()));
-        let (node, targets) = b.tokens(start);
+        let (node, targets) = split(&b, start);
         assert_eq!((node.requests, node.bytes), (2.0, Some(900.0)));
         assert_eq!(
             targets,
@@ -427,7 +547,7 @@ mod tests {
         // 500 B/s (400 + 125, held at the 500 burst).
         let later = start + Duration::from_millis(250);
         for _ in 0..3 {
-            let (_, targets) = b.tokens(later);
+            let (_, targets) = split(&b, later);
             assert_eq!(
                 targets,
                 [Tokens {
@@ -437,9 +557,9 @@ mod tests {
             );
         }
         // Never above the burst, and reading moved no clock: a copy now still sees the refill.
-        assert_eq!(b.tokens(start + Duration::from_secs(60)).1, [full]);
+        assert_eq!(split(&b, start + Duration::from_secs(60)).1, [full]);
         assert_eq!(b.try_acquire(later, TargetId(0), 500), Ok(()));
-        let (_, targets) = b.tokens(later);
+        let (_, targets) = split(&b, later);
         assert_eq!(targets[0].requests, 0.5);
         // A burst whose femto-tokens are not exact (1e8 * 1e15 is not an f64) reads whole.
         let large = Budget::new(
@@ -447,18 +567,145 @@ mod tests {
                 node_bytes_per_sec: 1e8,
                 ..limits()
             },
-            1,
+            &urls(1),
         );
-        assert_eq!(large.tokens(start).0.bytes, Some(1e8));
+        assert_eq!(split(&large, start).0.bytes, Some(1e8));
         // Without a byte limit there is no byte bucket.
         let unlimited = Budget::new(
             BudgetLimits {
                 target_bytes_per_sec: None,
                 ..limits()
             },
-            1,
+            &urls(1),
         );
-        assert_eq!(unlimited.tokens(start).1[0].bytes, None);
+        assert_eq!(split(&unlimited, start).1[0].bytes, None);
+        // Targets are read by URL, in TargetId order.
+        let two = Budget::new(limits(), &urls(2)).tokens(start);
+        let named: Vec<&str> = two.targets.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(named, ["http://198.18.0.1:8000", "http://198.18.0.1:8001"]);
+    }
+
+    #[test]
+    fn a_reload_never_refills_a_bucket() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 10.0);
+        assert!(bucket.try_take(start, 10.0));
+        // The same limits: still empty, and filling at the same pace from the same clock.
+        bucket.reconfigure(start, 10.0, 10.0);
+        assert!(!bucket.try_take(start, 1.0));
+        bucket.reconfigure(at(start, 50), 10.0, 10.0);
+        assert!(!bucket.try_take(at(start, 99), 1.0));
+        assert!(bucket.try_take(at(start, 100), 1.0));
+        // A larger rate and burst: what was earned at the old rate stays (100 ms of 10/s), not
+        // the new burst; the new rate applies from the reload on.
+        bucket.reconfigure(at(start, 200), 100.0, 100.0);
+        assert_eq!(bucket.tokens(at(start, 200)), 1.0);
+        assert_eq!(bucket.tokens(at(start, 250)), 6.0);
+        // A smaller burst caps what the bucket holds at once.
+        bucket.reconfigure(at(start, 1_000), 100.0, 2.0);
+        assert_eq!(bucket.tokens(at(start, 1_000)), 2.0);
+        assert!(bucket.try_take(at(start, 1_000), 2.0));
+        assert!(!bucket.try_take(at(start, 1_000), 1.0));
+        // A reload with a clock that went back refills nothing either.
+        bucket.reconfigure(start, 100.0, 2.0);
+        assert!(!bucket.try_take(at(start, 1_000), 1.0));
+        assert!(bucket.try_take(at(start, 1_010), 1.0));
+    }
+
+    #[test]
+    fn targets_keep_their_buckets_by_url_across_reloads() {
+        let start = Instant::now();
+        let (a, b, c) = (url(0), url(1), url(2));
+        let mut budget = Budget::new(limits(), &[a.clone(), b.clone()]);
+        // Drain both targets (2 a second each) and the node (3 a second) at once.
+        assert_eq!(budget.try_acquire(start, TargetId(0), 1), Ok(()));
+        assert_eq!(budget.try_acquire(start, TargetId(0), 1), Ok(()));
+        assert_eq!(budget.try_acquire(start, TargetId(1), 1), Ok(()));
+        let over = |which| Err(BudgetExceeded { which });
+        // Reordered, with a new target: `b` is now TargetId(0) and still has one token, `a`
+        // TargetId(1) and none, `c` starts full; the node stays empty.
+        let more_node = BudgetLimits {
+            node_rps: 100.0,
+            ..limits()
+        };
+        budget.reconfigure(start, more_node, &[b.clone(), a.clone(), c.clone()]);
+        let (node, targets) = split(&budget, start);
+        assert_eq!(node.requests, 0.0);
+        let requests: Vec<f64> = targets.iter().map(|t| t.requests).collect();
+        assert_eq!(requests, [1.0, 0.0, 2.0]);
+        assert_eq!(
+            budget.try_acquire(start, TargetId(2), 1),
+            over(BudgetKind::NodeRequests)
+        );
+        // Half a second later the node has 50 tokens; `a` has one, `b` two, `c` two.
+        let later = at(start, 500);
+        assert_eq!(budget.try_acquire(later, TargetId(1), 1), Ok(()));
+        assert_eq!(
+            budget.try_acquire(later, TargetId(1), 1),
+            over(BudgetKind::TargetRequests)
+        );
+        // `a` removed, then added back before its bucket refilled: it is empty still.
+        budget.reconfigure(later, more_node, &[b.clone(), c.clone()]);
+        assert_eq!(budget.retired.len(), 1);
+        budget.reconfigure(later, more_node, &[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(
+            budget.try_acquire(later, TargetId(0), 1),
+            over(BudgetKind::TargetRequests)
+        );
+        assert!(budget.retired.is_empty());
+        // Removed again and refilled by the next reload: forgotten, and full if added back.
+        budget.reconfigure(later, more_node, std::slice::from_ref(&b));
+        assert_eq!(budget.retired.len(), 1, "only `a` is short; `c` is full");
+        let refilled = at(start, 2_000);
+        budget.reconfigure(refilled, more_node, std::slice::from_ref(&b));
+        assert!(budget.retired.is_empty());
+        budget.reconfigure(refilled, more_node, &[a, b, c]);
+        let requests: Vec<f64> = split(&budget, refilled)
+            .1
+            .iter()
+            .map(|t| t.requests)
+            .collect();
+        assert_eq!(requests, [2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn byte_limits_a_reload_adds_start_full_and_removed_ones_go() {
+        let start = Instant::now();
+        let unlimited = BudgetLimits {
+            target_bytes_per_sec: None,
+            ..limits()
+        };
+        let mut budget = Budget::new(unlimited, &urls(1));
+        assert_eq!(budget.try_acquire(start, TargetId(0), 900), Ok(()));
+        budget.reconfigure(start, limits(), &urls(1));
+        assert_eq!(split(&budget, start).1[0].bytes, Some(500.0));
+        // The node's bytes stayed at 100 of 1000.
+        assert_eq!(
+            budget.try_acquire(start, TargetId(0), 101),
+            Err(BudgetExceeded {
+                which: BudgetKind::NodeBytes
+            })
+        );
+        budget.reconfigure(start, unlimited, &urls(1));
+        assert_eq!(split(&budget, start).1[0].bytes, None);
+    }
+
+    #[test]
+    fn removed_targets_remembered_are_bounded() {
+        let start = Instant::now();
+        let many = BudgetLimits {
+            node_rps: 1e9,
+            node_bytes_per_sec: 1e12,
+            ..limits()
+        };
+        let mut budget = Budget::new(many, &urls(1));
+        for i in 0..RETIRED_TARGETS as u16 + 100 {
+            budget.reconfigure(start, many, &[url(i)]);
+            assert_eq!(budget.try_acquire(start, TargetId(0), 1), Ok(()));
+        }
+        assert_eq!(budget.retired.len(), RETIRED_TARGETS);
+        // The oldest were forgotten, the newest are remembered.
+        assert!(budget.retired.iter().all(|(u, _)| u.port >= 8099));
     }
 
     #[test]
@@ -508,7 +755,7 @@ mod tests {
             calls in proptest::collection::vec((0u64..200_000_000, 0usize..4, 0u64..400), 1..200),
         ) {
             let start = Instant::now();
-            let mut budget = Budget::new(limits(), 4);
+            let mut budget = Budget::new(limits(), &urls(4));
             let mut now = 0u64;
             let mut admitted: Vec<(u64, u64)> = Vec::new();
             for (step, target, bytes) in calls {
@@ -525,6 +772,164 @@ mod tests {
                     let window_ns = (t - admitted[i].0) as u128;
                     prop_assert!(n * 1_000_000_000 <= window_ns * 3 + 3 * 1_000_000_000);
                     prop_assert!(bytes * 1_000_000_000 <= window_ns * 1000 + 1000 * 1_000_000_000);
+                }
+            }
+        }
+
+        /// The task's promise: for any sequence of reloads at any times, of the same limits
+        /// but any targets in any order (some removed, added back, renumbered), the copies
+        /// admitted over any window never exceed rate × window + burst, for the node and for
+        /// each target, in requests and in bytes.
+        #[test]
+        fn reloads_never_let_more_through(
+            events in proptest::collection::vec(
+                (0u64..400_000_000, 0u8..4, 0usize..4, 0u64..400, any::<bool>(), 1u8..16),
+                1..300,
+            ),
+        ) {
+            let start = Instant::now();
+            let all = urls(4);
+            let mut current: Vec<Target> = all.clone();
+            let mut budget = Budget::new(limits(), &current);
+            let mut now = 0u64;
+            // (time, url index or none for the node, bytes)
+            let mut admitted: Vec<(u64, usize, u64)> = Vec::new();
+            for (step, kind, target, bytes, reversed, members) in events {
+                now += step;
+                let at = start + Duration::from_nanos(now);
+                if kind == 0 {
+                    // A reload: a non-empty subset of the four URLs, in either order.
+                    current = all
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| members & (1 << i) != 0)
+                        .map(|(_, u)| u.clone())
+                        .collect();
+                    if reversed {
+                        current.reverse();
+                    }
+                    budget.reconfigure(at, limits(), &current);
+                } else if let Some(id) = current.iter().position(|u| *u == all[target])
+                    && budget.try_acquire(at, TargetId(id), bytes).is_ok()
+                {
+                    admitted.push((now, target, bytes));
+                }
+            }
+            let l = limits();
+            let scopes: Vec<(Option<usize>, f64, f64)> = std::iter::once((
+                None,
+                l.node_rps,
+                l.node_bytes_per_sec,
+            ))
+            .chain((0..4).map(|t| (Some(t), l.target_rps, l.target_bytes_per_sec.unwrap_or(0.0))))
+            .collect();
+            for (scope, rps, bps) in scopes {
+                let mine: Vec<(u64, u64)> = admitted
+                    .iter()
+                    .filter(|(_, t, _)| scope.is_none_or(|s| s == *t))
+                    .map(|&(at, _, b)| (at, b))
+                    .collect();
+                let (rps, bps) = (rps as u128, bps as u128);
+                for i in 0..mine.len() {
+                    let (mut n, mut bytes) = (0u128, 0u128);
+                    for &(t, b) in &mine[i..] {
+                        n += 1;
+                        bytes += b as u128;
+                        let window_ns = (t - mine[i].0) as u128;
+                        // One second of burst: rate × window + rate, in nanoseconds.
+                        prop_assert!(
+                            n * 1_000_000_000 <= window_ns * rps + rps * 1_000_000_000,
+                            "{scope:?}: {n} copies in {window_ns}ns at {rps}/s"
+                        );
+                        prop_assert!(
+                            bytes * 1_000_000_000 <= window_ns * bps + bps * 1_000_000_000,
+                            "{scope:?}: {bytes} bytes in {window_ns}ns at {bps}/s"
+                        );
+                    }
+                }
+            }
+        }
+
+        /// A reload whose limits and targets do not change is invisible: the same copies are
+        /// admitted as without it.
+        #[test]
+        fn unchanged_reloads_are_invisible(
+            events in proptest::collection::vec((0u64..400_000_000, any::<bool>(), 0usize..2, 0u64..400), 1..300),
+        ) {
+            let start = Instant::now();
+            let targets = urls(2);
+            let mut reloaded = Budget::new(limits(), &targets);
+            let mut untouched = Budget::new(limits(), &targets);
+            let mut now = 0u64;
+            for (step, reload, target, bytes) in events {
+                now += step;
+                let at = start + Duration::from_nanos(now);
+                if reload {
+                    reloaded.reconfigure(at, limits(), &targets);
+                } else {
+                    prop_assert_eq!(
+                        reloaded.try_acquire(at, TargetId(target), bytes),
+                        untouched.try_acquire(at, TargetId(target), bytes)
+                    );
+                }
+            }
+        }
+
+        /// Reloads that change the rate never hand out more than the bucket held when a window
+        /// began plus what each rate earned while it applied: a reload caps, never refills.
+        #[test]
+        fn changed_rates_earn_only_while_they_apply(
+            events in proptest::collection::vec((0u64..400_000_000, any::<bool>(), 1u32..20), 1..300),
+        ) {
+            let start = Instant::now();
+            let with = |rps: u32| BudgetLimits {
+                node_rps: f64::from(rps),
+                node_bytes_per_sec: 1e12,
+                target_rps: 1e9,
+                target_bytes_per_sec: None,
+                burst: Duration::from_secs(1),
+            };
+            let targets = urls(1);
+            let mut rps = 5u32;
+            let mut budget = Budget::new(with(rps), &targets);
+            let mut now = 0u64;
+            // The rate from each time on, and the times copies were admitted.
+            let mut rates: Vec<(u64, u32)> = vec![(0, rps)];
+            let mut admitted: Vec<u64> = Vec::new();
+            for (step, reload, new_rps) in events {
+                now += step;
+                let at = start + Duration::from_nanos(now);
+                if reload {
+                    rps = new_rps;
+                    budget.reconfigure(at, with(rps), &targets);
+                    rates.push((now, rps));
+                } else if budget.try_acquire(at, TargetId(0), 1).is_ok() {
+                    admitted.push(now);
+                }
+            }
+            // Nanosecond-tokens earned over [a, b] at the rates in force.
+            let earned = |a: u64, b: u64| -> u128 {
+                let mut sum = 0u128;
+                for (i, &(from, r)) in rates.iter().enumerate() {
+                    let until = rates.get(i + 1).map_or(u64::MAX, |&(t, _)| t);
+                    let (lo, hi) = (from.max(a), until.min(b));
+                    if hi > lo {
+                        sum += (hi - lo) as u128 * r as u128;
+                    }
+                }
+                sum
+            };
+            // The rate in force at `t` (a copy at the time of a reload came after it).
+            let rate_at = |t: u64| rates.iter().rev().find(|(from, _)| *from <= t).map_or(5, |r| r.1);
+            for i in 0..admitted.len() {
+                let a = admitted[i];
+                let capacity = rate_at(a) as u128 * 1_000_000_000;
+                for (n, &b) in admitted[i..].iter().enumerate() {
+                    let n = n as u128 + 1;
+                    prop_assert!(
+                        n * 1_000_000_000 <= capacity + earned(a, b),
+                        "{n} copies from {a} to {b} with rates {rates:?}"
+                    );
                 }
             }
         }

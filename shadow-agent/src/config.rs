@@ -47,6 +47,8 @@ const RESERVED_HEADERS: [&str; 8] = [
 #[derive(Clone, Debug)]
 pub struct Config {
     pub capture: CaptureConfig,
+    /// What holds for every request, whichever route takes it.
+    pub policy: PolicyConfig,
     /// Tried in order; the first whose match fits decides.
     pub routes: Vec<RouteConfig>,
     pub budget: BudgetConfig,
@@ -69,6 +71,13 @@ pub struct CaptureConfig {
     pub sample_percent: f64,
 }
 
+/// `[policy]`: rules for every request, whichever route takes it.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyConfig {
+    /// Paths never mirrored. Every route's `deny_paths` hold for every request too.
+    pub deny_paths: Vec<DenyGlob>,
+}
+
 /// One `[[route]]`.
 #[derive(Clone, Debug)]
 pub struct RouteConfig {
@@ -82,6 +91,8 @@ pub struct RouteConfig {
     pub sample_percent: f64,
     /// Upper-case method names.
     pub allow_methods: BTreeSet<String>,
+    /// Paths never mirrored, whichever route a request takes: the policy denies a request
+    /// when any route's pattern matches.
     pub deny_paths: Vec<DenyGlob>,
     /// Lower-case names; set in place of any captured header of the same name.
     pub set_headers: BTreeMap<String, String>,
@@ -101,7 +112,7 @@ pub struct RouteMatch {
     pub methods: Option<BTreeSet<String>>,
 }
 
-/// How a route matches the normalised path.
+/// How a route matches the request's path, as [`crate::policy::path::RequestPath`] reads it.
 #[derive(Clone, Debug)]
 pub enum PathMatch {
     Prefix(String),
@@ -390,6 +401,13 @@ struct RawCapture {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    deny_paths: Vec<Sp<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRoute {
     name: Sp<String>,
     #[serde(rename = "match")]
@@ -576,6 +594,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     report.root = Some(root.clone());
 
     let mut capture = None;
+    let mut policy = None;
     let mut routes = None;
     let mut budget = None;
     let mut tagging = None;
@@ -591,6 +610,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
                     .section::<RawCapture>(value, name)
                     .map(|c| (c, key.span()));
             }
+            "policy" => policy = report.section::<RawPolicy>(value, name),
             "route" => routes = Some(route_tables(value, report)),
             "budget" => budget = report.section::<RawBudget>(value, name),
             "tagging" => tagging = report.section::<RawTagging>(value, name),
@@ -611,7 +631,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
             other => report.at(
                 key.span(),
                 other,
-                "unknown section; expected capture, route, budget, tagging, admin, limits, compare or ramp",
+                "unknown section; expected capture, policy, route, budget, tagging, admin, limits, compare or ramp",
             ),
         }
     }
@@ -626,6 +646,9 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
             None
         }
     };
+    let policy = policy.map_or_else(PolicyConfig::default, |p| PolicyConfig {
+        deny_paths: deny_globs(p.deny_paths, "policy.deny_paths", report),
+    });
     let routes = match routes {
         Some(raw) => check_routes(raw, &tagging, report),
         None => {
@@ -660,6 +683,7 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     }
     Some(Config {
         capture,
+        policy,
         routes,
         budget,
         tagging,
@@ -891,17 +915,7 @@ fn check_route(
         Some(list) => methods(list, &format!("{key}.allow_methods"), r),
     };
 
-    let mut deny_paths = Vec::new();
-    for (i, p) in raw.deny_paths.into_iter().enumerate() {
-        match DenyGlob::new(p.get_ref()) {
-            Ok(g) => deny_paths.push(g),
-            Err(e) => r.at(
-                p.span(),
-                format!("{key}.deny_paths[{i}]"),
-                format!("`{}`: {e}", p.get_ref()),
-            ),
-        }
-    }
+    let deny_paths = deny_globs(raw.deny_paths, &format!("{key}.deny_paths"), r);
 
     let tag_names = [
         tagging.header.0.as_str(),
@@ -963,6 +977,22 @@ fn check_route(
         remove_headers,
         host,
     })
+}
+
+/// The patterns of a `deny_paths` list; an issue for each that does not compile.
+fn deny_globs(list: Vec<Sp<String>>, key: &str, r: &mut Report<'_>) -> Vec<DenyGlob> {
+    let mut globs = Vec::new();
+    for (i, p) in list.into_iter().enumerate() {
+        match DenyGlob::new(p.get_ref()) {
+            Ok(g) => globs.push(g),
+            Err(e) => r.at(
+                p.span(),
+                format!("{key}[{i}]"),
+                format!("`{}`: {e}", p.get_ref()),
+            ),
+        }
+    }
+    globs
 }
 
 fn check_match(raw: RawMatch, key: &str, r: &mut Report<'_>) -> Option<RouteMatch> {

@@ -5,6 +5,12 @@
 //! that finds the lane full is dropped and counted, never waited for; a copy gets one attempt
 //! within `timeout` of being admitted, and is never retried, so a slow or failing shadow costs a
 //! bounded amount and live traffic never waits for any of it.
+//!
+//! A copy the lane takes is counted as sent, and then as exactly one of answered, failed or
+//! abandoned (its lane closed before either: a reload removed the target or changed the lane's
+//! limits, or the agent stopped). [`InFlight`] does the counting, in its `Drop` where nothing else
+//! did, so no path (a worker aborted mid-exchange, a queue dropped) loses a copy; for every
+//! target, `sent = answered + failed + abandoned + in_flight`.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,7 +28,7 @@ use tokio::time::Instant;
 use crate::config::{BudgetConfig, Target};
 use crate::mirror::ShadowRequest;
 use crate::mirror::pairing::{Answer, PairKey, Role};
-use crate::mirror::stats::{CopyDrop, Failure, RouteCounters, TargetCounters};
+use crate::mirror::stats::{Answers, CopyDrop, Failure, RouteCounters, TargetCounters};
 
 /// What limits a lane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,14 +67,64 @@ pub struct Shared {
     pub answer_body_bytes: usize,
 }
 
-/// A copy on its way, holding its place in the lane and its bytes of the memory share until it
-/// is answered or has failed.
+/// A copy counted as sent whose outcome is not counted yet. Its outcome is counted once, by
+/// [`InFlight::answered`], [`InFlight::failed`] or, when it is dropped without either (its lane
+/// closed, its worker was stopped), as abandoned; it leaves `in_flight` as it does.
+struct InFlight {
+    target: Arc<TargetCounters>,
+    /// The route whose counters the outcome counts in too.
+    route: Option<Arc<RouteCounters>>,
+    counted: bool,
+}
+
+impl InFlight {
+    /// Counts a copy of `wire_bytes` bytes as sent and in flight.
+    fn sent(
+        target: Arc<TargetCounters>,
+        route: Option<Arc<RouteCounters>>,
+        wire_bytes: u64,
+    ) -> Self {
+        target.in_flight.fetch_add(1, Ordering::Relaxed);
+        target.sent.inc();
+        target.sent_bytes.add(wire_bytes);
+        Self {
+            target,
+            route,
+            counted: false,
+        }
+    }
+
+    fn answers(&self) -> impl Iterator<Item = &Answers> {
+        std::iter::once(&self.target.answers).chain(self.route.as_deref().map(|r| &r.answers))
+    }
+
+    fn answered(mut self, status: u16, latency: Duration) {
+        self.answers().for_each(|a| a.answered(status, latency));
+        self.counted = true;
+    }
+
+    fn failed(mut self, failure: Failure) {
+        self.answers().for_each(|a| a.failed(failure).inc());
+        self.counted = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.answers().for_each(|a| a.abandoned.inc());
+        }
+        self.target.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A copy on its way, holding its place in the lane and its bytes of the memory share until its
+/// outcome is counted.
 struct Job {
     request: http::Request<Bytes>,
     compare: Option<(PairKey, Role)>,
-    /// The route whose counters the answer counts in too.
-    route: Option<Arc<RouteCounters>>,
     admitted: Instant,
+    copy: InFlight,
     _place: OwnedSemaphorePermit,
     _memory: OwnedSemaphorePermit,
 }
@@ -128,7 +184,7 @@ impl Lane {
     /// # Errors
     /// [`CopyDrop::InFlight`] when `max_in_flight` copies are pending, [`CopyDrop::Memory`]
     /// when pending copies hold all the memory they may, [`CopyDrop::Closed`] when the lane is
-    /// shutting down. The caller counts the drop.
+    /// shutting down. The caller counts the drop; a refused copy is not counted as sent.
     pub fn try_send(&self, copy: ShadowRequest) -> Result<(), CopyDrop> {
         let memory = self
             .shared
@@ -141,53 +197,64 @@ impl Lane {
             .clone()
             .try_acquire_owned()
             .map_err(|_| CopyDrop::InFlight)?;
-        let job = Job {
+        // Room in the queue first, so that a copy is counted as sent only once it is queued.
+        // The queue holds as many jobs as there are places, so only a closed lane refuses.
+        let slot = self.queue.try_reserve().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => CopyDrop::InFlight,
+            mpsc::error::TrySendError::Closed(()) => CopyDrop::Closed,
+        })?;
+        slot.send(Job {
             request: copy.request,
             compare: copy.compare.map(|key| (key, copy.role)),
-            route: copy.route,
             admitted: Instant::now(),
+            copy: InFlight::sent(self.counters.clone(), copy.route, copy.wire_bytes),
             _place: place,
             _memory: memory,
-        };
-        // The queue holds as many jobs as there are places, so only a closed lane refuses.
-        self.queue.try_send(job).map_err(|_| CopyDrop::Closed)?;
-        self.counters.sent.inc();
-        self.counters.sent_bytes.add(copy.wire_bytes);
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        });
         Ok(())
     }
 
-    /// Lets the workers finish what is queued, each copy within its timeout, then stops them;
-    /// copies still queued after `grace` are counted as [`CopyDrop::Closed`].
+    /// Lets the workers finish what is queued, each copy within its timeout, then stops them.
+    /// Copies not answered or failed by `grace` (on the wire or still queued) are counted as
+    /// abandoned; when this returns, none of the lane's copies is in flight.
     pub async fn close(self, grace: Duration) {
         let Lane {
             queue,
             workers,
             receiver,
-            counters,
             ..
         } = self;
         drop(queue);
         let deadline = Instant::now() + grace;
-        for worker in workers {
-            let abort = worker.abort_handle();
-            if tokio::time::timeout_at(deadline, worker).await.is_err() {
-                abort.abort();
+        for mut worker in workers {
+            if tokio::time::timeout_at(deadline, &mut worker)
+                .await
+                .is_err()
+            {
+                worker.abort();
+                // An aborted task drops its future, and the copy in it, only when it next runs:
+                // wait for that, so the copy is counted before this returns.
+                let _ = worker.await;
             }
         }
         let mut receiver = receiver.lock().await;
         receiver.close();
         while let Ok(job) = receiver.try_recv() {
             drop(job);
-            counters.dropped(CopyDrop::Closed).inc();
-            counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 /// Every target's lane, kept across reloads while the target and the limits stay the same.
+///
+/// The forwarder alone owns the lanes, so that each lane it no longer wants is closed, once, and
+/// every copy it took is accounted for: shutdown waits for the lanes that reloads left closing.
 pub struct Forwarder {
-    lanes: BTreeMap<Target, Arc<Lane>>,
+    /// The current configuration's lanes, by [`TargetId`](crate::policy::TargetId).
+    lanes: Vec<Lane>,
+    /// Lanes that reloads left, closing in the background. Each ends within its grace; the
+    /// finished ones are forgotten at the next reload.
+    closing: Vec<JoinHandle<()>>,
     shared: Shared,
 }
 
@@ -200,7 +267,8 @@ impl Forwarder {
         answer_body_bytes: usize,
     ) -> Self {
         Self {
-            lanes: BTreeMap::new(),
+            lanes: Vec::new(),
+            closing: Vec::new(),
             shared: Shared {
                 memory: Arc::new(Semaphore::new(memory_bytes.min(Semaphore::MAX_PERMITS))),
                 answers,
@@ -209,55 +277,63 @@ impl Forwarder {
         }
     }
 
-    /// Makes the lanes of `targets`, reusing those whose limits did not change, and returns
-    /// them in the order of `targets`; lanes no longer wanted are closed in the background.
-    pub fn reconfigure(
-        &mut self,
-        targets: &[(Target, Arc<TargetCounters>)],
-        limits: LaneLimits,
-    ) -> Vec<Arc<Lane>> {
-        let mut old = std::mem::take(&mut self.lanes);
-        let lanes: Vec<Arc<Lane>> = targets
-            .iter()
-            .map(|(target, counters)| {
-                let lane = match old.remove(target) {
-                    Some(lane) if lane.limits == limits => lane,
-                    _ => Arc::new(Lane::start(
+    /// Makes the lanes of `targets`, numbered as [`TargetId`](crate::policy::TargetId)s in
+    /// that order, reusing those whose target and limits did not change; lanes no longer wanted
+    /// are closed in the background, each within its own timeout.
+    pub fn reconfigure(&mut self, targets: &[(Target, Arc<TargetCounters>)], limits: LaneLimits) {
+        let mut old: BTreeMap<Target, Lane> = std::mem::take(&mut self.lanes)
+            .into_iter()
+            .map(|lane| (lane.target.clone(), lane))
+            .collect();
+        for (target, counters) in targets {
+            let lane = match old.remove(target) {
+                Some(lane) if lane.limits == limits => lane,
+                other => {
+                    if let Some(lane) = other {
+                        self.close_later(lane);
+                    }
+                    Lane::start(
                         target.clone(),
                         limits,
                         self.shared.clone(),
                         counters.clone(),
-                    )),
-                };
-                self.lanes.insert(target.clone(), lane.clone());
-                lane
-            })
-            .collect();
-        for (_, lane) in old {
-            if let Ok(lane) = Arc::try_unwrap(lane) {
-                let grace = lane.limits.timeout;
-                tokio::spawn(lane.close(grace));
-            }
+                    )
+                }
+            };
+            self.lanes.push(lane);
         }
-        lanes
+        self.closing.retain(|closing| !closing.is_finished());
+        for (_, lane) in old {
+            self.close_later(lane);
+        }
     }
 
-    /// Closes every lane, waiting at most `grace` for copies in flight.
+    fn close_later(&mut self, lane: Lane) {
+        let grace = lane.limits.timeout;
+        self.closing.push(tokio::spawn(lane.close(grace)));
+    }
+
+    /// Hands `copy` to its target's lane ([`Lane::try_send`]).
+    ///
+    /// # Errors
+    /// As [`Lane::try_send`]; [`CopyDrop::Closed`] for a target without a lane.
+    pub fn try_send(&self, copy: ShadowRequest) -> Result<(), CopyDrop> {
+        self.lanes
+            .get(copy.target.0)
+            .ok_or(CopyDrop::Closed)?
+            .try_send(copy)
+    }
+
+    /// Closes every lane, waiting at most `grace` for copies in flight, and waits for the lanes
+    /// that reloads left closing: when this returns, no copy is in flight.
     pub async fn close(&mut self, grace: Duration) {
-        let closing: Vec<_> = std::mem::take(&mut self.lanes)
-            .into_values()
-            .filter_map(|lane| Arc::try_unwrap(lane).ok())
-            .map(|lane| lane.close(grace))
+        let closing: Vec<JoinHandle<()>> = std::mem::take(&mut self.lanes)
+            .into_iter()
+            .map(|lane| tokio::spawn(lane.close(grace)))
             .collect();
-        futures_join_all(closing).await;
-    }
-}
-
-/// Awaits every future, concurrently.
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: Vec<F>) {
-    let handles: Vec<JoinHandle<()>> = futures.into_iter().map(tokio::spawn).collect();
-    for handle in handles {
-        let _ = handle.await;
+        for handle in closing.into_iter().chain(std::mem::take(&mut self.closing)) {
+            let _ = handle.await;
+        }
     }
 }
 
@@ -294,14 +370,10 @@ async fn work(
             exchange(&mut connection, &target, job.request, keep, &counters),
         )
         .await;
-        let route = job.route.as_deref().map(|r| &r.answers);
         match sent {
             Ok(Ok(mut answer)) => {
                 answer.latency = job.admitted.elapsed();
-                counters.answers.answered(answer.status, answer.latency);
-                if let Some(route) = route {
-                    route.answered(answer.status, answer.latency);
-                }
+                job.copy.answered(answer.status, answer.latency);
                 if let (Some((key, role)), Some(answers)) = (job.compare, &shared.answers)
                     && answers
                         .try_send(TargetAnswer { key, role, answer })
@@ -311,22 +383,15 @@ async fn work(
                 }
             }
             Ok(Err(failure)) => {
-                counters.answers.failed(failure).inc();
-                if let Some(route) = route {
-                    route.failed(failure).inc();
-                }
+                job.copy.failed(failure);
                 connection = None;
             }
             Err(_) => {
-                counters.answers.failed(Failure::Timeout).inc();
-                if let Some(route) = route {
-                    route.failed(Failure::Timeout).inc();
-                }
+                job.copy.failed(Failure::Timeout);
                 // The connection may be half-way through an exchange: start afresh.
                 connection = None;
             }
         }
-        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -442,6 +507,14 @@ mod tests {
         status: u16,
         delay: Duration,
     ) -> (Target, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+        server_with(status, move |_| delay).await
+    }
+
+    /// Like [`server`], with the delay chosen by the request head.
+    async fn server_with(
+        status: u16,
+        delay_of: impl Fn(&str) -> Duration + Clone + Send + 'static,
+    ) -> (Target, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -451,6 +524,7 @@ mod tests {
             while let Ok((mut stream, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
                 let h = h.clone();
+                let delay_of = delay_of.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -461,6 +535,7 @@ mod tests {
                                 break;
                             }
                             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            let delay = delay_of(&head);
                             h.lock().expect("lock").push(head);
                             buf.drain(..end + 4 + 5);
                             tokio::time::sleep(delay).await;
@@ -664,5 +739,145 @@ mod tests {
             .expect("one");
         assert!(p99 >= Duration::from_millis(20), "{p99:?}");
         lane.close(Duration::from_secs(1)).await;
+    }
+
+    /// `sent = answered + failed + abandoned + in_flight`, for the target's counters.
+    #[track_caller]
+    fn assert_accounted(c: &TargetCounters) {
+        let answered: u64 = (1..=5).map(|class| c.answers.responses(class)).sum();
+        let failed: u64 = Failure::ALL
+            .iter()
+            .map(|f| c.answers.failed(*f).get())
+            .sum();
+        assert_eq!(
+            c.sent.get(),
+            answered + failed + c.answers.abandoned.get() + c.in_flight.load(Ordering::Relaxed),
+            "sent {}, answered {answered}, failed {failed}, abandoned {}, in flight {}",
+            c.sent.get(),
+            c.answers.abandoned.get(),
+            c.in_flight.load(Ordering::Relaxed),
+        );
+    }
+
+    /// Waits until the server has received `n` request heads.
+    async fn received(heads: &std::sync::Mutex<Vec<String>>, n: usize) {
+        for _ in 0..500 {
+            if heads.lock().expect("lock").len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server received fewer than {n} requests");
+    }
+
+    #[tokio::test]
+    async fn closing_a_lane_counts_every_copy_in_exactly_one_outcome() {
+        let slow = |head: &str| {
+            if head.starts_with("POST /slow") {
+                Duration::from_secs(60)
+            } else {
+                Duration::ZERO
+            }
+        };
+        let (target, _, heads) = server_with(200, slow).await;
+        let counters = Arc::new(TargetCounters::default());
+        let route = Arc::new(RouteCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 16,
+            max_connections: 2,
+            timeout: Duration::from_secs(1),
+        };
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
+        let send = |path: &str| {
+            let mut c = copy(path);
+            c.route = Some(route.clone());
+            lane.try_send(c).expect("room in the lane");
+        };
+        // Answered, then failed (the 1 s timeout), each counted once, in the route's too.
+        for i in 0..4 {
+            send(&format!("/fast/{i}"));
+        }
+        settle(&counters, 4).await;
+        for i in 0..2 {
+            send(&format!("/slow/{i}"));
+        }
+        settle(&counters, 6).await;
+        assert_eq!(counters.answers.failed(Failure::Timeout).get(), 2);
+        assert_accounted(&counters);
+        // Eight more: two on the wire, six queued, when the lane closes with a grace shorter
+        // than their timeout. The two are cut off and the six never go out: all abandoned.
+        for i in 0..8 {
+            send(&format!("/slow/late/{i}"));
+        }
+        received(&heads, 8).await;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 8);
+        assert_accounted(&counters);
+        lane.close(Duration::from_millis(100)).await;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.sent.get(), 14);
+        assert_eq!(counters.answers.responses(2), 4);
+        assert_eq!(counters.answers.completed(), 6);
+        assert_eq!(counters.answers.abandoned.get(), 8);
+        assert_accounted(&counters);
+        // Not a drop: these copies had been sent.
+        assert_eq!(counters.dropped(CopyDrop::Closed).get(), 0);
+        assert_eq!(
+            (route.answers.completed(), route.answers.abandoned.get()),
+            (6, 8)
+        );
+        // Abandoned copies are not the shadow's errors.
+        assert_eq!(counters.answers.errors(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_removes_a_target_leaves_no_copy_in_flight_after_close() {
+        let (slow, _, slow_heads) = server(200, Duration::from_secs(60)).await;
+        let (fast, connections, _) = server(200, Duration::ZERO).await;
+        let (slow_counters, fast_counters) = (
+            Arc::new(TargetCounters::default()),
+            Arc::new(TargetCounters::default()),
+        );
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 1,
+            timeout: Duration::from_millis(500),
+        };
+        let mut forwarder = Forwarder::new(1 << 20, None, 0);
+        let both = [
+            (slow.clone(), slow_counters.clone()),
+            (fast.clone(), fast_counters.clone()),
+        ];
+        forwarder.reconfigure(&both, limits);
+        let to = |target: usize, path: &str| {
+            let mut c = copy(path);
+            c.target = crate::policy::TargetId(target);
+            c
+        };
+        forwarder.try_send(to(1, "/fast/0")).expect("room");
+        settle(&fast_counters, 1).await;
+        for i in 0..4 {
+            forwarder
+                .try_send(to(0, &format!("/slow/{i}")))
+                .expect("room");
+        }
+        received(&slow_heads, 1).await;
+        // The slow target goes; the fast one stays (now TargetId 0) with its lane and
+        // connection.
+        forwarder.reconfigure(&[(fast.clone(), fast_counters.clone())], limits);
+        assert_eq!(forwarder.try_send(to(1, "/nowhere")), Err(CopyDrop::Closed));
+        forwarder.try_send(to(0, "/fast/1")).expect("room");
+        settle(&fast_counters, 2).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 1, "the lane was kept");
+        // Stopping waits for the removed lane too: nothing is left in flight anywhere.
+        forwarder.close(Duration::from_secs(1)).await;
+        for c in [&slow_counters, &fast_counters] {
+            assert_eq!(c.in_flight.load(Ordering::Relaxed), 0);
+            assert_accounted(c);
+        }
+        assert_eq!(slow_counters.sent.get(), 4);
+        assert_eq!(
+            slow_counters.answers.completed() + slow_counters.answers.abandoned.get(),
+            4
+        );
     }
 }

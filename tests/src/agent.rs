@@ -14,13 +14,21 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{Capture, Netns, agent_bin};
+use crate::{Capture, Netns, Program, agent_bin};
 
 /// How long the agent may take to load and attach: generous, the machine is small and tests run
 /// in parallel.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the agent may take to detach, drain and exit after a signal.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `shadow-agent run` arguments for tests whose assertions need the agent to keep up (memory
+/// bounds, budgets, the ramp, latencies the agent times itself): the normal scheduling class at
+/// nice 0, as the clients and nginx run, instead of the default SCHED_IDLE, under which the agent
+/// gets almost no CPU while they, or anything else on the machine, keep the cores busy.
+/// Scheduling itself has tests of its own (`gets_arrive_tagged_and_nothing_else_does`, and the
+/// dry run's `--nice 7`).
+pub const KEEP_UP: [&str; 2] = ["--nice", "0"];
 
 /// A running `shadow-agent capture`. It writes its pcap and stats JSON into a temporary directory
 /// of its own. Dropping it kills the agent (SIGKILL).
@@ -99,9 +107,15 @@ impl Agent {
         let pcap = dir.path().join("capture.pcap");
         let stats_path = dir.path().join("stats.json");
         let bin = agent_bin();
-        let bin = bin.to_str().expect("utf-8 path").to_owned();
-        let mut full = match caps {
-            None => vec![bin],
+        let args = argv(
+            pcap.to_str().expect("utf-8 path"),
+            stats_path.to_str().expect("utf-8 path"),
+        );
+        let mut cmd = match caps {
+            None => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ns.exec_built(&bin, &args)
+            }
             Some(caps) => {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
@@ -109,23 +123,19 @@ impl Agent {
                 let caps = caps.join(",");
                 // Keep the caps across the switch to nobody (--keep), then raise them into the
                 // ambient set, which is what an exec of a binary without file caps keeps.
-                vec![
-                    "capsh".to_owned(),
+                let mut full = vec![
                     format!("--caps={caps}+eip cap_setuid,cap_setgid,cap_setpcap+ep"),
                     "--keep=1".into(),
                     "--user=nobody".into(),
                     format!("--addamb={caps}"),
-                    format!("--shell={bin}"),
+                    format!("--shell={}", bin.to_str().expect("utf-8 path")),
                     "--".into(),
-                ]
+                ];
+                full.extend(args);
+                let full: Vec<&str> = full.iter().map(String::as_str).collect();
+                ns.exec(Program::Capsh, &full)
             }
         };
-        full.extend(argv(
-            pcap.to_str().expect("utf-8 path"),
-            stats_path.to_str().expect("utf-8 path"),
-        ));
-        let full: Vec<&str> = full.iter().map(String::as_str).collect();
-        let mut cmd = ns.exec(&full);
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

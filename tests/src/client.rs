@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Netns, run_ok};
+use crate::{Netns, Program, run_ok};
 
 /// Opens a TCP connection to `server` from inside `ns`.
 pub fn connect(ns: &Netns, server: SocketAddr) -> TcpStream {
@@ -149,9 +149,9 @@ pub fn http_request(host: SocketAddr, path: &str, body: &[u8]) -> Vec<u8> {
 /// Runs `curl -sS --max-time 60 args...` inside `ns` and panics unless it succeeds. Add
 /// [`CURL_LOCAL`] to `-w` to learn the client address of each transfer.
 pub fn curl(ns: &Netns, args: &[&str]) -> Output {
-    let mut argv = vec!["curl", "-sS", "--max-time", "60"];
+    let mut argv = vec!["-sS", "--max-time", "60"];
     argv.extend_from_slice(args);
-    run_ok(&mut ns.exec(&argv))
+    run_ok(&mut ns.exec(Program::Curl, &argv))
 }
 
 /// A `curl -w` format printing the client address of a transfer on a line of its own.
@@ -212,16 +212,15 @@ pub fn gets_from_one_port(
     std::fs::write(&script, include_str!("one_port_client.py")).expect("write the client");
     let (local_ip, local_port) = (local.ip().to_string(), local.port().to_string());
     let (server_ip, server_port) = (server.ip().to_string(), server.port().to_string());
-    let mut argv = vec![
-        "python3",
+    let mut args = vec![
         script.to_str().expect("utf-8 path"),
         &local_ip,
         &local_port,
         &server_ip,
         &server_port,
     ];
-    argv.extend(paths.iter().map(String::as_str));
-    let out = run_ok(&mut ns.exec(&argv));
+    args.extend(paths.iter().map(String::as_str));
+    let out = run_ok(&mut ns.exec(Program::Python3, &args));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), paths.len(), "the client printed:\n{text}");
@@ -246,17 +245,19 @@ pub fn gets_from_one_port(
 /// take their ports from the namespace's ephemeral range. Panics unless ab succeeds and every
 /// request completed with a 2xx answer; returns the number completed.
 pub fn ab(ns: &Netns, url: &str, requests: u64, concurrency: u32) -> u64 {
-    let out = run_ok(&mut ns.exec(&[
-        "ab",
-        "-q",
-        "-s",
-        "60",
-        "-n",
-        &requests.to_string(),
-        "-c",
-        &concurrency.to_string(),
-        url,
-    ]));
+    let out = run_ok(&mut ns.exec(
+        Program::Ab,
+        &[
+            "-q",
+            "-s",
+            "60",
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &concurrency.to_string(),
+            url,
+        ],
+    ));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let field = |name: &str| {
         text.lines()

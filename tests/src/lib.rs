@@ -12,7 +12,9 @@
 //! - [`shadow_server`]: [`ShadowServer`], a shadow target that records what it receives;
 //! - [`agent`]: [`Agent`], `shadow-agent` run inside a namespace;
 //! - [`site`]: [`site::Site`], client ⇄ live ⇄ shadow for `shadow-agent run` tests;
-//! - [`pcap`]: [`Capture`], a pcap file decoded and reassembled per connection.
+//! - [`pcap`]: [`Capture`], a pcap file decoded and reassembled per connection;
+//! - [`program`]: [`Program`], every external program started here or by xtask, and where it
+//!   comes from (what `cargo xtask setup` installs).
 #![deny(unsafe_code)]
 
 pub mod agent;
@@ -20,6 +22,7 @@ pub mod attachments;
 pub mod client;
 pub mod netns;
 pub mod pcap;
+pub mod program;
 pub mod server;
 pub mod shadow_server;
 pub mod site;
@@ -34,6 +37,7 @@ use std::{
 pub use agent::{Agent, AgentExit, Stats};
 pub use netns::{Hosts, Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};
+pub use program::Program;
 pub use server::{AccessLog, JsonApp, Nginx, SinkMode, TcpSink};
 pub use shadow_server::{Received, ShadowMode, ShadowServer};
 

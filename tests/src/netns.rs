@@ -2,6 +2,7 @@
 use std::{
     fs::File,
     net::Ipv4Addr,
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         Mutex,
@@ -16,7 +17,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::run_ok;
+use crate::{Program, run_ok};
 
 /// Where a namespace's ephemeral port range is read and set.
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -39,7 +40,7 @@ impl Netns {
     pub fn new(label: &str) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let name = format!("shadow-t-{}-{id}-{label}", std::process::id());
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Program::Ip.command().args(["netns", "add", &name]));
         let ns = Netns {
             name,
             children: Mutex::new(Vec::new()),
@@ -52,21 +53,33 @@ impl Netns {
         &self.name
     }
 
-    /// A command that runs `argv` inside the namespace (`ip netns exec NAME argv...`).
-    pub fn exec(&self, argv: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(argv);
+    /// A command that runs `program args...` inside the namespace
+    /// (`ip netns exec NAME program args...`).
+    pub fn exec(&self, program: Program, args: &[&str]) -> Command {
+        self.exec_path(&program.path(), args)
+    }
+
+    /// Like [`Netns::exec`], for one of this workspace's own binaries (see [`crate::agent_bin`]),
+    /// which cargo builds rather than setup installs.
+    pub fn exec_built(&self, bin: &Path, args: &[&str]) -> Command {
+        self.exec_path(bin, args)
+    }
+
+    fn exec_path(&self, bin: &Path, args: &[&str]) -> Command {
+        let mut cmd = Program::Ip.command();
+        cmd.args(["netns", "exec", &self.name]).arg(bin).args(args);
         cmd
     }
 
     /// Runs `ip -n NAME args...` and panics unless it succeeds.
     pub fn ip(&self, args: &[&str]) {
-        run_ok(Command::new("ip").args(["-n", &self.name]).args(args));
+        run_ok(Program::Ip.command().args(["-n", &self.name]).args(args));
     }
 
-    /// Runs `argv` inside the namespace to completion; panics unless it succeeds; returns stdout.
-    pub fn run(&self, argv: &[&str]) -> String {
-        let out = run_ok(&mut self.exec(argv));
+    /// Runs `program args...` inside the namespace to completion; panics unless it succeeds;
+    /// returns stdout.
+    pub fn run(&self, program: Program, args: &[&str]) -> String {
+        let out = run_ok(&mut self.exec(program, args));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -135,7 +148,8 @@ impl Netns {
 
     /// Pids of the processes inside the namespace (`ip netns pids`).
     pub fn pids(&self) -> Vec<i32> {
-        let out = Command::new("ip")
+        let out = Program::Ip
+            .command()
             .args(["netns", "pids", &self.name])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -147,7 +161,7 @@ impl Netns {
 
     /// The interfaces of the namespace: (ifindex, name).
     pub fn interfaces(&self) -> Vec<(u32, String)> {
-        let out = self.run(&["ip", "-j", "link", "show"]);
+        let out = self.run(Program::Ip, &["-j", "link", "show"]);
         let json: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("ip -j link show printed bad JSON ({e}): {out}"));
         json.as_array()
@@ -166,7 +180,7 @@ impl Netns {
     /// does not show and are asked of the kernel instead. Empty when nothing is attached.
     pub fn bpf_attachments(&self) -> Vec<String> {
         let mut found = Vec::new();
-        let out = self.run(&["bpftool", "-j", "net", "show"]);
+        let out = self.run(Program::Bpftool, &["-j", "net", "show"]);
         let json: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("bpftool -j net show printed bad JSON ({e}): {out}"));
         for section in json.as_array().into_iter().flatten() {
@@ -227,7 +241,8 @@ impl Drop for Netns {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = Command::new("ip")
+        let _ = Program::Ip
+            .command()
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
@@ -305,7 +320,8 @@ impl VethLink {
 impl Drop for VethLink {
     fn drop(&mut self) {
         // Already gone if the namespace was deleted first.
-        let _ = Command::new("ip")
+        let _ = Program::Ip
+            .command()
             .args(["-n", &self.a_ns, "link", "del", &self.a_if])
             .stderr(Stdio::null())
             .status();

@@ -4,12 +4,13 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Command,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use pcap_file::{DataLink, TsResolution, pcap::PcapReader};
+
+use crate::Program;
 
 /// One direction of a TCP connection: from `src` to `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -227,14 +228,15 @@ impl Capture {
     #[track_caller]
     pub fn assert_tools_read(path: &Path) {
         let path = path.to_str().expect("utf-8 path");
-        for argv in [
-            &["tcpdump", "-nn", "-r", path][..],
-            &["tshark", "-n", "-r", path][..],
+        for (program, args) in [
+            (Program::Tcpdump, &["-nn", "-r", path][..]),
+            (Program::Tshark, &["-n", "-r", path][..]),
         ] {
-            let out = Command::new(argv[0])
-                .args(&argv[1..])
+            let out = program
+                .command()
+                .args(args)
                 .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", argv[0]));
+                .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
             let stderr = String::from_utf8_lossy(&out.stderr);
             let bad = stderr.lines().any(|l| {
                 let l = l.to_ascii_lowercase();
@@ -244,7 +246,7 @@ impl Capture {
                     && !l.contains("running as user \"root\"")
             });
             if !out.status.success() || bad {
-                panic!("{argv:?} failed ({}):\n{stderr}", out.status);
+                panic!("{program} {args:?} failed ({}):\n{stderr}", out.status);
             }
         }
     }

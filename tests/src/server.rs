@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Netns, wait_for};
+use crate::{Netns, Program, wait_for};
 
 /// nginx from Debian (`nginx -g 'daemon off;'`), serving `200 ok` on every path, run in a
 /// namespace from a config in its own temporary directory. Request bodies up to 10 MB are read and
@@ -41,10 +41,17 @@ impl Nginx {
 
     /// As [`Nginx::start`], with or without the access log.
     pub fn serve(ns: &Netns, addr: SocketAddr, log: AccessLog) -> Self {
+        Self::serve_with(ns, addr, log, "")
+    }
+
+    /// As [`Nginx::serve`], with `directives` added to the `server` block (such as
+    /// `large_client_header_buffers 8 32k;`).
+    pub fn serve_with(ns: &Netns, addr: SocketAddr, log: AccessLog, directives: &str) -> Self {
         let server = format!(
             r#"
     server {{
         listen {addr};
+        {directives}
         location / {{
             client_max_body_size 10m;
             return 200 "ok\n";
@@ -93,9 +100,9 @@ impl Nginx {
         Self::with_server(ns, addr, &server, AccessLog::On)
     }
 
-    /// Starts nginx with `server` (one or more blocks inside `http`) and waits until `addr`
-    /// accepts connections.
-    fn with_server(ns: &Netns, addr: SocketAddr, server: &str, log: AccessLog) -> Self {
+    /// Starts nginx with `server` (one or more `server` blocks inside `http`, for tests that
+    /// need locations of their own) and waits until `addr` accepts connections.
+    pub fn with_server(ns: &Netns, addr: SocketAddr, server: &str, log: AccessLog) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shadow-t-nginx-")
             .tempdir()
@@ -128,15 +135,17 @@ http {{
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
         let conf_path = conf_path.to_str().expect("utf-8 path");
-        let mut cmd = ns.exec(&[
-            "nginx",
-            "-p",
-            &dir.path().display().to_string(),
-            "-e",
-            &format!("{d}/error.log"),
-            "-c",
-            conf_path,
-        ]);
+        let mut cmd = ns.exec(
+            Program::Nginx,
+            &[
+                "-p",
+                &dir.path().display().to_string(),
+                "-e",
+                &format!("{d}/error.log"),
+                "-c",
+                conf_path,
+            ],
+        );
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -395,13 +404,15 @@ impl JsonApp {
         let script = dir.path().join("app.py");
         std::fs::write(&script, include_str!("app.py")).expect("write app.py");
         let mut child = ns
-            .exec(&[
-                "python3",
-                script.to_str().expect("utf-8 path"),
-                &addr.ip().to_string(),
-                &addr.port().to_string(),
-                variant,
-            ])
+            .exec(
+                Program::Python3,
+                &[
+                    script.to_str().expect("utf-8 path"),
+                    &addr.ip().to_string(),
+                    &addr.port().to_string(),
+                    variant,
+                ],
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -13,7 +13,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{Netns, agent_bin};
+use crate::{Netns, Program, agent_bin, program};
 
 /// tcpdump writing a pcap of one interface in a namespace. Dropping it stops tcpdump.
 pub struct Tcpdump {
@@ -34,9 +34,12 @@ impl Tcpdump {
         let path_s = path.to_str().expect("utf-8 path").to_owned();
         // A large buffer: the tests count every request.
         let mut child = ns
-            .exec(&[
-                "tcpdump", "-i", iface, "-w", &path_s, "-B", "262144", "-s", "0", filter,
-            ])
+            .exec(
+                Program::Tcpdump,
+                &[
+                    "-i", iface, "-w", &path_s, "-B", "262144", "-s", "0", filter,
+                ],
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -131,9 +134,15 @@ impl Inspection {
 
 /// Runs `shadow-agent inspect --pcap FILE` and parses its output; panics unless it succeeds.
 pub fn inspect(pcap: &Path) -> Inspection {
-    let out = std::process::Command::new(agent_bin())
+    inspect_with(pcap, &[])
+}
+
+/// As [`inspect`], with `args` after the file (such as `--show-secrets`).
+pub fn inspect_with(pcap: &Path, args: &[&str]) -> Inspection {
+    let out = program::built(&agent_bin())
         .args(["inspect", "--pcap"])
         .arg(pcap)
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run shadow-agent inspect: {e}"));
     let summary = String::from_utf8_lossy(&out.stderr).into_owned();

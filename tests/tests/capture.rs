@@ -17,7 +17,7 @@ use std::{
 use nix::sys::signal::Signal;
 use shadow_common::{CHUNK_BYTES, SAMPLE_SCALE, connection_hash, is_sampled};
 use shadow_tests::{
-    Agent, Capture, FlowKey, Hosts, Netns, Nginx, SinkMode, TcpSink, VethLink,
+    Agent, Capture, FlowKey, Hosts, Netns, Nginx, Program, SinkMode, TcpSink, VethLink,
     agent::EXIT_TIMEOUT,
     attachments::kernel_has_tcx,
     client::{self, Exchange},
@@ -875,7 +875,7 @@ fn counters_add_up_under_wrk_load() {
     let agent = h.agent(&[80], &[]);
     let url = format!("http://{}/load", nginx.addr);
     h.client
-        .run(&["wrk", "-t", "2", "-c", "16", "-d", "3s", &url]);
+        .run(Program::Wrk, &["-t", "2", "-c", "16", "-d", "3s", &url]);
     // Let nginx log the last requests before counting them.
     std::thread::sleep(Duration::from_millis(500));
     let (_, capture, stats) = agent.stop_checked();
@@ -930,7 +930,8 @@ fn a_stalled_reader_loses_records_counted_per_interface() {
 }
 
 fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
+    let status = Program::Kill
+        .command()
         .args([&format!("-{name}"), &pid.to_string()])
         .status()
         .expect("run kill");
@@ -945,7 +946,7 @@ fn every_request_of_an_ab_burst_is_captured() {
     let agent = h.agent(&[80], &[]);
     let url = format!("http://{}/burst", nginx.addr);
     h.client
-        .run(&["ab", "-q", "-k", "-n", "1000", "-c", "8", &url]);
+        .run(Program::Ab, &["-q", "-k", "-n", "1000", "-c", "8", &url]);
     std::thread::sleep(Duration::from_millis(500));
     let (_, capture, stats) = agent.stop_checked();
     assert!(stats.nothing_lost(), "1000 requests: {}", stats.text);

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::{ab, gets_from_one_port};
 use shadow_tests::site::{Site, assert_tagged, count, route, stats};
 use shadow_tests::{Agent, Nginx, ShadowMode, ShadowServer, require_root};
@@ -47,7 +48,13 @@ fn five_connections_on_one_4_tuple(hooks: Option<&str>) {
         Some(hooks) => format!("hooks = {hooks}\n{rest}"),
         None => rest,
     });
-    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    // The normal scheduling class: copies have a second to go out, and this test is about
+    // rebuilding them, not about winning the CPU (see `KEEP_UP`).
+    let agent = Agent::run(
+        &site.live,
+        &config,
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
+    );
 
     let local = SocketAddr::new(site.front.a_addr.into(), 40_000);
     let paths: Vec<String> = (0..5).map(|i| format!("/churn/{i}")).collect();
@@ -70,7 +77,8 @@ fn five_connections_on_one_4_tuple(hooks: Option<&str>) {
     let pipeline = &json["pipeline"];
     assert_eq!(
         targets, paths,
-        "copies at the shadow; the agent's pipeline counters: {pipeline:#}"
+        "copies at the shadow; the agent's pipeline counters: {pipeline:#}; mirror: {:#}",
+        json["mirror"]
     );
     let ids: BTreeSet<String> = received.iter().map(assert_tagged).collect();
     assert_eq!(ids.len(), 5, "copy ids repeat: {ids:?}");
@@ -131,7 +139,7 @@ fn every_request_is_mirrored_while_ephemeral_ports_wrap(hooks: Option<&str>) {
     let agent = Agent::run(
         &site.live,
         &config,
-        &["--report-interval", "0s", "--nice", "0"],
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
     );
 
     let mut served = 0;

@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use shadow_tests::{
-    Capture, FlowKey, Netns, Nginx, SinkMode, TcpSink, VethLink, client, pattern, require_root,
-    wait_for,
+    Capture, FlowKey, Netns, Nginx, Program, SinkMode, TcpSink, VethLink, client, pattern,
+    require_root, wait_for,
 };
 
 #[test]
@@ -19,7 +19,7 @@ fn namespaces_and_veth_are_created_and_removed() {
         let sink = TcpSink::start(&b, SocketAddr::new(link.b_addr.into(), 7), SinkMode::Drain);
         let sent = client::send_and_close(&a, sink.addr, b"hello");
         assert_eq!(sink.received_from(sent.client), b"hello");
-        let sleeper = a.spawn(a.exec(&["sleep", "600"]));
+        let sleeper = a.spawn(a.exec(Program::Sleep, &["600"]));
         // `ip netns exec` joins the namespace before it execs `sleep`: wait for that.
         wait_for(
             "sleep to run in the namespace",
@@ -28,7 +28,8 @@ fn namespaces_and_veth_are_created_and_removed() {
         );
     }
     let list = String::from_utf8_lossy(
-        &std::process::Command::new("ip")
+        &Program::Ip
+            .command()
             .args(["netns", "list"])
             .output()
             .expect("ip netns list")
@@ -54,20 +55,22 @@ fn nginx_sink_and_tcpdump_reassembly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pcap = dir.path().join("dump.pcap");
     let pcap_s = pcap.to_str().expect("utf-8");
-    let mut dump = server_ns.exec(&[
-        "tcpdump",
-        "-i",
-        "veth-s",
-        "-nn",
-        "--time-stamp-precision=nano",
-        "--immediate-mode",
-        "-B",
-        "65536",
-        "-U",
-        "-w",
-        pcap_s,
-        "tcp",
-    ]);
+    let mut dump = server_ns.exec(
+        Program::Tcpdump,
+        &[
+            "-i",
+            "veth-s",
+            "-nn",
+            "--time-stamp-precision=nano",
+            "--immediate-mode",
+            "-B",
+            "65536",
+            "-U",
+            "-w",
+            pcap_s,
+            "tcp",
+        ],
+    );
     let log = dir.path().join("tcpdump.log");
     dump.stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("tcpdump log"));

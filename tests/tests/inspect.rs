@@ -5,9 +5,13 @@ use std::{collections::BTreeMap, path::Path};
 
 use sha2::{Digest, Sha256};
 use shadow_tests::{
-    Agent, Hosts, Nginx, client, pattern, require_root,
-    tools::{Tcpdump, inspect},
+    Agent, Hosts, Nginx, Program, client, pattern, require_root,
+    tools::{Tcpdump, inspect, inspect_with},
 };
+
+/// Credentials curl sends with its GETs: printed redacted unless `--show-secrets`.
+const BEARER: &str = "Bearer tok-3f9a1c77e2";
+const COOKIE: &str = "session=c00k1e-5b2d";
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -82,10 +86,15 @@ fn tcpdump_captures_of_curl_wrk_and_python_are_rebuilt_whole() {
     let base = format!("http://{}", h.server_addr(80));
     let mut uploads = Uploads::new();
 
-    // curl: keep-alive GETs, a small POST, a 300 kB POST (Expect: 100-continue), a chunked one.
+    // curl: keep-alive GETs with credentials, a small POST, a 300 kB POST (Expect:
+    // 100-continue), a chunked one.
     client::curl(
         &h.client,
         &[
+            "-H",
+            &format!("Authorization: {BEARER}"),
+            "-H",
+            &format!("Cookie: {COOKIE}"),
             "-o",
             "/dev/null",
             &format!("{base}/a"),
@@ -149,14 +158,49 @@ c.close()
     for (i, body) in py_bodies.iter().enumerate() {
         std::fs::write(uploads.dir.path().join(format!("py-{i}")), body).expect("write");
     }
-    h.client.run(&["python3", "-c", &script]);
+    h.client.run(Program::Python3, &["-c", &script]);
 
     // wrk: many small keep-alive GETs on several connections.
-    h.client
-        .run(&["wrk", "-t1", "-c2", "-d1s", &format!("{base}/wrk")]);
+    h.client.run(
+        Program::Wrk,
+        &["-t1", "-c2", "-d1s", &format!("{base}/wrk")],
+    );
 
     tcpdump.stop();
     assert_every_request(&tcpdump.path, &nginx, &uploads);
+    assert_credentials_redacted(&tcpdump.path);
+}
+
+/// The GETs' credentials: redacted by default, as sent with `--show-secrets`.
+#[track_caller]
+fn assert_credentials_redacted(pcap: &Path) {
+    let header = |exchange: &serde_json::Value, name: &str| {
+        exchange["headers"]
+            .as_array()
+            .and_then(|h| h.iter().find(|f| f[0] == name))
+            .map(|f| f[1].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {exchange}"))
+    };
+    let redacted = |value: &str| {
+        let hash = sha256_hex(value.as_bytes());
+        format!("<redacted {} bytes sha256:{}>", value.len(), &hash[..8])
+    };
+    let default = inspect(pcap);
+    let get = default.requests("GET", "/a");
+    assert_eq!(get.len(), 1, "{get:?}");
+    assert_eq!(header(get[0], "Authorization"), redacted(BEARER));
+    assert_eq!(header(get[0], "Cookie"), redacted(COOKIE));
+    for exchange in &default.exchanges {
+        let line = exchange.to_string();
+        assert!(
+            !line.contains("tok-3f9a") && !line.contains("c00k1e"),
+            "{line}"
+        );
+    }
+    let shown = inspect_with(pcap, &["--show-secrets"]);
+    let get = shown.requests("GET", "/a");
+    assert_eq!(header(get[0], "Authorization"), BEARER);
+    assert_eq!(header(get[0], "Cookie"), COOKIE);
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
 };
 
@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TcAttachType},
 };
-use shadow_tests::{AccessLog, Agent, Netns, Nginx, VethLink};
+use shadow_tests::{AccessLog, Agent, Netns, Nginx, Program, VethLink};
 
 use crate::run::{command_output, run};
 
@@ -62,12 +62,18 @@ pub fn capture(bench: CaptureBench) -> Result<()> {
     let object_copy = out.join("shadow-ebpf.o");
     std::fs::copy(&object, &object_copy).context("cannot copy the eBPF object")?;
 
-    let previous_stats =
-        command_output(Command::new("sysctl").args(["-n", "kernel.bpf_stats_enabled"]))?;
-    run(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
+    let previous_stats = command_output(
+        Program::Sysctl
+            .command()
+            .args(["-n", "kernel.bpf_stats_enabled"]),
+    )?;
+    run(Program::Sysctl
+        .command()
+        .args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
     // Catch a panic of the test helpers so the statistics are switched back off in any case.
     let result = std::panic::catch_unwind(|| measure(&bench, &agent_bin, &object_copy));
-    let _ = Command::new("sysctl")
+    let _ = Program::Sysctl
+        .command()
         .args([
             "-q",
             "-w",
@@ -243,7 +249,7 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
             // Dirty pages of earlier scenarios (the pcap files, and nginx's log if it writes
             // one) are written back before each run rather than by kernel threads during it.
             let load = || -> Result<Load> {
-                run(&mut Command::new("sync"))?;
+                run(&mut Program::Sync.command())?;
                 wrk(&client, &url, bench.seconds)
             };
             let mut before = load()?;
@@ -304,10 +310,13 @@ fn measure(bench: &CaptureBench, agent_bin: &Path, object: &Path) -> Result<Stri
         )
     };
 
-    let cpu =
-        command_output(Command::new("sh").args(["-c", "lscpu | sed -n 's/^Model name: *//p'"]))
-            .unwrap_or_default();
-    let kernel = command_output(Command::new("uname").arg("-r")).unwrap_or_default();
+    let cpu = command_output(
+        Program::Sh
+            .command()
+            .args(["-c", "lscpu | sed -n 's/^Model name: *//p'"]),
+    )
+    .unwrap_or_default();
+    let kernel = command_output(Program::Uname.command().arg("-r")).unwrap_or_default();
     Ok(format!(
         "### cargo xtask bench capture\n\n\
          Machine: {cpu} ({cores} cores), kernel {kernel}. wrk -t2 -c32 for {s} s per scenario, \
@@ -482,21 +491,21 @@ fn with_agent(
 
 /// A loaded BPF program and its statistics, from `bpftool prog show`.
 #[derive(Clone, Debug)]
-struct Program {
+struct BpfProgram {
     id: u64,
     name: String,
     runs: u64,
     ns: u64,
 }
 
-fn programs() -> Result<Vec<Program>> {
-    let out = command_output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+fn programs() -> Result<Vec<BpfProgram>> {
+    let out = command_output(Program::Bpftool.command().args(["-j", "prog", "show"]))?;
     let progs: serde_json::Value = serde_json::from_str(&out).context("bpftool -j prog show")?;
     Ok(progs
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| Program {
+        .map(|p| BpfProgram {
             id: p["id"].as_u64().unwrap_or(0),
             name: p["name"].as_str().unwrap_or_default().to_owned(),
             runs: p["run_cnt"].as_u64().unwrap_or(0),
@@ -508,7 +517,7 @@ fn programs() -> Result<Vec<Program>> {
 /// Switches the kernel's BPF run-time statistics on or off.
 fn bpf_stats(on: bool) -> Result<()> {
     let value = format!("kernel.bpf_stats_enabled={}", u8::from(on));
-    run(Command::new("sysctl").args(["-q", "-w", &value]))
+    run(Program::Sysctl.command().args(["-q", "-w", &value]))
 }
 
 /// CPU time of a process so far, in nanoseconds: the sum over its threads of
@@ -525,8 +534,8 @@ fn cpu_ns(pid: u32) -> u64 {
 }
 
 /// Runs and nanoseconds of the programs `ids` between two snapshots.
-fn cost_between(before: &[Program], after: &[Program], ids: &[u64]) -> ProgramCost {
-    let sum = |snapshot: &[Program]| {
+fn cost_between(before: &[BpfProgram], after: &[BpfProgram], ids: &[u64]) -> ProgramCost {
+    let sum = |snapshot: &[BpfProgram]| {
         snapshot
             .iter()
             .filter(|p| ids.contains(&p.id))
@@ -549,14 +558,10 @@ fn cost_between(before: &[Program], after: &[Program], ids: &[u64]) -> ProgramCo
 /// Runs wrk from the client namespace and parses its summary.
 pub(crate) fn wrk(client: &Netns, url: &str, seconds: u32) -> Result<Load> {
     let out = client
-        .exec(&[
-            "wrk",
-            "-t2",
-            "-c32",
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
+        .exec(
+            Program::Wrk,
+            &["-t2", "-c32", &format!("-d{seconds}s"), "--latency", url],
+        )
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run wrk")?;

@@ -9,15 +9,10 @@
 //! Topology: a client namespace (wrk, oha), a live namespace (nginx serving `ok`, the agent
 //! attached to its interface, and an nginx reverse proxy to it, with and without `mirror`), and a
 //! shadow namespace (nginx serving `ok`, whose access log counts what arrived).
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use shadow_tests::{Agent, Netns, Nginx, VethLink};
+use shadow_tests::{Agent, Netns, Nginx, Program, VethLink};
 
 use crate::bench::{Load, median, wrk};
 use crate::cgroup::CpuGroup;
@@ -202,7 +197,6 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     if bench.rounds == 0 || bench.seconds == 0 {
         bail!("--rounds and --seconds must be at least 1");
     }
-    let oha = crate::setup::ensure_oha()?;
     // The test helpers start the agent from this path.
     // SAFETY: no other thread runs yet, so none reads the environment meanwhile.
     unsafe { std::env::set_var("SHADOW_AGENT_BIN", agent_bin) };
@@ -229,7 +223,6 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let fixed = || -> Result<Figures> {
         oha_fixed(
             &topo.client,
-            &oha,
             &live,
             bench.rate,
             seconds,
@@ -239,7 +232,6 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let churn = || -> Result<Figures> {
         oha_fixed(
             &topo.client,
-            &oha,
             &live,
             bench.churn_rate,
             churn_seconds,
@@ -414,32 +406,30 @@ fn port_count(client: &Netns) -> u32 {
 /// can carry.
 fn oha_fixed(
     client: &Netns,
-    oha: &Path,
     url: &str,
     rate: u32,
     seconds: u32,
     connections: Connections,
 ) -> Result<Figures> {
-    let mut argv = vec![
-        oha.to_str().context("utf-8 path")?.to_owned(),
-        "--no-tui".into(),
-        "--latency-correction".into(),
-        "--output-format".into(),
-        "json".into(),
-        "-z".into(),
-        format!("{seconds}s"),
-        "-q".into(),
-        rate.to_string(),
-        "-c".into(),
-        "64".into(),
+    let (duration, rate) = (format!("{seconds}s"), rate.to_string());
+    let mut args = vec![
+        "--no-tui",
+        "--latency-correction",
+        "--output-format",
+        "json",
+        "-z",
+        &duration,
+        "-q",
+        &rate,
+        "-c",
+        "64",
     ];
     if connections == Connections::PerRequest {
-        argv.push("--disable-keepalive".into());
+        args.push("--disable-keepalive");
     }
-    argv.push(url.to_owned());
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    args.push(url);
     let out = client
-        .exec(&argv)
+        .exec(Program::Oha, &args)
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run oha")?;
@@ -478,7 +468,8 @@ fn oha_fixed(
 
 /// The report; `ports` is the size of the client's ephemeral port range.
 fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> String {
-    let host = Command::new("uname")
+    let host = Program::Uname
+        .command()
         .arg("-r")
         .stderr(Stdio::null())
         .output()

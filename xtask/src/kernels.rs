@@ -13,7 +13,7 @@ use std::{
     fs,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -24,10 +24,13 @@ use nix::{
     unistd::Pid,
 };
 
+use shadow_tests::Program;
+
 use crate::{
     cargo,
     run::{command_output, run},
     target_dir,
+    venv::Venv,
 };
 
 /// virtme-ng and its dependencies, pinned, transitive ones included.
@@ -142,7 +145,7 @@ pub fn test_in_vm(kernel: &Kernel, agent: &Path, filter: &[String]) -> Result<()
     let started = Instant::now();
     let vm = target_dir().join("vm");
     fs::create_dir_all(&vm)?;
-    let vng = ensure_virtme(&vm)?;
+    let virtme = Venv::ensure(vm.join("venv"), PYTHON_PACKAGES, "virtme-ng")?;
     let kernel = match kernel {
         Kernel::Debian(release) => ensure_kernel(&vm, *release)?,
         Kernel::Image(path) => fs::canonicalize(path)
@@ -165,7 +168,7 @@ pub fn test_in_vm(kernel: &Kernel, agent: &Path, filter: &[String]) -> Result<()
     // vng prints the VM's console (kernel, virtme-init) on stderr, its own messages on stdout.
     let console = out.join("console.log");
     let console_file = fs::File::create(&console)?;
-    let mut cmd = Command::new(&vng);
+    let mut cmd = virtme.command("vng");
     cmd.arg("--verbose")
         .arg("--run")
         .arg(&kernel)
@@ -174,11 +177,15 @@ pub fn test_in_vm(kernel: &Kernel, agent: &Path, filter: &[String]) -> Result<()
     if !kvm {
         cmd.arg("--disable-kvm");
     }
-    cmd.arg("--exec")
-        .arg(format!("bash {} {}", script.display(), out.display()));
+    cmd.arg("--exec").arg(format!(
+        "{} {} {}",
+        Program::Bash.name(),
+        script.display(),
+        out.display()
+    ));
     // vng runs virtme-run from PATH, which runs qemu.
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![vng.parent().context("venv bin")?.to_path_buf()];
+    let mut paths = vec![virtme.bin_dir()];
     paths.extend(std::env::split_paths(&path));
     cmd.env("PATH", std::env::join_paths(paths)?)
         .current_dir(&vm)
@@ -317,13 +324,6 @@ fn summary(log: &Path) -> String {
     format!("{passed} integration tests")
 }
 
-/// The venv with virtme-ng.
-fn ensure_virtme(vm: &Path) -> Result<PathBuf> {
-    let venv = vm.join("venv");
-    crate::setup::python_venv(&venv, PYTHON_PACKAGES, "virtme-ng")?;
-    Ok(venv.join("bin/vng"))
-}
-
 /// The image of the kernel that `release`'s meta package names now, unpacked (not installed)
 /// under `vm/linux-<version>` with its modules beside it; downloaded once per version. The
 /// package lists come from Debian's archive into `vm/apt-<suite>`, apart from the host's, and
@@ -358,13 +358,15 @@ fn ensure_kernel(vm: &Path, release: Debian) -> Result<PathBuf> {
         .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < LISTS_MAX_AGE));
     if !fresh {
         eprintln!("xtask: fetching Debian {}'s package lists", release.suite());
-        run(Command::new("apt-get")
+        run(Program::AptGet
+            .command()
             .args(&options)
             .args(["update", "-q"]))?;
         fs::write(&fetched, "")?;
     }
     let depends = command_output(
-        Command::new("apt-cache")
+        Program::AptCache
+            .command()
             .args(&options)
             .args(["depends", KERNEL_META_PACKAGE]),
     )?;
@@ -390,7 +392,8 @@ fn ensure_kernel(vm: &Path, release: Debian) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&download);
     fs::create_dir_all(&download)?;
     eprintln!("xtask: downloading {package} (unpacked under target/vm, not installed)");
-    run(Command::new("apt-get")
+    run(Program::AptGet
+        .command()
         .args(&options)
         .args(["download", "-q", &package])
         .current_dir(&download))?;
@@ -400,7 +403,11 @@ fn ensure_kernel(vm: &Path, release: Debian) -> Result<PathBuf> {
         .with_context(|| format!("apt-get download left no .deb in {}", download.display()))?;
     let unpacking = vm.join(format!("linux-{version}.partial"));
     let _ = fs::remove_dir_all(&unpacking);
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
+    run(Program::DpkgDeb
+        .command()
+        .arg("-x")
+        .arg(&deb)
+        .arg(&unpacking))?;
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&unpacking, &dir)?;
     fs::remove_dir_all(&download)?;

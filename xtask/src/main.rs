@@ -15,11 +15,14 @@ mod cgroup;
 mod demo;
 mod kernels;
 mod manifests;
+#[cfg(test)]
+mod program_starts;
 mod run;
 mod setup;
+mod venv;
 
 use run::run;
-use shadow_tests::AccessLog;
+use shadow_tests::{AccessLog, Program};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -183,8 +186,9 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
+/// The cargo that runs xtask, in the workspace root.
 fn cargo() -> Command {
-    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cmd = Program::Cargo.command();
     cmd.current_dir(root());
     cmd
 }

@@ -17,13 +17,12 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::{cargo, root, run::run, target_dir};
+use crate::{cargo, root, run::run, target_dir, venv::Venv};
 
 /// The Kubernetes version the manifests are validated against (the pinned kubernetes-validate
 /// bundles schemas up to 1.31); they use only stable v1 APIs, which newer versions keep.
@@ -133,24 +132,20 @@ import promql_parser
 
 /// Runs every check; see the module documentation.
 pub fn validate() -> Result<()> {
-    let venv = ensure_venv()?;
-    let helper = venv.join("deploy_checks.py");
+    let venv = Venv::ensure(
+        target_dir().join("manifest-venv"),
+        PYTHON_PACKAGES,
+        "the manifest checks",
+    )?;
+    let helper = venv.dir().join("deploy_checks.py");
     fs::write(&helper, HELPER)?;
-    let python = venv.join("bin/python");
-    kubernetes(&venv, &python, &helper)?;
-    dashboard(&python, &helper)?;
+    kubernetes(&venv, &helper)?;
+    dashboard(&venv, &helper)?;
     eprintln!("xtask: deploy/ manifests and dashboard are valid");
     Ok(())
 }
 
-/// The venv with [`PYTHON_PACKAGES`].
-fn ensure_venv() -> Result<PathBuf> {
-    let venv = target_dir().join("manifest-venv");
-    crate::setup::python_venv(&venv, PYTHON_PACKAGES, "the manifest checks")?;
-    Ok(venv)
-}
-
-fn kubernetes(venv: &Path, python: &Path, helper: &Path) -> Result<()> {
+fn kubernetes(venv: &Venv, helper: &Path) -> Result<()> {
     let dir = root().join("deploy/kubernetes");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
@@ -162,7 +157,8 @@ fn kubernetes(venv: &Path, python: &Path, helper: &Path) -> Result<()> {
         .collect();
     files.sort();
     ensure!(!files.is_empty(), "no manifests in {}", dir.display());
-    run(Command::new(venv.join("bin/kubernetes-validate"))
+    run(venv
+        .command("kubernetes-validate")
         .args([
             "--strict",
             "--quiet",
@@ -172,8 +168,9 @@ fn kubernetes(venv: &Path, python: &Path, helper: &Path) -> Result<()> {
         .args(&files))
     .context("a manifest in deploy/kubernetes does not validate")?;
 
-    let config = venv.join("configmap-shadow.toml");
-    run(Command::new(python)
+    let config = venv.dir().join("configmap-shadow.toml");
+    run(venv
+        .command("python")
         .arg(helper)
         .arg("kube")
         .arg(&dir)
@@ -196,7 +193,7 @@ fn kubernetes(venv: &Path, python: &Path, helper: &Path) -> Result<()> {
     )
 }
 
-fn dashboard(python: &Path, helper: &Path) -> Result<()> {
+fn dashboard(venv: &Venv, helper: &Path) -> Result<()> {
     let path = root().join("deploy/grafana/shadow-dashboard.json");
     let text =
         fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -223,7 +220,8 @@ fn dashboard(python: &Path, helper: &Path) -> Result<()> {
         }
     }
 
-    let out = Command::new(python)
+    let out = venv
+        .command("python")
         .arg(helper)
         .arg("promql")
         .arg(&path)

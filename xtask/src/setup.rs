@@ -1,12 +1,16 @@
 //! `cargo xtask setup`: everything the project needs on a fresh Debian machine, installed
 //! idempotently; a second run only checks, in well under a second.
-use std::{
-    env,
-    path::{Path, PathBuf},
-    process::Command,
-};
+//!
+//! What it installs is the table of `shadow_tests::program`: the Debian package of every program
+//! the tests, the benchmarks and the demo start, the table's support packages, and its crates;
+//! besides, the toolchain pieces of [`Source::Toolchain`]: the pinned nightly and bpf-linker.
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use shadow_tests::{
+    Program,
+    program::{Source, cargo_home, debian_packages},
+};
 
 use crate::run::{command_output, run};
 
@@ -17,39 +21,17 @@ pub const NIGHTLY: &str = "nightly-2026-05-20";
 /// bpf-linker built against the nightly's own LLVM (Debian's LLVM is too old).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests, benchmarks and demo use.
-pub const DEBIAN_PACKAGES: &[&str] = &[
-    "nginx-light", // the live service in tests and the demo (has the mirror module)
-    "curl",        // a real client
-    "wrk",         // load for the benchmarks
-    "tcpdump",     // reads and writes pcaps in tests
-    "tshark",      // reads pcaps in tests
-    "bpftool",     // shows attachments and BPF run-time statistics
-    "iproute2",    // ip netns, veth, tc
-    "libcap2-bin", // capsh for the least-privilege tests
-    "python3",     // a second real HTTP client in the tests
-    // the venv of the offline manifest checks (xtask/src/manifests.rs)
-    "python3-venv",
-    // headless, it looks at the comparison report page in the tests
-    "chromium",
-    "ca-certificates",
-    // `cargo xtask test --kernel` (xtask/src/kernels.rs): qemu boots the older kernel; virtme-ng
-    // builds its initramfs with busybox and runs depmod on the unpacked kernel's modules
-    "qemu-system-x86",
-    "busybox-static",
-    "kmod",
-];
-
 /// What `setup` found missing; empty when everything is in place.
 pub struct Missing {
     packages: Vec<&'static str>,
+    crates: Vec<Crate>,
     nightly: bool,
     bpf_linker: bool,
 }
 
 impl Missing {
     pub fn nothing(&self) -> bool {
-        self.packages.is_empty() && !self.nightly && !self.bpf_linker
+        self.packages.is_empty() && self.crates.is_empty() && !self.nightly && !self.bpf_linker
     }
 }
 
@@ -57,6 +39,7 @@ impl Missing {
 pub fn check() -> Result<Missing> {
     Ok(Missing {
         packages: missing_packages()?,
+        crates: crates().filter(|c| !c.installed()).collect(),
         nightly: !nightly_ready(),
         bpf_linker: !bpf_linker_ready(),
     })
@@ -69,6 +52,7 @@ pub fn setup() -> Result<()> {
         eprintln!("xtask: set-up complete, nothing to install");
         return Ok(());
     }
+    // First: cargo and rustup fetch over HTTPS with the certificates of ca-certificates.
     if !missing.packages.is_empty() {
         install_packages(&missing.packages)?;
     }
@@ -78,11 +62,16 @@ pub fn setup() -> Result<()> {
     if missing.bpf_linker || !bpf_linker_ready() {
         install_bpf_linker()?;
     }
+    for tool in &missing.crates {
+        tool.install()?;
+    }
     let left = check()?;
     if !left.nothing() {
         bail!(
-            "set-up did not complete: packages {:?}, nightly missing: {}, bpf-linker missing: {}",
+            "set-up did not complete: packages {:?}, crates {:?}, nightly missing: {}, \
+             bpf-linker missing: {}",
             left.packages,
+            left.crates.iter().map(|c| c.name).collect::<Vec<_>>(),
             left.nightly,
             left.bpf_linker
         );
@@ -97,16 +86,17 @@ pub fn ensure() -> Result<()> {
 }
 
 fn missing_packages() -> Result<Vec<&'static str>> {
-    let out = Command::new("dpkg-query")
+    let packages = debian_packages();
+    let out = Program::DpkgQuery
+        .command()
         .arg("-W")
         .arg("-f=${Package} ${db:Status-Status}\n")
-        .args(DEBIAN_PACKAGES)
+        .args(&packages)
         .output()
         .context("dpkg-query: is this a Debian machine?")?;
     let listed = String::from_utf8_lossy(&out.stdout);
-    Ok(DEBIAN_PACKAGES
-        .iter()
-        .copied()
+    Ok(packages
+        .into_iter()
         .filter(|p| !listed.lines().any(|l| l == format!("{p} installed")))
         .collect())
 }
@@ -116,15 +106,70 @@ fn install_packages(packages: &[&str]) -> Result<()> {
         bail!("installing Debian packages {packages:?} needs root: run `sudo cargo xtask setup`");
     }
     eprintln!("xtask: installing Debian packages {packages:?}");
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
+    run(Program::AptGet.command().args(["update", "-q"]))?;
+    run(Program::AptGet
+        .command()
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// A program of the table that `cargo install` builds.
+#[derive(Clone, Copy, Debug)]
+struct Crate {
+    program: Program,
+    name: &'static str,
+    version: &'static str,
+}
+
+/// The table's crates.
+fn crates() -> impl Iterator<Item = Crate> {
+    Program::ALL
+        .iter()
+        .filter_map(|&program| match program.source() {
+            Source::Crate { name, version } => Some(Crate {
+                program,
+                name,
+                version,
+            }),
+            _ => None,
+        })
+}
+
+impl Crate {
+    /// Whether it is installed at its version: its `--version` names it (a check of
+    /// milliseconds; nothing is built).
+    fn installed(self) -> bool {
+        command_output(self.program.command().arg("--version")).is_ok_and(|v| {
+            v.split_whitespace()
+                .any(|word| word.trim_start_matches('v') == self.version)
+        })
+    }
+
+    /// `cargo install NAME --version VERSION --locked` into `$CARGO_HOME/bin`, where
+    /// [`Program::path`] finds it.
+    fn install(self) -> Result<()> {
+        eprintln!(
+            "xtask: installing {} {} (cargo install --locked)",
+            self.name, self.version
+        );
+        run(Program::Cargo
+            .command()
+            .args([
+                "install",
+                self.name,
+                "--version",
+                self.version,
+                "--locked",
+                "--force",
+                "--root",
+            ])
+            .arg(cargo_home()))
+    }
+}
+
 fn nightly_ready() -> bool {
-    let Ok(installed) = command_output(Command::new("rustup").args([
+    let Ok(installed) = command_output(Program::Rustup.command().args([
         "component",
         "list",
         "--installed",
@@ -138,7 +183,7 @@ fn nightly_ready() -> bool {
 
 fn install_nightly() -> Result<()> {
     eprintln!("xtask: installing {NIGHTLY} with rust-src");
-    run(Command::new("rustup").args([
+    run(Program::Rustup.command().args([
         "toolchain",
         "install",
         NIGHTLY,
@@ -150,7 +195,7 @@ fn install_nightly() -> Result<()> {
 }
 
 fn bpf_linker_ready() -> bool {
-    command_output(Command::new("bpf-linker").arg("--version"))
+    command_output(Program::BpfLinker.command().arg("--version"))
         .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
 }
 
@@ -158,10 +203,18 @@ fn bpf_linker_ready() -> bool {
 /// nightly's library serves as LLVM_PREFIX, and stays, since bpf-linker finds the library there.
 fn install_bpf_linker() -> Result<()> {
     let sysroot = PathBuf::from(
-        command_output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?
-            .trim(),
+        command_output(Program::Rustc.command().args([
+            &format!("+{NIGHTLY}"),
+            "--print",
+            "sysroot",
+        ]))?
+        .trim(),
     );
-    let version = command_output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let version = command_output(
+        Program::Rustc
+            .command()
+            .args([&format!("+{NIGHTLY}"), "-vV"]),
+    )?;
     let llvm_major = version
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -182,16 +235,23 @@ fn install_bpf_linker() -> Result<()> {
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
     let lib_name = lib.file_name().context("library name")?;
-    for name in [Path::new("libLLVM.so"), Path::new(lib_name)] {
+    for name in [
+        std::path::Path::new("libLLVM.so"),
+        std::path::Path::new(lib_name),
+    ] {
         let link = prefix_lib.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&lib, &link)
             .with_context(|| format!("cannot link {}", link.display()))?;
     }
     eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major}");
-    run(Command::new("cargo")
+    // `rustup run`, not `cargo +NIGHTLY`: Program::Cargo is the cargo running xtask, no proxy.
+    run(Program::Rustup
+        .command()
         .args([
-            &format!("+{NIGHTLY}"),
+            "run",
+            NIGHTLY,
+            "cargo",
             "install",
             "bpf-linker",
             "--version",
@@ -205,58 +265,6 @@ fn install_bpf_linker() -> Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN"))
 }
 
-fn cargo_home() -> PathBuf {
-    env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
-}
-
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// oha, a Rust HTTP load generator with a fixed-rate mode (`-q`), which wrk lacks; only
-/// `cargo xtask bench mirror` needs it, so it is installed on first use rather than by `setup`.
-const OHA_VERSION: &str = "1.16.0";
-
-/// The path of oha, installed from crates.io when missing.
-pub fn ensure_oha() -> Result<PathBuf> {
-    let bin = cargo_home().join("bin/oha");
-    let ready =
-        command_output(Command::new(&bin).arg("--version")).is_ok_and(|v| v.contains(OHA_VERSION));
-    if !ready {
-        eprintln!("xtask: installing oha {OHA_VERSION} for the mirror benchmark");
-        run(Command::new("cargo").args([
-            "install",
-            "oha",
-            "--version",
-            OHA_VERSION,
-            "--locked",
-            "--force",
-        ]))?;
-    }
-    Ok(bin)
-}
-
-/// A Python venv at `venv` with exactly `packages` (pinned `name==version`), created on first use
-/// and made anew when the pin list changes; `purpose` names it in messages.
-pub fn python_venv(venv: &Path, packages: &[&str], purpose: &str) -> Result<()> {
-    let stamp = venv.join("shadow-pins.txt");
-    let pins = packages.join("\n");
-    if venv.join("bin/python").exists()
-        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&pins)
-    {
-        return Ok(());
-    }
-    eprintln!("xtask: creating {} for {purpose}", venv.display());
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(venv))
-    .context("python3 -m venv (Debian: python3-venv, which `cargo xtask setup` installs)")?;
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(packages))?;
-    std::fs::write(&stamp, pins)?;
-    Ok(())
 }

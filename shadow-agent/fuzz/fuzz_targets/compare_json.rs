@@ -11,6 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use shadow_agent::compare::{
     ArrayOrder, Comparator, CompareConfig, Exchange, FieldPattern, Observed, render_html,
 };
+use shadow_agent::policy::path::RequestPath;
 
 const CONTENT_TYPES: [&str; 4] = ["application/json", "text/plain", "image/png", ""];
 
@@ -51,11 +52,14 @@ fuzz_target!(|input: &[u8]| {
         latency: Duration::from_millis(1),
     };
     let with_baseline = mode & 16 != 0;
+    let fuzz_path = RequestPath::of_target("/fuzz").expect("a plain path reads");
+    let self_path = RequestPath::of_target("/self").expect("a plain path reads");
     // Twice, so that the second is a repeated request and noise is learned from it.
     for _ in 0..2 {
         c.observe(&Exchange {
             method: "POST",
             target: "/fuzz",
+            path: &fuzz_path,
             request_body: b"",
             live: observed(live),
             candidate: observed(shadow),
@@ -65,6 +69,7 @@ fuzz_target!(|input: &[u8]| {
     c.observe(&Exchange {
         method: "GET",
         target: "/self",
+        path: &self_path,
         request_body: b"",
         live: observed(live),
         candidate: observed(live),

@@ -348,11 +348,8 @@ impl Collector for AgentCollector {
                 .iter()
                 .map(|(n, r)| (vec![("route", n.clone())], r.mirrored.get())),
         )?;
-        let unrouted = [
-            DropReason::NoRoute,
-            DropReason::BadTarget,
-            DropReason::ShadowTraffic,
-        ];
+        let (route_rules, unrouted): (Vec<DropReason>, Vec<DropReason>) =
+            DropReason::ALL.into_iter().partition(|r| r.is_route_rule());
         counters(
             &mut e,
             "requests_dropped",
@@ -367,14 +364,12 @@ impl Collector for AgentCollector {
                     )
                 })
                 .chain(routes.iter().flat_map(|(n, r)| {
-                    [DropReason::DenyPath, DropReason::Method, DropReason::Sample]
-                        .into_iter()
-                        .map(move |d| {
-                            (
-                                vec![("route", n.clone()), ("reason", d.label().to_owned())],
-                                r.dropped(d).get(),
-                            )
-                        })
+                    route_rules.iter().map(move |&d| {
+                        (
+                            vec![("route", n.clone()), ("reason", d.label().to_owned())],
+                            r.dropped(d).get(),
+                        )
+                    })
                 })),
         )?;
         counters(
@@ -436,6 +431,17 @@ impl Collector for AgentCollector {
                     )
                 })
             }),
+        )?;
+        counters(
+            &mut e,
+            "copies_abandoned",
+            "Copies sent that were neither answered nor failed because their lane closed first \
+             (a reload removed the target or changed its limits, or the agent stopped), per \
+             target. Copies sent = answered + failed + abandoned + in flight.",
+            None,
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.answers.abandoned.get())),
         )?;
         gauges(
             &mut e,
@@ -499,6 +505,16 @@ impl Collector for AgentCollector {
                     )
                 })
             }),
+        )?;
+        counters(
+            &mut e,
+            "route_copies_abandoned",
+            "Copies to the route's shadow targets that were neither answered nor failed because \
+             their lane closed first, per route.",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.answers.abandoned.get())),
         )?;
         let mut route_latency = e.encode_descriptor(
             "route_shadow_latency",
@@ -712,6 +728,8 @@ mod tests {
         t.sent.add(1);
         t.answers.answered(200, Duration::from_millis(3));
         t.dropped(CopyDrop::InFlight).inc();
+        t.answers.abandoned.add(2);
+        stats.route("api").answers.abandoned.inc();
         let interface = |name: &str, ifindex, sampled| InterfaceTotals {
             name: name.into(),
             ifindex,
@@ -767,6 +785,8 @@ mod tests {
             "shadow_route_shadow_responses_total{route=\"api\",class=\"5xx\"} 1",
             "shadow_route_shadow_responses_total{route=\"api\",class=\"2xx\"} 0",
             "shadow_route_copy_failures_total{route=\"api\",kind=\"timeout\"} 1",
+            "shadow_copies_abandoned_total{target=\"http://198.18.0.9:8080\"} 2",
+            "shadow_route_copies_abandoned_total{route=\"api\"} 1",
             "shadow_route_shadow_latency_seconds_bucket{le=\"0.025\",route=\"api\"} 0",
             "shadow_route_shadow_latency_seconds_bucket{le=\"0.05\",route=\"api\"} 1",
             "shadow_route_shadow_latency_seconds_count{route=\"api\"} 1",
@@ -800,6 +820,8 @@ mod tests {
         for family in [
             "route_shadow_responses",
             "route_copy_failures",
+            "copies_abandoned",
+            "route_copies_abandoned",
             "route_shadow_latency_seconds",
             "interface_packets_sampled",
             "interface_records_written",
@@ -822,6 +844,7 @@ mod tests {
     #[test]
     fn comparison_metrics_appear_with_compare_on() {
         use crate::compare::{Comparator, CompareConfig, Exchange, Observed};
+        use crate::policy::path::RequestPath;
         let mut comparator = Comparator::new(CompareConfig::default());
         let headers = vec![("content-type".to_owned(), b"application/json".to_vec())];
         let observed = |body: &'static [u8]| Observed {
@@ -833,6 +856,7 @@ mod tests {
         comparator.observe(&Exchange {
             method: "GET",
             target: "/users/7",
+            path: &RequestPath::of_target("/users/7").expect("readable"),
             request_body: b"",
             live: observed(b"{\"total\":1}"),
             candidate: observed(b"{\"total\":2}"),

@@ -3,7 +3,7 @@
 //!
 //! The file goes through the same [`Pipeline`] as live capture. A request is printed when its
 //! response arrives, or when its connection ends without one; per connection the output keeps
-//! request order.
+//! request order. Credentials are printed redacted unless `--show-secrets` asks for them.
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,12 +26,54 @@ pub struct Args {
     /// client is told from the handshake or the payload.
     #[arg(long = "port")]
     pub ports: Vec<u16>,
+    /// Print the values of Authorization, Proxy-Authorization, Cookie and Set-Cookie headers as
+    /// captured. By default each is printed as its length and the start of its SHA-256.
+    #[arg(long)]
+    pub show_secrets: bool,
+}
+
+/// Whether header values that carry credentials are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// As `<redacted N bytes sha256:XXXXXXXX>`: equal values can be told apart from different
+    /// ones (and checked against a value one already has), the value itself is not shown.
+    Redact,
+    Show,
+}
+
+/// Headers whose values are credentials (RFC 9110 sections 11.6.2 and 11.7.1, RFC 6265).
+const SECRET_HEADERS: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
+
+/// Hex digits of the SHA-256 printed for a redacted value: enough to tell values apart.
+const REDACTED_HASH_HEX: usize = 8;
+
+impl Secrets {
+    /// A header value as printed.
+    fn printed(self, name: &str, value: &[u8]) -> String {
+        let secret = SECRET_HEADERS.iter().any(|s| s.eq_ignore_ascii_case(name));
+        if self == Self::Show || !secret {
+            return String::from_utf8_lossy(value).into_owned();
+        }
+        let mut hash = format!("{:x}", Sha256::digest(value));
+        hash.truncate(REDACTED_HASH_HEX);
+        format!("<redacted {} bytes sha256:{hash}>", value.len())
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let stdout = std::io::stdout().lock();
     let mut stdout = std::io::BufWriter::new(stdout);
-    let report = inspect(&args.pcap, &args.ports, &mut stdout)?;
+    let secrets = if args.show_secrets {
+        Secrets::Show
+    } else {
+        Secrets::Redact
+    };
+    let report = inspect(&args.pcap, &args.ports, secrets, &mut stdout)?;
     stdout.flush().context("cannot write to stdout")?;
     let mut stderr = std::io::stderr().lock();
     write_summary(&report, &mut stderr).context("cannot write to stderr")?;
@@ -47,12 +89,17 @@ pub struct Report {
 }
 
 /// Rebuilds the exchanges in the capture at `path` and writes them to `out` as JSON lines.
-pub fn inspect(path: &Path, ports: &[u16], out: &mut impl Write) -> anyhow::Result<Report> {
+pub fn inspect(
+    path: &Path,
+    ports: &[u16],
+    secrets: Secrets,
+    out: &mut impl Write,
+) -> anyhow::Result<Report> {
     let mut pipeline = Pipeline::new(PipelineConfig {
         service_ports: ports.to_vec(),
         ..PipelineConfig::default()
     });
-    let mut printer = Printer::default();
+    let mut printer = Printer::new(secrets);
     let mut events = Vec::new();
     let mut write_result = Ok(());
     let read = pcap_file::read_file(path, |frame| {
@@ -111,7 +158,7 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn new(flow: &FlowAddrs, request: &Request) -> Self {
+    fn new(flow: &FlowAddrs, request: &Request, secrets: Secrets) -> Self {
         Self {
             flow: format!("{} -> {}", flow.client, flow.server),
             method: request.method.clone(),
@@ -123,7 +170,7 @@ impl Exchange {
             headers: request
                 .headers
                 .iter()
-                .map(|(name, value)| (name.clone(), String::from_utf8_lossy(value).into_owned()))
+                .map(|(name, value)| (name.clone(), secrets.printed(name, value)))
                 .collect(),
             body_len: request.body.len(),
             body_sha256: format!("{:x}", Sha256::digest(&request.body)),
@@ -134,8 +181,8 @@ impl Exchange {
 }
 
 /// Requests waiting for their response, per connection.
-#[derive(Default)]
 struct Printer {
+    secrets: Secrets,
     pending: HashMap<FlowAddrs, VecDeque<(u64, Exchange)>>,
     /// Responses that completed before their request did (a server may answer, say, a large
     /// upload before reading all of it): status and body length by request sequence number.
@@ -147,6 +194,15 @@ struct Printer {
 const EARLY_RESPONSES_MAX: usize = 64;
 
 impl Printer {
+    fn new(secrets: Secrets) -> Self {
+        Self {
+            secrets,
+            pending: HashMap::new(),
+            early: HashMap::new(),
+            printed: 0,
+        }
+    }
+
     fn take(
         &mut self,
         events: impl Iterator<Item = PipelineEvent>,
@@ -158,7 +214,7 @@ impl Printer {
                     flow,
                     event: HttpEvent::Request(request),
                 } => {
-                    let mut exchange = Exchange::new(&flow, &request);
+                    let mut exchange = Exchange::new(&flow, &request, self.secrets);
                     let early = self
                         .early
                         .get_mut(&flow)
@@ -359,7 +415,7 @@ mod tests {
         }
         drop(writer);
         let mut out = Vec::new();
-        let report = inspect(&path, &[], &mut out).expect("inspect");
+        let report = inspect(&path, &[], Secrets::Redact, &mut out).expect("inspect");
         check(&String::from_utf8(out).expect("UTF-8"));
         assert_eq!(report.exchanges, 2);
         assert_eq!(report.counters.http.requests, 2);
@@ -410,19 +466,81 @@ mod tests {
         writer.write_pcapng_block(block).expect("epb");
         drop(writer);
         let mut out = Vec::new();
-        let report = inspect(&path, &[8080], &mut out).expect("inspect");
+        let report = inspect(&path, &[8080], Secrets::Redact, &mut out).expect("inspect");
         check(&String::from_utf8(out).expect("UTF-8"));
         assert_eq!(report.counters.frames.frames_not_ip, 1);
     }
 
     #[test]
+    fn credentials_are_redacted_unless_shown() {
+        let token = b"Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.sig";
+        let request = Request {
+            seq: 0,
+            method: "GET".into(),
+            target: "/me".into(),
+            version: Version::Http11,
+            headers: vec![
+                ("Host".into(), b"svc".to_vec()),
+                ("Authorization".into(), token.to_vec()),
+                ("proxy-authorization".into(), b"Basic dTpw".to_vec()),
+                ("COOKIE".into(), b"session=s3cr3t; theme=dark".to_vec()),
+                ("Set-Cookie".into(), b"id=1".to_vec()),
+                ("X-Authorization-Hint".into(), b"visible".to_vec()),
+                ("Cookie".into(), b"session=s3cr3t; theme=dark".to_vec()),
+            ],
+            body: bytes::Bytes::new(),
+            trailers: Vec::new(),
+            wire_len: 0,
+            started: Duration::ZERO,
+            completed: Duration::ZERO,
+        };
+        let flow = FlowAddrs::new(addr(CLIENT), addr(SERVER));
+        let redacted = Exchange::new(&flow, &request, Secrets::Redact);
+        let hash = |v: &[u8]| format!("{:x}", Sha256::digest(v))[..8].to_owned();
+        let want = |v: &[u8]| format!("<redacted {} bytes sha256:{}>", v.len(), hash(v));
+        let values: Vec<&str> = redacted.headers.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(
+            values,
+            [
+                "svc",
+                want(token).as_str(),
+                want(b"Basic dTpw").as_str(),
+                want(b"session=s3cr3t; theme=dark").as_str(),
+                want(b"id=1").as_str(),
+                "visible",
+                want(b"session=s3cr3t; theme=dark").as_str(),
+            ]
+        );
+        // As `printf %s "$token" | sha256sum` has it.
+        assert_eq!(values[1], "<redacted 40 bytes sha256:2f4e5ce4>");
+        // Equal values print alike, so repeated credentials can still be recognised.
+        assert_eq!(values[3], values[6]);
+        let line = serde_json::to_string(&redacted).expect("JSON");
+        assert!(!line.contains("s3cr3t") && !line.contains("eyJ"), "{line}");
+
+        let shown = Exchange::new(&flow, &request, Secrets::Show);
+        let shown: Vec<(String, String)> = shown.headers;
+        let raw: Vec<(String, String)> = request
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        assert_eq!(shown, raw);
+    }
+
+    #[test]
     fn missing_unreadable_and_unsupported_files_are_errors() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let missing = inspect(&dir.path().join("nope.pcap"), &[], &mut Vec::new());
+        let missing = inspect(
+            &dir.path().join("nope.pcap"),
+            &[],
+            Secrets::Redact,
+            &mut Vec::new(),
+        );
         assert!(format!("{:#}", missing.expect_err("missing file")).contains("cannot open"));
         let text = dir.path().join("text.pcap");
         std::fs::write(&text, b"hello world").expect("write");
-        let err = inspect(&text, &[], &mut Vec::new()).expect_err("not a capture");
+        let err = inspect(&text, &[], Secrets::Redact, &mut Vec::new()).expect_err("not a capture");
         assert!(
             format!("{err:#}").contains("not a pcap or pcapng file"),
             "{err:#}"
@@ -436,7 +554,8 @@ mod tests {
             PcapWriter::with_header(std::fs::File::create(&usb).expect("create"), header)
                 .expect("header"),
         );
-        let err = inspect(&usb, &[], &mut Vec::new()).expect_err("unsupported link");
+        let err =
+            inspect(&usb, &[], Secrets::Redact, &mut Vec::new()).expect_err("unsupported link");
         assert!(
             format!("{err:#}").contains("unsupported link type 189"),
             "{err:#}"

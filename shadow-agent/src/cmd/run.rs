@@ -20,8 +20,8 @@ use shadow_agent::capture::kernel::{AttachMode, RingSettings};
 use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
 use shadow_agent::capture::{CaptureSettings, CapturedPacket, PacketBatch};
 use shadow_agent::compare::{Comparator, Exchange, Observed, Report};
-use shadow_agent::config::Config;
-use shadow_agent::forward::{Forwarder, Lane, LaneLimits, TargetAnswer};
+use shadow_agent::config::{Config, RampConfig};
+use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
 use shadow_agent::http::HttpEvent;
 use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::latency::HistogramSnapshot;
@@ -291,7 +291,6 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
     state.pipeline.finish(&mut ended);
     state.dispatch(ended);
     let grace = state.config.budget.timeout + Duration::from_secs(1);
-    state.lanes.clear();
     state.forwarder.close(grace).await;
 
     admin_state.ready.store(false, Ordering::Relaxed);
@@ -329,10 +328,46 @@ impl FileStamp {
     }
 }
 
-/// The ramp, and the counters at the start of its current step.
+/// The ramp, and the counters at the start of its current health window.
+#[derive(Debug)]
 struct RampState {
     ramp: Ramp,
     since: Totals,
+}
+
+impl RampState {
+    /// At the first step from `now`, with the targets' counters `totals` now.
+    fn start(config: &RampConfig, now: Instant, totals: Totals) -> Self {
+        Self {
+            ramp: Ramp::new(config, now),
+            since: totals,
+        }
+    }
+
+    /// The ramp after a reload to `config` at `now`. A changed `[ramp]` starts over at its first
+    /// step. Otherwise the step and its clock go on, and so does the health window while the
+    /// targets stay the same: a reload every few milliseconds neither holds the ramp back nor
+    /// keeps its guard from ever seeing `min_requests` copies. Other targets start a new window,
+    /// as the old one summed other counters.
+    fn reloaded(
+        state: Option<Self>,
+        config: Option<&RampConfig>,
+        ramp_changed: bool,
+        targets_changed: bool,
+        now: Instant,
+        totals: Totals,
+    ) -> Option<Self> {
+        let config = config?;
+        match state {
+            Some(mut state) if !ramp_changed => {
+                if targets_changed {
+                    state.since = totals;
+                }
+                Some(state)
+            }
+            _ => Some(Self::start(config, now, totals)),
+        }
+    }
 }
 
 /// Sums over a configuration's targets, for health windows.
@@ -399,6 +434,7 @@ impl Comparing {
         self.comparator.observe(&Exchange {
             method: &done.method,
             target: &done.target,
+            path: &done.path,
             request_body: &done.request_body,
             live: observed(&done.live),
             candidate: observed(&done.candidate),
@@ -422,8 +458,6 @@ struct Agent {
     forwarder: Forwarder,
     /// Captured packets the channel to the pipeline holds at most.
     channel_capacity: usize,
-    /// By target id of the current configuration; empty in a dry run.
-    lanes: Vec<Arc<Lane>>,
     ramp: Option<RampState>,
     pipeline: Pipeline,
     events: Vec<PipelineEvent>,
@@ -486,7 +520,6 @@ impl Agent {
             mirror,
             forwarder: Forwarder::new(copy_bytes, answers_tx, answer_body_bytes),
             channel_capacity: plan.channel_batches,
-            lanes: Vec::new(),
             ramp: None,
             pipeline,
             events: Vec::new(),
@@ -498,9 +531,12 @@ impl Agent {
             config,
         };
         agent.connect_lanes();
-        agent.ramp = agent.config.ramp.as_ref().map(|r| RampState {
-            ramp: Ramp::new(r, Instant::now()),
-            since: Totals::of(agent.mirror.all_target_counters()),
+        agent.ramp = agent.config.ramp.as_ref().map(|r| {
+            RampState::start(
+                r,
+                Instant::now(),
+                Totals::of(agent.mirror.all_target_counters()),
+            )
         });
         agent.apply_ramp();
         agent.reported = agent.snapshot();
@@ -535,9 +571,7 @@ impl Agent {
             .cloned()
             .zip(self.mirror.all_target_counters().iter().cloned())
             .collect();
-        self.lanes.clear();
-        self.lanes = self
-            .forwarder
+        self.forwarder
             .reconfigure(&targets, LaneLimits::from(&self.config.budget));
     }
 
@@ -584,8 +618,10 @@ impl Agent {
                                 copy.compare = Some(key);
                             }
                         }
+                        let path = plan.path.take();
                         let sent = self.send(plan);
                         if let Some(c) = self.compare.as_mut().filter(|_| comparing)
+                            && let Some(path) = path
                             && sent.candidate
                         {
                             c.pairing.expect(
@@ -593,6 +629,7 @@ impl Agent {
                                 key,
                                 &request.method,
                                 origin_form(&request.target).unwrap_or(&request.target),
+                                path,
                                 request.body.clone(),
                                 request.completed,
                                 sent.baseline,
@@ -646,10 +683,7 @@ impl Agent {
                 counters.sent_bytes.add(bytes);
                 Ok(())
             } else {
-                match self.lanes.get(copy.target.0) {
-                    Some(lane) => lane.try_send(copy),
-                    None => Err(CopyDrop::Closed),
-                }
+                self.forwarder.try_send(copy)
             };
             match sent {
                 Ok(()) => {
@@ -768,26 +802,35 @@ impl Agent {
             return;
         }
         let ramp_changed = new.ramp != self.config.ramp;
+        let targets_before: BTreeSet<_> = self.mirror.policy().targets().iter().cloned().collect();
         if ports_changed {
             self.pipeline
                 .set_service_ports(new.capture.ports.iter().copied().collect());
         }
         self.config = new;
-        self.mirror = Mirror::new(
+        self.mirror.reload(
+            Instant::now(),
             &self.config,
             NodeIds::new(&self.node),
             self.seed,
-            self.stats.clone(),
         );
         self.connect_lanes();
-        if ramp_changed {
-            self.ramp = self.config.ramp.as_ref().map(|r| RampState {
-                ramp: Ramp::new(r, Instant::now()),
-                since: Totals::of(self.mirror.all_target_counters()),
-            });
-        } else if let Some(state) = self.ramp.as_mut() {
-            state.since = Totals::of(self.mirror.all_target_counters());
-        }
+        let targets_changed = self
+            .mirror
+            .policy()
+            .targets()
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            != targets_before;
+        self.ramp = RampState::reloaded(
+            self.ramp.take(),
+            self.config.ramp.as_ref(),
+            ramp_changed,
+            targets_changed,
+            Instant::now(),
+            Totals::of(self.mirror.all_target_counters()),
+        );
         self.apply_ramp();
         self.generation += 1;
         tracing::info!(
@@ -910,9 +953,10 @@ impl Agent {
                 })
             };
             format!(
-                "{} answered 2xx, {} errors; p50 {} p99 {}",
+                "{} answered 2xx, {} errors, {} abandoned; p50 {} p99 {}",
                 a.responses(2),
                 a.errors(),
+                a.abandoned.get(),
                 ms(0.5),
                 ms(0.99)
             )
@@ -1002,5 +1046,109 @@ fn human_bytes(per_sec: f64) -> String {
         format!("{:.1} KiB", per_sec / 1024.0)
     } else {
         format!("{per_sec:.0} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shadow_agent::config::{RampGuard, RampStep};
+
+    fn ramp(first_hold: u64) -> RampConfig {
+        RampConfig {
+            steps: vec![
+                RampStep {
+                    percent: 10.0,
+                    hold: Duration::from_secs(first_hold),
+                },
+                RampStep {
+                    percent: 100.0,
+                    hold: Duration::from_secs(3600),
+                },
+            ],
+            guard: RampGuard {
+                max_error_percent: Some(10.0),
+                max_p99: None,
+                min_requests: 20,
+            },
+        }
+    }
+
+    fn totals(completed: u64, errors: u64) -> Totals {
+        Totals {
+            completed,
+            errors,
+            ..Totals::default()
+        }
+    }
+
+    #[test]
+    fn reloads_that_keep_ramp_and_targets_change_nothing_of_the_ramp() {
+        let start = Instant::now();
+        let config = ramp(10);
+        let mut state = Some(RampState::start(&config, start, totals(0, 0)));
+        // Forty reloads 100 ms apart, ten copies failing between each: the window keeps them
+        // all, so the guard judges 400 copies, not the last ten.
+        for i in 1..=40u64 {
+            let now = start + Duration::from_millis(100 * i);
+            state = RampState::reloaded(
+                state,
+                Some(&config),
+                false,
+                false,
+                now,
+                totals(10 * i, 10 * i),
+            );
+        }
+        let mut state = state.expect("a ramp");
+        let health = totals(400, 400).health_since(&state.since);
+        assert_eq!((health.requests, health.errors), (400, 400));
+        assert_eq!(
+            state.ramp.observe(start + Duration::from_secs(4), &health),
+            Some(RampEvent::FellBack { from: 0, to: None })
+        );
+        // The step's clock went on through reloads too: after its hold, the next step.
+        let mut state = Some(RampState::start(&config, start, totals(0, 0)));
+        for i in 1..=110u64 {
+            let now = start + Duration::from_millis(100 * i);
+            state = RampState::reloaded(state, Some(&config), false, false, now, totals(0, 0));
+        }
+        let mut state = state.expect("a ramp");
+        let healthy = totals(0, 0).health_since(&state.since);
+        assert_eq!(
+            state
+                .ramp
+                .observe(start + Duration::from_secs(11), &healthy),
+            Some(RampEvent::Advanced { from: 0, to: 1 })
+        );
+    }
+
+    #[test]
+    fn other_targets_start_a_window_and_another_ramp_starts_over() {
+        let start = Instant::now();
+        let config = ramp(1);
+        let mut ramp_state = RampState::start(&config, start, totals(0, 0));
+        let later = start + Duration::from_secs(2);
+        assert!(ramp_state.ramp.observe(later, &Health::default()).is_some());
+        assert_eq!(ramp_state.ramp.step(), Some(1));
+        // Other targets: the step stays, the window starts at their counters.
+        let state = RampState::reloaded(
+            Some(ramp_state),
+            Some(&config),
+            false,
+            true,
+            later,
+            totals(7, 3),
+        )
+        .expect("a ramp");
+        assert_eq!(state.ramp.step(), Some(1));
+        assert_eq!(state.since.completed, 7);
+        // Another `[ramp]` starts at its first step; none, no ramp.
+        let other = ramp(5);
+        let state =
+            RampState::reloaded(Some(state), Some(&other), true, false, later, totals(7, 3))
+                .expect("a ramp");
+        assert_eq!(state.ramp.step(), Some(0));
+        assert!(RampState::reloaded(Some(state), None, true, false, later, totals(0, 0)).is_none());
     }
 }

@@ -262,14 +262,27 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
         );
     }
 
+    // A copy sent is answered, failed (both in ERROR%), abandoned or still in flight.
     out += &format!(
-        "\n{:<32} {:>8} {:>7} {:>9} {:>9} {:>9} {:>10}  {}\n",
-        "TARGET", "SENT/s", "ERROR%", "P50", "P99", "IN FLIGHT", "DROPPED/s", "TOP DROP REASON"
+        "\n{:<32} {:>8} {:>7} {:>9} {:>9} {:>9} {:>11} {:>10}  {}\n",
+        "TARGET",
+        "SENT/s",
+        "ERROR%",
+        "P50",
+        "P99",
+        "IN FLIGHT",
+        "ABANDONED/s",
+        "DROPPED/s",
+        "TOP DROP REASON"
     );
     let targets_before = &before["mirror"]["targets"];
     for t in now["mirror"]["targets"].as_array().into_iter().flatten() {
         let b = find(targets_before, "url", &t["url"]);
         let sent = rate(num(t, &["sent"]), b.map_or(0.0, |b| num(b, &["sent"])));
+        let abandoned = rate(
+            num(t, &["abandoned"]),
+            b.map_or(0.0, |b| num(b, &["abandoned"])),
+        );
         let (error_percent, p50, p99) = answer_columns(t, b);
         let dropped = delta(&t["dropped"], b.map(|b| &b["dropped"]));
         let (dropped_total, top) = total_and_top(&dropped);
@@ -277,7 +290,7 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
             .filter(|(_, n)| *n > 0.0)
             .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
         out += &format!(
-            "{:<32} {sent:>8.1} {error_percent:>7} {p50:>9} {p99:>9} {:>9} {:>10.1}  {top}\n",
+            "{:<32} {sent:>8.1} {error_percent:>7} {p50:>9} {p99:>9} {:>9} {abandoned:>11.1} {:>10.1}  {top}\n",
             t["url"].as_str().unwrap_or("?"),
             num(t, &["in_flight"]),
             dropped_total / secs,
@@ -382,7 +395,8 @@ mod tests {
                 "targets": [{
                     "url": "http://198.18.0.9:8080", "sent": sent, "dropped": {},
                     "responses": {"2xx": sent - fivexx, "5xx": fivexx}, "failures": {"timeout": 0},
-                    "in_flight": 3, "latency_p50_ms": 1.5, "latency_p99_ms": 9.0,
+                    "in_flight": 3, "abandoned": 2 * (n - 1), "latency_p50_ms": 1.5,
+                    "latency_p99_ms": 9.0,
                 }],
             },
         })
@@ -436,6 +450,7 @@ mod tests {
                 "1.5ms",
                 "9.0ms",
                 "3",
+                "2.0",
                 "0.0",
                 "-"
             ]

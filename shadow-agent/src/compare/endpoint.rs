@@ -5,8 +5,11 @@
 //! one segment). Otherwise every segment that looks like an identifier becomes a placeholder:
 //! numbers `{id}`, UUIDs `{uuid}`, long hex strings `{hash}`, dates `{date}`, and long opaque
 //! tokens mixing letters and digits `{token}`. The query string never takes part.
+//!
+//! The path is the one the policy read to decide ([`RequestPath`]): `/a/./b`, `//a/b` and
+//! `/a/%62` are all `/a/b`, as they are to the live server.
 
-use crate::policy::path::{normalise, target_path};
+use crate::policy::path::RequestPath;
 
 /// Longest endpoint name kept, so that a hostile path cannot make a large key.
 pub const MAX_ENDPOINT_CHARS: usize = 200;
@@ -61,20 +64,14 @@ impl Templater {
         }
     }
 
-    /// `GET /users/{id}/orders` for `("get", "/users/42/orders?page=2")`.
-    pub fn endpoint(&self, method: &str, target: &str) -> String {
+    /// `GET /users/{id}/orders` for `("get", /users/42/orders)`.
+    pub fn endpoint(&self, method: &str, path: &RequestPath) -> String {
         let mut name = method.to_ascii_uppercase();
         name.push(' ');
-        match target_path(target) {
-            // The reading a server sees: `/a/./b` and `/a/%62` are `/a/b`.
-            Some(path) => {
-                let path = normalise(path);
-                match self.templates.iter().find(|t| t.matches(&path)) {
-                    Some(t) => name.push_str(&t.source),
-                    None => collapse(&path, &mut name),
-                }
-            }
-            None => name.push_str("(unparsed target)"),
+        let path = path.as_str();
+        match self.templates.iter().find(|t| t.matches(path)) {
+            Some(t) => name.push_str(&t.source),
+            None => collapse(path, &mut name),
         }
         super::json::cut(&mut name, MAX_ENDPOINT_CHARS);
         name
@@ -148,6 +145,11 @@ fn is_date(b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn endpoint(t: &Templater, method: &str, target: &str) -> String {
+        let path = RequestPath::of_target(target).expect("readable");
+        t.endpoint(method, &path)
+    }
+
     #[test]
     fn endpoints() {
         let t = Templater::new(&["/users/{id}/orders".into(), "/files/{name}".into()]);
@@ -179,19 +181,20 @@ mod tests {
             ("GET", "/", "GET /"),
             ("GET", "/a/", "GET /a/"),
             ("GET", "/a/./b/../c", "GET /a/c"),
+            ("GET", "//users//42/orders", "GET /users/{id}/orders"),
+            ("GET", "/%75sers/%34%32", "GET /users/{id}"),
             ("GET", "http://example.com/users/7?x", "GET /users/{id}"),
             ("OPTIONS", "*", "OPTIONS *"),
-            ("CONNECT", "example.com:443", "CONNECT (unparsed target)"),
         ];
         for (method, target, want) in cases {
-            assert_eq!(t.endpoint(method, target), want, "{method} {target}");
+            assert_eq!(endpoint(&t, method, target), want, "{method} {target}");
         }
     }
 
     #[test]
     fn long_paths_are_cut() {
         let long = format!("/{}", "segment/".repeat(100));
-        let name = Templater::default().endpoint("GET", &long);
+        let name = endpoint(&Templater::default(), "GET", &long);
         assert!(name.len() <= MAX_ENDPOINT_CHARS, "{}", name.len());
     }
 }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::mirror::latency::LatencyHistogram;
+use crate::policy::path::RequestPath;
 use body::{Body, BodyDifference};
 pub use endpoint::Templater;
 pub use html::render_html;
@@ -219,8 +220,10 @@ pub struct Observed<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Exchange<'a> {
     pub method: &'a str,
-    /// Origin-form, with the query.
+    /// Origin-form, with the query, as the client sent it.
     pub target: &'a str,
+    /// The path as the policy read it to mirror the request: it names the endpoint.
+    pub path: &'a RequestPath,
     pub request_body: &'a [u8],
     pub live: Observed<'a>,
     /// The shadow deployment under test.
@@ -439,14 +442,14 @@ impl Comparator {
     }
 
     /// The endpoint an exchange is counted under: method and path template, such as
-    /// `GET /users/{id}/orders`; the query string is dropped.
-    pub fn endpoint(&self, method: &str, target: &str) -> String {
-        self.templater.endpoint(method, target)
+    /// `GET /users/{id}/orders`.
+    pub fn endpoint(&self, method: &str, path: &RequestPath) -> String {
+        self.templater.endpoint(method, path)
     }
 
     /// Counts one exchange.
     pub fn observe(&mut self, exchange: &Exchange<'_>) {
-        let name = self.endpoint(exchange.method, exchange.target);
+        let name = self.endpoint(exchange.method, exchange.path);
         let e = self.endpoint_index(name);
         let cfg = &self.config;
         let options = json::DiffOptions {

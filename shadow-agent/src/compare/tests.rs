@@ -11,6 +11,11 @@ fn headers(h: &[(&str, &str)]) -> Headers {
         .collect()
 }
 
+/// The path a mirrored request's target reads as.
+fn read_path(target: &str) -> RequestPath {
+    RequestPath::of_target(target).expect("readable")
+}
+
 fn json_headers() -> Headers {
     headers(&[("Content-Type", "application/json")])
 }
@@ -87,6 +92,7 @@ fn run(c: &mut Comparator, with_baseline: bool) {
         c.observe(&Exchange {
             method,
             target: &target,
+            path: &read_path(&target),
             request_body: req_body.as_bytes(),
             live: observed(200, &h, &live, live_ms),
             candidate: observed(200, &h, &candidate, candidate_ms),
@@ -195,6 +201,7 @@ fn without_noise_observations_everything_counts() {
         c.observe(&Exchange {
             method: "GET",
             target: &target,
+            path: &read_path(&target),
             request_body: b"",
             live: observed(200, &h, live.as_bytes(), 5),
             candidate: observed(200, &h, shadow.as_bytes(), 5),
@@ -230,6 +237,7 @@ fn ignore_lists_apply_before_anything_is_learned() {
     c.observe(&Exchange {
         method: "GET",
         target: "/x",
+        path: &read_path("/x"),
         request_body: b"",
         live: observed(
             200,
@@ -260,6 +268,7 @@ fn status_and_headers_always_count() {
         c.observe(&Exchange {
             method: "GET",
             target: "/h",
+            path: &read_path("/h"),
             request_body: b"",
             live: observed(200, &a, b"{}", 5),
             candidate: observed(200, &b, b"{}", 5),
@@ -269,6 +278,7 @@ fn status_and_headers_always_count() {
         c.observe(&Exchange {
             method: "GET",
             target: "/s",
+            path: &read_path("/s"),
             request_body: b"",
             live: observed(200, &a, b"{}", 5),
             candidate: observed(status, &a, b"{}", 5),
@@ -324,6 +334,7 @@ fn text_bytes_and_oversized_bodies() {
         c.observe(&Exchange {
             method: "GET",
             target,
+            path: &read_path(target),
             request_body: b"",
             live: observed(200, h, live, 5),
             candidate: observed(200, h, shadow, 5),
@@ -360,6 +371,7 @@ fn json_against_an_error_page() {
     c.observe(&Exchange {
         method: "GET",
         target: "/j",
+        path: &read_path("/j"),
         request_body: b"",
         live: observed(200, &h, br#"{"a":1}"#, 5),
         candidate: observed(200, &html, b"<html>oops</html>", 5),
@@ -406,6 +418,7 @@ fn sensitive_values_are_never_shown() {
     c.observe(&Exchange {
         method: "POST",
         target: "/login",
+        path: &read_path("/login"),
         request_body: b"",
         live: observed(200, &lh, live.as_bytes(), 5),
         candidate: observed(200, &sh, shadow.as_bytes(), 5),
@@ -446,6 +459,7 @@ fn examples_are_cut() {
     c.observe(&Exchange {
         method: "GET",
         target: "/long",
+        path: &read_path("/long"),
         request_body: b"",
         live: observed(200, &h, live.as_bytes(), 5),
         candidate: observed(200, &h, shadow.as_bytes(), 5),
@@ -473,6 +487,7 @@ fn html_escapes_everything_from_traffic() {
         c.observe(&Exchange {
             method: "GET",
             target: "/x/<script>alert(3)</script>",
+            path: &read_path("/x/<script>alert(3)</script>"),
             request_body: b"",
             live: observed(200, &h, live.as_bytes(), 5),
             candidate: observed(200, &h, shadow.as_bytes(), 20),
@@ -530,6 +545,7 @@ fn memory_stays_bounded() {
             c.observe(&Exchange {
                 method: "GET",
                 target,
+                path: &read_path(target),
                 request_body: i.to_string().as_bytes(),
                 live: observed(200, &h, live.as_bytes(), 5),
                 candidate: observed(200 + (i % 50) as u16, &h, shadow.as_bytes(), 5),
@@ -567,6 +583,7 @@ fn outcomes_beyond_the_table_are_judged_at_once() {
         c.observe(&Exchange {
             method: "GET",
             target: "/o",
+            path: &read_path("/o"),
             request_body: b"",
             live: observed(200, &h, live.as_bytes(), 5),
             candidate: observed(200, &h, shadow.as_bytes(), 5),
@@ -625,6 +642,7 @@ proptest! {
             c.observe(&Exchange {
                 method: "POST",
                 target: "/p",
+                path: &read_path("/p"),
                 request_body: &live,
                 live: observed(200, &h, a, 5),
                 candidate: observed(200, &h, b, 5),

@@ -39,7 +39,14 @@ fn example_config_loads() {
         Target::parse("http://10.0.3.17:8080").expect("valid")
     );
     assert!(api.allow_methods.contains("POST"));
-    assert_eq!(api.deny_paths.len(), 3);
+    assert_eq!(api.deny_paths.len(), 2);
+    let everywhere: Vec<&str> = config
+        .policy
+        .deny_paths
+        .iter()
+        .map(|g| g.as_str())
+        .collect();
+    assert_eq!(everywhere, ["**/.env", "**/.git/**"]);
     assert_eq!(api.set_headers["x-environment"], "shadow");
     assert!(api.remove_headers.contains("authorization"));
     assert_eq!(api.host, HostRule::Target);
@@ -73,6 +80,7 @@ fn defaults() {
     };
     assert_eq!(config.capture.hooks, BTreeSet::from([Hook::Ingress]));
     assert_eq!(config.capture.sample_percent, 100.0);
+    assert!(config.policy.deny_paths.is_empty());
     let route = &config.routes[0];
     assert_eq!(route.sample_percent, 100.0);
     assert_eq!(route.allow_methods.len(), 3);
@@ -472,6 +480,30 @@ fn section_errors() {
             "ramp.steps",
             "no step",
         ),
+        (
+            "[policy]\ndeny_paths = [\"admin\"]",
+            12,
+            "policy.deny_paths[0]",
+            "start with `/`",
+        ),
+        (
+            "[policy]\ndeny_paths = [\n  \"/ok\",\n  \"/a/[b\",\n]",
+            14,
+            "policy.deny_paths[1]",
+            "invalid glob",
+        ),
+        (
+            "[policy]\ndeny_path = [\"/admin/**\"]",
+            12,
+            "policy.deny_path",
+            "unknown field `deny_path`",
+        ),
+        (
+            "[policy]\ndeny_paths = \"/admin/**\"",
+            12,
+            "policy.deny_paths",
+            "expected a sequence",
+        ),
     ];
     for (section, line, key, message) in cases {
         let src = format!("{MINIMAL}\n{section}\n");
@@ -496,6 +528,8 @@ fn accepted_values() {
         "[limits]\nmemory = \"1GiB\"",
         "[compare]\nignore_fields = [\"$.request_id\", \"**.timestamp\"]\narray_order = \"unordered\"\nnumeric_tolerance = 0.01",
         "[limits]\nmemory = \"67108864\"",
+        "[policy]",
+        "[policy]\ndeny_paths = []",
     ];
     for section in cases {
         let src = format!("{MINIMAL}\n{section}\n");
@@ -503,6 +537,15 @@ fn accepted_values() {
             panic!("`{section}` refused: {e}");
         }
     }
+    let src = format!("{MINIMAL}\n[policy]\ndeny_paths = [\"**/.env\", \"/admin/**\"]\n");
+    let config = Config::from_toml(&src, "t.toml").expect("valid");
+    let patterns: Vec<&str> = config
+        .policy
+        .deny_paths
+        .iter()
+        .map(|g| g.as_str())
+        .collect();
+    assert_eq!(patterns, ["**/.env", "/admin/**"]);
     let src = format!("{MINIMAL}\n[limits]\nmemory = \"96MiB\"\n");
     let config = Config::from_toml(&src, "t.toml").expect("valid");
     assert_eq!(config.limits.memory_bytes, 96 << 20);

@@ -89,7 +89,8 @@ counter_set! {
         /// Resets whose sequence number is outside the window: the kernel ignores them (RFC
         /// 5961), and so does shadow.
         segments_rst_out_of_window,
-        /// Segments of connections whose protocol shadow does not read (after an upgrade).
+        /// Segments of connections shadow no longer reads: after an upgrade to another protocol,
+        /// or once framing cannot be trusted (a rejected request head, ambiguous framing).
         segments_opaque,
         /// Resets and bare acknowledgements of connections not tracked.
         segments_ignored,

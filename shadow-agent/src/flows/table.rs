@@ -292,6 +292,18 @@ impl<H> Flow<H> {
         u32::from(window) << shift
     }
 
+    /// One direction ended, after a SYN of its own, while nothing at all was seen of the other:
+    /// that direction is not captured (the agent's default ingress hook sees only the clients'
+    /// packets; its SYN-ACK would have shown otherwise), so the connection is over as far as the
+    /// capture can tell, and it closes.
+    fn ended_one_way_unseen(&self) -> bool {
+        let [a, b] = &self.dirs;
+        let one_way = |done: &Reassembler, unseen: &Reassembler| {
+            done.is_ended() && done.isn().is_some() && !unseen.is_started()
+        };
+        one_way(a, b) || one_way(b, a)
+    }
+
     /// Nothing of a conversation is lost by ending it: a handshake that carried no data yet
     /// (what a SYN flood leaves), or a connection one side finished while the other was never
     /// seen. The flow limit evicts these before established connections.
@@ -934,15 +946,30 @@ impl<H> FlowTable<H> {
     where
         H: StreamHandler<O>,
     {
-        let Some(flow) = self.flow_mut(idx) else {
+        let counters = &mut self.counters;
+        let Some(flow) = self.slots.get_mut(idx).and_then(|slot| slot.flow.as_mut()) else {
             return;
         };
-        let ended = flow.dirs.iter().all(Reassembler::is_ended);
+        let ended = flow.dirs.iter().all(Reassembler::is_ended) || flow.ended_one_way_unseen();
         if ended && !flow.closed {
             flow.closed = true;
-            let id = flow.id();
-            flow.handler.closed(&id, CloseReason::Closed, out);
-            self.counters.flows_closed += 1;
+            let (conn, ts) = (flow.id(), flow.last_seen);
+            let Flow {
+                dirs,
+                handler,
+                opaque,
+                ..
+            } = flow;
+            // The direction never seen ends too, so the handler hears both ends first.
+            for (dir, reassembler) in [Direction::FromA, Direction::FromB].into_iter().zip(dirs) {
+                if *opaque {
+                    reassembler.close(&mut |_| {});
+                } else {
+                    reassembler.close(&mut deliver_to(handler, &conn, dir, ts, counters, out));
+                }
+            }
+            handler.closed(&conn, CloseReason::Closed, out);
+            counters.flows_closed += 1;
         }
         let Some(flow) = self.flow_mut(idx) else {
             return;
@@ -1505,14 +1532,13 @@ mod tests {
         t.finish(&mut log);
         let c = t.counters();
         assert_eq!(c.flows_created, 5, "{c:?}");
-        assert_eq!(c.flows_reused, 4);
-        assert_eq!(c.flows_finished, 1);
+        // Nothing was ever seen of the server: a connection closes with the client's FIN.
+        assert_eq!(c.flows_closed, 5);
         assert_eq!(c.segments_retransmitted, 5);
         assert_eq!(c.segments_in_order, 5);
         assert_eq!(log.len(), 5);
-        for (i, (_, text)) in log.iter().enumerate() {
-            let reason = if i < 4 { "Reused" } else { "Finished" };
-            assert_eq!(text, &format!("{reason} a:GET[end] b:[end]"), "{log:?}");
+        for (_, text) in &log {
+            assert_eq!(text, "Closed a:GET[end] b:[end]", "{log:?}");
         }
         assert_adds_up(&t);
     }

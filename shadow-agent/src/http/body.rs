@@ -27,6 +27,18 @@ pub(crate) enum BodyNotice {
     TrailersTooLarge,
 }
 
+/// Where a capture gap inside a body leaves the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterGap {
+    /// The gap lay inside data of known length: the reader skipped it exactly.
+    InSync,
+    /// A fixed-length body ended inside the gap: the stream goes on at an unknown point after
+    /// the message, as after a gap between messages.
+    PastEnd,
+    /// The gap hit chunk-size lines, chunk ends or trailers: where the body ends is unknown.
+    FramingLost,
+}
+
 /// How far a call to [`BodyReader::feed`] got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Progress {
@@ -193,25 +205,31 @@ impl BodyReader {
         })
     }
 
-    /// `lost` bytes of the body will never arrive. Returns true if the framing is still known
-    /// afterwards (the gap lay inside fixed-length data), so the reader skipped them exactly.
-    pub(crate) fn skip_gap(&mut self, lost: u64) -> bool {
+    /// `lost` bytes of the body will never arrive; says where that leaves the stream. Only a
+    /// gap inside data of known length is skipped exactly.
+    pub(crate) fn skip_gap(&mut self, lost: u64) -> AfterGap {
         self.discard();
-        let in_sync = match &mut self.kind {
+        let after = match &mut self.kind {
             BodyKind::Length { remaining } if *remaining >= lost => {
                 *remaining -= lost;
-                true
+                AfterGap::InSync
             }
-            BodyKind::Length { .. } => false,
-            BodyKind::Chunked(decoder) => decoder.skip_data(lost),
-            BodyKind::UntilClose => true,
+            BodyKind::Length { .. } => AfterGap::PastEnd,
+            BodyKind::Chunked(decoder) => {
+                if decoder.skip_data(lost) {
+                    AfterGap::InSync
+                } else {
+                    AfterGap::FramingLost
+                }
+            }
+            BodyKind::UntilClose => AfterGap::InSync,
         };
-        if in_sync {
+        if after == AfterGap::InSync {
             self.wire_len = self
                 .wire_len
                 .saturating_add(usize::try_from(lost).unwrap_or(usize::MAX));
         }
-        in_sync
+        after
     }
 
     /// True if a fixed-length body has all its bytes (used when a gap ends exactly on it).
@@ -606,19 +624,22 @@ mod tests {
     #[test]
     fn gaps_inside_known_lengths_stay_in_sync() {
         let mut fixed = BodyReader::new(BodyFraming::Length(10), 1024, 256, 8);
-        assert!(fixed.skip_gap(4));
+        assert_eq!(fixed.skip_gap(4), AfterGap::InSync);
         assert_eq!(fixed.feed(b"123456GET").expect("fixed").consumed, 6);
 
         let mut chunked = BodyReader::new(BodyFraming::Chunked, 1024, 256, 8);
         chunked.feed(b"5\r\nhe").expect("valid");
-        assert!(chunked.skip_gap(3));
+        assert_eq!(chunked.skip_gap(3), AfterGap::InSync);
         let progress = chunked.feed(b"\r\n0\r\n\r\n").expect("valid");
         assert!(progress.done);
 
         let mut past = BodyReader::new(BodyFraming::Chunked, 1024, 256, 8);
         past.feed(b"5\r\nhe").expect("valid");
-        assert!(!past.skip_gap(4));
+        assert_eq!(past.skip_gap(4), AfterGap::FramingLost);
+        let mut size_line = BodyReader::new(BodyFraming::Chunked, 1024, 256, 8);
+        size_line.feed(b"5").expect("valid");
+        assert_eq!(size_line.skip_gap(1), AfterGap::FramingLost);
         let mut header = BodyReader::new(BodyFraming::Length(3), 1024, 256, 8);
-        assert!(!header.skip_gap(4));
+        assert_eq!(header.skip_gap(4), AfterGap::PastEnd);
     }
 }

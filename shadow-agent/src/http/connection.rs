@@ -5,7 +5,7 @@ use std::{collections::VecDeque, mem::MaybeUninit, ops::Range};
 
 use super::{
     Anomaly, Direction, Field, HttpEvent, HttpLimits, Request, Response, Timestamp, Version,
-    body::{BodyNotice, BodyReader},
+    body::{AfterGap, BodyNotice, BodyReader},
     framing::{BodyFraming, FramingError, HeadFacts},
     resync::{Found, LineFinder, StartLine},
     scan::{LineScanner, Scan},
@@ -291,7 +291,8 @@ struct RequestInProgress {
 // The rare states of a direction are boxed, so that a connection between messages carries
 // only a tag and a pointer for each.
 
-/// Looking for the next start line after an error, a gap or a pick-up.
+/// Looking for the next start line after a capture gap or a pick-up (and, for responses, after
+/// one that could not be framed).
 #[derive(Debug)]
 struct Resync {
     finder: LineFinder,
@@ -322,7 +323,7 @@ enum ClientState {
     /// At a message boundary, or inside a head.
     Head,
     Body(Box<RequestInProgress>),
-    /// Looking for the next request line.
+    /// Looking for the next request line after a capture gap or a pick-up.
     Resync(Box<Resync>),
     /// After an Upgrade or CONNECT request: the client's next bytes are HTTP only if the server
     /// refuses, so they wait for its answer (bounded by `max_head_bytes`).
@@ -331,6 +332,11 @@ enum ClientState {
     Closing {
         reported: bool,
     },
+    /// The client's bytes can no longer be framed as the server framed them (a rejected head,
+    /// a broken chunked body, a gap in chunked framing): they are never searched for requests,
+    /// since the server may have read them as a body. Responses still owed to requests already
+    /// emitted are read; then the whole connection is opaque.
+    Opaque,
     Ended,
 }
 
@@ -406,8 +412,10 @@ impl HttpConnection {
         }
     }
 
-    /// Upgrade, CONNECT or HTTP/2 was seen: nothing more will be parsed, and the caller may stop
-    /// feeding bytes.
+    /// Nothing more will be parsed, and the caller may stop feeding bytes: after Upgrade,
+    /// CONNECT or HTTP/2, or once the client's bytes could no longer be framed (a rejected head,
+    /// ambiguous framing, a broken chunked body, a gap in chunked framing) and the responses
+    /// owed to the requests emitted before have been read.
     pub fn is_opaque(&self) -> bool {
         self.opaque
     }
@@ -420,7 +428,10 @@ impl HttpConnection {
             }
             ClientState::Resync(resync) => resync.finder.buffered_bytes(),
             ClientState::AwaitSwitch(waiting) => waiting.held.capacity(),
-            ClientState::Head | ClientState::Closing { .. } | ClientState::Ended => 0,
+            ClientState::Head
+            | ClientState::Closing { .. }
+            | ClientState::Opaque
+            | ClientState::Ended => 0,
         };
         let server = match &self.server {
             ServerState::Body(response) => {
@@ -451,6 +462,7 @@ impl HttpConnection {
         while !input.is_empty() && !self.opaque {
             let used = self.server_step(input, ts, out);
             input = &input[used..];
+            self.settle_client_opaque();
         }
     }
 
@@ -465,12 +477,11 @@ impl HttpConnection {
                     request_seq: None,
                     lost_bytes,
                 }));
-                self.client_head.reset();
-                self.client_desync(false);
+                self.client_desync();
             }
             ClientState::Body(request) => {
                 let seq = request.request.seq;
-                let in_sync = request.reader.skip_gap(lost_bytes);
+                let after = request.reader.skip_gap(lost_bytes);
                 let complete = request.reader.is_complete();
                 if !std::mem::replace(&mut request.dropped, true) {
                     out.push(HttpEvent::Anomaly(Anomaly::RequestLostToGap {
@@ -479,11 +490,20 @@ impl HttpConnection {
                     }));
                     self.mark_dropped(seq);
                 }
-                if !in_sync {
-                    self.client_desync(false);
-                } else if complete {
-                    // The gap ended exactly with the body; nothing more will come for it.
-                    self.client_body_step(&[], Timestamp::ZERO, out);
+                match after {
+                    AfterGap::InSync if complete => {
+                        // The gap ended exactly with the body; nothing more will come for it.
+                        self.client_body_step(&[], Timestamp::ZERO, out);
+                    }
+                    AfterGap::InSync => {}
+                    // The rest of the body was skipped exactly; what follows it is lost as if
+                    // the gap had begun between messages.
+                    AfterGap::PastEnd => self.client_desync(),
+                    AfterGap::FramingLost => {
+                        // Searching the rest for a request line could find one inside the body.
+                        out.push(HttpEvent::Anomaly(Anomaly::FramingLostToGap));
+                        self.client_opaque();
+                    }
                 }
             }
             ClientState::Resync(resync) => {
@@ -494,7 +514,7 @@ impl HttpConnection {
                 waiting.held = Vec::new();
                 waiting.lost = true;
             }
-            ClientState::Closing { .. } | ClientState::Ended => {}
+            ClientState::Closing { .. } | ClientState::Opaque | ClientState::Ended => {}
         }
     }
 
@@ -513,7 +533,7 @@ impl HttpConnection {
                 self.server_desync();
             }
             ServerState::Body(response) => {
-                let in_sync = response.reader.skip_gap(lost_bytes);
+                let in_sync = response.reader.skip_gap(lost_bytes) == AfterGap::InSync;
                 if !response.dropped {
                     let request_seq = response.response.request_seq;
                     out.push(HttpEvent::Anomaly(Anomaly::ResponseLostToGap {
@@ -533,11 +553,12 @@ impl HttpConnection {
             | ServerState::Closing { .. }
             | ServerState::Ended => {}
         }
+        self.settle_client_opaque();
     }
 
     /// The client sent FIN or RST.
     pub fn client_end(&mut self, _ts: Timestamp, out: &mut Vec<HttpEvent>) {
-        if self.opaque {
+        if self.opaque || matches!(self.client, ClientState::Opaque) {
             return;
         }
         let direction = Direction::Client;
@@ -585,6 +606,7 @@ impl HttpConnection {
             _ => {}
         }
         self.server_head.reset();
+        self.settle_client_opaque();
     }
 
     // ---- client side ----
@@ -622,7 +644,7 @@ impl HttpConnection {
                 }
                 input.len()
             }
-            ClientState::Ended => input.len(),
+            ClientState::Opaque | ClientState::Ended => input.len(),
         }
     }
 
@@ -650,10 +672,9 @@ impl HttpConnection {
                     HeadProblem::TooLarge => Anomaly::HeadTooLarge { direction },
                 }));
                 let started = self.client_head.started().unwrap_or(ts);
-                self.client_head.reset();
-                // The server read a request here too and will answer it.
+                // The server read a request here too and will answer it (or reject it).
                 self.push_request(first_word, false, started, true, out);
-                self.client_desync(true);
+                self.client_opaque();
             }
         }
         consumed
@@ -680,7 +701,7 @@ impl HttpConnection {
             Err(error) => {
                 out.push(HttpEvent::Anomaly(head_error_anomaly(error, direction)));
                 self.push_request(FirstWord::of(head), false, started, true, out);
-                self.client_desync(true);
+                self.client_opaque();
                 return 0;
             }
         };
@@ -695,10 +716,10 @@ impl HttpConnection {
             Ok(framing) => framing,
             Err(error) => {
                 // The server either rejects this and closes, or reads it in a way shadow can
-                // only guess: stop here rather than mirror a guess (SMUGGLING.md).
+                // only guess: stop here rather than mirror a guess (README, "Ambiguous framing").
                 out.push(HttpEvent::Anomaly(framing_anomaly(error, direction)));
                 self.push_request(first_word, false, started, true, out);
-                self.make_opaque();
+                self.client_opaque();
                 return 0;
             }
         };
@@ -757,7 +778,7 @@ impl HttpConnection {
                 used
             }
             BodyStep::Broken(used) => {
-                self.client_desync(false);
+                self.client_opaque();
                 used
             }
         }
@@ -780,7 +801,7 @@ impl HttpConnection {
                 used
             }
             BodyStep::Broken(used) => {
-                self.client_desync(false);
+                self.client_opaque();
                 used
             }
         }
@@ -847,17 +868,55 @@ impl HttpConnection {
         out.push(HttpEvent::Request(request));
     }
 
-    /// The client stream is at an unknown position: look for the next request line.
-    /// `after_head`: the bytes so far were a whole (rejected) request, so no request was lost.
-    fn client_desync(&mut self, after_head: bool) {
-        if !after_head {
-            self.pending_unknown();
-        }
+    /// A capture gap left the client stream at an unknown position between or inside heads:
+    /// look for the next request line. Requests may have been lost with the bytes.
+    fn client_desync(&mut self) {
+        self.pending_unknown();
+        self.client_head.reset();
         self.client = ClientState::Resync(Resync::boxed(
             StartLine::Request,
             self.limits.max_head_bytes,
             false,
         ));
+    }
+
+    /// The client's bytes can no longer be framed without guessing how the server read them:
+    /// stop reading them (see [`ClientState::Opaque`]). Resynchronising instead would search
+    /// bytes the server may have read as a body for a request line, and mirror a request the
+    /// server never received.
+    fn client_opaque(&mut self) {
+        self.client = ClientState::Opaque;
+        self.client_head.reset();
+        self.settle_client_opaque();
+    }
+
+    /// Once the client side is opaque and no response owed to an emitted request can still
+    /// come, nothing more is read.
+    fn settle_client_opaque(&mut self) {
+        if matches!(self.client, ClientState::Opaque) && !self.emitted_requests_unanswered() {
+            self.make_opaque();
+        }
+    }
+
+    /// Whether the server may still send a response that pairs with an emitted request: one
+    /// being read, or one owed to a request in the queue. The server answers in request order,
+    /// and shadow read every request before the one it could not frame as the server did, so
+    /// these responses pair exactly as on any connection.
+    fn emitted_requests_unanswered(&self) -> bool {
+        let answering = match &self.server {
+            ServerState::Body(response) => {
+                !response.dropped && response.response.request_seq.is_some()
+            }
+            ServerState::Closing { .. } | ServerState::Ended => return false,
+            ServerState::AwaitFirstRequest { .. } | ServerState::Head | ServerState::Resync(_) => {
+                false
+            }
+        };
+        answering
+            || self
+                .pending
+                .iter()
+                .any(|p| matches!(p, Pending::Request(r) if !r.dropped))
     }
 
     /// Resumes the client after the server refused an Upgrade or CONNECT.
@@ -876,7 +935,7 @@ impl HttpConnection {
             return;
         };
         if waiting.lost {
-            self.client_desync(false);
+            self.client_desync();
         }
         self.client_data(&waiting.held, waiting.first.unwrap_or_default(), out);
     }

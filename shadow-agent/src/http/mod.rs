@@ -12,8 +12,11 @@
 //!
 //! Header values and bodies are never logged: they are the users' data.
 //!
-//! How ambiguous framing (request smuggling shapes) is handled is written down in
-//! `SMUGGLING.md` beside this file.
+//! How ambiguous framing (request smuggling shapes) is handled is written down in README.md,
+//! "Ambiguous framing". The rule: bytes shadow cannot frame as the server did are never searched
+//! for requests. After a rejected head or a broken chunked body the client side stops being read
+//! (see [`HttpConnection::is_opaque`]); only capture gaps, between messages or in a head, and a
+//! connection picked up in mid-stream resynchronise at the next request line.
 
 mod body;
 mod connection;
@@ -174,6 +177,9 @@ pub enum Anomaly {
         request_seq: Option<u64>,
         lost_bytes: u64,
     },
+    /// A capture gap hit the chunked framing of a request body (not its chunk data): where the
+    /// body ends is unknown, so the client side is no longer read.
+    FramingLostToGap,
     /// Bytes of a response were lost in capture; the response was dropped.
     ResponseLostToGap {
         request_seq: Option<u64>,
@@ -185,7 +191,8 @@ pub enum Anomaly {
     Http2Unsupported,
     /// Bytes discarded on a connection picked up mid-stream before its first message.
     MidStreamSkipped { direction: Direction, bytes: u64 },
-    /// Bytes discarded while looking for the next start line after an error.
+    /// Bytes discarded while looking for the next start line after a capture gap (and, for
+    /// responses, after a response that could not be framed).
     ResyncSkipped { direction: Direction, bytes: u64 },
     /// The stream ended inside a message; the message was dropped.
     Truncated { direction: Direction },
@@ -215,6 +222,7 @@ impl Anomaly {
             Self::InvalidTransferEncoding { .. } => "invalid_transfer_encoding",
             Self::InvalidChunk { .. } => "invalid_chunk",
             Self::RequestLostToGap { .. } => "request_lost_to_gap",
+            Self::FramingLostToGap => "framing_lost_to_gap",
             Self::ResponseLostToGap { .. } => "response_lost_to_gap",
             Self::UnpairedResponse { .. } => "unpaired_response",
             Self::Http2Unsupported => "http2_unsupported",
@@ -247,6 +255,7 @@ impl Anomaly {
             | Self::Truncated { direction }
             | Self::DataAfterClose { direction } => *direction,
             Self::RequestLostToGap { .. }
+            | Self::FramingLostToGap
             | Self::Http2Unsupported
             | Self::PipelineOverflow
             | Self::UndecidedUpgradeOverflow => Direction::Client,
@@ -288,6 +297,7 @@ mod tests {
                 request_seq: None,
                 lost_bytes: 1,
             },
+            Anomaly::FramingLostToGap,
             Anomaly::ResponseLostToGap {
                 request_seq: None,
                 lost_bytes: 1,

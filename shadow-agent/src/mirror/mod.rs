@@ -19,7 +19,7 @@ use crate::budget::{Budget, BudgetLimits, BudgetTokens};
 use crate::config::Config;
 use crate::http::Request;
 use crate::pipeline::FlowAddrs;
-use crate::policy::path::origin_form;
+use crate::policy::path::{RequestPath, origin_form};
 use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
 use crate::policy::{Decision, DropReason, Policy, RequestView, TargetId};
 use pairing::{PairKey, Role};
@@ -50,6 +50,8 @@ pub struct Plan {
     pub route: Option<Arc<RouteCounters>>,
     /// Copies that passed the policy and the budget.
     pub copies: Vec<ShadowRequest>,
+    /// The path the policy read, when it mirrored: the comparison names the endpoint by it.
+    pub path: Option<RequestPath>,
 }
 
 /// The policy, the budget and the tagger of one configuration.
@@ -68,17 +70,8 @@ impl<I: IdSource> Mirror<I> {
     /// `seed` varies per-request sampling between nodes; `stats` outlives reloads.
     pub fn new(config: &Config, ids: I, seed: u64, stats: Arc<MirrorStats>) -> Self {
         let policy = Policy::from_config(config, seed);
-        let routes = policy
-            .routes()
-            .iter()
-            .map(|r| stats.route(r.name()))
-            .collect();
-        let targets = policy
-            .targets()
-            .iter()
-            .map(|t| stats.target(&t.to_string()))
-            .collect();
-        let budget = Budget::new(BudgetLimits::from(&config.budget), policy.targets().len());
+        let budget = Budget::new(BudgetLimits::from(&config.budget), policy.targets());
+        let (routes, targets) = counters(&policy, &stats);
         Self {
             policy,
             budget,
@@ -87,6 +80,18 @@ impl<I: IdSource> Mirror<I> {
             routes,
             targets,
         }
+    }
+
+    /// Takes a reloaded configuration at `now`: policy, tagging and targets come from it, and
+    /// the budget carries its tokens over ([`Budget::reconfigure`]), so that a reload never
+    /// hands out a fresh burst. The ramp's share is the caller's to set again.
+    pub fn reload(&mut self, now: Instant, config: &Config, ids: I, seed: u64) {
+        let policy = Policy::from_config(config, seed);
+        self.budget
+            .reconfigure(now, BudgetLimits::from(&config.budget), policy.targets());
+        (self.routes, self.targets) = counters(&policy, &self.stats);
+        self.policy = policy;
+        self.tagger = Tagger::new(config.tagging.clone(), ids);
     }
 
     pub fn policy(&self) -> &Policy {
@@ -106,17 +111,7 @@ impl<I: IdSource> Mirror<I> {
     /// The tokens the budget's buckets hold at `now`, the node's and each target's by URL, read
     /// without taking any.
     pub fn budget_tokens(&self, now: Instant) -> BudgetTokens {
-        let (node, targets) = self.budget.tokens(now);
-        BudgetTokens {
-            node,
-            targets: self
-                .policy
-                .targets()
-                .iter()
-                .map(ToString::to_string)
-                .zip(targets)
-                .collect(),
-        }
+        self.budget.tokens(now)
     }
 
     /// Sets the share the ramp allows, 0 to 100.
@@ -144,7 +139,7 @@ impl<I: IdSource> Mirror<I> {
             host,
             sample_key: sample_key(flow, req.seq),
         };
-        let (route_id, target_ids) = match self.policy.decide(&view) {
+        let (route_id, target_ids, path) = match self.policy.decide(&view) {
             Decision::Drop {
                 route: None,
                 reason,
@@ -161,10 +156,14 @@ impl<I: IdSource> Mirror<I> {
                 counters.dropped(reason).inc();
                 return Plan {
                     route: Some(counters),
-                    copies: Vec::new(),
+                    ..Plan::default()
                 };
             }
-            Decision::Mirror { route, targets } => (route, targets.to_vec()),
+            Decision::Mirror {
+                route,
+                targets,
+                path,
+            } => (route, targets.to_vec(), path),
         };
         let route_counters = self.routes[route_id.0].clone();
         route_counters.seen.inc();
@@ -213,8 +212,28 @@ impl<I: IdSource> Mirror<I> {
         Plan {
             route: Some(route_counters),
             copies,
+            path: Some(path),
         }
     }
+}
+
+/// The counters of `policy`'s routes (by [`RouteId`]) and targets (by [`TargetId`]), found by
+/// name and URL so that they outlive reloads.
+fn counters(
+    policy: &Policy,
+    stats: &MirrorStats,
+) -> (Vec<Arc<RouteCounters>>, Vec<Arc<TargetCounters>>) {
+    let routes = policy
+        .routes()
+        .iter()
+        .map(|r| stats.route(r.name()))
+        .collect();
+    let targets = policy
+        .targets()
+        .iter()
+        .map(|t| stats.target(&t.to_string()))
+        .collect();
+    (routes, targets)
 }
 
 /// Different for every request of every connection (connections on a reused 4-tuple differ in

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::pipeline::FlowAddrs;
+use crate::policy::path::RequestPath;
 
 /// Which side of a comparison an answer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,6 +53,8 @@ impl Answer {
 pub struct Complete {
     pub method: String,
     pub target: String,
+    /// The path the policy read to mirror the request.
+    pub path: RequestPath,
     pub request_body: Bytes,
     pub live: Answer,
     pub candidate: Answer,
@@ -75,6 +78,7 @@ pub struct PairingCounters {
 struct Pending {
     method: String,
     target: String,
+    path: RequestPath,
     request_body: Bytes,
     /// When the request's last byte was captured: the live latency runs from there.
     request_done: Duration,
@@ -89,6 +93,7 @@ impl Pending {
     fn bytes(&self) -> usize {
         self.method.len()
             + self.target.len()
+            + self.path.as_str().len()
             + self.request_body.len()
             + [&self.live, &self.candidate, &self.baseline]
                 .iter()
@@ -157,6 +162,7 @@ impl Pairing {
         key: PairKey,
         method: &str,
         target: &str,
+        path: RequestPath,
         request_body: Bytes,
         request_done: Duration,
         expect_baseline: bool,
@@ -164,6 +170,7 @@ impl Pairing {
         let entry = Pending {
             method: method.to_owned(),
             target: target.to_owned(),
+            path,
             request_body,
             request_done,
             expect_baseline,
@@ -239,6 +246,7 @@ impl Pairing {
         Some(Complete {
             method: done.method,
             target: done.target,
+            path: done.path,
             request_body: done.request_body,
             live: done.live?,
             candidate: done.candidate?,
@@ -303,6 +311,7 @@ mod tests {
             key(seq),
             "GET",
             "/x",
+            RequestPath::of_target("/x").expect("readable"),
             Bytes::new(),
             Duration::from_millis(100),
             baseline,

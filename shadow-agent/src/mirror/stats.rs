@@ -75,7 +75,7 @@ pub enum CopyDrop {
     /// The captured request cannot be written as a valid HTTP/1.1 request (a method, target or
     /// header value that HTTP does not allow).
     Invalid,
-    /// The agent was stopping, or the target was removed by a reload.
+    /// The target had no open lane: the agent was stopping, or a reload had removed it.
     Closed,
 }
 
@@ -126,13 +126,19 @@ impl Failure {
     }
 }
 
-/// What became of copies that went out: answers by status class with their latency, and
-/// copies that got none. Kept per target, and per route for the route's shadow targets.
+/// What became of copies that went out: answers by status class with their latency, copies
+/// that got none, and copies given up on. Kept per target, and per route for the route's shadow
+/// targets.
 #[derive(Debug, Default)]
 pub struct Answers {
     /// Answers by status class: 1xx to 5xx.
     responses: [Counter; 5],
     failures: [Counter; Failure::ALL.len()],
+    /// Copies handed to the sender that were neither answered nor failed because their lane
+    /// closed first (a reload removed the target or changed its lane's limits, or the agent
+    /// stopped): still queued, or cut off on the wire. Not the shadow's doing, so neither an
+    /// error nor completed.
+    pub abandoned: Counter,
     /// Time from handing a copy to the sender to the end of its answer, answered copies only.
     pub latency: LatencyHistogram,
 }
@@ -165,7 +171,7 @@ impl Answers {
         self.responses(5) + self.failures.iter().map(Counter::get).sum::<u64>()
     }
 
-    /// Copies answered or failed.
+    /// Copies answered or failed (not those abandoned).
     pub fn completed(&self) -> u64 {
         self.responses.iter().map(Counter::get).sum::<u64>()
             + self.failures.iter().map(Counter::get).sum::<u64>()
@@ -186,6 +192,7 @@ impl Answers {
         let mut out = serde_json::Map::new();
         out.insert("responses".into(), responses.into());
         out.insert("failures".into(), failures.into());
+        out.insert("abandoned".into(), self.abandoned.get().into());
         out.insert("latency_p50_ms".into(), ms(0.5).into());
         out.insert("latency_p99_ms".into(), ms(0.99).into());
         out
@@ -193,6 +200,11 @@ impl Answers {
 }
 
 /// Copies to one target and their answers.
+///
+/// Every copy sent ends in exactly one outcome, so that (but in a dry run, which sends
+/// nothing) `sent = answered + failed + abandoned + in_flight`, with `answered` the sum of
+/// `answers.responses`, `failed` of `answers.failures` and `abandoned` `answers.abandoned`. A
+/// reader of the separate counters may see a copy between two of them for a moment.
 #[derive(Debug, Default)]
 pub struct TargetCounters {
     /// Copies handed to the sender (counted by the sender side, or by the dry run).
@@ -203,7 +215,7 @@ pub struct TargetCounters {
     pub answers: Answers,
     /// Answers wanted for a comparison that the comparison could not take (it fell behind).
     pub answers_dropped: Counter,
-    /// Copies queued or awaiting an answer now.
+    /// Copies sent whose outcome is not counted yet: queued or awaiting an answer now.
     pub in_flight: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
@@ -360,6 +372,7 @@ mod tests {
             .answers
             .failed(Failure::Timeout)
             .inc();
+        stats.target("http://a:1").answers.abandoned.inc();
         assert_eq!(stats.route("api").seen.get(), 2);
         let t = stats.target("http://a:1");
         assert_eq!(
@@ -368,12 +381,15 @@ mod tests {
                 t.answers.errors(),
                 t.answers.completed()
             ),
-            (1, 2, 2)
+            (1, 2, 2),
+            "an abandoned copy is neither an error nor completed"
         );
         let json = stats.to_json();
         assert_eq!(json["routes"][0]["seen"], 2);
         assert_eq!(json["targets"][0]["responses"]["5xx"], 1);
         assert_eq!(json["targets"][0]["failures"]["timeout"], 1);
+        assert_eq!(json["targets"][0]["abandoned"], 1);
+        assert_eq!(json["routes"][0]["abandoned"], 0);
         let p50 = json["targets"][0]["latency_p50_ms"].as_f64().expect("p50");
         assert!((3.0..=3.75).contains(&p50), "{p50}");
     }

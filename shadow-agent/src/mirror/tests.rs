@@ -3,6 +3,7 @@ use std::time::Duration;
 use super::*;
 use crate::budget::BudgetKind;
 use crate::http::Version;
+use crate::policy::path::PathError;
 use crate::policy::tagging::NodeIds;
 
 const CONFIG: &str = r#"
@@ -244,6 +245,55 @@ fn budget_and_invalid_copies_are_counted_per_target() {
 }
 
 #[test]
+fn a_reload_keeps_the_budget_of_the_targets_that_stay() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    for seq in 0..5 {
+        let plan = m.plan(
+            now,
+            &flow(8080),
+            &request(seq, "GET", "/orders/1", &[], b""),
+        );
+        assert_eq!(plan.copies.len(), 2, "request {seq}");
+    }
+    // The same file again: both targets stay empty.
+    let same = Config::from_toml(CONFIG, "mirror.toml").expect("config");
+    m.reload(now, &same, NodeIds::with_epoch("node-a", 8), 1);
+    let plan = m.plan(now, &flow(8080), &request(5, "GET", "/orders/1", &[], b""));
+    assert!(plan.copies.is_empty(), "a reload refilled the budget");
+    // The second target moves first and a third joins: the moved one stays empty (found by
+    // URL, not by its number), the new one starts full.
+    let moved = CONFIG.replace(
+        r#"targets = ["http://198.18.0.9:8080", "http://198.18.0.10:8080"]"#,
+        r#"targets = ["http://198.18.0.10:8080", "http://198.18.0.11:8080"]"#,
+    );
+    let moved = Config::from_toml(&moved, "mirror.toml").expect("config");
+    m.reload(now, &moved, NodeIds::with_epoch("node-a", 9), 1);
+    let plan = m.plan(now, &flow(8080), &request(6, "GET", "/orders/1", &[], b""));
+    let to: Vec<String> = plan
+        .copies
+        .iter()
+        .filter_map(|c| m.policy().target(c.target).map(ToString::to_string))
+        .collect();
+    assert_eq!(to, ["http://198.18.0.11:8080"]);
+    let over = CopyDrop::Budget(BudgetKind::TargetRequests);
+    assert_eq!(
+        stats.target("http://198.18.0.10:8080").dropped(over).get(),
+        2
+    );
+    let tokens = m.budget_tokens(now);
+    let urls: Vec<&str> = tokens.targets.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(
+        urls,
+        [
+            "http://198.18.0.10:8080",
+            "http://198.18.0.11:8080",
+            "http://198.18.0.9:8080"
+        ]
+    );
+}
+
+#[test]
 fn wire_bytes_count_head_and_body() {
     let (mut m, _) = mirror();
     let body = vec![b'x'; 1000];
@@ -303,4 +353,51 @@ fn a_baseline_gets_the_same_copy_marked_as_baseline() {
     let rest = stats.route("rest");
     let route_of = |i: usize| plan.copies[i].route.as_ref().map(|r| Arc::ptr_eq(r, &rest));
     assert_eq!((route_of(0), route_of(1)), (Some(true), None));
+}
+
+/// The path chooses the route and meets the deny rules as the live server reads it, and the
+/// copy carries the target as the client sent it.
+#[test]
+fn respelled_paths_are_decided_as_read_and_sent_as_spelled() {
+    let (mut m, stats) = mirror();
+    let now = Instant::now();
+    let plan = m.plan(
+        now,
+        &flow(8080),
+        &request(0, "GET", "//orders/./7?x=/../1", &[("Host", "shop")], b""),
+    );
+    assert_eq!(plan.copies.len(), 2, "{plan:?}");
+    for copy in &plan.copies {
+        assert_eq!(copy.request.uri(), "//orders/./7?x=/../1");
+    }
+    assert_eq!(
+        plan.path.as_ref().map(RequestPath::as_str),
+        Some("/orders/7")
+    );
+    assert_eq!(stats.route("orders").seen.get(), 1);
+
+    let refund = m.plan(
+        now,
+        &flow(8080),
+        &request(1, "POST", "/orders/7/%72efund/", &[], b""),
+    );
+    assert!(refund.copies.is_empty() && refund.path.is_none());
+    assert_eq!(stats.route("orders").dropped(DropReason::DenyPath).get(), 1);
+
+    let unread = m.plan(
+        now,
+        &flow(8080),
+        &request(2, "GET", "/orders;x/7", &[], b""),
+    );
+    assert!(unread.copies.is_empty() && unread.route.is_none());
+    assert_eq!(
+        stats
+            .unrouted(DropReason::Path(PathError::PathParameter))
+            .get(),
+        1
+    );
+    assert_eq!(
+        stats.to_json()["unrouted"]["path_parameter"],
+        serde_json::json!(1)
+    );
 }

@@ -1,15 +1,18 @@
 //! The one place that decides whether a captured request may be mirrored, and where to.
 //!
 //! Pure: a request's port, method, target and Host in, a [`Decision`] out. The destination
-//! comes from the configuration only; nothing in the request chooses it. [`tagging`] builds
-//! the copy's headers, [`ramp`] moves the mirrored share.
+//! comes from the configuration only; nothing in the request chooses it. The path is read once
+//! ([`path::RequestPath`], the live server's reading) and that one reading chooses the route,
+//! meets every deny rule and names the endpoint in comparisons. [`tagging`] builds the copy's
+//! headers, [`ramp`] moves the mirrored share.
 
 pub mod path;
 pub mod ramp;
 pub mod route;
 pub mod tagging;
 
-use crate::config::{Config, RouteConfig, Target};
+use crate::config::{Config, Target};
+use path::{DenyGlob, PathError, RequestPath};
 use route::Route;
 
 /// Methods mirrored by default and sent without an idempotency key.
@@ -44,11 +47,13 @@ pub struct RouteId(pub usize);
 pub struct TargetId(pub usize);
 
 /// Whether and where to mirror one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision<'p> {
     Mirror {
         route: RouteId,
         targets: &'p [TargetId],
+        /// The path as read for the decision, for the comparison's endpoint names.
+        path: RequestPath,
     },
     /// `route` is the route that dropped it, `None` when no route was reached.
     Drop {
@@ -62,9 +67,9 @@ pub enum Decision<'p> {
 pub enum DropReason {
     /// No route's `match` fits.
     NoRoute,
-    /// The request-target is neither origin- nor absolute-form (e.g. CONNECT's authority-form).
-    BadTarget,
-    /// A `deny_paths` pattern matches.
+    /// The request-target has no path, or one that cannot be read safely.
+    Path(PathError),
+    /// A `deny_paths` pattern of any route, or of `[policy]`, matches.
     DenyPath,
     /// The route does not allow the method.
     Method,
@@ -77,9 +82,16 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoRoute,
-        DropReason::BadTarget,
+        DropReason::Path(PathError::NoPath),
+        DropReason::Path(PathError::BadEscape),
+        DropReason::Path(PathError::ControlCharacter),
+        DropReason::Path(PathError::AboveRoot),
+        DropReason::Path(PathError::EncodedSlash),
+        DropReason::Path(PathError::Backslash),
+        DropReason::Path(PathError::PathParameter),
+        DropReason::Path(PathError::EncodedPercent),
         DropReason::DenyPath,
         DropReason::Method,
         DropReason::Sample,
@@ -90,12 +102,21 @@ impl DropReason {
     pub fn label(self) -> &'static str {
         match self {
             DropReason::NoRoute => "no_route",
-            DropReason::BadTarget => "bad_target",
+            DropReason::Path(e) => e.label(),
             DropReason::DenyPath => "deny_path",
             DropReason::Method => "method",
             DropReason::Sample => "sample",
             DropReason::ShadowTraffic => "shadow_traffic",
         }
+    }
+
+    /// Whether a route decided: its rules drop the request (`deny_path`, `method`, `sample`).
+    /// The other reasons come before any route is chosen.
+    pub fn is_route_rule(self) -> bool {
+        matches!(
+            self,
+            DropReason::DenyPath | DropReason::Method | DropReason::Sample
+        )
     }
 }
 
@@ -104,6 +125,9 @@ impl DropReason {
 pub struct Policy {
     routes: Vec<Route>,
     targets: Vec<Target>,
+    /// `[policy] deny_paths` and every route's, each pattern once: they hold for every request,
+    /// whichever route takes it.
+    deny: Vec<DenyGlob>,
     seed: u64,
     /// The ramp's current share, applied on top of each route's `sample_percent`.
     ramp_percent: f64,
@@ -112,10 +136,13 @@ pub struct Policy {
 impl Policy {
     /// Builds the policy of a checked configuration; `seed` varies sampling between nodes.
     pub fn from_config(config: &Config, seed: u64) -> Self {
-        Self::new(&config.routes, seed)
-    }
-
-    pub fn new(routes: &[RouteConfig], seed: u64) -> Self {
+        let mut deny: Vec<DenyGlob> = Vec::new();
+        let patterns = config.policy.deny_paths.iter();
+        for glob in patterns.chain(config.routes.iter().flat_map(|r| &r.deny_paths)) {
+            if !deny.iter().any(|g| g.as_str() == glob.as_str()) {
+                deny.push(glob.clone());
+            }
+        }
         let mut targets: Vec<Target> = Vec::new();
         let mut id = |t: &Target| {
             let i = targets.iter().position(|x| x == t).unwrap_or_else(|| {
@@ -124,7 +151,8 @@ impl Policy {
             });
             TargetId(i)
         };
-        let routes = routes
+        let routes = config
+            .routes
             .iter()
             .map(|r| {
                 let ids = r.targets.iter().map(&mut id).collect();
@@ -135,6 +163,7 @@ impl Policy {
         Self {
             routes,
             targets,
+            deny,
             seed,
             ramp_percent: 100.0,
         }
@@ -168,22 +197,30 @@ impl Policy {
         self.targets.get(id.0)
     }
 
-    /// Decides for one request. The first route whose `match` fits decides; then deny paths,
-    /// then allowed methods, then sampling.
+    /// Whether a deny pattern, of any route or of `[policy]`, matches `path`.
+    pub fn denies(&self, path: &RequestPath) -> bool {
+        self.deny.iter().any(|g| g.matches(path))
+    }
+
+    /// Decides for one request. Its path is read first, as the live server reads it; then the
+    /// first route whose `match` fits that reading decides; then deny paths, of every route,
+    /// then that route's allowed methods, then sampling.
     pub fn decide(&self, req: &RequestView<'_>) -> Decision<'_> {
-        let Some(raw_path) = path::target_path(req.target) else {
-            return Decision::Drop {
-                route: None,
-                reason: DropReason::BadTarget,
-            };
+        let path = match RequestPath::of_target(req.target) {
+            Ok(path) => path,
+            Err(e) => {
+                return Decision::Drop {
+                    route: None,
+                    reason: DropReason::Path(e),
+                };
+            }
         };
-        let normalised = path::normalise(raw_path);
         let host = match_host(req.target, req.host);
         let Some((i, route)) = self
             .routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.fits(req.port, host.as_deref(), req.method, &normalised))
+            .find(|(_, r)| r.fits(req.port, host.as_deref(), req.method, &path))
         else {
             return Decision::Drop {
                 route: None,
@@ -194,7 +231,7 @@ impl Policy {
             route: Some(RouteId(i)),
             reason,
         };
-        if route.denies(raw_path) {
+        if self.denies(&path) {
             return drop(DropReason::DenyPath);
         }
         if !route.allows_method(req.method) {
@@ -207,6 +244,7 @@ impl Policy {
         Decision::Mirror {
             route: RouteId(i),
             targets: route.targets(),
+            path,
         }
     }
 }

@@ -1,23 +1,230 @@
-//! Request-target parsing and path normalisation for matching.
+//! The path of a request, read once the way the live server reads it.
 //!
-//! Matching sees the path the way a server behind the original could see it, so that an
-//! attacker cannot hide a denied path behind encodings: `/admin/../secret`, `/%61dmin`,
-//! `//admin`, `/admin;x`, `\admin` or `%252e%252e` all reach the deny patterns in a form they
-//! recognise. Deny checks every plausible reading of the path and wins if any one matches;
-//! route selection uses the standard reading. Nothing here ever decides a destination.
+//! [`RequestPath::of_target`] is the one reading of a request's path. Route matching
+//! (`path_prefix`, `path_regex`), deny rules and the comparison's endpoint names all use it, so
+//! a spelling cannot choose one route with one reading and pass a deny rule with another.
+//!
+//! The reading is nginx's `$uri` with `merge_slashes on` (its default), checked against nginx
+//! 1.22 by the integration tests:
+//! - every `%XX` is decoded (`/%61pi` is `/api`; nginx decodes reserved characters too);
+//! - runs of `/` are one `/` (`//api//x` is `/api/x`);
+//! - `.` segments go, and `..` takes the segment before it away (`/a/./b/../c` is `/a/c`),
+//!   encoded dots included (`/%2e%2e/`).
+//!
+//! Go's `net/http` reads the same: its `ServeMux` redirects a path with `//`, `.` or `..` to
+//! this reading, and `URL.Path` is decoded. Node's `http` hands the handler the target as sent
+//! and routers such as Express match it undecoded; both only ever see fewer paths as equal than
+//! nginx does, so the reading denies at least what they would serve.
+//!
+//! Where servers read one spelling as different resources, or the live server refuses it, the
+//! path is not read ([`PathError`]): such a request is never mirrored, and is counted by reason.
+//! Mirroring it would be a guess about which resource the shadow serves.
 
-use std::borrow::Cow;
+use std::fmt;
 
-/// How a deny pattern is matched: case-insensitively (over-denying is the safe side), with `*`
-/// and `?` staying inside one segment and `**` spanning segments.
+/// How a deny pattern is matched: case-insensitively (over-denying is the safe side, and some
+/// servers fold case), with `*` and `?` staying inside one segment and `**` spanning segments.
 const DENY_MATCH: glob::MatchOptions = glob::MatchOptions {
     case_sensitive: false,
     require_literal_separator: true,
     require_literal_leading_dot: false,
 };
 
-/// Rounds of percent-decoding tried for the suspicious reading (`%2525...` nests one per round).
-const MAX_DECODE_ROUNDS: usize = 8;
+/// The path of a request as the live server reads it: it starts with `/`, has no empty, `.` or
+/// `..` segment and no `%` escape; or it is `*`, the asterisk-form of `OPTIONS *`. Bytes that
+/// are not UTF-8 once decoded read as U+FFFD.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestPath(String);
+
+/// Why a request's path is not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error)]
+pub enum PathError {
+    /// The request-target is neither origin- nor absolute-form: authority-form (CONNECT), or
+    /// not a target at all.
+    #[error("the request-target has no path")]
+    NoPath,
+    /// `%` not followed by two hex digits: nginx answers 400, Go's `net/http` too.
+    #[error("invalid percent-encoding")]
+    BadEscape,
+    /// A control character, raw or encoded: nginx answers 400 to a raw one and to `%00`; the
+    /// others (`%0d%0a`) have no place in a path and are how header injection is tried.
+    #[error("control character")]
+    ControlCharacter,
+    /// `..` climbs above `/`: nginx answers 400; Go stops at `/`; Node passes it on.
+    #[error("`..` above the root")]
+    AboveRoot,
+    /// `%2F` or `%5C`: nginx decodes `%2F` into a separator; Go's `ServeMux` (since 1.22) and
+    /// Node keep it inside a segment, Apache refuses it by default.
+    #[error("percent-encoded `/` or `\\`")]
+    EncodedSlash,
+    /// `\`: a plain byte to nginx and Go, a separator to Node's URL parsers (`url.parse`,
+    /// `new URL`) and to Windows servers.
+    #[error("backslash")]
+    Backslash,
+    /// `;`: Tomcat, Jetty and Spring drop `;parameters` from each segment (`/admin;x/` is
+    /// `/admin/`), nginx, Go and Node keep them.
+    #[error("`;` path parameter")]
+    PathParameter,
+    /// `%25`: a server, framework or proxy that decodes once more reads the characters after
+    /// it as another escape (`%2561` is `%61` to nginx, `a` to them).
+    #[error("percent-encoded `%`")]
+    EncodedPercent,
+}
+
+impl PathError {
+    pub const ALL: [PathError; 8] = [
+        PathError::NoPath,
+        PathError::BadEscape,
+        PathError::ControlCharacter,
+        PathError::AboveRoot,
+        PathError::EncodedSlash,
+        PathError::Backslash,
+        PathError::PathParameter,
+        PathError::EncodedPercent,
+    ];
+
+    /// Stable snake_case label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            PathError::NoPath => "bad_target",
+            PathError::BadEscape => "path_bad_escape",
+            PathError::ControlCharacter => "path_control",
+            PathError::AboveRoot => "path_above_root",
+            PathError::EncodedSlash => "path_encoded_slash",
+            PathError::Backslash => "path_backslash",
+            PathError::PathParameter => "path_parameter",
+            PathError::EncodedPercent => "path_encoded_percent",
+        }
+    }
+}
+
+impl RequestPath {
+    /// Reads the path of a request-target: origin-form (`/a?b`), absolute-form (`http://h/a?b`,
+    /// whose scheme and authority are dropped) or `*`. The query and fragment never take part.
+    ///
+    /// # Errors
+    /// When the target has no path, or its path is one the live server refuses or that servers
+    /// read differently.
+    pub fn of_target(target: &str) -> Result<Self, PathError> {
+        let path = target_path(target).ok_or(PathError::NoPath)?;
+        if path == "*" {
+            return Ok(Self(path.to_owned()));
+        }
+        Self::read(path)
+    }
+
+    /// The reading of a path that starts with `/` and holds no query.
+    fn read(path: &str) -> Result<Self, PathError> {
+        let decoded = decode(path.as_bytes())?;
+        // `/` and each segment kept, without a final `/` until the end; the reading ends in `/`
+        // when the last segment was empty, `.` or `..`, as nginx's does: `/a/.` and `/a/b/..`
+        // are `/a/`.
+        let mut out = Vec::with_capacity(decoded.len());
+        let mut directory = false;
+        for segment in decoded.get(1..).unwrap_or_default().split(|&b| b == b'/') {
+            match segment {
+                b"" | b"." => directory = true,
+                b".." => {
+                    let last = out.iter().rposition(|&b| b == b'/');
+                    out.truncate(last.ok_or(PathError::AboveRoot)?);
+                    directory = true;
+                }
+                s => {
+                    out.push(b'/');
+                    out.extend_from_slice(s);
+                    directory = false;
+                }
+            }
+        }
+        if directory || out.is_empty() {
+            out.push(b'/');
+        }
+        let reading = String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        Ok(Self(reading))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Percent-decodes a raw path, refusing what cannot be read safely (see [`PathError`]).
+fn decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let byte = match raw[i] {
+            b'%' => {
+                let digit = |at: usize| raw.get(at).copied().and_then(hex_value);
+                let (Some(high), Some(low)) = (digit(i + 1), digit(i + 2)) else {
+                    return Err(PathError::BadEscape);
+                };
+                i += 3;
+                match high << 4 | low {
+                    b'/' | b'\\' => return Err(PathError::EncodedSlash),
+                    b'%' => return Err(PathError::EncodedPercent),
+                    decoded => decoded,
+                }
+            }
+            b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::PathParameter),
+            b => {
+                i += 1;
+                b
+            }
+        };
+        if byte < 0x20 || byte == 0x7f {
+            return Err(PathError::ControlCharacter);
+        }
+        out.push(byte);
+    }
+    Ok(out)
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The path of a request-target as sent, without query or fragment: origin-form (`/a?b`) gives
+/// `/a`, absolute-form (`http://h/a?b`) `/a`, `*` gives `*`; anything else `None`.
+fn target_path(target: &str) -> Option<&str> {
+    let rest = origin_form(target)?;
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// The origin-form of a request-target (path and query), as a copy's request line must carry
+/// it: absolute-form loses its scheme and authority, which never choose a destination. The path
+/// stays as the client spelled it. `None` for authority-form and malformed targets.
+pub fn origin_form(target: &str) -> Option<&str> {
+    if target.starts_with('/') || target == "*" {
+        return Some(target);
+    }
+    let (scheme, rest) = target.split_once("://")?;
+    let mut chars = scheme.chars();
+    let scheme_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok {
+        return None;
+    }
+    match rest.find(['/', '?', '#']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => Some(&rest[i..]),
+        // `http://host?q` has an empty path, which is `/`.
+        _ => Some("/"),
+    }
+}
 
 /// An invalid deny pattern.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,7 +235,7 @@ pub enum PathPatternError {
     Glob(String),
 }
 
-/// One `deny_paths` entry: a glob over the normalised path.
+/// One `deny_paths` entry: a glob over the [`RequestPath`].
 #[derive(Clone, Debug)]
 pub struct DenyGlob {
     source: String,
@@ -65,8 +272,17 @@ impl DenyGlob {
         &self.source
     }
 
-    /// Whether this pattern matches one already-normalised path.
-    fn matches_normalised(&self, path: &str) -> bool {
+    /// Whether the pattern matches the path, with or without its trailing `/`.
+    pub fn matches(&self, path: &RequestPath) -> bool {
+        let reading = path.as_str();
+        let trimmed = match reading.strip_suffix('/') {
+            Some(t) if !t.is_empty() => t,
+            _ => reading,
+        };
+        self.matches_str(reading) || self.matches_str(trimmed)
+    }
+
+    fn matches_str(&self, path: &str) -> bool {
         self.pattern.matches_with(path, DENY_MATCH)
             || self
                 .base
@@ -75,380 +291,5 @@ impl DenyGlob {
     }
 }
 
-/// The path (without query or fragment) of a request-target, for matching only.
-///
-/// Origin-form (`/a?b`) gives `/a`; absolute-form (`http://h/a?b`) gives `/a`, its scheme and
-/// authority are dropped; `*` gives `*`. Authority-form (`host:443`, CONNECT) and anything
-/// else gives `None`.
-pub fn target_path(target: &str) -> Option<&str> {
-    let rest = origin_form(target)?;
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    Some(&rest[..end])
-}
-
-/// The origin-form of a request-target (path and query), as a copy's request line must carry
-/// it: absolute-form loses its scheme and authority, which never choose a destination.
-/// `None` for authority-form and malformed targets.
-pub fn origin_form(target: &str) -> Option<&str> {
-    if target.starts_with('/') || target == "*" {
-        return Some(target);
-    }
-    let (scheme, rest) = target.split_once("://")?;
-    let mut chars = scheme.chars();
-    let scheme_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    if !scheme_ok {
-        return None;
-    }
-    match rest.find(['/', '?', '#']) {
-        Some(i) if rest.as_bytes()[i] == b'/' => Some(&rest[i..]),
-        // `http://host?q` has an empty path, which is `/`.
-        _ => Some("/"),
-    }
-}
-
-/// The standard reading of a path: percent-decoded once (invalid escapes kept as they are),
-/// then dot segments removed as RFC 3986 section 5.2.4 does.
-pub fn normalise(path: &str) -> String {
-    remove_dot_segments(&percent_decode(path))
-}
-
-/// The suspicious reading: decoded until stable, `\` taken as `/`, `;parameters` dropped from
-/// each segment, empty segments collapsed, then dot segments removed.
-fn normalise_suspicious(path: &str) -> String {
-    let mut decoded = path.to_owned();
-    for _ in 0..MAX_DECODE_ROUNDS {
-        match percent_decode(&decoded) {
-            Cow::Borrowed(_) => break,
-            Cow::Owned(next) => decoded = next,
-        }
-    }
-    let slashed = decoded.replace('\\', "/");
-    let mut out = String::with_capacity(slashed.len() + 1);
-    for segment in slashed.split('/').filter(|s| !s.is_empty()) {
-        let segment = segment.split(';').next().unwrap_or_default();
-        out.push('/');
-        out.push_str(segment);
-    }
-    if slashed.ends_with('/') || out.is_empty() {
-        out.push('/');
-    }
-    remove_dot_segments(&out)
-}
-
-/// Whether any deny pattern matches any reading of `path` (as [`target_path`] returns it).
-pub fn is_denied(path: &str, deny: &[DenyGlob]) -> bool {
-    if deny.is_empty() {
-        return false;
-    }
-    let readings = [normalise(path), normalise_suspicious(path)];
-    readings.iter().any(|reading| {
-        let trimmed = match reading.strip_suffix('/') {
-            Some(t) if !t.is_empty() => t,
-            _ => reading.as_str(),
-        };
-        deny.iter()
-            .any(|g| g.matches_normalised(reading) || g.matches_normalised(trimmed))
-    })
-}
-
-/// Percent-decodes; `%` not followed by two hex digits stays literal. Bytes that do not form
-/// UTF-8 become U+FFFD, which no pattern relies on.
-fn percent_decode(s: &str) -> Cow<'_, str> {
-    if !s.contains('%') {
-        return Cow::Borrowed(s);
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    let mut changed = false;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                bytes.get(i + 1).and_then(|b| hex_value(*b)),
-                bytes.get(i + 2).and_then(|b| hex_value(*b)),
-            )
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            changed = true;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    if !changed {
-        return Cow::Borrowed(s);
-    }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// RFC 3986 section 5.2.4 for an absolute path; the result never climbs above `/`.
-fn remove_dot_segments(path: &str) -> String {
-    if !path.starts_with('/') {
-        return path.to_owned();
-    }
-    let mut segments: Vec<&str> = Vec::new();
-    let mut parts = path[1..].split('/').peekable();
-    // Whether the path ends in a directory, so the result keeps its trailing slash.
-    let mut trailing = false;
-    while let Some(seg) = parts.next() {
-        let last = parts.peek().is_none();
-        match seg {
-            "." => trailing = last,
-            ".." => {
-                segments.pop();
-                trailing = last;
-            }
-            s => {
-                segments.push(s);
-                trailing = false;
-            }
-        }
-    }
-    let mut out = String::with_capacity(path.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    if trailing || out.is_empty() {
-        out.push('/');
-    }
-    out
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn target_forms() {
-        let cases = [
-            ("/a/b?x=1", Some("/a/b"), Some("/a/b?x=1")),
-            ("/a#frag", Some("/a"), Some("/a#frag")),
-            ("*", Some("*"), Some("*")),
-            (
-                "http://evil.example/admin?q",
-                Some("/admin"),
-                Some("/admin?q"),
-            ),
-            ("HTTPS://evil.example:8443/x", Some("/x"), Some("/x")),
-            ("http://evil.example", Some("/"), Some("/")),
-            ("http://evil.example?q=1", Some("/"), Some("/")),
-            ("example.com:443", None, None),
-            ("", None, None),
-            ("1http://x/y", None, None),
-            ("admin", None, None),
-        ];
-        for (target, path, origin) in cases {
-            assert_eq!(target_path(target), path, "{target}");
-            assert_eq!(origin_form(target), origin, "{target}");
-        }
-    }
-
-    #[test]
-    fn standard_normalisation() {
-        let cases = [
-            ("/", "/"),
-            ("/a/b", "/a/b"),
-            ("/a/./b", "/a/b"),
-            ("/a/../b", "/b"),
-            ("/../../b", "/b"),
-            ("/a/b/..", "/a/"),
-            ("/a/b/.", "/a/b/"),
-            ("/%61dmin", "/admin"),
-            ("/%2e%2e/admin", "/admin"),
-            ("/x/%2E%2E/admin", "/admin"),
-            ("/public%2f..%2fadmin", "/admin"),
-            ("/100%", "/100%"),
-            ("/%zz", "/%zz"),
-            ("/%ff", "/\u{fffd}"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(normalise(input), want, "{input}");
-        }
-    }
-
-    #[test]
-    fn suspicious_normalisation() {
-        let cases = [
-            ("//admin", "/admin"),
-            ("/admin;jsessionid=1/x", "/admin/x"),
-            ("/x/..;/admin", "/admin"),
-            ("/%252e%252e/admin", "/admin"),
-            ("/x\\..\\admin", "/admin"),
-            ("/", "/"),
-            ("/a/", "/a/"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(normalise_suspicious(input), want, "{input}");
-        }
-    }
-
-    #[test]
-    fn deny_globs() {
-        let deny = ["/admin/**", "/internal/*/debug", "**/.env", "/secret"]
-            .map(|p| DenyGlob::new(p).expect("valid pattern"));
-        let denied = [
-            "/admin",
-            "/admin/",
-            "/admin/users/1",
-            "/ADMIN/x",
-            "/%61dmin/x",
-            "/public/../admin/x",
-            "/public%2f..%2fadmin",
-            "//admin/x",
-            "/admin;x=1/y",
-            "/%252e%252e/admin",
-            "/x\\..\\admin",
-            "/internal/a/debug",
-            "/app/.env",
-            "/.env",
-            "/secret",
-            "/secret/",
-            "/./secret",
-        ];
-        for path in denied {
-            assert!(is_denied(path, &deny), "{path} slipped through");
-        }
-        let allowed = [
-            "/administrator",
-            "/api/admin",
-            "/internal/a/b/debug",
-            "/secrets",
-            "/envelope",
-            "/",
-        ];
-        for path in allowed {
-            assert!(!is_denied(path, &deny), "{path} denied");
-        }
-        assert!(!is_denied("/admin", &[]));
-    }
-
-    #[test]
-    fn bad_patterns() {
-        assert_eq!(
-            DenyGlob::new("admin/**").err(),
-            Some(PathPatternError::NotAbsolute)
-        );
-        assert!(matches!(
-            DenyGlob::new("/a/[b"),
-            Err(PathPatternError::Glob(_))
-        ));
-        assert!(matches!(
-            DenyGlob::new("/a**b"),
-            Err(PathPatternError::Glob(_))
-        ));
-    }
-
-    /// One way to write the same path differently; each keeps its meaning to a lenient server.
-    #[derive(Clone, Debug)]
-    enum Disguise {
-        EncodeByte(usize),
-        DoubleEncodeByte(usize),
-        DotSegment(usize),
-        DetourSegment(usize),
-        DoubleSlash(usize),
-        Upper(usize),
-        PathParam(usize),
-    }
-
-    fn disguise(path: &str, how: &Disguise) -> String {
-        let bytes = path.as_bytes();
-        let at = |i: usize| i % bytes.len().max(1);
-        // Positions just after a `/`, where a segment starts.
-        let starts: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] == b'/').collect();
-        let seg = |i: usize| starts[i % starts.len()] + 1;
-        match *how {
-            Disguise::EncodeByte(i) if bytes[at(i)] != b'/' => format!(
-                "{}%{:02X}{}",
-                &path[..at(i)],
-                bytes[at(i)],
-                &path[at(i) + 1..]
-            ),
-            Disguise::DoubleEncodeByte(i) if bytes[at(i)] != b'/' => format!(
-                "{}%25{:02x}{}",
-                &path[..at(i)],
-                bytes[at(i)],
-                &path[at(i) + 1..]
-            ),
-            Disguise::DotSegment(i) => format!("{}./{}", &path[..seg(i)], &path[seg(i)..]),
-            Disguise::DetourSegment(i) => {
-                format!("{}decoy/../{}", &path[..seg(i)], &path[seg(i)..])
-            }
-            Disguise::DoubleSlash(i) => format!("{}/{}", &path[..seg(i)], &path[seg(i)..]),
-            Disguise::Upper(i) => format!(
-                "{}{}{}",
-                &path[..at(i)],
-                bytes[at(i)].to_ascii_uppercase() as char,
-                &path[at(i) + 1..]
-            ),
-            Disguise::PathParam(i) => {
-                let s = seg(i);
-                let end = path[s..].find('/').map_or(path.len(), |e| s + e);
-                if end == s {
-                    path.to_owned()
-                } else {
-                    format!("{};p=1{}", &path[..end], &path[end..])
-                }
-            }
-            _ => path.to_owned(),
-        }
-    }
-
-    fn disguises() -> impl Strategy<Value = Vec<Disguise>> {
-        let one = prop_oneof![
-            any::<usize>().prop_map(Disguise::EncodeByte),
-            any::<usize>().prop_map(Disguise::DoubleEncodeByte),
-            any::<usize>().prop_map(Disguise::DotSegment),
-            any::<usize>().prop_map(Disguise::DetourSegment),
-            any::<usize>().prop_map(Disguise::DoubleSlash),
-            any::<usize>().prop_map(Disguise::Upper),
-            any::<usize>().prop_map(Disguise::PathParam),
-        ];
-        proptest::collection::vec(one, 0..6)
-    }
-
-    proptest! {
-        #[test]
-        fn disguised_denied_paths_stay_denied(
-            tail in proptest::collection::vec("[a-z0-9_]{1,6}", 0..3),
-            steps in disguises(),
-            absolute in any::<bool>(),
-        ) {
-            let deny = [DenyGlob::new("/admin/**").expect("valid pattern")];
-            let mut path = String::from("/admin");
-            for t in &tail {
-                path.push('/');
-                path.push_str(t);
-            }
-            for step in &steps {
-                path = disguise(&path, step);
-            }
-            let target = if absolute { format!("http://decoy.example{path}") } else { path };
-            let matched = target_path(&target).expect("origin or absolute form");
-            prop_assert!(is_denied(matched, &deny), "{target} slipped through");
-        }
-
-        #[test]
-        fn normalised_paths_have_no_dot_segments(path in "(/[a-z.%2eE]{0,4}){1,6}") {
-            for reading in [normalise(&path), normalise_suspicious(&path)] {
-                prop_assert!(reading.starts_with('/'));
-                prop_assert!(
-                    !reading.split('/').any(|s| s == "." || s == ".."),
-                    "{path} -> {reading}"
-                );
-            }
-        }
-    }
-}
+pub(crate) mod tests;

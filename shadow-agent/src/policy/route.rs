@@ -2,7 +2,7 @@
 
 use crate::config::{PathMatch, RouteConfig};
 use crate::policy::TargetId;
-use crate::policy::path;
+use crate::policy::path::RequestPath;
 
 /// A route as the policy uses it.
 #[derive(Clone, Debug)]
@@ -44,8 +44,14 @@ impl Route {
         &self.targets
     }
 
-    /// Whether the `match` table fits: `host` is lower case without port, `path` normalised.
-    pub(crate) fn fits(&self, port: u16, host: Option<&str>, method: &str, path: &str) -> bool {
+    /// Whether the `match` table fits: `host` is lower case without port.
+    pub(crate) fn fits(
+        &self,
+        port: u16,
+        host: Option<&str>,
+        method: &str,
+        path: &RequestPath,
+    ) -> bool {
         let m = &self.config.matcher;
         if m.port != port {
             return false;
@@ -69,14 +75,9 @@ impl Route {
         }
         match &m.path {
             None => true,
-            Some(PathMatch::Prefix(prefix)) => path.starts_with(prefix.as_str()),
-            Some(PathMatch::Regex(re)) => re.is_match(path),
+            Some(PathMatch::Prefix(prefix)) => path.as_str().starts_with(prefix.as_str()),
+            Some(PathMatch::Regex(re)) => re.is_match(path.as_str()),
         }
-    }
-
-    /// Whether a `deny_paths` pattern matches any reading of the raw `path`.
-    pub(crate) fn denies(&self, raw_path: &str) -> bool {
-        path::is_denied(raw_path, &self.config.deny_paths)
     }
 
     pub(crate) fn allows_method(&self, method: &str) -> bool {

@@ -1,10 +1,14 @@
 use super::*;
+use path::tests::{plain_paths, plain_segment, respell, respellings};
 use proptest::prelude::*;
 
 const CONFIG: &str = r#"
 [capture]
 interfaces = ["eth0"]
 ports = [8080, 9090]
+
+[policy]
+deny_paths = ["**/.env"]
 
 [[route]]
 name = "api"
@@ -78,12 +82,36 @@ fn decisions() {
         (8080, "GET", "/v1/public/../admin/x", api, "deny_path"),
         (8080, "GET", "/v1/%61dmin/x", api, "deny_path"),
         (8080, "GET", "/v1//admin/x", api, "deny_path"),
+        (8080, "GET", "//v1/admin/x", api, "deny_path"),
+        (8080, "GET", "/%76%31/admin/x", api, "deny_path"),
+        (8080, "GET", "/v1/x/../admin/x", api, "deny_path"),
+        (8080, "GET", "/v1/users/.env", api, "deny_path"),
         (8080, "GET", "/v1/ADMIN/x", api, "deny_path"),
         (8080, "GET", "/v1/a/internal", api, "deny_path"),
         (8080, "GET", "/v1/a/internal/", api, "deny_path"),
         (8080, "GET", "/v1/a/b/internal", api, "api"),
-        // The path climbs out of /v1/: the next route decides, and it has no deny list.
+        // The path climbs out of /v1/: the next route decides.
         (8080, "GET", "/v1/../v2/x", api, "rest"),
+        // Deny rules hold whichever route takes the request: `api`'s on `rest`, `[policy]`'s
+        // on every route.
+        (
+            8080,
+            "GET",
+            "/v1/admin/x",
+            Some("other.example"),
+            "deny_path",
+        ),
+        (8080, "GET", "/x/.env", Some("a.example.org"), "deny_path"),
+        (8080, "GET", "/.env", None, "deny_path"),
+        // Paths the live server refuses, or that servers read differently, are never read.
+        (8080, "GET", "/v1/%zz", api, "path_bad_escape"),
+        (8080, "GET", "/v1/%0d%0a", api, "path_control"),
+        (8080, "GET", "/v1/users/%00", api, "path_control"),
+        (8080, "GET", "/../v1/users", api, "path_above_root"),
+        (8080, "GET", "/v1%2fadmin/x", api, "path_encoded_slash"),
+        (8080, "GET", "/v1\\admin\\x", api, "path_backslash"),
+        (8080, "GET", "/v1;x/admin/x", api, "path_parameter"),
+        (8080, "GET", "/v1/%2561dmin/x", api, "path_encoded_percent"),
         // Absolute-form: its authority is matched like a Host header...
         (
             8080,
@@ -115,6 +143,7 @@ fn decisions() {
         (9090, "POST", "/items/12", None, "no_route"),
         (9090, "GET", "/items/12/x", None, "no_route"),
         (9090, "GET", "/items/x/../12", None, "items"),
+        (9090, "GET", "//items/./12", None, "items"),
         (7000, "GET", "/v1/users", api, "no_route"),
     ];
     let policy = policy();
@@ -243,14 +272,126 @@ proptest! {
     ) {
         let policy = policy();
         let req = RequestView { port, method: &method, target: &target, host: host.as_deref(), sample_key };
-        if let Decision::Mirror { route, targets } = policy.decide(&req) {
+        if let Decision::Mirror { route, targets, path } = policy.decide(&req) {
             let route = policy.route(route).expect("route of this policy");
             prop_assert_eq!(targets, route.targets());
             prop_assert!(route.config().allow_methods.contains(method.as_str()));
-            prop_assert!(!path::is_denied(
-                path::target_path(&target).expect("mirrored targets parse"),
-                &route.config().deny_paths,
-            ));
+            prop_assert_eq!(Ok(path.clone()), RequestPath::of_target(&target));
+            for r in policy.routes() {
+                prop_assert!(!r.config().deny_paths.iter().any(|g| g.matches(&path)));
+            }
         }
     }
+
+    /// The route set of issue 14, with a regex route and a `[policy]` rule: every spelling
+    /// nginx serves from the same location gets the decision of the plain path (the same route,
+    /// mirrored or dropped for the same reason).
+    #[test]
+    fn every_spelling_of_a_path_is_decided_as_the_plain_path(
+        plain in plain_paths(prop_oneof![
+            4 => prop_oneof![
+                Just("api"), Just("payments"), Just("items"), Just(".env"), Just("12"),
+            ].prop_map(str::to_owned),
+            1 => plain_segment(),
+        ].boxed()),
+        steps in respellings(),
+        absolute in any::<bool>(),
+        sample_key in any::<u64>(),
+    ) {
+        let config = Config::from_toml(SPELLINGS, "spellings.toml").expect("valid");
+        let policy = Policy::from_config(&config, 5);
+        let mut spelled = plain.clone();
+        for step in &steps {
+            spelled = respell(&spelled, step);
+        }
+        if absolute {
+            spelled = format!("http://decoy.example{spelled}");
+        }
+        let decide = |target: &str| policy.decide(&RequestView {
+            port: 80,
+            method: "GET",
+            target,
+            host: Some("shop.example"),
+            sample_key,
+        });
+        let want = decide(&plain);
+        prop_assert_eq!(decide(&spelled), want.clone(), "{} against {}", spelled, plain);
+        if plain.starts_with("/api/payments/") || plain.ends_with("/.env") {
+            let denied = matches!(want, Decision::Drop { reason: DropReason::DenyPath, .. });
+            prop_assert!(denied, "{plain}: {want:?}");
+        }
+    }
+}
+
+/// `api` denies its payments; `items` takes numbered items by a regex; `rest` takes the rest,
+/// half of it; `[policy]` denies `.env` files everywhere.
+const SPELLINGS: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [80]
+
+[policy]
+deny_paths = ["**/.env"]
+
+[[route]]
+name = "api"
+match = { port = 80, path_prefix = "/api/" }
+targets = ["http://api-shadow:80"]
+deny_paths = ["/api/payments/**"]
+
+[[route]]
+name = "items"
+match = { port = 80, path_regex = "^/items/[0-9]+$" }
+targets = ["http://items-shadow:80"]
+
+[[route]]
+name = "rest"
+match = { port = 80 }
+targets = ["http://rest-shadow:80"]
+sample_percent = 50
+"#;
+
+/// A denied request counts on the route its reading chose, and an unreadable one on none.
+#[test]
+fn drops_name_the_route_the_reading_chose() {
+    let policy = policy();
+    let api = Some("api.example.com");
+    let route_of = |target: &str, host| match policy.decide(&view(8080, "GET", target, host)) {
+        Decision::Drop { route, reason } => (route.map(|r| r.0), reason),
+        other => panic!("{target}: {other:?}"),
+    };
+    for target in [
+        "/v1/admin/x",
+        "//v1/admin/x",
+        "/v1/./admin/x",
+        "/%76%31//admin/x",
+    ] {
+        assert_eq!(
+            route_of(target, api),
+            (Some(0), DropReason::DenyPath),
+            "{target}"
+        );
+    }
+    // No route of port 8080 takes a host of example.org's but `wildcard`.
+    assert_eq!(
+        route_of("//v1/admin", Some("x.example.org")),
+        (Some(1), DropReason::DenyPath)
+    );
+    assert_eq!(
+        route_of("/v1%2Fadmin", api),
+        (None, DropReason::Path(PathError::EncodedSlash))
+    );
+}
+
+#[test]
+fn deny_patterns_are_gathered_once() {
+    let src = CONFIG.replacen(
+        "deny_paths = [\"**/.env\"]",
+        "deny_paths = [\"**/.env\", \"/v1/admin/**\"]",
+        1,
+    );
+    let config = Config::from_toml(&src, "d.toml").expect("valid");
+    let policy = Policy::from_config(&config, 1);
+    let patterns: Vec<&str> = policy.deny.iter().map(DenyGlob::as_str).collect();
+    assert_eq!(patterns, ["**/.env", "/v1/admin/**", "/v1/*/internal"]);
 }

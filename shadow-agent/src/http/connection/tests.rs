@@ -304,18 +304,19 @@ fn limits_skip_and_count() {
         ),
         (
             "response body too large is dropped, pairing holds",
-            &[C(GET), C(GET), S(b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n"), S(&[b'y'; 70]), S(OK)],
-            &["req#0 GET / ", "req#1 GET / ", "body_too_large", "resp#1 200 ok"],
-        ),
-        (
-            "too many headers: dropped, next request found",
-            &[C(b"GET /h HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\n\r\n"), C(GET), S(OK), S(OK)],
-            &["too_many_headers", "req#1 GET / ", "resp#1 200 ok"],
-        ),
-        (
-            "head too large: dropped, resync",
-            &[C(b"GET /long HTTP/1.1\r\nX: "), C(&[b'a'; 300]), C(b"\r\n\r\n"), C(GET)],
-            &["head_too_large", "resync_skipped", "req#1 GET / "],
+            &[
+                C(GET),
+                C(GET),
+                S(b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n"),
+                S(&[b'y'; 70]),
+                S(OK),
+            ],
+            &[
+                "req#0 GET / ",
+                "req#1 GET / ",
+                "body_too_large",
+                "resp#1 200 ok",
+            ],
         ),
         (
             "trailers too large",
@@ -374,39 +375,188 @@ fn smuggling_shapes() {
             true,
         ),
         (
-            "obs-fold: dropped, resync to the next request",
+            "obs-fold: dropped, the client side is not read again",
             &[C(b"GET /f HTTP/1.1\r\nX: a\r\n b\r\n\r\nGET /n HTTP/1.1\r\n\r\n"), S(b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n"), S(OK)],
-            &["obs_fold", "resync_skipped", "req#1 GET /n ", "resp#1 200 ok"],
-            false,
+            &["obs_fold"],
+            true,
         ),
+        ("bare LF: dropped, opaque", &[C(b"GET /l HTTP/1.1\nHost: a\n\nGET /n HTTP/1.1\r\n\r\n")], &["bare_lf"], true),
         (
-            "bare LF: dropped, resync",
-            &[C(b"GET /l HTTP/1.1\nHost: a\n\nGET /n HTTP/1.1\r\n\r\n")],
-            &["bare_lf", "resync_skipped", "req#1 GET /n "],
-            false,
-        ),
-        (
-            "invalid chunk size: dropped, resync",
+            "invalid chunk size: dropped, opaque",
             &[C(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /n HTTP/1.1\r\n\r\n")],
-            &["invalid_chunk", "resync_skipped", "req#1 GET /n "],
-            false,
+            &["invalid_chunk"],
+            true,
         ),
         (
-            "malformed head: counted, resync",
+            "bare LF in a trailer section: dropped, opaque",
+            &[C(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: 1\n\r\nGET /n HTTP/1.1\r\n\r\n")],
+            &["invalid_chunk"],
+            true,
+        ),
+        (
+            "malformed head: counted, opaque",
             &[C(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\njunk\r\nGET /n HTTP/1.1\r\n\r\n")],
-            &["malformed_head", "resync_skipped", "req#1 GET /n "],
-            false,
+            &["malformed_head"],
+            true,
         ),
         (
             "garbage request line",
             &[C(b"\x00\x01\x02 hello\r\n\r\nPOST /n HTTP/1.1\r\nContent-Length: 1\r\n\r\nz")],
-            &["malformed_head", "req#1 POST /n z"],
-            false,
+            &["malformed_head"],
+            true,
+        ),
+        (
+            "too many headers: dropped, opaque",
+            &[C(b"GET /h HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\n\r\n"), C(GET), S(OK), S(OK)],
+            &["too_many_headers"],
+            true,
+        ),
+        (
+            "head too large: dropped, opaque",
+            &[C(b"GET /long HTTP/1.1\r\nX: "), C(&[b'a'; 300]), C(b"\r\n\r\n"), C(GET)],
+            &["head_too_large"],
+            true,
         ),
     ];
     for (name, ops, want, opaque) in cases {
         check(name, ops, false, want, *opaque);
     }
+}
+
+/// A complete request with headers a client chose, sent as the body of another.
+const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: victim\r\n\r\n";
+
+/// `POST /p` with `fields` (raw lines with their line ends) and [`SMUGGLED`] as its
+/// Content-Length body.
+fn post_smuggling(fields: &str) -> &'static [u8] {
+    let message = format!(
+        "POST /p HTTP/1.1\r\nHost: a\r\n{fields}Content-Length: {}\r\n\r\n{SMUGGLED}",
+        SMUGGLED.len()
+    );
+    Box::leak(message.into_bytes().into_boxed_slice())
+}
+
+/// `POST /c` with a chunked body whose one chunk is [`SMUGGLED`], its size line `size_line`.
+fn chunk_smuggling(size_line: &str) -> &'static [u8] {
+    let message = format!(
+        "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{size_line}{SMUGGLED}\r\n0\r\n\r\n"
+    );
+    Box::leak(message.into_bytes().into_boxed_slice())
+}
+
+/// Heads lenient servers accept (nginx and Go take bare LF; Go takes obs-fold; nginx, Go and
+/// Node take more than 100 fields; nginx skips fields with invalid names) and shadow rejects:
+/// the server reads the body, so a request line inside it must never be emitted. The
+/// connection becomes opaque instead of resynchronising.
+#[test]
+fn what_the_server_read_as_a_body_is_never_a_request() {
+    let many_fields: String = (0..9).map(|i| format!("f{i}: 1\r\n")).collect();
+    let long_field = format!("X: {}\r\n", "a".repeat(300));
+    let ok = S(OK);
+    let cases: Vec<(&str, Vec<Op>, &[&str])> = vec![
+        ("bare LF line", vec![C(post_smuggling("X: a\n")), ok.clone()], &["bare_lf"]),
+        // llhttp's test suite has this one: obs-fold before Content-Length, a GET as the body.
+        ("obs-fold line", vec![C(post_smuggling("X: a\r\n b\r\n")), ok.clone()], &["obs_fold"]),
+        ("more fields than max_headers", vec![C(post_smuggling(&many_fields)), ok.clone()], &["too_many_headers"]),
+        ("head over max_head_bytes", vec![C(post_smuggling(&long_field)), ok.clone()], &["head_too_large"]),
+        ("invalid field name", vec![C(post_smuggling("X@Y: 1\r\n")), ok.clone()], &["malformed_head"]),
+        ("lone CR in a value", vec![C(post_smuggling("X: a\rb\r\n")), ok.clone()], &["malformed_head"]),
+        ("bare LF on a chunk-size line", vec![C(chunk_smuggling("23\n")), ok.clone()], &["invalid_chunk"]),
+        ("chunk size with a sign", vec![C(chunk_smuggling("+23\r\n")), ok.clone()], &["invalid_chunk"]),
+        (
+            "CL and TE",
+            vec![C(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"), ok.clone()],
+            &["ambiguous_framing"],
+        ),
+        (
+            "capture gap in chunked framing",
+            vec![C(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"), CGap(10), C(chunk_smuggling("23\r\n"))],
+            &["request_lost_to_gap", "framing_lost_to_gap"],
+        ),
+        (
+            "capture gap on a chunk-size line",
+            vec![C(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2"), CGap(1), C(b"\r\nab\r\n23\r\n"), C(SMUGGLED.as_bytes())],
+            &["request_lost_to_gap", "framing_lost_to_gap"],
+        ),
+        (
+            "capture gap in the framing of a request already dropped",
+            vec![C(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n"), C(&[b'x'; 65]), CGap(3), C(chunk_smuggling("23\r\n"))],
+            &["body_too_large", "framing_lost_to_gap"],
+        ),
+    ];
+    for (name, ops, want) in &cases {
+        check(name, ops, false, want, true);
+    }
+}
+
+/// The server answers in request order, and every request before the one shadow could not frame
+/// was read as the server read it: their responses are still read and paired, then the
+/// connection is opaque.
+#[test]
+fn responses_owed_before_an_opaque_client_side_still_pair() {
+    let cases: &[(&str, &[Op], &[&str])] = &[
+        (
+            "pipelined requests before a rejected head",
+            &[
+                C(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /bad HTTP/1.1\nX: 1\n\n"),
+                C(b"GET /smuggled HTTP/1.1\r\n\r\n"),
+                S(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
+                S(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"),
+            ],
+            &["req#0 GET /1 ", "req#1 GET /2 ", "bare_lf", "resp#0 200 a", "resp#1 200 b"],
+        ),
+        (
+            "a response being read when the head is rejected",
+            &[
+                C(GET),
+                S(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no"),
+                C(b"GET /bad HTTP/1.1\r\nX: a\r\n b\r\n\r\n"),
+                S(b"k"),
+                S(OK),
+            ],
+            &["req#0 GET / ", "obs_fold", "resp#0 200 ok"],
+        ),
+        (
+            "CL and TE after a pipelined GET",
+            &[
+                C(GET),
+                C(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+                S(OK),
+                S(OK),
+            ],
+            &["req#0 GET / ", "ambiguous_framing", "resp#0 200 ok"],
+        ),
+        (
+            "the client ends before the owed response comes",
+            &[C(GET), C(b"GET /bad HTTP/1.1\nX: 1\n\n"), CEnd, S(OK), S(OK)],
+            &["req#0 GET / ", "bare_lf", "resp#0 200 ok"],
+        ),
+        (
+            "a server that loses its framing ends the wait",
+            &[C(GET), C(b"GET /bad HTTP/1.1\nX: 1\n\n"), S(b"HTTP/1.1 200 OK\nX: 1\n\n"), S(OK)],
+            &["req#0 GET / ", "bare_lf", "bare_lf"],
+        ),
+    ];
+    for (name, ops, want) in cases {
+        check(name, ops, false, want, true);
+    }
+
+    // Opaque only once the owed response is in; nothing is held meanwhile but its pairing.
+    let mut conn = HttpConnection::new(limits(), false);
+    let mut out = Vec::new();
+    let ts = Duration::from_secs(1);
+    conn.client_data(GET, ts, &mut out);
+    conn.client_data(post_smuggling("X: a\n"), ts, &mut out);
+    assert!(!conn.is_opaque());
+    assert_eq!(conn.buffered_bytes(), 2 * size_of::<Pending>());
+    conn.client_data(SMUGGLED.as_bytes(), ts, &mut out);
+    conn.server_data(&OK[..10], ts, &mut out);
+    assert!(!conn.is_opaque());
+    conn.server_data(&OK[10..], ts, &mut out);
+    assert!(conn.is_opaque());
+    assert_eq!(conn.buffered_bytes(), 0);
+    let got: Vec<String> = out.iter().map(summary).collect();
+    assert_eq!(got, ["req#0 GET / ", "bare_lf", "resp#0 200 ok"]);
 }
 
 #[test]
@@ -435,6 +585,15 @@ fn gaps_poison_one_message() {
                 S(OK),
             ],
             &["request_lost_to_gap", "req#1 GET / ", "resp#1 200 ok"],
+        ),
+        (
+            "client gap past the end of a Content-Length body: resync after it",
+            &[
+                C(b"POST /a HTTP/1.1\r\nContent-Length: 4\r\n\r\nab"),
+                CGap(10),
+                C(b"x: y\r\n\r\nGET /n HTTP/1.1\r\n\r\n"),
+            ],
+            &["request_lost_to_gap", "resync_skipped", "req#1 GET /n "],
         ),
         (
             "client gap ending exactly with the body",
