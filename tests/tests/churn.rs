@@ -33,6 +33,22 @@ fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The agent on the live host with `[capture] hooks = HOOKS` (the default when `None`) and
+/// `rest` of the configuration, in the normal scheduling class: copies have a second to go out,
+/// and these tests are about rebuilding them, not about winning the CPU (see `KEEP_UP`; the
+/// idle class, the default, is tested in mirror.rs).
+fn start_agent(site: &Site, hooks: Option<&str>, rest: &str) -> Agent {
+    let config = site.config(&match hooks {
+        Some(hooks) => format!("hooks = {hooks}\n{rest}"),
+        None => rest.to_owned(),
+    });
+    Agent::run(
+        &site.live,
+        &config,
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
+    )
+}
+
 /// Five GETs, each on a connection of its own with `Connection: close`, all from one client
 /// address and port: five connections on one 4-tuple, one after the other. `hooks` is the
 /// `[capture] hooks` line, `None` for the default (ingress only: the agent sees the client's
@@ -44,17 +60,7 @@ fn five_connections_on_one_4_tuple(hooks: Option<&str>) {
     let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
     // One connection to the shadow: copies leave, and arrive, in the order they were rebuilt.
     let rest = format!("{}max_connections = 1\n", route(""));
-    let config = site.config(&match hooks {
-        Some(hooks) => format!("hooks = {hooks}\n{rest}"),
-        None => rest,
-    });
-    // The normal scheduling class: copies have a second to go out, and this test is about
-    // rebuilding them, not about winning the CPU (see `KEEP_UP`).
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = start_agent(&site, hooks, &rest);
 
     let local = SocketAddr::new(site.front.a_addr.into(), 40_000);
     let paths: Vec<String> = (0..5).map(|i| format!("/churn/{i}")).collect();
@@ -130,17 +136,7 @@ fn every_request_is_mirrored_while_ephemeral_ports_wrap(hooks: Option<&str>) {
         )
         .replace("timeout = \"1s\"", "timeout = \"60s\"")
         + "max_in_flight = 100_000\n";
-    let config = site.config(&match hooks {
-        Some(hooks) => format!("hooks = {hooks}\n{rest}"),
-        None => rest,
-    });
-    // The normal scheduling class: this test is about rebuilding, not about winning the CPU
-    // (the idle class, the default, is tested in mirror.rs).
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = start_agent(&site, hooks, &rest);
 
     let mut served = 0;
     let mut drained_at = 0;
