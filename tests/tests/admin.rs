@@ -53,7 +53,7 @@ fn status(ns: &Netns, args: &[&str], env: &[(&str, &Path)]) -> Output {
 /// a byte at a time. (Before the connection table, the first 16 of them held every slot
 /// for 30 s and the probes waited in the listen backlog.)
 #[test]
-fn probes_are_answered_while_thousands_of_connections_are_held() {
+fn admin_probes_are_answered_while_thousands_of_connections_are_held() {
     require_root();
     let site = Site::new();
     let config = site.config(&route(""));
@@ -100,7 +100,7 @@ fn probes_are_answered_while_thousands_of_connections_are_held() {
 /// the probes and `/metrics` stay open, and `shadow-agent status` reads `/stats` with
 /// `--token-file` or `SHADOW_ADMIN_TOKEN_FILE`.
 #[test]
-fn beyond_loopback_the_captured_data_needs_the_token() {
+fn admin_beyond_loopback_the_captured_data_needs_the_token() {
     require_root();
     let site = Site::new();
     let token_file = site.dir.path().join("admin-token");
@@ -191,7 +191,7 @@ fn beyond_loopback_the_captured_data_needs_the_token() {
 /// The agent does not start with a token file other users can read, nor beyond loopback
 /// without a token file: it says why, before attaching anything.
 #[test]
-fn a_readable_token_file_or_none_beyond_loopback_is_refused() {
+fn admin_refuses_a_readable_token_file_or_none_beyond_loopback() {
     require_root();
     let site = Site::new();
     let token_file = site.dir.path().join("admin-token");
