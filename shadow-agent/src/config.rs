@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -249,12 +249,16 @@ impl Default for TaggingConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The file holding the bearer token that `/stats`, `/report` and `/report.html` need (an
+    /// absolute path; read by the agent at start). Always set for a `listen` beyond loopback.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            token_file: None,
         }
     }
 }
@@ -462,6 +466,7 @@ struct RawAdmin {
     listen: Option<Sp<String>>,
     #[serde(default)]
     allow_remote: bool,
+    token_file: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1230,22 +1235,27 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
 
 fn check_admin(raw: RawAdmin, r: &mut Report<'_>) -> AdminConfig {
     let d = AdminConfig::default();
-    let Some(listen) = raw.listen else {
-        return d;
-    };
-    match listen.get_ref().parse::<SocketAddr>() {
-        Ok(addr) if addr.ip().is_loopback() || raw.allow_remote => AdminConfig { listen: addr },
-        Ok(addr) => {
+    let token_file = raw.token_file.and_then(|file| {
+        let path = PathBuf::from(file.get_ref());
+        if path.is_absolute() {
+            Some(path)
+        } else {
             r.at(
-                listen.span(),
-                "admin.listen",
+                file.span(),
+                "admin.token_file",
                 format!(
-                    "{addr} is reachable from other hosts; set `admin.allow_remote = true` to \
-                     listen there"
+                    "`{}` is not an absolute path (the agent may run from any directory)",
+                    file.get_ref()
                 ),
             );
-            d
+            None
         }
+    });
+    let Some(listen) = raw.listen else {
+        return AdminConfig { token_file, ..d };
+    };
+    let addr = match listen.get_ref().parse::<SocketAddr>() {
+        Ok(addr) => addr,
         Err(_) => {
             r.at(
                 listen.span(),
@@ -1255,8 +1265,39 @@ fn check_admin(raw: RawAdmin, r: &mut Report<'_>) -> AdminConfig {
                     listen.get_ref()
                 ),
             );
-            d
+            return d;
         }
+    };
+    if !addr.ip().is_loopback() {
+        if !raw.allow_remote {
+            r.at(
+                listen.span(),
+                "admin.listen",
+                format!(
+                    "{addr} is reachable from other hosts; set `admin.allow_remote = true` to \
+                     listen there"
+                ),
+            );
+            return d;
+        }
+        // Refused rather than served without: a missing token is found by `check-config`,
+        // not by the first person who reads captured requests from another host.
+        if token_file.is_none() {
+            r.at(
+                listen.span(),
+                "admin.listen",
+                format!(
+                    "{addr} is reachable from other hosts, and /stats, /report and /report.html \
+                     show captured requests: set `admin.token_file` to a file holding a bearer \
+                     token (e.g. from `openssl rand -hex 32`), which those pages then need"
+                ),
+            );
+            return d;
+        }
+    }
+    AdminConfig {
+        listen: addr,
+        token_file,
     }
 }
 

@@ -240,6 +240,72 @@ pub fn gets_from_one_port(
         .collect()
 }
 
+/// Many connections to one server held open by `hold_connections.py` (python3) inside a
+/// namespace: `idle` that send nothing and `slow` that trickle a request head and never finish
+/// it. Dropping this ends them.
+pub struct HeldConnections {
+    child: std::process::Child,
+    /// How many connected within 5 s (a server that stops accepting leaves the rest hanging).
+    pub connected: usize,
+    _dir: tempfile::TempDir,
+}
+
+impl HeldConnections {
+    /// Opens the connections and returns once each has connected or failed (at most 5 s).
+    pub fn open(ns: &Netns, server: SocketAddr, idle: usize, slow: usize) -> Self {
+        use std::io::BufRead;
+        use std::process::Stdio;
+
+        let dir = tempfile::tempdir().expect("tempdir for the client");
+        let script = dir.path().join("hold_connections.py");
+        std::fs::write(&script, include_str!("hold_connections.py")).expect("write the client");
+        let (ip, port) = (server.ip().to_string(), server.port().to_string());
+        let (idle, slow) = (idle.to_string(), slow.to_string());
+        let mut cmd = ns.exec(
+            Program::Python3,
+            &[
+                script.to_str().expect("utf-8 path"),
+                &ip,
+                &port,
+                &idle,
+                &slow,
+            ],
+        );
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the client's output");
+        let connected = line
+            .trim()
+            .strip_prefix("held ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("hold_connections.py printed {line:?}")
+            });
+        Self {
+            child,
+            connected,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        // Closing its stdin ends it; kill in case it is stuck.
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `ab -n REQUESTS -c CONCURRENCY URL`, Apache's benchmark client, run inside `ns`. Without `-k`
 /// it speaks HTTP/1.0 and opens a connection per request, which the server closes; connections
 /// take their ports from the namespace's ephemeral range. Panics unless ab succeeds and every

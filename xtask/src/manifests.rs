@@ -7,7 +7,9 @@
 //!   directory, reused), nothing is fetched. The kustomization lists exactly the YAML files
 //!   there; the ConfigMap's `shadow.toml` passes `shadow-agent check-config`; the probes, the
 //!   container port and the scrape annotation use the `[admin] listen` port; the container runs
-//!   the config file the ConfigMap is mounted as.
+//!   the config file the ConfigMap is mounted as; `[admin] token_file` is a key of a Secret of
+//!   the kustomization's `secretGenerator`, mounted read-only with a mode other users cannot
+//!   read, the pod has an `fsGroup` so the agent can, and `SHADOW_ADMIN_TOKEN_FILE` names it.
 //! - **Grafana**: every expression of `deploy/grafana/shadow-dashboard.json` parses as PromQL
 //!   (`promql-parser`, the Python binding of the Rust parser), and every metric it names is one
 //!   the agent exports. The exported names are derived from the source of
@@ -78,6 +80,35 @@ def kube(directory, config_out):
     config_arg = c["command"][c["command"].index("--config") + 1]
     if config_arg != mount.rstrip("/") + "/shadow.toml":
         fail(f"daemonset.yaml: --config {config_arg}, but the ConfigMap is mounted at {mount}")
+    admin_token(kustomization, pod, c, config)
+
+def admin_token(kustomization, pod, c, config):
+    found = re.search(r'^\s*token_file\s*=\s*"([^"]*)"', config, re.M)
+    if not found:
+        fail("no [admin] token_file in the ConfigMap's shadow.toml")
+    token_file = pathlib.PurePosixPath(found.group(1))
+    mount = next((m for m in c["volumeMounts"]
+                  if pathlib.PurePosixPath(m["mountPath"]) == token_file.parent), None)
+    if not mount or not mount.get("readOnly"):
+        fail(f"daemonset.yaml: no read-only volume at {token_file.parent} for token_file {token_file}")
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    secret = volume.get("secret")
+    generated = {g["name"]: g for g in kustomization.get("secretGenerator", [])}
+    if not secret or secret["secretName"] not in generated:
+        fail(f"daemonset.yaml: {token_file.parent} is not a Secret of the kustomization's secretGenerator")
+    keys = {f.split("=", 1)[0] if "=" in f else pathlib.PurePosixPath(f).name
+            for f in generated[secret["secretName"]].get("files", [])}
+    if token_file.name not in keys:
+        fail(f"kustomization.yaml: the Secret {secret['secretName']} has no key {token_file.name}")
+    # Kubernetes' default mode is 0644, which the agent refuses; fsGroup lets the non-root agent
+    # read a file that only its group may.
+    if secret.get("defaultMode", 0o644) & 0o007:
+        fail(f"daemonset.yaml: the token's Secret volume has a defaultMode other users can read")
+    if "fsGroup" not in pod["spec"].get("securityContext", {}):
+        fail("daemonset.yaml: without fsGroup the non-root agent cannot read the token's file")
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    if env.get("SHADOW_ADMIN_TOKEN_FILE") != str(token_file):
+        fail(f"daemonset.yaml: SHADOW_ADMIN_TOKEN_FILE is not {token_file}, for `kubectl exec ... shadow-agent status`")
 
 def promql(dashboard):
     exprs = []

@@ -2,7 +2,7 @@
 //!
 //! The mirror's counters are atomics read directly; what the run loop owns (kernel and ring
 //! counters, the pipeline's counters, the ramp) it publishes as an [`AgentSnapshot`] once per tick.
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -684,6 +684,57 @@ impl AgentCollector {
             }
         }
         Ok(())
+    }
+}
+
+/// What the admin endpoint counts of itself: connections it holds and closed, and requests
+/// refused for want of the token.
+#[derive(Debug, Default)]
+pub struct AdminCounters {
+    pub connections_open: AtomicU64,
+    pub shed: AtomicU64,
+    pub head_timeouts: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    pub unauthorized: AtomicU64,
+}
+
+/// The collector of [`AdminCounters`], in a registry of the admin endpoint's own.
+#[derive(Debug)]
+pub struct AdminCollector {
+    pub counters: Arc<AdminCounters>,
+}
+
+impl Collector for AdminCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            &mut e,
+            "admin_connections",
+            "Connections the admin endpoint holds open.",
+            load(&c.connections_open) as f64,
+        )?;
+        counters(
+            &mut e,
+            "admin_connections_closed",
+            "Admin connections the endpoint closed: to make room for a newer one (shed), or for \
+             a request head that came too late (head_timeout, idle_timeout).",
+            None,
+            [
+                ("shed", load(&c.shed)),
+                ("head_timeout", load(&c.head_timeouts)),
+                ("idle_timeout", load(&c.idle_timeouts)),
+            ]
+            .map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
+        )?;
+        counter(
+            &mut e,
+            "admin_unauthorized",
+            "Admin requests answered 401: without the bearer token of `[admin] token_file`, or \
+             with another.",
+            None,
+            load(&c.unauthorized),
+        )
     }
 }
 

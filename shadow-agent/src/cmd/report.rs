@@ -1,18 +1,16 @@
 //! `shadow-agent report --out FILE.html`: the comparison report of a running agent, as one
 //! self-contained page (no external assets, so it opens offline) or as JSON.
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use shadow_agent::compare::{Report, render_html};
 
-use super::status::fetch;
+use super::status::AdminArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The agent's admin endpoint (`[admin] listen`).
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    admin: SocketAddr,
+    #[command(flatten)]
+    endpoint: AdminArgs,
     /// Where to write the page (`.html`) or, with `--json`, the report as JSON.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
@@ -22,11 +20,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let client = args.endpoint.client()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let value = runtime.block_on(fetch(args.admin, "/report"))?;
+    let value = runtime.block_on(client.fetch("/report"))?;
     let text = if args.json {
         serde_json::to_string_pretty(&value)?
     } else {

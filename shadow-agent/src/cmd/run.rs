@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use shadow_agent::admin::metrics::{self, AgentCollector, AgentSnapshot};
-use shadow_agent::admin::{AdminServer, AdminState};
+use shadow_agent::admin::{AdminServer, AdminState, AdminToken, ConnectionLimits};
 use shadow_agent::budget::Tokens;
 use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
@@ -189,7 +189,12 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         channel_batches: plan.channel_batches,
     };
     let (mut state, mut answers) = Agent::new(&args, config, node, seed, &plan);
-    // Before attaching, so that an address in use is an error before anything is attached.
+    // Before attaching, so that an address in use or a bad token file is an error before
+    // anything is attached.
+    let token = match &state.config.admin.token_file {
+        Some(path) => Some(AdminToken::read(path)?),
+        None => None,
+    };
     let admin_state = Arc::new(AdminState {
         registry: metrics::registry(AgentCollector {
             stats: state.stats.clone(),
@@ -206,9 +211,10 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
                 stats_json(&snap, &stats, started.elapsed().as_secs_f64())
             })
         },
+        token,
     });
     let listen = state.config.admin.listen;
-    let admin = AdminServer::start(listen, admin_state.clone())
+    let admin = AdminServer::start(listen, admin_state.clone(), ConnectionLimits::default())
         .await
         .with_context(|| format!("cannot serve the admin endpoint on {listen}"))?;
     let (mut live, mut packets) = LiveCapture::start(options)?;

@@ -3,6 +3,7 @@
 //! Rates come from two readings of `/stats` an interval apart; `--watch` keeps reading and
 //! redraws in place.
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -10,14 +11,47 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use shadow_agent::admin::AdminToken;
 
 use super::common::parse_duration;
 
+/// Where a running agent's admin endpoint is, and the token it wants: shared by `status` and
+/// `report`.
 #[derive(clap::Args)]
-pub struct Args {
+pub struct AdminArgs {
     /// The agent's admin endpoint (`[admin] listen`).
     #[arg(long, default_value = "127.0.0.1:9464")]
     admin: SocketAddr,
+    /// The file holding the endpoint's bearer token (`[admin] token_file`), which `/stats` and
+    /// `/report` need when the agent has one.
+    #[arg(long, value_name = "FILE", env = "SHADOW_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// A running agent's admin endpoint, with its token read.
+pub struct AdminClient {
+    admin: SocketAddr,
+    token: Option<AdminToken>,
+}
+
+impl AdminArgs {
+    /// Reads the token file, if any, with the agent's own checks.
+    pub fn client(&self) -> Result<AdminClient> {
+        let token = match &self.token_file {
+            Some(path) => Some(AdminToken::read(path)?),
+            None => None,
+        };
+        Ok(AdminClient {
+            admin: self.admin,
+            token,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    endpoint: AdminArgs,
     /// Time between the two readings that rates are computed from, and between redraws.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     interval: Duration,
@@ -30,15 +64,16 @@ pub fn run(args: Args) -> Result<()> {
     if args.interval.is_zero() {
         bail!("--interval must be above 0");
     }
+    let client = args.endpoint.client()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut before = (Instant::now(), fetch(args.admin, "/stats").await?);
+        let mut before = (Instant::now(), client.fetch("/stats").await?);
         loop {
             tokio::time::sleep(args.interval).await;
-            let now = (Instant::now(), fetch(args.admin, "/stats").await?);
+            let now = (Instant::now(), client.fetch("/stats").await?);
             let secs = now.0.duration_since(before.0).as_secs_f64();
             let table = render(&before.1, &now.1, secs);
             if args.watch {
@@ -53,38 +88,51 @@ pub fn run(args: Args) -> Result<()> {
     })
 }
 
-/// `GET path` from the admin endpoint, as JSON.
-pub async fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
-    let stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the agent's admin endpoint at {admin}; is `shadow-agent run` running?"
-            )
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("admin endpoint")?;
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .uri(path)
-        .header(http::header::HOST, admin.to_string())
-        .body(Empty::<Bytes>::new())
-        .context("request")?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
-        .await
-        .context("the admin endpoint did not answer within 5 s")?
-        .context("admin endpoint")?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.context("admin endpoint")?;
-    let body = body.to_bytes();
-    if !status.is_success() {
-        bail!(
-            "the admin endpoint answered {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+impl AdminClient {
+    /// `GET path` from the admin endpoint, as JSON.
+    pub async fn fetch(&self, path: &str) -> Result<Value> {
+        let admin = self.admin;
+        let stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the agent's admin endpoint at {admin}; is `shadow-agent run` \
+                     running?"
+                )
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("admin endpoint")?;
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .uri(path)
+            .header(http::header::HOST, admin.to_string());
+        if let Some(token) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, token.authorization());
+        }
+        let req = req.body(Empty::<Bytes>::new()).context("request")?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+            .await
+            .context("the admin endpoint did not answer within 5 s")?
+            .context("admin endpoint")?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.context("admin endpoint")?;
+        let body = body.to_bytes();
+        if status == http::StatusCode::UNAUTHORIZED && self.token.is_none() {
+            bail!(
+                "the admin endpoint at {admin} needs its token for {path}: pass \
+                 `--token-file FILE` (or set SHADOW_ADMIN_TOKEN_FILE) with the file of \
+                 `[admin] token_file`"
+            );
+        }
+        if !status.is_success() {
+            bail!(
+                "the admin endpoint answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+        }
+        serde_json::from_slice(&body).context("the admin endpoint sent no JSON")
     }
-    serde_json::from_slice(&body).context("the admin endpoint sent no JSON")
 }
 
 fn num(v: &Value, path: &[&str]) -> f64 {

@@ -427,6 +427,24 @@ fn section_errors() {
             "allow_remote",
         ),
         (
+            "[admin]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true",
+            12,
+            "admin.listen",
+            "set `admin.token_file`",
+        ),
+        (
+            "[admin]\nlisten = \"[2001:db8::1]:9464\"\nallow_remote = true",
+            12,
+            "admin.listen",
+            "show captured requests",
+        ),
+        (
+            "[admin]\ntoken_file = \"admin-token\"",
+            12,
+            "admin.token_file",
+            "not an absolute path",
+        ),
+        (
             "[limits]\nmemory = \"32MiB\"",
             12,
             "limits.memory",
@@ -520,8 +538,9 @@ fn section_errors() {
 #[test]
 fn accepted_values() {
     let cases = [
-        "[admin]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true",
+        "[admin]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\ntoken_file = \"/etc/shadow-admin/token\"",
         "[admin]\nlisten = \"[::1]:9000\"",
+        "[admin]\ntoken_file = \"/run/credentials/shadow-agent.service/admin-token\"",
         "[budget]\nnode_rps = 0.5\ntarget_bytes_per_sec = 1000\ntimeout = \"500ms\"",
         "[tagging]\nheader = \"X-Mirror:  yes \"\nbaggage = false",
         "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }, { percent = 100, hold = \"1h\" }]\nguard = { error_percent = 1 }",
@@ -552,6 +571,17 @@ fn accepted_values() {
     let src = format!("{MINIMAL}\n[tagging]\nheader = \"X-Mirror:  yes \"\n");
     let config = Config::from_toml(&src, "t.toml").expect("valid");
     assert_eq!(config.tagging.header, ("x-mirror".into(), "yes".into()));
+    let src = format!(
+        "{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\ntoken_file = \"/t\"\n"
+    );
+    let config = Config::from_toml(&src, "t.toml").expect("valid");
+    assert_eq!(
+        config.admin,
+        AdminConfig {
+            listen: "0.0.0.0:9464".parse().expect("addr"),
+            token_file: Some("/t".into()),
+        }
+    );
 }
 
 #[test]
