@@ -8,7 +8,9 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_UNSPEC,
+    },
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
@@ -74,6 +76,14 @@ pub fn shadow_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn shadow_calibrate(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
+}
+
+/// Ends the chain for every packet with `TCX_PASS` (`TC_ACT_OK`), a final verdict, as Cilium's
+/// programs do: the integration tests attach it on the same hook as shadow's programs, to check
+/// that they still see those packets from the head of the chain. The agent never loads it.
+#[classifier]
+pub fn shadow_test_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// The TCP connection a packet belongs to, as far as filtering and sampling need it.

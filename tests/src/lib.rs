@@ -12,6 +12,7 @@
 //! - [`shadow_server`]: [`ShadowServer`], a shadow target that records what it receives;
 //! - [`agent`]: [`Agent`], `shadow-agent` run inside a namespace;
 //! - [`site`]: [`site::Site`], client ⇄ live ⇄ shadow for `shadow-agent run` tests;
+//! - [`tcx`]: [`tcx::TcxPass`], another program on shadow's TCX hooks;
 //! - [`pcap`]: [`Capture`], a pcap file decoded and reassembled per connection;
 //! - [`program`]: [`Program`], every external program started here or by xtask, and where it
 //!   comes from (what `cargo xtask setup` installs).
@@ -26,6 +27,7 @@ pub mod program;
 pub mod server;
 pub mod shadow_server;
 pub mod site;
+pub mod tcx;
 pub mod tools;
 
 use std::{

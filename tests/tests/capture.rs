@@ -474,7 +474,7 @@ fn nothing_left_after_sigkill() {
         // TCX links and their programs go with the process's file descriptors.
         h.server.assert_nothing_attached("after SIGKILL");
     } else {
-        // A netlink filter outlives its process (the next start replaces it, see below): only
+        // A netlink filter outlives its process (the next start removes it, see below): only
         // the agent's own filters may be left, one per hook.
         assert_only_shadow_filters(&h.server.bpf_attachments(), "after SIGKILL");
     }
@@ -513,7 +513,7 @@ fn restart_after_sigkill_captures_and_leaves_nothing() {
     }
 
     let second = h.agent(&[80], &[]);
-    // One program per hook: the restart replaced a netlink filter the killed agent left.
+    // One program per hook: the restart removed the netlink filters the killed agent left.
     let during = h.server.bpf_attachments();
     if kernel_has_tcx() {
         for line in during.iter().filter(|l| l.starts_with("tcx")) {

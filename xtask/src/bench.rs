@@ -54,7 +54,7 @@ const CALIBRATION_PROGRAM: &str = "shadow_calibrate";
 pub fn capture(bench: CaptureBench) -> Result<()> {
     let out = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
-    let (built_agent, object) = build_agent()?;
+    let (built_agent, object) = crate::build_agent(crate::Profile::Release)?;
     // Copies, so that a concurrent build cannot swap the binary under a running benchmark.
     let agent_bin = out.join("shadow-agent");
     std::fs::copy(bench.agent_bin.as_ref().unwrap_or(&built_agent), &agent_bin)
@@ -88,42 +88,6 @@ pub fn capture(bench: CaptureBench) -> Result<()> {
     std::fs::write(out.join("capture.md"), &report)?;
     eprintln!("xtask: written to {}", out.join("capture.md").display());
     Ok(())
-}
-
-/// Builds the release agent; returns it and the eBPF object its build script embedded.
-fn build_agent() -> Result<(PathBuf, PathBuf)> {
-    let args = [
-        "build",
-        "--release",
-        "--package",
-        "shadow-agent",
-        "--bin",
-        "shadow-agent",
-        "--message-format=json-render-diagnostics",
-    ];
-    eprintln!("xtask: $ cargo {}", args.join(" "));
-    let messages = command_output(crate::cargo().args(args).stderr(Stdio::inherit()))?;
-    let mut out_dir = None;
-    for line in messages.lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let package = message["package_id"].as_str().unwrap_or_default();
-        if message["reason"] == "build-script-executed" && package.contains("/shadow-agent#") {
-            out_dir = message["out_dir"].as_str().map(PathBuf::from);
-        }
-    }
-    let object = out_dir
-        .context("cargo reported no build script run of shadow-agent")?
-        .join("shadow-ebpf");
-    if std::fs::metadata(&object).map_or(0, |m| m.len()) == 0 {
-        bail!(
-            "{} is empty: shadow-agent was built without its eBPF program (SHADOW_EBPF_STUB=1, or \
-             the toolchain is missing: run `cargo xtask setup`)",
-            object.display()
-        );
-    }
-    Ok((crate::target_dir().join("release/shadow-agent"), object))
 }
 
 /// `shadow_calibrate` attached to both hooks of `iface` in `ns`, for as long as this lives.

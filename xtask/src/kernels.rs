@@ -93,12 +93,13 @@ impl Debian {
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// The tests that exercise the kernel program and its attachments, by test binary: all of
-/// capture and privileges, and the mirror tests that depend on the kernel (attachment, map
+/// capture, privileges and tc, and the mirror tests that depend on the kernel (attachment, map
 /// updates in place, loop protection through the kernel path). The other mirror tests exercise
 /// user space only, which the host run covers.
 const KERNEL_TESTS: &[(&str, &[&str])] = &[
     ("capture", &[]),
     ("privileges", &[]),
+    ("tc", &[]),
     (
         "mirror",
         &[
@@ -141,7 +142,7 @@ pub enum Kernel {
 
 /// Boots `kernel` in a VM and runs the kernel integration tests inside, those whose names
 /// contain `filter` when one is given.
-pub fn test_in_vm(kernel: &Kernel, agent: &Path, filter: &[String]) -> Result<()> {
+pub fn test_in_vm(kernel: &Kernel, agent: &Path, object: &Path, filter: &[String]) -> Result<()> {
     let started = Instant::now();
     let vm = target_dir().join("vm");
     fs::create_dir_all(&vm)?;
@@ -153,11 +154,12 @@ pub fn test_in_vm(kernel: &Kernel, agent: &Path, filter: &[String]) -> Result<()
     };
     let binaries = test_binaries()?;
     // The guest runs these binaries from the shared host filesystem; the eBPF object is inside
-    // the agent.
+    // the agent, and beside it for the tests' own programs.
     let agent = fs::canonicalize(agent)?;
+    let object = fs::canonicalize(object)?;
 
     let script = vm.join("guest.sh");
-    fs::write(&script, guest_script(&binaries, &agent, filter)?)?;
+    fs::write(&script, guest_script(&binaries, &agent, &object, filter)?)?;
     let out = vm.join(format!("out-{}", kernel_version(&kernel)));
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
@@ -274,12 +276,22 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
 
 /// The guest script: the prelude, then one run per test binary of [`KERNEL_TESTS`], each with
 /// its test names (or `filter`), and the verdict.
-fn guest_script(binaries: &[(String, PathBuf)], agent: &Path, filter: &[String]) -> Result<String> {
+fn guest_script(
+    binaries: &[(String, PathBuf)],
+    agent: &Path,
+    object: &Path,
+    filter: &[String],
+) -> Result<String> {
     let mut script = GUEST_PRELUDE.to_owned();
     writeln!(
         script,
         "export SHADOW_AGENT_BIN={}",
         quote(&agent.to_string_lossy())
+    )?;
+    writeln!(
+        script,
+        "export SHADOW_EBPF_OBJECT={}",
+        quote(&object.to_string_lossy())
     )?;
     for (name, tests) in KERNEL_TESTS {
         let (_, exe) = binaries

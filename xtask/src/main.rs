@@ -3,10 +3,10 @@
 use std::{
     env,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -21,7 +21,7 @@ mod run;
 mod setup;
 mod venv;
 
-use run::run;
+use run::{command_output, run};
 use shadow_tests::{AccessLog, Program};
 
 #[derive(Parser)]
@@ -118,7 +118,10 @@ fn main() -> Result<()> {
                 bail!("the demo needs root (network namespaces, BPF): run `sudo cargo xtask demo`");
             }
             setup::ensure()?;
-            demo::demo(&build_agent()?, &root().join("deploy/examples/demo.toml"))
+            demo::demo(
+                &build_agent(Profile::Debug)?.0,
+                &root().join("deploy/examples/demo.toml"),
+            )
         }
         Cmd::Bench { which } => {
             if !setup::is_root() {
@@ -159,17 +162,56 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds the agent (debug, with its eBPF program) and returns the binary's path: what the
-/// integration tests, the demo and the older-kernel test run.
-fn build_agent() -> Result<PathBuf> {
-    run(cargo().args([
-        "build",
+/// How the agent is built.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// What the integration tests, the demo and the older-kernel tests run.
+    Debug,
+    /// What the benchmarks measure.
+    Release,
+}
+
+/// Builds the agent with its eBPF program; returns the binary and the eBPF object its build
+/// script embedded in it, from which tests and benchmarks load programs of their own.
+fn build_agent(profile: Profile) -> Result<(PathBuf, PathBuf)> {
+    let mut args = vec!["build"];
+    if profile == Profile::Release {
+        args.push("--release");
+    }
+    args.extend([
         "--package",
         "shadow-agent",
         "--bin",
         "shadow-agent",
-    ]))?;
-    Ok(target_dir().join("debug/shadow-agent"))
+        "--message-format=json-render-diagnostics",
+    ]);
+    eprintln!("xtask: $ cargo {}", args.join(" "));
+    let messages = command_output(cargo().args(&args).stderr(Stdio::inherit()))?;
+    let mut out_dir = None;
+    for line in messages.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let package = message["package_id"].as_str().unwrap_or_default();
+        if message["reason"] == "build-script-executed" && package.contains("/shadow-agent#") {
+            out_dir = message["out_dir"].as_str().map(PathBuf::from);
+        }
+    }
+    let object = out_dir
+        .context("cargo reported no build script run of shadow-agent")?
+        .join("shadow-ebpf");
+    if std::fs::metadata(&object).map_or(0, |m| m.len()) == 0 {
+        bail!(
+            "{} is empty: shadow-agent was built without its eBPF program (SHADOW_EBPF_STUB=1, or \
+             the toolchain is missing: run `cargo xtask setup`)",
+            object.display()
+        );
+    }
+    let dir = match profile {
+        Profile::Debug => "debug",
+        Profile::Release => "release",
+    };
+    Ok((target_dir().join(dir).join("shadow-agent"), object))
 }
 
 /// The workspace root.
@@ -229,12 +271,14 @@ fn test(unit_only: bool, kernels: &[PathBuf], filter: &[String]) -> Result<()> {
     if unit_only {
         return Ok(());
     }
-    // The integration tests run this binary inside their network namespaces.
-    let agent = build_agent()?;
+    // The integration tests run this binary inside their network namespaces, and load programs
+    // of their own from its eBPF object.
+    let (agent, object) = build_agent(Profile::Debug)?;
     run(cargo()
         .args(["test", "--package", "shadow-tests", "--"])
         .args(filter)
-        .env("SHADOW_AGENT_BIN", &agent))?;
+        .env("SHADOW_AGENT_BIN", &agent)
+        .env("SHADOW_EBPF_OBJECT", &object))?;
     // The kernel tests also run on an older kernel, without TCX; a filtered run is for
     // iterating on a few tests and boots only the kernels asked for.
     let mut vms: Vec<kernels::Kernel> = kernels
@@ -253,7 +297,7 @@ fn test(unit_only: bool, kernels: &[PathBuf], filter: &[String]) -> Result<()> {
         vms.extend(kernels::Debian::ALL.map(kernels::Kernel::Debian));
     }
     for kernel in &vms {
-        kernels::test_in_vm(kernel, &agent, filter)?;
+        kernels::test_in_vm(kernel, &agent, &object, filter)?;
     }
     Ok(())
 }

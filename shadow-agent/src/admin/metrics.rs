@@ -2,6 +2,7 @@
 //!
 //! The mirror's counters are atomics read directly; what the run loop owns (kernel and ring
 //! counters, the pipeline's counters, the ramp) it publishes as an [`AgentSnapshot`] once per tick.
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub struct AgentSnapshot {
     pub interfaces: Vec<InterfaceTotals>,
     /// Interfaces attached without counters of their own (the kernel's map was full).
     pub interfaces_uncounted: u64,
+    /// Failed attachments by interface name, of the interfaces present now.
+    pub interface_attach_failures: BTreeMap<String, u64>,
     /// The kernel's ring buffer: its size and positions.
     pub ring_level: RingLevel,
     /// Tokens in the budget's buckets.
@@ -271,6 +274,16 @@ impl Collector for AgentCollector {
                     i.counters.bytes_written,
                 )
             }),
+        )?;
+        counters(
+            &mut e,
+            "interface_attach_failures",
+            "Attachments to the interface that failed (each is tried again a second later), for \
+             the interfaces present now.",
+            None,
+            snap.interface_attach_failures
+                .iter()
+                .map(|(name, n)| (vec![("interface", name.clone())], *n)),
         )?;
         counter(
             &mut e,
@@ -796,6 +809,7 @@ mod tests {
             ramp_percent: 100.0,
             interfaces: vec![interface("veth-lf", 4, 10), interface("lo", 1, 7)],
             interfaces_uncounted: 1,
+            interface_attach_failures: [("veth-bad".to_owned(), 3)].into(),
             ring_level: RingLevel {
                 size_bytes: 16 << 20,
                 consumer_position: 1 << 30,
@@ -847,6 +861,7 @@ mod tests {
             "shadow_interface_ringbuf_full_total{interface=\"lo\"} 2",
             "shadow_interface_written_bytes_total{interface=\"lo\"} 900",
             "shadow_interfaces_uncounted_total 1",
+            "shadow_interface_attach_failures_total{interface=\"veth-bad\"} 3",
             "shadow_ring_buffer_fill_bytes 4096",
             "shadow_ring_buffer_size_bytes 16777216",
             "shadow_budget_tokens{scope=\"node\",unit=\"requests\"} 12.5",

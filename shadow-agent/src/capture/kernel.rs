@@ -2,7 +2,7 @@
 //!
 //! Settings live in maps the program reads on every packet, so [`KernelCapture::apply`] changes
 //! ports, sampling and service CIDRs in place, without reloading or detaching: no packet goes
-//! uncaptured during a change.
+//! uncaptured during a change (see [`super::selection`] for the order of the writes).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -17,8 +17,10 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        SchedClassifier, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        Link, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+        },
     },
     util::KernelVersion,
 };
@@ -28,7 +30,12 @@ use shadow_common::{
 };
 use thiserror::Error;
 
-use super::{Hook, interfaces::Interface};
+use super::{
+    Hook,
+    clsact::{self, OwnerMark},
+    interfaces::Interface,
+    selection::{self, ChangeError, MapWrite, MapWriter, Selection},
+};
 
 /// The eBPF object built by `build.rs`; empty when the agent was built without the eBPF
 /// toolchain.
@@ -72,8 +79,28 @@ pub enum KernelError {
     },
     #[error("invalid capture setting: {0}")]
     Setting(String),
+    #[error("cannot apply the capture settings: {0}")]
+    Apply(Box<ChangeError<KernelError>>),
     #[error("cannot count the CPUs: {0}")]
     Cpus(String),
+    #[error("cannot mark eBPF program {program} as this process's: {source}")]
+    Mark {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl KernelError {
+    /// Whether the program's settings are what they were before the call that failed: the new
+    /// ones were invalid, or the map writes made were undone.
+    pub fn settings_unchanged(&self) -> bool {
+        match self {
+            KernelError::Setting(_) => true,
+            KernelError::Apply(e) => e.is_undone(),
+            _ => false,
+        }
+    }
 }
 
 /// A service CIDR such as `198.18.0.0/15` or `fd00::/8`.
@@ -164,6 +191,67 @@ impl CaptureSettings {
     fn sample_ppm(&self) -> u32 {
         (self.sample_percent / 100.0 * SAMPLE_SCALE as f64).round() as u32
     }
+
+    /// What the program's maps hold under these settings.
+    fn selection(&self, wakeup_bytes: u32) -> Selection {
+        Selection {
+            ports: self.ports.clone(),
+            cidrs: self.service_cidrs.clone(),
+            config: CaptureConfig {
+                sample_ppm: self.sample_ppm(),
+                flags: if self.service_cidrs.is_empty() {
+                    0
+                } else {
+                    config_flags::CIDR_FILTER
+                },
+                wakeup_bytes,
+                sample_seed: self.sample_seed,
+            },
+        }
+    }
+}
+
+/// The selection maps of the loaded object, written one entry at a time.
+struct SelectionMaps<'a>(&'a mut Ebpf);
+
+impl SelectionMaps<'_> {
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, KernelError> {
+        self.0.map_mut(name).ok_or(KernelError::Missing(name))
+    }
+}
+
+impl MapWriter for SelectionMaps<'_> {
+    type Error = KernelError;
+
+    fn write(&mut self, write: &MapWrite) -> Result<(), KernelError> {
+        let map_err = |map| move |source| KernelError::Map { map, source };
+        match *write {
+            MapWrite::Port { port, capture } => {
+                let mut ports: Array<_, u8> =
+                    Array::try_from(self.map(names::PORTS)?).map_err(map_err(names::PORTS))?;
+                let flags = if capture { port_flags::CAPTURE } else { 0 };
+                ports
+                    .set(u32::from(port), flags, 0)
+                    .map_err(map_err(names::PORTS))
+            }
+            MapWrite::AddCidr(cidr) | MapWrite::RemoveCidr(cidr) => {
+                let mut cidrs: LpmTrie<_, CidrKey, u8> =
+                    LpmTrie::try_from(self.map(names::SERVICE_CIDRS)?)
+                        .map_err(map_err(names::SERVICE_CIDRS))?;
+                if matches!(write, MapWrite::AddCidr(_)) {
+                    cidrs.insert(&cidr.key(), 1, 0)
+                } else {
+                    cidrs.remove(&cidr.key())
+                }
+                .map_err(map_err(names::SERVICE_CIDRS))
+            }
+            MapWrite::Config(value) => {
+                let mut config: Array<_, CaptureConfig> =
+                    Array::try_from(self.map(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+                config.set(0, value, 0).map_err(map_err(names::CONFIG))
+            }
+        }
+    }
 }
 
 /// Size of the `SERVICE_CIDRS` map in the object.
@@ -179,6 +267,21 @@ pub enum AttachMode {
     Tcx,
     /// Netlink clsact filters: the only way before 6.6.
     Netlink,
+}
+
+/// Where the program goes in an interface's TCX chain, among other programs on the same hook.
+///
+/// Programs on a TCX hook run in order until one returns a final verdict (`TCX_PASS`,
+/// `TCX_DROP`, `TCX_REDIRECT`); the rest never see that packet. shadow's program never returns
+/// one, so at the head it sees every packet and hides none from the programs after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcxOrder {
+    /// Before every program attached so far: shadow sees packets that a program after it (such
+    /// as Cilium's) ends the chain for.
+    #[default]
+    First,
+    /// After every program attached so far: shadow sees only the packets they all pass on.
+    Last,
 }
 
 /// Sizes of the ring buffer, fixed at load time.
@@ -205,11 +308,15 @@ pub struct InterfaceTotals {
 /// The loaded kernel program and where it is attached.
 pub struct KernelCapture {
     ebpf: Ebpf,
-    settings: Option<CaptureSettings>,
+    /// What the selection maps hold.
+    selection: Selection,
     /// Above this fill level a record wakes the reader at once.
     wakeup_bytes: u32,
     attached: BTreeMap<(u32, Hook), (String, SchedClassifierLinkId)>,
-    tcx: bool,
+    /// `Some` where attachments use TCX links, `None` for netlink clsact filters.
+    tcx: Option<TcxOrder>,
+    /// The ids of this process's programs, each marked as its own for other runs to see.
+    programs: Vec<(u32, OwnerMark)>,
     /// Possible CPUs: the number of values of a per-CPU map entry.
     cpus: usize,
     /// Interfaces with an entry in `INTERFACE_COUNTERS`, by ifindex.
@@ -224,7 +331,11 @@ impl KernelCapture {
     /// # Errors
     /// [`KernelError::NoProgram`] when the agent was built without the eBPF toolchain; load
     /// errors (the verifier's log included) otherwise.
-    pub fn load(ring: RingSettings, mode: AttachMode) -> Result<Self, KernelError> {
+    pub fn load(
+        ring: RingSettings,
+        mode: AttachMode,
+        tcx_order: TcxOrder,
+    ) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoProgram);
         }
@@ -238,6 +349,7 @@ impl KernelCapture {
             .map_max_entries(names::EVENTS, ring.bytes)
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
+        let mut programs = Vec::new();
         for name in [names::PROGRAM_INGRESS, names::PROGRAM_EGRESS] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -251,13 +363,25 @@ impl KernelCapture {
                 program: name,
                 source,
             })?;
+            let id = program
+                .info()
+                .map_err(|source| KernelError::Program {
+                    program: name,
+                    source,
+                })?
+                .id();
+            let mark = OwnerMark::claim(id).map_err(|source| KernelError::Mark {
+                program: name,
+                source,
+            })?;
+            programs.push((id, mark));
         }
         let tcx_supported =
             KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         let tcx = match mode {
-            AttachMode::Auto => tcx_supported,
-            AttachMode::Netlink => false,
-            AttachMode::Tcx if tcx_supported => true,
+            AttachMode::Auto => tcx_supported.then_some(tcx_order),
+            AttachMode::Netlink => None,
+            AttachMode::Tcx if tcx_supported => Some(tcx_order),
             AttachMode::Tcx => {
                 return Err(KernelError::Setting(
                     "TCX needs kernel 6.6 or newer; use netlink attachments".into(),
@@ -268,97 +392,48 @@ impl KernelCapture {
             aya::util::nr_cpus().map_err(|(what, e)| KernelError::Cpus(format!("{what}: {e}")))?;
         Ok(Self {
             ebpf,
-            settings: None,
+            selection: Selection::default(),
             // A quarter full: the reader's timer drains the rest in batches.
             wakeup_bytes: ring.bytes / 4,
             attached: BTreeMap::new(),
             tcx,
+            programs,
             cpus,
             counted: BTreeMap::new(),
             uncounted: 0,
         })
     }
 
-    /// Whether attachments use TCX links (kernel 6.6+) rather than netlink clsact filters.
-    pub fn uses_tcx(&self) -> bool {
+    /// Where attachments go in the TCX chain (kernel 6.6+); `None` where they are netlink clsact
+    /// filters.
+    pub fn tcx_order(&self) -> Option<TcxOrder> {
         self.tcx
     }
 
-    /// Writes the settings to the program's maps. New ports and CIDRs are added before stale
-    /// ones are removed, so connections selected by both the old and new settings are never
-    /// missed.
+    /// Changes what the program captures, in place, as a whole: see [`selection::plan`] for the
+    /// order of the writes (no connection that both the old and the new settings select is
+    /// missed meanwhile). When the kernel refuses a write, the writes before it are undone and the
+    /// earlier settings stay in force ([`KernelError::settings_unchanged`]).
+    ///
+    /// # Errors
+    /// [`KernelError::Setting`] for invalid settings, before anything is written;
+    /// [`KernelError::Apply`] when a map write failed.
     pub fn apply(&mut self, settings: &CaptureSettings) -> Result<(), KernelError> {
         settings.validate()?;
-        let old = self.settings.take().unwrap_or(CaptureSettings {
-            ports: BTreeSet::new(),
-            sample_percent: 0.0,
-            service_cidrs: BTreeSet::new(),
-            sample_seed: 0,
-        });
-
-        let map_err = |map| move |source| KernelError::Map { map, source };
-        {
-            let mut ports: Array<_, u8> = Array::try_from(
-                self.ebpf
-                    .map_mut(names::PORTS)
-                    .ok_or(KernelError::Missing(names::PORTS))?,
-            )
-            .map_err(map_err(names::PORTS))?;
-            for port in settings.ports.difference(&old.ports) {
-                ports
-                    .set(*port as u32, port_flags::CAPTURE, 0)
-                    .map_err(map_err(names::PORTS))?;
-            }
-            for port in old.ports.difference(&settings.ports) {
-                ports
-                    .set(*port as u32, 0, 0)
-                    .map_err(map_err(names::PORTS))?;
-            }
-        }
-        {
-            let mut cidrs: LpmTrie<_, CidrKey, u8> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(names::SERVICE_CIDRS)
-                    .ok_or(KernelError::Missing(names::SERVICE_CIDRS))?,
-            )
-            .map_err(map_err(names::SERVICE_CIDRS))?;
-            for cidr in settings.service_cidrs.difference(&old.service_cidrs) {
-                cidrs
-                    .insert(&cidr.key(), 1, 0)
-                    .map_err(map_err(names::SERVICE_CIDRS))?;
-            }
-            for cidr in old.service_cidrs.difference(&settings.service_cidrs) {
-                cidrs
-                    .remove(&cidr.key())
-                    .map_err(map_err(names::SERVICE_CIDRS))?;
-            }
-        }
-        {
-            let mut config: Array<_, CaptureConfig> = Array::try_from(
-                self.ebpf
-                    .map_mut(names::CONFIG)
-                    .ok_or(KernelError::Missing(names::CONFIG))?,
-            )
-            .map_err(map_err(names::CONFIG))?;
-            let value = CaptureConfig {
-                sample_ppm: settings.sample_ppm(),
-                flags: if settings.service_cidrs.is_empty() {
-                    0
-                } else {
-                    config_flags::CIDR_FILTER
-                },
-                wakeup_bytes: self.wakeup_bytes,
-                sample_seed: settings.sample_seed,
-            };
-            config.set(0, value, 0).map_err(map_err(names::CONFIG))?;
-        }
-        self.settings = Some(settings.clone());
-        Ok(())
+        let to = settings.selection(self.wakeup_bytes);
+        selection::change(
+            &mut SelectionMaps(&mut self.ebpf),
+            &mut self.selection,
+            &to,
+            SERVICE_CIDRS_MAX,
+        )
+        .map_err(|e| KernelError::Apply(Box::new(e)))
     }
 
-    /// Attaches the program to `iface` at `hook`: by TCX on 6.6+ (appended after other
-    /// programs), by a netlink clsact filter on older kernels, where a filter left by an earlier
-    /// run that was killed is replaced first.
+    /// Attaches the program to `iface` at `hook`: by a TCX link on 6.6+ (at the head or the tail
+    /// of the chain, see [`TcxOrder`]), by a netlink clsact filter on older kernels (the kernel
+    /// puts it before the filters already there). Netlink filters that earlier runs left when
+    /// they were killed are removed first; those of runs still going stay.
     pub fn attach(&mut self, iface: &Interface, hook: Hook) -> Result<(), KernelError> {
         if self.attached.contains_key(&(iface.ifindex, hook)) {
             return Ok(());
@@ -370,21 +445,22 @@ impl KernelCapture {
             hook: hook.name(),
             source,
         };
-        let options = if self.tcx {
-            TcAttachOptions::TcxOrder(Default::default())
-        } else {
-            // EEXIST: the qdisc is there already, which is fine.
-            if let Err(e) = tc::qdisc_add_clsact(&iface.name)
-                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
-            {
-                return Err(KernelError::Clsact {
-                    interface: iface.name.clone(),
-                    source: e,
-                });
+        let options = match self.tcx {
+            Some(TcxOrder::First) => TcAttachOptions::TcxOrder(LinkOrder::first()),
+            Some(TcxOrder::Last) => TcAttachOptions::TcxOrder(LinkOrder::last()),
+            None => {
+                // EEXIST: the qdisc is there already, which is fine.
+                if let Err(e) = tc::qdisc_add_clsact(&iface.name)
+                    && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+                {
+                    return Err(KernelError::Clsact {
+                        interface: iface.name.clone(),
+                        source: e,
+                    });
+                }
+                self.remove_left_behind(iface, hook);
+                TcAttachOptions::Netlink(NlOptions::default())
             }
-            // A killed run leaves its netlink filter behind; TCX links die with their process.
-            let _ = tc::qdisc_detach_program(&iface.name, attach_type, name);
-            TcAttachOptions::Netlink(NlOptions::default())
         };
         // The entry comes first, so that every packet the program matches on this interface
         // is counted in it.
@@ -405,6 +481,52 @@ impl KernelCapture {
         self.attached
             .insert((iface.ifindex, hook), (iface.name.clone(), link));
         Ok(())
+    }
+
+    /// Removes the netlink filters of shadow's programs on `hook` of `iface` that no running
+    /// process owns: runs that were killed left them (see [`clsact`]). They only cost CPU, so
+    /// failing to list or remove them is logged, not an error.
+    fn remove_left_behind(&self, iface: &Interface, hook: Hook) {
+        let filters = match clsact::list(iface.ifindex, hook) {
+            Ok(filters) => filters,
+            Err(e) => {
+                tracing::warn!(
+                    interface = %iface.name,
+                    hook = hook.name(),
+                    error = %e,
+                    "cannot list the filters to remove those of earlier runs"
+                );
+                return;
+            }
+        };
+        let own: Vec<u32> = self.programs.iter().map(|(id, _)| *id).collect();
+        for filter in clsact::left_behind(&filters, &own, clsact::is_marked) {
+            let removed = SchedClassifierLink::attached(
+                &iface.name,
+                attach_type(hook),
+                filter.priority,
+                TcHandle::from(filter.handle),
+                None,
+            )
+            .map_err(|e| ProgramError::from(tc::TcError::IoError(e)))
+            .and_then(|link| link.detach());
+            match removed {
+                Ok(()) => tracing::info!(
+                    interface = %iface.name,
+                    hook = hook.name(),
+                    priority = filter.priority,
+                    program_id = filter.program_id,
+                    "removed a filter that an earlier run, now gone, left behind"
+                ),
+                Err(e) => tracing::warn!(
+                    interface = %iface.name,
+                    hook = hook.name(),
+                    priority = filter.priority,
+                    error = %e,
+                    "cannot remove a filter that an earlier run left behind"
+                ),
+            }
+        }
     }
 
     /// Adds a zeroed `INTERFACE_COUNTERS` entry for `iface`. A full map is not an error: the

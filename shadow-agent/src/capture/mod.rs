@@ -4,6 +4,7 @@
 //! Packets leave this module in [`PacketBatch`]es of [`CapturedPacket`]s: whole Ethernet frames
 //! with their capture time, ready for the flow stage.
 pub mod clock;
+pub mod clsact;
 pub mod interfaces;
 pub mod kernel;
 pub mod live;
@@ -11,6 +12,7 @@ pub mod pcap;
 pub mod privileges;
 pub mod records;
 pub mod ring;
+pub mod selection;
 
 pub use kernel::{CaptureSettings, KernelCapture};
 

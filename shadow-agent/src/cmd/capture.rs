@@ -11,7 +11,7 @@ use shadow_agent::capture::live::CaptureTotals;
 use shadow_agent::capture::{
     CaptureSettings, Hook, PacketBatch,
     interfaces::InterfaceSelector,
-    kernel::{AttachMode, Cidr, RingSettings},
+    kernel::{AttachMode, Cidr, RingSettings, TcxOrder},
     live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
     pcap::PcapWriter,
     ring,
@@ -19,7 +19,8 @@ use shadow_agent::capture::{
 use shadow_common::CAPTURE_LIMIT;
 
 use super::common::{
-    StopSignal, interface_tables, interfaces_json, kernel_fields, object, parse_duration, table,
+    StopSignal, attach_failures_json, interface_tables, interfaces_json, kernel_fields, object,
+    parse_duration, table,
 };
 
 #[derive(clap::Args)]
@@ -49,6 +50,10 @@ pub struct Args {
     /// How to attach to TC: TCX where the kernel has it (6.6+), else netlink clsact filters.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     attach: AttachMode,
+    /// Where in an interface's TCX chain to attach: `first`, before other programs, so that one
+    /// that ends the chain with a verdict (Cilium's) hides nothing from shadow; or `last`.
+    #[arg(long, value_enum, default_value_t = TcxOrder::First)]
+    tcx_order: TcxOrder,
     /// At exit, write the counters to this file as JSON.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -87,6 +92,7 @@ pub fn run(args: Args) -> Result<()> {
         interfaces: InterfaceSelector::new(&args.interfaces)?,
         hooks: args.hooks.iter().copied().collect(),
         attach: args.attach,
+        tcx_order: args.tcx_order,
         ring: RingSettings::default(),
         channel_batches: CHANNEL_BATCHES,
     };
@@ -153,7 +159,7 @@ async fn capture(
             }
             _ = rescan.tick() => {
                 if let Err(e) = live.rescan_interfaces() {
-                    tracing::warn!(error = %e, "attaching to a new interface failed");
+                    tracing::warn!(error = %e, "cannot look for new interfaces");
                 }
             }
             reason = &mut stop => {
@@ -213,7 +219,7 @@ fn print_summary(t: &CaptureTotals, packets_written: u64) {
         "{}{}{}",
         table("kernel counters", &kernel_fields(&t.kernel)),
         table("agent counters", &agent_fields(&t.ring, packets_written)),
-        interface_tables(&t.interfaces, t.interfaces_uncounted),
+        interface_tables(&t.interfaces, t.interfaces_uncounted, &t.attach_failures),
     );
 }
 
@@ -223,6 +229,7 @@ fn stats_json(t: &CaptureTotals, packets_written: u64) -> serde_json::Value {
         "agent": object(&agent_fields(&t.ring, packets_written)),
         "interfaces": interfaces_json(&t.interfaces),
         "interfaces_uncounted": t.interfaces_uncounted,
+        "interface_attach_failures": attach_failures_json(&t.attach_failures),
         "ring_buffer": {
             "size_bytes": t.ring_level.size_bytes,
             "consumer_position": t.ring_level.consumer_position,

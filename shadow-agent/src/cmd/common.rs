@@ -1,5 +1,5 @@
 //! What the capturing commands share: argument parsers, stop signals and counter tables.
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -86,8 +86,23 @@ pub fn interfaces_json(interfaces: &[InterfaceTotals]) -> Value {
     )
 }
 
-/// Each interface's counters as `name value` tables, for summaries on stderr.
-pub fn interface_tables(interfaces: &[InterfaceTotals], uncounted: u64) -> String {
+/// Failed attachments by interface name, as a JSON object.
+pub fn attach_failures_json(failures: &BTreeMap<String, u64>) -> Value {
+    Value::Object(
+        failures
+            .iter()
+            .map(|(name, n)| (name.clone(), (*n).into()))
+            .collect(),
+    )
+}
+
+/// Each interface's counters as `name value` tables, for summaries on stderr, and the
+/// interfaces that failed to attach.
+pub fn interface_tables(
+    interfaces: &[InterfaceTotals],
+    uncounted: u64,
+    attach_failures: &BTreeMap<String, u64>,
+) -> String {
     let mut out: String = interfaces
         .iter()
         .map(|i| {
@@ -102,6 +117,13 @@ pub fn interface_tables(interfaces: &[InterfaceTotals], uncounted: u64) -> Strin
             "{uncounted} interface(s) had no counters of their own (the kernel's map was full); \
              their packets are in the kernel counters only\n"
         );
+    }
+    if !attach_failures.is_empty() {
+        let rows: Vec<(&str, u64)> = attach_failures
+            .iter()
+            .map(|(name, n)| (name.as_str(), *n))
+            .collect();
+        out += &table("interface attach failures", &rows);
     }
     out
 }

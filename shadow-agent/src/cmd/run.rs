@@ -16,7 +16,7 @@ use shadow_agent::admin::{AdminServer, AdminState, AdminToken, ConnectionLimits}
 use shadow_agent::budget::Tokens;
 use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
-use shadow_agent::capture::kernel::{AttachMode, RingSettings};
+use shadow_agent::capture::kernel::{AttachMode, RingSettings, TcxOrder};
 use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
 use shadow_agent::capture::{CaptureSettings, CapturedPacket, PacketBatch};
 use shadow_agent::compare::{Comparator, Exchange, Observed, Report};
@@ -53,6 +53,10 @@ pub struct Args {
     /// How to attach to TC: TCX where the kernel has it (6.6+), else netlink clsact filters.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     attach: AttachMode,
+    /// Where in an interface's TCX chain to attach: `first`, before other programs, so that one
+    /// that ends the chain with a verdict (Cilium's) hides nothing from shadow; or `last`.
+    #[arg(long, value_enum, default_value_t = TcxOrder::First)]
+    tcx_order: TcxOrder,
     /// Stop after this long (`30s`, `2h`); without it, run until SIGINT or SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -185,6 +189,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         interfaces: InterfaceSelector::new(&config.capture.interfaces)?,
         hooks: config.capture.hooks.clone(),
         attach: args.attach,
+        tcx_order: args.tcx_order,
         ring,
         channel_batches: plan.channel_batches,
     };
@@ -268,7 +273,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             }
             _ = rescan.tick() => {
                 if let Err(e) = live.rescan_interfaces() {
-                    tracing::warn!(error = %e, "attaching to a new interface failed");
+                    tracing::warn!(error = %e, "cannot look for new interfaces");
                 }
             }
             _ = async { report.as_mut().expect("guarded").tick().await }, if report.is_some() => {
@@ -802,9 +807,24 @@ impl Agent {
         }
         if let Err(e) = live.apply(&capture_settings(&new, self.seed)) {
             self.reload_errors += 1;
-            tracing::error!(
-                "{why}: the kernel maps could not be updated, the running configuration stays: {e}"
-            );
+            if e.settings_unchanged() {
+                tracing::error!(
+                    "{why}: the kernel maps could not be updated, the running configuration stays: {e}"
+                );
+            } else {
+                // The kernel holds part of the new settings: write the running ones back.
+                match live.apply(&capture_settings(&self.config, self.seed)) {
+                    Ok(()) => tracing::error!(
+                        "{why}: the kernel maps could not be updated ({e}); the running \
+                         configuration was written back and stays"
+                    ),
+                    Err(again) => tracing::error!(
+                        "{why}: the kernel maps could not be updated ({e}), nor the running \
+                         configuration written back ({again}); the kernel captures by part of \
+                         each until a reload succeeds"
+                    ),
+                }
+            }
             return;
         }
         let ramp_changed = new.ramp != self.config.ramp;
@@ -919,6 +939,7 @@ impl Agent {
             ring: totals.ring,
             interfaces: totals.interfaces.clone(),
             interfaces_uncounted: totals.interfaces_uncounted,
+            interface_attach_failures: totals.attach_failures.clone(),
             ring_level: totals.ring_level,
             budget: self.mirror.budget_tokens(Instant::now()),
             pipeline: self.pipeline.counters().clone(),
@@ -988,7 +1009,11 @@ impl Agent {
         }
         out += &common::table("kernel counters", &common::kernel_fields(&totals.kernel));
         out += &common::table("ring counters", &common::ring_fields(&totals.ring));
-        out += &common::interface_tables(&totals.interfaces, totals.interfaces_uncounted);
+        out += &common::interface_tables(
+            &totals.interfaces,
+            totals.interfaces_uncounted,
+            &totals.attach_failures,
+        );
         out
     }
 }
@@ -1018,6 +1043,7 @@ fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_
         },
         "interfaces": common::interfaces_json(&snap.interfaces),
         "interfaces_uncounted": snap.interfaces_uncounted,
+        "interface_attach_failures": common::attach_failures_json(&snap.interface_attach_failures),
         "budget": {
             "node": tokens(&snap.budget.node),
             "targets": snap.budget.targets.iter().map(|(url, t)| {

@@ -346,19 +346,35 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
     }
 
     out += &format!(
-        "\n{:<16} {:>10} {:>16}\n",
-        "INTERFACE", "COPIED/s", "RING DROPS/s"
+        "\n{:<16} {:>10} {:>16} {:>16}\n",
+        "INTERFACE", "COPIED/s", "RING DROPS/s", "ATTACH FAILURES"
     );
+    // Since the start: a failing interface is tried again every second.
+    let failures = &now["interface_attach_failures"];
+    let failures_of = |name: &str| failures[name].as_u64().unwrap_or(0);
     let interfaces_before = &before["interfaces"];
-    for i in now["interfaces"].as_array().into_iter().flatten() {
+    let attached = now["interfaces"].as_array().map_or(&[][..], Vec::as_slice);
+    for i in attached {
         let b = find(interfaces_before, "ifindex", &i["ifindex"]);
         let r = |k: &str| rate(num(i, &[k]), b.map_or(0.0, |b| num(b, &[k])));
+        let name = i["name"].as_str().unwrap_or("?");
         out += &format!(
-            "{:<16} {:>10.1} {:>16.1}\n",
-            i["name"].as_str().unwrap_or("?"),
+            "{name:<16} {:>10.1} {:>16.1} {:>16}\n",
             r("packets_sampled"),
             r("ringbuf_full"),
+            failures_of(name),
         );
+    }
+    // Interfaces not attached at all, only failing.
+    for (name, n) in failures.as_object().into_iter().flatten() {
+        if !attached.iter().any(|i| i["name"].as_str() == Some(name)) {
+            out += &format!(
+                "{name:<16} {:>10} {:>16} {:>16}\n",
+                "-",
+                "-",
+                n.as_u64().unwrap_or(0)
+            );
+        }
     }
     let uncounted = num(now, &["interfaces_uncounted"]);
     if uncounted > 0.0 {
@@ -430,6 +446,7 @@ mod tests {
             "ring_buffer": {"fill_bytes": 4 << 20, "size_bytes": 16 << 20},
             "interfaces": interfaces,
             "interfaces_uncounted": 0,
+            "interface_attach_failures": {"veth9": 2, "veth-bad": 5 * n},
             "flows_tracked": 7,
             "mirror": {
                 "requests": seen,
@@ -505,10 +522,19 @@ mod tests {
         );
         assert_eq!(
             line("INTERFACE"),
-            ["INTERFACE", "COPIED/s", "RING", "DROPS/s"]
+            [
+                "INTERFACE",
+                "COPIED/s",
+                "RING",
+                "DROPS/s",
+                "ATTACH",
+                "FAILURES"
+            ]
         );
-        assert_eq!(line("eth0"), ["eth0", "500.0", "7.0"]);
-        assert_eq!(line("veth9"), ["veth9", "2.0", "0.0"]);
+        assert_eq!(line("eth0"), ["eth0", "500.0", "7.0", "0"]);
+        // Attached after failing twice; and one that never attached.
+        assert_eq!(line("veth9"), ["veth9", "2.0", "0.0", "2"]);
+        assert_eq!(line("veth-bad"), ["veth-bad", "-", "-", "15"]);
         assert!(
             table.contains("node-1: mirroring; configuration 2, ramp 2/4 25% of every route"),
             "{table}"
