@@ -811,10 +811,6 @@ impl<H> FlowTable<H> {
         let Some(flow) = self.slots[idx].flow.as_mut() else {
             return Outcome::Ignored;
         };
-        flow.windows[dir.index()] = Some(seg.window);
-        if seg.syn && !flow.dirs[dir.index()].is_started() {
-            flow.window_scales[dir.index()] = seg.window_scale;
-        }
         if flow.closed {
             return if seg.payload.is_empty() {
                 Outcome::Reassembled(SegmentKind::Control)
@@ -827,6 +823,8 @@ impl<H> FlowTable<H> {
             dirs,
             handler,
             opaque,
+            windows,
+            window_scales,
             ..
         } = &mut *flow;
         let (this, peer) = match dir {
@@ -848,6 +846,12 @@ impl<H> FlowTable<H> {
             if !accepted {
                 return Outcome::RstOutOfWindow;
             }
+        }
+        // What the sender advertises, from segments that passed the checks above only: a reset
+        // out of window (a blind guess) must not widen the window the next one is judged by.
+        windows[dir.index()] = Some(seg.window);
+        if seg.syn && !this.is_started() {
+            window_scales[dir.index()] = seg.window_scale;
         }
         let counters = &mut self.counters;
         let outcome = if *opaque {
