@@ -593,7 +593,7 @@ impl Agent {
                                 key,
                                 &request.method,
                                 origin_form(&request.target).unwrap_or(&request.target),
-                                request.body.clone(),
+                                &request.body,
                                 request.completed,
                                 sent.baseline,
                             );
@@ -608,12 +608,13 @@ impl Agent {
                             continue;
                         };
                         let limit = c.comparator.config().max_body_bytes;
-                        let body_truncated = response.body.len() > limit;
+                        let kept = response.body.len().min(limit);
                         let answer = Answer {
                             status: response.status,
                             headers: response.headers,
-                            body: response.body.slice(..response.body.len().min(limit)),
-                            body_truncated,
+                            // A copy: a slice would hold the whole captured body.
+                            body: response.body[..kept].into(),
+                            body_truncated: response.body.len() > limit,
                             latency: Duration::ZERO,
                         };
                         if let Some(done) =

@@ -1,10 +1,12 @@
 //! Brings together, for one mirrored request, the live service's response (rebuilt from captured
 //! packets), the shadow's answer and, when the route has one, the baseline's, so that they can be
 //! compared. Pure: time is passed in; every entry is bounded in number and bytes and expires.
+//!
+//! What an entry keeps is its own allocation (`Box<[u8]>`, `String`), never a slice of a
+//! captured body: a `Bytes` slice of 256 KiB can keep a body of 16 MiB alive, and the limits
+//! would count the slice while the process holds the body. The bytes counted are the bytes held.
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
 
 use crate::pipeline::FlowAddrs;
 
@@ -29,21 +31,24 @@ pub struct PairKey {
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
-    /// At most the comparison's body limit; `body_truncated` says when more was sent.
-    pub body: Bytes,
+    /// At most the comparison's body limit, copied out of what was received;
+    /// `body_truncated` says when more was sent.
+    pub body: Box<[u8]>,
     pub body_truncated: bool,
     pub latency: Duration,
 }
 
 impl Answer {
+    /// The bytes it holds: allocations at their capacity.
     fn bytes(&self) -> usize {
-        self.body.len()
+        size_of::<Self>()
+            + self.body.len()
+            + self.headers.capacity() * size_of::<(String, Vec<u8>)>()
             + self
                 .headers
                 .iter()
-                .map(|(n, v)| n.len() + v.len() + 16)
+                .map(|(n, v)| n.capacity() + v.capacity())
                 .sum::<usize>()
-            + 64
     }
 }
 
@@ -52,7 +57,7 @@ impl Answer {
 pub struct Complete {
     pub method: String,
     pub target: String,
-    pub request_body: Bytes,
+    pub request_body: Box<[u8]>,
     pub live: Answer,
     pub candidate: Answer,
     pub baseline: Option<Answer>,
@@ -75,7 +80,9 @@ pub struct PairingCounters {
 struct Pending {
     method: String,
     target: String,
-    request_body: Bytes,
+    /// A copy: the captured body may be larger than its length (a buffer grown by doubling),
+    /// and the copies to targets that share it are gone long before the comparison.
+    request_body: Box<[u8]>,
     /// When the request's last byte was captured: the live latency runs from there.
     request_done: Duration,
     expect_baseline: bool,
@@ -86,15 +93,16 @@ struct Pending {
 }
 
 impl Pending {
+    /// The bytes it holds.
     fn bytes(&self) -> usize {
-        self.method.len()
-            + self.target.len()
+        size_of::<Self>()
+            + self.method.capacity()
+            + self.target.capacity()
             + self.request_body.len()
             + [&self.live, &self.candidate, &self.baseline]
                 .iter()
                 .filter_map(|a| a.as_ref().map(Answer::bytes))
                 .sum::<usize>()
-            + 128
     }
 
     fn is_complete(&self) -> bool {
@@ -149,7 +157,7 @@ impl Pairing {
     }
 
     /// Starts a comparison for a request that was just mirrored; `request_done` is the capture
-    /// time of its last byte.
+    /// time of its last byte. The request's body is copied.
     #[allow(clippy::too_many_arguments)]
     pub fn expect(
         &mut self,
@@ -157,14 +165,14 @@ impl Pairing {
         key: PairKey,
         method: &str,
         target: &str,
-        request_body: Bytes,
+        request_body: &[u8],
         request_done: Duration,
         expect_baseline: bool,
     ) {
         let entry = Pending {
             method: method.to_owned(),
             target: target.to_owned(),
-            request_body,
+            request_body: request_body.into(),
             request_done,
             expect_baseline,
             live: None,
@@ -291,7 +299,7 @@ mod tests {
         Answer {
             status,
             headers: vec![("content-type".into(), b"application/json".to_vec())],
-            body: Bytes::from_static(body),
+            body: body.into(),
             body_truncated: false,
             latency: Duration::from_millis(5),
         }
@@ -303,7 +311,7 @@ mod tests {
             key(seq),
             "GET",
             "/x",
-            Bytes::new(),
+            b"",
             Duration::from_millis(100),
             baseline,
         );
@@ -370,6 +378,18 @@ mod tests {
         }
         assert!(p.bytes() <= 4096, "{}", p.bytes());
         assert!(p.counters().evicted >= 1);
+    }
+
+    #[test]
+    fn request_bodies_count_against_the_limit() {
+        let now = Instant::now();
+        let mut p = Pairing::new(100, 64 << 10, Duration::from_secs(5));
+        let body = vec![b'x'; 30_000];
+        for seq in 0..4 {
+            p.expect(now, key(seq), "POST", "/x", &body, Duration::ZERO, false);
+        }
+        assert!(p.bytes() <= 64 << 10, "{}", p.bytes());
+        assert_eq!((p.len(), p.counters().evicted), (2, 2));
     }
 
     #[test]
