@@ -199,11 +199,15 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         report: state.report.clone(),
         ready: Default::default(),
         stats: {
-            let (stats, snapshot, started) =
-                (state.stats.clone(), state.snapshot.clone(), state.started);
+            let (stats, snapshot, report, started) = (
+                state.stats.clone(),
+                state.snapshot.clone(),
+                state.report.clone(),
+                state.started,
+            );
             Box::new(move || {
                 let snap = snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                stats_json(&snap, &stats, started.elapsed().as_secs_f64())
+                stats_json(&snap, &stats, &report, started.elapsed().as_secs_f64())
             })
         },
     });
@@ -305,7 +309,12 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let json = stats_json(&snap, &state.stats, state.started.elapsed().as_secs_f64());
+        let json = stats_json(
+            &snap,
+            &state.stats,
+            &state.report,
+            state.started.elapsed().as_secs_f64(),
+        );
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -945,7 +954,17 @@ impl Agent {
 }
 
 /// Every counter as JSON: `--stats-json` and the admin endpoint's `/stats`.
-fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_json::Value {
+fn stats_json(
+    snap: &AgentSnapshot,
+    stats: &MirrorStats,
+    report: &Mutex<Option<Report>>,
+    seconds: f64,
+) -> serde_json::Value {
+    let totals = report
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|r| r.totals.clone());
     json!({
         "node": snap.node,
         "attached": snap.attached,
@@ -986,6 +1005,12 @@ fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_
             "expired": c.expired,
             "evicted": c.evicted,
             "orphans": c.orphans,
+            // As of the last report (made every tick).
+            "other_exchanges": totals.as_ref().map(|t| json!({
+                "full": t.endpoints_overflowed,
+                "first_seen": t.endpoints_first_seen,
+            })),
+            "segments_learned": totals.as_ref().map(|t| t.segments_learned),
         })),
         "mirror": stats.to_json(),
     })
