@@ -21,12 +21,28 @@
 //! - `noise_repeated_4096`: `noise_repeated` with `max_fields_per_endpoint = 4096`, enough to
 //!   remember every leaf of the 64 KB body, so that its noise is learned.
 //! - `parse_alone`: `serde_json::from_slice` of the live and the shadow body, the floor.
+//!
+//! The `unordered` group, with `array_order = "unordered"`, on arrays of 100 000 elements:
+//!
+//! - `equal_100k`: one `observe` (default limits otherwise) of live and shadow bodies that are
+//!   each an array of 100 000 equal numbers (200 KB, within the default `max_body_bytes`), the
+//!   case that was quadratic: the parses and the diff;
+//! - `few_differences_100k`: the same, with three of the shadow's numbers changed;
+//! - `records_equal_100k`, `records_few_differences_100k`: `json::diff` alone, on already
+//!   parsed arrays of 100 000 equal order lines (objects of three fields, one nested; 8.6 MB
+//!   each, beyond the default `max_body_bytes`, which would compare them by hash), three
+//!   changed in the second;
+//! - `records_shuffled_100k`: `json::diff` of 100 000 distinct order lines against the same in
+//!   another order.
+//!
+//! `cargo bench -p shadow-agent --bench compare -- unordered`
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use serde_json::{Value, json};
-use shadow_agent::compare::{Comparator, CompareConfig, Exchange, Observed};
+use shadow_agent::compare::json::{self, DiffOptions};
+use shadow_agent::compare::{ArrayOrder, Comparator, CompareConfig, Exchange, Observed};
 use shadow_agent::policy::path::RequestPath;
 
 /// Responses per pool: each exchange takes three (live, baseline, shadow), all with their own
@@ -297,6 +313,87 @@ fn bench_size(c: &mut Criterion, pools: &Pools) {
     group.finish();
 }
 
+/// Elements in each array of the `unordered` group.
+const UNORDERED_ELEMENTS: usize = 100_000;
+
+/// One order line, as a list of them repeats it.
+fn line(i: usize, qty: usize) -> Value {
+    json!({"sku": format!("GRD-{i:06}"), "qty": qty, "price": {"amount": 4.99, "currency": "EUR"}})
+}
+
+/// Unordered arrays of many elements: `observe` of number arrays, `json::diff` of record
+/// arrays; each checked first for the differences it must find.
+fn bench_unordered(c: &mut Criterion) {
+    let n = UNORDERED_ELEMENTS;
+    let changed_at = [n / 7, n / 2, n - 3];
+    let mut group = c.benchmark_group("unordered");
+    group.throughput(Throughput::Elements(n as u64));
+
+    let numbers = Value::Array(vec![json!(7); n]);
+    let mut changed = numbers.clone();
+    for i in changed_at {
+        changed[i] = json!(8);
+    }
+    let (numbers, changed) = (
+        serde_json::to_vec(&numbers).expect("serialises"),
+        serde_json::to_vec(&changed).expect("serialises"),
+    );
+    let config = CompareConfig {
+        array_order: ArrayOrder::Unordered,
+        ..CompareConfig::default()
+    };
+    assert!(numbers.len() <= config.max_body_bytes, "{}", numbers.len());
+    let headers: Headers = vec![("Content-Type".to_owned(), b"application/json".to_vec())];
+    let path = RequestPath::of_target(TARGET).expect("a plain path reads");
+    for (name, shadow, matched) in [
+        ("equal_100k", &numbers, 1),
+        ("few_differences_100k", &changed, 0),
+    ] {
+        let exchange = Exchange {
+            method: "GET",
+            target: TARGET,
+            path: &path,
+            request_body: b"",
+            live: observed(&headers, &numbers, 12),
+            candidate: observed(&headers, shadow, 13),
+            baseline: None,
+        };
+        let mut comparator = Comparator::new(config.clone());
+        comparator.observe(&exchange);
+        let report = comparator.report();
+        assert_eq!(report.totals.matched, matched, "{name}: {report:#?}");
+        group.bench_function(name, |b| {
+            b.iter(|| comparator.observe(black_box(&exchange)))
+        });
+    }
+
+    let equal = Value::Array((0..n).map(|_| line(42, 1)).collect());
+    let mut changed = equal.clone();
+    for i in changed_at {
+        changed[i] = line(42, 2);
+    }
+    let distinct = Value::Array((0..n).map(|i| line(i, 1)).collect());
+    // Another order: a stride coprime with the length visits every element once.
+    let shuffled = Value::Array((0..n).map(|i| line(i * 7_919 % n, 1)).collect());
+    let options = DiffOptions {
+        order: ArrayOrder::Unordered,
+        max_differences: 256,
+        ..DiffOptions::default()
+    };
+    for (name, live, shadow, differences) in [
+        ("records_equal_100k", &equal, &equal, 0),
+        ("records_few_differences_100k", &equal, &changed, 3),
+        ("records_shuffled_100k", &distinct, &shuffled, 0),
+    ] {
+        let found = json::diff(live, shadow, &options).differences;
+        assert_eq!(found.len(), differences, "{name}: {found:?}");
+        group.bench_function(name, |b| {
+            b.iter(|| json::diff(black_box(live), black_box(shadow), &options))
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let pools = [
         Pools::new("json_1kb", 1_024),
@@ -306,5 +403,6 @@ fn main() {
     for p in &pools {
         bench_size(&mut criterion, p);
     }
+    bench_unordered(&mut criterion);
     criterion.final_summary();
 }

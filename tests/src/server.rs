@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
     process::{Child, Stdio},
     sync::{
         Arc, Mutex,
@@ -59,6 +60,20 @@ impl Nginx {
     }}"#
         );
         Self::with_server(ns, addr, &server, log)
+    }
+
+    /// nginx serving the files under `root` on `addr`: a live service with large responses.
+    pub fn files(ns: &Netns, addr: SocketAddr, root: &Path) -> Self {
+        let server = format!(
+            r#"
+    server {{
+        listen {addr};
+        root {};
+        location / {{ }}
+    }}"#,
+            root.display()
+        );
+        Self::with_server(ns, addr, &server, AccessLog::On)
     }
 
     /// nginx as a reverse proxy on `addr` to `upstream`, optionally copying every request to

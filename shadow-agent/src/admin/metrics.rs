@@ -648,6 +648,30 @@ impl AgentCollector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        if let Some(t) = report.as_ref().map(|r| &r.totals) {
+            counters(
+                e,
+                "compare_other_exchanges",
+                "Exchanges counted under the endpoint `(other)`: every `max_endpoints` slot taken \
+                 (full), or the first exchange of a new endpoint while more than half were \
+                 (first_seen).",
+                None,
+                [
+                    ("full", t.endpoints_overflowed),
+                    ("first_seen", t.endpoints_first_seen),
+                ]
+                .into_iter()
+                .map(|(r, n)| (vec![("reason", r.to_owned())], n)),
+            )?;
+            counter(
+                e,
+                "compare_segments_learned",
+                "Path segments counted as `{var}`: new values at a position where values mostly do \
+                 not repeat.",
+                None,
+                t.segments_learned,
+            )?;
+        }
         let endpoints = report.map(|r| r.endpoints).unwrap_or_default();
         counters(
             e,
@@ -954,6 +978,9 @@ mod tests {
             "shadow_compare_answers_dropped_total{target=\"http://198.18.0.9:8080\"} 1",
             "shadow_compare_exchanges_total{endpoint=\"GET /users/{id}\",outcome=\"mismatched\"} 1",
             "shadow_compare_flagged{endpoint=\"GET /users/{id}\"} 0",
+            "shadow_compare_other_exchanges_total{reason=\"full\"} 0",
+            "shadow_compare_other_exchanges_total{reason=\"first_seen\"} 0",
+            "shadow_compare_segments_learned_total 0",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

@@ -209,11 +209,15 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         report: state.report.clone(),
         ready: Default::default(),
         stats: {
-            let (stats, snapshot, started) =
-                (state.stats.clone(), state.snapshot.clone(), state.started);
+            let (stats, snapshot, report, started) = (
+                state.stats.clone(),
+                state.snapshot.clone(),
+                state.report.clone(),
+                state.started,
+            );
             Box::new(move || {
                 let snap = snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                stats_json(&snap, &stats, started.elapsed().as_secs_f64())
+                stats_json(&snap, &stats, &report, started.elapsed().as_secs_f64())
             })
         },
         token,
@@ -315,7 +319,12 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let json = stats_json(&snap, &state.stats, state.started.elapsed().as_secs_f64());
+        let json = stats_json(
+            &snap,
+            &state.stats,
+            &state.report,
+            state.started.elapsed().as_secs_f64(),
+        );
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -641,7 +650,7 @@ impl Agent {
                                 &request.method,
                                 origin_form(&request.target).unwrap_or(&request.target),
                                 path,
-                                request.body.clone(),
+                                &request.body,
                                 request.completed,
                                 sent.baseline,
                             );
@@ -656,12 +665,13 @@ impl Agent {
                             continue;
                         };
                         let limit = c.comparator.config().max_body_bytes;
-                        let body_truncated = response.body.len() > limit;
+                        let kept = response.body.len().min(limit);
                         let answer = Answer {
                             status: response.status,
                             headers: response.headers,
-                            body: response.body.slice(..response.body.len().min(limit)),
-                            body_truncated,
+                            // A copy: a slice would hold the whole captured body.
+                            body: response.body[..kept].into(),
+                            body_truncated: response.body.len() > limit,
                             latency: Duration::ZERO,
                         };
                         if let Some(done) =
@@ -1019,7 +1029,17 @@ impl Agent {
 }
 
 /// Every counter as JSON: `--stats-json` and the admin endpoint's `/stats`.
-fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_json::Value {
+fn stats_json(
+    snap: &AgentSnapshot,
+    stats: &MirrorStats,
+    report: &Mutex<Option<Report>>,
+    seconds: f64,
+) -> serde_json::Value {
+    let totals = report
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|r| r.totals.clone());
     json!({
         "node": snap.node,
         "attached": snap.attached,
@@ -1061,6 +1081,12 @@ fn stats_json(snap: &AgentSnapshot, stats: &MirrorStats, seconds: f64) -> serde_
             "expired": c.expired,
             "evicted": c.evicted,
             "orphans": c.orphans,
+            // As of the last report (made every tick).
+            "other_exchanges": totals.as_ref().map(|t| json!({
+                "full": t.endpoints_overflowed,
+                "first_seen": t.endpoints_first_seen,
+            })),
+            "segments_learned": totals.as_ref().map(|t| t.segments_learned),
         })),
         "mirror": stats.to_json(),
     })

@@ -82,6 +82,15 @@ pub fn render_html(report: &Report) -> String {
             t.endpoints_overflowed
         );
     }
+    if t.endpoints_first_seen > 0 {
+        let _ = writeln!(
+            h,
+            "<p>{} exchanges were counted under <code>(other)</code>: each was the first of a \
+             new endpoint while more than half of the endpoint limit was taken (an endpoint seen \
+             again gets a row of its own).</p>",
+            t.endpoints_first_seen
+        );
+    }
     if report.flagged.is_empty() {
         h.push_str("<p>No endpoint is flagged.</p>\n");
     } else {

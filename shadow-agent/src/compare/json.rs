@@ -7,10 +7,16 @@
 //!
 //! Every walk is bounded: depth by [`MAX_DEPTH`] (deeper subtrees are compared whole and reported
 //! as [`DiffKind::TooDeep`]), output by a maximum number of differences. serde_json itself refuses
-//! documents nested deeper than 128, so no recursion here can exhaust the stack.
+//! documents nested deeper than 128, so no recursion here can exhaust the stack. Unordered arrays
+//! are paired by hash in O(n log n), whatever their elements; the comparisons beyond that (for
+//! the numeric tolerance) are capped per diff.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher};
+use std::sync::OnceLock;
+
+use foldhash::fast::{FoldHasher, RandomState};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
@@ -22,8 +28,10 @@ use super::endpoint::placeholder;
 pub const MAX_DEPTH: usize = 64;
 /// Longest field path kept; longer ones are cut (and may then share a field).
 pub const MAX_PATH_CHARS: usize = 160;
-/// Up to this many element pairs, unordered arrays are matched with the tolerance-aware
-/// comparison; above it, by hash (exact values), to stay far from quadratic time.
+/// Element comparisons one diff may spend pairing the elements of unordered arrays that are
+/// equal only within the tolerance (or whose hashes collided), one against each: beyond it they
+/// stay unpaired and are reported as differences. Equal elements are paired by hash, in
+/// O(n log n), whatever this is.
 const MAX_PAIRWISE: usize = 4096;
 
 /// How arrays are compared.
@@ -33,7 +41,8 @@ pub enum ArrayOrder {
     /// Element `i` against element `i`.
     #[default]
     Ordered,
-    /// As multisets: equal elements are paired wherever they are; the rest in order.
+    /// As multisets: equal elements are paired wherever they are (then, while few are left,
+    /// elements equal within the tolerance); the rest in order.
     Unordered,
 }
 
@@ -234,12 +243,14 @@ pub struct Diff<'v> {
 
 /// The paths where `live` and `shadow` differ.
 pub fn diff<'v>(live: &'v Value, shadow: &'v Value, options: &DiffOptions<'_>) -> Diff<'v> {
+    let pairwise = Cell::new(MAX_PAIRWISE);
     let mut walker = Walker {
         options,
         out: Vec::new(),
         limit: options.max_differences,
         record: true,
         truncated: false,
+        pairwise: &pairwise,
     };
     let mut path = Vec::new();
     walker.walk(live, shadow, &mut path);
@@ -251,16 +262,29 @@ pub fn diff<'v>(live: &'v Value, shadow: &'v Value, options: &DiffOptions<'_>) -
 
 /// Whether the two values are equal under the options (ignored paths, tolerance, order).
 pub fn equal(live: &Value, shadow: &Value, options: &DiffOptions<'_>) -> bool {
-    probe(live, shadow, &mut Vec::new(), options)
+    probe(
+        live,
+        shadow,
+        &mut Vec::new(),
+        options,
+        &Cell::new(MAX_PAIRWISE),
+    )
 }
 
-fn probe<'v>(a: &'v Value, b: &'v Value, path: &mut Vec<Segment<'v>>, o: &DiffOptions) -> bool {
+fn probe<'v>(
+    a: &'v Value,
+    b: &'v Value,
+    path: &mut Vec<Segment<'v>>,
+    o: &DiffOptions,
+    pairwise: &Cell<usize>,
+) -> bool {
     let mut walker = Walker {
         options: o,
         out: Vec::new(),
         limit: 1,
         record: false,
         truncated: false,
+        pairwise,
     };
     walker.walk(a, b, path);
     !walker.truncated
@@ -273,6 +297,8 @@ struct Walker<'o, 'v> {
     /// False when only asking whether anything differs (then `truncated` is the answer).
     record: bool,
     truncated: bool,
+    /// What is left of [`MAX_PAIRWISE`] for this diff, shared with the probes it makes.
+    pairwise: &'o Cell<usize>,
 }
 
 impl<'v> Walker<'_, 'v> {
@@ -400,9 +426,16 @@ impl<'v> Walker<'_, 'v> {
         }
     }
 
-    /// Pairs equal elements wherever they are (the first unused equal one, so the pairing is
-    /// the same whichever side is called live), then the rest in order. Only pairs that differ
-    /// are returned.
+    /// Pairs equal elements wherever they are, then the rest in order; returns the pairs that
+    /// differ and the elements on one side only.
+    ///
+    /// In O(n log n): each element is hashed once, equal elements alike ([`value_hash`]), and
+    /// both sides are sorted by hash. Elements of one hash are paired in index order, each pair
+    /// confirmed by comparing it (hashes can collide). For elements that are equal as a
+    /// relation should be, this is the pairing of taking, for each live element in turn, the
+    /// first unused equal shadow element, so it is the same whichever side is called live.
+    /// Elements left over are then paired where they are equal within the tolerance (which a
+    /// hash cannot see), one against each, within [`MAX_PAIRWISE`] comparisons per diff.
     #[allow(clippy::type_complexity, reason = "a local list of index/value pairs")]
     fn pair_unordered(
         &self,
@@ -410,45 +443,64 @@ impl<'v> Walker<'_, 'v> {
         y: &'v [Value],
         path: &mut Vec<Segment<'v>>,
     ) -> Vec<(Option<(usize, &'v Value)>, Option<(usize, &'v Value)>)> {
-        let mut used = vec![false; y.len()];
-        let mut left = Vec::new();
-        // Elements are probed at `[0]`; ignore patterns name indexes as `[*]` in practice.
+        let o = self.options;
+        // Elements are compared at `[0]`; ignore patterns name indexes as `[*]` in practice.
         path.push(Segment::Index(0));
-        if x.len().saturating_mul(y.len()) <= MAX_PAIRWISE {
-            for a in x.iter().enumerate() {
-                let found =
-                    (0..y.len()).find(|&j| !used[j] && probe(a.1, &y[j], path, self.options));
-                match found {
-                    Some(j) => used[j] = true,
-                    None => left.push(a),
-                }
-            }
-        } else {
-            let mut buckets: std::collections::HashMap<u64, Vec<usize>> =
-                std::collections::HashMap::new();
-            for (j, b) in y.iter().enumerate() {
-                buckets
-                    .entry(value_hash(b, path, self.options))
-                    .or_default()
-                    .push(j);
-            }
-            for a in x.iter().enumerate() {
-                let h = value_hash(a.1, path, self.options);
-                let found = buckets.get(&h).and_then(|js| {
-                    js.iter()
-                        .copied()
-                        .find(|&j| !used[j] && probe(a.1, &y[j], path, self.options))
-                });
-                match found {
-                    Some(j) => used[j] = true,
-                    None => left.push(a),
+        let mut by_hash = |side: &'v [Value]| {
+            let mut keys: Vec<(u64, usize)> = side
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (value_hash(v, path, o), i))
+                .collect();
+            keys.sort_unstable();
+            keys
+        };
+        let (hx, hy) = (by_hash(x), by_hash(y));
+        let mut paired_x = vec![false; x.len()];
+        let mut paired_y = vec![false; y.len()];
+        let (mut i, mut j) = (0, 0);
+        while i < hx.len() && j < hy.len() {
+            let h = hx[i].0;
+            match h.cmp(&hy[j].0) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    let i_end = i + hx[i..].iter().take_while(|k| k.0 == h).count();
+                    let j_end = j + hy[j..].iter().take_while(|k| k.0 == h).count();
+                    for (&(_, a), &(_, b)) in hx[i..i_end].iter().zip(&hy[j..j_end]) {
+                        if probe(&x[a], &y[b], path, o, self.pairwise) {
+                            (paired_x[a], paired_y[b]) = (true, true);
+                        }
+                    }
+                    (i, j) = (i_end, j_end);
                 }
             }
         }
+        let mut left: Vec<usize> = (0..x.len()).filter(|&a| !paired_x[a]).collect();
+        let mut right: Vec<usize> = (0..y.len()).filter(|&b| !paired_y[b]).collect();
+        let tries = left.len().saturating_mul(right.len());
+        if tries > 0 && tries <= self.pairwise.get() {
+            self.pairwise.set(self.pairwise.get() - tries);
+            let mut taken = vec![false; right.len()];
+            left.retain(|&a| {
+                let found = (0..right.len())
+                    .find(|&k| !taken[k] && probe(&x[a], &y[right[k]], path, o, self.pairwise));
+                if let Some(k) = found {
+                    taken[k] = true;
+                }
+                found.is_none()
+            });
+            let mut taken = taken.into_iter();
+            right.retain(|_| !taken.next().unwrap_or(false));
+        }
         path.pop();
-        let right: Vec<_> = y.iter().enumerate().filter(|(j, _)| !used[*j]).collect();
         (0..left.len().max(right.len()))
-            .map(|i| (left.get(i).copied(), right.get(i).copied()))
+            .map(|k| {
+                (
+                    left.get(k).map(|&a| (a, &x[a])),
+                    right.get(k).map(|&b| (b, &y[b])),
+                )
+            })
             .collect()
     }
 }
@@ -480,24 +532,35 @@ fn as_int(n: &Number) -> Option<i128> {
         .or_else(|| n.as_u64().map(i128::from))
 }
 
-/// A hash of a value that equal values share under the options: ignored paths left out,
-/// object entries and (for unordered arrays) elements combined independently of their order,
-/// numbers by their f64 value. Only a prefilter: a tolerance can make unequal hashes equal.
+/// A hash of a value that values equal under the options (without tolerance) share: ignored
+/// paths left out, object entries and (for unordered arrays) elements combined independently of
+/// their order, integers by their exact value (ids above 2^53 stay apart) and `1.0` as `1`.
+/// Unequal values rarely share one, but can; and a tolerance makes values of different hashes
+/// equal.
 pub fn value_hash<'v>(v: &'v Value, path: &mut Vec<Segment<'v>>, o: &DiffOptions<'_>) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = hasher();
     match v {
         Value::Null => 0u8.hash(&mut h),
         Value::Bool(b) => (1u8, b).hash(&mut h),
-        Value::Number(n) => (2u8, number_bits(n)).hash(&mut h),
+        Value::Number(n) => match as_int(n).or_else(|| n.as_f64().and_then(integral)) {
+            Some(i) => (2u8, i).hash(&mut h),
+            None => (6u8, n.as_f64().map_or(0, f64::to_bits)).hash(&mut h),
+        },
         Value::String(s) => (3u8, s).hash(&mut h),
         Value::Array(a) => {
             4u8.hash(&mut h);
             let mut acc = 0u64;
             for (i, e) in a.iter().enumerate() {
-                let eh = child_hash(e, Segment::Index(i), path, o);
                 acc = match o.order {
-                    ArrayOrder::Ordered => acc.rotate_left(5) ^ eh,
-                    ArrayOrder::Unordered => acc.wrapping_add(eh),
+                    ArrayOrder::Ordered => {
+                        let eh = child_hash(e, Segment::Index(i), path, o).unwrap_or(0);
+                        acc.rotate_left(5) ^ eh
+                    }
+                    // Compared at `[0]`, as `pair_unordered` compares them.
+                    ArrayOrder::Unordered => {
+                        let eh = child_hash(e, Segment::Index(0), path, o).unwrap_or(0);
+                        acc.wrapping_add(eh)
+                    }
                 };
             }
             acc.hash(&mut h);
@@ -506,10 +569,14 @@ pub fn value_hash<'v>(v: &'v Value, path: &mut Vec<Segment<'v>>, o: &DiffOptions
             5u8.hash(&mut h);
             let mut acc = 0u64;
             for (k, e) in m {
-                let mut kh = DefaultHasher::new();
-                k.hash(&mut kh);
-                let eh = child_hash(e, Segment::Key(k), path, o);
-                acc = acc.wrapping_add(kh.finish() ^ eh.rotate_left(17));
+                // An ignored entry is left out whole: present on one side only, it is no
+                // difference.
+                let Some(eh) = child_hash(e, Segment::Key(k), path, o) else {
+                    continue;
+                };
+                let mut entry = hasher();
+                (k, eh).hash(&mut entry);
+                acc = acc.wrapping_add(entry.finish());
             }
             acc.hash(&mut h);
         }
@@ -517,26 +584,31 @@ pub fn value_hash<'v>(v: &'v Value, path: &mut Vec<Segment<'v>>, o: &DiffOptions
     h.finish()
 }
 
+/// A hasher for [`value_hash`]: fast (hashing is most of an unordered comparison's time), and
+/// seeded at random once per process, so that no response can be built in advance to make
+/// its elements collide.
+fn hasher() -> FoldHasher<'static> {
+    static STATE: OnceLock<RandomState> = OnceLock::new();
+    STATE.get_or_init(RandomState::default).build_hasher()
+}
+
+/// The hash of a child, `None` where it is ignored.
 fn child_hash<'v>(
     v: &'v Value,
     seg: Segment<'v>,
     path: &mut Vec<Segment<'v>>,
     o: &DiffOptions<'_>,
-) -> u64 {
+) -> Option<u64> {
     path.push(seg);
-    let h = if o.ignore.iter().any(|p| p.matches(path)) {
-        0
-    } else {
-        value_hash(v, path, o)
-    };
+    let h = (!o.ignore.iter().any(|p| p.matches(path))).then(|| value_hash(v, path, o));
     path.pop();
     h
 }
 
-fn number_bits(n: &Number) -> u64 {
-    let f = n.as_f64().unwrap_or(0.0);
-    // -0.0 == 0.0, so they hash alike.
-    if f == 0.0 { 0 } else { f.to_bits() }
+/// The integer a float holds exactly, if any (`-0.0` is `0`).
+fn integral(f: f64) -> Option<i128> {
+    // 2^127: beyond it `as` would saturate.
+    (f.fract() == 0.0 && f.abs() < 1.7e38).then_some(f as i128)
 }
 
 /// One scalar (or empty container, or too-deep subtree) of a flattened document.

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::mirror::latency::LatencyHistogram;
 use crate::policy::path::RequestPath;
 use body::{Body, BodyDifference};
+use endpoint::Recent;
 pub use endpoint::Templater;
 pub use html::render_html;
 pub use json::{ArrayOrder, FieldPattern, FieldPatternError};
@@ -193,7 +194,11 @@ impl CompareConfig {
                 + 2 * (size_of::<(u64, (u64, Snapshot))>() + 8)
                 + size_of::<(u64, u64)>()
                 + 16);
-        size_of::<Comparator>() + endpoints + fingerprints
+        size_of::<Comparator>()
+            + endpoints
+            + fingerprints
+            + Templater::memory_limit(&self.templates)
+            + Recent::memory_limit(endpoint::RECENT)
     }
 
     fn noise_rule(&self) -> NoiseRule {
@@ -408,8 +413,13 @@ pub struct Comparator {
     by_name: HashMap<String, u32>,
     /// The index of [`OTHER_ENDPOINT`], once needed.
     other: Option<u32>,
-    /// Exchanges counted under [`OTHER_ENDPOINT`].
+    /// Exchanges counted under [`OTHER_ENDPOINT`] because every slot was taken.
     endpoints_overflowed: u64,
+    /// Exchanges counted under [`OTHER_ENDPOINT`] because their endpoint was new while more than
+    /// half the slots were taken: the rest go to endpoints seen at least twice.
+    endpoints_first_seen: u64,
+    /// New endpoint names met while more than half the slots were taken.
+    names_seen: Recent,
     fingerprints: Fingerprints,
 }
 
@@ -434,6 +444,8 @@ impl Comparator {
             by_name: HashMap::new(),
             other: None,
             endpoints_overflowed: 0,
+            endpoints_first_seen: 0,
+            names_seen: Recent::new(endpoint::RECENT),
         }
     }
 
@@ -441,16 +453,11 @@ impl Comparator {
         &self.config
     }
 
-    /// The endpoint an exchange is counted under: method and path template, such as
-    /// `GET /users/{id}/orders`.
-    pub fn endpoint(&self, method: &str, path: &RequestPath) -> String {
-        self.templater.endpoint(method, path)
-    }
-
-    /// Counts one exchange.
+    /// Counts one exchange, under its endpoint: method and path template, such as
+    /// `GET /users/{id}/orders` (see [`endpoint`]).
     pub fn observe(&mut self, exchange: &Exchange<'_>) {
-        let name = self.endpoint(exchange.method, exchange.path);
-        let e = self.endpoint_index(name);
+        let named = self.templater.endpoint(exchange.method, exchange.path);
+        let e = self.endpoint_index(named);
         let cfg = &self.config;
         let options = json::DiffOptions {
             tolerance: cfg.numeric_tolerance,
@@ -581,17 +588,34 @@ impl Comparator {
             + self.by_name.capacity() * (size_of::<(String, u32)>() + 1)
             + self.by_name.keys().map(String::capacity).sum::<usize>()
             + self.fingerprints.memory_bytes()
+            + (self.templater.memory_bytes() - size_of::<Templater>())
+            + self.names_seen.memory_bytes()
     }
 
-    /// The index of an endpoint, added when there is room, else [`OTHER_ENDPOINT`].
-    fn endpoint_index(&mut self, name: String) -> u32 {
+    /// The index of an endpoint, added when there is room, else [`OTHER_ENDPOINT`]. The second
+    /// half of the slots goes only to endpoints met before (the name seen recently, or a
+    /// segment of it recognised), so that names that never repeat (random paths the templates
+    /// and the learning did not catch) cannot take them all, while a new endpoint is given a
+    /// slot at its second exchange.
+    fn endpoint_index(&mut self, named: endpoint::Named) -> u32 {
+        let endpoint::Named { name, recognised } = named;
         if let Some(&i) = self.by_name.get(&name) {
             return i;
         }
         let tracked = self.endpoints.len() - usize::from(self.other.is_some());
         let index = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
-        if tracked >= self.config.max_endpoints {
-            self.endpoints_overflowed += 1;
+        let max = self.config.max_endpoints;
+        let counted = if tracked >= max {
+            Some(&mut self.endpoints_overflowed)
+        } else if tracked >= max.div_ceil(2)
+            && !(self.names_seen.repeated(noise::field_hash(&name)) || recognised)
+        {
+            Some(&mut self.endpoints_first_seen)
+        } else {
+            None
+        };
+        if let Some(counter) = counted {
+            *counter += 1;
             if let Some(i) = self.other {
                 return i;
             }

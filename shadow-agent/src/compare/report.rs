@@ -123,6 +123,14 @@ pub struct Totals {
     pub flagged: usize,
     /// Exchanges counted under `(other)` because `max_endpoints` was reached.
     pub endpoints_overflowed: u64,
+    /// Exchanges counted under `(other)` because their endpoint was seen for the first time
+    /// while more than half of `max_endpoints` were taken (seen again, it gets its own).
+    #[serde(default)]
+    pub endpoints_first_seen: u64,
+    /// Path segments counted as `{var}`: new values at a position where values mostly do not
+    /// repeat.
+    #[serde(default)]
+    pub segments_learned: u64,
     pub memory_bytes: usize,
 }
 
@@ -151,6 +159,8 @@ pub(super) fn build(c: &Comparator) -> Report {
             endpoints: endpoints.len(),
             flagged: flagged.len(),
             endpoints_overflowed: c.endpoints_overflowed,
+            endpoints_first_seen: c.endpoints_first_seen,
+            segments_learned: c.templater.learned(),
             memory_bytes: c.memory_bytes(),
         },
         flagged,

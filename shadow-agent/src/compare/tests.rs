@@ -1,3 +1,5 @@
+use std::collections::BTreeSet;
+
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -528,8 +530,9 @@ fn memory_stays_bounded() {
     let h = json_headers();
     let mut rng = Rng(7);
     for i in 0..10_000u64 {
-        // A new endpoint, new fields with long names, long values, new request every time.
-        let target = format!("/e{i}/{}", "p".repeat(i as usize % 300));
+        // A new endpoint (seen twice, so that it is given a slot while there are any), new
+        // fields with long names, long values, new request every time.
+        let target = format!("/e{}/f{}/{}", i % 64, i / 64, "p".repeat(i as usize % 300));
         let key = |k: u64| format!("field_{i}_{k}_{}", "k".repeat(200));
         let mut live = serde_json::Map::new();
         let mut shadow = serde_json::Map::new();
@@ -541,7 +544,7 @@ fn memory_stays_bounded() {
             Value::Object(live).to_string(),
             Value::Object(shadow).to_string(),
         );
-        for target in [target.as_str(), "/shared"] {
+        for target in [target.as_str(), target.as_str(), "/shared"] {
             c.observe(&Exchange {
                 method: "GET",
                 target,
@@ -565,8 +568,19 @@ fn memory_stays_bounded() {
     assert!(used <= limit, "{used} > {limit}");
     let report = c.report();
     let other = endpoint(&report, OTHER_ENDPOINT);
-    assert_eq!(other.compared, 10_000 - config.max_endpoints as u64 + 1);
-    assert!(report.totals.endpoints_overflowed > 0);
+    let t = &report.totals;
+    assert!(
+        t.endpoints_overflowed > 0 && t.endpoints_first_seen > 0,
+        "{t:?}"
+    );
+    assert_eq!(
+        other.compared,
+        t.endpoints_overflowed + t.endpoints_first_seen
+    );
+    assert_eq!(
+        report.endpoints.iter().map(|e| e.compared).sum::<u64>(),
+        3 * 10_000
+    );
     let shared = endpoint(&report, "GET /shared");
     assert!(field(shared, OTHER_FIELDS).is_some() || shared.judged_early > 0);
     assert_eq!(shared.compared, 10_000);
@@ -652,5 +666,152 @@ proptest! {
         let report = c.report();
         prop_assert!(report.endpoints[0].matched >= 1);
         let _ = render_html(&report);
+    }
+}
+
+/// Random lower-case words from a seed (xorshift).
+fn words(seed: u64, n: usize) -> Vec<String> {
+    let mut rng = Rng(seed | 1);
+    (0..n)
+        .map(|_| {
+            (0..10)
+                .map(|_| char::from(b'a' + (rng.next() % 26) as u8))
+                .collect()
+        })
+        .collect()
+}
+
+/// One exchange of `target` whose live and shadow bodies agree.
+fn observe_target(c: &mut Comparator, target: &str) {
+    let h = json_headers();
+    c.observe(&Exchange {
+        method: "GET",
+        target,
+        path: &read_path(target),
+        request_body: b"",
+        live: observed(200, &h, b"{}", 5),
+        candidate: observed(200, &h, b"{}", 5),
+        baseline: None,
+    });
+}
+
+#[test]
+fn exchanges_under_other_are_counted_by_reason() {
+    let config = CompareConfig {
+        max_endpoints: 4,
+        ..CompareConfig::default()
+    };
+    let mut c = Comparator::new(config);
+    for target in ["/a", "/b", "/c", "/c", "/d", "/e", "/e", "/f", "/f"] {
+        observe_target(&mut c, target);
+    }
+    let report = c.report();
+    let names: BTreeSet<&str> = report
+        .endpoints
+        .iter()
+        .map(|e| e.endpoint.as_str())
+        .collect();
+    // Once half the slots were taken, `/c` and `/e` were given one at their second exchange
+    // (their first counted under `(other)`), `/d` was seen once; `/f` came when all four were
+    // taken.
+    assert_eq!(
+        names,
+        BTreeSet::from(["GET /a", "GET /b", "GET /c", "GET /e", OTHER_ENDPOINT])
+    );
+    let t = &report.totals;
+    assert_eq!(
+        (t.endpoints_first_seen, t.endpoints_overflowed),
+        (3, 2),
+        "{t:?}"
+    );
+    assert_eq!(endpoint(&report, OTHER_ENDPOINT).compared, 5);
+    assert!(render_html(&report).contains("the first of a new endpoint"));
+}
+
+#[test]
+fn deep_random_paths_take_at_most_half_the_slots() {
+    let config = CompareConfig::default();
+    let mut c = Comparator::new(config.clone());
+    for (i, chunk) in words(5, 40_000).chunks(20).enumerate() {
+        observe_target(&mut c, &format!("/{}", chunk.join("/")));
+        if i % 10 == 0 {
+            observe_target(&mut c, "/orders/pending");
+        }
+    }
+    // Endpoints met for the first time once the flood has taken half the slots.
+    for _ in 0..2 {
+        observe_target(&mut c, "/refunds/new");
+        observe_target(&mut c, "/users/me/settings");
+    }
+    let report = c.report();
+    let flood = report
+        .endpoints
+        .iter()
+        .filter(|e| e.endpoint != OTHER_ENDPOINT)
+        .count()
+        - 3;
+    assert!(flood <= config.max_endpoints / 2, "{flood}");
+    for (name, compared) in [
+        ("GET /orders/pending", 200),
+        ("GET /refunds/new", 1),
+        ("GET /users/me/settings", 1),
+    ] {
+        assert_eq!(endpoint(&report, name).compared, compared, "{name}");
+    }
+    assert!(report.totals.endpoints_first_seen > 0);
+}
+
+proptest! {
+    /// A flood of random `/users/<word>` paths, with a few real endpoints among them at random
+    /// places, on a small endpoint table: each real endpoint is compared in a row of its own
+    /// (all its exchanges but possibly its first), and the flood takes few rows.
+    #[test]
+    fn a_flood_of_random_paths_leaves_real_endpoints_their_slots(
+        seed in any::<u64>(),
+        flood in 300usize..1500,
+        real in proptest::collection::vec((0usize..5, 0usize..1500), 30..80),
+    ) {
+        const REAL: [(&str, &str); 5] = [
+            ("/users/me", "GET /users/me"),
+            ("/users/search?q=x", "GET /users/search"),
+            ("/orders", "GET /orders"),
+            ("/orders/42", "GET /orders/{id}"),
+            ("/users/settings/profile", "GET /users/settings/profile"),
+        ];
+        let config = CompareConfig { max_endpoints: 16, ..CompareConfig::default() };
+        let mut c = Comparator::new(config);
+        let mut sent = [0u64; 5];
+        for (i, w) in words(seed, flood).iter().enumerate() {
+            for &(e, _) in real.iter().filter(|(_, at)| *at == i) {
+                observe_target(&mut c, REAL[e].0);
+                sent[e] += 1;
+            }
+            observe_target(&mut c, &format!("/users/{w}"));
+        }
+        let report = c.report();
+        for (e, (_, name)) in REAL.iter().enumerate() {
+            let compared = report
+                .endpoints
+                .iter()
+                .find(|r| r.endpoint == *name)
+                .map_or(0, |r| r.compared);
+            prop_assert!(
+                compared + 1 >= sent[e],
+                "{name}: {compared} of {} compared in its row; {:?}",
+                sent[e],
+                report.endpoints.iter().map(|e| (&e.endpoint, e.compared)).collect::<Vec<_>>()
+            );
+        }
+        // The one-offs of `/users/`, the first path (written as it is while `users` was new),
+        // and `/users/{var}`.
+        let flood_rows = report
+            .endpoints
+            .iter()
+            .filter(|e| {
+                e.endpoint.starts_with("GET /users/") && !REAL.iter().any(|r| r.1 == e.endpoint)
+            })
+            .count();
+        prop_assert!(flood_rows <= endpoint::MAX_ONE_OFFS as usize + 2, "{flood_rows}");
+        prop_assert!(c.memory_bytes() <= c.config().memory_limit());
     }
 }

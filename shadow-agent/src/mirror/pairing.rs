@@ -1,10 +1,12 @@
 //! Brings together, for one mirrored request, the live service's response (rebuilt from captured
 //! packets), the shadow's answer and, when the route has one, the baseline's, so that they can be
 //! compared. Pure: time is passed in; every entry is bounded in number and bytes and expires.
+//!
+//! What an entry keeps is its own allocation (`Box<[u8]>`, `String`), never a slice of a
+//! captured body: a `Bytes` slice of 256 KiB can keep a body of 16 MiB alive, and the limits
+//! would count the slice while the process holds the body. The bytes counted are the bytes held.
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
 
 use crate::pipeline::FlowAddrs;
 use crate::policy::path::RequestPath;
@@ -30,21 +32,24 @@ pub struct PairKey {
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
-    /// At most the comparison's body limit; `body_truncated` says when more was sent.
-    pub body: Bytes,
+    /// At most the comparison's body limit, copied out of what was received;
+    /// `body_truncated` says when more was sent.
+    pub body: Box<[u8]>,
     pub body_truncated: bool,
     pub latency: Duration,
 }
 
 impl Answer {
+    /// The bytes it holds: allocations at their capacity.
     fn bytes(&self) -> usize {
-        self.body.len()
+        size_of::<Self>()
+            + self.body.len()
+            + self.headers.capacity() * size_of::<(String, Vec<u8>)>()
             + self
                 .headers
                 .iter()
-                .map(|(n, v)| n.len() + v.len() + 16)
+                .map(|(n, v)| n.capacity() + v.capacity())
                 .sum::<usize>()
-            + 64
     }
 }
 
@@ -55,7 +60,7 @@ pub struct Complete {
     pub target: String,
     /// The path the policy read to mirror the request.
     pub path: RequestPath,
-    pub request_body: Bytes,
+    pub request_body: Box<[u8]>,
     pub live: Answer,
     pub candidate: Answer,
     pub baseline: Option<Answer>,
@@ -79,7 +84,9 @@ struct Pending {
     method: String,
     target: String,
     path: RequestPath,
-    request_body: Bytes,
+    /// A copy: the captured body may be larger than its length (a buffer grown by doubling),
+    /// and the copies to targets that share it are gone long before the comparison.
+    request_body: Box<[u8]>,
     /// When the request's last byte was captured: the live latency runs from there.
     request_done: Duration,
     expect_baseline: bool,
@@ -90,16 +97,17 @@ struct Pending {
 }
 
 impl Pending {
+    /// The bytes it holds.
     fn bytes(&self) -> usize {
-        self.method.len()
-            + self.target.len()
+        size_of::<Self>()
+            + self.method.capacity()
+            + self.target.capacity()
             + self.path.as_str().len()
             + self.request_body.len()
             + [&self.live, &self.candidate, &self.baseline]
                 .iter()
                 .filter_map(|a| a.as_ref().map(Answer::bytes))
                 .sum::<usize>()
-            + 128
     }
 
     fn is_complete(&self) -> bool {
@@ -154,7 +162,7 @@ impl Pairing {
     }
 
     /// Starts a comparison for a request that was just mirrored; `request_done` is the capture
-    /// time of its last byte.
+    /// time of its last byte. The request's body is copied.
     #[allow(clippy::too_many_arguments)]
     pub fn expect(
         &mut self,
@@ -163,7 +171,7 @@ impl Pairing {
         method: &str,
         target: &str,
         path: RequestPath,
-        request_body: Bytes,
+        request_body: &[u8],
         request_done: Duration,
         expect_baseline: bool,
     ) {
@@ -171,7 +179,7 @@ impl Pairing {
             method: method.to_owned(),
             target: target.to_owned(),
             path,
-            request_body,
+            request_body: request_body.into(),
             request_done,
             expect_baseline,
             live: None,
@@ -299,7 +307,7 @@ mod tests {
         Answer {
             status,
             headers: vec![("content-type".into(), b"application/json".to_vec())],
-            body: Bytes::from_static(body),
+            body: body.into(),
             body_truncated: false,
             latency: Duration::from_millis(5),
         }
@@ -312,7 +320,7 @@ mod tests {
             "GET",
             "/x",
             RequestPath::of_target("/x").expect("readable"),
-            Bytes::new(),
+            b"",
             Duration::from_millis(100),
             baseline,
         );
@@ -379,6 +387,28 @@ mod tests {
         }
         assert!(p.bytes() <= 4096, "{}", p.bytes());
         assert!(p.counters().evicted >= 1);
+    }
+
+    #[test]
+    fn request_bodies_count_against_the_limit() {
+        let now = Instant::now();
+        let mut p = Pairing::new(100, 64 << 10, Duration::from_secs(5));
+        let body = vec![b'x'; 30_000];
+        for seq in 0..4 {
+            let path = RequestPath::of_target("/x").expect("readable");
+            p.expect(
+                now,
+                key(seq),
+                "POST",
+                "/x",
+                path,
+                &body,
+                Duration::ZERO,
+                false,
+            );
+        }
+        assert!(p.bytes() <= 64 << 10, "{}", p.bytes());
+        assert_eq!((p.len(), p.counters().evicted), (2, 2));
     }
 
     #[test]

@@ -425,3 +425,253 @@ fn a_cut_flattening_keeps_the_shallow_fields() {
         "{fields:?}"
     );
 }
+
+#[test]
+fn unordered_arrays_of_many_equal_elements() {
+    let o = DiffOptions {
+        order: ArrayOrder::Unordered,
+        ..DiffOptions::default()
+    };
+    let line = |qty: u32| json!({"sku": "GRD-000042", "qty": qty});
+    let live = Value::Array((0..100_000).map(|_| line(1)).collect());
+    assert!(equal(&live, &live, &o));
+    let mut shadow = live.clone();
+    if let Value::Array(a) = &mut shadow {
+        a[99_999] = line(2);
+        a[7] = line(3);
+    }
+    // The unequal ones are paired with each other, in order: live's first unpaired element
+    // (the last, as the equal ones were paired in index order) against the shadow's first.
+    let got = paths(&live, &shadow, &o);
+    assert_eq!(
+        got,
+        [
+            ("$[99998].qty".to_owned(), DiffKind::Changed),
+            ("$[99999].qty".to_owned(), DiffKind::Changed)
+        ]
+    );
+}
+
+#[test]
+fn unordered_integers_above_2_pow_53_stay_apart() {
+    // Neighbours share an f64 (ids from a snowflake generator, say), but not a value.
+    let o = DiffOptions {
+        order: ArrayOrder::Unordered,
+        ..DiffOptions::default()
+    };
+    let base = 1u64 << 60;
+    let live = Value::Array((0..5_000).map(|i| json!(base + i)).collect());
+    let shadow = Value::Array((0..5_000).rev().map(|i| json!(base + i)).collect());
+    assert!(equal(&live, &shadow, &o));
+    let mut other = shadow.clone();
+    other[0] = json!(base + 5_000);
+    assert_eq!(
+        paths(&live, &other, &o),
+        [("$[4999]".to_owned(), DiffKind::Changed)]
+    );
+    // An integral float is its integer.
+    assert!(equal(&json!([1, 2.0]), &json!([2, 1.0]), &o));
+}
+
+#[test]
+fn unordered_elements_equal_within_the_tolerance_are_paired() {
+    let o = DiffOptions {
+        order: ArrayOrder::Unordered,
+        tolerance: 0.01,
+        ..DiffOptions::default()
+    };
+    // Exact copies pair by hash; the two within 1 % by comparison; one is left.
+    let live = Value::Array((0..1_000).map(|i| json!(f64::from(i) + 0.5)).collect());
+    let mut shadow = live.clone();
+    shadow[10] = json!(10.52);
+    shadow[20] = json!(20.6);
+    shadow[900] = json!(5_000.5);
+    assert_eq!(
+        paths(&live, &shadow, &o),
+        [("$[900]".to_owned(), DiffKind::Changed)]
+    );
+}
+
+/// JSON over a few values, so that arrays hold duplicates and elements that almost match.
+fn small_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(json!(0)),
+        Just(json!(1)),
+        Just(json!(1.5)),
+        Just(json!("a")),
+        Just(json!("b")),
+        Just(Value::Null),
+        Just(json!(true)),
+    ];
+    leaf.prop_recursive(3, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..7).prop_map(Value::Array),
+            proptest::collection::btree_map("[ab]", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// `v` with every array, at every depth, in another order: each rotated and, by `seed`,
+/// reversed.
+fn permuted(v: &Value, seed: u64) -> Value {
+    match v {
+        Value::Array(a) => {
+            let mut a: Vec<Value> = a
+                .iter()
+                .enumerate()
+                .map(|(i, e)| permuted(e, seed.rotate_left(i as u32 + 1)))
+                .collect();
+            if !a.is_empty() {
+                let by = seed as usize % a.len();
+                a.rotate_left(by);
+            }
+            if seed & 1 == 1 {
+                a.reverse();
+            }
+            Value::Array(a)
+        }
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, e)| (k.clone(), permuted(e, seed.rotate_left(7))))
+                .collect(),
+        ),
+        scalar => scalar.clone(),
+    }
+}
+
+/// The unordered diff as it was first written, in quadratic time: each live element takes the
+/// first unused shadow element equal to it; the rest are paired in order. Without tolerance
+/// or ignored fields.
+fn naive_unordered(a: &Value, b: &Value) -> Vec<(String, DiffKind)> {
+    fn walk<'v>(
+        a: &'v Value,
+        b: &'v Value,
+        path: &mut Vec<Segment<'v>>,
+        out: &mut Vec<(String, DiffKind)>,
+    ) {
+        let mut push = |path: &[Segment<'_>], kind| out.push((render_path(path, false), kind));
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                for (k, va) in x {
+                    path.push(Segment::Key(k));
+                    match y.get(k) {
+                        Some(vb) => walk(va, vb, path, out),
+                        None => out.push((render_path(path, false), DiffKind::Missing)),
+                    }
+                    path.pop();
+                }
+                for k in y.keys().filter(|k| !x.contains_key(*k)) {
+                    path.push(Segment::Key(k));
+                    out.push((render_path(path, false), DiffKind::Added));
+                    path.pop();
+                }
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                let mut used = vec![false; y.len()];
+                let mut left = Vec::new();
+                for (i, e) in x.iter().enumerate() {
+                    match (0..y.len()).find(|&j| !used[j] && naive_unordered(e, &y[j]).is_empty()) {
+                        Some(j) => used[j] = true,
+                        None => left.push(i),
+                    }
+                }
+                let right: Vec<usize> = (0..y.len()).filter(|&j| !used[j]).collect();
+                for k in 0..left.len().max(right.len()) {
+                    match (left.get(k), right.get(k)) {
+                        (Some(&i), Some(&j)) => {
+                            path.push(Segment::Index(i));
+                            walk(&x[i], &y[j], path, out);
+                            path.pop();
+                        }
+                        (Some(&i), None) => {
+                            path.push(Segment::Index(i));
+                            out.push((render_path(path, false), DiffKind::Missing));
+                            path.pop();
+                        }
+                        (None, Some(&j)) => {
+                            path.push(Segment::Index(j));
+                            out.push((render_path(path, false), DiffKind::Added));
+                            path.pop();
+                        }
+                        (None, None) => {}
+                    }
+                }
+            }
+            (Value::Number(x), Value::Number(y)) => {
+                if !numbers_equal(x, y, 0.0) {
+                    push(path, DiffKind::Changed);
+                }
+            }
+            (Value::String(x), Value::String(y)) if x == y => {}
+            (Value::Bool(x), Value::Bool(y)) if x == y => {}
+            (Value::Null, Value::Null) => {}
+            (Value::String(_), Value::String(_)) | (Value::Bool(_), Value::Bool(_)) => {
+                push(path, DiffKind::Changed);
+            }
+            _ => push(path, DiffKind::TypeChanged),
+        }
+    }
+    let mut out = Vec::new();
+    walk(a, b, &mut Vec::new(), &mut out);
+    out
+}
+
+proptest! {
+    /// Arrays in any order, at any depth, are equal unordered; and whether two values are
+    /// equal does not depend on the order of their arrays.
+    #[test]
+    fn unordered_comparison_is_invariant_under_permutation(
+        a in small_json(),
+        b in small_json(),
+        seed in any::<u64>(),
+    ) {
+        let o = DiffOptions {
+            order: ArrayOrder::Unordered,
+            max_differences: usize::MAX,
+            ..DiffOptions::default()
+        };
+        prop_assert!(diff(&a, &permuted(&a, seed), &o).differences.is_empty());
+        prop_assert_eq!(
+            equal(&a, &b, &o),
+            equal(&permuted(&a, seed), &permuted(&b, seed.rotate_left(13)), &o)
+        );
+    }
+
+    /// Equal multisets, with many duplicates, have no difference.
+    #[test]
+    fn equal_multisets_have_no_difference(
+        elements in proptest::collection::vec(small_json(), 0..40),
+        copies in proptest::collection::vec(1usize..4, 40),
+        seed in any::<u64>(),
+    ) {
+        let o = DiffOptions { order: ArrayOrder::Unordered, ..DiffOptions::default() };
+        let live: Vec<Value> = elements
+            .iter()
+            .zip(&copies)
+            .flat_map(|(e, &n)| std::iter::repeat_n(e.clone(), n))
+            .collect();
+        let live = Value::Array(live);
+        let shadow = permuted(&live, seed);
+        prop_assert!(diff(&live, &shadow, &o).differences.is_empty());
+    }
+
+    /// The same differences, in the same order, as the quadratic pairing.
+    #[test]
+    fn unordered_diff_agrees_with_the_naive_pairing(
+        a in small_json(),
+        b in small_json(),
+        x in proptest::collection::vec(small_json(), 0..10),
+        y in proptest::collection::vec(small_json(), 0..10),
+    ) {
+        let o = DiffOptions {
+            order: ArrayOrder::Unordered,
+            max_differences: usize::MAX,
+            ..DiffOptions::default()
+        };
+        prop_assert_eq!(paths(&a, &b, &o), naive_unordered(&a, &b));
+        // Arrays over the same few values: most elements have an equal one on the other side.
+        let (x, y) = (Value::Array(x), Value::Array(y));
+        prop_assert_eq!(paths(&x, &y, &o), naive_unordered(&x, &y));
+    }
+}
