@@ -243,7 +243,14 @@ impl BodyReader {
             BodyKind::Chunked(decoder) => decoder.trailers,
             _ => Vec::new(),
         };
-        let body = self.whole.unwrap_or_else(|| Bytes::from(self.sink.data));
+        let body = self.whole.unwrap_or_else(|| {
+            let mut data = self.sink.data;
+            // A body of unknown length grew by doubling: what the request or response keeps is
+            // counted by its length everywhere (copies in flight, comparisons), so it holds no
+            // spare room beyond that.
+            data.shrink_to_fit();
+            Bytes::from(data)
+        });
         (body, trailers)
     }
 }
