@@ -328,7 +328,10 @@ fn assert_operations_metrics(site: &Site) {
         route["latency_p50_ms"].as_f64().expect("p50"),
         route["latency_p99_ms"].as_f64().expect("p99"),
     );
-    assert!(0.0 < p50 && p50 <= p99 && p99 < 1000.0, "{json:#}");
+    // An answer later than the copy timeout (1 s) is a failure, not a latency: p99 is at most
+    // the upper edge of the histogram bucket that holds 1 s, 2^30 ns. (How fast the shadow
+    // answered depends on the machine; a slow virtual machine takes most of the second.)
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= 1073.75, "{json:#}");
     assert_eq!(
         json["ring_buffer"]["size_bytes"].as_f64(),
         Some(RING_BUFFER_BYTES),
