@@ -3,7 +3,7 @@
 //! Loading is two passes over one parse. Each section (and each `[[route]]`) is deserialised on
 //! its own with unknown keys refused, so a typo in one does not hide the errors of another;
 //! then every value is checked. All errors are collected, each naming its key and line, as
-//! `FILE:LINE: key `route[1].match.port`: message`. README.md has the reference.
+//! `FILE:LINE: key `route[1].match.port`: message`. docs/configuration.md has the reference.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
