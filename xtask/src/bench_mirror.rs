@@ -359,7 +359,15 @@ fn with_agent_in(
     let cpu = cpu_time_us(pid)? - cpu_before;
     let delivered = (topo.shadow_nginx.served() - delivered_before) as u64;
     let exit = agent.interrupt();
-    exit.assert_success();
+    if !exit.status.success() {
+        let log = crate::target_dir().join("bench/agent-failed.log");
+        std::fs::write(&log, &exit.stderr)?;
+        bail!(
+            "shadow-agent exited with {}; its stderr is in {}",
+            exit.status,
+            log.display()
+        );
+    }
     let json = exit.json();
     let copies = json["mirror"]["targets"][0]["sent"].as_u64().unwrap_or(0);
     let compared = json["compare"]["completed"].as_u64().unwrap_or(0);
