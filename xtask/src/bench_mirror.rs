@@ -304,6 +304,19 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             "churn, fixed rate, agent 100 %",
             Box::new(|| with_agent(&topo, &config, &[], churn)),
         ),
+        (
+            "churn, fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
+            Box::new(|| in_pod(&[], &churn)),
+        ),
+        (
+            "churn, fixed rate, agent 100 %, shadow at SCHED_IDLE",
+            Box::new(|| {
+                topo.shadow_idle(true)?;
+                let low = with_agent(&topo, &config, &[], churn);
+                topo.shadow_idle(false)?;
+                low
+            }),
+        ),
     ];
     let mut rows: Vec<(&str, Vec<Figures>)> = scenarios
         .iter()
@@ -603,6 +616,18 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             "churn, fixed rate, agent 100 %",
             churn,
         ),
+        (
+            bench.churn_rate,
+            "a connection per request, agent in its own 100m cgroup, SCHED_IDLE",
+            "churn, fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
+            churn,
+        ),
+        (
+            bench.churn_rate,
+            "a connection per request, agent with the shadow at SCHED_IDLE",
+            "churn, fixed rate, agent 100 %, shadow at SCHED_IDLE",
+            churn,
+        ),
     ] {
         out += &format!(
             "ratios at {rate} requests/s, {what} / no agent: p50 {:.2}, p99 {:.2}\n",
@@ -619,6 +644,26 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             bench.churn_rate,
             med(figs, &|f| (f.requests + f.errors) as f64 / f64::from(ports)),
         );
+    }
+    // The rounds behind the medians of the rows that decide the scheduling default and the
+    // churn goals, to tell a difference from the noise.
+    for (name, figs) in rows
+        .iter()
+        .filter(|(name, _)| name.contains("cgroup") || name.starts_with("churn"))
+    {
+        let rounds: Vec<String> = figs
+            .iter()
+            .map(|f| match f.agent {
+                Some(a) => format!(
+                    "p99 {:.3} ms, delivered {:.3} %, {:.1} us/copy",
+                    f.load.p99_ms,
+                    a.delivered as f64 * 100.0 / f.requests.max(1) as f64,
+                    a.cpu_us / a.copies.max(1) as f64
+                ),
+                None => format!("p99 {:.3} ms", f.load.p99_ms),
+            })
+            .collect();
+        out += &format!("{name}, by round: {}\n", rounds.join("; "));
     }
     // Where copies went missing: requests the agent never rebuilt, packets lost before it.
     for (name, figs) in rows {
