@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::{HeldConnections, curl};
 use shadow_tests::site::{Site, metric, route};
 use shadow_tests::{Agent, Netns, Program, agent_bin, require_root, run_ok, wait_for};
@@ -61,7 +62,7 @@ fn admin_probes_are_answered_while_thousands_of_connections_are_held() {
     let agent = Agent::run(
         &site.live,
         &config,
-        &["--report-interval", "0s", "--nice", "0"],
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
     );
     let admin: SocketAddr = "127.0.0.1:9464".parse().expect("addr");
 

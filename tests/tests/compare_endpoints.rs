@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::curl;
 use shadow_tests::site::{Site, count, metric, metrics_text, route, stats, write_atomically};
 use shadow_tests::{Agent, Nginx, ShadowMode, ShadowServer, require_root, wait_for};
@@ -21,15 +22,21 @@ fn a_flood_of_random_paths_leaves_real_endpoints_their_rows() {
     let _nginx = Nginx::start(&site.live, site.live_addr());
     let _shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
     let config = site.dir.path().join("config.toml");
+    // Room for every copy in flight: curl sends faster than a busy machine's shadow answers,
+    // and this test is about naming endpoints, not about the in-flight bound.
     write_atomically(
         &config,
         &format!(
             "[capture]\ninterfaces = [\"veth-lf\"]\nhooks = [\"ingress\", \"egress\"]\nports = [80]\n\n\
-             {}\n[compare]\nmax_endpoints = 8\n",
+             {}max_in_flight = 1000\n\n[compare]\nmax_endpoints = 8\n",
             route("").replace("SHADOW", &site.shadow_addr().to_string())
         ),
     );
-    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    let agent = Agent::run(
+        &site.live,
+        &config,
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
+    );
 
     // Deterministic random words (xorshift), ten letters each.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -56,16 +63,32 @@ fn a_flood_of_random_paths_leaves_real_endpoints_their_rows() {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     curl(&site.client, &args);
+    let start = std::time::Instant::now();
 
-    let report: Value = wait_for(
+    let mut last = Value::Null;
+    let report: Option<Value> = wait_for(
         "every exchange in the report",
         Duration::from_secs(30),
         || {
             let out = curl(&site.live, &["http://127.0.0.1:9464/report"]);
-            let report: Value = serde_json::from_slice(&out.stdout).ok()?;
-            (count(&report, &["totals", "compared"]) == paths.len() as u64).then_some(report)
+            if let Ok(report) = serde_json::from_slice::<Value>(&out.stdout) {
+                last = report;
+            }
+            if count(&last, &["totals", "compared"]) == paths.len() as u64 {
+                return Some(Some(last.clone()));
+            }
+            (start.elapsed() > Duration::from_secs(29)).then_some(None)
         },
     );
+    let Some(report) = report else {
+        panic!(
+            "{} exchanges, not {}, compared:\n{:#}\n{:#}",
+            count(&last, &["totals", "compared"]),
+            paths.len(),
+            last["totals"],
+            stats(&site)
+        );
+    };
     let compared = |name: &str| {
         report["endpoints"]
             .as_array()

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::curl;
 use shadow_tests::site::{Site, count, route, stats, write_atomically};
 use shadow_tests::{Agent, Nginx, ShadowMode, ShadowServer, require_root};
@@ -56,7 +57,7 @@ fn memory_stays_under_the_ceiling_with_large_responses_and_a_stalled_shadow() {
     let agent = Agent::run(
         &site.live,
         &config,
-        &["--report-interval", "0s", "--nice", "0"],
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
     );
     let pid = agent.pid();
 

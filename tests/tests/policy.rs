@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
+use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::curl;
 use shadow_tests::site::{Site, count, metric, metrics_text};
 use shadow_tests::{AccessLog, Agent, Nginx, ShadowMode, ShadowServer, require_root, wait_for};
@@ -117,7 +118,7 @@ fn a_denied_path_stays_denied_in_every_spelling_nginx_serves_it_by() {
     let agent = Agent::run(
         &site.live,
         &site.config(ROUTES),
-        &["--report-interval", "0s"],
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
     );
 
     // nginx resolves every spelling to the same location and path.
@@ -224,7 +225,7 @@ fn paths_the_live_server_refuses_or_servers_read_differently_are_never_mirrored(
     let agent = Agent::run(
         &site.live,
         &site.config(ROUTES),
-        &["--report-interval", "0s"],
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
     );
 
     for (target, answer) in UNREADABLE.map(|(t, a, _)| (t, a)) {

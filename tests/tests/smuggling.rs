@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::{curl, send_chunks_and_close};
 use shadow_tests::site::{Site, count, route};
 use shadow_tests::{AccessLog, Agent, Nginx, ShadowMode, ShadowServer, require_root, wait_for};
@@ -48,7 +49,11 @@ fn assert_not_smuggled(head: &[u8], nginx_directives: &str, verdict: NginxVerdic
     );
     let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
     let config = site.config(&route(""));
-    let agent = Agent::run(&site.live, &config, &["--report-interval", "0s"]);
+    let agent = Agent::run(
+        &site.live,
+        &config,
+        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
+    );
 
     // The body in its own segments, so the agent has bytes to skip after the head.
     let exchange = send_chunks_and_close(
