@@ -83,6 +83,14 @@ struct Topology {
 impl Topology {
     fn new() -> Self {
         let client = Netns::new("bc");
+        // The churn rows open 5 000 connections a second or so from one address: without
+        // reuse, the ports of the last minute's connections stay in TIME_WAIT, and once the
+        // rows before have filled the range, connect() spends both cores searching it (oha at
+        // 200 % system time, live p99 in seconds, with or without the agent). Clients with that
+        // much churn reuse them, as Linux does by default on loopback (`tcp_tw_reuse = 2`).
+        client
+            .run_in(|| std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1"))
+            .expect("cannot set tcp_tw_reuse in the client's namespace");
         let live = Netns::new("bl");
         let shadow = Netns::new("bs");
         let front = VethLink::new(&client, "veth-c", &live, "veth-lf");
@@ -244,6 +252,11 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let in_pod = |extra: &'static [&'static str], load: &dyn Fn() -> Result<Figures>| {
         with_agent_in(&topo, &config, extra, Some(&pod), load)
     };
+    // A systemd service with `CPUWeight=idle`: its whole cgroup idle against the others.
+    let service = CpuGroup::idle("shadow-bench-agent-idle")?;
+    let in_idle_service = |load: &dyn Fn() -> Result<Figures>| {
+        with_agent_in(&topo, &config, &[], Some(&service), load)
+    };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
@@ -262,6 +275,10 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         (
             "agent, 100 %, own cgroup (100m), SCHED_IDLE",
             Box::new(|| in_pod(&[], &|| max(&live))),
+        ),
+        (
+            "agent, 100 %, own idle cgroup",
+            Box::new(|| in_idle_service(&|| max(&live))),
         ),
         ("nginx proxy", Box::new(|| max(&topo.url(81)))),
         ("nginx proxy + mirror", Box::new(|| max(&topo.url(82)))),
@@ -287,6 +304,10 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             Box::new(|| in_pod(&[], &fixed)),
         ),
         (
+            "fixed rate, agent 100 %, own idle cgroup",
+            Box::new(|| in_idle_service(&fixed)),
+        ),
+        (
             "fixed rate, agent 100 % + compare",
             Box::new(|| with_agent(&topo, &compare_config, &[], fixed)),
         ),
@@ -307,6 +328,10 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         (
             "churn, fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
             Box::new(|| in_pod(&[], &churn)),
+        ),
+        (
+            "churn, fixed rate, agent 100 %, own idle cgroup",
+            Box::new(|| in_idle_service(&churn)),
         ),
         (
             "churn, fixed rate, agent 100 %, shadow at SCHED_IDLE",
@@ -570,6 +595,10 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             "agent in its own 100m cgroup, SCHED_IDLE",
             "agent, 100 %, own cgroup (100m), SCHED_IDLE",
         ),
+        (
+            "agent in its own idle cgroup",
+            "agent, 100 %, own idle cgroup",
+        ),
     ] {
         out += &format!(
             "ratios, {what} / no agent: throughput {:.3}, p99 {:.2}\n",
@@ -606,6 +635,12 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
         ),
         (
             bench.rate,
+            "agent in its own idle cgroup",
+            "fixed rate, agent 100 %, own idle cgroup",
+            keep_alive,
+        ),
+        (
+            bench.rate,
             "agent with the shadow at SCHED_IDLE",
             "fixed rate, agent 100 %, shadow at SCHED_IDLE",
             keep_alive,
@@ -620,6 +655,12 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             bench.churn_rate,
             "a connection per request, agent in its own 100m cgroup, SCHED_IDLE",
             "churn, fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
+            churn,
+        ),
+        (
+            bench.churn_rate,
+            "a connection per request, agent in its own idle cgroup",
+            "churn, fixed rate, agent 100 %, own idle cgroup",
             churn,
         ),
         (

@@ -26,16 +26,37 @@ impl CpuGroup {
     /// `millicores`, on cgroup v1 (`cpu.shares`) or v2 (`cpu.weight`).
     pub fn pod(name: &str, millicores: u64) -> Result<Self> {
         let (shares, weight) = pod_weight(millicores);
+        let (group, v1) = Self::create(name)?;
+        let (file, value) = if v1 {
+            ("cpu.shares", shares)
+        } else {
+            ("cpu.weight", weight)
+        };
+        group.write(file, value)?;
+        Ok(group)
+    }
+
+    /// Creates `name` as an idle group (`cpu.idle`, kernel 5.15 and newer): against the groups
+    /// beside it, it gets only CPU time they leave, as SCHED_IDLE does among threads. It is what
+    /// systemd's `CPUWeight=idle` makes of a service's cgroup.
+    pub fn idle(name: &str) -> Result<Self> {
+        let (group, _) = Self::create(name)?;
+        group.write("cpu.idle", 1)?;
+        Ok(group)
+    }
+
+    /// The group `name` under the CPU hierarchy's root, and whether that is cgroup v1.
+    fn create(name: &str) -> Result<(Self, bool)> {
         let v1 = Path::new("/sys/fs/cgroup/cpu");
         let v2 = Path::new("/sys/fs/cgroup");
-        let (root, file, value) = if v1.join("cpu.shares").exists() {
-            (v1.to_path_buf(), "cpu.shares", shares)
+        let (root, is_v1) = if v1.join("cpu.shares").exists() {
+            (v1.to_path_buf(), true)
         } else if std::fs::read_to_string(v2.join("cgroup.controllers"))
             .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
         {
             std::fs::write(v2.join("cgroup.subtree_control"), "+cpu")
                 .context("cannot enable the cpu controller for child cgroups")?;
-            (v2.to_path_buf(), "cpu.weight", weight)
+            (v2.to_path_buf(), false)
         } else {
             bail!("no CPU cgroup controller here (neither cgroup v1 `cpu` nor v2 `cpu`)");
         };
@@ -44,9 +65,12 @@ impl CpuGroup {
             std::fs::create_dir(&path)
                 .with_context(|| format!("cannot create the cgroup {}", path.display()))?;
         }
-        std::fs::write(path.join(file), value.to_string())
-            .with_context(|| format!("cannot set {file} of {}", path.display()))?;
-        Ok(Self { path, root })
+        Ok((Self { path, root }, is_v1))
+    }
+
+    fn write(&self, file: &str, value: u64) -> Result<()> {
+        std::fs::write(self.path.join(file), value.to_string())
+            .with_context(|| format!("cannot set {file} of {}", self.path.display()))
     }
 
     /// Moves a process, all of its threads, into the group; its new threads start there too.
