@@ -22,13 +22,14 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the agent may take to detach, drain and exit after a signal.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `shadow-agent run` arguments for tests whose assertions need the agent to keep up (memory
-/// bounds, budgets, the ramp, latencies the agent times itself): the normal scheduling class at
-/// nice 0, as the clients and nginx run, instead of the default SCHED_IDLE, under which the agent
-/// gets almost no CPU while they, or anything else on the machine, keep the cores busy.
+/// `shadow-agent run` arguments for tests whose assertions need the agent to keep up (copies and
+/// comparisons counted, memory bounds, budgets, the ramp, latencies the agent times itself): the
+/// normal scheduling class at nice 0, as the clients and nginx run, instead of the default
+/// SCHED_IDLE, under which the agent gets almost no CPU while they, or anything else on the
+/// machine, keep the cores busy; and `--report-interval 0s`, no report lines in the log.
 /// Scheduling itself has tests of its own (`gets_arrive_tagged_and_nothing_else_does`, and the
 /// dry run's `--nice 7`).
-pub const KEEP_UP: [&str; 2] = ["--nice", "0"];
+pub const KEEP_UP: [&str; 4] = ["--report-interval", "0s", "--nice", "0"];
 
 /// A running `shadow-agent capture`. It writes its pcap and stats JSON into a temporary directory
 /// of its own. Dropping it kills the agent (SIGKILL).

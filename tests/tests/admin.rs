@@ -59,11 +59,7 @@ fn admin_probes_are_answered_while_thousands_of_connections_are_held() {
     let config = site.config(&route(""));
     // What is tested is that held connections keep no probe out; a CPU kept busy by other
     // work (this machine is shared) is not, so the agent runs at nice 0, not SCHED_IDLE.
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     let admin: SocketAddr = "127.0.0.1:9464".parse().expect("addr");
 
     let held = HeldConnections::open(&site.live, admin, 1800, 200);

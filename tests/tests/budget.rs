@@ -92,11 +92,7 @@ fn a_config_rewritten_every_100ms_lets_no_fresh_burst_through() {
     let (node_rps, burst) = (10.0, 10.0);
     let rest = route("").replace("node_rps = 10000", "node_rps = 10");
     let config = site.config(&rest);
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
 
     // From here on, at most the burst the bucket holds plus its rate for the time that passes:
     // the copies of requests before `start` (none) cannot count against it.
@@ -151,11 +147,7 @@ fn the_ramp_advances_and_falls_back_under_a_reload_every_100ms() {
     let ramp = "[ramp]\nsteps = [{ percent = 50, hold = \"2s\" }, { percent = 100, hold = \"1h\" }]\n\
                 guard = { error_percent = 20, min_requests = 50 }\n";
     let config = site.config(&format!("{}\n{ramp}", route("")));
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     while_reloading(&agent, &config, || {
         // Healthy for the first step's hold: the ramp moves on although reloads keep coming.
         wait_for("the ramp to advance", Duration::from_secs(30), || {
@@ -201,11 +193,7 @@ fn copies_in_flight_when_a_reload_removes_their_target_are_all_accounted_for() {
         )
     };
     let config = site.config(&to(&slow_url));
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     let get = |n: usize, tag: &str| {
         let urls: Vec<String> = (0..n)
             .map(|i| site.live_url(&format!("/{tag}/{i}")))

@@ -42,11 +42,7 @@ fn start_agent(site: &Site, hooks: Option<&str>, rest: &str) -> Agent {
         Some(hooks) => format!("hooks = {hooks}\n{rest}"),
         None => rest.to_owned(),
     });
-    Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    )
+    Agent::run(&site.live, &config, &KEEP_UP)
 }
 
 /// Five GETs, each on a connection of its own with `Connection: close`, all from one client

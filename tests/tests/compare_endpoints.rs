@@ -8,7 +8,7 @@ use serde_json::Value;
 use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::curl;
 use shadow_tests::site::{Site, count, metric, metrics_text, route, stats, write_atomically};
-use shadow_tests::{Agent, Nginx, ShadowMode, ShadowServer, require_root, wait_for};
+use shadow_tests::{Agent, Nginx, ShadowMode, ShadowServer, pattern, require_root, wait_for};
 
 /// Random paths under `/users/`.
 const FLOOD: usize = 60;
@@ -32,22 +32,15 @@ fn a_flood_of_random_paths_leaves_real_endpoints_their_rows() {
             route("").replace("SHADOW", &site.shadow_addr().to_string())
         ),
     );
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
 
-    // Deterministic random words (xorshift), ten letters each.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Deterministic random words, ten letters each.
+    let mut seed = 0;
     let mut word = || -> String {
-        (0..10)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
+        seed += 1;
+        pattern(10, seed)
+            .iter()
+            .map(|b| char::from(b'a' + b % 26))
             .collect()
     };
     let mut paths = Vec::new();

@@ -54,11 +54,7 @@ fn memory_stays_under_the_ceiling_with_large_responses_and_a_stalled_shadow() {
         ),
     );
     // At nice 0, so that the agent keeps up on a busy machine; SCHED_IDLE is tested elsewhere.
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     let pid = agent.pid();
 
     // One keep-alive connection, one response after the other.

@@ -534,11 +534,7 @@ fn the_budget_holds_over_30_seconds_and_memory_stays_flat() {
     let config = site.config(&rest);
     // Every request must be mirrored or counted over the budget: none may be lost because the
     // agent did not get the CPU to read it.
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     let pid = agent.pid();
     let rss = move || {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
@@ -763,11 +759,7 @@ fn the_ramp_advances_while_healthy_and_falls_back_for_good() {
     let config = site.config(&format!("{}\n{ramp}", route("")));
     // The first burst's copies are counted a second after it, while the first step holds: the
     // agent must keep up with it.
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     let burst = |from: usize, n: usize| {
         let urls: Vec<String> = (from..from + n)
             .map(|i| site.live_url(&format!("/r/{i}")))
@@ -823,11 +815,7 @@ fn memory_stays_under_the_ceiling_with_large_bodies_and_a_stalled_shadow() {
     let config = site.config(&format!("{rest}\n[limits]\nmemory = \"96MiB\"\n"));
     // What is tested is where memory stops, so the agent must get the CPU to get there: it
     // competes with the eight clients and nginx as their equal.
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
     let pid = agent.pid();
     // Eight clients each upload 2 MB bodies for ten seconds, and on until the agent counts
     // copies dropped at its memory share (for at most a minute): on a busy machine it may take
@@ -940,11 +928,7 @@ fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: 
     );
     // The agent times the shadow's answers itself, from a copy's admission to its answer: at
     // SCHED_IDLE on a busy machine its own late wake-ups would count as the shadow's slowness.
-    let agent = Agent::run(
-        &site.live,
-        &path,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &path, &KEEP_UP);
     // Without a baseline, noise is learned from identical repeated requests.
     let mut args: Vec<String> = vec!["-o".into(), "/dev/null".into()];
     for i in 0..30 {

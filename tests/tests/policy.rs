@@ -115,11 +115,7 @@ fn a_denied_path_stays_denied_in_every_spelling_nginx_serves_it_by() {
     let site = Site::new();
     let _nginx = nginx(&site);
     let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
-    let agent = Agent::run(
-        &site.live,
-        &site.config(ROUTES),
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &site.config(ROUTES), &KEEP_UP);
 
     // nginx resolves every spelling to the same location and path.
     for target in DENIED {
@@ -222,11 +218,7 @@ fn paths_the_live_server_refuses_or_servers_read_differently_are_never_mirrored(
     let site = Site::new();
     let _nginx = nginx(&site);
     let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
-    let agent = Agent::run(
-        &site.live,
-        &site.config(ROUTES),
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &site.config(ROUTES), &KEEP_UP);
 
     for (target, answer) in UNREADABLE.map(|(t, a, _)| (t, a)) {
         let (status, body) = get(&site, target);

@@ -49,11 +49,7 @@ fn assert_not_smuggled(head: &[u8], nginx_directives: &str, verdict: NginxVerdic
     );
     let shadow = ShadowServer::start(&site.shadow, site.shadow_addr(), ShadowMode::Answer(200));
     let config = site.config(&route(""));
-    let agent = Agent::run(
-        &site.live,
-        &config,
-        &[&["--report-interval", "0s"][..], &KEEP_UP].concat(),
-    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
 
     // The body in its own segments, so the agent has bytes to skip after the head.
     let exchange = send_chunks_and_close(

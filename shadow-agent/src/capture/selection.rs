@@ -352,22 +352,32 @@ mod tests {
             0u32..3,
         )
             .prop_map(|(ports, cidrs, sample_ppm, sample_seed)| {
-                let cidrs: BTreeSet<Cidr> = cidrs.into_iter().map(|i| cidr(CIDRS[i])).collect();
-                Selection {
-                    config: CaptureConfig {
-                        sample_ppm,
-                        flags: if cidrs.is_empty() {
-                            0
-                        } else {
-                            config_flags::CIDR_FILTER
-                        },
-                        wakeup_bytes: 4096,
-                        sample_seed,
-                    },
-                    ports,
-                    cidrs,
-                }
+                let cidrs = cidrs.into_iter().map(|i| cidr(CIDRS[i])).collect();
+                made(ports, cidrs, sample_ppm, sample_seed)
             })
+    }
+
+    /// A selection as the agent makes one: the CIDR filter on exactly when there are CIDRs.
+    fn made(
+        ports: BTreeSet<u16>,
+        cidrs: BTreeSet<Cidr>,
+        sample_ppm: u32,
+        sample_seed: u32,
+    ) -> Selection {
+        Selection {
+            config: CaptureConfig {
+                sample_ppm,
+                flags: if cidrs.is_empty() {
+                    0
+                } else {
+                    config_flags::CIDR_FILTER
+                },
+                wakeup_bytes: 4096,
+                sample_seed,
+            },
+            ports,
+            cidrs,
+        }
     }
 
     fn addrs() -> Vec<IpAddr> {
@@ -460,21 +470,8 @@ mod tests {
     }
 
     fn settings(ports: &[u16], cidrs: &[&str], sample_ppm: u32) -> Selection {
-        let cidrs: BTreeSet<Cidr> = cidrs.iter().map(|c| cidr(c)).collect();
-        Selection {
-            ports: ports.iter().copied().collect(),
-            config: CaptureConfig {
-                sample_ppm,
-                flags: if cidrs.is_empty() {
-                    0
-                } else {
-                    config_flags::CIDR_FILTER
-                },
-                wakeup_bytes: 4096,
-                sample_seed: 0,
-            },
-            cidrs,
-        }
+        let cidrs = cidrs.iter().map(|c| cidr(c)).collect();
+        made(ports.iter().copied().collect(), cidrs, sample_ppm, 0)
     }
 
     #[test]

@@ -679,6 +679,41 @@ fn connection(
 
 /// Hands reassembled chunks to the handler, counting gaps and skipping data once the handler
 /// reads no more.
+/// Ends a flow that is still open: holes declared lost, held data delivered, both directions
+/// ended (the one never seen too, so the handler hears both ends first), the handler told why,
+/// and the reason counted.
+fn end_flow<H: StreamHandler<O>, O: ?Sized>(
+    flow: &mut Flow<H>,
+    reason: CloseReason,
+    counters: &mut FlowCounters,
+    out: &mut O,
+) {
+    flow.closed = true;
+    let (conn, ts) = (flow.id(), flow.last_seen);
+    let Flow {
+        dirs,
+        handler,
+        opaque,
+        ..
+    } = flow;
+    for (dir, reassembler) in [Direction::FromA, Direction::FromB].into_iter().zip(dirs) {
+        if *opaque {
+            reassembler.close(&mut |_| {});
+        } else {
+            reassembler.close(&mut deliver_to(handler, &conn, dir, ts, counters, out));
+        }
+    }
+    handler.closed(&conn, reason, out);
+    *match reason {
+        CloseReason::Closed => &mut counters.flows_closed,
+        CloseReason::Expired => &mut counters.flows_expired,
+        CloseReason::EvictedFlowLimit => &mut counters.flows_evicted_flow_limit,
+        CloseReason::EvictedMemory => &mut counters.flows_evicted_memory,
+        CloseReason::Finished => &mut counters.flows_finished,
+        CloseReason::Reused => &mut counters.flows_reused,
+    } += 1;
+}
+
 fn deliver_to<'a, H: StreamHandler<O>, O: ?Sized>(
     handler: &'a mut H,
     conn: &'a ConnectionId,
@@ -956,24 +991,7 @@ impl<H> FlowTable<H> {
         };
         let ended = flow.dirs.iter().all(Reassembler::is_ended) || flow.ended_one_way_unseen();
         if ended && !flow.closed {
-            flow.closed = true;
-            let (conn, ts) = (flow.id(), flow.last_seen);
-            let Flow {
-                dirs,
-                handler,
-                opaque,
-                ..
-            } = flow;
-            // The direction never seen ends too, so the handler hears both ends first.
-            for (dir, reassembler) in [Direction::FromA, Direction::FromB].into_iter().zip(dirs) {
-                if *opaque {
-                    reassembler.close(&mut |_| {});
-                } else {
-                    reassembler.close(&mut deliver_to(handler, &conn, dir, ts, counters, out));
-                }
-            }
-            handler.closed(&conn, CloseReason::Closed, out);
-            counters.flows_closed += 1;
+            end_flow(flow, CloseReason::Closed, counters, out);
         }
         let Some(flow) = self.flow_mut(idx) else {
             return;
@@ -1010,30 +1028,7 @@ impl<H> FlowTable<H> {
         if let Some(flow) = self.slots[idx].flow.as_mut()
             && !flow.closed
         {
-            let ts = flow.last_seen;
-            let conn = flow.id();
-            let Flow {
-                dirs,
-                handler,
-                opaque,
-                ..
-            } = flow;
-            for (dir, reassembler) in [Direction::FromA, Direction::FromB].into_iter().zip(dirs) {
-                if *opaque {
-                    reassembler.close(&mut |_| {});
-                } else {
-                    reassembler.close(&mut deliver_to(handler, &conn, dir, ts, counters, out));
-                }
-            }
-            handler.closed(&conn, reason, out);
-            *match reason {
-                CloseReason::Closed => &mut counters.flows_closed,
-                CloseReason::Expired => &mut counters.flows_expired,
-                CloseReason::EvictedFlowLimit => &mut counters.flows_evicted_flow_limit,
-                CloseReason::EvictedMemory => &mut counters.flows_evicted_memory,
-                CloseReason::Finished => &mut counters.flows_finished,
-                CloseReason::Reused => &mut counters.flows_reused,
-            } += 1;
+            end_flow(flow, reason, counters, out);
         }
         self.remove(idx);
     }
