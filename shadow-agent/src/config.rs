@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
@@ -94,10 +95,9 @@ pub struct RouteConfig {
     /// Paths never mirrored, whichever route a request takes: the policy denies a request
     /// when any route's pattern matches.
     pub deny_paths: Vec<DenyGlob>,
-    /// Lower-case names; set in place of any captured header of the same name.
-    pub set_headers: BTreeMap<String, String>,
-    /// Lower-case names.
-    pub remove_headers: BTreeSet<String>,
+    /// Set in place of any captured header of the same name, in the order of their names.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub remove_headers: Vec<HeaderName>,
     pub host: HostRule,
 }
 
@@ -224,23 +224,26 @@ impl Default for BudgetConfig {
 /// `[tagging]`: how a copy is marked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaggingConfig {
-    /// Lower-case name and value of the shadow header.
-    pub header: (String, String),
+    /// Name and value of the shadow header.
+    pub header: (HeaderName, HeaderValue),
     /// Whether `shadow=true` is appended to `baggage`.
     pub baggage: bool,
-    /// Lower-case name of the header carrying each copy's id.
-    pub id_header: String,
-    /// Lower-case name of the idempotency key header.
-    pub idempotency_header: String,
+    /// The header carrying each copy's id.
+    pub id_header: HeaderName,
+    /// The idempotency key header.
+    pub idempotency_header: HeaderName,
 }
 
 impl Default for TaggingConfig {
     fn default() -> Self {
         Self {
-            header: ("x-shadow-request".into(), "1".into()),
+            header: (
+                HeaderName::from_static("x-shadow-request"),
+                HeaderValue::from_static("1"),
+            ),
             baggage: true,
-            id_header: "x-shadow-id".into(),
-            idempotency_header: "idempotency-key".into(),
+            id_header: HeaderName::from_static("x-shadow-id"),
+            idempotency_header: HeaderName::from_static("idempotency-key"),
         }
     }
 }
@@ -927,24 +930,30 @@ fn check_route(
         tagging.id_header.as_str(),
         tagging.idempotency_header.as_str(),
     ];
-    let mut set_headers = BTreeMap::new();
+    // By name, so that the copies get them in one order.
+    let mut set_headers: BTreeMap<String, (HeaderName, HeaderValue)> = BTreeMap::new();
     for (name, value) in raw.set_headers {
         let k = format!("{key}.set_headers.{name}");
-        let lower = name.to_ascii_lowercase();
-        if let Err(e) = header_name_for_route(&lower, &tag_names) {
-            r.at(value.span(), k, e);
-        } else if !is_header_value(value.get_ref()) {
-            r.at(value.span(), k, "header values hold no control characters");
-        } else if set_headers.insert(lower, value.get_ref().clone()).is_some() {
-            r.at(value.span(), k, "header set twice (names ignore case)");
+        match header_name_for_route(&name, &tag_names) {
+            Err(e) => r.at(value.span(), k, e),
+            Ok(name) => match header_value(value.get_ref()) {
+                None => r.at(value.span(), k, "header values hold no control characters"),
+                Some(v) => {
+                    if set_headers
+                        .insert(name.as_str().to_owned(), (name, v))
+                        .is_some()
+                    {
+                        r.at(value.span(), k, "header set twice (names ignore case)");
+                    }
+                }
+            },
         }
     }
-    let mut remove_headers = BTreeSet::new();
+    let mut remove_headers: BTreeMap<String, HeaderName> = BTreeMap::new();
     for (i, name) in raw.remove_headers.into_iter().enumerate() {
-        let lower = name.get_ref().to_ascii_lowercase();
-        match header_name_for_route(&lower, &tag_names) {
-            Ok(()) => {
-                remove_headers.insert(lower);
+        match header_name_for_route(name.get_ref(), &tag_names) {
+            Ok(name) => {
+                remove_headers.insert(name.as_str().to_owned(), name);
             }
             Err(e) => r.at(name.span(), format!("{key}.remove_headers[{i}]"), e),
         }
@@ -978,8 +987,8 @@ fn check_route(
         sample_percent: sample_percent?,
         allow_methods,
         deny_paths,
-        set_headers,
-        remove_headers,
+        set_headers: set_headers.into_values().collect(),
+        remove_headers: remove_headers.into_values().collect(),
         host,
     })
 }
@@ -1170,15 +1179,15 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
     let idempotency_span = raw.idempotency_header.as_ref().map(Spanned::span);
     let header = match raw.header {
         None => d.header,
-        Some(h) => match h.get_ref().split_once(':') {
-            Some((name, value))
-                if is_header_name(name.trim())
-                    && !value.trim().is_empty()
-                    && is_header_value(value.trim()) =>
-            {
-                (name.trim().to_ascii_lowercase(), value.trim().to_owned())
-            }
-            _ => {
+        Some(h) => match h.get_ref().split_once(':').and_then(|(name, value)| {
+            let (name, value) = (name.trim(), value.trim());
+            let name = is_header_name(name)
+                .then(|| HeaderName::from_bytes(name.as_bytes()).ok())
+                .flatten()?;
+            Some((name, header_value(value).filter(|_| !value.is_empty())?))
+        }) {
+            Some(header) => header,
+            None => {
                 r.at(
                     h.span(),
                     "tagging.header",
@@ -1188,17 +1197,22 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
             }
         },
     };
-    let mut name = |v: Option<Sp<String>>, key: &str, default: String| match v {
+    let mut name = |v: Option<Sp<String>>, key: &str, default: HeaderName| match v {
         None => default,
-        Some(v) if is_header_name(v.get_ref()) => v.get_ref().to_ascii_lowercase(),
-        Some(v) => {
-            r.at(
-                v.span(),
-                format!("tagging.{key}"),
-                format!("`{}` is not a header name", v.get_ref()),
-            );
-            default
-        }
+        Some(v) => match is_header_name(v.get_ref())
+            .then(|| HeaderName::from_bytes(v.get_ref().as_bytes()).ok())
+            .flatten()
+        {
+            Some(name) => name,
+            None => {
+                r.at(
+                    v.span(),
+                    format!("tagging.{key}"),
+                    format!("`{}` is not a header name", v.get_ref()),
+                );
+                default
+            }
+        },
     };
     let id_header = name(raw.id_header, "id_header", d.id_header);
     let idempotency_header = name(
@@ -1213,10 +1227,11 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
         (&id_header, "id_header", id_span),
         (&idempotency_header, "idempotency_header", idempotency_span),
     ] {
-        let reserved = RESERVED_HEADERS.contains(&name.as_str())
+        let name = name.as_str();
+        let reserved = RESERVED_HEADERS.contains(&name)
             || name.starts_with("proxy-")
-            || ["baggage", "traceparent", "tracestate"].contains(&name.as_str());
-        if reserved || seen.contains(&name.as_str()) {
+            || ["baggage", "traceparent", "tracestate"].contains(&name);
+        if reserved || seen.contains(&name) {
             r.at(
                 span.unwrap_or(0..0),
                 format!("tagging.{key}"),
@@ -1470,8 +1485,10 @@ fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option
     })
 }
 
-/// Route header rules may not touch framing, Host (see `host`) or the tagging headers.
-fn header_name_for_route(lower: &str, tag_names: &[&str]) -> Result<(), String> {
+/// A header name a route's rules may use: not framing, Host (see `host`) or the tagging headers.
+fn header_name_for_route(name: &str, tag_names: &[&str]) -> Result<HeaderName, String> {
+    let lower = name.to_ascii_lowercase();
+    let lower = lower.as_str();
     if !is_header_name(lower) {
         Err(format!("`{lower}` is not a header name"))
     } else if lower == "host" {
@@ -1483,7 +1500,7 @@ fn header_name_for_route(lower: &str, tag_names: &[&str]) -> Result<(), String> 
     } else if tag_names.contains(&lower) {
         Err(format!("`{lower}` is set by `[tagging]`"))
     } else {
-        Ok(())
+        HeaderName::from_bytes(lower.as_bytes()).map_err(|e| format!("`{lower}`: {e}"))
     }
 }
 
@@ -1496,6 +1513,13 @@ pub(crate) fn is_header_name(s: &str) -> bool {
 
 fn is_header_value(s: &str) -> bool {
     s.chars().all(|c| c == '\t' || !c.is_control())
+}
+
+/// A header value without control characters, as the copies carry it.
+fn header_value(s: &str) -> Option<HeaderValue> {
+    is_header_value(s)
+        .then(|| HeaderValue::from_bytes(s.as_bytes()).ok())
+        .flatten()
 }
 
 /// A DNS name or IPv4 address: letters, digits, `-`, `.`, `_`.

@@ -54,14 +54,18 @@ impl Agent {
 
     /// Like [`Agent::start`], without waiting: for runs expected to fail.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
-        Self::launch(ns, None, |pcap, stats| capture_argv(args, pcap, stats))
+        Self::launch(ns, &agent_bin(), None, |pcap, stats| {
+            capture_argv(args, pcap, stats)
+        })
     }
 
     /// Like [`Agent::start`], with the pcap written to /dev/null: the agent drains the ring
     /// buffer and formats every record, and no disk write-back (done by kernel threads, not
     /// charged to the agent) enters a benchmark. There is no pcap to read afterwards.
     pub fn start_discarding(ns: &Netns, args: &[&str]) -> Self {
-        let mut agent = Self::launch(ns, None, |_, stats| capture_argv(args, "/dev/null", stats));
+        let mut agent = Self::launch(ns, &agent_bin(), None, |_, stats| {
+            capture_argv(args, "/dev/null", stats)
+        });
         agent.wait_ready(READY_TIMEOUT);
         agent
     }
@@ -69,15 +73,24 @@ impl Agent {
     /// Starts `shadow-agent run --config CONFIG ARGS --stats-json DIR/stats.json` inside `ns`
     /// and waits for its `capturing on` line.
     pub fn run(ns: &Netns, config: &Path, args: &[&str]) -> Self {
-        let mut agent = Self::spawn_run(ns, config, args);
+        Self::run_binary(ns, &agent_bin(), config, args)
+    }
+
+    /// Like [`Agent::run`], with the agent binary `bin`: a benchmark compares two builds.
+    pub fn run_binary(ns: &Netns, bin: &Path, config: &Path, args: &[&str]) -> Self {
+        let mut agent = Self::launch_run(ns, bin, config, args);
         agent.wait_ready(READY_TIMEOUT);
         agent
     }
 
     /// Like [`Agent::run`], without waiting: for runs expected to fail.
     pub fn spawn_run(ns: &Netns, config: &Path, args: &[&str]) -> Self {
+        Self::launch_run(ns, &agent_bin(), config, args)
+    }
+
+    fn launch_run(ns: &Netns, bin: &Path, config: &Path, args: &[&str]) -> Self {
         let config = config.to_str().expect("utf-8 path").to_owned();
-        Self::launch(ns, None, |_, stats| {
+        Self::launch(ns, bin, None, |_, stats| {
             let mut argv = vec!["run".to_owned(), "--config".into(), config];
             argv.extend(args.iter().map(|a| (*a).to_owned()));
             argv.extend(["--stats-json".into(), stats.into()]);
@@ -89,15 +102,16 @@ impl Agent {
     /// capabilities `caps` (names such as `cap_bpf`), in the ambient set so that they survive
     /// the exec. The temporary directory is made writable for that user.
     pub fn spawn_with_capabilities(ns: &Netns, caps: &[&str], args: &[&str]) -> Self {
-        Self::launch(ns, Some(caps), |pcap, stats| {
+        Self::launch(ns, &agent_bin(), Some(caps), |pcap, stats| {
             capture_argv(args, pcap, stats)
         })
     }
 
-    /// Starts the agent with the arguments `argv` makes from the pcap and stats paths of a new
-    /// temporary directory; with `caps`, as `nobody` with only those capabilities.
+    /// Starts the agent `bin` with the arguments `argv` makes from the pcap and stats paths of
+    /// a new temporary directory; with `caps`, as `nobody` with only those capabilities.
     fn launch(
         ns: &Netns,
+        bin: &Path,
         caps: Option<&[&str]>,
         argv: impl FnOnce(&str, &str) -> Vec<String>,
     ) -> Self {
@@ -107,7 +121,6 @@ impl Agent {
             .expect("tempdir for the agent");
         let pcap = dir.path().join("capture.pcap");
         let stats_path = dir.path().join("stats.json");
-        let bin = agent_bin();
         let args = argv(
             pcap.to_str().expect("utf-8 path"),
             stats_path.to_str().expect("utf-8 path"),
@@ -115,7 +128,7 @@ impl Agent {
         let mut cmd = match caps {
             None => {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                ns.exec_built(&bin, &args)
+                ns.exec_built(bin, &args)
             }
             Some(caps) => {
                 use std::os::unix::fs::PermissionsExt;

@@ -9,13 +9,23 @@
 //! Topology: a client namespace (wrk, oha), a live namespace (nginx serving `ok`, the agent
 //! attached to its interface, and an nginx reverse proxy to it, with and without `mirror`), and a
 //! shadow namespace (nginx serving `ok`, whose access log counts what arrived).
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use shadow_tests::{Agent, Netns, Nginx, Program, VethLink};
 
 use crate::bench::{Load, median, wrk};
 use crate::cgroup::CpuGroup;
+
+/// The end of the names of rows that measure the `--baseline-agent` build.
+const BASELINE: &str = ", baseline build";
+const BASELINE_FIXED: &str = "fixed rate, agent 100 %, baseline build";
+const BASELINE_CHURN: &str = "churn, fixed rate, agent 100 %, baseline build";
 
 pub struct MirrorBench {
     pub seconds: u32,
@@ -26,6 +36,8 @@ pub struct MirrorBench {
     pub churn_rate: u32,
     /// Only the scenarios whose names contain this.
     pub only: Option<String>,
+    /// An older build measured beside the new one in the fixed-rate and churn rows.
+    pub baseline_agent: Option<PathBuf>,
 }
 
 /// What the agent did during one load.
@@ -149,6 +161,40 @@ impl Topology {
         Ok(())
     }
 
+    /// Whether the shadow's link receives in a kernel thread of its own (GRO on, so that the
+    /// veth has a NAPI instance, and threaded NAPI), as a shadow on another host does: there the
+    /// agent's send ends at the NIC, and the receive path, TCP and the wakeup of the shadow's
+    /// nginx run on the shadow's host. Without it a veth runs all of that inside the agent's
+    /// `writev`, on the agent's account.
+    fn shadow_receives_apart(&self, apart: bool) -> Result<()> {
+        let gro = |on: &str| {
+            self.shadow
+                .run(Program::Ethtool, &["-K", "veth-s", "gro", on])
+        };
+        // In the namespace's own view of sysfs, which `ip netns exec` mounts.
+        let threaded = |on: bool| {
+            if on {
+                self.shadow.run(
+                    Program::Sh,
+                    &["-c", "echo 1 > /sys/class/net/veth-s/threaded"],
+                )
+            } else {
+                self.shadow.run(
+                    Program::Sh,
+                    &["-c", "echo 0 > /sys/class/net/veth-s/threaded"],
+                )
+            }
+        };
+        if apart {
+            gro("on");
+            threaded(true);
+        } else {
+            threaded(false);
+            gro("off");
+        }
+        Ok(())
+    }
+
     fn url(&self, port: u16) -> String {
         format!("http://{}:{port}/", self.front.b_addr)
     }
@@ -187,13 +233,19 @@ impl Topology {
 
 /// Builds the agent in release mode, measures, prints the report and writes it to
 /// target/bench/mirror.md.
-pub fn run(bench: MirrorBench) -> Result<()> {
+pub fn run(mut bench: MirrorBench) -> Result<()> {
     crate::run::run(crate::cargo().args(["build", "--release", "--package", "shadow-agent"]))?;
     let out = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
-    // A copy, so that a concurrent build cannot swap the binary mid-run.
+    // Copies, so that a concurrent build cannot swap a binary mid-run.
     let agent = out.join("shadow-agent-mirror");
     std::fs::copy(crate::target_dir().join("release/shadow-agent"), &agent)?;
+    if let Some(baseline) = bench.baseline_agent.take() {
+        let copy = out.join("shadow-agent-mirror-baseline");
+        std::fs::copy(&baseline, &copy)
+            .with_context(|| format!("cannot copy {}", baseline.display()))?;
+        bench.baseline_agent = Some(copy);
+    }
     let report = mirror(bench, &agent)?;
     println!("{report}");
     std::fs::write(out.join("mirror.md"), &report)?;
@@ -250,23 +302,28 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     // requests 100m of CPU, at normal priority (`--nice 0`) or under SCHED_IDLE (the default).
     let pod = CpuGroup::pod("shadow-bench-agent", 100)?;
     let in_pod = |extra: &'static [&'static str], load: &dyn Fn() -> Result<Figures>| {
-        with_agent_in(&topo, &config, extra, Some(&pod), load)
+        with_agent_in(&topo, agent_bin, &config, extra, Some(&pod), load)
     };
     // A systemd service with `CPUWeight=idle`: its whole cgroup idle against the others.
     let service = CpuGroup::idle("shadow-bench-agent-idle")?;
     let in_idle_service = |load: &dyn Fn() -> Result<Figures>| {
-        with_agent_in(&topo, &config, &[], Some(&service), load)
+        with_agent_in(&topo, agent_bin, &config, &[], Some(&service), load)
+    };
+    // The older build, for the rows that compare builds.
+    let baseline = |load: &dyn Fn() -> Result<Figures>| match &bench.baseline_agent {
+        Some(bin) => with_agent_in(&topo, bin, &config, &[], None, load),
+        None => bail!("no --baseline-agent"),
     };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
         (
             "agent, 100 %",
-            Box::new(|| with_agent(&topo, &config, &[], || max(&live))),
+            Box::new(|| with_agent(&topo, agent_bin, &config, &[], || max(&live))),
         ),
         (
             "agent, dry run",
-            Box::new(|| with_agent(&topo, &config, &["--dry-run"], || max(&live))),
+            Box::new(|| with_agent(&topo, agent_bin, &config, &["--dry-run"], || max(&live))),
         ),
         (
             "agent, 100 %, own cgroup (100m), nice 0",
@@ -285,15 +342,16 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         ("fixed rate, no agent", Box::new(fixed)),
         (
             "fixed rate, agent 100 %",
-            Box::new(|| with_agent(&topo, &config, &[], fixed)),
+            Box::new(|| with_agent(&topo, agent_bin, &config, &[], fixed)),
         ),
+        (BASELINE_FIXED, Box::new(|| baseline(&fixed))),
         (
             "fixed rate, agent 100 % at nice 10",
-            Box::new(|| with_agent(&topo, &config, &["--nice", "10"], fixed)),
+            Box::new(|| with_agent(&topo, agent_bin, &config, &["--nice", "10"], fixed)),
         ),
         (
             "fixed rate, agent dry run",
-            Box::new(|| with_agent(&topo, &config, &["--dry-run"], fixed)),
+            Box::new(|| with_agent(&topo, agent_bin, &config, &["--dry-run"], fixed)),
         ),
         (
             "fixed rate, agent 100 %, own cgroup (100m), nice 0",
@@ -309,21 +367,40 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         ),
         (
             "fixed rate, agent 100 % + compare",
-            Box::new(|| with_agent(&topo, &compare_config, &[], fixed)),
+            Box::new(|| with_agent(&topo, agent_bin, &compare_config, &[], fixed)),
         ),
         (
             "fixed rate, agent 100 %, shadow at SCHED_IDLE",
             Box::new(|| {
                 topo.shadow_idle(true)?;
-                let low = with_agent(&topo, &config, &[], fixed);
+                let low = with_agent(&topo, agent_bin, &config, &[], fixed);
                 topo.shadow_idle(false)?;
                 low
+            }),
+        ),
+        (
+            "fixed rate, agent 100 %, shadow receiving apart",
+            Box::new(|| {
+                topo.shadow_receives_apart(true)?;
+                let apart = with_agent(&topo, agent_bin, &config, &[], fixed);
+                topo.shadow_receives_apart(false)?;
+                apart
             }),
         ),
         ("churn, fixed rate, no agent", Box::new(churn)),
         (
             "churn, fixed rate, agent 100 %",
-            Box::new(|| with_agent(&topo, &config, &[], churn)),
+            Box::new(|| with_agent(&topo, agent_bin, &config, &[], churn)),
+        ),
+        (BASELINE_CHURN, Box::new(|| baseline(&churn))),
+        (
+            "churn, fixed rate, agent 100 %, shadow receiving apart",
+            Box::new(|| {
+                topo.shadow_receives_apart(true)?;
+                let apart = with_agent(&topo, agent_bin, &config, &[], churn);
+                topo.shadow_receives_apart(false)?;
+                apart
+            }),
         ),
         (
             "churn, fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
@@ -337,15 +414,19 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             "churn, fixed rate, agent 100 %, shadow at SCHED_IDLE",
             Box::new(|| {
                 topo.shadow_idle(true)?;
-                let low = with_agent(&topo, &config, &[], churn);
+                let low = with_agent(&topo, agent_bin, &config, &[], churn);
                 topo.shadow_idle(false)?;
                 low
             }),
         ),
     ];
+    let chosen = |name: &str| {
+        bench.only.as_deref().is_none_or(|o| name.contains(o))
+            && (bench.baseline_agent.is_some() || !name.ends_with(BASELINE))
+    };
     let mut rows: Vec<(&str, Vec<Figures>)> = scenarios
         .iter()
-        .filter(|(name, _)| bench.only.as_deref().is_none_or(|o| name.contains(o)))
+        .filter(|(name, _)| chosen(name))
         .map(|(name, _)| (*name, Vec::new()))
         .collect();
     if rows.is_empty() {
@@ -353,11 +434,10 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     }
     for round in 0..bench.rounds {
         eprintln!("xtask: round {} of {}", round + 1, bench.rounds);
-        for (row, (_, scenario)) in rows.iter_mut().zip(
-            scenarios
-                .iter()
-                .filter(|(name, _)| bench.only.as_deref().is_none_or(|o| name.contains(o))),
-        ) {
+        for (row, (_, scenario)) in rows
+            .iter_mut()
+            .zip(scenarios.iter().filter(|(name, _)| chosen(name)))
+        {
             row.1.push(scenario()?);
         }
     }
@@ -367,16 +447,19 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
 /// Runs `load` with the agent running (mirroring, or a dry run), and reads what it did.
 fn with_agent(
     topo: &Topology,
+    bin: &Path,
     config: &Path,
     extra: &[&str],
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
-    with_agent_in(topo, config, extra, None, load)
+    with_agent_in(topo, bin, config, extra, None, load)
 }
 
-/// [`with_agent`], with the agent moved into `cgroup` (when given) before the load starts.
+/// [`with_agent`], with the agent binary `bin`, moved into `cgroup` (when given) before the
+/// load starts.
 fn with_agent_in(
     topo: &Topology,
+    bin: &Path,
     config: &Path,
     extra: &[&str],
     cgroup: Option<&CpuGroup>,
@@ -384,7 +467,7 @@ fn with_agent_in(
 ) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
     args.extend_from_slice(extra);
-    let agent = Agent::run(&topo.live, config, &args);
+    let agent = Agent::run_binary(&topo.live, bin, config, &args);
     let pid = agent.pid();
     if let Some(cgroup) = cgroup {
         cgroup.add(pid)?;
@@ -705,6 +788,31 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             })
             .collect();
         out += &format!("{name}, by round: {}\n", rounds.join("; "));
+    }
+    // The new build against the older one, round by round: each pair ran back to back.
+    for (new, old) in [
+        ("fixed rate, agent 100 %", BASELINE_FIXED),
+        ("churn, fixed rate, agent 100 %", BASELINE_CHURN),
+    ] {
+        let (Some(new_figs), Some(old_figs)) = (find(new), find(old)) else {
+            continue;
+        };
+        let per_copy = |f: &Figures| f.agent.map(|a| a.cpu_us / a.copies.max(1) as f64);
+        let pairs: Vec<(f64, f64)> = new_figs
+            .iter()
+            .zip(old_figs)
+            .filter_map(|(n, o)| Some((per_copy(n)?, per_copy(o)?)))
+            .collect();
+        out += &format!(
+            "{new}: agent CPU per copy, this build / baseline build, by round: {}; median ratio \
+             {:.3}\n",
+            pairs
+                .iter()
+                .map(|(n, o)| format!("{n:.1} / {o:.1} us"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            median(pairs.iter().map(|(n, o)| n / o).collect()),
+        );
     }
     // Where copies went missing: requests the agent never rebuilt, packets lost before it.
     for (name, figs) in rows {

@@ -100,6 +100,11 @@ enum Bench {
         /// Only the scenarios whose names contain this, e.g. `fixed rate` or `churn`.
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
+        /// Also measure this shadow-agent binary (an older build) in the fixed-rate and churn
+        /// rows, each right after the new build in the same round, and report their CPU per
+        /// copy side by side.
+        #[arg(long, value_name = "FILE")]
+        baseline_agent: Option<PathBuf>,
     },
 }
 
@@ -150,12 +155,14 @@ fn main() -> Result<()> {
                     rate,
                     churn_rate,
                     only,
+                    baseline_agent,
                 } => bench_mirror::run(bench_mirror::MirrorBench {
                     seconds,
                     rounds,
                     rate,
                     churn_rate,
                     only,
+                    baseline_agent,
                 }),
             }
         }

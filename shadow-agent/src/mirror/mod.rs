@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderMap, Method, Uri};
 
 use crate::budget::{Budget, BudgetLimits, BudgetTokens};
 use crate::config::Config;
@@ -191,8 +191,11 @@ impl<I: IdSource> Mirror<I> {
             else {
                 continue;
             };
-            let headers = self.tagger.headers(&captured, route.config(), target);
-            let Some((request, wire_bytes)) = build(&captured, headers, req.body.clone()) else {
+            let Some((request, wire_bytes)) = self
+                .tagger
+                .headers(&captured, route.config(), target)
+                .and_then(|headers| build(&captured, headers, req.body.clone()))
+            else {
                 counters.dropped(CopyDrop::Invalid).inc();
                 continue;
             };
@@ -244,37 +247,31 @@ fn sample_key(flow: &FlowAddrs, seq: u64) -> u64 {
     h.finish()
 }
 
-/// The copy as an HTTP request, with its size on the wire; `None` when the captured method,
-/// target or a header cannot be sent as valid HTTP/1.1.
+/// The copy as an HTTP request, with its size on the wire; `None` when the captured method or
+/// target cannot be sent as valid HTTP/1.1.
 fn build(
     req: &CapturedRequest<'_>,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Option<(http::Request<Bytes>, u64)> {
     let method = Method::from_bytes(req.method.as_bytes()).ok()?;
     let path = origin_form(req.target)?;
     let uri: Uri = path.parse().ok()?;
-    // "GET /x HTTP/1.1\r\n" and the final "\r\n".
+    // "GET /x HTTP/1.1\r\n" and the final "\r\n", then "name: value\r\n" for each header.
     let mut wire = req.method.len() + path.len() + 14;
+    wire += headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>();
+    let body_len = body.len();
+    if body_len > 0 {
+        // "content-length: N\r\n", which the sender adds.
+        wire += 18 + body_len.to_string().len();
+    }
     let mut request = http::Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
-    let map = request.headers_mut();
-    for (name, value) in headers {
-        // The sender frames the body itself.
-        if name.eq_ignore_ascii_case("content-length") {
-            continue;
-        }
-        wire += name.len() + value.len() + 4;
-        let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(&value).ok()?;
-        map.append(name, value);
-    }
-    let body_len = request.body().len();
-    if body_len > 0 {
-        // "content-length: N\r\n"
-        wire += 18 + body_len.to_string().len();
-    }
+    *request.headers_mut() = headers;
     Some((request, (wire + body_len) as u64))
 }
 

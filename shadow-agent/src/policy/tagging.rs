@@ -9,6 +9,9 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
 use crate::config::{HostRule, RouteConfig, TaggingConfig, Target};
@@ -18,19 +21,19 @@ use crate::policy::{is_safe_method, mix};
 pub type Header = (String, Vec<u8>);
 
 /// Headers that describe one connection and never travel with a copy (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
-const BAGGAGE: &str = "baggage";
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 const BAGGAGE_ENTRY: &str = "shadow=true";
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The captured request a copy is made from.
 #[derive(Clone, Copy, Debug)]
@@ -103,19 +106,38 @@ impl IdSource for NodeIds {
 #[derive(Clone, Debug)]
 pub struct Tagger<I> {
     config: TaggingConfig,
+    /// Captured headers that never travel whatever the route: hop-by-hop and framing headers,
+    /// Host (the route's Host rule sets it) and every header the tags set.
+    replaced: Vec<HeaderName>,
     ids: I,
 }
 
 impl<I: IdSource> Tagger<I> {
     pub fn new(config: TaggingConfig, ids: I) -> Self {
-        Self { config, ids }
+        let mut replaced: Vec<HeaderName> = HOP_BY_HOP.to_vec();
+        replaced.extend([
+            HOST,
+            CONTENT_LENGTH,
+            config.header.0.clone(),
+            config.id_header.clone(),
+            TRACEPARENT,
+            TRACESTATE,
+        ]);
+        if config.baggage {
+            replaced.push(BAGGAGE);
+        }
+        Self {
+            config,
+            replaced,
+            ids,
+        }
     }
 
     /// Whether captured `headers` mark the request as shadow traffic already: the shadow header
     /// (any value) or a `shadow=true` member in `baggage`.
     pub fn is_tagged(&self, headers: &[Header]) -> bool {
-        header(headers, &self.config.header.0).is_some()
-            || all_headers(headers, BAGGAGE)
+        header(headers, self.config.header.0.as_str()).is_some()
+            || all_headers(headers, "baggage")
                 .flat_map(|v| v.split(|&b| b == b','))
                 .any(|member| {
                     let member = member.split(|&b| b == b';').next().unwrap_or_default();
@@ -126,80 +148,78 @@ impl<I: IdSource> Tagger<I> {
                 })
     }
 
-    /// The headers of the copy of `req` that `route` sends to `target`.
+    /// The headers of the copy of `req` that `route` sends to `target`, Host first; `None` when
+    /// a header that would travel is not valid HTTP. The sender frames the body itself, so no
+    /// captured framing header travels.
     pub fn headers(
         &mut self,
         req: &CapturedRequest<'_>,
         route: &RouteConfig,
         target: &Target,
-    ) -> Vec<Header> {
+    ) -> Option<HeaderMap> {
         let connection_named = connection_tokens(req.headers);
         let cfg = &self.config;
-        let dropped = |name: &str| {
-            let lower = name.to_ascii_lowercase();
-            HOP_BY_HOP.contains(&lower.as_str())
-                || lower.starts_with("proxy-")
-                || connection_named.contains(&lower)
-                || route.remove_headers.contains(&lower)
-                || route.set_headers.contains_key(&lower)
-                || lower == "host"
-                || lower == cfg.header.0
-                || lower == cfg.id_header
-                || lower == TRACEPARENT
-                || lower == TRACESTATE
-                || (cfg.baggage && lower == BAGGAGE)
+        let travels = |name: &HeaderName| {
+            !(self.replaced.contains(name)
+                || connection_named.contains(name)
+                || route.remove_headers.contains(name)
+                || route.set_headers.iter().any(|(set, _)| set == name))
         };
 
         let host = match &route.host {
-            HostRule::Preserve => header(req.headers, "host")
-                .map(<[u8]>::to_vec)
-                .unwrap_or_else(|| target.authority().into_bytes()),
-            HostRule::Target => target.authority().into_bytes(),
-            HostRule::Literal(value) => value.clone().into_bytes(),
+            HostRule::Preserve => match header(req.headers, "host") {
+                Some(host) => HeaderValue::from_bytes(host).ok()?,
+                None => HeaderValue::try_from(target.authority()).ok()?,
+            },
+            HostRule::Target => HeaderValue::try_from(target.authority()).ok()?,
+            HostRule::Literal(value) => HeaderValue::from_str(value).ok()?,
         };
-        let mut out: Vec<Header> = vec![("host".into(), host)];
-        out.extend(
-            req.headers
-                .iter()
-                .filter(|(name, _)| !dropped(name))
-                .cloned(),
-        );
-        out.extend(
-            route
-                .set_headers
-                .iter()
-                .map(|(n, v)| (n.clone(), v.clone().into_bytes())),
-        );
-
-        out.push((cfg.header.0.clone(), cfg.header.1.clone().into_bytes()));
-        if cfg.baggage {
-            let existing: Vec<&[u8]> = all_headers(req.headers, BAGGAGE).collect();
-            out.push((BAGGAGE.into(), merge_baggage(&existing)));
+        let mut out = HeaderMap::with_capacity(req.headers.len() + route.set_headers.len() + 6);
+        out.insert(HOST, host);
+        for (name, value) in req.headers {
+            // `Proxy-*` headers describe the hop to a proxy (RFC 9110 section 11.7).
+            if name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-") {
+                continue;
+            }
+            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+            if travels(&name) {
+                out.append(name, HeaderValue::from_bytes(value).ok()?);
+            }
         }
-        out.push((cfg.id_header.clone(), self.ids.request_id().into_bytes()));
+        for (name, value) in &route.set_headers {
+            out.append(name.clone(), value.clone());
+        }
+
+        out.append(cfg.header.0.clone(), cfg.header.1.clone());
+        if cfg.baggage {
+            let existing: Vec<&[u8]> = all_headers(req.headers, "baggage").collect();
+            let merged = Bytes::from(merge_baggage(&existing));
+            out.append(BAGGAGE, HeaderValue::from_maybe_shared(merged).ok()?);
+        }
+        out.append(
+            cfg.id_header.clone(),
+            HeaderValue::try_from(self.ids.request_id()).ok()?,
+        );
         if !is_safe_method(req.method)
-            && !all_headers(req.headers, &cfg.idempotency_header)
+            && !all_headers(req.headers, cfg.idempotency_header.as_str())
                 .any(|v| !v.trim_ascii().is_empty())
         {
-            out.push((
+            out.append(
                 cfg.idempotency_header.clone(),
-                idempotency_key(req).into_bytes(),
-            ));
-        }
-        let parents: Vec<&[u8]> = all_headers(req.headers, TRACEPARENT).collect();
-        // W3C Trace Context: with no valid traceparent, tracestate is dropped too.
-        if let [parent] = parents.as_slice()
-            && let Some(parent) = rewrite_traceparent(parent, self.ids.span_id())
-        {
-            out.push((TRACEPARENT.into(), parent.into_bytes()));
-            out.extend(
-                req.headers
-                    .iter()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case(TRACESTATE))
-                    .cloned(),
+                HeaderValue::try_from(idempotency_key(req)).ok()?,
             );
         }
-        out
+        let mut parents = all_headers(req.headers, "traceparent");
+        // W3C Trace Context: with no valid traceparent, tracestate is dropped too.
+        if let (Some(parent), None) = (parents.next(), parents.next())
+            && let Some(parent) = rewrite_traceparent(parent, self.ids.span_id())
+        {
+            out.append(TRACEPARENT, HeaderValue::try_from(parent).ok()?);
+            for state in all_headers(req.headers, "tracestate") {
+                out.append(TRACESTATE, HeaderValue::from_bytes(state).ok()?);
+            }
+        }
+        Some(out)
     }
 }
 
@@ -215,12 +235,12 @@ fn all_headers<'h>(headers: &'h [Header], name: &str) -> impl Iterator<Item = &'
         .map(|(_, v)| v.as_slice())
 }
 
-/// Lower-case header names listed in `Connection`, which are hop-by-hop too.
-fn connection_tokens(headers: &[Header]) -> Vec<String> {
+/// Header names listed in `Connection`, which are hop-by-hop too; tokens that are no header
+/// name cannot name one.
+fn connection_tokens(headers: &[Header]) -> Vec<HeaderName> {
     all_headers(headers, "connection")
         .flat_map(|v| v.split(|&b| b == b','))
-        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect()
 }
 
