@@ -83,9 +83,6 @@ programs! {
     Chromium = "chromium", Source::Debian("chromium");
     /// A real HTTP client.
     Curl = "curl", Source::Debian("curl");
-    /// Turns on GRO of the mirror benchmark's shadow link, which gives the veth the NAPI instance
-    /// that threaded NAPI moves into a kernel thread of its own.
-    Ethtool = "ethtool", Source::Debian("ethtool");
     /// Network namespaces, veth pairs, addresses (`ip netns exec` runs every program inside a
     /// namespace).
     Ip = "ip", Source::Debian("iproute2");

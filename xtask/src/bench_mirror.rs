@@ -161,40 +161,6 @@ impl Topology {
         Ok(())
     }
 
-    /// Whether the shadow's link receives in a kernel thread of its own (GRO on, so that the
-    /// veth has a NAPI instance, and threaded NAPI), as a shadow on another host does: there the
-    /// agent's send ends at the NIC, and the receive path, TCP and the wakeup of the shadow's
-    /// nginx run on the shadow's host. Without it a veth runs all of that inside the agent's
-    /// `writev`, on the agent's account.
-    fn shadow_receives_apart(&self, apart: bool) -> Result<()> {
-        let gro = |on: &str| {
-            self.shadow
-                .run(Program::Ethtool, &["-K", "veth-s", "gro", on])
-        };
-        // In the namespace's own view of sysfs, which `ip netns exec` mounts.
-        let threaded = |on: bool| {
-            if on {
-                self.shadow.run(
-                    Program::Sh,
-                    &["-c", "echo 1 > /sys/class/net/veth-s/threaded"],
-                )
-            } else {
-                self.shadow.run(
-                    Program::Sh,
-                    &["-c", "echo 0 > /sys/class/net/veth-s/threaded"],
-                )
-            }
-        };
-        if apart {
-            gro("on");
-            threaded(true);
-        } else {
-            threaded(false);
-            gro("off");
-        }
-        Ok(())
-    }
-
     fn url(&self, port: u16) -> String {
         format!("http://{}:{port}/", self.front.b_addr)
     }
@@ -378,30 +344,12 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                 low
             }),
         ),
-        (
-            "fixed rate, agent 100 %, shadow receiving apart",
-            Box::new(|| {
-                topo.shadow_receives_apart(true)?;
-                let apart = with_agent(&topo, agent_bin, &config, &[], fixed);
-                topo.shadow_receives_apart(false)?;
-                apart
-            }),
-        ),
         ("churn, fixed rate, no agent", Box::new(churn)),
         (
             "churn, fixed rate, agent 100 %",
             Box::new(|| with_agent(&topo, agent_bin, &config, &[], churn)),
         ),
         (BASELINE_CHURN, Box::new(|| baseline(&churn))),
-        (
-            "churn, fixed rate, agent 100 %, shadow receiving apart",
-            Box::new(|| {
-                topo.shadow_receives_apart(true)?;
-                let apart = with_agent(&topo, agent_bin, &config, &[], churn);
-                topo.shadow_receives_apart(false)?;
-                apart
-            }),
-        ),
         (
             "churn, fixed rate, agent 100 %, own cgroup (100m), SCHED_IDLE",
             Box::new(|| in_pod(&[], &churn)),
