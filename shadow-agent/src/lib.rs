@@ -5,7 +5,8 @@
 //! - [`flows`]: TCP reassembly per connection (pure, no I/O);
 //! - [`http`]: HTTP/1.x exchanges rebuilt from the byte streams (pure, no I/O);
 //! - [`pipeline`]: captured frames in, HTTP events out; the one path that live capture, pcap
-//!   files and tests all drive.
+//!   files and tests all drive;
+//! - [`stats`]: every counter of a running agent as one value, for `/stats` and `status`.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
@@ -21,3 +22,4 @@ pub mod mirror;
 pub mod pcap_file;
 pub mod pipeline;
 pub mod policy;
+pub mod stats;

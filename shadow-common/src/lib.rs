@@ -110,6 +110,11 @@ pub const MIN_RECORD_ROOM: usize = 64;
 /// Per-CPU counters of the kernel program, the single entry of the `COUNTERS` per-CPU array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
 pub struct KernelCounters {
     /// Every packet the program ran on.
     pub packets_seen: u64,
@@ -165,6 +170,11 @@ pub const MAX_INTERFACES: u32 = 1024;
 /// to the interface's counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
 pub struct InterfaceCounters {
     pub packets_sampled: u64,
     pub records_written: u64,

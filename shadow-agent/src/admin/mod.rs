@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::compare::{Report, render_html};
+use crate::stats::Stats;
 use auth::{Access, access};
 pub use auth::{AdminToken, TokenError};
 pub use connections::ConnectionLimits;
@@ -79,8 +80,8 @@ pub struct AdminState {
     pub registry: Registry,
     /// Programs attached and a configuration loaded.
     pub ready: AtomicBool,
-    /// The JSON of `/stats`, made on request.
-    pub stats: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// What `/stats` shows, made on request.
+    pub stats: Box<dyn Fn() -> Stats + Send + Sync>,
     /// The comparison report as of the agent's last tick; `None` without `[compare]`.
     pub report: Arc<Mutex<Option<Report>>>,
     /// The token of `[admin] token_file`, read at start; `None` serves every page to anyone who
@@ -294,7 +295,7 @@ impl Endpoint {
                     plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
             }
-            Page::Stats => json((state.stats)()),
+            Page::Stats => json(&(state.stats)()),
             Page::Report | Page::ReportHtml => {
                 let report = state
                     .report
@@ -308,7 +309,7 @@ impl Endpoint {
                     );
                 };
                 if page == Page::Report {
-                    return json(serde_json::to_value(&report).unwrap_or_default());
+                    return json(&report);
                 }
                 let mut resp = Response::new(Full::new(Bytes::from(render_html(&report))));
                 resp.headers_mut().insert(
@@ -343,8 +344,8 @@ fn unauthorized(wrong: bool) -> Response<Full<Bytes>> {
     resp
 }
 
-fn json(value: serde_json::Value) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -385,7 +386,10 @@ mod tests {
         let state = Arc::new(AdminState {
             registry,
             ready: AtomicBool::new(false),
-            stats: Box::new(move || json.to_json()),
+            stats: Box::new(move || Stats {
+                mirror: json.snapshot(),
+                ..Stats::default()
+            }),
             report: Arc::default(),
             token: token.map(|t| AdminToken::parse(t).expect("valid token")),
         });

@@ -44,13 +44,15 @@ pub struct RingCounters {
 }
 
 /// A snapshot of [`RingCounters`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RingCountersSnapshot {
     pub records_read: u64,
     pub malformed_records: u64,
     pub incomplete_packets: u64,
     pub packets_out: u64,
     pub channel_full: u64,
+    #[serde(rename = "read_batches")]
     pub batches: u64,
 }
 

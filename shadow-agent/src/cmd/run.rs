@@ -10,10 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
 use shadow_agent::admin::metrics::{self, AgentCollector, AgentSnapshot};
 use shadow_agent::admin::{AdminServer, AdminState, AdminToken, ConnectionLimits};
-use shadow_agent::budget::Tokens;
 use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
 use shadow_agent::capture::kernel::{AttachMode, RingSettings, TcxOrder};
@@ -32,6 +30,7 @@ use shadow_agent::pipeline::{LinkType, Pipeline, PipelineConfig, PipelineEvent};
 use shadow_agent::policy::path::origin_form;
 use shadow_agent::policy::ramp::{Health, Ramp, RampEvent};
 use shadow_agent::policy::tagging::NodeIds;
+use shadow_agent::stats::Stats;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -217,7 +216,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             );
             Box::new(move || {
                 let snap = snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                stats_json(&snap, &stats, &report, started.elapsed().as_secs_f64())
+                stats_now(&snap, &stats, &report, started.elapsed().as_secs_f64())
             })
         },
         token,
@@ -319,7 +318,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let json = stats_json(
+        let json = stats_now(
             &snap,
             &state.stats,
             &state.report,
@@ -1028,73 +1027,15 @@ impl Agent {
     }
 }
 
-/// Every counter as JSON: `--stats-json` and the admin endpoint's `/stats`.
-fn stats_json(
+/// Every counter: `--stats-json` and the admin endpoint's `/stats`.
+fn stats_now(
     snap: &AgentSnapshot,
     stats: &MirrorStats,
     report: &Mutex<Option<Report>>,
     seconds: f64,
-) -> serde_json::Value {
-    let totals = report
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|r| r.totals.clone());
-    json!({
-        "node": snap.node,
-        "attached": snap.attached,
-        "dry_run": snap.dry_run,
-        "seconds": seconds,
-        "config_generation": snap.config_generation,
-        "config_reload_errors": snap.config_reload_errors,
-        "ramp": snap.ramp_held.map(|held| json!({
-            "step": snap.ramp_step,
-            "steps": snap.ramp_steps,
-            "percent": snap.ramp_percent,
-            "held": held,
-        })),
-        "kernel": common::object(&common::kernel_fields(&snap.kernel)),
-        "ring": common::object(&common::ring_fields(&snap.ring)),
-        "ring_buffer": {
-            "fill_bytes": snap.ring_level.fill_bytes(),
-            "size_bytes": snap.ring_level.size_bytes,
-            "consumer_position": snap.ring_level.consumer_position,
-            "producer_position": snap.ring_level.producer_position,
-        },
-        "interfaces": common::interfaces_json(&snap.interfaces),
-        "interfaces_uncounted": snap.interfaces_uncounted,
-        "interface_attach_failures": common::attach_failures_json(&snap.interface_attach_failures),
-        "budget": {
-            "node": tokens(&snap.budget.node),
-            "targets": snap.budget.targets.iter().map(|(url, t)| {
-                let mut v = tokens(t);
-                v["url"] = url.as_str().into();
-                v
-            }).collect::<Vec<_>>(),
-        },
-        "flows_tracked": snap.flows_tracked,
-        "pipeline": common::object(&snap.pipeline.pairs()),
-        "http_anomalies": common::object(&snap.pipeline.http_anomalies),
-        "compare": snap.compare.map(|c| json!({
-            "pending": snap.compare_pending,
-            "completed": c.completed,
-            "expired": c.expired,
-            "evicted": c.evicted,
-            "orphans": c.orphans,
-            // As of the last report (made every tick).
-            "other_exchanges": totals.as_ref().map(|t| json!({
-                "full": t.endpoints_overflowed,
-                "first_seen": t.endpoints_first_seen,
-            })),
-            "segments_learned": totals.as_ref().map(|t| t.segments_learned),
-        })),
-        "mirror": stats.to_json(),
-    })
-}
-
-/// A pair of buckets' tokens: `bytes` is null where bytes are not limited.
-fn tokens(t: &Tokens) -> serde_json::Value {
-    json!({"requests": t.requests, "bytes": t.bytes})
+) -> Stats {
+    let report = report.lock().unwrap_or_else(|p| p.into_inner());
+    Stats::collect(snap, stats, report.as_ref().map(|r| &r.totals), seconds)
 }
 
 fn human_bytes(per_sec: f64) -> String {

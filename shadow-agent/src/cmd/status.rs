@@ -2,6 +2,7 @@
 //!
 //! Rates come from two readings of `/stats` an interval apart; `--watch` keeps reading and
 //! redraws in place.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,8 +11,10 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use shadow_agent::admin::AdminToken;
+use shadow_agent::mirror::stats::AnswerStats;
+use shadow_agent::stats::{RampStats, Stats};
 
 use super::common::parse_duration;
 
@@ -70,10 +73,10 @@ pub fn run(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut before = (Instant::now(), client.fetch("/stats").await?);
+        let mut before: (Instant, Stats) = (Instant::now(), client.fetch("/stats").await?);
         loop {
             tokio::time::sleep(args.interval).await;
-            let now = (Instant::now(), client.fetch("/stats").await?);
+            let now: (Instant, Stats) = (Instant::now(), client.fetch("/stats").await?);
             let secs = now.0.duration_since(before.0).as_secs_f64();
             let table = render(&before.1, &now.1, secs);
             if args.watch {
@@ -89,8 +92,8 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 impl AdminClient {
-    /// `GET path` from the admin endpoint, as JSON.
-    pub async fn fetch(&self, path: &str) -> Result<Value> {
+    /// `GET path` from the admin endpoint, read from JSON.
+    pub async fn fetch<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let admin = self.admin;
         let stream = tokio::net::TcpStream::connect(admin)
             .await
@@ -131,91 +134,56 @@ impl AdminClient {
                 String::from_utf8_lossy(&body).trim()
             );
         }
-        serde_json::from_slice(&body).context("the admin endpoint sent no JSON")
+        serde_json::from_slice(&body)
+            .with_context(|| format!("the admin endpoint sent no JSON of {path} that this reads"))
     }
 }
 
-fn num(v: &Value, path: &[&str]) -> f64 {
-    let mut v = v;
-    for p in path {
-        v = &v[*p];
-    }
-    v.as_f64().unwrap_or(0.0)
-}
-
-/// The entry of `list` whose `key` is `name`, in the earlier reading.
-fn find<'v>(list: &'v Value, key: &str, name: &Value) -> Option<&'v Value> {
-    list.as_array()?.iter().find(|e| &e[key] == name)
-}
-
-/// The sum of an object of counters, and its largest member.
-fn total_and_top(v: &Value) -> (f64, Option<(String, f64)>) {
-    let Some(map) = v.as_object() else {
-        return (0.0, None);
-    };
-    // A fold from 0: `sum` of no floats is -0.0, which prints as `-0.0`.
-    let total = map
-        .values()
-        .filter_map(Value::as_f64)
-        .fold(0.0, |a, b| a + b);
-    let top = map
+/// Counters by label: the growth of each since `before` (0 for a counter that shrank, as after
+/// an agent restart), the total of that growth, and the label that grew most.
+fn growth(
+    now: &BTreeMap<String, u64>,
+    before: Option<&BTreeMap<String, u64>>,
+) -> (BTreeMap<String, f64>, f64, Option<(String, f64)>) {
+    let grown: BTreeMap<String, f64> = now
         .iter()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .map(|(k, v)| {
+            let old = before.and_then(|b| b.get(k)).copied().unwrap_or(0);
+            (k.clone(), v.saturating_sub(old) as f64)
+        })
+        .collect();
+    // A fold from 0: `sum` of no floats is -0.0, which prints as `-0.0`.
+    let total = grown.values().fold(0.0, |a, b| a + b);
+    let top = grown
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
         .max_by(|a, b| a.1.total_cmp(&b.1));
-    (total, top)
+    (grown, total, top)
 }
 
-/// Per-key differences of two objects of counters.
-fn delta(now: &Value, before: Option<&Value>) -> Value {
-    let Some(map) = now.as_object() else {
-        return Value::Null;
-    };
-    Value::Object(
-        map.iter()
-            .map(|(k, v)| {
-                let old = before.and_then(|b| b[k].as_f64()).unwrap_or(0.0);
-                (k.clone(), (v.as_f64().unwrap_or(0.0) - old).max(0.0).into())
-            })
-            .collect(),
-    )
+/// The label that grew most, with its rate, or `-` when none grew.
+fn top_cell(top: Option<(String, f64)>, secs: f64) -> String {
+    top.filter(|(_, n)| *n > 0.0)
+        .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs))
 }
 
-/// Error rate over the interval, and p50 and p99 since the start, of an entry with `responses`,
-/// `failures` and `latency_p50_ms`/`latency_p99_ms` (a route's shadow answers or a target's).
-fn answer_columns(now: &Value, before: Option<&Value>) -> (String, String, String) {
-    let answers = delta(&now["responses"], before.map(|b| &b["responses"]));
-    let failures = delta(&now["failures"], before.map(|b| &b["failures"]));
-    let (answered, _) = total_and_top(&answers);
-    let (failed, _) = total_and_top(&failures);
-    let errors = failed + answers["5xx"].as_f64().unwrap_or(0.0);
+/// Error rate over the interval, and p50 and p99 since the start, of a route's shadow answers
+/// or a target's.
+fn answer_columns(now: &AnswerStats, before: Option<&AnswerStats>) -> (String, String, String) {
+    let (answers, answered, _) = growth(&now.responses, before.map(|b| &b.responses));
+    let (_, failed, _) = growth(&now.failures, before.map(|b| &b.failures));
+    let errors = failed + answers.get("5xx").copied().unwrap_or(0.0);
     let error_percent = if answered + failed > 0.0 {
         format!("{:.1}", errors * 100.0 / (answered + failed))
     } else {
         "-".to_owned()
     };
-    let ms = |k: &str| {
-        now[k]
-            .as_f64()
-            .map_or("-".to_owned(), |v| format!("{v:.1}ms"))
-    };
-    (error_percent, ms("latency_p50_ms"), ms("latency_p99_ms"))
-}
-
-/// The ramp as a short cell: `2/4 25%` (step 2 of 4, 25 % of each route's share), `off` after
-/// falling back below the first step, `-` without a ramp.
-fn ramp_cell(ramp: &Value) -> String {
-    let Some(r) = ramp.as_object() else {
-        return "-".to_owned();
-    };
-    let percent = r.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
-    match r.get("step").and_then(Value::as_u64) {
-        Some(step) => format!(
-            "{}/{} {percent}%",
-            step + 1,
-            r.get("steps").and_then(Value::as_u64).unwrap_or(0)
-        ),
-        None => "off".to_owned(),
-    }
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}ms"));
+    (
+        error_percent,
+        ms(now.latency_p50_ms),
+        ms(now.latency_p99_ms),
+    )
 }
 
 fn human_bytes(bytes: f64) -> String {
@@ -229,35 +197,30 @@ fn human_bytes(bytes: f64) -> String {
 }
 
 /// The table for two readings `secs` apart.
-fn render(before: &Value, now: &Value, secs: f64) -> String {
+fn render(before: &Stats, now: &Stats, secs: f64) -> String {
     let secs = secs.max(1e-3);
-    let rate = |n: f64, b: f64| (n - b).max(0.0) / secs;
+    let rate = |n: u64, b: u64| n.saturating_sub(b) as f64 / secs;
     let mut out = String::new();
-    let mode = if now["dry_run"] == Value::Bool(true) {
+    let mode = if now.dry_run {
         "dry run: nothing is sent"
     } else {
         "mirroring"
     };
-    let ramp = match now["ramp"].as_object() {
+    let ramp = match &now.ramp {
         Some(r) => format!(
             ", ramp {} of every route{}",
-            ramp_cell(&now["ramp"]),
-            if r.get("held") == Some(&Value::Bool(true)) {
-                " (fell back, holding)"
-            } else {
-                ""
-            }
+            r.cell(),
+            if r.held { " (fell back, holding)" } else { "" }
         ),
         None => String::new(),
     };
     out += &format!(
         "shadow-agent on {}: {mode}; configuration {}{ramp}; rates over {secs:.1}s\n\n",
-        now["node"].as_str().unwrap_or("?"),
-        num(now, &["config_generation"]),
+        now.node, now.config_generation,
     );
 
     // The ramp scales every route alike; its column says so on each row.
-    let ramp = ramp_cell(&now["ramp"]);
+    let ramp = now.ramp.as_ref().map_or("-".to_owned(), RampStats::cell);
     out += &format!(
         "{:<24} {:>9} {:>11} {:>10} {:>7} {:>9} {:>9} {:>9}  {}\n",
         "ROUTE",
@@ -270,31 +233,20 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
         "RAMP",
         "TOP DROP REASON"
     );
-    let routes_before = &before["mirror"]["routes"];
-    for r in now["mirror"]["routes"].as_array().into_iter().flatten() {
-        let b = find(routes_before, "name", &r["name"]);
-        let dropped = delta(&r["dropped"], b.map(|b| &b["dropped"]));
-        let (dropped_total, top) = total_and_top(&dropped);
-        let top = top
-            .filter(|(_, n)| *n > 0.0)
-            .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
-        let (error_percent, p50, p99) = answer_columns(r, b);
+    for r in &now.mirror.routes {
+        let b = before.mirror.routes.iter().find(|b| b.name == r.name);
+        let (_, dropped, top) = growth(&r.dropped, b.map(|b| &b.dropped));
+        let (error_percent, p50, p99) = answer_columns(&r.answers, b.map(|b| &b.answers));
         out += &format!(
-            "{:<24} {:>9.1} {:>11.1} {:>10.1} {error_percent:>7} {p50:>9} {p99:>9} {ramp:>9}  {top}\n",
-            r["name"].as_str().unwrap_or("?"),
-            rate(num(r, &["seen"]), b.map_or(0.0, |b| num(b, &["seen"]))),
-            rate(
-                num(r, &["mirrored"]),
-                b.map_or(0.0, |b| num(b, &["mirrored"]))
-            ),
-            dropped_total / secs,
+            "{:<24} {:>9.1} {:>11.1} {:>10.1} {error_percent:>7} {p50:>9} {p99:>9} {ramp:>9}  {}\n",
+            r.name,
+            rate(r.seen, b.map_or(0, |b| b.seen)),
+            rate(r.mirrored, b.map_or(0, |b| b.mirrored)),
+            dropped / secs,
+            top_cell(top, secs),
         );
     }
-    let unrouted = delta(
-        &now["mirror"]["unrouted"],
-        Some(&before["mirror"]["unrouted"]),
-    );
-    let (n, top) = total_and_top(&unrouted);
+    let (_, n, top) = growth(&now.mirror.unrouted, Some(&before.mirror.unrouted));
     if n > 0.0 {
         out += &format!(
             "{:<24} {:>9.1} {:>11} {:>10.1} {:>7} {:>9} {:>9} {:>9}  {}\n",
@@ -306,7 +258,7 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
             "-",
             "-",
             "-",
-            top.map_or("-".to_owned(), |(k, v)| format!("{k} ({:.1}/s)", v / secs))
+            top_cell(top, secs)
         );
     }
 
@@ -323,25 +275,18 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
         "DROPPED/s",
         "TOP DROP REASON"
     );
-    let targets_before = &before["mirror"]["targets"];
-    for t in now["mirror"]["targets"].as_array().into_iter().flatten() {
-        let b = find(targets_before, "url", &t["url"]);
-        let sent = rate(num(t, &["sent"]), b.map_or(0.0, |b| num(b, &["sent"])));
-        let abandoned = rate(
-            num(t, &["abandoned"]),
-            b.map_or(0.0, |b| num(b, &["abandoned"])),
-        );
-        let (error_percent, p50, p99) = answer_columns(t, b);
-        let dropped = delta(&t["dropped"], b.map(|b| &b["dropped"]));
-        let (dropped_total, top) = total_and_top(&dropped);
-        let top = top
-            .filter(|(_, n)| *n > 0.0)
-            .map_or("-".to_owned(), |(k, n)| format!("{k} ({:.1}/s)", n / secs));
+    for t in &now.mirror.targets {
+        let b = before.mirror.targets.iter().find(|b| b.url == t.url);
+        let sent = rate(t.sent, b.map_or(0, |b| b.sent));
+        let abandoned = rate(t.answers.abandoned, b.map_or(0, |b| b.answers.abandoned));
+        let (error_percent, p50, p99) = answer_columns(&t.answers, b.map(|b| &b.answers));
+        let (_, dropped, top) = growth(&t.dropped, b.map(|b| &b.dropped));
         out += &format!(
-            "{:<32} {sent:>8.1} {error_percent:>7} {p50:>9} {p99:>9} {:>9} {abandoned:>11.1} {:>10.1}  {top}\n",
-            t["url"].as_str().unwrap_or("?"),
-            num(t, &["in_flight"]),
-            dropped_total / secs,
+            "{:<32} {sent:>8.1} {error_percent:>7} {p50:>9} {p99:>9} {:>9} {abandoned:>11.1} {:>10.1}  {}\n",
+            t.url,
+            t.in_flight,
+            dropped / secs,
+            top_cell(top, secs),
         );
     }
 
@@ -350,57 +295,47 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
         "INTERFACE", "COPIED/s", "RING DROPS/s", "ATTACH FAILURES"
     );
     // Since the start: a failing interface is tried again every second.
-    let failures = &now["interface_attach_failures"];
-    let failures_of = |name: &str| failures[name].as_u64().unwrap_or(0);
-    let interfaces_before = &before["interfaces"];
-    let attached = now["interfaces"].as_array().map_or(&[][..], Vec::as_slice);
-    for i in attached {
-        let b = find(interfaces_before, "ifindex", &i["ifindex"]);
-        let r = |k: &str| rate(num(i, &[k]), b.map_or(0.0, |b| num(b, &[k])));
-        let name = i["name"].as_str().unwrap_or("?");
+    let failures = &now.interface_attach_failures;
+    let failures_of = |name: &str| failures.get(name).copied().unwrap_or(0);
+    for i in &now.interfaces {
+        let b = before.interfaces.iter().find(|b| b.ifindex == i.ifindex);
+        let (c, old) = (&i.counters, b.map(|b| b.counters).unwrap_or_default());
         out += &format!(
-            "{name:<16} {:>10.1} {:>16.1} {:>16}\n",
-            r("packets_sampled"),
-            r("ringbuf_full"),
-            failures_of(name),
+            "{:<16} {:>10.1} {:>16.1} {:>16}\n",
+            i.name,
+            rate(c.packets_sampled, old.packets_sampled),
+            rate(c.ringbuf_full, old.ringbuf_full),
+            failures_of(&i.name),
         );
     }
     // Interfaces not attached at all, only failing.
-    for (name, n) in failures.as_object().into_iter().flatten() {
-        if !attached.iter().any(|i| i["name"].as_str() == Some(name)) {
-            out += &format!(
-                "{name:<16} {:>10} {:>16} {:>16}\n",
-                "-",
-                "-",
-                n.as_u64().unwrap_or(0)
-            );
+    for (name, n) in failures {
+        if !now.interfaces.iter().any(|i| &i.name == name) {
+            out += &format!("{name:<16} {:>10} {:>16} {:>16}\n", "-", "-", n);
         }
     }
-    let uncounted = num(now, &["interfaces_uncounted"]);
-    if uncounted > 0.0 {
+    if now.interfaces_uncounted > 0 {
         out += &format!(
-            "({uncounted} interface(s) without counters of their own: in the totals below only)\n"
+            "({} interface(s) without counters of their own: in the totals below only)\n",
+            now.interfaces_uncounted
         );
     }
 
-    let k = |name: &str| rate(num(now, &["kernel", name]), num(before, &["kernel", name]));
+    let (k, old) = (&now.kernel, &before.kernel);
     let (fill, size) = (
-        num(now, &["ring_buffer", "fill_bytes"]),
-        num(now, &["ring_buffer", "size_bytes"]),
+        now.ring_buffer.fill_bytes as f64,
+        now.ring_buffer.size_bytes as f64,
     );
     out += &format!(
         "\nCAPTURE {}\n  packets/s seen {:.0}, matched {:.0}, sampled {:.0}; ring buffer drops/s {:.1}, \
          channel drops/s {:.1}; flows tracked {}\n  ring buffer {} of {} unread ({:.1}%)\n",
-        now["attached"].as_str().unwrap_or(""),
-        k("packets_seen"),
-        k("packets_matched"),
-        k("packets_sampled"),
-        k("ringbuf_full"),
-        rate(
-            num(now, &["ring", "channel_full"]),
-            num(before, &["ring", "channel_full"])
-        ),
-        num(now, &["flows_tracked"]),
+        now.attached,
+        rate(k.packets_seen, old.packets_seen),
+        rate(k.packets_matched, old.packets_matched),
+        rate(k.packets_sampled, old.packets_sampled),
+        rate(k.ringbuf_full, old.ringbuf_full),
+        rate(now.ring.channel_full, before.ring.channel_full),
+        now.flows_tracked,
         human_bytes(fill),
         human_bytes(size),
         fill * 100.0 / size.max(1.0),
@@ -412,10 +347,25 @@ fn render(before: &Value, now: &Value, secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     /// A reading of `/stats`: `n` scales every counter, so two readings give known rates.
     fn reading(
+        seen: u64,
+        mirrored: u64,
+        method: u64,
+        sent: u64,
+        fivexx: u64,
+        seen_pkts: u64,
+        n: u64,
+    ) -> Stats {
+        serde_json::from_value(reading_json(
+            seen, mirrored, method, sent, fivexx, seen_pkts, n,
+        ))
+        .expect("a reading of /stats")
+    }
+
+    fn reading_json(
         seen: u64,
         mirrored: u64,
         method: u64,
@@ -551,9 +501,9 @@ mod tests {
         let mut before = reading(100, 80, 20, 80, 0, 1000, 1);
         let mut now = reading(100, 80, 20, 80, 0, 1000, 1);
         for r in [&mut before, &mut now] {
-            r["ramp"] = Value::Null;
-            r["mirror"]["routes"][0]["latency_p50_ms"] = Value::Null;
-            r["mirror"]["routes"][0]["latency_p99_ms"] = Value::Null;
+            r.ramp = None;
+            r.mirror.routes[0].answers.latency_p50_ms = None;
+            r.mirror.routes[0].answers.latency_p99_ms = None;
         }
         let table = render(&before, &now, 2.0);
         let web: Vec<&str> = table
@@ -565,7 +515,12 @@ mod tests {
         assert_eq!(web, ["web", "0.0", "0.0", "0.0", "-", "-", "-", "-", "-"]);
         assert!(!table.contains("ramp"), "{table}");
         // After falling back below the first step, the ramp is off and held.
-        now["ramp"] = json!({"step": null, "steps": 4, "percent": 0.0, "held": true});
+        now.ramp = Some(RampStats {
+            step: None,
+            steps: 4,
+            percent: 0.0,
+            held: true,
+        });
         let table = render(&before, &now, 2.0);
         assert!(
             table.contains("ramp off of every route (fell back, holding)"),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::latency::LatencyHistogram;
 use crate::budget::BudgetKind;
@@ -179,23 +179,21 @@ impl Answers {
 
     /// Answers by class, failures by kind, and p50 and p99 in milliseconds, as `/stats` shows
     /// them.
-    fn to_json(&self) -> serde_json::Map<String, Value> {
-        let failures: serde_json::Map<String, Value> = Failure::ALL
-            .iter()
-            .map(|f| (f.label().to_owned(), self.failed(*f).get().into()))
-            .collect();
-        let responses: serde_json::Map<String, Value> = (1..=5)
-            .map(|c| (format!("{c}xx"), self.responses(c).into()))
-            .collect();
+    pub fn snapshot(&self) -> AnswerStats {
         let latency = self.latency.snapshot();
         let ms = |q| latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
-        let mut out = serde_json::Map::new();
-        out.insert("responses".into(), responses.into());
-        out.insert("failures".into(), failures.into());
-        out.insert("abandoned".into(), self.abandoned.get().into());
-        out.insert("latency_p50_ms".into(), ms(0.5).into());
-        out.insert("latency_p99_ms".into(), ms(0.99).into());
-        out
+        AnswerStats {
+            responses: (1..=5)
+                .map(|c| (format!("{c}xx"), self.responses(c)))
+                .collect(),
+            failures: Failure::ALL
+                .iter()
+                .map(|f| (f.label().to_owned(), self.failed(*f).get()))
+                .collect(),
+            abandoned: self.abandoned.get(),
+            latency_p50_ms: ms(0.5),
+            latency_p99_ms: ms(0.99),
+        }
     }
 }
 
@@ -274,77 +272,129 @@ impl MirrorStats {
             .collect()
     }
 
-    /// Everything, as JSON: for `--stats-json` and the admin endpoint.
-    pub fn to_json(&self) -> Value {
-        let unrouted = nonzero(
-            DropReason::ALL
+    /// Everything, as `/stats` and `--stats-json` show it.
+    pub fn snapshot(&self) -> MirrorSnapshot {
+        MirrorSnapshot {
+            requests: self.requests.get(),
+            unrouted: nonzero(
+                DropReason::ALL
+                    .iter()
+                    .map(|r| (r.label(), self.unrouted(*r).get())),
+            ),
+            routes: self
+                .routes()
                 .iter()
-                .map(|r| (r.label(), self.unrouted(*r).get())),
-        );
-        let routes: Vec<Value> = self
-            .routes()
-            .iter()
-            .map(|(name, r)| {
-                let dropped = nonzero(
-                    DropReason::ALL
-                        .iter()
-                        .map(|d| (d.label(), r.dropped(*d).get())),
-                );
-                let mut route = json!({
-                    "name": name,
-                    "seen": r.seen.get(),
-                    "mirrored": r.mirrored.get(),
-                    "copies": r.copies.get(),
-                    "copy_bytes": r.copy_bytes.get(),
-                    "dropped": dropped,
-                });
-                if let Some(o) = route.as_object_mut() {
-                    o.extend(r.answers.to_json());
-                }
-                route
-            })
-            .collect();
-        let targets: Vec<Value> = self
-            .targets()
-            .iter()
-            .map(|(url, t)| {
-                let dropped = nonzero(
-                    CopyDrop::ALL
-                        .iter()
-                        .map(|d| (d.label(), t.dropped(*d).get())),
-                );
-                let mut target = json!({
-                    "url": url,
-                    "sent": t.sent.get(),
-                    "sent_bytes": t.sent_bytes.get(),
-                    "dropped": dropped,
-                    "answers_dropped": t.answers_dropped.get(),
-                    "in_flight": t.in_flight.load(Ordering::Relaxed),
-                    "connections": t.connections.load(Ordering::Relaxed),
-                });
-                if let Some(o) = target.as_object_mut() {
-                    o.extend(t.answers.to_json());
-                }
-                target
-            })
-            .collect();
-        json!({
-            "requests": self.requests.get(),
-            "unrouted": unrouted,
-            "routes": routes,
-            "targets": targets,
-        })
+                .map(|(name, r)| RouteStats {
+                    name: name.clone(),
+                    seen: r.seen.get(),
+                    mirrored: r.mirrored.get(),
+                    copies: r.copies.get(),
+                    copy_bytes: r.copy_bytes.get(),
+                    dropped: nonzero(
+                        DropReason::ALL
+                            .iter()
+                            .map(|d| (d.label(), r.dropped(*d).get())),
+                    ),
+                    answers: r.answers.snapshot(),
+                })
+                .collect(),
+            targets: self
+                .targets()
+                .iter()
+                .map(|(url, t)| TargetStats {
+                    url: url.clone(),
+                    sent: t.sent.get(),
+                    sent_bytes: t.sent_bytes.get(),
+                    dropped: nonzero(
+                        CopyDrop::ALL
+                            .iter()
+                            .map(|d| (d.label(), t.dropped(*d).get())),
+                    ),
+                    answers_dropped: t.answers_dropped.get(),
+                    in_flight: t.in_flight.load(Ordering::Relaxed),
+                    connections: t.connections.load(Ordering::Relaxed),
+                    answers: t.answers.snapshot(),
+                })
+                .collect(),
+        }
     }
 }
 
-/// The counters that are not zero, as a JSON object.
-fn nonzero<'a>(counters: impl Iterator<Item = (&'a str, u64)>) -> Value {
-    Value::Object(
-        counters
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| (k.to_owned(), n.into()))
-            .collect(),
-    )
+/// The counters that are not zero, by label.
+fn nonzero<'a>(counters: impl Iterator<Item = (&'a str, u64)>) -> BTreeMap<String, u64> {
+    counters
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect()
+}
+
+/// What [`MirrorStats`] counted, as `/stats` shows it under `mirror`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MirrorSnapshot {
+    /// Requests rebuilt from captured traffic.
+    pub requests: u64,
+    /// Requests no route decided on, by reason; reasons that never happened are left out.
+    pub unrouted: BTreeMap<String, u64>,
+    pub routes: Vec<RouteStats>,
+    pub targets: Vec<TargetStats>,
+}
+
+/// One route's counters, and the answers of its shadow targets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouteStats {
+    pub name: String,
+    pub seen: u64,
+    pub mirrored: u64,
+    pub copies: u64,
+    pub copy_bytes: u64,
+    /// By reason; reasons that never happened are left out.
+    pub dropped: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub answers: AnswerStats,
+}
+
+/// One target's copies and their answers; see [`TargetCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TargetStats {
+    pub url: String,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    /// By reason; reasons that never happened are left out.
+    pub dropped: BTreeMap<String, u64>,
+    pub answers_dropped: u64,
+    pub in_flight: u64,
+    pub connections: u64,
+    #[serde(flatten)]
+    pub answers: AnswerStats,
+}
+
+/// [`Answers`] at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AnswerStats {
+    /// By status class, `1xx` to `5xx`.
+    pub responses: BTreeMap<String, u64>,
+    /// By kind of failure.
+    pub failures: BTreeMap<String, u64>,
+    pub abandoned: u64,
+    /// Since the start; `None` before the first answer.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+impl AnswerStats {
+    /// Answers with a 5xx status and failures: what the error rate counts.
+    pub fn errors(&self) -> u64 {
+        self.responses.get("5xx").copied().unwrap_or(0) + self.failures.values().sum::<u64>()
+    }
+
+    /// Copies answered or failed.
+    pub fn completed(&self) -> u64 {
+        self.responses.values().sum::<u64>() + self.failures.values().sum::<u64>()
+    }
 }
 
 #[cfg(test)]
@@ -384,7 +434,7 @@ mod tests {
             (1, 2, 2),
             "an abandoned copy is neither an error nor completed"
         );
-        let json = stats.to_json();
+        let json = serde_json::to_value(stats.snapshot()).expect("json");
         assert_eq!(json["routes"][0]["seen"], 2);
         assert_eq!(json["targets"][0]["responses"]["5xx"], 1);
         assert_eq!(json["targets"][0]["failures"]["timeout"], 1);
@@ -403,7 +453,7 @@ mod tests {
         }
         route.answers.answered(502, Duration::from_millis(5));
         route.answers.failed(Failure::Connect).inc();
-        let json = stats.to_json();
+        let json = serde_json::to_value(stats.snapshot()).expect("json");
         let api = &json["routes"][0];
         assert_eq!(api["responses"]["2xx"], 10, "{json:#}");
         assert_eq!(api["responses"]["5xx"], 1, "{json:#}");
@@ -418,6 +468,6 @@ mod tests {
         assert_eq!((route.answers.errors(), route.answers.completed()), (2, 12));
         // A route that sent nothing has no latency yet.
         stats.route("quiet");
-        assert_eq!(stats.to_json()["routes"][1]["latency_p99_ms"], Value::Null);
+        assert_eq!(stats.snapshot().routes[1].answers.latency_p99_ms, None);
     }
 }
