@@ -25,9 +25,9 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::compare::pairing::{Answer, PairKey, Role};
 use crate::config::{BudgetConfig, Target};
 use crate::mirror::ShadowRequest;
-use crate::mirror::pairing::{Answer, PairKey, Role};
 use crate::mirror::stats::{Answers, CopyDrop, Failure, RouteCounters, TargetCounters};
 
 /// What limits a lane.
@@ -494,7 +494,7 @@ mod tests {
             .insert("host", http::HeaderValue::from_static("shadow"));
         ShadowRequest {
             target: crate::policy::TargetId(0),
-            role: crate::mirror::pairing::Role::Candidate,
+            role: crate::compare::pairing::Role::Candidate,
             compare: None,
             route: None,
             request,

@@ -1,5 +1,5 @@
-//! Capture: the kernel program and its maps, the interfaces it is attached to, the ring buffer it
-//! fills, and pcap files of what it captured.
+//! Capture: the kernel program and its maps, the interfaces it is attached to, and the ring buffer
+//! it fills.
 //!
 //! Packets leave this module in [`PacketBatch`]es of [`CapturedPacket`]s: whole Ethernet frames
 //! with their capture time, ready for the flow stage.
@@ -8,7 +8,6 @@ pub mod clsact;
 pub mod interfaces;
 pub mod kernel;
 pub mod live;
-pub mod pcap;
 pub mod privileges;
 pub mod records;
 pub mod ring;

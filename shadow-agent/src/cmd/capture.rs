@@ -13,9 +13,9 @@ use shadow_agent::capture::{
     interfaces::InterfaceSelector,
     kernel::{AttachMode, Cidr, RingSettings, TcxOrder},
     live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
-    pcap::PcapWriter,
     ring,
 };
+use shadow_agent::pcap::PcapWriter;
 use shadow_common::CAPTURE_LIMIT;
 
 use super::common::{

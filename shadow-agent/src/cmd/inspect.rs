@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use shadow_agent::http::{HttpEvent, Request, Version};
-use shadow_agent::pcap_file::{self, ReadSummary};
+use shadow_agent::pcap::{self, ReadSummary};
 use shadow_agent::pipeline::{
     FlowAddrs, Pipeline, PipelineConfig, PipelineCounters, PipelineEvent,
 };
@@ -102,7 +102,7 @@ pub fn inspect(
     let mut printer = Printer::new(secrets);
     let mut events = Vec::new();
     let mut write_result = Ok(());
-    let read = pcap_file::read_file(path, |frame| {
+    let read = pcap::read_file(path, |frame| {
         pipeline.push_frame(frame.link, frame.ts, frame.data, &mut events);
         if write_result.is_ok() {
             write_result = printer.take(events.drain(..), out);

@@ -6,6 +6,9 @@
 //! serialises to JSON and renders as one offline HTML page ([`render_html`]). No I/O, no clock
 //! (latencies come in with the responses), no threads.
 //!
+//! [`pairing`] first brings the parts of one exchange together as they arrive: the live response
+//! from the capture, the shadow's and the baseline's answers from the senders.
+//!
 //! What is compared: the status code, the configured headers, and the body — JSON structurally
 //! into field paths ([`json`]), text by a normalised form, anything else by bytes. Which of those
 //! differences count is learned per endpoint and field ([`noise`]); the endpoint is the method
@@ -22,6 +25,7 @@ pub mod endpoint;
 mod html;
 pub mod json;
 pub mod noise;
+pub mod pairing;
 mod report;
 
 use std::collections::{BTreeSet, HashMap};
@@ -30,7 +34,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mirror::latency::LatencyHistogram;
+use crate::latency::LatencyHistogram;
 use crate::policy::path::RequestPath;
 use body::{Body, BodyDifference};
 use endpoint::Recent;

@@ -4,8 +4,6 @@
 //! each of the route's targets and charges the budget; the sender (`forward`) only sends what
 //! it is given. Every request and every copy is counted in [`stats`], dropped ones by reason.
 
-pub mod latency;
-pub mod pairing;
 pub mod stats;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -16,13 +14,13 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Uri};
 
 use crate::budget::{Budget, BudgetLimits, BudgetTokens};
+use crate::compare::pairing::{PairKey, Role};
 use crate::config::Config;
 use crate::http::Request;
 use crate::pipeline::FlowAddrs;
 use crate::policy::path::{RequestPath, origin_form};
 use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
 use crate::policy::{Decision, DropReason, Policy, RequestView, TargetId};
-use pairing::{PairKey, Role};
 use stats::{CopyDrop, MirrorStats, RouteCounters, TargetCounters};
 
 /// One copy, ready to be sent to its target.

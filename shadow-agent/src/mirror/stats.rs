@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::latency::LatencyHistogram;
 use crate::budget::BudgetKind;
+use crate::latency::LatencyHistogram;
 use crate::policy::DropReason;
 
 /// A counter that any thread may add to.
