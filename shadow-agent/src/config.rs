@@ -18,6 +18,9 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+mod percent;
+pub use percent::Percent;
+
 use crate::capture::Hook;
 use crate::capture::interfaces::InterfaceSelector;
 use crate::compare::CompareConfig;
@@ -69,7 +72,7 @@ pub struct CaptureConfig {
     pub hooks: BTreeSet<Hook>,
     pub ports: BTreeSet<u16>,
     /// Share of connections captured, decided per connection in the kernel.
-    pub sample_percent: f64,
+    pub sample_percent: Percent,
 }
 
 /// `[policy]`: rules for every request, whichever route takes it.
@@ -89,7 +92,7 @@ pub struct RouteConfig {
     /// differ from live ones, the comparison learns noise.
     pub baseline: Option<Target>,
     /// Share of matching requests mirrored, decided per request in user space.
-    pub sample_percent: f64,
+    pub sample_percent: Percent,
     /// Upper-case method names.
     pub allow_methods: BTreeSet<String>,
     /// Paths never mirrored, whichever route a request takes: the policy denies a request
@@ -294,7 +297,7 @@ pub struct RampConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RampStep {
-    pub percent: f64,
+    pub percent: Percent,
     pub hold: Duration,
 }
 
@@ -302,7 +305,7 @@ pub struct RampStep {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RampGuard {
     /// Errors (5xx, timeouts, connection failures) as a percent of copies sent.
-    pub max_error_percent: Option<f64>,
+    pub max_error_percent: Option<Percent>,
     pub max_p99: Option<Duration>,
     /// Copies needed in a step before the guard judges it.
     pub min_requests: u64,
@@ -798,7 +801,12 @@ fn check_capture(
             }
         }
     }
-    let sample_percent = percent(raw.sample_percent, 100.0, "capture.sample_percent", r);
+    let sample_percent = percent(
+        raw.sample_percent,
+        Percent::ALL,
+        "capture.sample_percent",
+        r,
+    );
     let sample_percent = sample_percent?;
     ok.then_some(CaptureConfig {
         interfaces,
@@ -823,17 +831,21 @@ fn check_port(port: &Sp<i64>, key: &str, r: &mut Report<'_>) -> Option<u16> {
 }
 
 /// A percent in 0..=100, or `default` when absent; `None` (and an issue) when out of range.
-fn percent(value: Option<Sp<f64>>, default: f64, key: &str, r: &mut Report<'_>) -> Option<f64> {
+fn percent(
+    value: Option<Sp<f64>>,
+    default: Percent,
+    key: &str,
+    r: &mut Report<'_>,
+) -> Option<Percent> {
     let Some(value) = value else {
         return Some(default);
     };
     let v = *value.get_ref();
-    if (0.0..=100.0).contains(&v) {
-        Some(v)
-    } else {
+    let checked = Percent::new(v);
+    if checked.is_none() {
         r.at(value.span(), key, format!("{v} is not between 0 and 100"));
-        None
     }
+    checked
 }
 
 fn check_routes(
@@ -911,7 +923,7 @@ fn check_route(
     });
     let sample_percent = percent(
         raw.sample_percent,
-        100.0,
+        Percent::ALL,
         &format!("{key}.sample_percent"),
         r,
     );
@@ -1420,7 +1432,8 @@ fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option
         let step = step.into_inner();
         let key = format!("ramp.steps[{i}]");
         let p = *step.percent.get_ref();
-        if !(p > 0.0 && p <= 100.0) {
+        let checked = Percent::new(p).filter(|p| p.get() > 0.0);
+        if checked.is_none() {
             r.at(
                 step.percent.span(),
                 format!("{key}.percent"),
@@ -1434,8 +1447,10 @@ fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option
             );
         }
         last = Some(p);
-        if let Some(hold) = duration(&step.hold, &format!("{key}.hold"), r) {
-            steps.push(RampStep { percent: p, hold });
+        if let (Some(hold), Some(percent)) =
+            (duration(&step.hold, &format!("{key}.hold"), r), checked)
+        {
+            steps.push(RampStep { percent, hold });
         }
     }
     let guard = match raw.guard {
@@ -1451,7 +1466,7 @@ fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option
             let span = g.span();
             let g = g.into_inner();
             let max_error_percent = match g.error_percent {
-                Some(e) => percent(Some(e), 0.0, "ramp.guard.error_percent", r),
+                Some(e) => percent(Some(e), Percent::ZERO, "ramp.guard.error_percent", r),
                 None => None,
             };
             let max_p99 = g.p99.and_then(|p| duration(&p, "ramp.guard.p99", r));

@@ -22,41 +22,6 @@ use shadow_tests::{Agent, Netns, Nginx, Program, VethLink};
 use crate::bench::{Load, median, wrk};
 use crate::cgroup::CpuGroup;
 
-/// Where the agent and the shadow run in the rows that give the shadow a CPU of its own.
-const AGENT_CPU: usize = 0;
-const SHADOW_CPU: usize = 1;
-
-/// Pins every thread of `pid` to `cpus`.
-fn pin(pid: i32, cpus: &[usize]) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        // SAFETY: `cpu` is below the machine's CPU count, far below CPU_SETSIZE.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .with_context(|| format!("cannot list the threads of {pid}"))?;
-    for task in tasks {
-        let Some(tid) = task?
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: sched_setaffinity only reads the set, of the size given.
-        let rc =
-            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-        if rc != 0 {
-            bail!(
-                "cannot pin thread {tid} of {pid}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// The end of the names of rows that measure the `--baseline-agent` build.
 const BASELINE: &str = ", baseline build";
 const BASELINE_FIXED: &str = "fixed rate, agent 100 %, baseline build";
@@ -174,8 +139,8 @@ impl Topology {
     /// Moves every process of the shadow's host (its nginx) to SCHED_IDLE, or back to the
     /// normal class. Idle, the shadow only takes CPU the live service leaves: as if it ran on
     /// other machines, as it does in production, while still answering every copy. (The
-    /// network stack's work for the copies, in softirq, stays on these cores either way, as it
-    /// does on a production node.)
+    /// network stack's work for the copies stays on these cores either way: the send, as on a
+    /// production node, and the shadow's receive, which a veth runs inside the sender's call.)
     fn shadow_idle(&self, idle: bool) -> Result<()> {
         let param = libc::sched_param { sched_priority: 0 };
         let policy = if idle {
@@ -192,37 +157,6 @@ impl Topology {
                     std::io::Error::last_os_error()
                 );
             }
-        }
-        Ok(())
-    }
-
-    /// Gives the shadow's host a CPU of its own ([`SHADOW_CPU`]), or gives it back: its nginx
-    /// pinned there and its link's receive work steered there (RPS). With the agent pinned to
-    /// another CPU ([`AGENT_CPU`]), the agent's send to the shadow then ends where a NIC's
-    /// would, and the shadow's receive path and the wakeup of its nginx run on the other CPU, as
-    /// on the shadow's own host in production. Otherwise a veth runs the shadow's whole receive
-    /// path inside the agent's `writev`, and the woken nginx preempts the agent there (a CPU
-    /// that runs only SCHED_IDLE tasks counts as idle to the scheduler's wakeup placement).
-    fn shadow_apart(&self, apart: bool) -> Result<()> {
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        if cpus <= SHADOW_CPU {
-            bail!("the shadow needs a CPU of its own: this machine has {cpus}");
-        }
-        let everywhere: Vec<usize> = (0..cpus).collect();
-        for pid in self.shadow.pids() {
-            pin(pid, if apart { &[SHADOW_CPU] } else { &everywhere })?;
-        }
-        // In the namespace's own view of sysfs, which `ip netns exec` mounts; 2 is CPU 1's bit.
-        if apart {
-            self.shadow.run(
-                Program::Sh,
-                &["-c", "echo 2 > /sys/class/net/veth-s/queues/rx-0/rps_cpus"],
-            );
-        } else {
-            self.shadow.run(
-                Program::Sh,
-                &["-c", "echo 0 > /sys/class/net/veth-s/queues/rx-0/rps_cpus"],
-            );
         }
         Ok(())
     }
@@ -334,24 +268,17 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     // requests 100m of CPU, at normal priority (`--nice 0`) or under SCHED_IDLE (the default).
     let pod = CpuGroup::pod("shadow-bench-agent", 100)?;
     let in_pod = |extra: &'static [&'static str], load: &dyn Fn() -> Result<Figures>| {
-        with_agent_in(&topo, agent_bin, &config, extra, Some(&pod), None, load)
+        with_agent_in(&topo, agent_bin, &config, extra, Some(&pod), load)
     };
     // A systemd service with `CPUWeight=idle`: its whole cgroup idle against the others.
     let service = CpuGroup::idle("shadow-bench-agent-idle")?;
     let in_idle_service = |load: &dyn Fn() -> Result<Figures>| {
-        with_agent_in(&topo, agent_bin, &config, &[], Some(&service), None, load)
+        with_agent_in(&topo, agent_bin, &config, &[], Some(&service), load)
     };
     // The older build, for the rows that compare builds.
     let baseline = |load: &dyn Fn() -> Result<Figures>| match &bench.baseline_agent {
-        Some(bin) => with_agent_in(&topo, bin, &config, &[], None, None, load),
+        Some(bin) => with_agent_in(&topo, bin, &config, &[], None, load),
         None => bail!("no --baseline-agent"),
-    };
-    // The shadow on a CPU of its own, the agent on another, as on separate hosts.
-    let shadow_apart = |load: &dyn Fn() -> Result<Figures>| {
-        topo.shadow_apart(true)?;
-        let apart = with_agent_in(&topo, agent_bin, &config, &[], None, Some(AGENT_CPU), load);
-        topo.shadow_apart(false)?;
-        apart
     };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
@@ -417,10 +344,6 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                 low
             }),
         ),
-        (
-            "fixed rate, agent 100 %, shadow on a CPU of its own",
-            Box::new(|| shadow_apart(&fixed)),
-        ),
         ("churn, fixed rate, no agent", Box::new(churn)),
         (
             "churn, fixed rate, agent 100 %",
@@ -443,10 +366,6 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                 topo.shadow_idle(false)?;
                 low
             }),
-        ),
-        (
-            "churn, fixed rate, agent 100 %, shadow on a CPU of its own",
-            Box::new(|| shadow_apart(&churn)),
         ),
     ];
     let chosen = |name: &str| {
@@ -481,18 +400,17 @@ fn with_agent(
     extra: &[&str],
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
-    with_agent_in(topo, bin, config, extra, None, None, load)
+    with_agent_in(topo, bin, config, extra, None, load)
 }
 
-/// [`with_agent`], with the agent binary `bin`, moved into `cgroup` and pinned to the CPU
-/// `pin_to` (each when given) before the load starts.
+/// [`with_agent`], with the agent binary `bin`, moved into `cgroup` (when given) before the
+/// load starts.
 fn with_agent_in(
     topo: &Topology,
     bin: &Path,
     config: &Path,
     extra: &[&str],
     cgroup: Option<&CpuGroup>,
-    pin_to: Option<usize>,
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
@@ -501,9 +419,6 @@ fn with_agent_in(
     let pid = agent.pid();
     if let Some(cgroup) = cgroup {
         cgroup.add(pid)?;
-    }
-    if let Some(cpu) = pin_to {
-        pin(pid as i32, &[cpu])?;
     }
     let delivered_before = topo.shadow_nginx.served();
     let cpu_before = cpu_time_us(pid)?;
@@ -762,12 +677,6 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             keep_alive,
         ),
         (
-            bench.rate,
-            "agent with the shadow on a CPU of its own",
-            "fixed rate, agent 100 %, shadow on a CPU of its own",
-            keep_alive,
-        ),
-        (
             bench.churn_rate,
             "a connection per request, agent",
             "churn, fixed rate, agent 100 %",
@@ -791,12 +700,6 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             "churn, fixed rate, agent 100 %, shadow at SCHED_IDLE",
             churn,
         ),
-        (
-            bench.churn_rate,
-            "a connection per request, agent with the shadow on a CPU of its own",
-            "churn, fixed rate, agent 100 %, shadow on a CPU of its own",
-            churn,
-        ),
     ] {
         out += &format!(
             "ratios at {rate} requests/s, {what} / no agent: p50 {:.2}, p99 {:.2}\n",
@@ -816,9 +719,10 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
     }
     // The rounds behind the medians of the rows that decide the scheduling default and the
     // churn goals, to tell a difference from the noise.
-    for (name, figs) in rows.iter().filter(|(name, _)| {
-        name.contains("cgroup") || name.contains("of its own") || name.starts_with("churn")
-    }) {
+    for (name, figs) in rows
+        .iter()
+        .filter(|(name, _)| name.contains("cgroup") || name.starts_with("churn"))
+    {
         let rounds: Vec<String> = figs
             .iter()
             .map(|f| match f.agent {

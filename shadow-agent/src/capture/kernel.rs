@@ -30,6 +30,8 @@ use shadow_common::{
 };
 use thiserror::Error;
 
+use crate::config::Percent;
+
 use super::{
     Hook,
     clsact::{self, OwnerMark},
@@ -157,8 +159,8 @@ impl Cidr {
 pub struct CaptureSettings {
     /// Connections to or from these ports are captured.
     pub ports: BTreeSet<u16>,
-    /// Share of connections captured, 0 to 100, decided per connection in the kernel.
-    pub sample_percent: f64,
+    /// Share of connections captured, decided per connection in the kernel.
+    pub sample_percent: Percent,
     /// When not empty, only connections whose service address is in one of these.
     pub service_cidrs: BTreeSet<Cidr>,
     /// Mixed into the sampling hash.
@@ -174,12 +176,6 @@ impl CaptureSettings {
         if self.ports.contains(&0) {
             return Err(KernelError::Setting("port 0 cannot be captured".into()));
         }
-        if !(0.0..=100.0).contains(&self.sample_percent) {
-            return Err(KernelError::Setting(format!(
-                "sample percent {} is not between 0 and 100",
-                self.sample_percent
-            )));
-        }
         if self.service_cidrs.len() > SERVICE_CIDRS_MAX {
             return Err(KernelError::Setting(format!(
                 "at most {SERVICE_CIDRS_MAX} service CIDRs"
@@ -189,7 +185,7 @@ impl CaptureSettings {
     }
 
     fn sample_ppm(&self) -> u32 {
-        (self.sample_percent / 100.0 * SAMPLE_SCALE as f64).round() as u32
+        (self.sample_percent.fraction() * SAMPLE_SCALE as f64).round() as u32
     }
 
     /// What the program's maps hold under these settings.
@@ -751,19 +747,14 @@ mod tests {
     fn settings_validation() {
         let mut s = CaptureSettings {
             ports: [80].into(),
-            sample_percent: 100.0,
+            sample_percent: Percent::ALL,
             service_cidrs: BTreeSet::new(),
             sample_seed: 0,
         };
         s.validate().expect("valid");
         assert_eq!(s.sample_ppm(), SAMPLE_SCALE);
-        s.sample_percent = 0.5;
+        s.sample_percent = Percent::new(0.5).expect("in range");
         assert_eq!(s.sample_ppm(), 5_000);
-        s.sample_percent = 101.0;
-        assert!(s.validate().is_err());
-        s.sample_percent = f64::NAN;
-        assert!(s.validate().is_err());
-        s.sample_percent = 50.0;
         s.ports = [0].into();
         assert!(s.validate().is_err());
         s.ports = BTreeSet::new();

@@ -15,6 +15,7 @@ use shadow_agent::capture::{
     live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
     ring,
 };
+use shadow_agent::config::Percent;
 use shadow_agent::pcap::PcapWriter;
 use shadow_common::CAPTURE_LIMIT;
 
@@ -39,8 +40,8 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Share of connections captured, from 0 to 100, decided per connection in the kernel.
-    #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
-    sample_percent: f64,
+    #[arg(long, default_value_t = Percent::ALL, value_parser = str::parse::<Percent>)]
+    sample_percent: Percent,
     /// TC hooks to attach to.
     #[arg(long, value_delimiter = ',', default_value = "ingress,egress")]
     hooks: Vec<Hook>,
@@ -65,13 +66,6 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) => Ok(p),
         Err(_) => Err(format!("`{s}` is not a port from 1 to 65535")),
     }
-}
-
-fn parse_percent(s: &str) -> Result<f64, String> {
-    s.parse::<f64>()
-        .ok()
-        .filter(|p| (0.0..=100.0).contains(p))
-        .ok_or_else(|| format!("`{s}` is not a percentage from 0 to 100"))
 }
 
 /// Batches of captured packets waiting for the writer (each at most `PacketBatch::MAX_BYTES`);

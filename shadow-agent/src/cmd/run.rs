@@ -756,7 +756,7 @@ impl Agent {
         };
         let percent = |step: Option<usize>| {
             step.and_then(|s| self.config.ramp.as_ref()?.steps.get(s))
-                .map_or(0.0, |s| s.percent)
+                .map_or(0.0, |s| s.percent.get())
         };
         match event {
             RampEvent::Advanced { from, to } => tracing::info!(
@@ -1051,22 +1051,22 @@ fn human_bytes(per_sec: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shadow_agent::config::{RampGuard, RampStep};
+    use shadow_agent::config::{Percent, RampGuard, RampStep};
 
     fn ramp(first_hold: u64) -> RampConfig {
         RampConfig {
             steps: vec![
                 RampStep {
-                    percent: 10.0,
+                    percent: Percent::new(10.0).expect("in range"),
                     hold: Duration::from_secs(first_hold),
                 },
                 RampStep {
-                    percent: 100.0,
+                    percent: Percent::ALL,
                     hold: Duration::from_secs(3600),
                 },
             ],
             guard: RampGuard {
-                max_error_percent: Some(10.0),
+                max_error_percent: Percent::new(10.0),
                 max_p99: None,
                 min_requests: 20,
             },

@@ -28,7 +28,7 @@ fn example_config_loads() {
     };
     assert_eq!(config.capture.interfaces, ["eth0", "veth*"]);
     assert_eq!(config.capture.ports, BTreeSet::from([8080, 9090]));
-    assert_eq!(config.capture.sample_percent, 50.0);
+    assert_eq!(config.capture.sample_percent.get(), 50.0);
     assert_eq!(config.routes.len(), 2);
     let api = &config.routes[0];
     assert_eq!(api.name, "checkout-api");
@@ -72,7 +72,10 @@ fn example_config_loads() {
     assert_eq!(config.admin, AdminConfig::default());
     let ramp = config.ramp.expect("ramp");
     assert_eq!(
-        ramp.steps.iter().map(|s| s.percent).collect::<Vec<_>>(),
+        ramp.steps
+            .iter()
+            .map(|s| s.percent.get())
+            .collect::<Vec<_>>(),
         [5.0, 10.0, 25.0, 50.0, 100.0]
     );
     assert_eq!(ramp.guard.max_p99, Some(Duration::from_millis(800)));
@@ -85,10 +88,10 @@ fn defaults() {
         Err(e) => panic!("{e}"),
     };
     assert_eq!(config.capture.hooks, BTreeSet::from([Hook::Ingress]));
-    assert_eq!(config.capture.sample_percent, 100.0);
+    assert_eq!(config.capture.sample_percent, Percent::ALL);
     assert!(config.policy.deny_paths.is_empty());
     let route = &config.routes[0];
-    assert_eq!(route.sample_percent, 100.0);
+    assert_eq!(route.sample_percent, Percent::ALL);
     assert_eq!(route.allow_methods.len(), 3);
     assert_eq!(route.host, HostRule::Preserve);
     assert!(route.matcher.methods.is_none());

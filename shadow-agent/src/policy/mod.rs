@@ -237,7 +237,7 @@ impl Policy {
         if !route.allows_method(req.method) {
             return drop(DropReason::Method);
         }
-        let share = route.config().sample_percent * self.ramp_percent / 100.0;
+        let share = route.config().sample_percent.get() * self.ramp_percent / 100.0;
         if !sampled(self.seed, req.sample_key, share) {
             return drop(DropReason::Sample);
         }

@@ -86,7 +86,7 @@ impl Ramp {
     pub fn percent(&self) -> f64 {
         self.step()
             .and_then(|s| self.steps.get(s))
-            .map_or(0.0, |s| s.percent)
+            .map_or(0.0, |s| s.percent.get())
     }
 
     /// Whether `health` crosses the guard; too few requests never do.
@@ -97,7 +97,7 @@ impl Ramp {
         let error_percent = health.errors as f64 * 100.0 / health.requests as f64;
         self.guard
             .max_error_percent
-            .is_some_and(|m| error_percent > m)
+            .is_some_and(|m| error_percent > m.get())
             || matches!((self.guard.max_p99, health.p99), (Some(m), Some(p)) if p > m)
     }
 
@@ -129,16 +129,17 @@ impl Ramp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Percent;
 
     fn config() -> RampConfig {
         let step = |percent, secs| RampStep {
-            percent,
+            percent: Percent::new(percent).expect("in range"),
             hold: Duration::from_secs(secs),
         };
         RampConfig {
             steps: vec![step(5.0, 60), step(25.0, 60), step(100.0, 60)],
             guard: RampGuard {
-                max_error_percent: Some(5.0),
+                max_error_percent: Percent::new(5.0),
                 max_p99: Some(Duration::from_millis(300)),
                 min_requests: 20,
             },
