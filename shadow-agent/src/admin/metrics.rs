@@ -316,7 +316,7 @@ impl Collector for AgentCollector {
         counters(
             &mut e,
             "pipeline_events",
-            "Frames, segments and flows by what became of them (see docs/inspect.md).",
+            "Frames, segments and flows by what became of them (see docs/internals.md).",
             None,
             snap.pipeline
                 .pairs()

@@ -716,7 +716,8 @@ impl HttpConnection {
             Ok(framing) => framing,
             Err(error) => {
                 // The server either rejects this and closes, or reads it in a way shadow can
-                // only guess: stop here rather than mirror a guess (docs/inspect.md, "Ambiguous framing").
+                // only guess: stop here rather than mirror a guess (docs/internals.md,
+                // "Ambiguous framing").
                 out.push(HttpEvent::Anomaly(framing_anomaly(error, direction)));
                 self.push_request(first_word, false, started, true, out);
                 self.client_opaque();

@@ -1,7 +1,7 @@
 //! What the header fields of a head say about its body and its connection.
 //!
-//! The decisions on ambiguous shapes are in docs/inspect.md ("Ambiguous framing"); this module only
-//! reports what it found and the connection decides what to do with it.
+//! The decisions on ambiguous shapes are in docs/internals.md ("Ambiguous framing"); this module
+//! only reports what it found and the connection decides what to do with it.
 
 /// How the body of a message is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

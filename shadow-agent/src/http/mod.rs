@@ -12,11 +12,11 @@
 //!
 //! Header values and bodies are never logged: they are the users' data.
 //!
-//! How ambiguous framing (request smuggling shapes) is handled is written down in docs/inspect.md,
-//! "Ambiguous framing". The rule: bytes shadow cannot frame as the server did are never searched
-//! for requests. After a rejected head or a broken chunked body the client side stops being read
-//! (see [`HttpConnection::is_opaque`]); only capture gaps, between messages or in a head, and a
-//! connection picked up in mid-stream resynchronise at the next request line.
+//! How ambiguous framing (request smuggling shapes) is handled is written down in
+//! docs/internals.md, "Ambiguous framing". The rule: bytes shadow cannot frame as the server did
+//! are never searched for requests. After a rejected head or a broken chunked body the client side
+//! stops being read (see [`HttpConnection::is_opaque`]); only capture gaps, between messages or in
+//! a head, and a connection picked up in mid-stream resynchronise at the next request line.
 
 mod body;
 mod connection;
