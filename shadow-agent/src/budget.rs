@@ -11,6 +11,9 @@
 
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::admin::export::{self, Export};
 use crate::config::{BudgetConfig, Target};
 use crate::policy::TargetId;
 
@@ -374,6 +377,36 @@ impl Budget {
                 .map(|(url, pair)| (url.to_string(), pair.tokens(now)))
                 .collect(),
         }
+    }
+}
+
+impl Export for BudgetTokens {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::gauges(
+            e,
+            "budget_tokens",
+            "Tokens in the budget's buckets now, per scope (node, or target with its URL) and \
+             unit (requests, bytes); a copy takes one request and its size in bytes.",
+            [(&self.node, "node", None)]
+                .into_iter()
+                .chain(self.targets.iter().map(|(u, t)| (t, "target", Some(u))))
+                .flat_map(|(t, scope, url)| {
+                    let labels = move |unit: &str| {
+                        let mut l = vec![("scope", scope.to_owned())];
+                        if let Some(url) = url {
+                            l.push(("target", url.clone()));
+                        }
+                        l.push(("unit", unit.to_owned()));
+                        l
+                    };
+                    [
+                        Some((labels("requests"), t.requests)),
+                        t.bytes.map(|b| (labels("bytes"), b)),
+                    ]
+                    .into_iter()
+                    .flatten()
+                }),
+        )
     }
 }
 

@@ -24,7 +24,9 @@ use std::time::Duration;
 use etherparse::{
     EtherType, NetSlice, SlicedPacket, TcpOptionElement, TcpOptionsIterator, TransportSlice,
 };
+use prometheus_client::encoding::DescriptorEncoder;
 
+use crate::admin::export::{self, Export};
 use crate::flows::{
     Chunk, CloseReason, ConnectionId, Direction, FlowCounters, FlowKey, FlowLimits, FlowTable,
     Segment, StreamHandler, counter_set,
@@ -843,6 +845,29 @@ pub mod synthetic {
 
 #[cfg(test)]
 mod churn;
+
+impl Export for PipelineCounters {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::counters(
+            e,
+            "pipeline_events",
+            "Frames, segments and flows by what became of them (see docs/internals.md).",
+            None,
+            self.pairs()
+                .into_iter()
+                .map(|(name, v)| (vec![("event", name.to_owned())], v)),
+        )?;
+        export::counters(
+            e,
+            "http_anomalies",
+            "Malformed or unsupported HTTP, by kind.",
+            None,
+            self.http_anomalies
+                .iter()
+                .map(|(kind, v)| (vec![("kind", (*kind).to_owned())], *v)),
+        )
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,28 +2,26 @@
 //!
 //! The mirror's counters are atomics read directly; what the run loop owns (kernel and ring
 //! counters, the pipeline's counters, the ramp) it publishes as an [`AgentSnapshot`] once per tick.
+//! Each group of counters declares its metrics where it is defined ([`Export`]); the collectors
+//! here only call them.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::{Registry, Unit};
-use shadow_common::{InterfaceCounters, KernelCounters, MAX_INTERFACES};
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+use shadow_common::KernelCounters;
 
+use super::export::{self, Export};
 use crate::budget::BudgetTokens;
-use crate::capture::kernel::InterfaceTotals;
+use crate::capture::kernel::{InterfaceTotals, export_interfaces};
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
 use crate::compare::Report;
 use crate::compare::pairing::PairingCounters;
-use crate::latency::HistogramSnapshot;
-use crate::mirror::stats::{Answers, CopyDrop, Failure, MirrorStats};
+use crate::compare::report::export_endpoints;
+use crate::mirror::stats::MirrorStats;
 use crate::pipeline::PipelineCounters;
-use crate::policy::DropReason;
 
 /// What the run loop publishes for scrapes and `/stats`.
 #[derive(Clone, Debug, Default)]
@@ -75,66 +73,11 @@ pub struct AgentCollector {
     pub report: Arc<Mutex<Option<Report>>>,
 }
 
-/// Upper bounds of the exported latency histogram, in seconds.
-const LATENCY_BOUNDS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-/// One field of an interface's counters.
-type InterfaceField = fn(&InterfaceCounters) -> u64;
-
 /// A registry holding only `collector`, all names prefixed `shadow_`.
 pub fn registry(collector: AgentCollector) -> Registry {
     let mut registry = Registry::with_prefix("shadow");
     registry.register_collector(Box::new(collector));
     registry
-}
-
-fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: u64,
-) -> std::fmt::Result {
-    let c = ConstCounter::new(value);
-    c.encode(encoder.encode_descriptor(name, help, unit, c.metric_type())?)
-}
-
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> std::fmt::Result {
-    let g = ConstGauge::new(value);
-    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-/// A family of counters with one label set each.
-fn counters<'l>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    rows: impl IntoIterator<Item = (Vec<(&'l str, String)>, u64)>,
-) -> std::fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    for (labels, value) in rows {
-        family
-            .encode_family(&labels)?
-            .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
-    }
-    Ok(())
-}
-
-/// A family of gauges with one label set each.
-fn gauges<'l, V: EncodeGaugeValue>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (Vec<(&'l str, String)>, V)>,
-) -> std::fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, value) in rows {
-        family.encode_family(&labels)?.encode_gauge(&value)?;
-    }
-    Ok(())
 }
 
 impl Collector for AgentCollector {
@@ -144,581 +87,97 @@ impl Collector for AgentCollector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let k = &snap.kernel;
-        let kernel: [(&str, &str, u64); 9] = [
-            (
-                "kernel_packets_seen",
-                "Packets the kernel program ran on.",
-                k.packets_seen,
-            ),
-            (
-                "kernel_packets_matched",
-                "Packets of a captured port (and CIDR).",
-                k.packets_matched,
-            ),
-            (
-                "kernel_packets_sampled",
-                "Packets of sampled connections.",
-                k.packets_sampled,
-            ),
-            (
-                "kernel_packets_bare_ack",
-                "Sampled packets without payload, not copied.",
-                k.packets_bare_ack,
-            ),
-            (
-                "kernel_records_written",
-                "Ring buffer records written.",
-                k.records_written,
-            ),
-            (
-                "kernel_ringbuf_full",
-                "Packets dropped because the ring buffer was full.",
-                k.ringbuf_full,
-            ),
-            (
-                "kernel_packets_truncated",
-                "Packets longer than the capture limit, copied in part.",
-                k.packets_truncated,
-            ),
-            (
-                "kernel_load_errors",
-                "Packets whose bytes the kernel could not read.",
-                k.load_errors,
-            ),
-            (
-                "ring_channel_full",
-                "Captured packets dropped at shutdown because the pipeline had stopped.",
-                snap.ring.channel_full,
-            ),
-        ];
-        for (name, help, value) in kernel {
-            counter(&mut e, name, help, None, value)?;
+        snap.export(&mut e)?;
+        self.stats.export(&mut e)?;
+        if snap.compare.is_some() {
+            self.stats.export_answers_dropped(&mut e)?;
+            let report = self
+                .report
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            match report {
+                Some(report) => report.export(&mut e)?,
+                // No report yet: the families, without a row.
+                None => export_endpoints(&mut e, &[])?,
+            }
         }
-        counter(
-            &mut e,
-            "kernel_written",
-            "Bytes written to the ring buffer.",
-            Some(&Unit::Bytes),
-            k.bytes_written,
-        )?;
-        counter(
-            &mut e,
-            "ring_records_read",
-            "Ring buffer records read.",
-            None,
-            snap.ring.records_read,
-        )?;
-        counter(
-            &mut e,
-            "ring_malformed_records",
-            "Ring buffer records that did not parse.",
-            None,
-            snap.ring.malformed_records,
-        )?;
-        counter(
-            &mut e,
-            "ring_incomplete_packets",
-            "Packets whose records did not all arrive.",
-            None,
-            snap.ring.incomplete_packets,
-        )?;
-        gauge(
-            &mut e,
-            "ring_buffer_fill_bytes",
-            "Bytes in the kernel's ring buffer that the agent has not read yet.",
-            snap.ring_level.fill_bytes() as f64,
-        )?;
-        gauge(
-            &mut e,
-            "ring_buffer_size_bytes",
-            "Size of the kernel's ring buffer.",
-            snap.ring_level.size_bytes as f64,
-        )?;
-        let interface: [(&str, &str, InterfaceField); 3] = [
-            (
-                "interface_packets_sampled",
-                "Packets of sampled connections copied, per interface.",
-                |c| c.packets_sampled,
-            ),
-            (
-                "interface_records_written",
-                "Ring buffer records written, per interface.",
-                |c| c.records_written,
-            ),
-            (
-                "interface_ringbuf_full",
-                "Packets dropped because the ring buffer was full, per interface.",
-                |c| c.ringbuf_full,
-            ),
-        ];
-        for (name, help, field) in interface {
-            counters(
-                &mut e,
-                name,
-                help,
-                None,
-                snap.interfaces
-                    .iter()
-                    .map(|i| (vec![("interface", i.name.clone())], field(&i.counters))),
-            )?;
-        }
-        counters(
-            &mut e,
-            "interface_written",
-            "Bytes written to the ring buffer, per interface.",
-            Some(&Unit::Bytes),
-            snap.interfaces.iter().map(|i| {
-                (
-                    vec![("interface", i.name.clone())],
-                    i.counters.bytes_written,
-                )
-            }),
-        )?;
-        counters(
-            &mut e,
-            "interface_attach_failures",
-            "Attachments to the interface that failed (each is tried again a second later), for \
-             the interfaces present now.",
-            None,
-            snap.interface_attach_failures
-                .iter()
-                .map(|(name, n)| (vec![("interface", name.clone())], *n)),
-        )?;
-        counter(
-            &mut e,
-            "interfaces_uncounted",
-            &format!(
-                "Interfaces attached without counters of their own, the kernel's map of \
-                 {MAX_INTERFACES} being full; their packets are in the kernel_* totals only."
-            ),
-            None,
-            snap.interfaces_uncounted,
-        )?;
-        gauge(
-            &mut e,
-            "capture_channel_fill_ratio",
-            "Share of the capture channel to the pipeline in use, 0 to 1.",
-            snap.channel_queued as f64 / snap.channel_capacity.max(1) as f64,
-        )?;
-        gauge(
-            &mut e,
-            "flows_tracked",
-            "TCP connections tracked.",
-            snap.flows_tracked as f64,
-        )?;
-        gauge(
-            &mut e,
-            "flow_memory_bytes",
-            "Memory accounted to the flow table.",
-            snap.flow_memory_bytes as f64,
-        )?;
-        counters(
-            &mut e,
-            "pipeline_events",
-            "Frames, segments and flows by what became of them (see docs/internals.md).",
-            None,
-            snap.pipeline
-                .pairs()
-                .into_iter()
-                .map(|(name, v)| (vec![("event", name.to_owned())], v)),
-        )?;
-        counters(
-            &mut e,
-            "http_anomalies",
-            "Malformed or unsupported HTTP, by kind.",
-            None,
-            snap.pipeline
-                .http_anomalies
-                .iter()
-                .map(|(kind, v)| (vec![("kind", (*kind).to_owned())], *v)),
-        )?;
-        counter(
-            &mut e,
-            "requests",
-            "HTTP requests rebuilt from captured traffic.",
-            None,
-            self.stats.requests.get(),
-        )?;
-
-        let routes = self.stats.routes();
-        let targets = self.stats.targets();
-        counters(
-            &mut e,
-            "route_requests",
-            "Requests each route decided on.",
-            None,
-            routes
-                .iter()
-                .map(|(n, r)| (vec![("route", n.clone())], r.seen.get())),
-        )?;
-        counters(
-            &mut e,
-            "route_mirrored",
-            "Requests of which at least one copy was sent (or would be, in a dry run).",
-            None,
-            routes
-                .iter()
-                .map(|(n, r)| (vec![("route", n.clone())], r.mirrored.get())),
-        )?;
-        let (route_rules, unrouted): (Vec<DropReason>, Vec<DropReason>) =
-            DropReason::ALL.into_iter().partition(|r| r.is_route_rule());
-        counters(
-            &mut e,
-            "requests_dropped",
-            "Requests not mirrored, by route (`-` when none decided) and reason.",
-            None,
-            unrouted
-                .iter()
-                .map(|r| {
-                    (
-                        vec![("route", "-".to_owned()), ("reason", r.label().to_owned())],
-                        self.stats.unrouted(*r).get(),
-                    )
-                })
-                .chain(routes.iter().flat_map(|(n, r)| {
-                    route_rules.iter().map(move |&d| {
-                        (
-                            vec![("route", n.clone()), ("reason", d.label().to_owned())],
-                            r.dropped(d).get(),
-                        )
-                    })
-                })),
-        )?;
-        counters(
-            &mut e,
-            "copies_sent",
-            "Copies handed to the sender, per target (in a dry run: that would be).",
-            None,
-            targets
-                .iter()
-                .map(|(u, t)| (vec![("target", u.clone())], t.sent.get())),
-        )?;
-        counters(
-            &mut e,
-            "copies_sent",
-            "Bytes of copies on the wire, approximately, per target.",
-            Some(&Unit::Bytes),
-            targets
-                .iter()
-                .map(|(u, t)| (vec![("target", u.clone())], t.sent_bytes.get())),
-        )?;
-        counters(
-            &mut e,
-            "copies_dropped",
-            "Copies not sent, per target and reason: a budget, in_flight, invalid, closed.",
-            None,
-            targets.iter().flat_map(|(u, t)| {
-                CopyDrop::ALL.into_iter().map(move |d| {
-                    (
-                        vec![("target", u.clone()), ("reason", d.label().to_owned())],
-                        t.dropped(d).get(),
-                    )
-                })
-            }),
-        )?;
-        counters(
-            &mut e,
-            "shadow_responses",
-            "Answers of the shadow, per target and status class.",
-            None,
-            targets.iter().flat_map(|(u, t)| {
-                (1..=5).map(move |c| {
-                    (
-                        vec![("target", u.clone()), ("class", format!("{c}xx"))],
-                        t.answers.responses(c),
-                    )
-                })
-            }),
-        )?;
-        counters(
-            &mut e,
-            "copy_failures",
-            "Copies without an answer, per target and kind: connect, timeout, io.",
-            None,
-            targets.iter().flat_map(|(u, t)| {
-                Failure::ALL.into_iter().map(move |f| {
-                    (
-                        vec![("target", u.clone()), ("kind", f.label().to_owned())],
-                        t.answers.failed(f).get(),
-                    )
-                })
-            }),
-        )?;
-        counters(
-            &mut e,
-            "copies_abandoned",
-            "Copies sent that were neither answered nor failed because their lane closed first \
-             (a reload removed the target or changed its limits, or the agent stopped), per \
-             target. Copies sent = answered + failed + abandoned + in flight.",
-            None,
-            targets
-                .iter()
-                .map(|(u, t)| (vec![("target", u.clone())], t.answers.abandoned.get())),
-        )?;
-        gauges(
-            &mut e,
-            "copies_in_flight",
-            "Copies queued or awaiting an answer, per target.",
-            targets.iter().map(|(u, t)| {
-                (
-                    vec![("target", u.clone())],
-                    t.in_flight.load(Ordering::Relaxed) as i64,
-                )
-            }),
-        )?;
-        gauges(
-            &mut e,
-            "target_connections",
-            "Open connections, per target.",
-            targets.iter().map(|(u, t)| {
-                (
-                    vec![("target", u.clone())],
-                    t.connections.load(Ordering::Relaxed) as i64,
-                )
-            }),
-        )?;
-        let mut latency = e.encode_descriptor(
-            "shadow_latency",
-            "Time from handing a copy to the sender to the end of its answer, per target.",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        for (url, t) in &targets {
-            let (sum, count, buckets) = coarse(&t.answers);
-            latency
-                .encode_family(&vec![("target", url.clone())])?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
-        counters(
-            &mut e,
-            "route_shadow_responses",
-            "Answers of the route's shadow targets (not its baseline), per route and status class.",
-            None,
-            routes.iter().flat_map(|(n, r)| {
-                (1..=5).map(move |c| {
-                    (
-                        vec![("route", n.clone()), ("class", format!("{c}xx"))],
-                        r.answers.responses(c),
-                    )
-                })
-            }),
-        )?;
-        counters(
-            &mut e,
-            "route_copy_failures",
-            "Copies to the route's shadow targets without an answer, per route and kind: \
-             connect, timeout, io.",
-            None,
-            routes.iter().flat_map(|(n, r)| {
-                Failure::ALL.into_iter().map(move |f| {
-                    (
-                        vec![("route", n.clone()), ("kind", f.label().to_owned())],
-                        r.answers.failed(f).get(),
-                    )
-                })
-            }),
-        )?;
-        counters(
-            &mut e,
-            "route_copies_abandoned",
-            "Copies to the route's shadow targets that were neither answered nor failed because \
-             their lane closed first, per route.",
-            None,
-            routes
-                .iter()
-                .map(|(n, r)| (vec![("route", n.clone())], r.answers.abandoned.get())),
-        )?;
-        let mut route_latency = e.encode_descriptor(
-            "route_shadow_latency",
-            "Time from handing a copy to the sender to the end of its answer, per route (its \
-             shadow targets, not its baseline).",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        for (name, r) in &routes {
-            let (sum, count, buckets) = coarse(&r.answers);
-            route_latency
-                .encode_family(&vec![("route", name.clone())])?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
-        let tokens = &snap.budget;
-        gauges(
-            &mut e,
-            "budget_tokens",
-            "Tokens in the budget's buckets now, per scope (node, or target with its URL) and \
-             unit (requests, bytes); a copy takes one request and its size in bytes.",
-            [(&tokens.node, "node", None)]
-                .into_iter()
-                .chain(tokens.targets.iter().map(|(u, t)| (t, "target", Some(u))))
-                .flat_map(|(t, scope, url)| {
-                    let labels = move |unit: &str| {
-                        let mut l = vec![("scope", scope.to_owned())];
-                        if let Some(url) = url {
-                            l.push(("target", url.clone()));
-                        }
-                        l.push(("unit", unit.to_owned()));
-                        l
-                    };
-                    [
-                        Some((labels("requests"), t.requests)),
-                        t.bytes.map(|b| (labels("bytes"), b)),
-                    ]
-                    .into_iter()
-                    .flatten()
-                }),
-        )?;
-        gauge(
-            &mut e,
-            "config_generation",
-            "Configurations loaded: 1 at start, one more per reload.",
-            snap.config_generation as f64,
-        )?;
-        counter(
-            &mut e,
-            "config_reload_errors",
-            "Reloads refused (the running configuration stayed).",
-            None,
-            snap.config_reload_errors,
-        )?;
-        gauge(
-            &mut e,
-            "ramp_percent",
-            "The share the ramp allows, in percent.",
-            snap.ramp_percent,
-        )?;
-        gauge(
-            &mut e,
-            "ramp_step",
-            "The ramp's step, from 0; -1 after falling back below the first, or without a ramp.",
-            snap.ramp_step.map_or(-1.0, |s| s as f64),
-        )?;
-        gauge(
-            &mut e,
-            "dry_run",
-            "1 in a dry run: nothing is sent.",
-            f64::from(u8::from(snap.dry_run)),
-        )?;
-        self.encode_comparison(&mut e, &snap)
+        Ok(())
     }
 }
 
-impl AgentCollector {
-    /// The comparison's metrics, when `[compare]` is on.
-    fn encode_comparison(
-        &self,
-        e: &mut DescriptorEncoder,
-        snap: &AgentSnapshot,
-    ) -> std::fmt::Result {
-        let Some(pairing) = snap.compare else {
-            return Ok(());
-        };
-        gauge(
+impl Export for AgentSnapshot {
+    /// What the run loop owns: the capture's counters, the pipeline's, the budget's tokens, the
+    /// configuration's generation, the ramp, and the comparisons pending.
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        self.kernel.export(e)?;
+        self.ring.export(e)?;
+        self.ring_level.export(e)?;
+        export_interfaces(
             e,
-            "compare_pending",
-            "Mirrored requests waiting for their live and shadow responses.",
-            snap.compare_pending as f64,
+            &self.interfaces,
+            self.interfaces_uncounted,
+            &self.interface_attach_failures,
         )?;
-        counters(
+        export::gauge(
             e,
-            "compare_incomplete",
-            "Comparisons given up: a part did not come in time (expired), limits (evicted), or an \
-             answer for no pending request (orphan).",
+            "capture_channel_fill_ratio",
+            "Share of the capture channel to the pipeline in use, 0 to 1.",
+            self.channel_queued as f64 / self.channel_capacity.max(1) as f64,
+        )?;
+        export::gauge(
+            e,
+            "flows_tracked",
+            "TCP connections tracked.",
+            self.flows_tracked as f64,
+        )?;
+        export::gauge(
+            e,
+            "flow_memory_bytes",
+            "Memory accounted to the flow table.",
+            self.flow_memory_bytes as f64,
+        )?;
+        self.pipeline.export(e)?;
+        self.budget.export(e)?;
+        export::gauge(
+            e,
+            "config_generation",
+            "Configurations loaded: 1 at start, one more per reload.",
+            self.config_generation as f64,
+        )?;
+        export::counter(
+            e,
+            "config_reload_errors",
+            "Reloads refused (the running configuration stayed).",
             None,
-            [
-                ("expired", pairing.expired),
-                ("evicted", pairing.evicted),
-                ("orphan", pairing.orphans),
-            ]
-            .into_iter()
-            .map(|(r, n)| (vec![("reason", r.to_owned())], n)),
+            self.config_reload_errors,
         )?;
-        counters(
+        export::gauge(
             e,
-            "compare_answers_dropped",
-            "Target answers kept for a comparison that it could not take in time, per target.",
-            None,
-            self.stats
-                .targets()
-                .iter()
-                .map(|(u, t)| (vec![("target", u.clone())], t.answers_dropped.get())),
+            "ramp_percent",
+            "The share the ramp allows, in percent.",
+            self.ramp_percent,
         )?;
-        let report = self
-            .report
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(t) = report.as_ref().map(|r| &r.totals) {
-            counters(
+        export::gauge(
+            e,
+            "ramp_step",
+            "The ramp's step, from 0; -1 after falling back below the first, or without a ramp.",
+            self.ramp_step.map_or(-1.0, |s| s as f64),
+        )?;
+        export::gauge(
+            e,
+            "dry_run",
+            "1 in a dry run: nothing is sent.",
+            f64::from(u8::from(self.dry_run)),
+        )?;
+        if let Some(pairing) = self.compare {
+            export::gauge(
                 e,
-                "compare_other_exchanges",
-                "Exchanges counted under the endpoint `(other)`: every `max_endpoints` slot taken \
-                 (full), or the first exchange of a new endpoint while more than half were \
-                 (first_seen).",
-                None,
-                [
-                    ("full", t.endpoints_overflowed),
-                    ("first_seen", t.endpoints_first_seen),
-                ]
-                .into_iter()
-                .map(|(r, n)| (vec![("reason", r.to_owned())], n)),
+                "compare_pending",
+                "Mirrored requests waiting for their live and shadow responses.",
+                self.compare_pending as f64,
             )?;
-            counter(
-                e,
-                "compare_segments_learned",
-                "Path segments counted as `{var}`: new values at a position where values mostly do \
-                 not repeat.",
-                None,
-                t.segments_learned,
-            )?;
-        }
-        let endpoints = report.map(|r| r.endpoints).unwrap_or_default();
-        counters(
-            e,
-            "compare_exchanges",
-            "Exchanges compared per endpoint, by outcome: matched, or mismatched after learned \
-             noise.",
-            None,
-            endpoints.iter().flat_map(|ep| {
-                [
-                    ("matched", ep.matched),
-                    ("mismatched", ep.compared.saturating_sub(ep.matched)),
-                ]
-                .into_iter()
-                .map(|(outcome, n)| {
-                    (
-                        vec![
-                            ("endpoint", ep.endpoint.clone()),
-                            ("outcome", outcome.to_owned()),
-                        ],
-                        n,
-                    )
-                })
-            }),
-        )?;
-        gauges(
-            e,
-            "compare_flagged",
-            "1 when an endpoint is flagged: low match rate or slow shadow.",
-            endpoints.iter().map(|ep| {
-                (
-                    vec![("endpoint", ep.endpoint.clone())],
-                    i64::from(ep.flagged),
-                )
-            }),
-        )?;
-        let mut slowdown = e.encode_descriptor(
-            "compare_slowdown_ratio",
-            "Shadow p50 latency over live p50, per endpoint.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for ep in &endpoints {
-            if let Some(v) = ep.slowdown {
-                slowdown
-                    .encode_family(&vec![("endpoint", ep.endpoint.clone())])?
-                    .encode_gauge(&v)?;
-            }
+            pairing.export(e)?;
         }
         Ok(())
     }
@@ -745,13 +204,13 @@ impl Collector for AdminCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge(
+        export::gauge(
             &mut e,
             "admin_connections",
             "Connections the admin endpoint holds open.",
             load(&c.connections_open) as f64,
         )?;
-        counters(
+        export::counters(
             &mut e,
             "admin_connections_closed",
             "Admin connections the endpoint closed: to make room for a newer one (shed), or for \
@@ -764,7 +223,7 @@ impl Collector for AdminCollector {
             ]
             .map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
         )?;
-        counter(
+        export::counter(
             &mut e,
             "admin_unauthorized",
             "Admin requests answered 401: without the bearer token of `[admin] token_file`, or \
@@ -775,27 +234,13 @@ impl Collector for AdminCollector {
     }
 }
 
-/// The fine latency histogram of `answers` as Prometheus buckets: each fine bucket counts in the
-/// first bound at or above its upper edge (so latencies are rounded up, never down).
-fn coarse(answers: &Answers) -> (f64, u64, Vec<(f64, u64)>) {
-    let h: HistogramSnapshot = answers.latency.snapshot();
-    let sum: Duration = answers.latency.sum();
-    let mut buckets: Vec<(f64, u64)> = LATENCY_BOUNDS.iter().map(|b| (*b, 0)).collect();
-    buckets.push((f64::MAX, 0));
-    for (edge, n) in h.buckets() {
-        let secs = edge.as_secs_f64();
-        let i = LATENCY_BOUNDS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BOUNDS.len());
-        buckets[i].1 += n;
-    }
-    (sum.as_secs_f64(), h.count(), buckets)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::mirror::stats::{CopyDrop, Failure};
+    use crate::policy::DropReason;
     use prometheus_client::encoding::text::encode;
 
     #[test]

@@ -8,6 +8,7 @@
 //! (`[admin] token_file`), the pages that show captured data need it: see [`auth`].
 pub mod auth;
 pub mod connections;
+pub mod export;
 pub mod metrics;
 
 use std::convert::Infallible;

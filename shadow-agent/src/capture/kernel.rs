@@ -24,13 +24,13 @@ use aya::{
     },
     util::KernelVersion,
 };
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Unit;
 use shadow_common::{
     CaptureConfig, CidrKey, InterfaceCounters, KernelCounters, MAX_INTERFACES, SAMPLE_SCALE,
     config_flags, names, port_flags,
 };
 use thiserror::Error;
-
-use crate::config::Percent;
 
 use super::{
     Hook,
@@ -38,6 +38,8 @@ use super::{
     interfaces::Interface,
     selection::{self, ChangeError, MapWrite, MapWriter, Selection},
 };
+use crate::admin::export::{self, Export};
+use crate::config::Percent;
 
 /// The eBPF object built by `build.rs`; empty when the agent was built without the eBPF
 /// toolchain.
@@ -715,6 +717,135 @@ fn attach_type(hook: Hook) -> TcAttachType {
         Hook::Ingress => TcAttachType::Ingress,
         Hook::Egress => TcAttachType::Egress,
     }
+}
+
+impl Export for KernelCounters {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let k = self;
+        let fields: [(&str, &str, u64); 8] = [
+            (
+                "kernel_packets_seen",
+                "Packets the kernel program ran on.",
+                k.packets_seen,
+            ),
+            (
+                "kernel_packets_matched",
+                "Packets of a captured port (and CIDR).",
+                k.packets_matched,
+            ),
+            (
+                "kernel_packets_sampled",
+                "Packets of sampled connections.",
+                k.packets_sampled,
+            ),
+            (
+                "kernel_packets_bare_ack",
+                "Sampled packets without payload, not copied.",
+                k.packets_bare_ack,
+            ),
+            (
+                "kernel_records_written",
+                "Ring buffer records written.",
+                k.records_written,
+            ),
+            (
+                "kernel_ringbuf_full",
+                "Packets dropped because the ring buffer was full.",
+                k.ringbuf_full,
+            ),
+            (
+                "kernel_packets_truncated",
+                "Packets longer than the capture limit, copied in part.",
+                k.packets_truncated,
+            ),
+            (
+                "kernel_load_errors",
+                "Packets whose bytes the kernel could not read.",
+                k.load_errors,
+            ),
+        ];
+        for (name, help, value) in fields {
+            export::counter(e, name, help, None, value)?;
+        }
+        export::counter(
+            e,
+            "kernel_written",
+            "Bytes written to the ring buffer.",
+            Some(&Unit::Bytes),
+            k.bytes_written,
+        )
+    }
+}
+
+/// The attached interfaces' counters, those attached without counters of their own
+/// (`uncounted`), and the attachments that failed, by interface name.
+pub fn export_interfaces(
+    e: &mut DescriptorEncoder,
+    interfaces: &[InterfaceTotals],
+    uncounted: u64,
+    failures: &BTreeMap<String, u64>,
+) -> std::fmt::Result {
+    type Field = fn(&InterfaceCounters) -> u64;
+    let fields: [(&str, &str, Field); 3] = [
+        (
+            "interface_packets_sampled",
+            "Packets of sampled connections copied, per interface.",
+            |c| c.packets_sampled,
+        ),
+        (
+            "interface_records_written",
+            "Ring buffer records written, per interface.",
+            |c| c.records_written,
+        ),
+        (
+            "interface_ringbuf_full",
+            "Packets dropped because the ring buffer was full, per interface.",
+            |c| c.ringbuf_full,
+        ),
+    ];
+    for (name, help, field) in fields {
+        export::counters(
+            e,
+            name,
+            help,
+            None,
+            interfaces
+                .iter()
+                .map(|i| (vec![("interface", i.name.clone())], field(&i.counters))),
+        )?;
+    }
+    export::counters(
+        e,
+        "interface_written",
+        "Bytes written to the ring buffer, per interface.",
+        Some(&Unit::Bytes),
+        interfaces.iter().map(|i| {
+            (
+                vec![("interface", i.name.clone())],
+                i.counters.bytes_written,
+            )
+        }),
+    )?;
+    export::counters(
+        e,
+        "interface_attach_failures",
+        "Attachments to the interface that failed (each is tried again a second later), for \
+         the interfaces present now.",
+        None,
+        failures
+            .iter()
+            .map(|(name, n)| (vec![("interface", name.clone())], *n)),
+    )?;
+    export::counter(
+        e,
+        "interfaces_uncounted",
+        &format!(
+            "Interfaces attached without counters of their own, the kernel's map of \
+             {MAX_INTERFACES} being full; their packets are in the kernel_* totals only."
+        ),
+        None,
+        uncounted,
+    )
 }
 
 #[cfg(test)]

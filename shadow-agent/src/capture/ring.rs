@@ -18,6 +18,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use prometheus_client::encoding::DescriptorEncoder;
 use shadow_common::InterfaceCounters;
 use tokio::{
     io::unix::AsyncFd,
@@ -25,6 +26,7 @@ use tokio::{
 };
 
 use super::{PacketBatch, records::PacketAssembler};
+use crate::admin::export::{self, Export};
 
 /// Counters of the reader, shared with whoever reports them.
 #[derive(Debug, Default)]
@@ -343,6 +345,56 @@ impl Drop for RingFill {
         unsafe {
             libc::munmap(self.addr as *mut libc::c_void, 2 * self.page);
         }
+    }
+}
+
+impl Export for RingCountersSnapshot {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::counter(
+            e,
+            "ring_channel_full",
+            "Captured packets dropped at shutdown because the pipeline had stopped.",
+            None,
+            self.channel_full,
+        )?;
+        export::counter(
+            e,
+            "ring_records_read",
+            "Ring buffer records read.",
+            None,
+            self.records_read,
+        )?;
+        export::counter(
+            e,
+            "ring_malformed_records",
+            "Ring buffer records that did not parse.",
+            None,
+            self.malformed_records,
+        )?;
+        export::counter(
+            e,
+            "ring_incomplete_packets",
+            "Packets whose records did not all arrive.",
+            None,
+            self.incomplete_packets,
+        )
+    }
+}
+
+impl Export for RingLevel {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::gauge(
+            e,
+            "ring_buffer_fill_bytes",
+            "Bytes in the kernel's ring buffer that the agent has not read yet.",
+            self.fill_bytes() as f64,
+        )?;
+        export::gauge(
+            e,
+            "ring_buffer_size_bytes",
+            "Size of the kernel's ring buffer.",
+            self.size_bytes as f64,
+        )
     }
 }
 

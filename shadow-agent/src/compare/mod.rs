@@ -26,7 +26,7 @@ mod html;
 pub mod json;
 pub mod noise;
 pub mod pairing;
-mod report;
+pub mod report;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};

@@ -8,6 +8,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::admin::export::{self, Export};
 use crate::pipeline::FlowAddrs;
 use crate::policy::path::RequestPath;
 
@@ -286,6 +289,25 @@ impl Pairing {
             self.order
                 .retain(|(created, key)| pending.get(key).is_some_and(|p| p.created == *created));
         }
+    }
+}
+
+impl Export for PairingCounters {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::counters(
+            e,
+            "compare_incomplete",
+            "Comparisons given up: a part did not come in time (expired), limits (evicted), or an \
+             answer for no pending request (orphan).",
+            None,
+            [
+                ("expired", self.expired),
+                ("evicted", self.evicted),
+                ("orphan", self.orphans),
+            ]
+            .into_iter()
+            .map(|(r, n)| (vec![("reason", r.to_owned())], n)),
+        )
     }
 }
 

@@ -8,9 +8,11 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
+use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
 use super::{Comparator, DiffKind, EndpointState};
+use crate::admin::export::{self, Export};
 
 /// Fields listed per endpoint.
 const TOP_FIELDS: usize = 10;
@@ -277,4 +279,83 @@ fn rate(part: u64, whole: u64) -> f64 {
     } else {
         part as f64 / whole as f64
     }
+}
+
+impl Export for Report {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let t = &self.totals;
+        export::counters(
+            e,
+            "compare_other_exchanges",
+            "Exchanges counted under the endpoint `(other)`: every `max_endpoints` slot taken \
+             (full), or the first exchange of a new endpoint while more than half were \
+             (first_seen).",
+            None,
+            [
+                ("full", t.endpoints_overflowed),
+                ("first_seen", t.endpoints_first_seen),
+            ]
+            .into_iter()
+            .map(|(r, n)| (vec![("reason", r.to_owned())], n)),
+        )?;
+        export::counter(
+            e,
+            "compare_segments_learned",
+            "Path segments counted as `{var}`: new values at a position where values mostly do \
+             not repeat.",
+            None,
+            t.segments_learned,
+        )?;
+        export_endpoints(e, &self.endpoints)
+    }
+}
+
+/// Per endpoint: exchanges by outcome, whether it is flagged, and the slowdown.
+pub fn export_endpoints(
+    e: &mut DescriptorEncoder,
+    endpoints: &[EndpointReport],
+) -> std::fmt::Result {
+    export::counters(
+        e,
+        "compare_exchanges",
+        "Exchanges compared per endpoint, by outcome: matched, or mismatched after learned \
+         noise.",
+        None,
+        endpoints.iter().flat_map(|ep| {
+            [
+                ("matched", ep.matched),
+                ("mismatched", ep.compared.saturating_sub(ep.matched)),
+            ]
+            .into_iter()
+            .map(|(outcome, n)| {
+                (
+                    vec![
+                        ("endpoint", ep.endpoint.clone()),
+                        ("outcome", outcome.to_owned()),
+                    ],
+                    n,
+                )
+            })
+        }),
+    )?;
+    export::gauges(
+        e,
+        "compare_flagged",
+        "1 when an endpoint is flagged: low match rate or slow shadow.",
+        endpoints.iter().map(|ep| {
+            (
+                vec![("endpoint", ep.endpoint.clone())],
+                i64::from(ep.flagged),
+            )
+        }),
+    )?;
+    export::gauges(
+        e,
+        "compare_slowdown_ratio",
+        "Shadow p50 latency over live p50, per endpoint.",
+        endpoints.iter().filter_map(|ep| {
+            ep.slowdown
+                .map(|v| (vec![("endpoint", ep.endpoint.clone())], v))
+        }),
+    )
 }

@@ -8,8 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Unit;
 use serde::{Deserialize, Serialize};
 
+use crate::admin::export::{self, Buckets, Export};
 use crate::budget::BudgetKind;
 use crate::latency::LatencyHistogram;
 use crate::policy::DropReason;
@@ -394,6 +397,251 @@ impl AnswerStats {
     /// Copies answered or failed.
     pub fn completed(&self) -> u64 {
         self.responses.values().sum::<u64>() + self.failures.values().sum::<u64>()
+    }
+}
+
+/// Upper bounds of the exported latency histograms, in seconds.
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Answers {
+    /// The fine latency histogram as Prometheus buckets: each fine bucket counts in the first
+    /// bound at or above its upper edge (so latencies are rounded up, never down).
+    fn buckets(&self) -> Buckets {
+        let h = self.latency.snapshot();
+        let sum: Duration = self.latency.sum();
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BOUNDS.iter().map(|b| (*b, 0)).collect();
+        buckets.push((f64::MAX, 0));
+        for (edge, n) in h.buckets() {
+            let secs = edge.as_secs_f64();
+            let i = LATENCY_BOUNDS
+                .iter()
+                .position(|b| secs <= *b)
+                .unwrap_or(LATENCY_BOUNDS.len());
+            buckets[i].1 += n;
+        }
+        (sum.as_secs_f64(), h.count(), buckets)
+    }
+}
+
+impl MirrorStats {
+    /// Answers kept for a comparison that it could not take, per target: with `[compare]`.
+    pub fn export_answers_dropped(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::counters(
+            e,
+            "compare_answers_dropped",
+            "Target answers kept for a comparison that it could not take in time, per target.",
+            None,
+            self.targets()
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.answers_dropped.get())),
+        )
+    }
+}
+
+impl Export for MirrorStats {
+    fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        export::counter(
+            e,
+            "requests",
+            "HTTP requests rebuilt from captured traffic.",
+            None,
+            self.requests.get(),
+        )?;
+        let routes = self.routes();
+        let targets = self.targets();
+        export::counters(
+            e,
+            "route_requests",
+            "Requests each route decided on.",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.seen.get())),
+        )?;
+        export::counters(
+            e,
+            "route_mirrored",
+            "Requests of which at least one copy was sent (or would be, in a dry run).",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.mirrored.get())),
+        )?;
+        let (route_rules, unrouted): (Vec<DropReason>, Vec<DropReason>) =
+            DropReason::ALL.into_iter().partition(|r| r.is_route_rule());
+        export::counters(
+            e,
+            "requests_dropped",
+            "Requests not mirrored, by route (`-` when none decided) and reason.",
+            None,
+            unrouted
+                .iter()
+                .map(|r| {
+                    (
+                        vec![("route", "-".to_owned()), ("reason", r.label().to_owned())],
+                        self.unrouted(*r).get(),
+                    )
+                })
+                .chain(routes.iter().flat_map(|(n, r)| {
+                    route_rules.iter().map(move |&d| {
+                        (
+                            vec![("route", n.clone()), ("reason", d.label().to_owned())],
+                            r.dropped(d).get(),
+                        )
+                    })
+                })),
+        )?;
+        export::counters(
+            e,
+            "copies_sent",
+            "Copies handed to the sender, per target (in a dry run: that would be).",
+            None,
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.sent.get())),
+        )?;
+        export::counters(
+            e,
+            "copies_sent",
+            "Bytes of copies on the wire, approximately, per target.",
+            Some(&Unit::Bytes),
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.sent_bytes.get())),
+        )?;
+        export::counters(
+            e,
+            "copies_dropped",
+            "Copies not sent, per target and reason: a budget, in_flight, invalid, closed.",
+            None,
+            targets.iter().flat_map(|(u, t)| {
+                CopyDrop::ALL.into_iter().map(move |d| {
+                    (
+                        vec![("target", u.clone()), ("reason", d.label().to_owned())],
+                        t.dropped(d).get(),
+                    )
+                })
+            }),
+        )?;
+        export::counters(
+            e,
+            "shadow_responses",
+            "Answers of the shadow, per target and status class.",
+            None,
+            targets.iter().flat_map(|(u, t)| {
+                (1..=5).map(move |c| {
+                    (
+                        vec![("target", u.clone()), ("class", format!("{c}xx"))],
+                        t.answers.responses(c),
+                    )
+                })
+            }),
+        )?;
+        export::counters(
+            e,
+            "copy_failures",
+            "Copies without an answer, per target and kind: connect, timeout, io.",
+            None,
+            targets.iter().flat_map(|(u, t)| {
+                Failure::ALL.into_iter().map(move |f| {
+                    (
+                        vec![("target", u.clone()), ("kind", f.label().to_owned())],
+                        t.answers.failed(f).get(),
+                    )
+                })
+            }),
+        )?;
+        export::counters(
+            e,
+            "copies_abandoned",
+            "Copies sent that were neither answered nor failed because their lane closed first \
+             (a reload removed the target or changed its limits, or the agent stopped), per \
+             target. Copies sent = answered + failed + abandoned + in flight.",
+            None,
+            targets
+                .iter()
+                .map(|(u, t)| (vec![("target", u.clone())], t.answers.abandoned.get())),
+        )?;
+        export::gauges(
+            e,
+            "copies_in_flight",
+            "Copies queued or awaiting an answer, per target.",
+            targets.iter().map(|(u, t)| {
+                (
+                    vec![("target", u.clone())],
+                    t.in_flight.load(Ordering::Relaxed) as i64,
+                )
+            }),
+        )?;
+        export::gauges(
+            e,
+            "target_connections",
+            "Open connections, per target.",
+            targets.iter().map(|(u, t)| {
+                (
+                    vec![("target", u.clone())],
+                    t.connections.load(Ordering::Relaxed) as i64,
+                )
+            }),
+        )?;
+        export::histograms(
+            e,
+            "shadow_latency",
+            "Time from handing a copy to the sender to the end of its answer, per target.",
+            targets
+                .iter()
+                .map(|(url, t)| (vec![("target", url.clone())], t.answers.buckets())),
+        )?;
+        export::counters(
+            e,
+            "route_shadow_responses",
+            "Answers of the route's shadow targets (not its baseline), per route and status class.",
+            None,
+            routes.iter().flat_map(|(n, r)| {
+                (1..=5).map(move |c| {
+                    (
+                        vec![("route", n.clone()), ("class", format!("{c}xx"))],
+                        r.answers.responses(c),
+                    )
+                })
+            }),
+        )?;
+        export::counters(
+            e,
+            "route_copy_failures",
+            "Copies to the route's shadow targets without an answer, per route and kind: \
+             connect, timeout, io.",
+            None,
+            routes.iter().flat_map(|(n, r)| {
+                Failure::ALL.into_iter().map(move |f| {
+                    (
+                        vec![("route", n.clone()), ("kind", f.label().to_owned())],
+                        r.answers.failed(f).get(),
+                    )
+                })
+            }),
+        )?;
+        export::counters(
+            e,
+            "route_copies_abandoned",
+            "Copies to the route's shadow targets that were neither answered nor failed because \
+             their lane closed first, per route.",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.answers.abandoned.get())),
+        )?;
+        export::histograms(
+            e,
+            "route_shadow_latency",
+            "Time from handing a copy to the sender to the end of its answer, per route (its \
+             shadow targets, not its baseline).",
+            routes
+                .iter()
+                .map(|(name, r)| (vec![("route", name.clone())], r.answers.buckets())),
+        )
     }
 }
 
