@@ -12,8 +12,8 @@
 //!   read, the pod has an `fsGroup` so the agent can, and `SHADOW_ADMIN_TOKEN_FILE` names it.
 //! - **Grafana**: every expression of `deploy/grafana/shadow-dashboard.json` parses as PromQL
 //!   (`promql-parser`, the Python binding of the Rust parser), and every metric it names is one
-//!   the agent exports. The exported names are derived from the source of
-//!   `shadow-agent/src/admin/metrics.rs` (see [`exported_metrics`]), so a renamed or removed
+//!   the agent exports. The exported names are derived from the agent's sources, where each
+//!   group of counters declares its metrics (see [`exported_metrics`]), so a renamed or removed
 //!   metric fails this check instead of leaving an empty panel.
 use std::{
     collections::BTreeSet,
@@ -268,9 +268,10 @@ fn dashboard(venv: &Venv, helper: &Path) -> Result<()> {
         .lines()
         .map(str::to_owned)
         .collect();
-    let exported = exported_metrics(&fs::read_to_string(
-        root().join("shadow-agent/src/admin/metrics.rs"),
-    )?)?;
+    let exported = exported_metrics(
+        &agent_sources()?,
+        &fs::read_to_string(root().join("shadow-agent/src/admin/metrics.rs"))?,
+    )?;
     let unknown: Vec<&String> = used.difference(&exported).collect();
     ensure!(
         unknown.is_empty(),
@@ -279,83 +280,64 @@ fn dashboard(venv: &Venv, helper: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The metric names in the agent's exposition (with `_total`, unit and histogram suffixes),
-/// derived from the source of `shadow-agent/src/admin/metrics.rs`:
-///
-/// In `impl Collector for AgentCollector`, every call of the helpers `counter`, `counters`,
-/// `gauge`, `gauges` (name: 2nd argument, unit: 4th of the counter helpers) and
-/// `encode_descriptor` (name: 1st, unit: 3rd, `MetricType::…`: 4th) names a family. A name is a
-/// string literal, or the loop variable of `for (name, ...) in ARRAY` over a `let ARRAY = [...]`
-/// of tuples whose first element is the literal. As the registry does, every name gets the
-/// prefix `shadow_`, then `_bytes` or `_seconds` for a unit, then `_total` for a counter, or
-/// `_bucket`, `_sum` and `_count` for a histogram.
-///
-/// A shape of code this does not understand is an error, not a guess. As a check on the rules,
-/// every `shadow_…` name that the file's own unit test finds in the real exposition must be
-/// among the derived ones.
-pub fn exported_metrics(source: &str) -> Result<BTreeSet<String>> {
-    let (code, tests) = source.split_once("#[cfg(test)]").unwrap_or((source, ""));
-    let code = strip_comments(code);
-    let start = code
-        .find("impl Collector for AgentCollector")
-        .context("metrics.rs: no `impl Collector for AgentCollector`")?;
-    let body = &code[start..];
-
-    let mut names = BTreeSet::new();
-    for (helper, name_at, unit_at, type_at) in [
-        ("counter", 1, Some(3), None),
-        ("counters", 1, Some(3), None),
-        ("gauge", 1, None, None),
-        ("gauges", 1, None, None),
-        ("encode_descriptor", 0, Some(2), Some(3)),
-    ] {
-        for call in calls(body, helper) {
-            let args = split_args(&body[call..])?;
-            let arg = |i: usize| {
-                args.get(i)
-                    .map(|a| a.trim())
-                    .with_context(|| format!("metrics.rs: `{helper}(` with too few arguments"))
-            };
-            let kind = match (type_at, helper) {
-                (Some(i), _) => match arg(i)? {
-                    "MetricType::Counter" => "counter",
-                    "MetricType::Gauge" => "gauge",
-                    "MetricType::Histogram" => "histogram",
-                    other => bail!("metrics.rs: metric type `{other}` unknown to xtask"),
-                },
-                (None, "counter" | "counters") => "counter",
-                _ => "gauge",
-            };
-            let unit = match unit_at.map(arg).transpose()? {
-                None | Some("None") => "",
-                Some("Some(&Unit::Bytes)") => "_bytes",
-                Some("Some(&Unit::Seconds)") => "_seconds",
-                Some(other) => bail!("metrics.rs: unit `{other}` unknown to xtask"),
-            };
-            for name in resolve_name(body, call, arg(name_at)?)? {
-                let base = format!("shadow_{name}{unit}");
-                match kind {
-                    "counter" => {
-                        names.insert(format!("{base}_total"));
-                    }
-                    "histogram" => {
-                        for suffix in ["_bucket", "_sum", "_count"] {
-                            names.insert(format!("{base}{suffix}"));
-                        }
-                    }
-                    _ => {
-                        names.insert(base);
-                    }
-                }
+/// Every `.rs` file of `shadow-agent/src`, with its path, in a stable order.
+fn agent_sources() -> Result<Vec<(String, String)>> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(String, String)>) -> Result<()> {
+        let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.path());
+        for entry in entries {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push((path.display().to_string(), fs::read_to_string(&path)?));
             }
         }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(&root().join("shadow-agent/src"), &mut out)?;
+    Ok(out)
+}
+
+/// The metric names in the agent's exposition (with `_total`, unit and histogram suffixes),
+/// derived from its source files, `sources` (path and text):
+///
+/// Each group of counters declares its metrics where it is defined, through the helpers of
+/// `admin/export.rs`. Outside a file's `mod tests`, every call of `export::counter`,
+/// `export::counters` (name: 2nd argument, unit: 4th), `export::gauge`, `export::gauges` (name:
+/// 2nd) and `export::histograms` (name: 2nd; seconds) names a family. A name is a string
+/// literal, or the loop variable of `for (name, ...) in ARRAY` over a `let ARRAY... = [...]` of
+/// tuples whose first element is the literal. As the registry does, every name gets the prefix
+/// `shadow_`, then `_bytes` or `_seconds` for a unit, then `_total` for a counter, or `_bucket`,
+/// `_sum` and `_count` for a histogram.
+///
+/// A shape of code this does not understand is an error, not a guess. As a check on the rules,
+/// every `shadow_…` name that the unit test of `admin/metrics.rs` (`metrics_tests`) finds in
+/// the real exposition must be among the derived ones.
+pub fn exported_metrics(
+    sources: &[(String, String)],
+    metrics_tests: &str,
+) -> Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for (path, source) in sources {
+        // The code before the file's `mod tests` (other `#[cfg(test)]` items count as code).
+        let code = source
+            .match_indices("#[cfg(test)]")
+            .find(|(i, m)| source[i + m.len()..].trim_start().starts_with("mod tests"))
+            .map_or(source.as_str(), |(i, _)| &source[..i]);
+        let body = strip_comments(code);
+        derive_names(&body, &mut names).with_context(|| path.clone())?;
     }
     ensure!(
         names.len() >= 20,
-        "metrics.rs: only {} metric names found; has the file changed shape? {names:?}",
+        "only {} metric names found in the agent's sources; has the code changed shape? {names:?}",
         names.len()
     );
 
+    let tests = metrics_tests
+        .split_once("#[cfg(test)]")
+        .map_or("", |(_, tests)| tests);
     let expected: Vec<&str> = string_literals(tests)
         .into_iter()
         .filter(|s| s.starts_with("shadow_"))
@@ -373,6 +355,50 @@ pub fn exported_metrics(source: &str) -> Result<BTreeSet<String>> {
         );
     }
     Ok(names)
+}
+
+/// Adds the families whose export calls `body` holds to `names`.
+fn derive_names(body: &str, names: &mut BTreeSet<String>) -> Result<()> {
+    for (helper, unit_at, kind) in [
+        ("export::counter", Some(3), "counter"),
+        ("export::counters", Some(3), "counter"),
+        ("export::gauge", None, "gauge"),
+        ("export::gauges", None, "gauge"),
+        ("export::histograms", None, "histogram"),
+    ] {
+        for call in calls(body, helper) {
+            let args = split_args(&body[call..])?;
+            let arg = |i: usize| {
+                args.get(i)
+                    .map(|a| a.trim())
+                    .with_context(|| format!("`{helper}(` with too few arguments"))
+            };
+            let unit = match (kind, unit_at.map(arg).transpose()?) {
+                ("histogram", _) => "_seconds",
+                (_, None | Some("None")) => "",
+                (_, Some("Some(&Unit::Bytes)")) => "_bytes",
+                (_, Some("Some(&Unit::Seconds)")) => "_seconds",
+                (_, Some(other)) => bail!("unit `{other}` unknown to xtask"),
+            };
+            for name in resolve_name(body, call, arg(1)?)? {
+                let base = format!("shadow_{name}{unit}");
+                match kind {
+                    "counter" => {
+                        names.insert(format!("{base}_total"));
+                    }
+                    "histogram" => {
+                        for suffix in ["_bucket", "_sum", "_count"] {
+                            names.insert(format!("{base}{suffix}"));
+                        }
+                    }
+                    _ => {
+                        names.insert(base);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The positions just after `name(` of calls (not definitions) of `name`.
@@ -515,10 +541,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn derives_the_exposition_names_of_metrics_rs() {
-        let source = fs::read_to_string(root().join("shadow-agent/src/admin/metrics.rs"))
+    fn derives_the_exposition_names_of_the_agents_sources() {
+        let metrics = fs::read_to_string(root().join("shadow-agent/src/admin/metrics.rs"))
             .expect("metrics.rs");
-        let names = exported_metrics(&source).expect("derives");
+        let names =
+            exported_metrics(&agent_sources().expect("sources"), &metrics).expect("derives");
         for name in [
             "shadow_kernel_packets_seen_total",
             "shadow_kernel_ringbuf_full_total",
@@ -539,24 +566,28 @@ mod tests {
     }
 
     #[test]
-    fn a_name_in_a_comment_is_not_a_metric() {
+    fn a_name_in_a_comment_or_a_test_is_not_a_metric() {
         let source = r#"
-            impl Collector for AgentCollector {
-                fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-                    // counter(&mut e, "commented", "x", None, 1)?;
-                    let kernel: [(&str, &str, u64); 2] = [("a", "A.", 1), ("b", "B, b.", 2)];
-                    for (name, help, value) in kernel {
-                        counter(&mut e, name, help, None, value)?;
+            impl Export for Thing {
+                fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+                    // export::counter(e, "commented", "x", None, 1)?;
+                    let fields: [(&str, &str, u64); 2] = [("a", "A.", 1), ("b", "B, b.", 2)];
+                    for (name, help, value) in fields {
+                        export::counter(e, name, help, None, value)?;
                     }
-                    gauge(&mut e, "g", "G (0, 1).", 0.0)?;
-                    let mut h = e.encode_descriptor("lat", "L.", Some(&Unit::Seconds), MetricType::Histogram)?;
-                    counters(&mut e, "c", "C.", Some(&Unit::Bytes), rows)?;
+                    export::gauge(e, "g", "G (0, 1).", 0.0)?;
+                    export::histograms(e, "lat", "L.", rows)?;
+                    export::counters(e, "c", "C.", Some(&Unit::Bytes), rows)
                 }
             }
             #[cfg(test)]
-            "shadow_a_total 1"
+            mod tests {
+                fn t() { export::counter(e, "in_a_test", "T.", None, 1); }
+            }
         "#;
-        let err = exported_metrics(source).expect_err("too few names");
+        let sources = [("thing.rs".to_owned(), source.to_owned())];
+        let err = exported_metrics(&sources, "#[cfg(test)] \"shadow_a_total 1\"")
+            .expect_err("too few names");
         let message = format!("{err:#}");
         for name in [
             "shadow_a_total",
@@ -568,5 +599,6 @@ mod tests {
             assert!(message.contains(name), "{name} not in {message}");
         }
         assert!(!message.contains("commented"), "{message}");
+        assert!(!message.contains("in_a_test"), "{message}");
     }
 }
