@@ -280,6 +280,9 @@ fn a_reload_moves_new_copies_to_the_new_targets_and_leaves_those_in_flight() {
     let copies = sender.copies.borrow();
     // The copy sent before the reload is the sender's still; the next goes to the new target.
     assert_eq!(copies.len(), 2);
+    let lanes = node.lanes();
+    let target_of = |copy: &ShadowRequest| lanes[copy.target.0].0.to_string();
+    assert_eq!(target_of(&copies[1]), "http://198.18.0.10:9090");
     assert_eq!(
         node.stats().target("http://198.18.0.10:9090").sent.get(),
         0,
