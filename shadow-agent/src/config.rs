@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+mod method;
 mod percent;
+pub use method::{Method, MethodError, Methods};
 pub use percent::Percent;
 
 use crate::capture::Hook;
@@ -26,12 +28,6 @@ use crate::capture::interfaces::InterfaceSelector;
 use crate::compare::CompareConfig;
 use crate::policy::path::DenyGlob;
 
-/// Methods mirrored when a route does not say otherwise: the safe ones.
-pub const DEFAULT_ALLOW_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
-/// Methods a configuration may name. CONNECT opens a tunnel and is never mirrored.
-pub const KNOWN_METHODS: [&str; 8] = [
-    "GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE",
-];
 /// The admin endpoint's address unless `admin.listen` says otherwise.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
@@ -93,8 +89,8 @@ pub struct RouteConfig {
     pub baseline: Option<Target>,
     /// Share of matching requests mirrored, decided per request in user space.
     pub sample_percent: Percent,
-    /// Upper-case method names.
-    pub allow_methods: BTreeSet<String>,
+    /// [`Methods::SAFE`] unless the route says otherwise.
+    pub allow_methods: Methods,
     /// Paths never mirrored, whichever route a request takes: the policy denies a request
     /// when any route's pattern matches.
     pub deny_paths: Vec<DenyGlob>,
@@ -111,8 +107,8 @@ pub struct RouteMatch {
     /// Lower case, without a port; a leading `*.` matches any subdomain.
     pub host: Option<String>,
     pub path: Option<PathMatch>,
-    /// Upper-case method names; `None` matches every method.
-    pub methods: Option<BTreeSet<String>>,
+    /// `None` matches every method.
+    pub methods: Option<Methods>,
 }
 
 /// How a route matches the request's path, as [`crate::policy::path::RequestPath`] reads it.
@@ -193,8 +189,8 @@ pub enum HostRule {
     Preserve,
     /// The target's `host:port`.
     Target,
-    /// This value.
-    Literal(String),
+    /// This `host[:port]`, checked at configuration.
+    Literal(HeaderValue),
 }
 
 /// `[budget]`: what mirroring may cost. Rates are per second; bursts are one second's worth.
@@ -928,10 +924,7 @@ fn check_route(
         r,
     );
     let allow_methods = match raw.allow_methods {
-        None => DEFAULT_ALLOW_METHODS
-            .iter()
-            .map(|m| m.to_string())
-            .collect(),
+        None => Methods::SAFE,
         Some(list) => methods(list, &format!("{key}.allow_methods"), r),
     };
 
@@ -976,7 +969,12 @@ fn check_route(
         Some(h) => match h.get_ref().as_str() {
             "preserve" => HostRule::Preserve,
             "target" => HostRule::Target,
-            literal if is_authority(literal) => HostRule::Literal(literal.to_owned()),
+            literal
+                if is_authority(literal)
+                    && let Some(value) = header_value(literal) =>
+            {
+                HostRule::Literal(value)
+            }
             literal => {
                 r.at(
                     h.span(),
@@ -1082,26 +1080,15 @@ fn check_match(raw: RawMatch, key: &str, r: &mut Report<'_>) -> Option<RouteMatc
     })
 }
 
-fn methods(list: Sp<Vec<Sp<String>>>, key: &str, r: &mut Report<'_>) -> BTreeSet<String> {
+fn methods(list: Sp<Vec<Sp<String>>>, key: &str, r: &mut Report<'_>) -> Methods {
     if list.get_ref().is_empty() {
         r.at(list.span(), key, "no method given");
     }
-    let mut out = BTreeSet::new();
+    let mut out = Methods::default();
     for (i, m) in list.into_inner().into_iter().enumerate() {
-        let name = m.get_ref();
-        if KNOWN_METHODS.contains(&name.as_str()) {
-            out.insert(name.clone());
-        } else if name == "CONNECT" {
-            r.at(m.span(), format!("{key}[{i}]"), "CONNECT is never mirrored");
-        } else {
-            r.at(
-                m.span(),
-                format!("{key}[{i}]"),
-                format!(
-                    "unknown method `{name}`; expected one of {}",
-                    KNOWN_METHODS.join(", ")
-                ),
-            );
+        match m.get_ref().parse::<Method>() {
+            Ok(method) => out.insert(method),
+            Err(e) => r.at(m.span(), format!("{key}[{i}]"), e.to_string()),
         }
     }
     out

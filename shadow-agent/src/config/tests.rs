@@ -38,7 +38,7 @@ fn example_config_loads() {
         api.targets[1],
         Target::parse("http://10.0.3.17:8080").expect("valid")
     );
-    assert!(api.allow_methods.contains("POST"));
+    assert!(api.allow_methods.contains(Method::Post));
     assert_eq!(api.deny_paths.len(), 2);
     let everywhere: Vec<&str> = config
         .policy
@@ -58,13 +58,7 @@ fn example_config_loads() {
     assert_eq!(api.host, HostRule::Target);
     let catalog = &config.routes[1];
     assert!(matches!(&catalog.matcher.path, Some(PathMatch::Regex(_))));
-    assert_eq!(
-        catalog.allow_methods,
-        DEFAULT_ALLOW_METHODS
-            .iter()
-            .map(|m| m.to_string())
-            .collect()
-    );
+    assert_eq!(catalog.allow_methods, Methods::SAFE);
     assert_eq!(catalog.host, HostRule::Preserve);
     assert_eq!(config.budget.node_bytes_per_sec, 10_485_760.0);
     assert_eq!(config.budget.timeout, Duration::from_secs(2));
@@ -92,7 +86,7 @@ fn defaults() {
     assert!(config.policy.deny_paths.is_empty());
     let route = &config.routes[0];
     assert_eq!(route.sample_percent, Percent::ALL);
-    assert_eq!(route.allow_methods.len(), 3);
+    assert_eq!(route.allow_methods, Methods::SAFE);
     assert_eq!(route.host, HostRule::Preserve);
     assert!(route.matcher.methods.is_none());
     assert_eq!(config.budget, BudgetConfig::default());
@@ -572,6 +566,24 @@ fn accepted_values() {
         .map(|g| g.as_str())
         .collect();
     assert_eq!(patterns, ["**/.env", "/admin/**"]);
+    let src = MINIMAL.replace(
+        "match = { port = 8080 }",
+        "match = { port = 8080, methods = [\"GET\", \"DELETE\"] }\nhost = \"orders.internal:8080\"\nallow_methods = [\"DELETE\"]",
+    );
+    let config = Config::from_toml(&src, "t.toml").expect("valid");
+    let route = &config.routes[0];
+    assert_eq!(
+        route.host,
+        HostRule::Literal(HeaderValue::from_static("orders.internal:8080"))
+    );
+    assert_eq!(
+        route.matcher.methods,
+        Some([Method::Get, Method::Delete].into_iter().collect())
+    );
+    assert_eq!(
+        route.allow_methods.iter().collect::<Vec<_>>(),
+        [Method::Delete]
+    );
     let src = format!("{MINIMAL}\n[limits]\nmemory = \"96MiB\"\n");
     let config = Config::from_toml(&src, "t.toml").expect("valid");
     assert_eq!(config.limits.memory_bytes, 96 << 20);

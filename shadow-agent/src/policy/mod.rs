@@ -11,16 +11,14 @@ pub mod ramp;
 pub mod route;
 pub mod tagging;
 
-use crate::config::{Config, Target};
+use crate::config::{Config, Method, Target};
 use path::{DenyGlob, PathError, RequestPath};
 use route::Route;
 
-/// Methods mirrored by default and sent without an idempotency key.
-pub const SAFE_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
-
-/// Whether `method` is one of [`SAFE_METHODS`].
+/// Whether the captured method `method` is safe (GET, HEAD, OPTIONS): mirrored by default, and
+/// sent without an idempotency key.
 pub fn is_safe_method(method: &str) -> bool {
-    SAFE_METHODS.contains(&method)
+    Method::from_name(method).is_some_and(Method::is_safe)
 }
 
 /// What the policy looks at in a captured request.

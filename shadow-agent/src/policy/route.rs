@@ -68,8 +68,8 @@ impl Route {
                 return false;
             }
         }
-        if let Some(methods) = &m.methods
-            && !methods.contains(method)
+        if let Some(methods) = m.methods
+            && !methods.contains_name(method)
         {
             return false;
         }
@@ -81,6 +81,6 @@ impl Route {
     }
 
     pub(crate) fn allows_method(&self, method: &str) -> bool {
-        self.config.allow_methods.contains(method)
+        self.config.allow_methods.contains_name(method)
     }
 }

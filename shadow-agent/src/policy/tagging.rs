@@ -172,7 +172,7 @@ impl<I: IdSource> Tagger<I> {
                 None => HeaderValue::try_from(target.authority()).ok()?,
             },
             HostRule::Target => HeaderValue::try_from(target.authority()).ok()?,
-            HostRule::Literal(value) => HeaderValue::from_str(value).ok()?,
+            HostRule::Literal(value) => value.clone(),
         };
         let mut out = HeaderMap::with_capacity(req.headers.len() + route.set_headers.len() + 6);
         out.insert(HOST, host);
