@@ -1,5 +1,5 @@
 //! Every counter of a running `shadow-agent run` as one value: what `/stats` and `--stats-json`
-//! write, and what `status` reads back.
+//! write, and what `status` reads back. [`CaptureStats`] is `capture --stats-json`'s.
 //!
 //! Fields are added, never renamed: readers of an older agent's `/stats` get defaults for what
 //! it lacks.
@@ -10,7 +10,9 @@ use shadow_common::{InterfaceCounters, KernelCounters};
 
 use crate::admin::metrics::AgentSnapshot;
 use crate::budget::Tokens;
-use crate::capture::ring::RingCountersSnapshot;
+use crate::capture::kernel::InterfaceTotals;
+use crate::capture::live::CaptureTotals;
+use crate::capture::ring::{RingCountersSnapshot, RingLevel};
 use crate::compare::Totals;
 use crate::mirror::stats::{MirrorSnapshot, MirrorStats};
 
@@ -92,6 +94,27 @@ pub struct InterfaceStats {
     pub ifindex: u32,
     #[serde(flatten)]
     pub counters: InterfaceCounters,
+}
+
+impl From<&RingLevel> for RingBufferStats {
+    fn from(level: &RingLevel) -> Self {
+        Self {
+            fill_bytes: level.fill_bytes(),
+            size_bytes: level.size_bytes,
+            consumer_position: level.consumer_position,
+            producer_position: level.producer_position,
+        }
+    }
+}
+
+impl From<&InterfaceTotals> for InterfaceStats {
+    fn from(i: &InterfaceTotals) -> Self {
+        Self {
+            name: i.name.clone(),
+            ifindex: i.ifindex,
+            counters: i.counters,
+        }
+    }
 }
 
 /// Tokens in the budget's buckets.
@@ -179,21 +202,8 @@ impl Stats {
             }),
             kernel: snap.kernel,
             ring: snap.ring,
-            ring_buffer: RingBufferStats {
-                fill_bytes: snap.ring_level.fill_bytes(),
-                size_bytes: snap.ring_level.size_bytes,
-                consumer_position: snap.ring_level.consumer_position,
-                producer_position: snap.ring_level.producer_position,
-            },
-            interfaces: snap
-                .interfaces
-                .iter()
-                .map(|i| InterfaceStats {
-                    name: i.name.clone(),
-                    ifindex: i.ifindex,
-                    counters: i.counters,
-                })
-                .collect(),
+            ring_buffer: RingBufferStats::from(&snap.ring_level),
+            interfaces: snap.interfaces.iter().map(InterfaceStats::from).collect(),
             interfaces_uncounted: snap.interfaces_uncounted,
             interface_attach_failures: snap.interface_attach_failures.clone(),
             budget: BudgetStats {
@@ -224,6 +234,46 @@ impl Stats {
                 segments_learned: totals.map(|t| t.segments_learned),
             }),
             mirror: mirror.snapshot(),
+        }
+    }
+}
+
+/// What `capture --stats-json` writes at exit: the kernel's counters, the reader's and the pcap
+/// writer's, each interface's, and the ring buffer's positions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CaptureStats {
+    pub kernel: KernelCounters,
+    pub agent: CaptureAgentStats,
+    pub interfaces: Vec<InterfaceStats>,
+    /// Interfaces attached without counters of their own (the kernel's map was full).
+    pub interfaces_uncounted: u64,
+    /// Failed attachments by interface name.
+    pub interface_attach_failures: BTreeMap<String, u64>,
+    pub ring_buffer: RingBufferStats,
+}
+
+/// The reader's counters and the packets the pcap writer wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CaptureAgentStats {
+    #[serde(flatten)]
+    pub ring: RingCountersSnapshot,
+    pub packets_written: u64,
+}
+
+impl CaptureStats {
+    pub fn collect(totals: &CaptureTotals, packets_written: u64) -> Self {
+        Self {
+            kernel: totals.kernel,
+            agent: CaptureAgentStats {
+                ring: totals.ring,
+                packets_written,
+            },
+            interfaces: totals.interfaces.iter().map(InterfaceStats::from).collect(),
+            interfaces_uncounted: totals.interfaces_uncounted,
+            interface_attach_failures: totals.attach_failures.clone(),
+            ring_buffer: RingBufferStats::from(&totals.ring_level),
         }
     }
 }
@@ -271,5 +321,49 @@ mod tests {
         assert_eq!(read.node, "n");
         assert_eq!(read.kernel.ringbuf_full, 4);
         assert_eq!(read.mirror, MirrorSnapshot::default());
+    }
+
+    #[test]
+    fn capture_stats_keep_their_names() {
+        let mut totals = CaptureTotals::default();
+        totals.kernel.records_written = 5;
+        totals.ring.records_read = 5;
+        totals.ring.batches = 2;
+        totals.interfaces.push(InterfaceTotals {
+            name: "veth0".into(),
+            ifindex: 7,
+            counters: InterfaceCounters {
+                records_written: 5,
+                ..InterfaceCounters::default()
+            },
+        });
+        totals.attach_failures.insert("eth1".into(), 1);
+        totals.ring_level.size_bytes = 4096;
+        let stats = CaptureStats::collect(&totals, 4);
+        let text = serde_json::to_string(&stats).expect("serialise");
+        assert_eq!(
+            serde_json::from_str::<CaptureStats>(&text).expect("deserialise"),
+            stats
+        );
+        // What the integration tests and the capture benchmark read.
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["kernel"]["records_written"], 5);
+        for (key, value) in [
+            ("records_read", 5),
+            ("packets_written", 4),
+            ("incomplete_packets", 0),
+            ("malformed_records", 0),
+            ("channel_full", 0),
+            ("read_batches", 2),
+        ] {
+            assert_eq!(v["agent"][key], value, "agent.{key}");
+        }
+        assert_eq!(v["interfaces"][0]["name"], "veth0");
+        assert_eq!(v["interfaces"][0]["ifindex"], 7);
+        assert_eq!(v["interfaces"][0]["records_written"], 5);
+        assert_eq!(v["interface_attach_failures"]["eth1"], 1);
+        assert_eq!(v["interfaces_uncounted"], 0);
+        assert_eq!(v["ring_buffer"]["size_bytes"], 4096);
+        assert_eq!(v["ring_buffer"]["producer_position"], 0);
     }
 }

@@ -17,12 +17,10 @@ use shadow_agent::capture::{
 };
 use shadow_agent::config::Percent;
 use shadow_agent::pcap::PcapWriter;
+use shadow_agent::stats::CaptureStats;
 use shadow_common::CAPTURE_LIMIT;
 
-use super::common::{
-    StopSignal, attach_failures_json, interface_tables, interfaces_json, kernel_fields, object,
-    parse_duration, table,
-};
+use super::common::{StopSignal, interface_tables, kernel_fields, parse_duration, table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -187,7 +185,7 @@ async fn capture(
 
     print_summary(&totals, packets_written);
     if let Some(path) = &args.stats_json {
-        let stats = stats_json(&totals, packets_written);
+        let stats = CaptureStats::collect(&totals, packets_written);
         std::fs::write(path, serde_json::to_vec_pretty(&stats)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -215,19 +213,4 @@ fn print_summary(t: &CaptureTotals, packets_written: u64) {
         table("agent counters", &agent_fields(&t.ring, packets_written)),
         interface_tables(&t.interfaces, t.interfaces_uncounted, &t.attach_failures),
     );
-}
-
-fn stats_json(t: &CaptureTotals, packets_written: u64) -> serde_json::Value {
-    serde_json::json!({
-        "kernel": object(&kernel_fields(&t.kernel)),
-        "agent": object(&agent_fields(&t.ring, packets_written)),
-        "interfaces": interfaces_json(&t.interfaces),
-        "interfaces_uncounted": t.interfaces_uncounted,
-        "interface_attach_failures": attach_failures_json(&t.attach_failures),
-        "ring_buffer": {
-            "size_bytes": t.ring_level.size_bytes,
-            "consumer_position": t.ring_level.consumer_position,
-            "producer_position": t.ring_level.producer_position,
-        },
-    })
 }

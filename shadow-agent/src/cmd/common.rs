@@ -2,7 +2,6 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 use shadow_agent::capture::kernel::InterfaceTotals;
 use shadow_agent::capture::ring::RingCountersSnapshot;
 use shadow_common::{InterfaceCounters, KernelCounters};
@@ -68,34 +67,6 @@ pub fn interface_fields(c: &InterfaceCounters) -> [(&'static str, u64); 4] {
     ]
 }
 
-/// Each interface's counters, as a JSON array of objects with its name and ifindex.
-pub fn interfaces_json(interfaces: &[InterfaceTotals]) -> Value {
-    Value::Array(
-        interfaces
-            .iter()
-            .map(|i| {
-                let mut o = serde_json::Map::new();
-                o.insert("name".into(), i.name.clone().into());
-                o.insert("ifindex".into(), i.ifindex.into());
-                for (k, v) in interface_fields(&i.counters) {
-                    o.insert(k.into(), v.into());
-                }
-                Value::Object(o)
-            })
-            .collect(),
-    )
-}
-
-/// Failed attachments by interface name, as a JSON object.
-pub fn attach_failures_json(failures: &BTreeMap<String, u64>) -> Value {
-    Value::Object(
-        failures
-            .iter()
-            .map(|(name, n)| (name.clone(), (*n).into()))
-            .collect(),
-    )
-}
-
 /// Each interface's counters as `name value` tables, for summaries on stderr, and the
 /// interfaces that failed to attach.
 pub fn interface_tables(
@@ -147,12 +118,13 @@ pub fn table(title: &str, fields: &[(&str, u64)]) -> String {
     out
 }
 
-/// A JSON object of counters.
-pub fn object(fields: &[(&str, u64)]) -> Value {
-    Value::Object(
-        fields
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
-            .collect(),
-    )
+/// A size or a rate in B, KiB or MiB, for summaries and `status`.
+pub fn human_bytes(bytes: f64) -> String {
+    if bytes >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+    } else if bytes >= 1024.0 {
+        format!("{:.1} KiB", bytes / 1024.0)
+    } else {
+        format!("{bytes:.0} B")
+    }
 }

@@ -16,7 +16,7 @@ use shadow_agent::admin::AdminToken;
 use shadow_agent::mirror::stats::AnswerStats;
 use shadow_agent::stats::{RampStats, Stats};
 
-use super::common::parse_duration;
+use super::common::{human_bytes, parse_duration};
 
 /// Where a running agent's admin endpoint is, and the token it wants: shared by `status` and
 /// `report`.
@@ -184,16 +184,6 @@ fn answer_columns(now: &AnswerStats, before: Option<&AnswerStats>) -> (String, S
         ms(now.latency_p50_ms),
         ms(now.latency_p99_ms),
     )
-}
-
-fn human_bytes(bytes: f64) -> String {
-    if bytes >= 1024.0 * 1024.0 {
-        format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
-    } else if bytes >= 1024.0 {
-        format!("{:.1} KiB", bytes / 1024.0)
-    } else {
-        format!("{bytes:.0} B")
-    }
 }
 
 /// The table for two readings `secs` apart.

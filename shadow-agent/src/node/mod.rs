@@ -2,7 +2,7 @@
 //! reloads in; copies handed to a [`CopySender`], settings for the capture and the lanes, and
 //! what to tell the operator out.
 //!
-//! The driver (`cmd/run.rs`) owns the runtime, the kernel capture, the senders' lanes and the
+//! The driver (`cmd/run/`) owns the runtime, the kernel capture, the senders' lanes and the
 //! admin endpoint, and feeds the node. Everything here is tested without root, the way
 //! quinn-proto is tested through an in-memory network (`tests.rs`).
 use std::collections::BTreeSet;

@@ -20,7 +20,7 @@ use shadow_agent::compare::Report;
 use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
 use shadow_agent::memory::MemoryPlan;
-use shadow_agent::mirror::stats::{Answers, CopyDrop, MirrorStats};
+use shadow_agent::mirror::stats::MirrorStats;
 use shadow_agent::node::{Node, NodeOptions, RampChange, ReloadNote, capture_settings};
 use shadow_agent::pipeline::Pipeline;
 use shadow_agent::stats::Stats;
@@ -28,7 +28,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use super::check_config;
-use super::common::{self, StopSignal, parse_duration};
+use progress::Progress;
+
+mod progress;
+use super::common::{StopSignal, parse_duration};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -325,15 +328,6 @@ impl FileStamp {
     }
 }
 
-/// Rates since the last report: copies and bytes per route and per target.
-#[derive(Clone, Debug, Default)]
-struct Reported {
-    at: Option<Instant>,
-    /// (name, seen, copies, bytes) per route and (url, sent, bytes, dropped) per target.
-    routes: Vec<(String, u64, u64, u64)>,
-    targets: Vec<(String, u64, u64, u64)>,
-}
-
 /// The driver: the node and the I/O around it (the senders' lanes, the file, the admin
 /// endpoint's view, the operator's reports).
 struct Agent {
@@ -348,7 +342,8 @@ struct Agent {
     channel_capacity: usize,
     /// The comparison report as of the last tick, for the admin endpoint.
     report: Arc<Mutex<Option<Report>>>,
-    reported: Reported,
+    /// The counters as of the last report, for its rates.
+    reported: Progress,
 }
 
 impl Agent {
@@ -374,6 +369,7 @@ impl Agent {
             (None, None)
         };
         let forwarder = Forwarder::new(node.copy_bytes(), answers_tx, node.answer_body_bytes());
+        let reported = Progress::read(node.stats(), Instant::now());
         let mut agent = Self {
             node,
             forwarder,
@@ -383,10 +379,9 @@ impl Agent {
             snapshot: Arc::default(),
             channel_capacity: plan.channel_batches,
             report: Arc::default(),
-            reported: Reported::default(),
+            reported,
         };
         agent.connect_lanes();
-        agent.reported = agent.snapshot();
         (agent, answers_rx)
     }
 
@@ -501,68 +496,19 @@ impl Agent {
         );
     }
 
-    fn snapshot(&self) -> Reported {
-        let stats = self.node.stats();
-        Reported {
-            at: Some(Instant::now()),
-            routes: stats
-                .routes()
-                .iter()
-                .map(|(n, r)| (n.clone(), r.seen.get(), r.copies.get(), r.copy_bytes.get()))
-                .collect(),
-            targets: stats
-                .targets()
-                .iter()
-                .map(|(u, t)| {
-                    let dropped = CopyDrop::ALL.iter().map(|d| t.dropped(*d).get()).sum();
-                    (u.clone(), t.sent.get(), t.sent_bytes.get(), dropped)
-                })
-                .collect(),
-        }
-    }
     /// Prints the rates since the last report.
     fn report(&mut self) {
-        let now = self.snapshot();
-        let secs = match (self.reported.at, now.at) {
-            (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(1e-3),
-            _ => return,
-        };
-        let dry_run = self.node.is_dry_run();
-        let verb = if dry_run { "would send" } else { "sent" };
-        let mut out = format!(
-            "shadow-agent: {} over the last {secs:.0}s{}:\n",
-            if dry_run { "dry run" } else { "mirroring" },
-            self.node
-                .config()
-                .ramp
-                .as_ref()
-                .map(|_| format!(" (ramp at {}%)", self.node.ramp_percent()))
-                .unwrap_or_default()
+        let now = Progress::read(self.node.stats(), Instant::now());
+        let ramp = self
+            .node
+            .config()
+            .ramp
+            .as_ref()
+            .map(|_| self.node.ramp_percent());
+        eprint!(
+            "{}",
+            now.rates_since(&self.reported, self.node.is_dry_run(), ramp)
         );
-        let before = |list: &[(String, u64, u64, u64)], name: &str| {
-            list.iter()
-                .find(|e| e.0 == name)
-                .map_or((0, 0, 0), |e| (e.1, e.2, e.3))
-        };
-        for (name, seen, copies, bytes) in &now.routes {
-            let (s0, c0, b0) = before(&self.reported.routes, name);
-            out += &format!(
-                "  route {name}: {:.1} requests/s seen, {verb} {:.1} copies/s, {}/s\n",
-                (seen - s0) as f64 / secs,
-                (copies - c0) as f64 / secs,
-                human_bytes((bytes - b0) as f64 / secs),
-            );
-        }
-        for (url, sent, bytes, dropped) in &now.targets {
-            let (s0, b0, d0) = before(&self.reported.targets, url);
-            out += &format!(
-                "  target {url}: {verb} {:.1} copies/s, {}/s; {:.1}/s dropped by budget or limits\n",
-                (sent - s0) as f64 / secs,
-                human_bytes((bytes - b0) as f64 / secs),
-                (dropped - d0) as f64 / secs,
-            );
-        }
-        eprint!("{out}");
         self.reported = now;
     }
 
@@ -579,57 +525,13 @@ impl Agent {
     }
 
     fn summary(&self, totals: &CaptureTotals) -> String {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let dry_run = self.node.is_dry_run();
-        let verb = if dry_run { "would have sent" } else { "sent" };
-        let mut out = format!(
-            "shadow-agent: {} for {secs:.1}s; {} requests rebuilt\n",
-            if dry_run { "dry run" } else { "mirrored" },
-            self.node.stats().requests.get()
-        );
-        let answers = |a: &Answers| {
-            let latency = a.latency.snapshot();
-            let ms = |q| {
-                latency.quantile(q).map_or("-".to_owned(), |d| {
-                    format!("{:.1}ms", d.as_secs_f64() * 1e3)
-                })
-            };
-            format!(
-                "{} answered 2xx, {} errors, {} abandoned; p50 {} p99 {}",
-                a.responses(2),
-                a.errors(),
-                a.abandoned.get(),
-                ms(0.5),
-                ms(0.99)
-            )
-        };
-        for (name, r) in self.node.stats().routes() {
-            out += &format!(
-                "  route {name}: {} seen, {} mirrored; {verb} {} copies ({:.1}/s, {}/s); shadow: {}\n",
-                r.seen.get(),
-                r.mirrored.get(),
-                r.copies.get(),
-                r.copies.get() as f64 / secs,
-                human_bytes(r.copy_bytes.get() as f64 / secs),
-                answers(&r.answers),
-            );
-        }
-        for (url, t) in self.node.stats().targets() {
-            out += &format!(
-                "  target {url}: {verb} {} copies ({:.1}/s); {}\n",
-                t.sent.get(),
-                t.sent.get() as f64 / secs,
-                answers(&t.answers),
-            );
-        }
-        out += &common::table("kernel counters", &common::kernel_fields(&totals.kernel));
-        out += &common::table("ring counters", &common::ring_fields(&totals.ring));
-        out += &common::interface_tables(
-            &totals.interfaces,
-            totals.interfaces_uncounted,
-            &totals.attach_failures,
-        );
-        out
+        progress::summary(
+            self.node.stats(),
+            totals,
+            self.node.stats().requests.get(),
+            self.started.elapsed().as_secs_f64(),
+            self.node.is_dry_run(),
+        )
     }
 }
 
@@ -642,14 +544,4 @@ fn stats_now(
 ) -> Stats {
     let report = report.lock().unwrap_or_else(|p| p.into_inner());
     Stats::collect(snap, stats, report.as_ref().map(|r| &r.totals), seconds)
-}
-
-fn human_bytes(per_sec: f64) -> String {
-    if per_sec >= 1024.0 * 1024.0 {
-        format!("{:.1} MiB", per_sec / (1024.0 * 1024.0))
-    } else if per_sec >= 1024.0 {
-        format!("{:.1} KiB", per_sec / 1024.0)
-    } else {
-        format!("{per_sec:.0} B")
-    }
 }
