@@ -76,6 +76,9 @@ pub struct CaptureConfig {
 pub struct PolicyConfig {
     /// Paths never mirrored. Every route's `deny_paths` hold for every request too.
     pub deny_paths: Vec<DenyGlob>,
+    /// Mixed into the hash of a route's `sample_key`: the same on every node, so that each
+    /// node takes the same keys; another seed takes another slice of them.
+    pub sample_seed: u64,
 }
 
 /// One `[[route]]`.
@@ -98,6 +101,9 @@ pub struct RouteConfig {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub remove_headers: Vec<HeaderName>,
     pub host: HostRule,
+    /// What `sample_percent` samples by: each request on its own (`None`), or a value that
+    /// follows a user through their requests, whichever node serves each.
+    pub sample_key: Option<SampleKey>,
 }
 
 /// A route's `match` table.
@@ -180,6 +186,52 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "http://{}", self.authority())
     }
+}
+
+/// A request's value that a route samples by, so that every request carrying the same value is
+/// mirrored or none is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SampleKey {
+    /// The first value of this header (`header:x-user-id`).
+    Header(HeaderName),
+    /// The value of this cookie in the `Cookie` header (`cookie:session`); names are
+    /// case-sensitive, as browsers send them.
+    Cookie(String),
+}
+
+impl SampleKey {
+    /// Parses `header:NAME` or `cookie:NAME`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong, for the config error that names the key.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes())
+                .map(SampleKey::Header)
+                .map_err(|_| format!("`{name}` is not a header name")),
+            Some(("cookie", name)) if is_cookie_name(name) => Ok(SampleKey::Cookie(name.into())),
+            Some(("cookie", name)) => Err(format!("`{name}` is not a cookie name")),
+            _ => Err(format!(
+                "`{s}`: expected `header:NAME` or `cookie:NAME`, such as `header:x-user-id`"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SampleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SampleKey::Header(name) => write!(f, "header:{name}"),
+            SampleKey::Cookie(name) => write!(f, "cookie:{name}"),
+        }
+    }
+}
+
+/// A cookie name: an RFC 9110 token, as RFC 6265 section 4.1.1 has it.
+fn is_cookie_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// What the Host header of a copy carries.
@@ -410,6 +462,7 @@ struct RawCapture {
 struct RawPolicy {
     #[serde(default)]
     deny_paths: Vec<Sp<String>>,
+    sample_seed: Option<Sp<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -429,6 +482,7 @@ struct RawRoute {
     #[serde(default)]
     remove_headers: Vec<Sp<String>>,
     host: Option<Sp<String>>,
+    sample_key: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]
@@ -655,6 +709,12 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     };
     let policy = policy.map_or_else(PolicyConfig::default, |p| PolicyConfig {
         deny_paths: deny_globs(p.deny_paths, "policy.deny_paths", report),
+        sample_seed: p.sample_seed.map_or(0, |seed| {
+            u64::try_from(*seed.get_ref()).unwrap_or_else(|_| {
+                report.at(seed.span(), "policy.sample_seed", "must be 0 or more");
+                0
+            })
+        }),
     });
     let routes = match routes {
         Some(raw) => check_routes(raw, &tagging, report),
@@ -986,6 +1046,16 @@ fn check_route(
         },
     };
 
+    let sample_key = raw
+        .sample_key
+        .and_then(|k| match SampleKey::parse(k.get_ref()) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                r.at(k.span(), format!("{key}.sample_key"), e);
+                None
+            }
+        });
+
     if r.issues.len() != before {
         return None;
     }
@@ -1000,6 +1070,7 @@ fn check_route(
         set_headers: set_headers.into_values().collect(),
         remove_headers: remove_headers.into_values().collect(),
         host,
+        sample_key,
     })
 }
 

@@ -107,6 +107,34 @@ fn defaults() {
 fn single_errors() {
     let cases: &[(&str, &str, usize, &str, &str)] = &[
         (
+            "match = { port = 8080 }",
+            "match = { port = 8080 }\nsample_key = \"user\"",
+            9,
+            "route[0].sample_key",
+            "expected `header:NAME` or `cookie:NAME`",
+        ),
+        (
+            "match = { port = 8080 }",
+            "match = { port = 8080 }\nsample_key = \"header:x user\"",
+            9,
+            "route[0].sample_key",
+            "not a header name",
+        ),
+        (
+            "match = { port = 8080 }",
+            "match = { port = 8080 }\nsample_key = \"cookie:a;b\"",
+            9,
+            "route[0].sample_key",
+            "not a cookie name",
+        ),
+        (
+            "ports = [8080]",
+            "ports = [8080]\n[policy]\nsample_seed = -1",
+            6,
+            "policy.sample_seed",
+            "0 or more",
+        ),
+        (
             "ports = [8080]",
             "ports = [0, 8080]",
             4,

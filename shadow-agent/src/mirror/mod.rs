@@ -20,7 +20,7 @@ use crate::http::Request;
 use crate::pipeline::FlowAddrs;
 use crate::policy::path::{RequestPath, origin_form};
 use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
-use crate::policy::{Decision, DropReason, Policy, RequestView, TargetId};
+use crate::policy::{Decision, DropReason, Policy, RequestView, RouteId, TargetId};
 use stats::{CopyDrop, MirrorStats, RouteCounters, TargetCounters};
 
 /// One copy, ready to be sent to its target.
@@ -136,6 +136,13 @@ impl<I: IdSource> Mirror<I> {
             target: &req.target,
             host,
             sample_key: sample_key(flow, req.seq),
+            headers: &req.headers,
+        };
+        // Requests of a keyed route without its value, whatever became of them.
+        let unkeyed = |route: RouteId| {
+            self.policy.route(route).is_some_and(|r| {
+                r.config().sample_key.is_some() && r.sample_value(&req.headers).is_none()
+            })
         };
         let (route_id, target_ids, path) = match self.policy.decide(&view) {
             Decision::Drop {
@@ -152,6 +159,9 @@ impl<I: IdSource> Mirror<I> {
                 let counters = self.routes[route.0].clone();
                 counters.seen.inc();
                 counters.dropped(reason).inc();
+                if unkeyed(route) {
+                    counters.unkeyed.inc();
+                }
                 return Plan {
                     route: Some(counters),
                     ..Plan::default()
@@ -165,6 +175,9 @@ impl<I: IdSource> Mirror<I> {
         };
         let route_counters = self.routes[route_id.0].clone();
         route_counters.seen.inc();
+        if unkeyed(route_id) {
+            route_counters.unkeyed.inc();
+        }
         let captured = CapturedRequest {
             method: &req.method,
             target: &req.target,

@@ -42,6 +42,8 @@ pub struct RouteCounters {
     pub seen: Counter,
     /// Requests of which at least one copy went out (or would have, in a dry run).
     pub mirrored: Counter,
+    /// Requests without the value of the route's `sample_key`, sampled each on its own.
+    pub unkeyed: Counter,
     /// Copies that went out (or would have), to all the route's targets.
     pub copies: Counter,
     /// Their bytes on the wire, approximately.
@@ -291,6 +293,7 @@ impl MirrorStats {
                     name: name.clone(),
                     seen: r.seen.get(),
                     mirrored: r.mirrored.get(),
+                    unkeyed: r.unkeyed.get(),
                     copies: r.copies.get(),
                     copy_bytes: r.copy_bytes.get(),
                     dropped: nonzero(
@@ -350,6 +353,8 @@ pub struct RouteStats {
     pub name: String,
     pub seen: u64,
     pub mirrored: u64,
+    /// Requests without the value of the route's `sample_key`.
+    pub unkeyed: u64,
     pub copies: u64,
     pub copy_bytes: u64,
     /// By reason; reasons that never happened are left out.
@@ -468,6 +473,15 @@ impl Export for MirrorStats {
             routes
                 .iter()
                 .map(|(n, r)| (vec![("route", n.clone())], r.mirrored.get())),
+        )?;
+        export::counters(
+            e,
+            "route_unkeyed",
+            "Requests of a route with a sample_key that lacked its value, sampled each on its own.",
+            None,
+            routes
+                .iter()
+                .map(|(n, r)| (vec![("route", n.clone())], r.unkeyed.get())),
         )?;
         let (route_rules, unrouted): (Vec<DropReason>, Vec<DropReason>) =
             DropReason::ALL.into_iter().partition(|r| r.is_route_rule());

@@ -398,3 +398,33 @@ fn respelled_paths_are_decided_as_read_and_sent_as_spelled() {
     );
     assert_eq!(stats.snapshot().unrouted["path_parameter"], 1);
 }
+
+#[test]
+fn a_keyed_route_counts_the_requests_without_its_value() {
+    let src = CONFIG.replace(
+        "targets = [\"http://198.18.0.9:8080\"]\n\n[budget]",
+        "targets = [\"http://198.18.0.9:8080\"]\nsample_key = \"cookie:session\"\n\n[budget]",
+    );
+    let config = match Config::from_toml(&src, "mirror.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let stats = Arc::new(MirrorStats::default());
+    let mut m = Mirror::new(&config, NodeIds::with_epoch("node-a", 7), 1, stats.clone());
+    let now = Instant::now();
+    let with = request(0, "GET", "/a", &[("Cookie", "session=s1")], b"");
+    let without = request(1, "GET", "/b", &[("Cookie", "theme=dark")], b"");
+    let denied = request(2, "DELETE", "/c", &[], b"");
+    let copies: Vec<usize> = [&with, &without, &denied]
+        .into_iter()
+        .map(|req| m.plan(now, &flow(8080), req).copies.len())
+        .collect();
+    assert_eq!(copies, [1, 1, 0]);
+    let rest = stats.route("rest");
+    assert_eq!(rest.seen.get(), 3);
+    assert_eq!(rest.unkeyed.get(), 2, "whatever became of them");
+    assert_eq!(rest.dropped(DropReason::Method).get(), 1);
+    // A route without a key counts none.
+    m.plan(now, &flow(8080), &request(3, "GET", "/orders/1", &[], b""));
+    assert_eq!(stats.route("orders").unkeyed.get(), 0);
+}

@@ -11,9 +11,10 @@ pub mod ramp;
 pub mod route;
 pub mod tagging;
 
-use crate::config::{Config, Method, Target};
+use crate::config::{Config, Method, SampleKey, Target};
 use path::{DenyGlob, PathError, RequestPath};
 use route::Route;
+use tagging::Header;
 
 /// Whether the captured method `method` is safe (GET, HEAD, OPTIONS): mirrored by default, and
 /// sent without an idempotency key.
@@ -34,6 +35,8 @@ pub struct RequestView<'a> {
     /// Different for each request, such as a hash of the connection and the request's number
     /// on it; per-request sampling is a hash of it and the policy's seed.
     pub sample_key: u64,
+    /// The request's headers, where a route's `sample_key` is read.
+    pub headers: &'a [Header],
 }
 
 /// Index of a route in configuration order.
@@ -127,6 +130,8 @@ pub struct Policy {
     /// whichever route takes it.
     deny: Vec<DenyGlob>,
     seed: u64,
+    /// `[policy] sample_seed`: keyed sampling's, the same on every node.
+    sample_seed: u64,
     /// The ramp's current share, applied on top of each route's `sample_percent`.
     ramp_percent: f64,
 }
@@ -163,6 +168,7 @@ impl Policy {
             targets,
             deny,
             seed,
+            sample_seed: config.policy.sample_seed,
             ramp_percent: 100.0,
         }
     }
@@ -236,7 +242,13 @@ impl Policy {
             return drop(DropReason::Method);
         }
         let share = route.config().sample_percent.get() * self.ramp_percent / 100.0;
-        if !sampled(self.seed, req.sample_key, share) {
+        // A keyed route takes the same values on every node; a request without the value is
+        // sampled on its own, as on a route without a key.
+        let in_share = match route.sample_value(req.headers) {
+            Some(value) => sampled(self.sample_seed, keyed_hash(value), share),
+            None => sampled(self.seed, req.sample_key, share),
+        };
+        if !in_share {
             return drop(DropReason::Sample);
         }
         Decision::Mirror {
@@ -288,6 +300,37 @@ fn sampled(seed: u64, key: u64, percent: f64) -> bool {
     }
     let threshold = (percent / 100.0 * SAMPLE_SCALE as f64).round() as u64;
     mix(seed ^ mix(key)) % SAMPLE_SCALE < threshold
+}
+
+/// The hash of a sample key's value: SipHash-1-3 with fixed keys, so that every node, whatever
+/// its build, hashes a value alike; a value's share is then decided as a request key's is.
+fn keyed_hash(value: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h =
+        siphasher::sip::SipHasher13::new_with_keys(0x7368_6164_6f77_2d6b, 0x6579_6564_2d73_616d);
+    h.write(value);
+    h.finish()
+}
+
+/// The value of `key` in `headers`: the first non-empty value of the header, or of the cookie
+/// among the `Cookie` headers' pairs. `None` when the request has none.
+pub fn sample_key_value<'h>(key: &SampleKey, headers: &'h [Header]) -> Option<&'h [u8]> {
+    match key {
+        SampleKey::Header(name) => headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
+            .map(|(_, v)| v.trim_ascii())
+            .find(|v| !v.is_empty()),
+        SampleKey::Cookie(name) => headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, v)| v.split(|&b| b == b';'))
+            .filter_map(|pair| {
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+            })
+            .find(|v| !v.is_empty()),
+    }
 }
 
 /// splitmix64's finaliser: spreads every input bit over the output.

@@ -1,8 +1,9 @@
 //! One configured route, with its targets resolved to the policy's shared target table.
 
 use crate::config::{PathMatch, RouteConfig};
-use crate::policy::TargetId;
 use crate::policy::path::RequestPath;
+use crate::policy::tagging::Header;
+use crate::policy::{TargetId, sample_key_value};
 
 /// A route as the policy uses it.
 #[derive(Clone, Debug)]
@@ -78,6 +79,12 @@ impl Route {
             Some(PathMatch::Prefix(prefix)) => path.as_str().starts_with(prefix.as_str()),
             Some(PathMatch::Regex(re)) => re.is_match(path.as_str()),
         }
+    }
+
+    /// The value of the route's `sample_key` in `headers`; `None` when the route samples each
+    /// request on its own, or the request lacks the value.
+    pub fn sample_value<'h>(&self, headers: &'h [Header]) -> Option<&'h [u8]> {
+        sample_key_value(self.config.sample_key.as_ref()?, headers)
     }
 
     pub(crate) fn allows_method(&self, method: &str) -> bool {

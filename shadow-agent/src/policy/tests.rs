@@ -48,6 +48,7 @@ fn view<'a>(port: u16, method: &'a str, target: &'a str, host: Option<&'a str>) 
         target,
         host,
         sample_key: 1,
+        headers: &[],
     }
 }
 
@@ -229,6 +230,146 @@ fn sampling_is_deterministic_and_proportional() {
     ));
 }
 
+/// A route sampling 25 % of users by `x-user-id`.
+fn keyed_policy(node_seed: u64, extra: &str) -> Policy {
+    let src = format!(
+        "{extra}\n[capture]\ninterfaces = [\"eth0\"]\nports = [8080]\n\n[[route]]\nname = \"users\"\n\
+         match = {{ port = 8080 }}\ntargets = [\"http://shadow:80\"]\nsample_percent = 25\n\
+         sample_key = \"header:X-User-Id\"\n"
+    );
+    match Config::from_toml(&src, "keyed.toml") {
+        Ok(config) => Policy::from_config(&config, node_seed),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Whether `policy` mirrors a request of `user` whose per-request key is `request_key`.
+fn mirrors_user(policy: &Policy, user: &str, request_key: u64) -> bool {
+    let headers = [("x-user-id".to_owned(), user.as_bytes().to_vec())];
+    let req = RequestView {
+        sample_key: request_key,
+        headers: &headers,
+        ..view(8080, "GET", "/cart", None)
+    };
+    matches!(policy.decide(&req), Decision::Mirror { .. })
+}
+
+#[test]
+fn sampling_by_key_takes_whole_users_on_every_node() {
+    let (node_a, node_b) = (keyed_policy(1, ""), keyed_policy(2, ""));
+    let users: Vec<String> = (0..4_000).map(|i| format!("user-{i}")).collect();
+    let taken: Vec<bool> = users
+        .iter()
+        .map(|u| {
+            let first = mirrors_user(&node_a, u, 0);
+            // Every request of the user, on either node, is decided alike.
+            for request_key in 1..6 {
+                assert_eq!(mirrors_user(&node_a, u, request_key), first, "{u}");
+                assert_eq!(mirrors_user(&node_b, u, request_key), first, "{u}");
+            }
+            first
+        })
+        .collect();
+    let n = taken.iter().filter(|t| **t).count();
+    assert!((850..=1_150).contains(&n), "{n} of 4000 users at 25%");
+
+    // The ramp only adds users: whoever is in at 10 % (40 % of 25 %) stays in at 25 %.
+    let (mut low, mut high) = (keyed_policy(1, ""), keyed_policy(1, ""));
+    low.set_ramp_percent(40.0);
+    high.set_ramp_percent(100.0);
+    for u in &users {
+        if mirrors_user(&low, u, 0) {
+            assert!(mirrors_user(&high, u, 0), "{u} left as the ramp rose");
+        }
+    }
+
+    // Another cluster-wide seed takes another slice of users.
+    let reseeded = keyed_policy(1, "[policy]\nsample_seed = 99");
+    let same = users
+        .iter()
+        .zip(&taken)
+        .filter(|(u, t)| mirrors_user(&reseeded, u, 0) == **t)
+        .count();
+    assert!(same < users.len() - 200, "{same} of 4000 decided alike");
+
+    // Without the value a request is sampled on its own: across request keys, some in, some out.
+    let req = |request_key| RequestView {
+        sample_key: request_key,
+        ..view(8080, "GET", "/cart", None)
+    };
+    let alone = (0..1_000u64)
+        .filter(|k| matches!(node_a.decide(&req(*k)), Decision::Mirror { .. }))
+        .count();
+    assert!(
+        (180..=320).contains(&alone),
+        "{alone} of 1000 unkeyed requests"
+    );
+}
+
+#[test]
+fn sample_key_values() {
+    let headers = |pairs: &[(&str, &str)]| -> Vec<Header> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    let header = SampleKey::parse("header:x-user-id").expect("valid");
+    let cookie = SampleKey::parse("cookie:session").expect("valid");
+    let value = |key: &SampleKey, pairs: &[(&str, &str)]| {
+        sample_key_value(key, &headers(pairs)).map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(
+        value(&header, &[("X-User-ID", " 42 ")]).as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        value(&header, &[("x-user-id", ""), ("x-user-id", "7")]).as_deref(),
+        Some("7"),
+        "the first value that is not empty"
+    );
+    assert_eq!(value(&header, &[("x-user", "42")]), None);
+    assert_eq!(
+        value(&cookie, &[("Cookie", "theme=dark; session=abc123;lang=en")]).as_deref(),
+        Some("abc123")
+    );
+    assert_eq!(
+        value(&cookie, &[("cookie", "a=1"), ("cookie", "session = s2 ")]).as_deref(),
+        Some("s2"),
+        "in any Cookie header"
+    );
+    assert_eq!(
+        value(&cookie, &[("Cookie", "Session=abc")]),
+        None,
+        "names are case-sensitive"
+    );
+    assert_eq!(value(&cookie, &[("Cookie", "session=; x=1")]), None);
+    assert_eq!(value(&cookie, &[("Cookie", "sessionid=1; session")]), None);
+    assert_eq!(value(&cookie, &[("Set-Cookie", "session=abc")]), None);
+}
+
+proptest! {
+    /// Whatever the headers hold, reading a key never panics, and a value found is a part of
+    /// one of them with no surrounding whitespace.
+    #[test]
+    fn sample_key_value_is_part_of_a_header(
+        pairs in proptest::collection::vec(
+            (prop_oneof!["cookie", "x-user-id", "[a-z-]{1,8}"], proptest::collection::vec(any::<u8>(), 0..40)),
+            0..6,
+        ),
+        cookie in "[a-z]{1,6}",
+    ) {
+        let headers: Vec<Header> = pairs;
+        for key in [SampleKey::Header(http::HeaderName::from_static("x-user-id")), SampleKey::Cookie(cookie)] {
+            if let Some(v) = sample_key_value(&key, &headers) {
+                prop_assert!(!v.is_empty());
+                prop_assert_eq!(v.trim_ascii(), v);
+                prop_assert!(headers.iter().any(|(_, h)| h.windows(v.len()).any(|w| w == v)));
+            }
+        }
+    }
+}
+
 #[test]
 fn sampled_edges() {
     for key in 0..1000 {
@@ -271,7 +412,7 @@ proptest! {
         sample_key in any::<u64>(),
     ) {
         let policy = policy();
-        let req = RequestView { port, method: &method, target: &target, host: host.as_deref(), sample_key };
+        let req = RequestView { port, method: &method, target: &target, host: host.as_deref(), sample_key, headers: &[] };
         if let Decision::Mirror { route, targets, path } = policy.decide(&req) {
             let route = policy.route(route).expect("route of this policy");
             prop_assert_eq!(targets, route.targets());
@@ -313,6 +454,7 @@ proptest! {
             target,
             host: Some("shop.example"),
             sample_key,
+            headers: &[],
         });
         let want = decide(&plain);
         prop_assert_eq!(decide(&spelled), want.clone(), "{} against {}", spelled, plain);
