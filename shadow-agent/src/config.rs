@@ -20,8 +20,10 @@ use toml::de::{DeTable, DeValue};
 
 mod method;
 mod percent;
+pub mod workload;
 pub use method::{Method, MethodError, Methods};
 pub use percent::Percent;
+pub use workload::WorkloadSelector;
 
 use crate::capture::Hook;
 use crate::capture::interfaces::InterfaceSelector;
@@ -115,6 +117,9 @@ pub struct RouteMatch {
     pub path: Option<PathMatch>,
     /// `None` matches every method.
     pub methods: Option<Methods>,
+    /// The Kubernetes pods whose requests the route takes; `None` matches any server, as on a
+    /// host without Kubernetes.
+    pub workload: Option<WorkloadSelector>,
 }
 
 /// How a route matches the request's path, as [`crate::policy::path::RequestPath`] reads it.
@@ -410,6 +415,23 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The workload selectors of the routes that name one.
+    pub fn workload_selectors(&self) -> impl Iterator<Item = &WorkloadSelector> + Clone {
+        self.routes
+            .iter()
+            .filter_map(|r| r.matcher.workload.as_ref())
+    }
+
+    /// Whether a route names a workload: the agent then watches this node's pods.
+    pub fn uses_kubernetes(&self) -> bool {
+        self.workload_selectors().next().is_some()
+    }
+
+    /// Whether every route names a workload: the kernel then captures only selected pods.
+    pub fn selects_only_workloads(&self) -> bool {
+        !self.routes.is_empty() && self.routes.iter().all(|r| r.matcher.workload.is_some())
+    }
+
     /// Reads and checks a configuration file.
     ///
     /// # Errors
@@ -493,6 +515,8 @@ struct RawMatch {
     path_prefix: Option<Sp<String>>,
     path_regex: Option<Sp<String>>,
     methods: Option<Sp<Vec<Sp<String>>>>,
+    namespace: Option<Sp<String>>,
+    labels: Option<Sp<BTreeMap<String, Sp<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -1143,11 +1167,58 @@ fn check_match(raw: RawMatch, key: &str, r: &mut Report<'_>) -> Option<RouteMatc
     let methods = raw
         .methods
         .map(|m| methods(m, &format!("{key}.methods"), r));
+    let workload = workload_selector(raw.namespace, raw.labels, key, r);
     Some(RouteMatch {
         port: port?,
         host,
         path,
         methods,
+        workload,
+    })
+}
+
+/// The selector of a route's `match.namespace` and `match.labels`; `None` when it has neither.
+fn workload_selector(
+    namespace: Option<Sp<String>>,
+    labels: Option<Sp<BTreeMap<String, Sp<String>>>>,
+    key: &str,
+    r: &mut Report<'_>,
+) -> Option<WorkloadSelector> {
+    if namespace.is_none() && labels.is_none() {
+        return None;
+    }
+    let namespace = namespace.and_then(|n| match workload::check_namespace(n.get_ref()) {
+        Ok(()) => Some(n.into_inner()),
+        Err(e) => {
+            r.at(n.span(), format!("{key}.namespace"), e);
+            None
+        }
+    });
+    let mut selected = BTreeMap::new();
+    if let Some(labels) = labels {
+        let span = labels.span();
+        if labels.get_ref().is_empty() {
+            r.at(
+                span.clone(),
+                format!("{key}.labels"),
+                "no label given; leave `labels` out to select every pod of the namespace",
+            );
+        }
+        for (k, v) in labels.into_inner() {
+            let checked = workload::check_label_key(&k)
+                .map_err(|e| (span.clone(), e))
+                .and_then(|()| workload::check_label_value(v.get_ref()).map_err(|e| (v.span(), e)));
+            match checked {
+                Ok(()) => {
+                    selected.insert(k, v.into_inner());
+                }
+                Err((span, e)) => r.at(span, format!("{key}.labels.{k}"), e),
+            }
+        }
+    }
+    Some(WorkloadSelector {
+        namespace,
+        labels: selected,
     })
 }
 

@@ -16,6 +16,9 @@
 //! - [`compare`]: live and shadow answers paired and compared per endpoint (pure);
 //! - [`admin`]: the admin endpoint (probes, metrics, `/stats`, the report).
 //!
+//! On Kubernetes, [`kubernetes`] watches this node's pods: routes name workloads by namespace
+//! and labels, and the kernel captures only the selected pods' connections.
+//!
 //! Beside the path: [`config`] (the file, read and checked once into types), [`memory`] (the
 //! memory ceiling shared out), [`latency`] (the histogram the mirror, the comparison and the
 //! metrics share), [`pcap`] (reading and writing capture files) and [`stats`] (every counter of
@@ -30,6 +33,7 @@ pub mod config;
 pub mod flows;
 pub mod forward;
 pub mod http;
+pub mod kubernetes;
 pub mod latency;
 pub mod memory;
 pub mod mirror;

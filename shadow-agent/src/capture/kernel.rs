@@ -114,6 +114,14 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+impl Cidr {
+    /// The prefix of one address: `/32` or `/128`.
+    pub fn host(addr: IpAddr) -> Self {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        Self { addr, prefix }
+    }
+}
+
 impl FromStr for Cidr {
     type Err = String;
 
@@ -156,6 +164,43 @@ impl Cidr {
     }
 }
 
+/// Which service addresses the kernel program captures connections of.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ServiceFilter {
+    /// Any address (on a configured port).
+    #[default]
+    Any,
+    /// Only connections whose service address is in one of these; none while it is empty, as
+    /// when no selected pod runs on this node.
+    Only(BTreeSet<Cidr>),
+}
+
+impl ServiceFilter {
+    /// `--cidr` on the command line: none given means any address.
+    pub fn of_cidrs(cidrs: impl IntoIterator<Item = Cidr>) -> Self {
+        let cidrs: BTreeSet<Cidr> = cidrs.into_iter().collect();
+        if cidrs.is_empty() {
+            Self::Any
+        } else {
+            Self::Only(cidrs)
+        }
+    }
+
+    /// Exactly these addresses, each as a host prefix.
+    pub fn of_addresses(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        Self::Only(addresses.into_iter().map(Cidr::host).collect())
+    }
+
+    /// The CIDRs the kernel's map holds: none for [`ServiceFilter::Any`].
+    pub fn cidrs(&self) -> &BTreeSet<Cidr> {
+        static NONE: BTreeSet<Cidr> = BTreeSet::new();
+        match self {
+            Self::Any => &NONE,
+            Self::Only(cidrs) => cidrs,
+        }
+    }
+}
+
 /// What the kernel program captures; all of it can change while attached.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CaptureSettings {
@@ -163,8 +208,8 @@ pub struct CaptureSettings {
     pub ports: BTreeSet<u16>,
     /// Share of connections captured, decided per connection in the kernel.
     pub sample_percent: Percent,
-    /// When not empty, only connections whose service address is in one of these.
-    pub service_cidrs: BTreeSet<Cidr>,
+    /// Which service addresses are captured.
+    pub services: ServiceFilter,
     /// Mixed into the sampling hash.
     pub sample_seed: u32,
 }
@@ -178,7 +223,7 @@ impl CaptureSettings {
         if self.ports.contains(&0) {
             return Err(KernelError::Setting("port 0 cannot be captured".into()));
         }
-        if self.service_cidrs.len() > SERVICE_CIDRS_MAX {
+        if self.services.cidrs().len() > SERVICE_CIDRS_MAX {
             return Err(KernelError::Setting(format!(
                 "at most {SERVICE_CIDRS_MAX} service CIDRs"
             )));
@@ -194,13 +239,12 @@ impl CaptureSettings {
     fn selection(&self, wakeup_bytes: u32) -> Selection {
         Selection {
             ports: self.ports.clone(),
-            cidrs: self.service_cidrs.clone(),
+            cidrs: self.services.cidrs().clone(),
             config: CaptureConfig {
                 sample_ppm: self.sample_ppm(),
-                flags: if self.service_cidrs.is_empty() {
-                    0
-                } else {
-                    config_flags::CIDR_FILTER
+                flags: match self.services {
+                    ServiceFilter::Any => 0,
+                    ServiceFilter::Only(_) => config_flags::CIDR_FILTER,
                 },
                 wakeup_bytes,
                 sample_seed: self.sample_seed,
@@ -879,7 +923,7 @@ mod tests {
         let mut s = CaptureSettings {
             ports: [80].into(),
             sample_percent: Percent::ALL,
-            service_cidrs: BTreeSet::new(),
+            services: ServiceFilter::Any,
             sample_seed: 0,
         };
         s.validate().expect("valid");

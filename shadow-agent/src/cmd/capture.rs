@@ -11,7 +11,7 @@ use shadow_agent::capture::live::CaptureTotals;
 use shadow_agent::capture::{
     CaptureSettings, Hook, PacketBatch,
     interfaces::InterfaceSelector,
-    kernel::{AttachMode, Cidr, RingSettings, TcxOrder},
+    kernel::{AttachMode, Cidr, RingSettings, ServiceFilter, TcxOrder},
     live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
     ring,
 };
@@ -78,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
         settings: CaptureSettings {
             ports: args.ports.iter().copied().collect(),
             sample_percent: args.sample_percent,
-            service_cidrs: args.cidrs.iter().copied().collect(),
+            services: ServiceFilter::of_cidrs(args.cidrs.iter().copied()),
             sample_seed: 0,
         },
         interfaces: InterfaceSelector::new(&args.interfaces)?,

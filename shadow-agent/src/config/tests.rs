@@ -108,6 +108,34 @@ fn single_errors() {
     let cases: &[(&str, &str, usize, &str, &str)] = &[
         (
             "match = { port = 8080 }",
+            "match = { port = 8080, namespace = \"Shop\" }",
+            8,
+            "route[0].match.namespace",
+            "not a namespace name",
+        ),
+        (
+            "match = { port = 8080 }",
+            "match = { port = 8080, labels = { \"-app\" = \"orders\" } }",
+            8,
+            "route[0].match.labels.-app",
+            "not a label key",
+        ),
+        (
+            "match = { port = 8080 }",
+            "match = { port = 8080, labels = { app = \"orders!\" } }",
+            8,
+            "route[0].match.labels.app",
+            "not a label value",
+        ),
+        (
+            "match = { port = 8080 }",
+            "match = { port = 8080, namespace = \"shop\", labels = {} }",
+            8,
+            "route[0].match.labels",
+            "no label given",
+        ),
+        (
+            "match = { port = 8080 }",
             "match = { port = 8080 }\nsample_key = \"user\"",
             9,
             "route[0].sample_key",

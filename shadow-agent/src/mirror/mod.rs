@@ -17,6 +17,7 @@ use crate::budget::{Budget, BudgetLimits, BudgetTokens};
 use crate::compare::pairing::{PairKey, Role};
 use crate::config::Config;
 use crate::http::Request;
+use crate::kubernetes::PodIndex;
 use crate::pipeline::FlowAddrs;
 use crate::policy::path::{RequestPath, origin_form};
 use crate::policy::tagging::{CapturedRequest, IdSource, Tagger};
@@ -62,6 +63,8 @@ pub struct Mirror<I> {
     routes: Vec<Arc<RouteCounters>>,
     /// By [`TargetId`].
     targets: Vec<Arc<TargetCounters>>,
+    /// This node's pods, on Kubernetes: who serves each request, for routes naming workloads.
+    pods: Arc<PodIndex>,
 }
 
 impl<I: IdSource> Mirror<I> {
@@ -77,7 +80,13 @@ impl<I: IdSource> Mirror<I> {
             stats,
             routes,
             targets,
+            pods: Arc::default(),
         }
+    }
+
+    /// Takes the node's pods as the Kubernetes API has them now.
+    pub fn set_pods(&mut self, pods: Arc<PodIndex>) {
+        self.pods = pods;
     }
 
     /// Takes a reloaded configuration at `now`: policy, tagging and targets come from it, and
@@ -137,6 +146,7 @@ impl<I: IdSource> Mirror<I> {
             host,
             sample_key: sample_key(flow, req.seq),
             headers: &req.headers,
+            server: self.pods.server(flow.server).map(|p| &**p),
         };
         // Requests of a keyed route without its value, whatever became of them.
         let unkeyed = |route: RouteId| {

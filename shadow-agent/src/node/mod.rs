@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use crate::admin::metrics::AgentSnapshot;
 use crate::capture::CaptureSettings;
+use crate::capture::kernel::ServiceFilter;
 use crate::capture::live::CaptureTotals;
 use crate::compare::pairing::{Answer, Complete, PairKey, Pairing, PairingCounters, Role};
 use crate::compare::{Comparator, Exchange, Observed, Report};
 use crate::config::{Config, RampConfig, Target};
 use crate::forward::{Forwarder, TargetAnswer};
 use crate::http::HttpEvent;
+use crate::kubernetes::PodIndex;
 use crate::latency::HistogramSnapshot;
 use crate::memory::MemoryPlan;
 use crate::mirror::stats::{CopyDrop, MirrorStats, TargetCounters};
@@ -89,6 +91,8 @@ pub struct Node {
     copy_bytes: usize,
     generation: u64,
     reload_errors: u64,
+    /// This node's pods, on Kubernetes; empty elsewhere, and until the first list.
+    pods: Arc<PodIndex>,
 }
 
 impl Node {
@@ -142,6 +146,7 @@ impl Node {
             copy_bytes,
             generation: 1,
             reload_errors: 0,
+            pods: Arc::default(),
         };
         node.apply_ramp();
         node
@@ -176,12 +181,23 @@ impl Node {
 
     /// What the kernel program should capture.
     pub fn capture_settings(&self) -> CaptureSettings {
-        capture_settings(&self.config, self.options.seed)
+        capture_settings(&self.config, self.options.seed, &self.pods)
     }
 
     /// What the kernel program should capture under `config`, on this node.
     pub fn capture_settings_of(&self, config: &Config) -> CaptureSettings {
-        capture_settings(config, self.options.seed)
+        capture_settings(config, self.options.seed, &self.pods)
+    }
+
+    /// Takes this node's pods as the Kubernetes API has them now: routes naming workloads
+    /// follow them, and so must the capture ([`Node::capture_settings`]).
+    pub fn set_pods(&mut self, pods: Arc<PodIndex>) {
+        self.mirror.set_pods(pods.clone());
+        self.pods = pods;
+    }
+
+    pub fn pods(&self) -> &Arc<PodIndex> {
+        &self.pods
     }
 
     /// The lanes the senders should have: every target of the configuration with its counters;
@@ -507,12 +523,19 @@ impl Node {
     }
 }
 
-/// The capture's settings under `config`, on the node of `seed`.
-pub fn capture_settings(config: &Config, seed: u64) -> CaptureSettings {
+/// The capture's settings under `config`, on the node of `seed` running `pods`. When every
+/// route names a workload, the kernel takes only the selected pods' connections (none before
+/// the first list of pods); otherwise any address on the configured ports.
+pub fn capture_settings(config: &Config, seed: u64, pods: &PodIndex) -> CaptureSettings {
+    let services = if config.selects_only_workloads() {
+        ServiceFilter::of_addresses(pods.selected_addresses(config.workload_selectors()))
+    } else {
+        ServiceFilter::Any
+    };
     CaptureSettings {
         ports: config.capture.ports.clone(),
         sample_percent: config.capture.sample_percent,
-        service_cidrs: BTreeSet::new(),
+        services,
         sample_seed: seed as u32,
     }
 }

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 
 use super::*;
 use crate::config::{Percent, RampGuard, RampStep};
+use crate::kubernetes::{LocalPod, Workload};
 use crate::mirror::stats::Failure;
 use crate::pipeline::synthetic::{TcpFlags, ethernet_frame};
+use crate::policy::DropReason;
 
 const CLIENT: &str = "198.18.0.1:40000";
 const SERVER: &str = "198.18.0.2:8080";
@@ -78,7 +80,12 @@ const SERVER_ISN: u32 = 9_000;
 
 impl Conn {
     fn open(node: &mut Node, now: Instant, sender: &Recorder) -> Self {
-        let (client, server) = (CLIENT.parse().expect("addr"), SERVER.parse().expect("addr"));
+        Self::open_to(SERVER, node, now, sender)
+    }
+
+    /// A connection to `server`.
+    fn open_to(server: &str, node: &mut Node, now: Instant, sender: &Recorder) -> Self {
+        let (client, server) = (CLIENT.parse().expect("addr"), server.parse().expect("addr"));
         let syn = TcpFlags {
             syn: true,
             ..TcpFlags::default()
@@ -430,4 +437,81 @@ fn other_targets_start_a_window_and_another_ramp_starts_over() {
         .expect("a ramp");
     assert_eq!(state.ramp.step(), Some(0));
     assert!(RampState::reloaded(Some(state), None, true, false, later, totals(0, 0)).is_none());
+}
+
+/// A running pod of `namespace` with `app` at `ip`.
+fn pod(name: &str, namespace: &str, app: &str, ip: &str) -> LocalPod {
+    LocalPod {
+        uid: name.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        workload: Workload {
+            kind: "Deployment".into(),
+            name: app.into(),
+        },
+        addresses: vec![ip.parse().expect("ip")],
+        host_network: false,
+        ports: vec![(Some("http".into()), 8080)],
+    }
+}
+
+#[test]
+fn a_route_naming_a_workload_follows_the_nodes_pods() {
+    let now = Instant::now();
+    let src = "[capture]\ninterfaces = [\"eth0\"]\nports = [8080]\n\n[[route]]\nname = \"api\"\n\
+               match = { port = 8080, namespace = \"shop\", labels = { app = \"orders\" } }\n\
+               targets = [\"http://198.18.0.9:8080\"]\n";
+    let config = match Config::from_toml(src, "node.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let mut node = node(config, false, now);
+    // Before the first list of pods the kernel captures none.
+    assert_eq!(
+        node.capture_settings().services,
+        ServiceFilter::Only(BTreeSet::new())
+    );
+    // The orders pod serves at SERVER; a payments pod serves on the same port elsewhere.
+    const PAYMENTS: &str = "198.18.0.3:8080";
+    node.set_pods(Arc::new(PodIndex::new([
+        pod("orders-1", "shop", "orders", "198.18.0.2"),
+        pod("payments-1", "shop", "payments", "198.18.0.3"),
+        pod("orders-other", "staging", "orders", "198.18.0.4"),
+    ])));
+    assert_eq!(
+        node.capture_settings().services,
+        ServiceFilter::of_addresses(["198.18.0.2".parse().expect("ip")])
+    );
+    let sender = Recorder::default();
+    Conn::open(&mut node, now, &sender).request(&mut node, now, &sender, GET);
+    Conn::open_to(PAYMENTS, &mut node, now, &sender).request(&mut node, now, &sender, GET);
+    assert_eq!(
+        sender.copies.borrow().len(),
+        1,
+        "the orders pod's request only"
+    );
+    assert_eq!(node.stats().route("api").seen.get(), 1);
+    assert_eq!(node.stats().unrouted(DropReason::NoRoute).get(), 1);
+    // The pod went away: nothing is captured, and its address takes no route.
+    node.set_pods(Arc::new(PodIndex::default()));
+    assert_eq!(
+        node.capture_settings().services,
+        ServiceFilter::Only(BTreeSet::new())
+    );
+    Conn::open(&mut node, now, &sender).request(&mut node, now, &sender, GET);
+    assert_eq!(sender.copies.borrow().len(), 1);
+}
+
+#[test]
+fn without_workloads_every_address_is_captured() {
+    let now = Instant::now();
+    let mut node = node(config(""), false, now);
+    node.set_pods(Arc::new(PodIndex::new([pod(
+        "a",
+        "shop",
+        "orders",
+        "198.18.0.2",
+    )])));
+    assert_eq!(node.capture_settings().services, ServiceFilter::Any);
 }

@@ -12,6 +12,7 @@ pub mod route;
 pub mod tagging;
 
 use crate::config::{Config, Method, SampleKey, Target};
+use crate::kubernetes::LocalPod;
 use path::{DenyGlob, PathError, RequestPath};
 use route::Route;
 use tagging::Header;
@@ -37,6 +38,9 @@ pub struct RequestView<'a> {
     pub sample_key: u64,
     /// The request's headers, where a route's `sample_key` is read.
     pub headers: &'a [Header],
+    /// The Kubernetes pod serving the request, when known: routes naming a workload take
+    /// only its pods' requests.
+    pub server: Option<&'a LocalPod>,
 }
 
 /// Index of a route in configuration order.
@@ -224,7 +228,7 @@ impl Policy {
             .routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.fits(req.port, host.as_deref(), req.method, &path))
+            .find(|(_, r)| r.fits(req.port, req.server, host.as_deref(), req.method, &path))
         else {
             return Decision::Drop {
                 route: None,

@@ -1,6 +1,7 @@
 //! One configured route, with its targets resolved to the policy's shared target table.
 
 use crate::config::{PathMatch, RouteConfig};
+use crate::kubernetes::LocalPod;
 use crate::policy::path::RequestPath;
 use crate::policy::tagging::Header;
 use crate::policy::{TargetId, sample_key_value};
@@ -49,12 +50,18 @@ impl Route {
     pub(crate) fn fits(
         &self,
         port: u16,
+        server: Option<&LocalPod>,
         host: Option<&str>,
         method: &str,
         path: &RequestPath,
     ) -> bool {
         let m = &self.config.matcher;
         if m.port != port {
+            return false;
+        }
+        if let Some(workload) = &m.workload
+            && !server.is_some_and(|pod| pod.is_selected_by(workload))
+        {
             return false;
         }
         if let Some(want) = &m.host {

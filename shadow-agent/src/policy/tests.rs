@@ -49,6 +49,7 @@ fn view<'a>(port: u16, method: &'a str, target: &'a str, host: Option<&'a str>) 
         host,
         sample_key: 1,
         headers: &[],
+        server: None,
     }
 }
 
@@ -412,7 +413,7 @@ proptest! {
         sample_key in any::<u64>(),
     ) {
         let policy = policy();
-        let req = RequestView { port, method: &method, target: &target, host: host.as_deref(), sample_key, headers: &[] };
+        let req = RequestView { port, method: &method, target: &target, host: host.as_deref(), sample_key, headers: &[], server: None };
         if let Decision::Mirror { route, targets, path } = policy.decide(&req) {
             let route = policy.route(route).expect("route of this policy");
             prop_assert_eq!(targets, route.targets());
@@ -455,6 +456,7 @@ proptest! {
             host: Some("shop.example"),
             sample_key,
             headers: &[],
+            server: None,
         });
         let want = decide(&plain);
         prop_assert_eq!(decide(&spelled), want.clone(), "{} against {}", spelled, plain);

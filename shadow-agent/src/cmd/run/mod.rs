@@ -19,6 +19,8 @@ use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, 
 use shadow_agent::compare::Report;
 use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
+use shadow_agent::kubernetes::PodIndex;
+use shadow_agent::kubernetes::watch::PodWatch;
 use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::stats::MirrorStats;
 use shadow_agent::node::{Node, NodeOptions, RampChange, ReloadNote, capture_settings};
@@ -167,7 +169,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         "memory shared out"
     );
     let options = LiveOptions {
-        settings: capture_settings(&config, seed),
+        settings: capture_settings(&config, seed, &PodIndex::default()),
         interfaces: InterfaceSelector::new(&config.capture.interfaces)?,
         hooks: config.capture.hooks.clone(),
         attach: args.attach,
@@ -175,7 +177,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         ring,
         channel_batches: plan.channel_batches,
     };
-    let (mut state, mut answers) = Agent::new(&args, config, node, seed, &plan);
+    let (mut state, mut answers) = Agent::new(&args, config, node.clone(), seed, &plan);
     // Before attaching, so that an address in use or a bad token file is an error before
     // anything is attached.
     let token = match &state.node.config().admin.token_file {
@@ -222,6 +224,13 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         admin.addr,
     );
 
+    // Routes naming workloads follow this node's pods; until the first list the kernel
+    // captures none of them.
+    let mut pods = None;
+    watch_pods_if_named(&mut pods, &state, &node)
+        .await
+        .context("cannot reach the Kubernetes API to watch this node's pods")?;
+
     let mut tick = tokio::time::interval(TICK);
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
     let mut report = (!args.report_interval.is_zero()).then(|| {
@@ -251,9 +260,20 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
                 }
                 if state.file_changed() {
                     state.reload(&mut live, "the file changed");
+                    if let Err(e) = watch_pods_if_named(&mut pods, &state, &node).await {
+                        tracing::error!(error = %e, "cannot reach the Kubernetes API to watch this node's pods");
+                    }
                 }
             }
-            _ = hangup.recv() => state.reload(&mut live, "SIGHUP"),
+            _ = hangup.recv() => {
+                state.reload(&mut live, "SIGHUP");
+                if let Err(e) = watch_pods_if_named(&mut pods, &state, &node).await {
+                    tracing::error!(error = %e, "cannot reach the Kubernetes API to watch this node's pods");
+                }
+            }
+            index = async { pods.as_mut().expect("guarded").changed().await }, if pods.is_some() => {
+                state.on_pods(&mut live, index);
+            }
             Some(answer) = async { answers.as_mut()?.recv().await }, if answers.is_some() => {
                 state.node.on_answer(answer);
             }
@@ -496,6 +516,23 @@ impl Agent {
         );
     }
 
+    /// The node's pods changed: routes follow them, and the kernel captures the selected ones.
+    fn on_pods(&mut self, live: &mut LiveCapture, pods: Arc<PodIndex>) {
+        let count = pods.len();
+        self.node.set_pods(pods);
+        let settings = self.node.capture_settings();
+        match live.apply(&settings) {
+            Ok(()) => tracing::info!(
+                pods = count,
+                selected = settings.services.cidrs().len(),
+                "the node's pods changed"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "the node's pods changed; the kernel maps could not follow")
+            }
+        }
+    }
+
     /// Prints the rates since the last report.
     fn report(&mut self) {
         let now = Progress::read(self.node.stats(), Instant::now());
@@ -533,6 +570,20 @@ impl Agent {
             self.node.is_dry_run(),
         )
     }
+}
+
+/// Starts watching this node's pods once a route names a workload (at start, or when a
+/// reload brings the first such route).
+async fn watch_pods_if_named(
+    pods: &mut Option<PodWatch>,
+    state: &Agent,
+    node: &str,
+) -> Result<(), kube::Error> {
+    if pods.is_none() && state.node.config().uses_kubernetes() {
+        *pods = Some(PodWatch::start(node).await?);
+        tracing::info!(node, "watching this node's pods");
+    }
+    Ok(())
 }
 
 /// Every counter: `--stats-json` and the admin endpoint's `/stats`.
