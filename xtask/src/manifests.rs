@@ -81,6 +81,28 @@ def kube(directory, config_out):
     if config_arg != mount.rstrip("/") + "/shadow.toml":
         fail(f"daemonset.yaml: --config {config_arg}, but the ConfigMap is mounted at {mount}")
     admin_token(kustomization, pod, c, config)
+    rbac(docs, pod)
+
+def rbac(docs, pod):
+    # Read-only, and only what routes naming workloads need: the node's pods, the DaemonSet.
+    account = pod["spec"]["serviceAccountName"]
+    roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
+    if not roles:
+        fail("no Role or ClusterRole for the agent's account")
+    for role in roles:
+        for rule in role.get("rules", []):
+            if not set(rule.get("verbs", [])) <= {"get", "list", "watch"}:
+                fail(f"rbac: {role['kind']} {role['metadata']['name']} allows {rule['verbs']}; read-only verbs only")
+            if not set(rule.get("resources", [])) <= {"pods", "daemonsets"}:
+                fail(f"rbac: {role['kind']} {role['metadata']['name']} names {rule['resources']}; pods and daemonsets only")
+            if "daemonsets" in rule.get("resources", []) and rule.get("resourceNames") != [pod_owner(docs)]:
+                fail("rbac: daemonsets are readable by the agent's own DaemonSet's name only")
+    for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == account for s in binding["subjects"]):
+            fail(f"rbac: {binding['kind']} {binding['metadata']['name']} does not bind {account}")
+
+def pod_owner(docs):
+    return next(d["metadata"]["name"] for d in docs if d["kind"] == "DaemonSet")
 
 def admin_token(kustomization, pod, c, config):
     found = re.search(r'^\s*token_file\s*=\s*"([^"]*)"', config, re.M)
