@@ -288,6 +288,10 @@ pub struct TaggingConfig {
     pub id_header: HeaderName,
     /// The idempotency key header.
     pub idempotency_header: HeaderName,
+    /// When set, the header carrying the live server's workload, `namespace/Kind/name`, on
+    /// copies of requests to a known pod. Off by default: it tells the shadow about the
+    /// production topology.
+    pub workload_header: Option<HeaderName>,
 }
 
 impl Default for TaggingConfig {
@@ -300,6 +304,7 @@ impl Default for TaggingConfig {
             baggage: true,
             id_header: HeaderName::from_static("x-shadow-id"),
             idempotency_header: HeaderName::from_static("idempotency-key"),
+            workload_header: None,
         }
     }
 }
@@ -538,6 +543,7 @@ struct RawTagging {
     baggage: Option<bool>,
     id_header: Option<Sp<String>>,
     idempotency_header: Option<Sp<String>>,
+    workload_header: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1318,6 +1324,7 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
     let header_span = raw.header.as_ref().map(Spanned::span);
     let id_span = raw.id_header.as_ref().map(Spanned::span);
     let idempotency_span = raw.idempotency_header.as_ref().map(Spanned::span);
+    let workload_span = raw.workload_header.as_ref().map(Spanned::span);
     let header = match raw.header {
         None => d.header,
         Some(h) => match h.get_ref().split_once(':').and_then(|(name, value)| {
@@ -1361,13 +1368,26 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
         "idempotency_header",
         d.idempotency_header,
     );
+    let workload_header = raw.workload_header.map(|v| {
+        name(
+            Some(v),
+            "workload_header",
+            HeaderName::from_static("x-shadow-workload"),
+        )
+    });
     // Each name must be its own: not another tagging header's, nor one the copy sets itself.
     let mut seen: Vec<&str> = Vec::new();
+    let workload = workload_header
+        .as_ref()
+        .map(|n| (n, "workload_header", workload_span));
     for (name, key, span) in [
         (&header.0, "header", header_span),
         (&id_header, "id_header", id_span),
         (&idempotency_header, "idempotency_header", idempotency_span),
-    ] {
+    ]
+    .into_iter()
+    .chain(workload)
+    {
         let name = name.as_str();
         let reserved = RESERVED_HEADERS.contains(&name)
             || name.starts_with("proxy-")
@@ -1386,6 +1406,7 @@ fn check_tagging(raw: RawTagging, r: &mut Report<'_>) -> TaggingConfig {
         baggage: raw.baggage.unwrap_or(d.baggage),
         id_header,
         idempotency_header,
+        workload_header,
     }
 }
 

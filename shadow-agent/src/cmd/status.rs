@@ -235,6 +235,15 @@ fn render(before: &Stats, now: &Stats, secs: f64) -> String {
             dropped / secs,
             top_cell(top, secs),
         );
+        // On Kubernetes, the live servers' workloads, under their route.
+        for (workload, n) in &r.workloads {
+            let then = b.and_then(|b| b.workloads.get(workload)).copied();
+            out += &format!(
+                "  {:<22} {:>9.1}\n",
+                format!("↳ {workload}"),
+                rate(*n, then.unwrap_or(0))
+            );
+        }
     }
     let (_, n, top) = growth(&now.mirror.unrouted, Some(&before.mirror.unrouted));
     if n > 0.0 {
@@ -378,6 +387,7 @@ mod tests {
                 "unrouted": {},
                 "routes": [{
                     "name": "web", "seen": seen, "mirrored": mirrored, "dropped": {"method": method},
+                    "workloads": {"shop/Deployment/web": seen - 10},
                     "responses": {"2xx": sent - fivexx, "5xx": fivexx},
                     "failures": {"timeout": 10 * (n - 1), "connect": 0},
                     "latency_p50_ms": 2.0, "latency_p99_ms": 12.0,
@@ -431,6 +441,7 @@ mod tests {
                 "(10.0/s)"
             ]
         );
+        assert_eq!(line("  ↳"), ["↳", "shop/Deployment/web", "100.0"]);
         let target = line("http://198.18.0.9:8080");
         // Nothing dropped: 0.0, not -0.0 (a sum of no floats).
         assert_eq!(

@@ -31,6 +31,8 @@ pub struct LocalPod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub workload: Workload,
+    /// `namespace/Kind/name`: how copies, `/stats` and the metrics name the pod's workload.
+    pub identity: String,
     /// The pod's addresses (one per family); the node's for a `hostNetwork` pod.
     pub addresses: Vec<IpAddr>,
     /// On the node's network: it shares the node's addresses with the node and with other such
@@ -77,10 +79,13 @@ impl LocalPod {
             .collect();
         let name = meta.name.clone()?;
         let labels = meta.labels.clone().unwrap_or_default();
+        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        let workload = workload_of(pod, &name, &labels);
         Some(Self {
             uid: meta.uid.clone().unwrap_or_else(|| name.clone()),
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            workload: workload_of(pod, &name, &labels),
+            identity: format!("{namespace}/{workload}"),
+            namespace,
+            workload,
             name,
             labels,
             addresses,
@@ -262,6 +267,7 @@ mod tests {
         .expect("running, with an address");
         assert_eq!(pod.namespace, "shop");
         assert_eq!(pod.workload.to_string(), "Deployment/orders");
+        assert_eq!(pod.identity, "shop/Deployment/orders");
         assert_eq!(pod.addresses, ["198.18.1.5".parse::<IpAddr>().expect("ip")]);
         assert_eq!(
             pod.ports,

@@ -139,6 +139,7 @@ impl<I: IdSource> Mirror<I> {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("host"))
             .and_then(|(_, v)| std::str::from_utf8(v).ok());
+        let server = self.pods.server(flow.server).cloned();
         let view = RequestView {
             port: flow.server.port(),
             method: &req.method,
@@ -146,7 +147,7 @@ impl<I: IdSource> Mirror<I> {
             host,
             sample_key: sample_key(flow, req.seq),
             headers: &req.headers,
-            server: self.pods.server(flow.server).map(|p| &**p),
+            server: server.as_deref(),
         };
         // Requests of a keyed route without its value, whatever became of them.
         let unkeyed = |route: RouteId| {
@@ -169,6 +170,9 @@ impl<I: IdSource> Mirror<I> {
                 let counters = self.routes[route.0].clone();
                 counters.seen.inc();
                 counters.dropped(reason).inc();
+                if let Some(pod) = &server {
+                    counters.count_workload(&pod.identity);
+                }
                 if unkeyed(route) {
                     counters.unkeyed.inc();
                 }
@@ -185,6 +189,9 @@ impl<I: IdSource> Mirror<I> {
         };
         let route_counters = self.routes[route_id.0].clone();
         route_counters.seen.inc();
+        if let Some(pod) = &server {
+            route_counters.count_workload(&pod.identity);
+        }
         if unkeyed(route_id) {
             route_counters.unkeyed.inc();
         }
@@ -198,6 +205,7 @@ impl<I: IdSource> Mirror<I> {
             client_isn: flow.client_isn,
             server_isn: flow.server_isn,
             sequence: req.seq,
+            server_workload: server.as_ref().map(|p| p.identity.as_str()),
         };
         let baseline = self.policy.route(route_id).and_then(|r| r.baseline());
         let mut copies = Vec::with_capacity(target_ids.len() + 1);

@@ -53,9 +53,38 @@ pub struct RouteCounters {
     /// What the route's shadow targets answered to its copies. A baseline's answers are not
     /// the shadow's: they count in the baseline target's counters only.
     pub answers: Answers,
+    /// Requests by the live server's workload (`namespace/Kind/name`), on Kubernetes: at most
+    /// [`MAX_ROUTE_WORKLOADS`], the rest under [`OTHER_WORKLOADS`].
+    workloads: Mutex<BTreeMap<String, u64>>,
 }
 
+/// Workloads counted apart per route; names come from the API, not from the traffic, and
+/// the bound holds their metric series whatever the cluster holds.
+pub const MAX_ROUTE_WORKLOADS: usize = 64;
+/// Where the workloads beyond [`MAX_ROUTE_WORKLOADS`] count.
+pub const OTHER_WORKLOADS: &str = "other";
+
 impl RouteCounters {
+    /// One request of the route served by `workload` (`namespace/Kind/name`).
+    pub fn count_workload(&self, workload: &str) {
+        let mut map = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(workload) {
+            *n += 1;
+        } else if map.len() < MAX_ROUTE_WORKLOADS {
+            map.insert(workload.to_owned(), 1);
+        } else {
+            *map.entry(OTHER_WORKLOADS.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Requests by the live server's workload.
+    pub fn workloads(&self) -> BTreeMap<String, u64> {
+        self.workloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn dropped(&self, reason: DropReason) -> &Counter {
         &self.dropped[reason_index(reason)]
     }
@@ -294,6 +323,7 @@ impl MirrorStats {
                     seen: r.seen.get(),
                     mirrored: r.mirrored.get(),
                     unkeyed: r.unkeyed.get(),
+                    workloads: r.workloads(),
                     copies: r.copies.get(),
                     copy_bytes: r.copy_bytes.get(),
                     dropped: nonzero(
@@ -355,6 +385,9 @@ pub struct RouteStats {
     pub mirrored: u64,
     /// Requests without the value of the route's `sample_key`.
     pub unkeyed: u64,
+    /// Requests by the live server's workload, `namespace/Kind/name`, on Kubernetes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub workloads: BTreeMap<String, u64>,
     pub copies: u64,
     pub copy_bytes: u64,
     /// By reason; reasons that never happened are left out.
@@ -482,6 +515,26 @@ impl Export for MirrorStats {
             routes
                 .iter()
                 .map(|(n, r)| (vec![("route", n.clone())], r.unkeyed.get())),
+        )?;
+        export::counters(
+            e,
+            "route_workload_requests",
+            "Requests each route decided on, by the live server's namespace and workload (Kubernetes).",
+            None,
+            routes.iter().flat_map(|(n, r)| {
+                r.workloads().into_iter().map(|(identity, count)| {
+                    let (namespace, workload) =
+                        identity.split_once('/').unwrap_or(("-", identity.as_str()));
+                    (
+                        vec![
+                            ("route", n.clone()),
+                            ("namespace", namespace.to_owned()),
+                            ("workload", workload.to_owned()),
+                        ],
+                        count,
+                    )
+                })
+            }),
         )?;
         let (route_rules, unrouted): (Vec<DropReason>, Vec<DropReason>) =
             DropReason::ALL.into_iter().partition(|r| r.is_route_rule());

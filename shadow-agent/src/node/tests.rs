@@ -450,6 +450,7 @@ fn pod(name: &str, namespace: &str, app: &str, ip: &str) -> LocalPod {
             kind: "Deployment".into(),
             name: app.into(),
         },
+        identity: format!("{namespace}/Deployment/{app}"),
         addresses: vec![ip.parse().expect("ip")],
         host_network: false,
         ports: vec![(Some("http".into()), 8080)],

@@ -52,6 +52,8 @@ pub struct CapturedRequest<'a> {
     pub server_isn: Option<u32>,
     /// The request's number on its connection, from 0.
     pub sequence: u64,
+    /// The live server's workload, `namespace/Kind/name`, when a known pod served it.
+    pub server_workload: Option<&'a str>,
 }
 
 /// Where copy ids and span ids come from; tests inject their own.
@@ -126,6 +128,8 @@ impl<I: IdSource> Tagger<I> {
         if config.baggage {
             replaced.push(BAGGAGE);
         }
+        // A client's own header of that name would pass for the agent's word.
+        replaced.extend(config.workload_header.clone());
         Self {
             config,
             replaced,
@@ -208,6 +212,9 @@ impl<I: IdSource> Tagger<I> {
                 cfg.idempotency_header.clone(),
                 HeaderValue::try_from(idempotency_key(req)).ok()?,
             );
+        }
+        if let (Some(name), Some(workload)) = (&cfg.workload_header, req.server_workload) {
+            out.append(name.clone(), HeaderValue::from_str(workload).ok()?);
         }
         let mut parents = all_headers(req.headers, "traceparent");
         // W3C Trace Context: with no valid traceparent, tracestate is dropped too.

@@ -70,6 +70,7 @@ fn request<'a>(method: &'a str, headers: &'a [Header]) -> CapturedRequest<'a> {
         client_isn: Some(1_000),
         server_isn: Some(9_000),
         sequence: 0,
+        server_workload: None,
     }
 }
 
@@ -421,6 +422,7 @@ proptest! {
                 client_isn: Some(u32::from(*port) * 7),
                 server_isn: None,
                 sequence: *seq,
+                server_workload: None,
             };
             idempotency_key(&req)
         };
@@ -482,4 +484,37 @@ fn a_header_that_travels_must_be_valid_and_one_that_does_not_need_not_be() {
         let out = tagger(&config).headers(&request("GET", &captured), route, &route.targets[0]);
         assert_eq!(out.is_none(), travels, "{name}");
     }
+}
+
+#[test]
+fn the_live_workload_travels_only_when_asked() {
+    let captured = headers(&[("Host", "shop"), ("X-Shadow-Workload", "forged")]);
+    let mut req = request("GET", &captured);
+    req.server_workload = Some("shop/Deployment/orders");
+    // Off by default: nothing is added, and a client's header of that name is an ordinary one.
+    let out = tag(0, &req);
+    assert!(values(&out, "x-shadow-workload").contains(&"forged"));
+    let mut config = config();
+    config.tagging.workload_header = Some(HeaderName::from_static("x-shadow-workload"));
+    let route = &config.routes[0];
+    let out = tagger(&config).headers(&req, route, &route.targets[0]);
+    let list = as_list(&out.expect("valid headers"));
+    let workload: Vec<&[u8]> = list
+        .iter()
+        .filter(|(n, _)| n == "x-shadow-workload")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(
+        workload,
+        [b"shop/Deployment/orders".as_slice()],
+        "the agent's word, not the client's"
+    );
+    // A request to no known pod carries none.
+    req.server_workload = None;
+    let out = tagger(&config).headers(&req, route, &route.targets[0]);
+    assert!(
+        as_list(&out.expect("valid headers"))
+            .iter()
+            .all(|(n, _)| n != "x-shadow-workload")
+    );
 }
