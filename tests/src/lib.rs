@@ -10,6 +10,7 @@
 //! - [`server`]: [`Nginx`] and [`TcpSink`], the live services;
 //! - [`client`]: raw TCP clients sending exact byte streams, and `curl`;
 //! - [`shadow_server`]: [`ShadowServer`], a shadow target that records what it receives;
+//! - [`kube_api`]: [`KubeApi`], a stand-in Kubernetes API server serving pods to the agent;
 //! - [`agent`]: [`Agent`], `shadow-agent` run inside a namespace;
 //! - [`site`]: [`site::Site`], client ⇄ live ⇄ shadow for `shadow-agent run` tests;
 //! - [`tcx`]: [`tcx::TcxPass`], another program on shadow's TCX hooks;
@@ -21,6 +22,7 @@
 pub mod agent;
 pub mod attachments;
 pub mod client;
+pub mod kube_api;
 pub mod netns;
 pub mod pcap;
 pub mod program;
@@ -37,6 +39,7 @@ use std::{
 };
 
 pub use agent::{Agent, AgentExit, Stats};
+pub use kube_api::{KubeApi, TestPod};
 pub use netns::{Hosts, Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};
 pub use program::Program;
