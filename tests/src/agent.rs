@@ -54,7 +54,7 @@ impl Agent {
 
     /// Like [`Agent::start`], without waiting: for runs expected to fail.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
-        Self::launch(ns, &agent_bin(), None, |pcap, stats| {
+        Self::launch(ns, &agent_bin(), None, &[], |pcap, stats| {
             capture_argv(args, pcap, stats)
         })
     }
@@ -63,7 +63,7 @@ impl Agent {
     /// buffer and formats every record, and no disk write-back (done by kernel threads, not
     /// charged to the agent) enters a benchmark. There is no pcap to read afterwards.
     pub fn start_discarding(ns: &Netns, args: &[&str]) -> Self {
-        let mut agent = Self::launch(ns, &agent_bin(), None, |_, stats| {
+        let mut agent = Self::launch(ns, &agent_bin(), None, &[], |_, stats| {
             capture_argv(args, "/dev/null", stats)
         });
         agent.wait_ready(READY_TIMEOUT);
@@ -78,19 +78,32 @@ impl Agent {
 
     /// Like [`Agent::run`], with the agent binary `bin`: a benchmark compares two builds.
     pub fn run_binary(ns: &Netns, bin: &Path, config: &Path, args: &[&str]) -> Self {
-        let mut agent = Self::launch_run(ns, bin, config, args);
+        let mut agent = Self::launch_run(ns, bin, config, args, &[]);
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
+    /// Like [`Agent::run`], with `env` set for the agent (such as `KUBECONFIG`).
+    pub fn run_with_env(ns: &Netns, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut agent = Self::launch_run(ns, &agent_bin(), config, args, env);
         agent.wait_ready(READY_TIMEOUT);
         agent
     }
 
     /// Like [`Agent::run`], without waiting: for runs expected to fail.
     pub fn spawn_run(ns: &Netns, config: &Path, args: &[&str]) -> Self {
-        Self::launch_run(ns, &agent_bin(), config, args)
+        Self::launch_run(ns, &agent_bin(), config, args, &[])
     }
 
-    fn launch_run(ns: &Netns, bin: &Path, config: &Path, args: &[&str]) -> Self {
+    fn launch_run(
+        ns: &Netns,
+        bin: &Path,
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let config = config.to_str().expect("utf-8 path").to_owned();
-        Self::launch(ns, bin, None, |_, stats| {
+        Self::launch(ns, bin, None, env, |_, stats| {
             let mut argv = vec!["run".to_owned(), "--config".into(), config];
             argv.extend(args.iter().map(|a| (*a).to_owned()));
             argv.extend(["--stats-json".into(), stats.into()]);
@@ -102,7 +115,7 @@ impl Agent {
     /// capabilities `caps` (names such as `cap_bpf`), in the ambient set so that they survive
     /// the exec. The temporary directory is made writable for that user.
     pub fn spawn_with_capabilities(ns: &Netns, caps: &[&str], args: &[&str]) -> Self {
-        Self::launch(ns, &agent_bin(), Some(caps), |pcap, stats| {
+        Self::launch(ns, &agent_bin(), Some(caps), &[], |pcap, stats| {
             capture_argv(args, pcap, stats)
         })
     }
@@ -113,6 +126,7 @@ impl Agent {
         ns: &Netns,
         bin: &Path,
         caps: Option<&[&str]>,
+        env: &[(&str, &str)],
         argv: impl FnOnce(&str, &str) -> Vec<String>,
     ) -> Self {
         let dir = tempfile::Builder::new()
@@ -155,6 +169,7 @@ impl Agent {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
         .env("RUST_BACKTRACE", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
