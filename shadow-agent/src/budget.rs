@@ -189,6 +189,28 @@ impl From<&BudgetConfig> for BudgetLimits {
     }
 }
 
+impl BudgetLimits {
+    /// This node's limits under `config` when `agents` agents share its cluster budget: the
+    /// node's own rates, or its share of the cluster's where that is lower. With a cluster
+    /// budget and no count of agents yet, the node sends nothing: it cannot know its share.
+    pub fn of_node(config: &BudgetConfig, agents: Option<u32>) -> Self {
+        let mut limits = Self::from(config);
+        if let Some(cluster) = &config.cluster {
+            let share = |rate: f64| match agents {
+                Some(n) => rate / f64::from(n.max(1)),
+                None => 0.0,
+            };
+            if let Some(rps) = cluster.rps {
+                limits.node_rps = limits.node_rps.min(share(rps));
+            }
+            if let Some(bytes) = cluster.bytes_per_sec {
+                limits.node_bytes_per_sec = limits.node_bytes_per_sec.min(share(bytes));
+            }
+        }
+        limits
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Pair {
     requests: TokenBucket,
@@ -413,6 +435,39 @@ impl Export for BudgetTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_takes_its_share_of_the_cluster_budget() {
+        let mut config = BudgetConfig {
+            node_rps: 100.0,
+            node_bytes_per_sec: 1e6,
+            ..BudgetConfig::default()
+        };
+        assert_eq!(
+            BudgetLimits::of_node(&config, None).node_rps,
+            100.0,
+            "no cluster budget"
+        );
+        config.cluster = Some(crate::config::ClusterBudget {
+            rps: Some(120.0),
+            bytes_per_sec: None,
+            daemonset: ("shadow-system".into(), "shadow-agent".into()),
+        });
+        let rps = |agents| BudgetLimits::of_node(&config, agents).node_rps;
+        assert_eq!(
+            rps(None),
+            0.0,
+            "nothing before the count of agents is known"
+        );
+        assert_eq!(rps(Some(3)), 40.0);
+        assert_eq!(rps(Some(1)), 100.0, "never above the node's own budget");
+        assert_eq!(rps(Some(0)), 100.0, "no ready agent counts as one");
+        assert_eq!(
+            BudgetLimits::of_node(&config, Some(3)).node_bytes_per_sec,
+            1e6,
+            "bytes unlimited by the cluster"
+        );
+    }
     use proptest::prelude::*;
 
     fn at(start: Instant, ms: u64) -> Instant {

@@ -261,6 +261,18 @@ pub struct BudgetConfig {
     pub max_in_flight: u32,
     pub max_connections: u32,
     pub timeout: Duration,
+    /// `cluster_rps` and `cluster_bytes_per_sec`, shared by the ready agents of a DaemonSet.
+    pub cluster: Option<ClusterBudget>,
+}
+
+/// What the agents of one DaemonSet may send together: each takes its share, the cluster's
+/// rates divided by the DaemonSet's ready agents, as its API status says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterBudget {
+    pub rps: Option<f64>,
+    pub bytes_per_sec: Option<f64>,
+    /// The DaemonSet's namespace and name.
+    pub daemonset: (String, String),
 }
 
 impl Default for BudgetConfig {
@@ -273,6 +285,7 @@ impl Default for BudgetConfig {
             max_in_flight: 64,
             max_connections: 16,
             timeout: Duration::from_secs(2),
+            cluster: None,
         }
     }
 }
@@ -534,6 +547,9 @@ struct RawBudget {
     max_in_flight: Option<Sp<i64>>,
     max_connections: Option<Sp<i64>>,
     timeout: Option<Sp<String>>,
+    cluster_rps: Option<Sp<f64>>,
+    cluster_bytes_per_sec: Option<Sp<f64>>,
+    daemonset: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1266,6 +1282,10 @@ fn check_budget(raw: RawBudget, r: &mut Report<'_>) -> BudgetConfig {
     let target_bytes_per_sec = raw
         .target_bytes_per_sec
         .map(|v| rate(Some(v), "target_bytes_per_sec", 0.0));
+    let cluster_rps = raw.cluster_rps.map(|v| rate(Some(v), "cluster_rps", 1.0));
+    let cluster_bytes_per_sec = raw
+        .cluster_bytes_per_sec
+        .map(|v| rate(Some(v), "cluster_bytes_per_sec", 1.0));
     let mut count = |v: Option<Sp<i64>>, key: &str, default: u32| match v {
         None => default,
         Some(v) => match u32::try_from(*v.get_ref()) {
@@ -1286,6 +1306,33 @@ fn check_budget(raw: RawBudget, r: &mut Report<'_>) -> BudgetConfig {
         .timeout
         .and_then(|t| duration(&t, "budget.timeout", r))
         .unwrap_or(d.timeout);
+    let daemonset = match raw.daemonset {
+        None => Some(("shadow-system".to_owned(), "shadow-agent".to_owned())),
+        Some(v) => match v.get_ref().split_once('/') {
+            Some((ns, name))
+                if workload::check_namespace(ns).is_ok()
+                    && workload::check_namespace(name).is_ok() =>
+            {
+                Some((ns.to_owned(), name.to_owned()))
+            }
+            _ => {
+                r.at(
+                    v.span(),
+                    "budget.daemonset",
+                    format!("`{}` is not `namespace/name`", v.get_ref()),
+                );
+                None
+            }
+        },
+    };
+    let cluster = match (cluster_rps, cluster_bytes_per_sec, daemonset) {
+        (None, None, _) | (_, _, None) => None,
+        (rps, bytes_per_sec, Some(daemonset)) => Some(ClusterBudget {
+            rps,
+            bytes_per_sec,
+            daemonset,
+        }),
+    };
     BudgetConfig {
         node_rps,
         node_bytes_per_sec,
@@ -1294,6 +1341,7 @@ fn check_budget(raw: RawBudget, r: &mut Report<'_>) -> BudgetConfig {
         max_in_flight,
         max_connections,
         timeout,
+        cluster,
     }
 }
 

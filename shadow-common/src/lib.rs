@@ -53,6 +53,11 @@ pub mod port_flags {
 pub mod config_flags {
     /// Only capture connections whose service address is in `SERVICE_CIDRS`.
     pub const CIDR_FILTER: u32 = 1;
+    /// The interfaces are the host sides of pods' veths: a packet to the service is taken on
+    /// egress only (on its way into the server's pod), one from the service on ingress only (on
+    /// its way out of it). A request between two pods of one node also crosses the client pod's
+    /// veth; this leaves it to the server's, so that it is captured once.
+    pub const POD_SIDE: u32 = 2;
 }
 
 /// Run-time settings of the kernel program, the single entry of the `CONFIG` array.

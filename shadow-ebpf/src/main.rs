@@ -150,6 +150,13 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
             return;
         }
     }
+    // On a pod's veth a request is taken on its way in (egress of the host side), a response
+    // on its way out (ingress); the same packets crossing a client pod's veth are left alone.
+    if config.flags & config_flags::POD_SIDE != 0
+        && (hook_flags & record_flags::EGRESS != 0) != to_service
+    {
+        return;
+    }
     counters.packets_matched += 1;
 
     let hash = connection_hash(

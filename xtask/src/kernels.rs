@@ -109,6 +109,11 @@ const KERNEL_TESTS: &[(&str, &[&str])] = &[
             "a_config_error_names_its_line_and_nothing_is_attached",
         ],
     ),
+    // The kernel's pod-side rule (each request taken where it enters its server's pod).
+    (
+        "kubernetes",
+        &["two_nodes_capture_each_request_once_where_its_server_runs"],
+    ),
 ];
 
 /// Runs inside the VM as root: `guest.sh OUT`, with the test runs appended by [`guest_script`].

@@ -173,6 +173,11 @@ pub enum ServiceFilter {
     /// Only connections whose service address is in one of these; none while it is empty, as
     /// when no selected pod runs on this node.
     Only(BTreeSet<Cidr>),
+    /// Only connections to these pods, taken where they cross the pod's own veth: requests on
+    /// the egress hook of its host side, responses on the ingress hook (see
+    /// [`config_flags::POD_SIDE`]). Each request is captured once on the node, also between two
+    /// pods of the node; none while it is empty.
+    Pods(BTreeSet<Cidr>),
 }
 
 impl ServiceFilter {
@@ -186,9 +191,9 @@ impl ServiceFilter {
         }
     }
 
-    /// Exactly these addresses, each as a host prefix.
-    pub fn of_addresses(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
-        Self::Only(addresses.into_iter().map(Cidr::host).collect())
+    /// The pods at these addresses, each as a host prefix.
+    pub fn of_pods(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        Self::Pods(addresses.into_iter().map(Cidr::host).collect())
     }
 
     /// The CIDRs the kernel's map holds: none for [`ServiceFilter::Any`].
@@ -196,7 +201,16 @@ impl ServiceFilter {
         static NONE: BTreeSet<Cidr> = BTreeSet::new();
         match self {
             Self::Any => &NONE,
-            Self::Only(cidrs) => cidrs,
+            Self::Only(cidrs) | Self::Pods(cidrs) => cidrs,
+        }
+    }
+
+    /// The [`config_flags`] bits of this filter.
+    fn flags(&self) -> u32 {
+        match self {
+            Self::Any => 0,
+            Self::Only(_) => config_flags::CIDR_FILTER,
+            Self::Pods(_) => config_flags::CIDR_FILTER | config_flags::POD_SIDE,
         }
     }
 }
@@ -242,10 +256,7 @@ impl CaptureSettings {
             cidrs: self.services.cidrs().clone(),
             config: CaptureConfig {
                 sample_ppm: self.sample_ppm(),
-                flags: match self.services {
-                    ServiceFilter::Any => 0,
-                    ServiceFilter::Only(_) => config_flags::CIDR_FILTER,
-                },
+                flags: self.services.flags(),
                 wakeup_bytes,
                 sample_seed: self.sample_seed,
             },

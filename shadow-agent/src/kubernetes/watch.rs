@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::GetParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -143,11 +145,15 @@ pub struct PodWatch {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A client of the API server, as kube's `Client::try_default` makes it: `$KUBECONFIG`,
+/// `~/.kube/config`, or the pod's service account.
+pub async fn connect() -> Result<Client, kube::Error> {
+    Client::try_default().await
+}
+
 impl PodWatch {
-    /// Connects as kube's `Client::try_default` does (`$KUBECONFIG`, `~/.kube/config`, or the
-    /// pod's service account) and starts watching the pods of `node`.
-    pub async fn start(node: &str) -> Result<Self, kube::Error> {
-        let client = Client::try_default().await?;
+    /// Starts watching the pods of `node` through `client`.
+    pub fn start(client: Client, node: &str) -> Self {
         let (publish, pods) = watch::channel(Arc::default());
         let counters = Arc::new(WatchCounters::default());
         let task = tokio::spawn(watch_node(
@@ -156,11 +162,11 @@ impl PodWatch {
             publish,
             counters.clone(),
         ));
-        Ok(Self {
+        Self {
             pods,
             counters,
             task,
-        })
+        }
     }
 
     /// Resolves with the pods when they change.
@@ -178,6 +184,64 @@ impl PodWatch {
 }
 
 impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The number of ready agents of a DaemonSet, for a cluster budget's share.
+pub struct DaemonSetWatch {
+    ready: watch::Receiver<Option<u32>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How often the DaemonSet's status is read. Agents come and go at the pace of nodes, so a
+/// GET now and then (served from the API server's cache) follows them closely enough, at a
+/// cost the API server does not notice even with thousands of nodes.
+pub const DAEMONSET_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl DaemonSetWatch {
+    /// Starts reading the status of the DaemonSet `name` in `namespace` every
+    /// [`DAEMONSET_POLL`]; the agent's Role allows a `get` of that name alone.
+    pub fn start(client: Client, namespace: &str, name: &str) -> Self {
+        let (publish, ready) = watch::channel(None);
+        let api: Api<DaemonSet> = Api::namespaced(client, namespace);
+        let name = name.to_owned();
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(DAEMONSET_POLL);
+            loop {
+                every.tick().await;
+                let daemonset = match api.get_with(&name, &GetParams::any()).await {
+                    Ok(daemonset) => daemonset,
+                    Err(e) => {
+                        tracing::warn!(error = %e, daemonset = %name, "reading the agents' DaemonSet");
+                        continue;
+                    }
+                };
+                let ready = daemonset.status.map_or(0, |s| s.number_ready);
+                let ready = u32::try_from(ready).unwrap_or(0);
+                if *publish.borrow() != Some(ready) && publish.send(Some(ready)).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { ready, task }
+    }
+
+    /// Resolves with the number of ready agents when it changes.
+    pub async fn changed(&mut self) -> u32 {
+        loop {
+            if self.ready.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if let Some(ready) = *self.ready.borrow_and_update() {
+                return ready;
+            }
+        }
+    }
+}
+
+impl Drop for DaemonSetWatch {
     fn drop(&mut self) {
         self.task.abort();
     }

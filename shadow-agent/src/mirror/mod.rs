@@ -15,7 +15,7 @@ use http::{HeaderMap, Method, Uri};
 
 use crate::budget::{Budget, BudgetLimits, BudgetTokens};
 use crate::compare::pairing::{PairKey, Role};
-use crate::config::Config;
+use crate::config::{BudgetConfig, Config};
 use crate::http::Request;
 use crate::kubernetes::PodIndex;
 use crate::pipeline::FlowAddrs;
@@ -65,13 +65,19 @@ pub struct Mirror<I> {
     targets: Vec<Arc<TargetCounters>>,
     /// This node's pods, on Kubernetes: who serves each request, for routes naming workloads.
     pods: Arc<PodIndex>,
+    budget_config: BudgetConfig,
+    /// The ready agents sharing a cluster budget, once the API said.
+    cluster_agents: Option<u32>,
 }
 
 impl<I: IdSource> Mirror<I> {
     /// `seed` varies per-request sampling between nodes; `stats` outlives reloads.
     pub fn new(config: &Config, ids: I, seed: u64, stats: Arc<MirrorStats>) -> Self {
         let policy = Policy::from_config(config, seed);
-        let budget = Budget::new(BudgetLimits::from(&config.budget), policy.targets());
+        let budget = Budget::new(
+            BudgetLimits::of_node(&config.budget, None),
+            policy.targets(),
+        );
         let (routes, targets) = counters(&policy, &stats);
         Self {
             policy,
@@ -81,7 +87,20 @@ impl<I: IdSource> Mirror<I> {
             routes,
             targets,
             pods: Arc::default(),
+            budget_config: config.budget.clone(),
+            cluster_agents: None,
         }
+    }
+
+    /// `agents` ready agents share the cluster budget from `now`: this node's share follows,
+    /// its tokens carried over as on a reload.
+    pub fn set_cluster_agents(&mut self, now: Instant, agents: u32) {
+        self.cluster_agents = Some(agents);
+        self.budget.reconfigure(
+            now,
+            BudgetLimits::of_node(&self.budget_config, self.cluster_agents),
+            self.policy.targets(),
+        );
     }
 
     /// Takes the node's pods as the Kubernetes API has them now.
@@ -94,8 +113,12 @@ impl<I: IdSource> Mirror<I> {
     /// hands out a fresh burst. The ramp's share is the caller's to set again.
     pub fn reload(&mut self, now: Instant, config: &Config, ids: I, seed: u64) {
         let policy = Policy::from_config(config, seed);
-        self.budget
-            .reconfigure(now, BudgetLimits::from(&config.budget), policy.targets());
+        self.budget.reconfigure(
+            now,
+            BudgetLimits::of_node(&config.budget, self.cluster_agents),
+            policy.targets(),
+        );
+        self.budget_config = config.budget.clone();
         (self.routes, self.targets) = counters(&policy, &self.stats);
         self.policy = policy;
         self.tagger = Tagger::new(config.tagging.clone(), ids);

@@ -196,6 +196,11 @@ impl Node {
         self.pods = pods;
     }
 
+    /// `agents` ready agents share the cluster budget from `now`.
+    pub fn set_cluster_agents(&mut self, now: Instant, agents: u32) {
+        self.mirror.set_cluster_agents(now, agents);
+    }
+
     pub fn pods(&self) -> &Arc<PodIndex> {
         &self.pods
     }
@@ -524,11 +529,12 @@ impl Node {
 }
 
 /// The capture's settings under `config`, on the node of `seed` running `pods`. When every
-/// route names a workload, the kernel takes only the selected pods' connections (none before
-/// the first list of pods); otherwise any address on the configured ports.
+/// route names a workload, the kernel takes only the selected pods' connections, where they
+/// cross the pods' own veths (none before the first list of pods); otherwise any address on the
+/// configured ports.
 pub fn capture_settings(config: &Config, seed: u64, pods: &PodIndex) -> CaptureSettings {
     let services = if config.selects_only_workloads() {
-        ServiceFilter::of_addresses(pods.selected_addresses(config.workload_selectors()))
+        ServiceFilter::of_pods(pods.selected_addresses(config.workload_selectors()))
     } else {
         ServiceFilter::Any
     };

@@ -471,7 +471,7 @@ fn a_route_naming_a_workload_follows_the_nodes_pods() {
     // Before the first list of pods the kernel captures none.
     assert_eq!(
         node.capture_settings().services,
-        ServiceFilter::Only(BTreeSet::new())
+        ServiceFilter::Pods(BTreeSet::new())
     );
     // The orders pod serves at SERVER; a payments pod serves on the same port elsewhere.
     const PAYMENTS: &str = "198.18.0.3:8080";
@@ -482,7 +482,7 @@ fn a_route_naming_a_workload_follows_the_nodes_pods() {
     ])));
     assert_eq!(
         node.capture_settings().services,
-        ServiceFilter::of_addresses(["198.18.0.2".parse().expect("ip")])
+        ServiceFilter::of_pods(["198.18.0.2".parse().expect("ip")])
     );
     let sender = Recorder::default();
     Conn::open(&mut node, now, &sender).request(&mut node, now, &sender, GET);
@@ -498,7 +498,7 @@ fn a_route_naming_a_workload_follows_the_nodes_pods() {
     node.set_pods(Arc::new(PodIndex::default()));
     assert_eq!(
         node.capture_settings().services,
-        ServiceFilter::Only(BTreeSet::new())
+        ServiceFilter::Pods(BTreeSet::new())
     );
     Conn::open(&mut node, now, &sender).request(&mut node, now, &sender, GET);
     assert_eq!(sender.copies.borrow().len(), 1);

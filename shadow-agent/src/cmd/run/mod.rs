@@ -20,7 +20,7 @@ use shadow_agent::compare::Report;
 use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
 use shadow_agent::kubernetes::PodIndex;
-use shadow_agent::kubernetes::watch::PodWatch;
+use shadow_agent::kubernetes::watch::{self as kube_watch, DaemonSetWatch, PodWatch};
 use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::stats::MirrorStats;
 use shadow_agent::node::{Node, NodeOptions, RampChange, ReloadNote, capture_settings};
@@ -226,10 +226,10 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
 
     // Routes naming workloads follow this node's pods; until the first list the kernel
     // captures none of them.
-    let mut pods = None;
-    watch_pods_if_named(&mut pods, &state, &node)
+    let mut kube = Kube::default();
+    kube.watch_what_is_named(&state, &node)
         .await
-        .context("cannot reach the Kubernetes API to watch this node's pods")?;
+        .context("cannot reach the Kubernetes API")?;
 
     let mut tick = tokio::time::interval(TICK);
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
@@ -260,19 +260,23 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
                 }
                 if state.file_changed() {
                     state.reload(&mut live, "the file changed");
-                    if let Err(e) = watch_pods_if_named(&mut pods, &state, &node).await {
-                        tracing::error!(error = %e, "cannot reach the Kubernetes API to watch this node's pods");
+                    if let Err(e) = kube.watch_what_is_named(&state, &node).await {
+                        tracing::error!(error = %e, "cannot reach the Kubernetes API");
                     }
                 }
             }
             _ = hangup.recv() => {
                 state.reload(&mut live, "SIGHUP");
-                if let Err(e) = watch_pods_if_named(&mut pods, &state, &node).await {
-                    tracing::error!(error = %e, "cannot reach the Kubernetes API to watch this node's pods");
+                if let Err(e) = kube.watch_what_is_named(&state, &node).await {
+                    tracing::error!(error = %e, "cannot reach the Kubernetes API");
                 }
             }
-            index = async { pods.as_mut().expect("guarded").changed().await }, if pods.is_some() => {
+            index = async { kube.pods.as_mut().expect("guarded").changed().await }, if kube.pods.is_some() => {
                 state.on_pods(&mut live, index);
+            }
+            agents = async { kube.agents.as_mut().expect("guarded").changed().await }, if kube.agents.is_some() => {
+                state.node.set_cluster_agents(Instant::now(), agents);
+                tracing::info!(agents, "the cluster budget is shared by {agents} ready agents");
             }
             Some(answer) = async { answers.as_mut()?.recv().await }, if answers.is_some() => {
                 state.node.on_answer(answer);
@@ -572,18 +576,46 @@ impl Agent {
     }
 }
 
-/// Starts watching this node's pods once a route names a workload (at start, or when a
-/// reload brings the first such route).
-async fn watch_pods_if_named(
-    pods: &mut Option<PodWatch>,
-    state: &Agent,
-    node: &str,
-) -> Result<(), kube::Error> {
-    if pods.is_none() && state.node.config().uses_kubernetes() {
-        *pods = Some(PodWatch::start(node).await?);
-        tracing::info!(node, "watching this node's pods");
+/// What the agent watches through the Kubernetes API, once the configuration needs it.
+#[derive(Default)]
+struct Kube {
+    client: Option<kube::Client>,
+    /// This node's pods, for routes naming workloads.
+    pods: Option<PodWatch>,
+    /// The ready agents of the DaemonSet, for a cluster budget.
+    agents: Option<DaemonSetWatch>,
+}
+
+impl Kube {
+    /// Starts the watches the configuration needs (at start, or when a reload brings the
+    /// first route naming a workload or a cluster budget); they last until the agent stops.
+    async fn watch_what_is_named(&mut self, state: &Agent, node: &str) -> Result<(), kube::Error> {
+        let config = state.node.config();
+        let cluster = config.budget.cluster.as_ref();
+        let needs_pods = self.pods.is_none() && config.uses_kubernetes();
+        let needs_agents = self.agents.is_none() && cluster.is_some();
+        if !needs_pods && !needs_agents {
+            return Ok(());
+        }
+        let client = match &self.client {
+            Some(client) => client.clone(),
+            None => self.client.insert(kube_watch::connect().await?).clone(),
+        };
+        if needs_pods {
+            self.pods = Some(PodWatch::start(client.clone(), node));
+            tracing::info!(node, "watching this node's pods");
+        }
+        if let (true, Some(cluster)) = (needs_agents, cluster) {
+            let (namespace, name) = &cluster.daemonset;
+            self.agents = Some(DaemonSetWatch::start(client, namespace, name));
+            tracing::info!(
+                namespace,
+                name,
+                "watching the agents' DaemonSet for the cluster budget"
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Every counter: `--stats-json` and the admin endpoint's `/stats`.
