@@ -111,7 +111,7 @@ pub struct RouteConfig {
 /// A route's `match` table.
 #[derive(Clone, Debug)]
 pub struct RouteMatch {
-    pub port: u16,
+    pub port: PortMatch,
     /// Lower case, without a port; a leading `*.` matches any subdomain.
     pub host: Option<String>,
     pub path: Option<PathMatch>,
@@ -120,6 +120,27 @@ pub struct RouteMatch {
     /// The Kubernetes pods whose requests the route takes; `None` matches any server, as on a
     /// host without Kubernetes.
     pub workload: Option<WorkloadSelector>,
+}
+
+/// A route's `match.port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortMatch {
+    Number(u16),
+    /// The container port of this name of the pods the route's workload selects
+    /// (Kubernetes).
+    Name(String),
+}
+
+/// A Kubernetes port name (IANA_SVC_NAME): 1 to 15 lower-case letters, digits and `-`, with a
+/// letter, not starting or ending with `-`, without `--`.
+fn is_port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
 }
 
 /// How a route matches the request's path, as [`crate::policy::path::RequestPath`] reads it.
@@ -528,13 +549,21 @@ struct RawRoute {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
-    port: Sp<i64>,
+    port: Sp<RawPort>,
     host: Option<Sp<String>>,
     path_prefix: Option<Sp<String>>,
     path_regex: Option<Sp<String>>,
     methods: Option<Sp<Vec<Sp<String>>>>,
     namespace: Option<Sp<String>>,
     labels: Option<Sp<BTreeMap<String, Sp<String>>>>,
+}
+
+/// A `match.port`: a number, or a container port's name.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Number(i64),
+    Name(String),
 }
 
 #[derive(Deserialize)]
@@ -779,17 +808,26 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
     };
     let capture = capture?;
     for (i, route) in routes.iter().enumerate() {
-        if !capture.ports.contains(&route.matcher.port) {
+        if let PortMatch::Number(port) = route.matcher.port
+            && !capture.ports.contains(&port)
+        {
             let span = route_port_span(&root, i).unwrap_or(0..0);
             report.at(
                 span,
                 format!("route[{i}].match.port"),
-                format!(
-                    "port {} is not in `capture.ports`, so it is never captured",
-                    route.matcher.port
-                ),
+                format!("port {port} is not in `capture.ports`, so it is never captured"),
             );
         }
+    }
+    let named = routes
+        .iter()
+        .any(|r| matches!(r.matcher.port, PortMatch::Name(_)));
+    if capture.ports.is_empty() && !named {
+        report.at(
+            0..0,
+            "capture.ports",
+            "required: the ports to capture (or routes naming their pods' ports)",
+        );
     }
     if !sections_ok {
         return None;
@@ -882,16 +920,10 @@ fn check_capture(
             }
         }
     }
+    // Absent or empty only when routes name their ports (checked with the routes).
     let mut ports = BTreeSet::new();
     match raw.ports {
-        None => {
-            r.at(section, "capture.ports", "required: the ports to capture");
-            ok = false;
-        }
-        Some(list) if list.get_ref().is_empty() => {
-            r.at(list.span(), "capture.ports", "no port given");
-            ok = false;
-        }
+        None => {}
         Some(list) => {
             for (i, port) in list.into_inner().into_iter().enumerate() {
                 match check_port(&port, &format!("capture.ports[{i}]"), r) {
@@ -1137,7 +1169,32 @@ fn deny_globs(list: Vec<Sp<String>>, key: &str, r: &mut Report<'_>) -> Vec<DenyG
 }
 
 fn check_match(raw: RawMatch, key: &str, r: &mut Report<'_>) -> Option<RouteMatch> {
-    let port = check_port(&raw.port, &format!("{key}.port"), r);
+    let port_key = format!("{key}.port");
+    let port = match raw.port.get_ref() {
+        RawPort::Number(n) => {
+            check_port(&Sp::new(raw.port.span(), *n), &port_key, r).map(PortMatch::Number)
+        }
+        RawPort::Name(name) if !is_port_name(name) => {
+            r.at(
+                raw.port.span(),
+                &port_key,
+                format!(
+                    "`{name}` is not a port name (1 to 15 lower-case letters, digits and `-`, \
+                     with a letter)"
+                ),
+            );
+            None
+        }
+        RawPort::Name(_) if raw.namespace.is_none() && raw.labels.is_none() => {
+            r.at(
+                raw.port.span(),
+                &port_key,
+                "a port name is a container port's: name the workload too (`namespace`, `labels`)",
+            );
+            None
+        }
+        RawPort::Name(name) => Some(PortMatch::Name(name.clone())),
+    };
     let host = raw.host.and_then(|h| {
         let lower = h.get_ref().to_ascii_lowercase();
         let name = lower.strip_prefix("*.").unwrap_or(&lower);

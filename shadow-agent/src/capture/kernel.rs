@@ -231,7 +231,8 @@ pub struct CaptureSettings {
 impl CaptureSettings {
     /// Checks the settings; the error names what is wrong.
     pub fn validate(&self) -> Result<(), KernelError> {
-        if self.ports.is_empty() {
+        // Routes that name their pods' ports have none before the pods are known.
+        if self.ports.is_empty() && !matches!(self.services, ServiceFilter::Pods(_)) {
             return Err(KernelError::Setting("no port to capture".into()));
         }
         if self.ports.contains(&0) {

@@ -108,6 +108,20 @@ fn single_errors() {
     let cases: &[(&str, &str, usize, &str, &str)] = &[
         (
             "match = { port = 8080 }",
+            "match = { port = \"http\" }",
+            8,
+            "route[0].match.port",
+            "name the workload too",
+        ),
+        (
+            "match = { port = 8080 }",
+            "match = { port = \"Http-\", namespace = \"shop\" }",
+            8,
+            "route[0].match.port",
+            "not a port name",
+        ),
+        (
+            "match = { port = 8080 }",
             "match = { port = 8080, namespace = \"Shop\" }",
             8,
             "route[0].match.namespace",

@@ -15,7 +15,7 @@ use crate::capture::kernel::ServiceFilter;
 use crate::capture::live::CaptureTotals;
 use crate::compare::pairing::{Answer, Complete, PairKey, Pairing, PairingCounters, Role};
 use crate::compare::{Comparator, Exchange, Observed, Report};
-use crate::config::{Config, RampConfig, Target};
+use crate::config::{Config, PortMatch, RampConfig, Target};
 use crate::forward::{Forwarder, TargetAnswer};
 use crate::http::HttpEvent;
 use crate::kubernetes::PodIndex;
@@ -194,6 +194,9 @@ impl Node {
     pub fn set_pods(&mut self, pods: Arc<PodIndex>) {
         self.mirror.set_pods(pods.clone());
         self.pods = pods;
+        // Named ports follow the pods: the pipeline must know them as service ports too.
+        self.pipeline
+            .set_service_ports(self.capture_settings().ports.into_iter().collect());
     }
 
     /// `agents` ready agents share the cluster budget from `now`.
@@ -314,9 +317,9 @@ impl Node {
     pub fn reload(&mut self, now: Instant, new: Config) {
         let ramp_changed = new.ramp != self.config.ramp;
         let targets_before: BTreeSet<_> = self.mirror.policy().targets().iter().cloned().collect();
-        if new.capture.ports != self.config.capture.ports {
-            self.pipeline
-                .set_service_ports(new.capture.ports.iter().copied().collect());
+        let ports = capture_settings(&new, self.options.seed, &self.pods).ports;
+        if ports != self.capture_settings().ports {
+            self.pipeline.set_service_ports(ports.into_iter().collect());
         }
         self.config = new;
         self.mirror.reload(
@@ -539,11 +542,32 @@ pub fn capture_settings(config: &Config, seed: u64, pods: &PodIndex) -> CaptureS
         ServiceFilter::Any
     };
     CaptureSettings {
-        ports: config.capture.ports.clone(),
+        ports: config
+            .capture
+            .ports
+            .iter()
+            .copied()
+            .chain(named_ports(config, pods))
+            .collect(),
         sample_percent: config.capture.sample_percent,
         services,
         sample_seed: seed as u32,
     }
+}
+
+/// The numbers of the container ports routes name, on the pods their workloads select.
+fn named_ports<'a>(config: &'a Config, pods: &'a PodIndex) -> impl Iterator<Item = u16> + 'a {
+    config.routes.iter().flat_map(move |route| {
+        let named = match (&route.matcher.port, &route.matcher.workload) {
+            (PortMatch::Name(name), Some(workload)) => Some((name, workload)),
+            _ => None,
+        };
+        named.into_iter().flat_map(move |(name, workload)| {
+            pods.pods()
+                .filter(move |pod| pod.is_selected_by(workload))
+                .filter_map(move |pod| pod.port_named(name))
+        })
+    })
 }
 
 /// The ramp, and the counters at the start of its current health window.

@@ -516,3 +516,32 @@ fn without_workloads_every_address_is_captured() {
     )])));
     assert_eq!(node.capture_settings().services, ServiceFilter::Any);
 }
+
+#[test]
+fn a_named_port_is_the_selected_pods_port_of_that_name() {
+    let now = Instant::now();
+    let src = "[capture]\ninterfaces = [\"eth0\"]\n\n[[route]]\nname = \"api\"\n\
+               match = { port = \"http\", namespace = \"shop\", labels = { app = \"orders\" } }\n\
+               targets = [\"http://198.18.0.9:8080\"]\n";
+    let config = match Config::from_toml(src, "node.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let mut node = node(config, false, now);
+    assert!(node.capture_settings().ports.is_empty(), "no pod, no port");
+    assert_eq!(
+        node.capture_settings()
+            .validate()
+            .map_err(|e| e.to_string()),
+        Ok(())
+    );
+    let mut orders = pod("orders-1", "shop", "orders", "198.18.0.2");
+    orders.ports = vec![(Some("http".into()), 8080), (Some("metrics".into()), 9090)];
+    node.set_pods(Arc::new(PodIndex::new([orders])));
+    assert_eq!(node.capture_settings().ports, [8080].into());
+    let sender = Recorder::default();
+    Conn::open(&mut node, now, &sender).request(&mut node, now, &sender, GET);
+    assert_eq!(sender.copies.borrow().len(), 1, "to the pod's `http` port");
+    Conn::open_to("198.18.0.2:9090", &mut node, now, &sender).request(&mut node, now, &sender, GET);
+    assert_eq!(sender.copies.borrow().len(), 1, "not to its `metrics` port");
+}

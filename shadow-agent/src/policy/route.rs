@@ -1,6 +1,6 @@
 //! One configured route, with its targets resolved to the policy's shared target table.
 
-use crate::config::{PathMatch, RouteConfig};
+use crate::config::{PathMatch, PortMatch, RouteConfig};
 use crate::kubernetes::LocalPod;
 use crate::policy::path::RequestPath;
 use crate::policy::tagging::Header;
@@ -56,7 +56,12 @@ impl Route {
         path: &RequestPath,
     ) -> bool {
         let m = &self.config.matcher;
-        if m.port != port {
+        let port_fits = match &m.port {
+            PortMatch::Number(p) => *p == port,
+            // The port of that name on the pod that served the request.
+            PortMatch::Name(name) => server.is_some_and(|pod| pod.port_named(name) == Some(port)),
+        };
+        if !port_fits {
             return false;
         }
         if let Some(workload) = &m.workload
