@@ -124,14 +124,15 @@ impl Cluster {
     }
 
     fn agent(&self, config: &Path) -> Agent {
-        let kubeconfig = self.dir.path().join("kubeconfig");
-        self.api.write_kubeconfig(&kubeconfig);
-        Agent::run_with_env(
-            &self.node,
+        let nodes = [(&self.node, NODE)];
+        let mut agents = start_agents(
+            &self.api,
+            self.dir.path(),
             config,
-            &["--report-interval", "0s", "--node-name", NODE],
-            &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
-        )
+            &nodes,
+            "the node's pods changed",
+        );
+        agents.remove(0)
     }
 
     /// One GET of `path` from the client to pod `i`, on a connection of its own.
@@ -139,6 +140,37 @@ impl Cluster {
         let url = format!("http://{}{path}", self.pods[i].addr());
         curl(&self.client, &["-o", "/dev/null", &url]);
     }
+}
+
+/// An agent on each of `nodes` (a namespace and its node name) running `config`, pointed at
+/// `api` by a kubeconfig in `dir`; returned once each has logged `ready`.
+fn start_agents(
+    api: &KubeApi,
+    dir: &Path,
+    config: &Path,
+    nodes: &[(&Netns, &str)],
+    ready: &str,
+) -> Vec<Agent> {
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let env = [("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))];
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .map(|(ns, node)| {
+            Agent::run_with_env(
+                ns,
+                config,
+                &["--report-interval", "0s", "--node-name", node],
+                &env,
+            )
+        })
+        .collect();
+    for agent in &agents {
+        wait_for(ready, Duration::from_secs(10), || {
+            agent.stderr().contains(ready).then_some(())
+        });
+    }
+    agents
 }
 
 /// The paths the shadow received, in order.
@@ -334,32 +366,13 @@ fn two_nodes_capture_each_request_once_where_its_server_runs() {
              [budget]\nnode_rps = 1000\ntarget_rps = 1000\n\n[compare]\n"
         ),
     );
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let env = [("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))];
-    let agents: Vec<Agent> = [(&a, "node-a"), (&b, "node-b")]
-        .into_iter()
-        .map(|(ns, node)| {
-            Agent::run_with_env(
-                ns,
-                &config,
-                &["--report-interval", "0s", "--node-name", node],
-                &env,
-            )
-        })
-        .collect();
-    for agent in &agents {
-        wait_for(
-            "the agents to list their pods",
-            Duration::from_secs(10),
-            || {
-                agent
-                    .stderr()
-                    .contains("the node's pods changed")
-                    .then_some(())
-            },
-        );
-    }
+    let agents = start_agents(
+        &api,
+        dir.path(),
+        &config,
+        &[(&a, "node-a"), (&b, "node-b")],
+        "the node's pods changed",
+    );
 
     // Same node, across nodes both ways, and from outside the cluster, to either server.
     let mut sent = Vec::new();
@@ -479,34 +492,9 @@ fn three_agents_share_the_cluster_budget() {
              [budget]\nnode_rps = 1000\ntarget_rps = 1000\ncluster_rps = {CLUSTER_RPS}\n"
         ),
     );
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let env = [("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))];
-    let agents: Vec<Agent> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            let name = format!("node-{i}");
-            Agent::run_with_env(
-                ns,
-                &config,
-                &["--report-interval", "0s", "--node-name", &name],
-                &env,
-            )
-        })
-        .collect();
-    for agent in &agents {
-        wait_for(
-            "the agents to read their DaemonSet",
-            Duration::from_secs(10),
-            || {
-                agent
-                    .stderr()
-                    .contains("shared by 3 ready agents")
-                    .then_some(())
-            },
-        );
-    }
+    let names = ["node-0", "node-1", "node-2"];
+    let on: Vec<(&Netns, &str)> = nodes.iter().zip(names).collect();
+    let agents = start_agents(&api, dir.path(), &config, &on, "shared by 3 ready agents");
 
     // Each server gets 40 requests a second for 4 s: 480 in all, 120 a second for the cluster.
     const SECONDS: f64 = 4.0;
