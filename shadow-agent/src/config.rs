@@ -71,6 +71,8 @@ pub struct CaptureConfig {
     pub ports: BTreeSet<u16>,
     /// Share of connections captured, decided per connection in the kernel.
     pub sample_percent: Percent,
+    /// The kernel program logs its rare events into the agent's log (as `--kernel-log`).
+    pub kernel_log: bool,
 }
 
 /// `[policy]`: rules for every request, whichever route takes it.
@@ -516,6 +518,8 @@ struct RawCapture {
     hooks: Option<Sp<Vec<Sp<String>>>>,
     ports: Option<Sp<Vec<Sp<i64>>>>,
     sample_percent: Option<Sp<f64>>,
+    #[serde(default)]
+    kernel_log: bool,
 }
 
 #[derive(Deserialize)]
@@ -947,6 +951,7 @@ fn check_capture(
         hooks,
         ports,
         sample_percent,
+        kernel_log: raw.kernel_log,
     })
 }
 

@@ -139,6 +139,10 @@ pub struct KernelCounters {
     pub packets_truncated: u64,
     /// Packets that could not be read (a failed `bpf_skb_load_bytes`).
     pub load_errors: u64,
+    /// Packets whose headers say IPv4 or IPv6 and TCP but could not be read: the packet ends
+    /// inside its IP or TCP header, or an IPv4 header is shorter than 20 bytes. Their ports are
+    /// unknown, so they are counted whatever port they were for, and never copied.
+    pub packets_malformed: u64,
 }
 
 impl KernelCounters {
@@ -153,6 +157,7 @@ impl KernelCounters {
         self.ringbuf_full += other.ringbuf_full;
         self.packets_truncated += other.packets_truncated;
         self.load_errors += other.load_errors;
+        self.packets_malformed += other.packets_malformed;
     }
 }
 
@@ -245,6 +250,18 @@ pub fn connection_hash(a: &[u32; 4], a_port: u16, b: &[u32; 4], b_port: u16, see
     fmix32(endpoint_hash(a, a_port, seed) ^ endpoint_hash(b, b_port, seed))
 }
 
+/// Whether a per-CPU count of a rare event went past a power of two when it grew from `before`
+/// to `after`: the kernel program logs such an event (when its logging is on) only then, at its
+/// 1st, 2nd, 4th, 8th... occurrence on a CPU, so that a flood of them (a ring buffer that stays
+/// full) writes a few dozen lines at most, never one per packet. The counters count every one.
+#[inline(always)]
+pub fn reached_power_of_two(before: u64, after: u64) -> bool {
+    // The highest bit of `after` is one that `before` lacks exactly when `after` reached the next
+    // power of two above `before`: then `after & !before` keeps that bit and exceeds `before`.
+    // Three instructions, where a leading-zero count would be a loop of shifts in BPF.
+    after & !before > before
+}
+
 /// Whether a connection with this hash is captured at `sample_ppm` parts per million.
 #[inline(always)]
 pub fn is_sampled(hash: u32, sample_ppm: u32) -> bool {
@@ -296,10 +313,31 @@ mod tests {
     }
 
     #[test]
+    fn rare_events_are_logged_at_powers_of_two() {
+        let naive = |before: u64, after: u64| (0..64).any(|b| before < 1 << b && 1 << b <= after);
+        for before in 0..300u64 {
+            for after in before..before + 300 {
+                assert_eq!(
+                    reached_power_of_two(before, after),
+                    naive(before, after),
+                    "{before} -> {after}"
+                );
+            }
+        }
+        // One at a time: the 1st, 2nd, 4th, 8th... occurrence.
+        let logged: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+        assert!((0..200).all(|n| reached_power_of_two(n, n + 1) == logged.contains(&(n + 1))));
+        // Near the top of the range, and no growth at all.
+        assert!(reached_power_of_two(u64::MAX >> 1, (u64::MAX >> 1) + 1));
+        assert!(!reached_power_of_two(1 << 63, u64::MAX));
+        assert!(!reached_power_of_two(0, 0) && !reached_power_of_two(5, 5));
+    }
+
+    #[test]
     fn header_layout_is_fixed() {
         assert_eq!(RECORD_HEADER_BYTES, 40);
         assert_eq!(core::mem::size_of::<CaptureConfig>(), 16);
-        assert_eq!(core::mem::size_of::<KernelCounters>(), 72);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 80);
         assert_eq!(core::mem::size_of::<InterfaceCounters>(), 32);
     }
 }

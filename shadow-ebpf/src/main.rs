@@ -4,6 +4,11 @@
 //! hands the packet on unchanged (`TC_ACT_UNSPEC`, which is also `TCX_NEXT`), so live traffic and
 //! other programs on the same hook never notice it. What is selected comes from maps the agent
 //! rewrites at run time: `PORTS`, `SERVICE_CIDRS` and `CONFIG`.
+//!
+//! Rare events (a malformed packet, a full ring buffer, a failed read, a packet over the capture
+//! limit) are counted always, and also logged through aya-log when the agent loads the program
+//! with logging on (`--kernel-log`); see [`logging`]. Nothing is logged on the path of a
+//! packet the program reads, selects or copies normally.
 #![no_std]
 #![no_main]
 
@@ -16,10 +21,11 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
+use aya_log_ebpf::{error, info, macro_support::Level, warn};
 use shadow_common::{
     CAPTURE_LIMIT, CHUNK_BYTES, CaptureConfig, CidrKey, InterfaceCounters, KernelCounters,
     MAX_CHUNKS, MAX_INTERFACES, MIN_RECORD_ROOM, RecordHeader, config_flags, connection_hash,
-    is_sampled, port_flags, record_flags,
+    is_sampled, port_flags, reached_power_of_two, record_flags,
 };
 
 const ETH_HLEN: usize = 14;
@@ -120,8 +126,13 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
     // Cheapest rejections first: protocol and ports, read straight from the packet, then one
     // inlined array lookup per port. Nothing else is read for a packet of another port.
     let packet = Packet::new(ctx);
-    let Some(ports) = ports(&packet) else {
-        return;
+    let ports = match ports(&packet) {
+        Ok(ports) => ports,
+        Err(Skip::NotTcp) => return,
+        Err(Skip::Malformed(why)) => {
+            malformed(ctx, counters, why);
+            return;
+        }
     };
     let to_service = port_selected(ports.dst_port);
     let flags = if to_service {
@@ -132,6 +143,8 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
         return;
     };
     let Some(segment) = segment(&packet, &ports) else {
+        // `ports` read the start of the TCP header; the packet ends before its flags.
+        malformed(ctx, counters, Malformed::Truncated);
         return;
     };
     let Some(config) = CONFIG.get(0) else {
@@ -177,6 +190,61 @@ fn capture(ctx: &TcContext, hook_flags: u32) {
     // SAFETY: the context pointer the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     copy_packet(ctx, counters, config, flags, ifindex);
+}
+
+/// Whether the program writes log records at `level`: `AYA_LOG_LEVEL`, a global in the
+/// object's read-only data that the agent sets when it loads the program (0, nothing, unless
+/// `--kernel-log`) and the kernel then freezes. The verifier therefore knows its value: with
+/// logging off it finds every statement behind this check dead and removes it, so the program
+/// runs only the load of the level on each rare path, as if the logging were not there, and the
+/// log code is not even verified. Checked before anything is computed for a log line; aya-log's
+/// macros check it again, which costs nothing more when it is off.
+#[inline(always)]
+fn logging(level: Level) -> bool {
+    aya_log_ebpf::macro_support::level_enabled(level)
+}
+
+/// What is wrong with a packet whose headers could not be read.
+#[derive(Clone, Copy)]
+enum Malformed {
+    /// It ends inside its IP or TCP header.
+    Truncated,
+    /// Its IPv4 header length (IHL, in words) is under 5.
+    Ipv4HeaderLength(u8),
+}
+
+/// Counts a malformed packet and, at powers of two of this CPU's count, logs it.
+#[inline(always)]
+fn malformed(ctx: &TcContext, counters: &mut KernelCounters, why: Malformed) {
+    let before = counters.packets_malformed;
+    counters.packets_malformed += 1;
+    if !(logging(Level::Warn) && reached_power_of_two(before, counters.packets_malformed)) {
+        return;
+    }
+    // SAFETY: the context pointer the kernel passed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len();
+    let count = counters.packets_malformed;
+    // SAFETY: a helper without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    match why {
+        Malformed::Truncated => warn!(
+            ctx,
+            "malformed packet: {} bytes on ifindex {} end inside the IP or TCP header; {} malformed on CPU {} so far",
+            len,
+            ifindex,
+            count,
+            cpu
+        ),
+        Malformed::Ipv4HeaderLength(words) => warn!(
+            ctx,
+            "malformed packet: IPv4 header length of {} words (under 5) on ifindex {}; {} malformed on CPU {} so far",
+            words,
+            ifindex,
+            count,
+            cpu
+        ),
+    }
 }
 
 /// Counts, for the packet's interface, records that were not written from chunk `first` on;
@@ -300,42 +368,54 @@ impl Header<'_> {
     }
 }
 
-/// The ports of a first TCP segment over IPv4 or IPv6; `None` for anything else (IPv6 extension
-/// headers are not followed).
+/// Why a packet's ports were not read.
+enum Skip {
+    /// Not a first TCP segment over IPv4 or IPv6 (IPv6 extension headers are not followed).
+    NotTcp,
+    Malformed(Malformed),
+}
+
+/// A byte the headers must have: a packet that lacks it ends inside them.
 #[inline(always)]
-fn ports(packet: &Packet) -> Option<Ports> {
+fn need<T>(value: Option<T>) -> Result<T, Skip> {
+    value.ok_or(Skip::Malformed(Malformed::Truncated))
+}
+
+/// The ports of a first TCP segment over IPv4 or IPv6.
+#[inline(always)]
+fn ports(packet: &Packet) -> Result<Ports, Skip> {
     let protocol = u16::from_be(packet.ctx.skb.protocol() as u16);
     let (ipv6, l4) = match protocol {
         ETH_P_IP => {
             let ip = packet.header(ETH_HLEN, 20);
-            if ip.u8(9)? != IPPROTO_TCP {
-                return None;
+            if need(ip.u8(9))? != IPPROTO_TCP {
+                return Err(Skip::NotTcp);
             }
             // A non-first fragment carries no TCP header.
-            if ip.be16(6)? & 0x1fff != 0 {
-                return None;
+            if need(ip.be16(6))? & 0x1fff != 0 {
+                return Err(Skip::NotTcp);
             }
             // At most 60 bytes: the verifier sees a bounded offset.
-            let ihl = ((ip.u8(0)? & 0x0f) as usize) * 4;
-            if ihl < 20 {
-                return None;
+            let words = need(ip.u8(0))? & 0x0f;
+            if words < 5 {
+                return Err(Skip::Malformed(Malformed::Ipv4HeaderLength(words)));
             }
-            (false, ETH_HLEN + ihl)
+            (false, ETH_HLEN + words as usize * 4)
         }
         ETH_P_IPV6 => {
-            if packet.header(ETH_HLEN, 40).u8(6)? != IPPROTO_TCP {
-                return None;
+            if need(packet.header(ETH_HLEN, 40).u8(6))? != IPPROTO_TCP {
+                return Err(Skip::NotTcp);
             }
             (true, ETH_HLEN + 40)
         }
-        _ => return None,
+        _ => return Err(Skip::NotTcp),
     };
     let tcp = packet.header(l4, TCP_HEADER_READ);
-    Some(Ports {
+    Ok(Ports {
         ipv6,
         l4,
-        src_port: tcp.be16(0)?,
-        dst_port: tcp.be16(2)?,
+        src_port: need(tcp.be16(0))?,
+        dst_port: need(tcp.be16(2))?,
     })
 }
 
@@ -408,14 +488,25 @@ fn copy_packet(
         chunk_len: 0,
         flags,
     };
+    // SAFETY: a helper without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
     if packet_len > CAPTURE_LIMIT {
         counters.packets_truncated += 1;
         header.flags |= record_flags::TRUNCATED;
         header.captured_len = CAPTURE_LIMIT;
+        let count = counters.packets_truncated;
+        if logging(Level::Info) && reached_power_of_two(count - 1, count) {
+            info!(
+                ctx,
+                "packet of {} bytes on ifindex {} is over the capture limit: copied in part; {} such on CPU {} so far",
+                packet_len,
+                ifindex,
+                count,
+                cpu
+            );
+        }
     }
-    // SAFETY: a helper without preconditions.
-    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
-    header.packet_id = (cpu << 48) | (counters.packets_sampled & 0xffff_ffff_ffff);
+    header.packet_id = ((cpu as u64) << 48) | (counters.packets_sampled & 0xffff_ffff_ffff);
     // Whether this packet's records wake the reader: only above a fill level, which is looked at
     // for every large packet and every 16th small one (the look reads the reader's position, a
     // cache line the reader keeps writing). Small packets alone take long to fill the ring
@@ -462,13 +553,35 @@ fn copy_packet(
             }
             Written::RingFull => {
                 // The rest of the packet is worthless without this record: count all of them.
+                let before = counters.ringbuf_full;
                 counters.ringbuf_full += (chunks - i) as u64;
                 count_lost(ifindex, i, chunks, true);
+                if logging(Level::Warn) && reached_power_of_two(before, counters.ringbuf_full) {
+                    warn!(
+                        ctx,
+                        "ring buffer full: {} records lost on CPU {} so far; the agent does not read fast enough",
+                        counters.ringbuf_full,
+                        cpu
+                    );
+                }
                 return;
             }
             Written::LoadError => {
                 counters.load_errors += 1;
                 count_lost(ifindex, i, chunks, false);
+                let count = counters.load_errors;
+                if logging(Level::Error) && reached_power_of_two(count - 1, count) {
+                    error!(
+                        ctx,
+                        "cannot read {} bytes at offset {} of a packet of {} bytes on ifindex {}; {} such on CPU {} so far",
+                        len,
+                        offset,
+                        packet_len,
+                        ifindex,
+                        count,
+                        cpu
+                    );
+                }
                 return;
             }
         }

@@ -448,7 +448,7 @@ pub const RING_BUFFER_BYTES: u64 = 16 << 20;
 const RECORD_OVERHEAD: u64 = 8 + 40;
 
 /// Counter names the stats JSON must hold.
-pub const KERNEL_COUNTERS: [&str; 9] = [
+pub const KERNEL_COUNTERS: [&str; 10] = [
     "packets_seen",
     "packets_matched",
     "packets_sampled",
@@ -458,6 +458,7 @@ pub const KERNEL_COUNTERS: [&str; 9] = [
     "ringbuf_full",
     "packets_truncated",
     "load_errors",
+    "packets_malformed",
 ];
 pub const AGENT_COUNTERS: [&str; 5] = [
     "records_read",

@@ -22,6 +22,29 @@ pub fn connect(ns: &Netns, server: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Sends `frames`, whole Ethernet frames exactly as the test crafted them, out of `iface` in
+/// `ns` through a packet socket (`send_frames.py`): for packets that no socket of the IP layer
+/// sends, such as an IPv4 header under 20 bytes. They go only as far as the other end of the
+/// link; give them a destination in 198.18.0.0/15 all the same.
+pub fn send_frames(ns: &Netns, iface: &str, frames: &[Vec<u8>]) {
+    let dir = tempfile::tempdir().expect("tempdir for the sender");
+    let script = dir.path().join("send_frames.py");
+    std::fs::write(&script, include_str!("send_frames.py")).expect("write the sender");
+    let hex: Vec<String> = frames
+        .iter()
+        .map(|f| f.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let mut args = vec![script.to_str().expect("utf-8 path"), iface];
+    args.extend(hex.iter().map(String::as_str));
+    let out = run_ok(&mut ns.exec(Program::Python3, &args));
+    let sent = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        sent.trim(),
+        frames.len().to_string(),
+        "send_frames.py printed {sent:?}"
+    );
+}
+
 /// The client side of one finished connection.
 #[derive(Debug)]
 pub struct Exchange {

@@ -929,6 +929,127 @@ fn a_stalled_reader_loses_records_counted_per_interface() {
     );
 }
 
+/// With `--kernel-log`, the program logs a full ring buffer at its 1st, 2nd, 4th... lost record
+/// on each CPU: a few lines, never one a packet, while the counter counts every record.
+#[test]
+fn a_full_ring_buffer_is_logged_at_powers_of_two_not_per_record() {
+    require_root();
+    let h = Hosts::new("");
+    let sink = TcpSink::start(&h.server, h.server_addr(9000), SinkMode::Echo);
+    let agent = h.agent(&[9000], &["--kernel-log"]);
+    // As in `a_stalled_reader_loses_records_counted_per_interface`: stopped, the agent reads
+    // neither the ring buffer nor the program's log until it goes on.
+    signal(agent.pid(), "STOP");
+    let body = pattern(1 << 20, 59);
+    for _ in 0..24 {
+        let ex = client::send_and_close(&h.client, sink.addr, &body);
+        assert_eq!(ex.received, body, "live transfer with the ring buffer full");
+    }
+    signal(agent.pid(), "CONT");
+    let (exit, _, stats) = agent.stop_checked();
+    let lost = stats.k("ringbuf_full");
+    assert!(lost > 0, "nothing lost: {}", stats.text);
+    let lines: Vec<&str> = kernel_log_lines(&exit.stderr)
+        .filter(|l| l.contains("ring buffer full"))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains("WARN")),
+        "no kernel warning about the full ring buffer:\n{}",
+        exit.stderr
+    );
+    // Each CPU logs once per power of two of its own count: at most 1 + log2(lost) lines.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let bound = cpus * u64::from(u64::BITS - lost.leading_zeros());
+    assert!(
+        (lines.len() as u64) <= bound && (lines.len() as u64) < lost,
+        "{} lines for {lost} records lost on {cpus} CPUs:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+}
+
+/// The lines of the agent's log that came from the kernel program (aya-log's records, under
+/// the target `shadow_ebpf`).
+fn kernel_log_lines(stderr: &str) -> impl Iterator<Item = &str> {
+    stderr.lines().filter(|l| l.contains(" shadow_ebpf: "))
+}
+
+/// A broadcast Ethernet frame holding only an IPv4 header of `words` 32-bit words (5: 20 bytes,
+/// no options) that says TCP: no TCP header follows.
+fn bare_ipv4_tcp_header(src: Ipv4Addr, dst: Ipv4Addr, words: u8) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x40 | words;
+    ip[2..4].copy_from_slice(&20u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    frame.extend_from_slice(&ip);
+    frame
+}
+
+/// Packets the program cannot read, of each kind.
+const MALFORMED_EACH: u64 = 4;
+
+/// Packets whose headers the program cannot read (an IPv4 header that says TCP and ends the
+/// packet, one whose header length is under 20 bytes) are counted whether the kernel's log is on
+/// or not. With `--kernel-log` the agent's log carries the program's warning about them, and
+/// nothing about the normal traffic beside them; without it, nothing of the program's.
+#[test]
+fn malformed_packets_are_counted_and_logged_only_with_the_kernel_log_on() {
+    require_root();
+    for kernel_log in [true, false] {
+        let h = Hosts::new("");
+        let sink = TcpSink::start(&h.server, h.server_addr(9000), SinkMode::Echo);
+        let extra: &[&str] = if kernel_log { &["--kernel-log"] } else { &[] };
+        let agent = h.agent(&[9000], extra);
+        let body = pattern(64 << 10, 61);
+        let ex = client::send_and_close(&h.client, sink.addr, &body);
+        assert_eq!(ex.received, body);
+        let (src, dst) = (h.link.a_addr, h.link.b_addr);
+        let frames: Vec<Vec<u8>> = (0..MALFORMED_EACH)
+            .flat_map(|_| [5, 4].map(|words| bare_ipv4_tcp_header(src, dst, words)))
+            .collect();
+        client::send_frames(&h.client, "veth-c", &frames);
+        let (exit, capture, stats) = agent.stop_checked();
+        assert_exchange(&capture, &ex, sink.addr);
+        assert_eq!(
+            stats.k("packets_malformed"),
+            2 * MALFORMED_EACH,
+            "kernel log {kernel_log}: {}",
+            stats.text
+        );
+        let lines: Vec<&str> = kernel_log_lines(&exit.stderr).collect();
+        if !kernel_log {
+            assert!(
+                lines.is_empty() && !exit.stderr.contains("malformed packet"),
+                "the kernel logged with its log off:\n{}",
+                exit.stderr
+            );
+            continue;
+        }
+        let all = lines.join("\n");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains("WARN") && l.contains("malformed packet: ")),
+            "the kernel logged something besides the malformed packets:\n{all}"
+        );
+        // Both frames are 34 bytes: Ethernet and the 20-byte header.
+        for what in [
+            "34 bytes on ifindex",
+            "end inside the IP or TCP header",
+            "IPv4 header length of 4 words (under 5)",
+        ] {
+            assert!(all.contains(what), "no kernel line with {what:?}:\n{all}");
+        }
+        // At the 1st, 2nd, 4th and 8th of a CPU: fewer lines than packets once 3 share a CPU.
+        assert!(lines.len() as u64 <= 2 * MALFORMED_EACH, "{all}");
+    }
+}
+
 fn signal(pid: u32, name: &str) {
     let status = Program::Kill
         .command()

@@ -24,6 +24,7 @@ use aya::{
     },
     util::KernelVersion,
 };
+use aya_log::EbpfLogger;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 use shadow_common::{
@@ -36,6 +37,7 @@ use super::{
     Hook,
     clsact::{self, OwnerMark},
     interfaces::Interface,
+    kernel_log::{KernelLog, KernelLogReader},
     selection::{self, ChangeError, MapWrite, MapWriter, Selection},
 };
 use crate::admin::export::{self, Export};
@@ -93,6 +95,8 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the eBPF program's log: {0}")]
+    Log(#[source] aya_log::Error),
 }
 
 impl KernelError {
@@ -377,10 +381,13 @@ pub struct KernelCapture {
     counted: BTreeMap<u32, String>,
     /// Interfaces attached without an entry because the map was full.
     uncounted: u64,
+    /// What the program logs, as it was loaded.
+    log: KernelLog,
 }
 
 impl KernelCapture {
-    /// Loads the program and its maps into the kernel; nothing is attached yet.
+    /// Loads the program and its maps into the kernel, with its log at `log`; nothing is
+    /// attached yet.
     ///
     /// # Errors
     /// [`KernelError::NoProgram`] when the agent was built without the eBPF toolchain; load
@@ -389,6 +396,7 @@ impl KernelCapture {
         ring: RingSettings,
         mode: AttachMode,
         tcx_order: TcxOrder,
+        log: KernelLog,
     ) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoProgram);
@@ -399,8 +407,13 @@ impl KernelCapture {
                 ring.bytes
             )));
         }
+        let level = log.level();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::EVENTS, ring.bytes)
+            // Always set: the object's own default logs everything. Read-only data, frozen at
+            // load, so that with 0 the verifier removes every log statement (see kernel_log).
+            // It must exist: without it the program would log at that default, unread.
+            .override_global(aya_log::LEVEL, &level, true)
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
         let mut programs = Vec::new();
@@ -455,7 +468,25 @@ impl KernelCapture {
             cpus,
             counted: BTreeMap::new(),
             uncounted: 0,
+            log,
         })
+    }
+
+    /// What the program logs.
+    pub fn log(&self) -> KernelLog {
+        self.log
+    }
+
+    /// Takes the program's log map out, for a task to forward its records (see
+    /// [`super::kernel_log::forward`]); `None` when the program was loaded with its log off:
+    /// nothing is written to the map then, and nothing needs to read it.
+    pub fn take_log(&mut self) -> Result<Option<KernelLogReader>, KernelError> {
+        if !self.log.is_on() {
+            return Ok(None);
+        }
+        EbpfLogger::init(&mut self.ebpf)
+            .map(Some)
+            .map_err(KernelError::Log)
     }
 
     /// Where attachments go in the TCX chain (kernel 6.6+); `None` where they are netlink clsact
@@ -778,7 +809,7 @@ fn attach_type(hook: Hook) -> TcAttachType {
 impl Export for KernelCounters {
     fn export(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let k = self;
-        let fields: [(&str, &str, u64); 8] = [
+        let fields: [(&str, &str, u64); 9] = [
             (
                 "kernel_packets_seen",
                 "Packets the kernel program ran on.",
@@ -818,6 +849,12 @@ impl Export for KernelCounters {
                 "kernel_load_errors",
                 "Packets whose bytes the kernel could not read.",
                 k.load_errors,
+            ),
+            (
+                "kernel_packets_malformed",
+                "Packets whose IP or TCP header the kernel could not read (cut short, or an \
+                 IPv4 header under 20 bytes), on any port.",
+                k.packets_malformed,
             ),
         ];
         for (name, help, value) in fields {

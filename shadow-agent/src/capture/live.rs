@@ -20,6 +20,7 @@ use super::{
     clock::WallClock,
     interfaces::{self, Interface, InterfaceError, InterfaceSelector},
     kernel::{AttachMode, InterfaceTotals, KernelError, RingSettings, TcxOrder},
+    kernel_log::{self, KernelLog},
     privileges::{self, PrivilegeError},
     ring::{self, RingCounters, RingCountersSnapshot, RingFill, RingLevel},
 };
@@ -56,6 +57,8 @@ pub struct LiveOptions {
     pub attach: AttachMode,
     pub tcx_order: TcxOrder,
     pub ring: RingSettings,
+    /// What the kernel program logs, forwarded into the agent's log.
+    pub kernel_log: KernelLog,
     /// Batches of captured packets held for the next stage at most (each at most
     /// [`PacketBatch::MAX_BYTES`]); while they are all taken, the ring buffer absorbs the rest.
     pub channel_batches: usize,
@@ -85,6 +88,8 @@ pub struct LiveCapture {
     interfaces: InterfaceSelector,
     hooks: BTreeSet<Hook>,
     reader: JoinHandle<io::Result<()>>,
+    /// Forwards the kernel program's log, when it is on.
+    log_forwarder: Option<JoinHandle<io::Result<()>>>,
     shutdown: watch::Sender<bool>,
     counters: Arc<RingCounters>,
     fill: RingFill,
@@ -109,15 +114,28 @@ impl LiveCapture {
         let cpus =
             aya::util::nr_cpus().map_err(|(what, e)| CaptureError::Cpus(format!("{what}: {e}")))?;
 
-        let mut kernel = KernelCapture::load(options.ring, options.attach, options.tcx_order)?;
+        let mut kernel = KernelCapture::load(
+            options.ring,
+            options.attach,
+            options.tcx_order,
+            options.kernel_log,
+        )?;
         kernel.apply(&options.settings)?;
         let ring = kernel.take_ring()?;
+        let log = kernel.take_log()?;
         let fill =
             RingFill::map(ring.as_fd(), options.ring.bytes).map_err(CaptureError::RingFill)?;
         let counters = Arc::new(RingCounters::default());
         let (packets_tx, packets_rx) = mpsc::channel(options.channel_batches.max(1));
         let (shutdown, shutdown_rx) = watch::channel(false);
         // The reader runs before the first attachment, so nothing is written that nobody reads.
+        let log_forwarder = log.map(|log| {
+            tracing::info!(
+                level = options.kernel_log.describe(),
+                "the kernel program's log is on: its records come under the target shadow_ebpf"
+            );
+            tokio::spawn(kernel_log::forward(log, shutdown_rx.clone()))
+        });
         let reader = tokio::spawn(ring::read(
             ring,
             cpus,
@@ -131,6 +149,7 @@ impl LiveCapture {
             interfaces: options.interfaces,
             hooks: options.hooks,
             reader,
+            log_forwarder,
             shutdown,
             counters,
             fill,
@@ -234,6 +253,14 @@ impl LiveCapture {
     pub async fn stop(mut self) -> Result<CaptureTotals, CaptureError> {
         self.kernel.detach_all();
         let _ = self.shutdown.send(true);
+        // The kernel's log is a diagnostic: losing its end is said, and the capture stands.
+        if let Some(forwarder) = self.log_forwarder.take() {
+            match forwarder.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the kernel program's log: read failed"),
+                Err(e) => tracing::warn!(error = %e, "the kernel program's log: reader ended"),
+            }
+        }
         match (&mut self.reader).await {
             Ok(result) => result?,
             Err(join) => return Err(CaptureError::Reader(io::Error::other(join.to_string()))),

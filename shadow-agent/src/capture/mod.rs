@@ -7,6 +7,7 @@ pub mod clock;
 pub mod clsact;
 pub mod interfaces;
 pub mod kernel;
+pub mod kernel_log;
 pub mod live;
 pub mod privileges;
 pub mod records;

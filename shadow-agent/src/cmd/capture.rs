@@ -12,6 +12,7 @@ use shadow_agent::capture::{
     CaptureSettings, Hook, PacketBatch,
     interfaces::InterfaceSelector,
     kernel::{AttachMode, Cidr, RingSettings, ServiceFilter, TcxOrder},
+    kernel_log::KernelLog,
     live::{INTERFACE_RESCAN, LiveCapture, LiveOptions},
     ring,
 };
@@ -19,6 +20,7 @@ use shadow_agent::config::Percent;
 use shadow_agent::pcap::PcapWriter;
 use shadow_agent::stats::CaptureStats;
 use shadow_common::CAPTURE_LIMIT;
+use tracing::level_filters::LevelFilter;
 
 use super::common::{StopSignal, interface_tables, kernel_fields, parse_duration, table};
 
@@ -56,6 +58,11 @@ pub struct Args {
     /// At exit, write the counters to this file as JSON.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Let the kernel program log its rare events (malformed packets, a full ring buffer,
+    /// failed reads) on stderr, under the target `shadow_ebpf`, at the levels RUST_LOG shows.
+    /// Off, the log costs the program nothing.
+    #[arg(long)]
+    kernel_log: bool,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -86,6 +93,7 @@ pub fn run(args: Args) -> Result<()> {
         attach: args.attach,
         tcx_order: args.tcx_order,
         ring: RingSettings::default(),
+        kernel_log: KernelLog::new(args.kernel_log, LevelFilter::current()),
         channel_batches: CHANNEL_BATCHES,
     };
     options.settings.validate()?;

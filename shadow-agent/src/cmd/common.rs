@@ -44,7 +44,7 @@ impl StopSignal {
     }
 }
 
-pub fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 9] {
+pub fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 10] {
     [
         ("packets_seen", k.packets_seen),
         ("packets_matched", k.packets_matched),
@@ -55,6 +55,7 @@ pub fn kernel_fields(k: &KernelCounters) -> [(&'static str, u64); 9] {
         ("ringbuf_full", k.ringbuf_full),
         ("packets_truncated", k.packets_truncated),
         ("load_errors", k.load_errors),
+        ("packets_malformed", k.packets_malformed),
     ]
 }
 

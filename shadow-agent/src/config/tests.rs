@@ -83,6 +83,7 @@ fn defaults() {
     };
     assert_eq!(config.capture.hooks, BTreeSet::from([Hook::Ingress]));
     assert_eq!(config.capture.sample_percent, Percent::ALL);
+    assert!(!config.capture.kernel_log);
     assert!(config.policy.deny_paths.is_empty());
     let route = &config.routes[0];
     assert_eq!(route.sample_percent, Percent::ALL);
@@ -99,6 +100,15 @@ fn defaults() {
         DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().expect("valid")
     );
     assert!(config.ramp.is_none());
+}
+
+#[test]
+fn the_kernel_log_is_switched_on_in_capture() {
+    let src = MINIMAL.replace("ports = [8080]", "ports = [8080]\nkernel_log = true");
+    match Config::from_toml(&src, "kernel_log.toml") {
+        Ok(c) => assert!(c.capture.kernel_log),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// One bad value at a time, in a file that is otherwise MINIMAL: (replace, with, line, key,
@@ -196,6 +206,13 @@ fn single_errors() {
             5,
             "capture.sample_percent",
             "between 0 and 100",
+        ),
+        (
+            "ports = [8080]",
+            "ports = [8080]\nkernel_log = \"yes\"",
+            5,
+            "capture.kernel_log",
+            "expected a boolean",
         ),
         (
             "ports = [8080]",

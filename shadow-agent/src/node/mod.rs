@@ -69,7 +69,8 @@ pub enum RampChange {
 /// Why a new configuration was not taken as a whole, or what of it waits for a restart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReloadNote {
-    /// `capture.interfaces` or `capture.hooks` changed.
+    /// `capture.interfaces`, `capture.hooks` or `capture.kernel_log` changed (the kernel
+    /// program's log level is fixed when it is loaded).
     CaptureNeedsRestart,
     /// `[admin]`, `[limits]` or `[compare]` changed.
     SectionsNeedRestart,
@@ -293,6 +294,7 @@ impl Node {
         let mut notes = Vec::new();
         if new.capture.interfaces != old.capture.interfaces
             || new.capture.hooks != old.capture.hooks
+            || new.capture.kernel_log != old.capture.kernel_log
         {
             notes.push(ReloadNote::CaptureNeedsRestart);
         }

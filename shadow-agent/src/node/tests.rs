@@ -300,6 +300,13 @@ fn a_reload_moves_new_copies_to_the_new_targets_and_leaves_those_in_flight() {
     let mut moved = config("");
     moved.capture.interfaces = vec!["eth1".into()];
     assert_eq!(node.reload_notes(&moved), [ReloadNote::CaptureNeedsRestart]);
+    // So does the kernel program's log: its level is fixed when the program is loaded.
+    let mut logging = config("");
+    logging.capture.kernel_log = true;
+    assert_eq!(
+        node.reload_notes(&logging),
+        [ReloadNote::CaptureNeedsRestart]
+    );
 }
 
 #[test]

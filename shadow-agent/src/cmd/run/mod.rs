@@ -15,6 +15,7 @@ use shadow_agent::capture::PacketBatch;
 use shadow_agent::capture::clock::monotonic_now_ns;
 use shadow_agent::capture::interfaces::InterfaceSelector;
 use shadow_agent::capture::kernel::{AttachMode, RingSettings, TcxOrder};
+use shadow_agent::capture::kernel_log::KernelLog;
 use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
 use shadow_agent::compare::Report;
 use shadow_agent::config::Config;
@@ -28,6 +29,7 @@ use shadow_agent::pipeline::Pipeline;
 use shadow_agent::stats::Stats;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+use tracing::level_filters::LevelFilter;
 
 use super::check_config;
 use progress::Progress;
@@ -70,6 +72,11 @@ pub struct Args {
     /// CPU instead, at the cost of live latency.
     #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
     nice: Option<i32>,
+    /// Let the kernel program log its rare events (malformed packets, a full ring buffer,
+    /// failed reads) into this log, under the target `shadow_ebpf`, at the levels RUST_LOG
+    /// shows; as `capture.kernel_log = true`. Off, the log costs the program nothing.
+    #[arg(long)]
+    kernel_log: bool,
 }
 
 /// Targets' answers waiting for the comparison; more are dropped and counted.
@@ -175,6 +182,10 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         attach: args.attach,
         tcx_order: args.tcx_order,
         ring,
+        kernel_log: KernelLog::new(
+            args.kernel_log || config.capture.kernel_log,
+            LevelFilter::current(),
+        ),
         channel_batches: plan.channel_batches,
     };
     let (mut state, mut answers) = Agent::new(&args, config, node.clone(), seed, &plan);
@@ -482,7 +493,8 @@ impl Agent {
         for note in self.node.reload_notes(&new) {
             match note {
                 ReloadNote::CaptureNeedsRestart => tracing::warn!(
-                    "capture.interfaces and capture.hooks change only on restart; the rest is applied"
+                    "capture.interfaces, capture.hooks and capture.kernel_log change only on \
+                     restart; the rest is applied"
                 ),
                 ReloadNote::SectionsNeedRestart => {
                     tracing::warn!("admin, limits and compare change only on restart");
