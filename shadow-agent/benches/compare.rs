@@ -215,6 +215,7 @@ fn exchanges<'a>(
             };
             Exchange {
                 method: "GET",
+                server: None,
                 target: TARGET,
                 path,
                 request_body: b"",
@@ -351,6 +352,7 @@ fn bench_unordered(c: &mut Criterion) {
     ] {
         let exchange = Exchange {
             method: "GET",
+            server: None,
             target: TARGET,
             path: &path,
             request_body: b"",

@@ -390,6 +390,7 @@ mod tests {
         };
         comparator.observe(&Exchange {
             method: "GET",
+            server: None,
             target: "/users/7",
             path: &RequestPath::of_target("/users/7").expect("readable"),
             request_body: b"",

@@ -158,6 +158,21 @@ fn endpoint(h: &mut String, e: &EndpointReport) {
     );
     chart(h, e);
     h.push_str("</div>");
+    if !e.workloads.is_empty() {
+        h.push_str("<p>served by ");
+        for (i, (workload, n)) in e.workloads.iter().enumerate() {
+            let _ = write!(
+                h,
+                "{}{} ({n})",
+                if i > 0 { ", " } else { "" },
+                escape(workload)
+            );
+        }
+        if e.workloads_other > 0 {
+            let _ = write!(h, ", others ({})", e.workloads_other);
+        }
+        h.push_str("</p>");
+    }
     if !e.status_mismatches.top.is_empty() {
         h.push_str("<table><tr><th>live status</th><th>shadow status</th><th>count</th></tr>");
         for p in &e.status_mismatches.top {

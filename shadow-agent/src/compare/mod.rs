@@ -66,6 +66,11 @@ pub const ALWAYS_SENSITIVE: [&str; 4] = [
 pub const EXAMPLE_CHARS: usize = 100;
 /// Status pairs (live, shadow) counted per endpoint; the rest are summed.
 const MAX_STATUS_PAIRS: usize = 8;
+/// Live workloads counted apart per endpoint (one, in most clusters: an endpoint is one
+/// service's).
+pub const MAX_ENDPOINT_WORKLOADS: usize = 4;
+/// The longest `namespace/Kind/name` counted: the API's own limits on the three.
+const MAX_WORKLOAD_CHARS: usize = 63 + 1 + 63 + 1 + 253;
 /// Differences taken from one comparison; a body that differs everywhere is not listed whole.
 const MAX_DIFFERENCES: usize = 256;
 
@@ -185,7 +190,8 @@ impl CompareConfig {
             + 2 * fields * (size_of::<(u64, u32)>() + 1)
             + 2 * MAX_OUTCOMES * (size_of::<(Box<[u32]>, u64)>() + 1)
             + MAX_OUTCOMES * MAX_OUTCOME_FIELDS * 4
-            + 2 * MAX_STATUS_PAIRS * size_of::<StatusCount>();
+            + 2 * MAX_STATUS_PAIRS * size_of::<StatusCount>()
+            + MAX_ENDPOINT_WORKLOADS * (size_of::<(String, u64)>() + MAX_WORKLOAD_CHARS);
         let endpoints = (self.max_endpoints + 1)
             * (endpoint
                 + size_of::<EndpointState>()
@@ -229,6 +235,9 @@ pub struct Observed<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Exchange<'a> {
     pub method: &'a str,
+    /// The live server's workload, `namespace/Kind/name`, when a known pod served it
+    /// (Kubernetes).
+    pub server: Option<&'a str>,
     /// Origin-form, with the query, as the client sent it.
     pub target: &'a str,
     /// The path as the policy read it to mirror the request: it names the endpoint.
@@ -312,6 +321,10 @@ struct EndpointState {
     oversized_bodies: u64,
     live_latency: LatencyHistogram,
     shadow_latency: LatencyHistogram,
+    /// Exchanges by the live server's workload: at most [`MAX_ENDPOINT_WORKLOADS`], the rest
+    /// in `workloads_other`.
+    workloads: Vec<(String, u64)>,
+    workloads_other: u64,
 }
 
 impl EndpointState {
@@ -332,6 +345,8 @@ impl EndpointState {
             oversized_bodies: 0,
             live_latency: LatencyHistogram::default(),
             shadow_latency: LatencyHistogram::default(),
+            workloads: Vec::new(),
+            workloads_other: 0,
         }
     }
 
@@ -405,6 +420,24 @@ impl EndpointState {
             + self.outcomes.capacity() * (size_of::<(Box<[u32]>, u64)>() + 1)
             + self.outcomes.keys().map(|k| k.len() * 4).sum::<usize>()
             + self.status_pairs.capacity() * size_of::<StatusCount>()
+            + self.workloads.capacity() * size_of::<(String, u64)>()
+            + self
+                .workloads
+                .iter()
+                .map(|(w, _)| w.capacity())
+                .sum::<usize>()
+    }
+
+    fn count_workload(&mut self, workload: &str) {
+        if let Some((_, n)) = self.workloads.iter_mut().find(|(w, _)| w == workload) {
+            *n += 1;
+        } else if self.workloads.len() < MAX_ENDPOINT_WORKLOADS
+            && workload.len() <= MAX_WORKLOAD_CHARS
+        {
+            self.workloads.push((workload.to_owned(), 1));
+        } else {
+            self.workloads_other += 1;
+        }
     }
 }
 
@@ -471,6 +504,9 @@ impl Comparator {
         };
         let ep = &mut self.endpoints[e as usize];
         ep.compared += 1;
+        if let Some(server) = exchange.server {
+            ep.count_workload(server);
+        }
         ep.live_latency.record(exchange.live.latency);
         ep.shadow_latency.record(exchange.candidate.latency);
 

@@ -61,12 +61,31 @@ impl Answer {
 pub struct Complete {
     pub method: String,
     pub target: String,
+    /// The live server's workload, `namespace/Kind/name`, on Kubernetes.
+    pub server: Option<Box<str>>,
     /// The path the policy read to mirror the request.
     pub path: RequestPath,
     pub request_body: Box<[u8]>,
     pub live: Answer,
     pub candidate: Answer,
     pub baseline: Option<Answer>,
+}
+
+/// A request that was just mirrored, as a comparison waits for its answers.
+#[derive(Clone, Debug)]
+pub struct Expected<'a> {
+    pub method: &'a str,
+    /// Origin-form, with the query.
+    pub target: &'a str,
+    /// The path the policy read to mirror the request.
+    pub path: RequestPath,
+    pub body: &'a [u8],
+    /// The capture time of its last byte: the live latency runs from there.
+    pub done: Duration,
+    /// Whether a baseline's answer comes too.
+    pub baseline: bool,
+    /// The live server's workload, `namespace/Kind/name`, when a known pod served it.
+    pub server: Option<&'a str>,
 }
 
 /// What became of pending comparisons, for counters.
@@ -86,6 +105,7 @@ pub struct PairingCounters {
 struct Pending {
     method: String,
     target: String,
+    server: Option<Box<str>>,
     path: RequestPath,
     /// A copy: the captured body may be larger than its length (a buffer grown by doubling),
     /// and the copies to targets that share it are gone long before the comparison.
@@ -105,6 +125,7 @@ impl Pending {
         size_of::<Self>()
             + self.method.capacity()
             + self.target.capacity()
+            + self.server.as_ref().map_or(0, |s| s.len())
             + self.path.as_str().len()
             + self.request_body.len()
             + [&self.live, &self.candidate, &self.baseline]
@@ -166,25 +187,15 @@ impl Pairing {
 
     /// Starts a comparison for a request that was just mirrored; `request_done` is the capture
     /// time of its last byte. The request's body is copied.
-    #[allow(clippy::too_many_arguments)]
-    pub fn expect(
-        &mut self,
-        now: Instant,
-        key: PairKey,
-        method: &str,
-        target: &str,
-        path: RequestPath,
-        request_body: &[u8],
-        request_done: Duration,
-        expect_baseline: bool,
-    ) {
+    pub fn expect(&mut self, now: Instant, key: PairKey, request: Expected<'_>) {
         let entry = Pending {
-            method: method.to_owned(),
-            target: target.to_owned(),
-            path,
-            request_body: request_body.into(),
-            request_done,
-            expect_baseline,
+            method: request.method.to_owned(),
+            target: request.target.to_owned(),
+            server: request.server.map(Into::into),
+            path: request.path,
+            request_body: request.body.into(),
+            request_done: request.done,
+            expect_baseline: request.baseline,
             live: None,
             candidate: None,
             baseline: None,
@@ -257,6 +268,7 @@ impl Pairing {
         Some(Complete {
             method: done.method,
             target: done.target,
+            server: done.server,
             path: done.path,
             request_body: done.request_body,
             live: done.live?,
@@ -339,12 +351,15 @@ mod tests {
         p.expect(
             now,
             key(seq),
-            "GET",
-            "/x",
-            RequestPath::of_target("/x").expect("readable"),
-            b"",
-            Duration::from_millis(100),
-            baseline,
+            Expected {
+                method: "GET",
+                target: "/x",
+                path: RequestPath::of_target("/x").expect("readable"),
+                body: b"",
+                done: Duration::from_millis(100),
+                baseline,
+                server: None,
+            },
         );
     }
 
@@ -421,12 +436,15 @@ mod tests {
             p.expect(
                 now,
                 key(seq),
-                "POST",
-                "/x",
-                path,
-                &body,
-                Duration::ZERO,
-                false,
+                Expected {
+                    method: "POST",
+                    target: "/x",
+                    path,
+                    body: &body,
+                    done: Duration::ZERO,
+                    baseline: false,
+                    server: None,
+                },
             );
         }
         assert!(p.bytes() <= 64 << 10, "{}", p.bytes());

@@ -67,6 +67,13 @@ pub struct EndpointReport {
     pub oversized_bodies: u64,
     /// Exchanges judged when observed rather than at report time (see the module docs).
     pub judged_early: u64,
+    /// On Kubernetes: the live workloads that served the endpoint's requests
+    /// (`namespace/Kind/name`), with their exchanges, busiest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<(String, u64)>,
+    /// Exchanges of workloads beyond those listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub workloads_other: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -246,7 +253,17 @@ fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
         noise_samples: ep.counts.noise_samples,
         oversized_bodies: ep.oversized_bodies,
         judged_early: ep.judged_matched + ep.judged_mismatched,
+        workloads: {
+            let mut w = ep.workloads.clone();
+            w.sort_by_key(|(name, n)| (std::cmp::Reverse(*n), name.clone()));
+            w
+        },
+        workloads_other: ep.workloads_other,
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn reasons(e: &EndpointReport, cfg: &super::CompareConfig) -> Vec<FlagReason> {

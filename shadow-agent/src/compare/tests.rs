@@ -93,6 +93,7 @@ fn run(c: &mut Comparator, with_baseline: bool) {
         };
         c.observe(&Exchange {
             method,
+            server: None,
             target: &target,
             path: &read_path(&target),
             request_body: req_body.as_bytes(),
@@ -202,6 +203,7 @@ fn without_noise_observations_everything_counts() {
         let shadow = format!("{{\"request_id\":\"b{i}\"}}");
         c.observe(&Exchange {
             method: "GET",
+            server: None,
             target: &target,
             path: &read_path(&target),
             request_body: b"",
@@ -238,6 +240,7 @@ fn ignore_lists_apply_before_anything_is_learned() {
     ]);
     c.observe(&Exchange {
         method: "GET",
+        server: None,
         target: "/x",
         path: &read_path("/x"),
         request_body: b"",
@@ -269,6 +272,7 @@ fn status_and_headers_always_count() {
         // be noise; they are not.
         c.observe(&Exchange {
             method: "GET",
+            server: None,
             target: "/h",
             path: &read_path("/h"),
             request_body: b"",
@@ -279,6 +283,7 @@ fn status_and_headers_always_count() {
         let status = if i % 2 == 0 { 500 } else { 200 };
         c.observe(&Exchange {
             method: "GET",
+            server: None,
             target: "/s",
             path: &read_path("/s"),
             request_body: b"",
@@ -335,6 +340,7 @@ fn text_bytes_and_oversized_bodies() {
     for (target, h, live, shadow, _) in cases {
         c.observe(&Exchange {
             method: "GET",
+            server: None,
             target,
             path: &read_path(target),
             request_body: b"",
@@ -372,6 +378,7 @@ fn json_against_an_error_page() {
     let html = headers(&[("Content-Type", "text/html")]);
     c.observe(&Exchange {
         method: "GET",
+        server: None,
         target: "/j",
         path: &read_path("/j"),
         request_body: b"",
@@ -419,6 +426,7 @@ fn sensitive_values_are_never_shown() {
     let (live, shadow) = (live.to_string(), shadow.to_string());
     c.observe(&Exchange {
         method: "POST",
+        server: None,
         target: "/login",
         path: &read_path("/login"),
         request_body: b"",
@@ -460,6 +468,7 @@ fn examples_are_cut() {
     let shadow = json!({"s": "y".repeat(10_000)}).to_string();
     c.observe(&Exchange {
         method: "GET",
+        server: None,
         target: "/long",
         path: &read_path("/long"),
         request_body: b"",
@@ -488,6 +497,7 @@ fn html_escapes_everything_from_traffic() {
     for _ in 0..30 {
         c.observe(&Exchange {
             method: "GET",
+            server: None,
             target: "/x/<script>alert(3)</script>",
             path: &read_path("/x/<script>alert(3)</script>"),
             request_body: b"",
@@ -547,6 +557,7 @@ fn memory_stays_bounded() {
         for target in [target.as_str(), target.as_str(), "/shared"] {
             c.observe(&Exchange {
                 method: "GET",
+                server: None,
                 target,
                 path: &read_path(target),
                 request_body: i.to_string().as_bytes(),
@@ -596,6 +607,7 @@ fn outcomes_beyond_the_table_are_judged_at_once() {
         let shadow = json!({ format!("f{i}"): 2 }).to_string();
         c.observe(&Exchange {
             method: "GET",
+            server: None,
             target: "/o",
             path: &read_path("/o"),
             request_body: b"",
@@ -655,6 +667,7 @@ proptest! {
         for (a, b, baseline) in [(&live, &shadow, None), (&live, &live, Some(&shadow))] {
             c.observe(&Exchange {
                 method: "POST",
+                server: None,
                 target: "/p",
                 path: &read_path("/p"),
                 request_body: &live,
@@ -686,6 +699,7 @@ fn observe_target(c: &mut Comparator, target: &str) {
     let h = json_headers();
     c.observe(&Exchange {
         method: "GET",
+        server: None,
         target,
         path: &read_path(target),
         request_body: b"",
@@ -814,4 +828,52 @@ proptest! {
         prop_assert!(flood_rows <= endpoint::MAX_ONE_OFFS as usize + 2, "{flood_rows}");
         prop_assert!(c.memory_bytes() <= c.config().memory_limit());
     }
+}
+
+#[test]
+fn an_endpoint_names_the_live_workloads_that_served_it() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = json_headers();
+    let servers = [
+        Some("shop/Deployment/orders"),
+        Some("shop/Deployment/orders"),
+        Some("shop/Deployment/orders-canary"),
+        None,
+        Some("a/Pod/a"),
+        Some("b/Pod/b"),
+        Some("c/Pod/c"),
+        Some("d/Pod/d"),
+    ];
+    for server in servers {
+        c.observe(&Exchange {
+            method: "GET",
+            server,
+            target: "/orders/1",
+            path: &read_path("/orders/1"),
+            request_body: b"",
+            live: observed(200, &h, b"{}", 5),
+            candidate: observed(200, &h, b"{}", 5),
+            baseline: None,
+        });
+    }
+    let report = c.report();
+    let e = &report.endpoints[0];
+    assert_eq!(e.compared, 8);
+    assert_eq!(
+        e.workloads,
+        [
+            ("shop/Deployment/orders".to_owned(), 2),
+            ("a/Pod/a".to_owned(), 1),
+            ("b/Pod/b".to_owned(), 1),
+            ("shop/Deployment/orders-canary".to_owned(), 1),
+        ],
+        "at most {MAX_ENDPOINT_WORKLOADS}, busiest first"
+    );
+    assert_eq!(e.workloads_other, 2);
+    assert!(c.memory_bytes() <= CompareConfig::default().memory_limit());
+    let html = render_html(&report);
+    assert!(
+        html.contains("served by shop/Deployment/orders (2)"),
+        "{html}"
+    );
 }

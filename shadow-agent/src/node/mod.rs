@@ -13,7 +13,9 @@ use crate::admin::metrics::AgentSnapshot;
 use crate::capture::CaptureSettings;
 use crate::capture::kernel::ServiceFilter;
 use crate::capture::live::CaptureTotals;
-use crate::compare::pairing::{Answer, Complete, PairKey, Pairing, PairingCounters, Role};
+use crate::compare::pairing::{
+    Answer, Complete, Expected, PairKey, Pairing, PairingCounters, Role,
+};
 use crate::compare::{Comparator, Exchange, Observed, Report};
 use crate::config::{Config, PortMatch, RampConfig, Target};
 use crate::forward::{Forwarder, TargetAnswer};
@@ -427,15 +429,19 @@ impl Node {
                         && let Some(path) = path
                         && sent.candidate
                     {
+                        let server = self.pods.server(flow.server);
                         c.pairing.expect(
                             now,
                             key,
-                            &request.method,
-                            origin_form(&request.target).unwrap_or(&request.target),
-                            path,
-                            &request.body,
-                            request.completed,
-                            sent.baseline,
+                            Expected {
+                                method: &request.method,
+                                target: origin_form(&request.target).unwrap_or(&request.target),
+                                path,
+                                body: &request.body,
+                                done: request.completed,
+                                baseline: sent.baseline,
+                                server: server.map(|p| p.identity.as_str()),
+                            },
                         );
                     }
                 }
@@ -669,6 +675,7 @@ impl Comparing {
         self.comparator.observe(&Exchange {
             method: &done.method,
             target: &done.target,
+            server: done.server.as_deref(),
             path: &done.path,
             request_body: &done.request_body,
             live: observed(&done.live),
