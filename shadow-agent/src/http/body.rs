@@ -232,7 +232,8 @@ impl BodyReader {
         after
     }
 
-    /// True if a fixed-length body has all its bytes (used when a gap ends exactly on it).
+    /// True if a fixed-length body has all its bytes: a message without a body, or a gap that
+    /// ended exactly with the body.
     pub(crate) fn is_complete(&self) -> bool {
         matches!(self.kind, BodyKind::Length { remaining: 0 })
     }
