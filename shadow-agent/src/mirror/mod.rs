@@ -162,7 +162,12 @@ impl<I: IdSource> Mirror<I> {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("host"))
             .and_then(|(_, v)| std::str::from_utf8(v).ok());
-        let server = self.pods.server(flow.server).cloned();
+        // Off Kubernetes the index is empty: no lookup on the path of every request.
+        let server = if self.pods.is_empty() {
+            None
+        } else {
+            self.pods.server(flow.server).cloned()
+        };
         let view = RequestView {
             port: flow.server.port(),
             method: &req.method,
