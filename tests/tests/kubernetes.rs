@@ -3,7 +3,7 @@
 //! watching the node's pods through the API as it would in a cluster.
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shadow_tests::client::curl;
 use shadow_tests::kube_api::{KubeApi, TestPod};
@@ -165,11 +165,21 @@ fn start_agents(
             )
         })
         .collect();
+    // Generous: two debug agents load their programs and list the pods at once, in a VM on
+    // two shared cores; the stall is reported with what the agent said.
+    let start = Instant::now();
     for agent in &agents {
-        wait_for(ready, Duration::from_secs(10), || {
-            agent.stderr().contains(ready).then_some(())
-        });
+        while !agent.stderr().contains(ready) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no {ready:?} after {:?}; the agent said:\n{}",
+                start.elapsed(),
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+    eprintln!("agents ready after {:?}", start.elapsed());
     agents
 }
 
