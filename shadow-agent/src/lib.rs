@@ -41,4 +41,5 @@ pub mod node;
 pub mod pcap;
 pub mod pipeline;
 pub mod policy;
+pub mod replay;
 pub mod stats;
