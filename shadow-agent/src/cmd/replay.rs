@@ -118,6 +118,9 @@ impl Recording {
     }
 }
 
+/// Later than any replay runs.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Why the replay ended before its last pass did.
 type Stopped = &'static str;
 
@@ -312,7 +315,13 @@ impl Replay {
             let offset = self.timeline.offset(frame.ts);
             self.pass.next = Some(offset);
             let due = match self.speed.due(offset) {
-                Some(due) => self.pass.started + due,
+                // A file's times can lie a century apart: such a frame waits "forever" (until
+                // `--duration` or a signal), rather than overflowing the clock.
+                Some(due) => self
+                    .pass
+                    .started
+                    .checked_add(due)
+                    .unwrap_or_else(|| self.pass.started + FOREVER),
                 None => {
                     // As fast as the node takes frames, but the senders, answers and timers get
                     // their turns on this thread.

@@ -349,7 +349,10 @@ mod tests {
         out.extend_from_slice(data);
     }
 
-    fn frames(file: &[u8]) -> Result<(Vec<(Duration, Vec<u8>)>, ReadSummary), PcapFileError> {
+    /// Each frame's time and bytes.
+    type Frames = Vec<(Duration, Vec<u8>)>;
+
+    fn frames(file: &[u8]) -> Result<(Frames, ReadSummary), PcapFileError> {
         let mut reader = FrameReader::new(file)?;
         let mut out = Vec::new();
         while let Some(f) = reader.next_frame()? {
