@@ -1,8 +1,8 @@
 //! `shadow-agent replay` end to end: real nginx traffic recorded by `shadow-agent capture`, then
 //! replayed from the file into a recording shadow server at 1x, 2x and as fast as it goes.
 //!
-//! The recording: four GETs 300 ms apart on one keep-alive connection, then one request per
-//! connection 300 ms apart (curl): a GET, a PUT the `orders` route allows, a POST no route
+//! The recording: four GETs 500 ms apart on one keep-alive connection, then one request per
+//! connection 500 ms apart (curl): a GET, a PUT the `orders` route allows, a POST no route
 //! allows, a GET of a denied path, and a last GET. Replay needs no root and no kernel program;
 //! it runs in the live host's namespace only to reach the shadow the way `run` would.
 use std::collections::BTreeMap;
@@ -20,9 +20,9 @@ use shadow_tests::{
     wait_for,
 };
 
-/// Between recorded requests: long enough that a 10 % check of the spacing at 2x (15 ms) holds
+/// Between recorded requests: long enough that a 10 % check of the spacing at 2x (25 ms) holds
 /// on a loaded machine.
-const GAP: Duration = Duration::from_millis(300);
+const GAP: Duration = Duration::from_millis(500);
 
 /// What reaches the shadow: every request of the keep-alive connection and the GETs on their
 /// own connections (route `web`), and the PUT (route `orders`).
@@ -41,7 +41,7 @@ const SPAN_ID: &str = "00f067aa0ba902b7";
 /// POST on `web`, which allows only GET, HEAD and OPTIONS; and a denied path.
 const HELD_BACK: [&str; 2] = ["/upload", "/admin/secret"];
 
-/// The tests of this file one at a time: the spacing checks allow 15 ms at 2x, which another
+/// The tests of this file one at a time: the spacing checks allow 25 ms at 2x, which another
 /// test's recording (nginx, curl, the capture) on the same two cores can take.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -308,7 +308,10 @@ fn assert_one_pass(got: &[Received], recorded: &[Recorded], stats: &Value, passe
 }
 
 /// Spacing at `speed`: each allowed request's gap to the one before, as it arrived, is within
-/// 10 % of the recorded gap over the speed.
+/// 10 % of the recorded gap over the speed. A copy that opened a new connection to the shadow
+/// arrives later by the connection's setup (tens of milliseconds for the first copy of a fresh
+/// process on a loaded machine), which is not pacing: gaps next to one are left out, and at
+/// least three gaps must remain.
 #[track_caller]
 fn assert_spacing(got: &[Received], recorded: &[Recorded], speed: f64) {
     let recorded_at = |target: &str| {
@@ -318,7 +321,14 @@ fn assert_spacing(got: &[Received], recorded: &[Recorded], speed: f64) {
             .map(|r| r.at)
             .expect("recorded")
     };
-    for pair in got.windows(2) {
+    let mut peers = std::collections::BTreeSet::new();
+    let opened: Vec<bool> = got.iter().map(|r| peers.insert(r.peer)).collect();
+    let mut checked = 0;
+    for (i, pair) in got.windows(2).enumerate() {
+        if opened[i] || opened[i + 1] {
+            continue;
+        }
+        checked += 1;
         let want = (recorded_at(&pair[1].target) - recorded_at(&pair[0].target)).div_f64(speed);
         let was = pair[1].at - pair[0].at;
         let off = was.abs_diff(want);
@@ -329,6 +339,10 @@ fn assert_spacing(got: &[Received], recorded: &[Recorded], speed: f64) {
             pair[1].target
         );
     }
+    assert!(
+        checked >= 3,
+        "only {checked} gaps between copies on one connection: {got:?}"
+    );
 }
 
 #[test]
