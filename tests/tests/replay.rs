@@ -364,8 +364,23 @@ fn recorded_traffic_replays_at_each_speed() {
             &site,
             pcap,
             &config,
-            &["--speed", speed, "--report", report_arg],
+            &[
+                "--speed",
+                speed,
+                "--report",
+                report_arg,
+                "--report-interval",
+                "1s",
+            ],
         );
+        if speed == "1x" {
+            // A pass at 1x lasts over 5 s: the progress line came while it ran.
+            assert!(
+                stderr.contains("shadow-agent: replay pass 1 of 1 at 1x: ")
+                    && stderr.contains("s recorded, "),
+                "no progress line:\n{stderr}"
+            );
+        }
         let got = arrivals(&shadow, before, ALLOWED.len());
         assert_one_pass(&got, &recorded, &stats, 1);
         if let Some(factor) = factor {
