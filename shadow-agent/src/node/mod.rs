@@ -249,9 +249,21 @@ impl Node {
 
     /// A captured Ethernet frame, taken at `ts` (the capture's clock) and handled at `now`.
     pub fn on_frame(&mut self, now: Instant, ts: Duration, frame: &[u8], sender: &impl CopySender) {
+        self.on_link_frame(now, LinkType::Ethernet, ts, frame, sender);
+    }
+
+    /// A frame that starts as `link` says (a pcap file's frames, which need not be Ethernet),
+    /// taken at `ts` and handled at `now`.
+    pub fn on_link_frame(
+        &mut self,
+        now: Instant,
+        link: LinkType,
+        ts: Duration,
+        frame: &[u8],
+        sender: &impl CopySender,
+    ) {
         let mut events = std::mem::take(&mut self.events);
-        self.pipeline
-            .push_frame(LinkType::Ethernet, ts, frame, &mut events);
+        self.pipeline.push_frame(link, ts, frame, &mut events);
         self.dispatch(now, events, sender);
     }
 
@@ -392,6 +404,11 @@ impl Node {
             compare_pending: self.compare.as_ref().map_or(0, |c| c.pairing.len() as u64),
             compare: self.compare_counters(),
         }
+    }
+
+    /// Requests waiting for their live or targets' answers to be compared.
+    pub fn comparisons_pending(&self) -> usize {
+        self.compare.as_ref().map_or(0, |c| c.pairing.len())
     }
 
     /// What became of pending comparisons; `None` without `[compare]`.

@@ -552,3 +552,66 @@ fn a_named_port_is_the_selected_pods_port_of_that_name() {
     Conn::open_to("198.18.0.2:9090", &mut node, now, &sender).request(&mut node, now, &sender, GET);
     assert_eq!(sender.copies.borrow().len(), 1, "not to its `metrics` port");
 }
+
+/// `replay --loop` feeds a file's connections again: the same addresses, sequence numbers and
+/// bytes. While the first pass's flows are open they are retransmissions, and nothing is copied
+/// twice; once [`Node::finish`] ended them, the same frames are new connections and new copies.
+#[test]
+fn the_same_frames_again_are_new_requests_only_after_finish() {
+    let now = Instant::now();
+    let mut node = node(config(""), false, now);
+    let sender = Recorder::default();
+    let pass = |node: &mut Node| {
+        let mut conn = Conn::open(node, now, &sender);
+        conn.request(node, now, &sender, GET);
+        conn.response(node, now, &sender, OK);
+    };
+    pass(&mut node);
+    assert_eq!(sender.copies.borrow().len(), 1);
+    pass(&mut node);
+    assert_eq!(
+        sender.copies.borrow().len(),
+        1,
+        "the frames again on open flows are retransmissions"
+    );
+    node.finish(now, &sender);
+    pass(&mut node);
+    assert_eq!(sender.copies.borrow().len(), 2, "a new pass after finish");
+    let route = node.stats().route("api");
+    assert_eq!((route.seen.get(), route.mirrored.get()), (2, 2));
+}
+
+/// A pcap file's frames need not be Ethernet (`tcpdump -i any` writes Linux cooked frames, some
+/// tools raw IP): they reach the same decisions.
+#[test]
+fn frames_of_another_link_type_are_mirrored_alike() {
+    use crate::pipeline::synthetic::ip_packet;
+    let now = Instant::now();
+    let mut node = node(config(""), false, now);
+    let sender = Recorder::default();
+    let (client, server) = (CLIENT.parse().expect("addr"), SERVER.parse().expect("addr"));
+    let syn = TcpFlags {
+        syn: true,
+        ..TcpFlags::default()
+    };
+    let syn_ack = TcpFlags {
+        syn: true,
+        ack: Some(CLIENT_ISN + 1),
+        ..TcpFlags::default()
+    };
+    let data = TcpFlags {
+        ack: Some(SERVER_ISN + 1),
+        ..TcpFlags::default()
+    };
+    for packet in [
+        ip_packet(client, server, CLIENT_ISN, syn, b""),
+        ip_packet(server, client, SERVER_ISN, syn_ack, b""),
+        ip_packet(client, server, CLIENT_ISN + 1, data, GET),
+    ] {
+        let packet = packet.expect("packet");
+        node.on_link_frame(now, LinkType::RawIp, ts(), &packet, &sender);
+    }
+    let copies = sender.copies.borrow();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].request.uri(), "/orders/7");
+}
