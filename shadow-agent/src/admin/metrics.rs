@@ -389,6 +389,7 @@ mod tests {
             latency: Duration::from_millis(2),
         };
         comparator.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/users/7",

@@ -26,6 +26,7 @@ use shadow_agent::memory::MemoryPlan;
 use shadow_agent::mirror::stats::MirrorStats;
 use shadow_agent::node::{Node, NodeOptions, RampChange, ReloadNote, capture_settings};
 use shadow_agent::pipeline::Pipeline;
+use shadow_agent::policy::ramp::FallBack;
 use shadow_agent::stats::Stats;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -456,13 +457,28 @@ impl Agent {
             Some(RampChange::Advanced { from, to }) => {
                 tracing::info!(from, to, "ramp: the shadow stayed healthy; mirroring more");
             }
-            Some(RampChange::FellBack { from, to, health }) => tracing::warn!(
+            Some(RampChange::FellBack {
+                from,
+                to,
+                health,
+                cause: FallBack::Guard,
+            }) => tracing::warn!(
                 from,
                 to,
                 copies = health.requests,
                 errors = health.errors,
                 p99_ms = health.p99.map(|d| d.as_millis() as u64),
                 "ramp: the shadow crossed the guard; fell back and holding there"
+            ),
+            Some(RampChange::FellBack {
+                from,
+                to,
+                cause: FallBack::Verdict,
+                ..
+            }) => tracing::warn!(
+                from,
+                to,
+                "ramp: the comparison's verdict is fail (see /verdict); fell back and holding there"
             ),
             None => {}
         }
