@@ -19,7 +19,7 @@ use crate::capture::kernel::{InterfaceTotals, export_interfaces};
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
 use crate::compare::Report;
 use crate::compare::pairing::PairingCounters;
-use crate::compare::report::export_endpoints;
+use crate::compare::report::{export_endpoints, export_verdicts};
 use crate::mirror::stats::MirrorStats;
 use crate::pipeline::PipelineCounters;
 
@@ -99,7 +99,10 @@ impl Collector for AgentCollector {
             match report {
                 Some(report) => report.export(&mut e)?,
                 // No report yet: the families, without a row.
-                None => export_endpoints(&mut e, &[])?,
+                None => {
+                    export_endpoints(&mut e, &[])?;
+                    export_verdicts(&mut e, &[], &[])?;
+                }
             }
         }
         Ok(())
@@ -428,6 +431,9 @@ mod tests {
             "shadow_compare_other_exchanges_total{reason=\"full\"} 0",
             "shadow_compare_other_exchanges_total{reason=\"first_seen\"} 0",
             "shadow_compare_segments_learned_total 0",
+            // One exchange: too few for a verdict, on the route and its endpoint.
+            "shadow_verdict{route=\"web\",endpoint=\"\"} 0",
+            "shadow_verdict{route=\"web\",endpoint=\"GET /users/{id}\"} 0",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

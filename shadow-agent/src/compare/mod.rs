@@ -48,7 +48,10 @@ pub use report::{
     EndpointReport, Errors, Example, FieldReport, Flag, FlagReason, Latency, Report, RouteReport,
     StatusMismatches, StatusPair, Totals,
 };
-pub use verdict::{Verdict, VerdictConfig, VerdictReason, VerdictState};
+pub use verdict::{
+    EndpointVerdict, RouteVerdict, Verdict, VerdictConfig, VerdictReason, VerdictReport,
+    VerdictState,
+};
 
 /// Name of the endpoint that counts everything beyond `max_endpoints`.
 pub const OTHER_ENDPOINT: &str = "(other)";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
-use super::verdict::{self, Evidence, Verdict};
+use super::verdict::{self, EndpointVerdict, Evidence, RouteVerdict, Verdict, VerdictReport};
 use super::{Comparator, DiffKind, EndpointState};
 use crate::admin::export::{self, Export};
 use crate::latency::HistogramSnapshot;
@@ -207,6 +207,46 @@ pub(super) fn build(c: &Comparator) -> Report {
         flagged,
         endpoints,
         routes,
+    }
+}
+
+impl Report {
+    /// What `/verdict` serves: the routes' verdicts, each with its endpoints'.
+    pub fn verdicts(&self) -> VerdictReport {
+        let rank = |v: &Verdict| match v.verdict {
+            verdict::VerdictState::Fail => 0,
+            verdict::VerdictState::Insufficient => 1,
+            verdict::VerdictState::Pass => 2,
+        };
+        let routes: Vec<RouteVerdict> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let mut endpoints: Vec<EndpointVerdict> = self
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.route == r.route)
+                    .map(|e| EndpointVerdict {
+                        endpoint: e.endpoint.clone(),
+                        compared: e.compared,
+                        verdict: e.verdict.clone(),
+                    })
+                    .collect();
+                endpoints.sort_by(|a, b| {
+                    (rank(&a.verdict), &a.endpoint).cmp(&(rank(&b.verdict), &b.endpoint))
+                });
+                RouteVerdict {
+                    route: r.route.clone(),
+                    compared: r.compared,
+                    verdict: r.verdict.clone(),
+                    endpoints,
+                }
+            })
+            .collect();
+        VerdictReport {
+            verdict: verdict::VerdictState::combine(routes.iter().map(|r| r.verdict.verdict)),
+            routes,
+        }
     }
 }
 
@@ -432,20 +472,24 @@ impl Export for Report {
             t.segments_learned,
         )?;
         export_endpoints(e, &self.endpoints)?;
-        export_verdicts(e, self)
+        export_verdicts(e, &self.routes, &self.endpoints)
     }
 }
 
 /// `shadow_verdict{route,endpoint}`: 1 pass, 0 insufficient, -1 fail; a route's own verdict
 /// has `endpoint=""`. Routes are bounded by the configuration, endpoints by `max_endpoints`.
-pub fn export_verdicts(e: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
-    let routes = report.routes.iter().map(|r| {
+pub fn export_verdicts(
+    e: &mut DescriptorEncoder,
+    routes: &[RouteReport],
+    endpoints: &[EndpointReport],
+) -> std::fmt::Result {
+    let routes = routes.iter().map(|r| {
         (
             vec![("route", r.route.clone()), ("endpoint", String::new())],
             r.verdict.verdict.gauge(),
         )
     });
-    let endpoints = report.endpoints.iter().map(|ep| {
+    let endpoints = endpoints.iter().map(|ep| {
         (
             vec![
                 ("route", ep.route.clone()),

@@ -1002,6 +1002,32 @@ fn routes_count_their_endpoints_apart_and_each_gets_a_verdict() {
     );
     assert_eq!(report.routes[0].errors.shadow_5xx, 20);
     assert!(report.routes[1].latency.shadow_p99_ms.is_some());
+    // The page leads with the verdict, each reason named.
+    let page = render_html(&report);
+    assert!(page.contains("<h2>Verdict: fail</h2>"), "{page}");
+    assert!(
+        page.contains(
+            "<td>unexplained differences in 80.0% of exchanges (max 5.0%); 5xx 80.0% against \
+             live&#39;s 0.0% (max 1.0 points more)</td>"
+        ),
+        "{page}"
+    );
+    assert!(page.contains("<span class=\"verdict pass\" title=\"\">pass</span>"));
+    // `/verdict`: failing routes first, each with its endpoints, failing first.
+    let v = report.verdicts();
+    assert_eq!(v.verdict, VerdictState::Fail);
+    let endpoints: Vec<(&str, VerdictState)> = v.routes[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.endpoint.as_str(), e.verdict.verdict))
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            ("GET /items/{id}", VerdictState::Fail),
+            ("GET /health", VerdictState::Insufficient),
+        ]
+    );
 }
 
 #[test]

@@ -189,6 +189,61 @@ pub enum VerdictReason {
     },
 }
 
+impl fmt::Display for VerdictReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = |v: f64| v * 100.0;
+        match *self {
+            Self::TooFewExchanges { have, need } => {
+                write!(f, "too few exchanges: {have} of {need}")
+            }
+            Self::UnexplainedDifferences { share, max } => write!(
+                f,
+                "unexplained differences in {:.1}% of exchanges (max {:.1}%)",
+                pct(share),
+                pct(max)
+            ),
+            Self::ErrorRateIncrease { live, shadow, max } => write!(
+                f,
+                "5xx {:.1}% against live's {:.1}% (max {:.1} points more)",
+                pct(shadow),
+                pct(live),
+                pct(max)
+            ),
+            Self::P99LatencyRatio { ratio, max } => {
+                write!(f, "p99 latency {ratio:.2} times live's (max {max:.2})")
+            }
+        }
+    }
+}
+
+/// `/verdict`: every route's verdict with its endpoints', and all of them together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerdictReport {
+    /// Every route's together: `fail` when one fails, `pass` when all pass.
+    pub verdict: VerdictState,
+    /// Failing routes first.
+    pub routes: Vec<RouteVerdict>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteVerdict {
+    pub route: String,
+    pub compared: u64,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// Failing endpoints first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointVerdict>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointVerdict {
+    pub endpoint: String,
+    pub compared: u64,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub verdict: VerdictState,

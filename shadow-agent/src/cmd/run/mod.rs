@@ -654,5 +654,5 @@ fn stats_now(
     seconds: f64,
 ) -> Stats {
     let report = report.lock().unwrap_or_else(|p| p.into_inner());
-    Stats::collect(snap, stats, report.as_ref().map(|r| &r.totals), seconds)
+    Stats::collect(snap, stats, report.as_ref(), seconds)
 }
