@@ -507,7 +507,8 @@ pub fn export_verdicts(
     )
 }
 
-/// Per endpoint: exchanges by outcome, whether it is flagged, and the slowdown.
+/// Per endpoint: exchanges by outcome, whether it is flagged, and the slowdown. Labelled with
+/// the route too: the same endpoint through two routes is two rows.
 pub fn export_endpoints(
     e: &mut DescriptorEncoder,
     endpoints: &[EndpointReport],
@@ -527,6 +528,7 @@ pub fn export_endpoints(
             .map(|(outcome, n)| {
                 (
                     vec![
+                        ("route", ep.route.clone()),
                         ("endpoint", ep.endpoint.clone()),
                         ("outcome", outcome.to_owned()),
                     ],
@@ -541,7 +543,10 @@ pub fn export_endpoints(
         "1 when an endpoint is flagged: low match rate or slow shadow.",
         endpoints.iter().map(|ep| {
             (
-                vec![("endpoint", ep.endpoint.clone())],
+                vec![
+                    ("route", ep.route.clone()),
+                    ("endpoint", ep.endpoint.clone()),
+                ],
                 i64::from(ep.flagged),
             )
         }),
@@ -551,8 +556,15 @@ pub fn export_endpoints(
         "compare_slowdown_ratio",
         "Shadow p50 latency over live p50, per endpoint.",
         endpoints.iter().filter_map(|ep| {
-            ep.slowdown
-                .map(|v| (vec![("endpoint", ep.endpoint.clone())], v))
+            ep.slowdown.map(|v| {
+                (
+                    vec![
+                        ("route", ep.route.clone()),
+                        ("endpoint", ep.endpoint.clone()),
+                    ],
+                    v,
+                )
+            })
         }),
     )
 }

@@ -2,8 +2,8 @@
 //! from the comparison's counts and the thresholds of `[compare.verdict]`.
 //!
 //! Pure: counts in, a [`Verdict`] out, each reason named with the numbers behind it, so that a
-//! rollout that stops can say why. The counts are the comparator's since the agent started
-//! (or `[compare]` last changed): a verdict judges the shadow version as a whole, not a window.
+//! rollout that stops can say why. The counts are the comparator's since the agent started: a
+//! verdict judges the shadow version as a whole, not a window. docs/verdict.md has the rest.
 
 use std::fmt;
 use std::time::Duration;
@@ -479,6 +479,40 @@ mod tests {
         }
         let e = read("max_unexplained_share = 1.5").expect_err("out of range");
         assert!(e.to_string().contains("not a share from 0 to 1"), "{e}");
+    }
+
+    /// The examples of docs/verdict.md are what the agent reads and writes.
+    #[test]
+    fn the_documentation_examples_hold() {
+        let doc = include_str!("../../../docs/verdict.md");
+        let block = |lang: &str| {
+            let start = doc
+                .find(&format!("```{lang}\n"))
+                .unwrap_or_else(|| panic!("no {lang} block"))
+                + lang.len()
+                + 4;
+            let len = doc[start..].find("```").expect("a closed block");
+            &doc[start..start + len]
+        };
+        let report: VerdictReport = serde_json::from_str(block("json")).expect("/verdict's JSON");
+        assert_eq!(report.verdict, VerdictState::Fail);
+        assert_eq!(
+            report.routes[0].endpoints[1].verdict.reasons,
+            [VerdictReason::TooFewExchanges {
+                have: 40,
+                need: 100
+            }]
+        );
+        let toml: toml::Table = toml::from_str(block("toml")).expect("TOML");
+        let cfg: VerdictConfig = toml["compare"]["verdict"]
+            .clone()
+            .try_into()
+            .expect("[compare.verdict]");
+        assert_eq!(
+            cfg,
+            VerdictConfig::default(),
+            "the documented values are the defaults"
+        );
     }
 
     fn evidence() -> impl Strategy<Value = Evidence> {
