@@ -81,7 +81,7 @@ fn the_verdict_passes_a_clean_shadow_and_fails_a_changed_field_and_the_ramp_foll
         &format!(
             "[capture]\ninterfaces = [\"veth-lf\"]\nhooks = [\"ingress\", \"egress\"]\nports = [80]\n\n\
              {}max_in_flight = 1000\n\n\
-             [compare]\n[compare.verdict]\nmin_exchanges = 20\nmax_p99_ratio = 1000\n\n\
+             [compare]\n[compare.verdict]\nmin_exchanges = 20\nmax_p99_ratio = 1e9\n\n\
              [ramp]\nsteps = [{{ percent = 50, hold = \"1s\" }}, {{ percent = 100, hold = \"1h\" }}]\n\
              guard = {{ error_percent = 50 }}\ngate = \"verdict\"\n",
             route("").replace("SHADOW", &site.shadow_addr().to_string())
@@ -93,7 +93,7 @@ fn the_verdict_passes_a_clean_shadow_and_fails_a_changed_field_and_the_ramp_foll
     let v = verdict(&site);
     assert_eq!(v["verdict"], "insufficient", "{v:#}");
 
-    let v = until(&site, "pass", Duration::from_secs(60), |v| {
+    let v = until(&site, "pass", Duration::from_secs(120), |v| {
         route_verdict(v).is_some_and(|r| r["verdict"] == "pass")
     });
     let web = route_verdict(&v).expect("route web");
@@ -126,7 +126,7 @@ fn the_verdict_passes_a_clean_shadow_and_fails_a_changed_field_and_the_ramp_foll
     // The shadow regresses: same status, same headers, one field changed.
     drop(shadow);
     let _shadow = json_nginx(&site.shadow, site.shadow_addr(), REGRESSED_BODY);
-    let v = until(&site, "fail", Duration::from_secs(60), |v| {
+    let v = until(&site, "fail", Duration::from_secs(120), |v| {
         route_verdict(v).is_some_and(|r| r["verdict"] == "fail")
     });
     assert_eq!(v["verdict"], "fail", "{v:#}");
