@@ -13,7 +13,7 @@ use crate::budget::Tokens;
 use crate::capture::kernel::InterfaceTotals;
 use crate::capture::live::CaptureTotals;
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
-use crate::compare::Totals;
+use crate::compare::{Report, VerdictReport, VerdictState};
 use crate::mirror::stats::{MirrorSnapshot, MirrorStats};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -154,6 +154,9 @@ pub struct CompareStats {
     /// As of the last report; `None` before the first.
     pub other_exchanges: Option<OtherExchanges>,
     pub segments_learned: Option<u64>,
+    /// The routes' verdicts as of the last report, each with its failing endpoints only;
+    /// `None` before the first.
+    pub verdict: Option<VerdictReport>,
 }
 
 /// Exchanges counted under `(other)`, by why.
@@ -176,14 +179,15 @@ impl From<&Tokens> for TokenStats {
 }
 
 impl Stats {
-    /// The agent's counters as of `snap`, the mirror's, and the comparison's `totals` as of its
-    /// last report, `seconds` after the start.
+    /// The agent's counters as of `snap`, the mirror's, and the comparison's last `report`,
+    /// `seconds` after the start.
     pub fn collect(
         snap: &AgentSnapshot,
         mirror: &MirrorStats,
-        totals: Option<&Totals>,
+        report: Option<&Report>,
         seconds: f64,
     ) -> Self {
+        let totals = report.map(|r| &r.totals);
         let labelled = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
             pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
         };
@@ -232,6 +236,15 @@ impl Stats {
                     first_seen: t.endpoints_first_seen,
                 }),
                 segments_learned: totals.map(|t| t.segments_learned),
+                verdict: report.map(|r| {
+                    let mut v = r.verdicts();
+                    for route in &mut v.routes {
+                        route
+                            .endpoints
+                            .retain(|e| e.verdict.verdict == VerdictState::Fail);
+                    }
+                    v
+                }),
             }),
             mirror: mirror.snapshot(),
         }

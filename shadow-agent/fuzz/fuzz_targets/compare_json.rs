@@ -57,6 +57,7 @@ fuzz_target!(|input: &[u8]| {
     // Twice, so that the second is a repeated request and noise is learned from it.
     for _ in 0..2 {
         c.observe(&Exchange {
+            route: "web",
             method: "POST",
             target: "/fuzz",
             path: &fuzz_path,
@@ -67,6 +68,7 @@ fuzz_target!(|input: &[u8]| {
         });
     }
     c.observe(&Exchange {
+        route: "web",
         method: "GET",
         target: "/self",
         path: &self_path,

@@ -11,6 +11,7 @@ use shadow_agent::config::Config;
 use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
 use shadow_agent::mirror::stats::MirrorStats;
 use shadow_agent::node::{Node, NodeOptions, RampChange};
+use shadow_agent::policy::ramp::FallBack;
 use shadow_agent::stats::Stats;
 use tokio::sync::mpsc;
 
@@ -82,13 +83,28 @@ pub fn log_ramp(ramp: Option<RampChange>) {
         Some(RampChange::Advanced { from, to }) => {
             tracing::info!(from, to, "ramp: the shadow stayed healthy; mirroring more");
         }
-        Some(RampChange::FellBack { from, to, health }) => tracing::warn!(
+        Some(RampChange::FellBack {
+            from,
+            to,
+            health,
+            cause: FallBack::Guard,
+        }) => tracing::warn!(
             from,
             to,
             copies = health.requests,
             errors = health.errors,
             p99_ms = health.p99.map(|d| d.as_millis() as u64),
             "ramp: the shadow crossed the guard; fell back and holding there"
+        ),
+        Some(RampChange::FellBack {
+            from,
+            to,
+            cause: FallBack::Verdict,
+            ..
+        }) => tracing::warn!(
+            from,
+            to,
+            "ramp: the comparison's verdict is fail (see /verdict); fell back and holding there"
         ),
         None => {}
     }
@@ -111,5 +127,5 @@ pub fn stats_now(
     seconds: f64,
 ) -> Stats {
     let report = report.lock().unwrap_or_else(|p| p.into_inner());
-    Stats::collect(snap, stats, report.as_ref().map(|r| &r.totals), seconds)
+    Stats::collect(snap, stats, report.as_ref(), seconds)
 }
