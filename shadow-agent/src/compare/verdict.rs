@@ -68,6 +68,33 @@ impl From<Ratio> for f64 {
     }
 }
 
+/// A length of time written as `50ms` or `1s`, checked when read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Span(Duration);
+
+impl Span {
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl TryFrom<String> for Span {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        humantime::parse_duration(&value)
+            .map(Self)
+            .map_err(|e| format!("{value:?} is not a duration such as \"50ms\": {e}"))
+    }
+}
+
+impl From<Span> for String {
+    fn from(s: Span) -> String {
+        humantime::format_duration(s.0).to_string()
+    }
+}
+
 /// `[compare.verdict]`: when an endpoint or a route passes. Each value is checked as it is
 /// read, by its type.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,8 +106,12 @@ pub struct VerdictConfig {
     pub max_unexplained_share: Share,
     /// The shadow's 5xx share minus live's (0.01: one percentage point).
     pub max_error_rate_increase: Share,
-    /// The shadow's p99 latency over live's.
+    /// The shadow's p99 latency over live's...
     pub max_p99_ratio: Ratio,
+    /// ...counted only when the shadow's p99 is also this much above live's: live latency is
+    /// taken at the server, the shadow's from the agent across the network, so a service that
+    /// answers in a millisecond has a large ratio and no slowdown anyone feels.
+    pub min_p99_increase: Span,
 }
 
 impl Default for VerdictConfig {
@@ -90,6 +121,7 @@ impl Default for VerdictConfig {
             max_unexplained_share: Share(0.05),
             max_error_rate_increase: Share(0.01),
             max_p99_ratio: Ratio(2.0),
+            min_p99_increase: Span(Duration::from_millis(50)),
         }
     }
 }
@@ -298,7 +330,7 @@ pub fn judge(e: &Evidence, cfg: &VerdictConfig) -> Verdict {
     {
         let ratio = s.as_secs_f64() / l.as_secs_f64();
         let max = cfg.max_p99_ratio.get();
-        if ratio > max {
+        if ratio > max && s.saturating_sub(l) >= cfg.min_p99_increase.get() {
             reasons.push(VerdictReason::P99LatencyRatio { ratio, max });
         }
     }
@@ -366,7 +398,11 @@ mod tests {
 
     #[test]
     fn each_threshold_is_named() {
-        let cfg = VerdictConfig::default();
+        // The ratio alone: its floor has a test of its own.
+        let cfg = VerdictConfig {
+            min_p99_increase: Span(Duration::ZERO),
+            ..VerdictConfig::default()
+        };
         // (evidence, reasons expected)
         let unexplained = Evidence {
             matched: 94,
@@ -436,6 +472,34 @@ mod tests {
             };
             assert_eq!(judge(&e, &cfg).verdict, VerdictState::Pass, "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_fast_service_fails_on_latency_only_with_a_slowdown_one_can_feel() {
+        let cfg = VerdictConfig::default();
+        let judged = |live: u64, shadow: u64| {
+            judge(
+                &Evidence {
+                    live_p99: Some(Duration::from_millis(live)),
+                    shadow_p99: Some(Duration::from_millis(shadow)),
+                    ..clean(100)
+                },
+                &cfg,
+            )
+        };
+        // Four times live's, 3 ms more: the network to the shadow, not a slower version.
+        assert_eq!(judged(1, 4).verdict, VerdictState::Pass);
+        assert_eq!(
+            judged(1, 60).reasons,
+            [VerdictReason::P99LatencyRatio {
+                ratio: 60.0,
+                max: 2.0
+            }]
+        );
+        let read = toml::from_str::<VerdictConfig>("min_p99_increase = \"5ms\"").expect("valid");
+        assert_eq!(read.min_p99_increase.get(), Duration::from_millis(5));
+        let e = toml::from_str::<VerdictConfig>("min_p99_increase = \"soon\"").expect_err("bad");
+        assert!(e.to_string().contains("not a duration"), "{e}");
     }
 
     #[test]
@@ -538,14 +602,20 @@ mod tests {
     }
 
     fn config() -> impl Strategy<Value = VerdictConfig> {
-        (0u64..500, 0.0..=1.0f64, 0.0..=1.0f64, 0.1..10.0f64).prop_map(|(n, u, e, r)| {
-            VerdictConfig {
+        (
+            0u64..500,
+            0.0..=1.0f64,
+            0.0..=1.0f64,
+            0.1..10.0f64,
+            0u64..200,
+        )
+            .prop_map(|(n, u, e, r, floor)| VerdictConfig {
                 min_exchanges: n,
                 max_unexplained_share: Share(u),
                 max_error_rate_increase: Share(e),
                 max_p99_ratio: Ratio(r),
-            }
-        })
+                min_p99_increase: Span(Duration::from_millis(floor)),
+            })
     }
 
     proptest! {
