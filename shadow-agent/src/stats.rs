@@ -14,6 +14,7 @@ use crate::capture::kernel::InterfaceTotals;
 use crate::capture::live::CaptureTotals;
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
 use crate::compare::Totals;
+use crate::compare::encoding::DecodeCounts;
 use crate::mirror::stats::{MirrorSnapshot, MirrorStats};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -154,6 +155,8 @@ pub struct CompareStats {
     /// As of the last report; `None` before the first.
     pub other_exchanges: Option<OtherExchanges>,
     pub segments_learned: Option<u64>,
+    /// Bodies with a content coding, by what decoding did; as of the last report.
+    pub decoding: Option<DecodeCounts>,
 }
 
 /// Exchanges counted under `(other)`, by why.
@@ -232,6 +235,7 @@ impl Stats {
                     first_seen: t.endpoints_first_seen,
                 }),
                 segments_learned: totals.map(|t| t.segments_learned),
+                decoding: totals.map(|t| t.decoding),
             }),
             mirror: mirror.snapshot(),
         }

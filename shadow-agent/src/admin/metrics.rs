@@ -427,6 +427,8 @@ mod tests {
             "shadow_compare_other_exchanges_total{reason=\"full\"} 0",
             "shadow_compare_other_exchanges_total{reason=\"first_seen\"} 0",
             "shadow_compare_segments_learned_total 0",
+            "shadow_compare_encoded_bodies_total{outcome=\"decoded\"} 0",
+            "shadow_compare_encoded_bodies_total{outcome=\"ratio\"} 0",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

@@ -91,6 +91,17 @@ pub fn render_html(report: &Report) -> String {
             t.endpoints_first_seen
         );
     }
+    let d = &t.decoding;
+    if d.decoded + d.failed() > 0 {
+        let _ = writeln!(
+            h,
+            "<p>Compressed bodies: {} decoded and compared by content; compared by their encoded \
+             bytes: {} over <code>max_body_bytes</code> decoded, {} over \
+             <code>max_decoded_ratio</code> (likely decompression bombs), {} corrupt, {} in an \
+             unknown coding.</p>",
+            d.decoded, d.too_large, d.ratio, d.corrupt, d.unknown
+        );
+    }
     if report.flagged.is_empty() {
         h.push_str("<p>No endpoint is flagged.</p>\n");
     } else {

@@ -9,7 +9,8 @@
 //! [`pairing`] first brings the parts of one exchange together as they arrive: the live response
 //! from the capture, the shadow's and the baseline's answers from the senders.
 //!
-//! What is compared: the status code, the configured headers, and the body — JSON structurally
+//! What is compared: the status code, the configured headers, and the body, decoded first when
+//! it has a content coding ([`encoding`]) — JSON structurally
 //! into field paths ([`json`]), text by a normalised form, anything else by bytes. Which of those
 //! differences count is learned per endpoint and field ([`noise`]); the endpoint is the method
 //! and a path template ([`endpoint`]).
@@ -21,6 +22,7 @@
 //! endpoint an exchange is judged at once with what is known then.
 
 mod body;
+pub mod encoding;
 pub mod endpoint;
 mod html;
 pub mod json;
@@ -99,7 +101,11 @@ pub struct CompareConfig {
     /// number of leaves remembered per response for learning noise without a baseline.
     pub max_fields_per_endpoint: usize,
     /// Bodies longer than this (either side) are compared by length and hash only, and counted.
+    /// Also the most a compressed body is decoded to; beyond it, it is compared encoded.
     pub max_body_bytes: usize,
+    /// A compressed body decoding to more than this many times its size (a likely
+    /// decompression bomb) is compared encoded, and counted.
+    pub max_decoded_ratio: u32,
     /// Requests remembered for learning noise from identical repeated requests.
     pub max_fingerprints: usize,
     /// Same-version observations an endpoint needs before any of its fields can be noise.
@@ -165,6 +171,8 @@ impl Default for CompareConfig {
             max_endpoints: 200,
             max_fields_per_endpoint: 64,
             max_body_bytes: 256 * 1024,
+            // JSON rarely compresses beyond 20:1; a bomb does 1000:1.
+            max_decoded_ratio: 100,
             max_fingerprints: 1024,
             min_samples: 20,
             noise_share: 0.5,
@@ -209,6 +217,13 @@ impl CompareConfig {
             + fingerprints
             + Templater::memory_limit(&self.templates)
             + Recent::memory_limit(endpoint::RECENT)
+    }
+
+    fn decode_limits(&self) -> encoding::DecodeLimits {
+        encoding::DecodeLimits {
+            max_bytes: self.max_body_bytes,
+            max_ratio: self.max_decoded_ratio,
+        }
     }
 
     fn noise_rule(&self) -> NoiseRule {
@@ -268,7 +283,8 @@ pub enum DiffKind {
     NotJson,
     /// Text bodies differing after normalisation.
     Text,
-    /// Other bodies (binary, compressed, or longer than `max_body_bytes`) differing in bytes.
+    /// Other bodies (binary, compressed ones that did not decode, or longer than
+    /// `max_body_bytes`) differing in bytes.
     Bytes,
     /// A compared header.
     Header,
@@ -458,6 +474,8 @@ pub struct Comparator {
     /// New endpoint names met while more than half the slots were taken.
     names_seen: Recent,
     fingerprints: Fingerprints,
+    /// Bodies with a content coding, by what decoding them did.
+    decoding: encoding::DecodeCounts,
 }
 
 impl Comparator {
@@ -483,6 +501,7 @@ impl Comparator {
             endpoints_overflowed: 0,
             endpoints_first_seen: 0,
             names_seen: Recent::new(endpoint::RECENT),
+            decoding: encoding::DecodeCounts::default(),
         }
     }
 
@@ -510,14 +529,15 @@ impl Comparator {
         ep.live_latency.record(exchange.live.latency);
         ep.shadow_latency.record(exchange.candidate.latency);
 
-        let live = Body::parse(&exchange.live, cfg.max_body_bytes);
+        let limits = cfg.decode_limits();
+        let (live, live_decoding) = parse(&exchange.live, limits, &mut self.decoding);
         let max_fields = cfg.max_fields_per_endpoint;
         let sensitive = |k: &str| is_sensitive(&cfg.sensitive, k);
 
         // Noise first, so that this exchange is judged with what it teaches too.
         if let Some(baseline) = &exchange.baseline {
             if baseline.status == exchange.live.status {
-                let other = Body::parse(baseline, cfg.max_body_bytes);
+                let (other, _) = parse(baseline, limits, &mut self.decoding);
                 let diffs = body::compare(&live, &other, &options);
                 ep.counts.noise_samples += 1;
                 let mut seen = Vec::new();
@@ -568,7 +588,8 @@ impl Comparator {
             return;
         }
         ep.counts.compared_bodies += 1;
-        let candidate = Body::parse(&exchange.candidate, cfg.max_body_bytes);
+        let (candidate, candidate_decoding) =
+            parse(&exchange.candidate, limits, &mut self.decoding);
         if live.oversized() || candidate.oversized() {
             ep.oversized_bodies += 1;
         }
@@ -577,6 +598,7 @@ impl Comparator {
             exchange.candidate.headers,
             &cfg.headers,
             &cfg.ignore_headers,
+            body::encoding_compared_by_content(live_decoding, candidate_decoding),
         );
         diffs.extend(body::compare(&live, &candidate, &options));
 
@@ -670,6 +692,19 @@ impl Comparator {
         self.by_name.insert(name, index);
         index
     }
+}
+
+/// A body as compared, its decoding counted.
+fn parse<'a>(
+    observed: &Observed<'a>,
+    limits: encoding::DecodeLimits,
+    counts: &mut encoding::DecodeCounts,
+) -> (Body<'a>, body::Decoding) {
+    let (body, decoding) = Body::parse(observed, limits);
+    if let Some(outcome) = decoding.outcome() {
+        counts.count(outcome);
+    }
+    (body, decoding)
 }
 
 /// Identical requests share a fingerprint: method, target with query, and body.

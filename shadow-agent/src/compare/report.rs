@@ -11,6 +11,7 @@ use std::time::Duration;
 use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
+use super::encoding::DecodeCounts;
 use super::{Comparator, DiffKind, EndpointState};
 use crate::admin::export::{self, Export};
 
@@ -140,6 +141,9 @@ pub struct Totals {
     /// repeat.
     #[serde(default)]
     pub segments_learned: u64,
+    /// Bodies with a content coding (live, shadow and baseline), by what decoding did.
+    #[serde(default)]
+    pub decoding: DecodeCounts,
     pub memory_bytes: usize,
 }
 
@@ -170,6 +174,7 @@ pub(super) fn build(c: &Comparator) -> Report {
             endpoints_overflowed: c.endpoints_overflowed,
             endpoints_first_seen: c.endpoints_first_seen,
             segments_learned: c.templater.learned(),
+            decoding: c.decoding,
             memory_bytes: c.memory_bytes(),
         },
         flagged,
@@ -322,6 +327,25 @@ impl Export for Report {
              not repeat.",
             None,
             t.segments_learned,
+        )?;
+        let d = &t.decoding;
+        export::counters(
+            e,
+            "compare_encoded_bodies",
+            "Bodies with a Content-Encoding, by outcome: decoded and compared by content, or \
+             compared by their encoded bytes because the decoded body would exceed \
+             max_body_bytes (too_large) or max_decoded_ratio (ratio), the stream is corrupt, or \
+             the coding is unknown.",
+            None,
+            [
+                ("decoded", d.decoded),
+                ("too_large", d.too_large),
+                ("ratio", d.ratio),
+                ("corrupt", d.corrupt),
+                ("unknown", d.unknown),
+            ]
+            .into_iter()
+            .map(|(o, n)| (vec![("outcome", o.to_owned())], n)),
         )?;
         export_endpoints(e, &self.endpoints)
     }

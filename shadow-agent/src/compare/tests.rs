@@ -877,3 +877,131 @@ fn an_endpoint_names_the_live_workloads_that_served_it() {
         "{html}"
     );
 }
+
+/// Compressed answers: decoded before comparison, within the caps, failures counted.
+mod compressed {
+    use super::super::encoding::tests::{brotli, gzip, zstd};
+    use super::*;
+
+    const ITEMS: &str = r#"{"items":[{"sku":"a","price":9.5},{"sku":"b","price":3}],"page":1}"#;
+
+    fn with_encoding(coding: &str) -> Headers {
+        headers(&[
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", coding),
+        ])
+    }
+
+    /// One exchange of `/items`, live and candidate with their own headers and bodies.
+    fn observe(c: &mut Comparator, live: (&Headers, &[u8]), candidate: (&Headers, &[u8])) {
+        let path = read_path("/items");
+        c.observe(&Exchange {
+            method: "GET",
+            server: None,
+            target: "/items",
+            path: &path,
+            request_body: b"",
+            live: observed(200, live.0, live.1, 5),
+            candidate: observed(200, candidate.0, candidate.1, 5),
+            baseline: None,
+        });
+    }
+
+    #[test]
+    fn gzip_against_brotli_with_the_same_json_matches() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let (lh, sh) = (with_encoding("gzip"), with_encoding("br"));
+        let (live, shadow) = (gzip(ITEMS.as_bytes()), brotli(ITEMS.as_bytes()));
+        assert_ne!(live, shadow);
+        observe(&mut c, (&lh, &live), (&sh, &shadow));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert_eq!((e.compared, e.matched), (1, 1), "{e:#?}");
+        assert!(e.top_fields.is_empty(), "{:?}", e.top_fields);
+        assert_eq!(report.totals.decoding.decoded, 2);
+        assert_eq!(report.totals.decoding.failed(), 0);
+    }
+
+    #[test]
+    fn compressed_on_one_side_only_matches_the_same_content() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let (lh, sh) = (with_encoding("zstd"), json_headers());
+        let live = zstd(ITEMS.as_bytes());
+        observe(&mut c, (&lh, &live), (&sh, ITEMS.as_bytes()));
+        // Chained: gzip applied first, then br.
+        let chained = with_encoding("gzip, br");
+        let both = brotli(&gzip(ITEMS.as_bytes()));
+        observe(&mut c, (&chained, &both), (&sh, ITEMS.as_bytes()));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert_eq!((e.compared, e.matched), (2, 2), "{e:#?}");
+        assert_eq!(report.totals.decoding.decoded, 2);
+    }
+
+    #[test]
+    fn a_changed_field_inside_gzip_is_flagged_with_its_path() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let h = with_encoding("gzip");
+        let changed = ITEMS.replace("9.5", "10.5");
+        let (live, shadow) = (gzip(ITEMS.as_bytes()), gzip(changed.as_bytes()));
+        observe(&mut c, (&h, &live), (&h, &shadow));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert_eq!(e.matched, 0);
+        let f = field(e, "$.items[*].price").expect("the price is a field");
+        let example = f.example.as_ref().expect("an example");
+        assert_eq!(example.path, "$.items[0].price");
+        assert_eq!(
+            (example.live.as_str(), example.shadow.as_str()),
+            ("9.5", "10.5")
+        );
+    }
+
+    #[test]
+    fn a_different_encoding_that_fails_still_compares_the_header() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let (lh, sh) = (with_encoding("gzip"), with_encoding("compress"));
+        let live = gzip(ITEMS.as_bytes());
+        observe(&mut c, (&lh, &live), (&sh, b"\x1f\x9d\x90opaque"));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert!(field(e, "header:content-encoding").is_some(), "{e:#?}");
+        assert!(field(e, "$").is_some(), "{e:#?}");
+        assert_eq!(report.totals.decoding.unknown, 1);
+        assert_eq!(report.totals.decoding.decoded, 1);
+    }
+
+    #[test]
+    fn a_bomb_is_capped_compared_by_bytes_and_counted() {
+        // 8 MiB of zeros, about 8 KiB gzipped: far over the default ratio of 100, which stops
+        // it at about 800 KiB, below the size cap.
+        let bomb = gzip(&vec![0u8; 8 * 1024 * 1024]);
+        let config = CompareConfig {
+            max_body_bytes: 16 * 1024 * 1024,
+            ..CompareConfig::default()
+        };
+        let limit = config.memory_limit();
+        let mut c = Comparator::new(config);
+        let h = with_encoding("gzip");
+        observe(&mut c, (&h, &bomb), (&h, &bomb));
+        let d = c.report().totals.decoding;
+        assert_eq!((d.ratio, d.decoded, d.failed()), (2, 0, 2), "{d:?}");
+        // Under the default size cap (256 KiB) the size is the tighter one.
+        let mut small = Comparator::new(CompareConfig::default());
+        observe(&mut small, (&h, &bomb), (&h, &bomb));
+        assert_eq!(small.report().totals.decoding.too_large, 2);
+
+        // A truncated stream is compared by its bytes, and counted as corrupt.
+        let whole = gzip(ITEMS.as_bytes());
+        let truncated = &whole[..whole.len() - 4];
+        observe(&mut c, (&h, &bomb), (&h, truncated));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        // The bomb matched itself byte for byte; the truncated answer differs.
+        assert_eq!((e.compared, e.matched), (2, 1));
+        assert_eq!(field(e, "$").map(|f| f.kind), Some(DiffKind::Bytes));
+        let d = report.totals.decoding;
+        assert_eq!((d.ratio, d.corrupt), (3, 1), "{d:?}");
+        assert!(c.memory_bytes() <= limit);
+    }
+}
