@@ -25,10 +25,12 @@ mod body;
 pub mod encoding;
 pub mod endpoint;
 mod html;
+pub mod http_file;
 pub mod json;
 pub mod noise;
 pub mod pairing;
 pub mod report;
+pub mod sample;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -48,6 +50,7 @@ pub use report::{
     EndpointReport, Example, FieldReport, Flag, FlagReason, Latency, Report, StatusMismatches,
     StatusPair, Totals,
 };
+pub use sample::{Sample, SampleAnswer};
 
 /// Name of the endpoint that counts everything beyond `max_endpoints`.
 pub const OTHER_ENDPOINT: &str = "(other)";
@@ -199,7 +202,11 @@ impl CompareConfig {
             + 2 * MAX_OUTCOMES * (size_of::<(Box<[u32]>, u64)>() + 1)
             + MAX_OUTCOMES * MAX_OUTCOME_FIELDS * 4
             + 2 * MAX_STATUS_PAIRS * size_of::<StatusCount>()
-            + MAX_ENDPOINT_WORKLOADS * (size_of::<(String, u64)>() + MAX_WORKLOAD_CHARS);
+            + MAX_ENDPOINT_WORKLOADS * (size_of::<(String, u64)>() + MAX_WORKLOAD_CHARS)
+            + sample::SAMPLES_PER_ENDPOINT
+                * (size_of::<KeptSample>()
+                    + sample::Sample::memory_limit()
+                    + 4 * MAX_OUTCOME_FIELDS);
         let endpoints = (self.max_endpoints + 1)
             * (endpoint
                 + size_of::<EndpointState>()
@@ -258,6 +265,9 @@ pub struct Exchange<'a> {
     /// The path as the policy read it to mirror the request: it names the endpoint.
     pub path: &'a RequestPath,
     pub request_body: &'a [u8],
+    /// The request's headers in wire order (with `Host`), for the samples kept of exchanges
+    /// that differ; at most [`sample::SAMPLE_HEAD_BYTES`] of them are used.
+    pub request_headers: &'a [(String, Vec<u8>)],
     pub live: Observed<'a>,
     /// The shadow deployment under test.
     pub candidate: Observed<'a>,
@@ -341,6 +351,40 @@ struct EndpointState {
     /// in `workloads_other`.
     workloads: Vec<(String, u64)>,
     workloads_other: u64,
+    /// Exchanges that differed in status or in a field that counted when they were seen, at most
+    /// [`sample::SAMPLES_PER_ENDPOINT`].
+    samples: Vec<KeptSample>,
+}
+
+/// A sample with what it differed in, so that one since explained by learned noise can give
+/// its place to one that is not.
+#[derive(Debug)]
+struct KeptSample {
+    sample: Sample,
+    fields: Box<[u32]>,
+    status_differs: bool,
+}
+
+impl KeptSample {
+    fn explained(&self, ep: &EndpointState, rule: &NoiseRule) -> bool {
+        !self.status_differs && !self.fields.iter().any(|&i| ep.counts_against(i, rule))
+    }
+
+    /// The sample as reported: with the fields that count now.
+    fn report(&self, ep: &EndpointState, rule: &NoiseRule) -> Sample {
+        let mut sample = self.sample.clone();
+        sample.fields = if self.status_differs {
+            vec!["status".to_owned()]
+        } else {
+            self.fields
+                .iter()
+                .filter(|&&i| ep.counts_against(i, rule))
+                .filter_map(|&i| ep.fields.get(i as usize).map(|f| f.path.clone()))
+                .take(sample::SAMPLE_FIELDS)
+                .collect()
+        };
+        sample
+    }
 }
 
 impl EndpointState {
@@ -363,6 +407,28 @@ impl EndpointState {
             shadow_latency: LatencyHistogram::default(),
             workloads: Vec::new(),
             workloads_other: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Where a new sample would go: a free place, or that of one explained since; `None` when
+    /// every kept sample still counts.
+    fn sample_slot(&self, rule: &NoiseRule) -> Option<usize> {
+        if self.samples.len() < sample::SAMPLES_PER_ENDPOINT {
+            return Some(self.samples.len());
+        }
+        self.samples.iter().position(|s| s.explained(self, rule))
+    }
+
+    fn keep_sample(&mut self, slot: usize, kept: KeptSample) {
+        if slot < self.samples.len() {
+            self.samples[slot] = kept;
+        } else {
+            // Exactly as many as are kept, for the memory bound.
+            if self.samples.capacity() == 0 {
+                self.samples.reserve_exact(sample::SAMPLES_PER_ENDPOINT);
+            }
+            self.samples.push(kept);
         }
     }
 
@@ -441,6 +507,12 @@ impl EndpointState {
                 .workloads
                 .iter()
                 .map(|(w, _)| w.capacity())
+                .sum::<usize>()
+            + self.samples.capacity() * size_of::<KeptSample>()
+            + self
+                .samples
+                .iter()
+                .map(|s| s.sample.memory_bytes() - size_of::<Sample>() + s.fields.len() * 4)
                 .sum::<usize>()
     }
 
@@ -583,8 +655,27 @@ impl Comparator {
             }
         }
 
+        let rule = cfg.noise_rule();
+        let compared_header = |h: &str| cfg.headers.contains(h) && !cfg.ignore_headers.contains(h);
         if exchange.live.status != exchange.candidate.status {
             ep.count_status(exchange.live.status, exchange.candidate.status);
+            if let Some(slot) = ep.sample_slot(&rule) {
+                // Parsed only to be shown: not compared, so not counted.
+                let (candidate, _) = Body::parse(&exchange.candidate, limits);
+                let sample = sample::take(
+                    sample_input(exchange, &live, &candidate),
+                    &compared_header,
+                    &sensitive,
+                );
+                ep.keep_sample(
+                    slot,
+                    KeptSample {
+                        sample,
+                        fields: Box::new([]),
+                        status_differs: true,
+                    },
+                );
+            }
             return;
         }
         ep.counts.compared_bodies += 1;
@@ -616,6 +707,31 @@ impl Comparator {
         for &i in &differing {
             ep.fields[i as usize].counts.raw += 1;
         }
+        if differing.iter().any(|&i| ep.counts_against(i, &rule))
+            && let Some(slot) = ep.sample_slot(&rule)
+        {
+            let sample = sample::take(
+                sample_input(exchange, &live, &candidate),
+                &compared_header,
+                &sensitive,
+            );
+            // The fields that count now, as many as an outcome keeps: whether they still count
+            // decides whether the sample is reported.
+            let fields = differing
+                .iter()
+                .copied()
+                .filter(|&i| ep.counts_against(i, &rule))
+                .take(MAX_OUTCOME_FIELDS)
+                .collect();
+            ep.keep_sample(
+                slot,
+                KeptSample {
+                    sample,
+                    fields,
+                    status_differs: false,
+                },
+            );
+        }
 
         let outcome = differing.into_boxed_slice();
         if let Some(n) = ep.outcomes.get_mut(&outcome) {
@@ -623,7 +739,6 @@ impl Comparator {
         } else if ep.outcomes.len() < MAX_OUTCOMES && outcome.len() <= MAX_OUTCOME_FIELDS {
             ep.outcomes.insert(outcome, 1);
         } else {
-            let rule = cfg.noise_rule();
             if outcome.iter().any(|&i| ep.counts_against(i, &rule)) {
                 ep.judged_mismatched += 1;
             } else {
@@ -691,6 +806,26 @@ impl Comparator {
         self.endpoints.push(EndpointState::new(name.clone()));
         self.by_name.insert(name, index);
         index
+    }
+}
+
+/// The parts of an exchange a sample is made of.
+fn sample_input<'x, 'b>(
+    exchange: &'x Exchange<'_>,
+    live: &'x Body<'b>,
+    candidate: &'x Body<'b>,
+) -> sample::SampleInput<'x, 'b> {
+    sample::SampleInput {
+        method: exchange.method,
+        target: exchange.target,
+        request_headers: exchange.request_headers,
+        request_body: exchange.request_body,
+        live: (exchange.live.status, exchange.live.headers, live),
+        shadow: (
+            exchange.candidate.status,
+            exchange.candidate.headers,
+            candidate,
+        ),
     }
 }
 

@@ -12,6 +12,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
 use super::encoding::DecodeCounts;
+use super::sample::Sample;
 use super::{Comparator, DiffKind, EndpointState};
 use crate::admin::export::{self, Export};
 
@@ -75,6 +76,10 @@ pub struct EndpointReport {
     /// Exchanges of workloads beyond those listed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub workloads_other: u64,
+    /// A few exchanges that differed in a field that counts (or in status), redacted and cut,
+    /// for `report --export`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -264,6 +269,12 @@ fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
             w
         },
         workloads_other: ep.workloads_other,
+        samples: ep
+            .samples
+            .iter()
+            .filter(|s| !s.explained(ep, &rule))
+            .map(|s| s.report(ep, &rule))
+            .collect(),
     }
 }
 
