@@ -58,6 +58,7 @@ fuzz_target!(|input: &[u8]| {
     for _ in 0..2 {
         c.observe(&Exchange {
             method: "POST",
+            server: None,
             target: "/fuzz",
             path: &fuzz_path,
             request_body: b"",
@@ -69,6 +70,7 @@ fuzz_target!(|input: &[u8]| {
     }
     c.observe(&Exchange {
         method: "GET",
+        server: None,
         target: "/self",
         path: &self_path,
         request_body: b"",
