@@ -184,6 +184,19 @@ fn endpoint(h: &mut String, e: &EndpointReport) {
         }
         h.push_str("</p>");
     }
+    if !e.samples.is_empty() {
+        // The requests themselves are not shown here: the page is for reading, the `.http`
+        // files for running them.
+        let _ = write!(
+            h,
+            "<p>{} sample exchanges kept, such as <code>{} {}</code>: \
+             <code>shadow-agent report --export DIR</code> writes them as <code>.http</code> \
+             files.</p>",
+            e.samples.len(),
+            escape(&e.samples[0].method),
+            escape(&e.samples[0].target)
+        );
+    }
     if !e.status_mismatches.top.is_empty() {
         h.push_str("<table><tr><th>live status</th><th>shadow status</th><th>count</th></tr>");
         for p in &e.status_mismatches.top {

@@ -937,6 +937,7 @@ mod compressed {
         assert!(e.top_fields.is_empty(), "{:?}", e.top_fields);
         assert_eq!(report.totals.decoding.decoded, 2);
         assert_eq!(report.totals.decoding.failed(), 0);
+        assert!(render_html(&report).contains("Compressed bodies: 2 decoded"));
     }
 
     #[test]
@@ -1137,6 +1138,13 @@ mod samples {
         // The report reads back as it was, samples included.
         let back: Report = serde_json::from_str(&json).expect("reads back");
         assert_eq!(back, report);
+
+        let page = render_html(&report);
+        assert!(
+            page.contains("3 sample exchanges kept, such as <code>POST /refunds?dry=1</code>"),
+            "{page}"
+        );
+        assert!(!page.contains("s3cr3t") && !page.contains("hunter2"));
 
         let files = http_file::export(&back);
         assert_eq!(files.len(), 1);
