@@ -449,6 +449,12 @@ fn section_errors() {
             "not above 0",
         ),
         (
+            "[compare]\nmax_decoded_ratio = 0",
+            11,
+            "compare.max_decoded_ratio",
+            "at least 1",
+        ),
+        (
             "[budget]\ntarget_bytes_per_sec = -5",
             12,
             "budget.target_bytes_per_sec",
@@ -634,6 +640,7 @@ fn accepted_values() {
         "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }, { percent = 100, hold = \"1h\" }]\nguard = { error_percent = 1 }",
         "[limits]\nmemory = \"1GiB\"",
         "[compare]\nignore_fields = [\"$.request_id\", \"**.timestamp\"]\narray_order = \"unordered\"\nnumeric_tolerance = 0.01",
+        "[compare]\nmax_decoded_ratio = 1000",
         "[limits]\nmemory = \"67108864\"",
         "[policy]",
         "[policy]\ndeny_paths = []",
