@@ -1030,6 +1030,19 @@ fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: 
         html.contains("POST /refunds") && html.contains("$.total"),
         "{html}"
     );
+    // The regression's requests, to replay: one `.http` file for the flagged endpoint.
+    let export = site.dir.path().join("export");
+    shadow_tests::run_ok(&mut site.live.exec_built(
+        &bin,
+        &["report", "--export", export.to_str().expect("utf-8 path")],
+    ));
+    let http = std::fs::read_to_string(export.join("POST_refunds.http")).expect(".http file");
+    assert!(
+        http.contains("### POST /refunds #1")
+            && http.contains("# differs in: $.total")
+            && http.contains("\nPOST http://"),
+        "{http}"
+    );
     let shot = site.dir.path().join("report.png");
     shadow_tests::run_ok(Program::Chromium.command().args([
         "--headless",
