@@ -235,6 +235,7 @@ fn exchanges<'a>(
                 Case::NoiseRepeated | Case::NoiseRepeated4096 => (None, &pools.noisy[3 * k + 2]),
             };
             Exchange {
+                route: "web",
                 method: "GET",
                 server: None,
                 target: TARGET,
@@ -387,6 +388,7 @@ fn bench_unordered(c: &mut Criterion) {
         ("few_differences_100k", &changed, 0),
     ] {
         let exchange = Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: TARGET,

@@ -387,6 +387,20 @@ pub struct RampConfig {
     /// Strictly increasing percents, each held for its time before the next.
     pub steps: Vec<RampStep>,
     pub guard: RampGuard,
+    /// What else a step needs to advance, besides its hold and the guard.
+    pub gate: RampGate,
+}
+
+/// `ramp.gate`: what a step needs besides its hold and a healthy guard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RampGate {
+    /// Nothing more (`"health"`).
+    #[default]
+    Health,
+    /// The comparison's verdict (`"verdict"`, needs `[compare]`): the ramp advances only while
+    /// it is `pass` for every route compared, falls back when one route's is `fail`, and holds
+    /// while it is `insufficient`.
+    Verdict,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -615,6 +629,7 @@ struct RawLimits {
 struct RawRamp {
     steps: Sp<Vec<Sp<RawStep>>>,
     guard: Option<Sp<RawGuard>>,
+    gate: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]
@@ -810,6 +825,17 @@ fn load<'s>(src: &'s str, report: &mut Report<'s>) -> Option<Config> {
         Some(Some((r, span))) => check_ramp(r, span, report),
         _ => None,
     };
+    if ramp.as_ref().is_some_and(|r| r.gate == RampGate::Verdict) && compare.is_none() {
+        let span = root
+            .get("ramp")
+            .and_then(|r| r.get_ref().get("gate"))
+            .map_or(0..0, |g| g.span());
+        report.at(
+            span,
+            "ramp.gate",
+            "`verdict` needs a `[compare]` section: the verdict comes from the comparison",
+        );
+    }
     let capture = capture?;
     for (i, route) in routes.iter().enumerate() {
         if let PortMatch::Number(port) = route.matcher.port
@@ -1752,12 +1778,28 @@ fn check_ramp(raw: RawRamp, section: Range<usize>, r: &mut Report<'_>) -> Option
             })
         }
     };
+    let gate = match raw.gate {
+        None => RampGate::Health,
+        Some(g) => match g.get_ref().as_str() {
+            "health" => RampGate::Health,
+            "verdict" => RampGate::Verdict,
+            other => {
+                r.at(
+                    g.span(),
+                    "ramp.gate",
+                    format!("`{other}` is not a gate; expected `health` or `verdict`"),
+                );
+                RampGate::Health
+            }
+        },
+    };
     if r.issues.len() != before {
         return None;
     }
     Some(RampConfig {
         steps,
         guard: guard?,
+        gate,
     })
 }
 

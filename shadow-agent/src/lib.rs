@@ -11,7 +11,8 @@
 //! - [`mirror`]: a request in, its copies out, tagged and charged to the [`budget`] (pure), with
 //!   the counters of what became of each;
 //! - [`node`]: what `run` decides between the pipeline and the senders (copies, the dry run,
-//!   pairing, the ramp, reloads), pure, fed by `cmd/run/`;
+//!   pairing, the ramp, reloads), pure, fed by `cmd/run/` and, from a pcap file, `cmd/replay.rs`
+//!   paced by [`replay`];
 //! - [`forward`]: the senders, lanes of connections to each target;
 //! - [`compare`]: live and shadow answers paired and compared per endpoint (pure);
 //! - [`admin`]: the admin endpoint (probes, metrics, `/stats`, the report).
@@ -41,4 +42,5 @@ pub mod node;
 pub mod pcap;
 pub mod pipeline;
 pub mod policy;
+pub mod replay;
 pub mod stats;

@@ -21,6 +21,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Mirror live traffic to shadow targets, as the configuration file says.
     Run(cmd::run::Args),
+    /// Send the exchanges of a pcap file to shadow targets again, paced by their recorded times.
+    Replay(cmd::replay::Args),
     /// Show a running agent's routes, targets and capture, from its admin endpoint.
     Status(cmd::status::Args),
     /// Write a running agent's comparison of live and shadow responses as an HTML page or JSON,
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::CheckConfig(args) => cmd::check_config::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Replay(args) => cmd::replay::run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::Report(args) => cmd::report::run(args),
     };

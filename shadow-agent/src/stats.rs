@@ -13,8 +13,8 @@ use crate::budget::Tokens;
 use crate::capture::kernel::InterfaceTotals;
 use crate::capture::live::CaptureTotals;
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
-use crate::compare::Totals;
 use crate::compare::encoding::DecodeCounts;
+use crate::compare::{Report, VerdictReport, VerdictState};
 use crate::mirror::stats::{MirrorSnapshot, MirrorStats};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -157,6 +157,9 @@ pub struct CompareStats {
     pub segments_learned: Option<u64>,
     /// Bodies with a content coding, by what decoding did; as of the last report.
     pub decoding: Option<DecodeCounts>,
+    /// The routes' verdicts as of the last report, each with its failing endpoints only;
+    /// `None` before the first.
+    pub verdict: Option<VerdictReport>,
 }
 
 /// Exchanges counted under `(other)`, by why.
@@ -179,14 +182,15 @@ impl From<&Tokens> for TokenStats {
 }
 
 impl Stats {
-    /// The agent's counters as of `snap`, the mirror's, and the comparison's `totals` as of its
-    /// last report, `seconds` after the start.
+    /// The agent's counters as of `snap`, the mirror's, and the comparison's last `report`,
+    /// `seconds` after the start.
     pub fn collect(
         snap: &AgentSnapshot,
         mirror: &MirrorStats,
-        totals: Option<&Totals>,
+        report: Option<&Report>,
         seconds: f64,
     ) -> Self {
+        let totals = report.map(|r| &r.totals);
         let labelled = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
             pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
         };
@@ -236,6 +240,15 @@ impl Stats {
                 }),
                 segments_learned: totals.map(|t| t.segments_learned),
                 decoding: totals.map(|t| t.decoding),
+                verdict: report.map(|r| {
+                    let mut v = r.verdicts();
+                    for route in &mut v.routes {
+                        route
+                            .endpoints
+                            .retain(|e| e.verdict.verdict == VerdictState::Fail);
+                    }
+                    v
+                }),
             }),
             mirror: mirror.snapshot(),
         }

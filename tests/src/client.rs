@@ -101,11 +101,24 @@ pub fn send_chunks_and_close(
 /// Sends HTTP/1.1 `requests` one after the other on one keep-alive connection, reading each
 /// response (head and `Content-Length` body) before sending the next, then closes.
 pub fn http_keepalive(ns: &Netns, server: SocketAddr, requests: &[Vec<u8>]) -> Exchange {
+    http_keepalive_paced(ns, server, requests, std::time::Duration::ZERO)
+}
+
+/// Like [`http_keepalive`], with `gap` between one response and the next request.
+pub fn http_keepalive_paced(
+    ns: &Netns,
+    server: SocketAddr,
+    requests: &[Vec<u8>],
+    gap: std::time::Duration,
+) -> Exchange {
     let mut stream = connect(ns, server);
     let client = stream.local_addr().expect("local addr");
     let mut sent = Vec::new();
     let mut received = Vec::new();
-    for request in requests {
+    for (i, request) in requests.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(gap);
+        }
         stream
             .write_all(request)
             .unwrap_or_else(|e| panic!("send to {server}: {e}"));

@@ -1012,8 +1012,8 @@ fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: 
     let metrics = curl(&site.live, &["http://127.0.0.1:9464/metrics"]);
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     for line in [
-        "shadow_compare_flagged{endpoint=\"POST /refunds\"} 1",
-        "shadow_compare_flagged{endpoint=\"GET /users/{id}\"} 0",
+        "shadow_compare_flagged{route=\"web\",endpoint=\"POST /refunds\"} 1",
+        "shadow_compare_flagged{route=\"web\",endpoint=\"GET /users/{id}\"} 0",
     ] {
         assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
     }

@@ -15,6 +15,10 @@
 //!   the agent exports. The exported names are derived from the agent's sources, where each
 //!   group of counters declares its metrics (see [`exported_metrics`]), so a renamed or removed
 //!   metric fails this check instead of leaving an empty panel.
+//! - **Rollout gates**: the YAML blocks of `README.md` and `docs/verdict.md` (the Argo Rollouts
+//!   `AnalysisTemplate` and the Flagger `MetricTemplate` that gate on `shadow_verdict`) parse,
+//!   each template's Prometheus query parses as PromQL, and the metrics they name are exported,
+//!   `shadow_verdict` among them.
 use std::{
     collections::BTreeSet,
     fs,
@@ -175,12 +179,46 @@ def names(node, expr):
     for child in getattr(node, "args", None) or []:
         names(child, expr)
 
+def rollouts(*files):
+    kinds = set()
+    for f in files:
+        text = pathlib.Path(f).read_text()
+        for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+            try:
+                docs = [d for d in yaml.safe_load_all(block) if d]
+            except yaml.YAMLError as err:
+                fail(f"{f}: YAML that does not parse: {err}")
+            for doc in docs:
+                kind = doc.get("kind")
+                if kind is not None:
+                    kinds.add(kind)
+                queries = []
+                if kind == "AnalysisTemplate":
+                    for m in doc["spec"]["metrics"]:
+                        queries.append(m["provider"]["prometheus"]["query"])
+                        for c in ("successCondition", "failureCondition"):
+                            if "result[0]" not in m.get(c, ""):
+                                fail(f"{f}: {kind} metric {m.get('name')} has no {c} on result[0]")
+                elif kind == "MetricTemplate":
+                    if doc["spec"]["provider"]["type"] != "prometheus":
+                        fail(f"{f}: {kind} whose provider is not prometheus")
+                    queries.append(doc["spec"]["query"])
+                for q in queries:
+                    try:
+                        tree = promql_parser.parse(q)
+                    except Exception as err:
+                        fail(f"{f}: not PromQL: {q}: {err}")
+                    names(tree, q)
+    for want in ("AnalysisTemplate", "MetricTemplate"):
+        if want not in kinds:
+            fail(f"no {want} in {files}")
+
 def fail(message):
     print(message, file=sys.stderr)
     sys.exit(1)
 
 import promql_parser
-{"kube": kube, "promql": promql}[sys.argv[1]](*sys.argv[2:])
+{"kube": kube, "promql": promql, "rollouts": rollouts}[sys.argv[1]](*sys.argv[2:])
 "#;
 
 /// Runs every check; see the module documentation.
@@ -194,7 +232,8 @@ pub fn validate() -> Result<()> {
     fs::write(&helper, HELPER)?;
     kubernetes(&venv, &helper)?;
     dashboard(&venv, &helper)?;
-    eprintln!("xtask: deploy/ manifests and dashboard are valid");
+    rollout_gates(&venv, &helper)?;
+    eprintln!("xtask: deploy/ manifests, the dashboard and the rollout gates are valid");
     Ok(())
 }
 
@@ -298,6 +337,41 @@ fn dashboard(venv: &Venv, helper: &Path) -> Result<()> {
     ensure!(
         unknown.is_empty(),
         "the dashboard uses metrics the agent does not export: {unknown:?}\nexported: {exported:?}"
+    );
+    Ok(())
+}
+
+/// The Argo Rollouts and Flagger templates of the documentation: see the module documentation.
+fn rollout_gates(venv: &Venv, helper: &Path) -> Result<()> {
+    let files = [root().join("README.md"), root().join("docs/verdict.md")];
+    let out = venv
+        .command("python")
+        .arg(helper)
+        .arg("rollouts")
+        .args(&files)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "the rollout gates of README.md and docs/verdict.md: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let used: BTreeSet<String> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        used.contains("shadow_verdict"),
+        "the rollout gates do not query shadow_verdict: {used:?}"
+    );
+    let exported = exported_metrics(
+        &agent_sources()?,
+        &fs::read_to_string(root().join("shadow-agent/src/admin/metrics.rs"))?,
+    )?;
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    ensure!(
+        unknown.is_empty(),
+        "the rollout gates use metrics the agent does not export: {unknown:?}"
     );
     Ok(())
 }

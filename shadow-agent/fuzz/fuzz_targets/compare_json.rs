@@ -57,6 +57,7 @@ fuzz_target!(|input: &[u8]| {
     // Twice, so that the second is a repeated request and noise is learned from it.
     for _ in 0..2 {
         c.observe(&Exchange {
+            route: "web",
             method: "POST",
             server: None,
             target: "/fuzz",
@@ -69,6 +70,7 @@ fuzz_target!(|input: &[u8]| {
         });
     }
     c.observe(&Exchange {
+        route: "web",
         method: "GET",
         server: None,
         target: "/self",

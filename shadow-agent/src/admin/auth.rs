@@ -206,7 +206,7 @@ mod tests {
     fn probes_and_metrics_are_open_the_captured_data_needs_the_token() {
         let t = token();
         let right = format!("Bearer {TOKEN}");
-        for page in [Page::Healthz, Page::Readyz, Page::Metrics] {
+        for page in [Page::Healthz, Page::Readyz, Page::Metrics, Page::Verdict] {
             assert_eq!(access(page, Some(&t), None), Access::Open);
             assert_eq!(access(page, Some(&t), Some(b"Bearer nope")), Access::Open);
         }

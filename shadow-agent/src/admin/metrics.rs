@@ -19,7 +19,7 @@ use crate::capture::kernel::{InterfaceTotals, export_interfaces};
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
 use crate::compare::Report;
 use crate::compare::pairing::PairingCounters;
-use crate::compare::report::export_endpoints;
+use crate::compare::report::{export_endpoints, export_verdicts};
 use crate::mirror::stats::MirrorStats;
 use crate::pipeline::PipelineCounters;
 
@@ -99,7 +99,10 @@ impl Collector for AgentCollector {
             match report {
                 Some(report) => report.export(&mut e)?,
                 // No report yet: the families, without a row.
-                None => export_endpoints(&mut e, &[])?,
+                None => {
+                    export_endpoints(&mut e, &[])?;
+                    export_verdicts(&mut e, &[], &[])?;
+                }
             }
         }
         Ok(())
@@ -389,6 +392,7 @@ mod tests {
             latency: Duration::from_millis(2),
         };
         comparator.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/users/7",
@@ -423,13 +427,16 @@ mod tests {
             "shadow_compare_pending 4",
             "shadow_compare_incomplete_total{reason=\"expired\"} 3",
             "shadow_compare_answers_dropped_total{target=\"http://198.18.0.9:8080\"} 1",
-            "shadow_compare_exchanges_total{endpoint=\"GET /users/{id}\",outcome=\"mismatched\"} 1",
-            "shadow_compare_flagged{endpoint=\"GET /users/{id}\"} 0",
+            "shadow_compare_exchanges_total{route=\"web\",endpoint=\"GET /users/{id}\",outcome=\"mismatched\"} 1",
+            "shadow_compare_flagged{route=\"web\",endpoint=\"GET /users/{id}\"} 0",
             "shadow_compare_other_exchanges_total{reason=\"full\"} 0",
             "shadow_compare_other_exchanges_total{reason=\"first_seen\"} 0",
             "shadow_compare_segments_learned_total 0",
             "shadow_compare_encoded_bodies_total{outcome=\"decoded\"} 0",
             "shadow_compare_encoded_bodies_total{outcome=\"ratio\"} 0",
+            // One exchange: too few for a verdict, on the route and its endpoint.
+            "shadow_verdict{route=\"web\",endpoint=\"\"} 0",
+            "shadow_verdict{route=\"web\",endpoint=\"GET /users/{id}\"} 0",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

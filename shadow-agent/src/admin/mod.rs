@@ -1,6 +1,6 @@
 //! The admin endpoint on `[admin] listen`: `/metrics` (Prometheus), `/healthz`, `/readyz`,
-//! `/stats` (every counter as JSON, which `shadow-agent status` reads) and the comparison
-//! report at `/report` and `/report.html`.
+//! `/stats` (every counter as JSON, which `shadow-agent status` reads), the comparison
+//! report at `/report` and `/report.html`, and its verdict for rollout tools at `/verdict`.
 //!
 //! It only reads counters; nothing it receives can change what the agent does. It answers GET
 //! only. It holds a bounded number of connections, and a client that connects and sends nothing
@@ -53,6 +53,7 @@ pub enum Page {
     Stats,
     Report,
     ReportHtml,
+    Verdict,
 }
 
 impl Page {
@@ -65,12 +66,14 @@ impl Page {
             "/stats" => Self::Stats,
             "/report" => Self::Report,
             "/report.html" => Self::ReportHtml,
+            "/verdict" => Self::Verdict,
             _ => return None,
         })
     }
 
     /// Whether the page shows parts of captured requests (routes' paths, bodies in the
-    /// comparison's examples), which the token protects. The probes and `/metrics` show counts.
+    /// comparison's examples), which the token protects. The probes, `/metrics` and
+    /// `/verdict` show counts, under names `/metrics` shows too.
     pub fn shows_captured_data(self) -> bool {
         matches!(self, Self::Stats | Self::Report | Self::ReportHtml)
     }
@@ -248,7 +251,7 @@ impl Endpoint {
         let Some(page) = Page::from_path(req.uri().path()) else {
             return plain(
                 StatusCode::NOT_FOUND,
-                "not found: /metrics, /healthz, /readyz, /stats, /report, /report.html\n",
+                "not found: /metrics, /healthz, /readyz, /stats, /report, /report.html, /verdict\n",
             );
         };
         let state = &self.state;
@@ -297,7 +300,7 @@ impl Endpoint {
                 }
             }
             Page::Stats => json(&(state.stats)()),
-            Page::Report | Page::ReportHtml => {
+            Page::Report | Page::ReportHtml | Page::Verdict => {
                 let report = state
                     .report
                     .lock()
@@ -311,6 +314,9 @@ impl Endpoint {
                 };
                 if page == Page::Report {
                     return json(&report);
+                }
+                if page == Page::Verdict {
+                    return json(&report.verdicts());
                 }
                 let mut resp = Response::new(Full::new(Bytes::from(render_html(&report))));
                 resp.headers_mut().insert(
@@ -555,6 +561,50 @@ mod tests {
         assert!(
             metrics.contains("shadow_admin_connections_closed_total{reason=\"shed\"} 0"),
             "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn serves_the_verdict_openly_once_there_is_a_comparison() {
+        use crate::compare::{Comparator, CompareConfig, Exchange, Observed, VerdictReport};
+        use crate::policy::path::RequestPath;
+        let (state, _) = state(Some(TOKEN));
+        let server = start(state.clone(), ConnectionLimits::default()).await;
+        let none = get(server.addr, &req("/verdict", "")).await;
+        assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+        assert!(none.contains("[compare]"), "{none}");
+        let mut comparator = Comparator::new(CompareConfig::default());
+        let observed = |body: &'static [u8]| Observed {
+            status: 200,
+            headers: &[],
+            body,
+            latency: Duration::from_millis(2),
+        };
+        for _ in 0..100 {
+            comparator.observe(&Exchange {
+                route: "web",
+                method: "GET",
+                server: None,
+                target: "/users/7",
+                path: &RequestPath::of_target("/users/7").expect("readable"),
+                request_body: b"",
+                request_headers: &[],
+                live: observed(b"{\"total\":1}"),
+                candidate: observed(b"{\"total\":2}"),
+                baseline: None,
+            });
+        }
+        *state.report.lock().expect("lock") = Some(comparator.report());
+        let answer = get(server.addr, &req("/verdict", "")).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+        let verdict: VerdictReport = serde_json::from_str(body).expect("a verdict");
+        assert_eq!(verdict.verdict, crate::compare::VerdictState::Fail);
+        assert_eq!(verdict.routes[0].route, "web");
+        assert_eq!(verdict.routes[0].endpoints[0].endpoint, "GET /users/{id}");
+        assert!(
+            body.contains("\"reason\": \"unexplained_differences\""),
+            "{body}"
         );
     }
 

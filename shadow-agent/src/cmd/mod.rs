@@ -2,7 +2,10 @@
 pub mod capture;
 pub mod check_config;
 pub mod common;
+pub mod driver;
 pub mod inspect;
+pub mod progress;
+pub mod replay;
 pub mod report;
 pub mod run;
 pub mod status;

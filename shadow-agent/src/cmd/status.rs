@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use shadow_agent::admin::AdminToken;
+use shadow_agent::compare::{VerdictReason, VerdictReport};
 use shadow_agent::mirror::stats::AnswerStats;
 use shadow_agent::stats::{RampStats, Stats};
 
@@ -186,6 +187,39 @@ fn answer_columns(now: &AnswerStats, before: Option<&AnswerStats>) -> (String, S
     )
 }
 
+/// Each route's verdict with its reasons, and under it the endpoints that fail.
+fn verdict_lines(v: &VerdictReport) -> String {
+    let mut out = format!(
+        "\n{:<24} {:>12} {:>9}  all routes: {}\n",
+        "VERDICT", "", "COMPARED", v.verdict
+    );
+    let reasons = |r: &[VerdictReason]| {
+        r.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    for route in &v.routes {
+        out += &format!(
+            "{:<24} {:>12} {:>9}  {}\n",
+            route.route,
+            route.verdict.verdict.as_str(),
+            route.compared,
+            reasons(&route.verdict.reasons)
+        );
+        for e in &route.endpoints {
+            out += &format!(
+                "  {:<22} {:>12} {:>9}  {}\n",
+                format!("↳ {}", e.endpoint),
+                e.verdict.verdict.as_str(),
+                e.compared,
+                reasons(&e.verdict.reasons)
+            );
+        }
+    }
+    out
+}
+
 /// The table for two readings `secs` apart.
 fn render(before: &Stats, now: &Stats, secs: f64) -> String {
     let secs = secs.max(1e-3);
@@ -259,6 +293,10 @@ fn render(before: &Stats, now: &Stats, secs: f64) -> String {
             "-",
             top_cell(top, secs)
         );
+    }
+
+    if let Some(verdict) = now.compare.as_ref().and_then(|c| c.verdict.as_ref()) {
+        out += &verdict_lines(verdict);
     }
 
     // A copy sent is answered, failed (both in ERROR%), abandoned or still in flight.
@@ -482,6 +520,44 @@ mod tests {
             table.contains("ring buffer 4.0 MiB of 16.0 MiB unread (25.0%)"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn verdicts_show_under_the_routes_with_their_reasons() {
+        let before = reading(100, 80, 20, 80, 0, 1000, 1);
+        let mut now = reading(300, 260, 40, 260, 18, 5000, 3);
+        now.compare = Some(
+            serde_json::from_value(json!({
+                "pending": 0,
+                "verdict": {
+                    "verdict": "fail",
+                    "routes": [
+                        {"route": "web", "compared": 240, "verdict": "fail", "reasons": [
+                            {"reason": "unexplained_differences", "share": 0.125, "max": 0.05}
+                        ], "endpoints": [
+                            {"endpoint": "GET /orders/{id}", "compared": 120, "verdict": "fail",
+                             "reasons": [{"reason": "p99_latency_ratio", "ratio": 2.4, "max": 2.0}]}
+                        ]},
+                        {"route": "api", "compared": 12, "verdict": "insufficient", "reasons": [
+                            {"reason": "too_few_exchanges", "have": 12, "need": 100}
+                        ]}
+                    ]
+                }
+            }))
+            .expect("compare stats"),
+        );
+        let table = render(&before, &now, 2.0);
+        for want in [
+            "all routes: fail",
+            "web                              fail       240  unexplained differences in 12.5% of exchanges (max 5.0%)",
+            "  ↳ GET /orders/{id}             fail       120  p99 latency 2.40 times live's (max 2.00)",
+            "api                      insufficient        12  too few exchanges: 12 of 100",
+        ] {
+            assert!(table.contains(want), "no `{want}` in\n{table}");
+        }
+        // Without a report yet, no verdict section.
+        now.compare = None;
+        assert!(!render(&before, &now, 2.0).contains("VERDICT"));
     }
 
     #[test]

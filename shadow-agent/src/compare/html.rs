@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 
 use super::report::{EndpointReport, Report};
+use super::verdict::{Verdict, VerdictState};
 
 /// Text or attribute value, escaped for HTML.
 fn escape(s: &str) -> String {
@@ -41,6 +42,8 @@ h1{font-size:1.5em;margin:0 0 .3em}h2{font-size:1.1em;margin:0 0 .5em;font-famil
 .totals b{display:block;font-size:1.3em}
 section{border:1px solid #ddd;border-radius:8px;padding:1em;margin:1em 0}
 section.flagged{border-color:#c62828;border-width:2px}
+.verdict{border-radius:4px;padding:0 .4em;font-size:.8em;margin-left:.5em;color:#fff}
+.pass{background:#2e7d32}.fail{background:#c62828}.insufficient{background:#757575}
 .badge{background:#c62828;color:#fff;border-radius:4px;padding:0 .4em;font-size:.8em;margin-left:.5em}
 .row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
 table{border-collapse:collapse;margin:.5em 0}
@@ -102,6 +105,7 @@ pub fn render_html(report: &Report) -> String {
             d.decoded, d.too_large, d.ratio, d.corrupt, d.unknown
         );
     }
+    verdicts(&mut h, report);
     if report.flagged.is_empty() {
         h.push_str("<p>No endpoint is flagged.</p>\n");
     } else {
@@ -134,18 +138,58 @@ pub fn render_html(report: &Report) -> String {
     h
 }
 
+/// A verdict as a coloured word, with its reasons as the hover text.
+fn verdict_badge(v: &Verdict) -> String {
+    let reasons: Vec<String> = v.reasons.iter().map(ToString::to_string).collect();
+    format!(
+        "<span class=\"verdict {0}\" title=\"{1}\">{0}</span>",
+        v.verdict.as_str(),
+        escape(&reasons.join("; "))
+    )
+}
+
+/// Each route's verdict, with its reasons: what a rollout gated on `/verdict` sees.
+fn verdicts(h: &mut String, report: &Report) {
+    if report.routes.is_empty() {
+        return;
+    }
+    let all = VerdictState::combine(report.routes.iter().map(|r| r.verdict.verdict));
+    let _ = write!(
+        h,
+        "<h2>Verdict: {}</h2><table><tr><th>route</th><th>verdict</th><th>compared</th>\
+         <th>why</th></tr>",
+        all.as_str()
+    );
+    for r in &report.routes {
+        let reasons: Vec<String> = r.verdict.reasons.iter().map(ToString::to_string).collect();
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&r.route),
+            verdict_badge(&r.verdict),
+            r.compared,
+            escape(&reasons.join("; "))
+        );
+    }
+    h.push_str("</table>\n");
+}
+
 fn endpoint(h: &mut String, e: &EndpointReport) {
     let _ = write!(
         h,
-        "<section{}><h2>{}{}</h2><div class=\"row\">",
+        "<section{}><h2>{}{}{}</h2><div class=\"row\">",
         if e.flagged { " class=\"flagged\"" } else { "" },
         escape(&e.endpoint),
         if e.flagged {
             "<span class=\"badge\">flagged</span>"
         } else {
             ""
-        }
+        },
+        verdict_badge(&e.verdict)
     );
+    if !e.route.is_empty() {
+        let _ = write!(h, "<p>route <code>{}</code></p>", escape(&e.route));
+    }
     let l = &e.latency;
     let _ = write!(
         h,

@@ -197,6 +197,7 @@ mod tests {
             latency: std::time::Duration::ZERO,
         };
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/x",

@@ -13,7 +13,8 @@
 //! it has a content coding ([`encoding`]) — JSON structurally
 //! into field paths ([`json`]), text by a normalised form, anything else by bytes. Which of those
 //! differences count is learned per endpoint and field ([`noise`]); the endpoint is the method
-//! and a path template ([`endpoint`]).
+//! and a path template ([`endpoint`]), counted apart per route. From the counts, [`verdict`]
+//! judges each endpoint and route `pass`, `fail` or `insufficient` for rollout tools.
 //!
 //! Whether an exchange matched is decided when the report is made, not when it is observed, so
 //! that the first exchanges of an endpoint are judged with what was learned after them: each
@@ -31,6 +32,7 @@ pub mod noise;
 pub mod pairing;
 pub mod report;
 pub mod sample;
+pub mod verdict;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -47,13 +49,24 @@ pub use html::render_html;
 pub use json::{ArrayOrder, FieldPattern, FieldPatternError};
 use noise::{EndpointCounts, FieldCounts, Fingerprints, NoiseRule, Snapshot, field_hash};
 pub use report::{
-    EndpointReport, Example, FieldReport, Flag, FlagReason, Latency, Report, StatusMismatches,
-    StatusPair, Totals,
+    EndpointReport, Errors, Example, FieldReport, Flag, FlagReason, Latency, Report, RouteReport,
+    StatusMismatches, StatusPair, Totals,
 };
 pub use sample::{Sample, SampleAnswer};
+pub use verdict::{
+    EndpointVerdict, RouteVerdict, Verdict, VerdictConfig, VerdictReason, VerdictReport,
+    VerdictState,
+};
 
 /// Name of the endpoint that counts everything beyond `max_endpoints`.
 pub const OTHER_ENDPOINT: &str = "(other)";
+/// Name of the route that counts every route beyond [`MAX_ROUTES`].
+pub const OTHER_ROUTES: &str = "(other routes)";
+/// Routes counted apart. Names come from the configuration, not the traffic; the bound holds
+/// even when reloads bring new names for the comparator's whole life.
+pub const MAX_ROUTES: usize = 32;
+/// Longest route name counted apart; longer ones count under [`OTHER_ROUTES`].
+const MAX_ROUTE_CHARS: usize = 200;
 /// Name of the field that counts every field beyond `max_fields_per_endpoint`.
 pub const OTHER_FIELDS: &str = "(other fields)";
 /// Distinct outcomes (sets of differing fields) kept per endpoint.
@@ -124,6 +137,8 @@ pub struct CompareConfig {
     pub flag_slowdown: f64,
     /// ...once it has at least this many exchanges compared.
     pub flag_min_compared: u64,
+    /// `[compare.verdict]`: when an endpoint or a route passes, for rollout tools.
+    pub verdict: VerdictConfig,
 }
 
 impl Default for CompareConfig {
@@ -183,6 +198,7 @@ impl Default for CompareConfig {
             flag_match_rate: 0.95,
             flag_slowdown: 2.0,
             flag_min_compared: 20,
+            verdict: VerdictConfig::default(),
         }
     }
 }
@@ -207,11 +223,14 @@ impl CompareConfig {
                 * (size_of::<KeptSample>()
                     + sample::Sample::memory_limit()
                     + 4 * MAX_OUTCOME_FIELDS);
-        let endpoints = (self.max_endpoints + 1)
+        // An `(other)` per route besides the endpoints tracked.
+        let endpoints = (self.max_endpoints + MAX_ROUTES + 1)
             * (endpoint
                 + size_of::<EndpointState>()
-                + 2 * (size_of::<(String, u32)>() + 1)
-                + endpoint::MAX_ENDPOINT_CHARS);
+                + 2 * (size_of::<((u32, String), u32)>() + 1)
+                + endpoint::MAX_ENDPOINT_CHARS
+                + 2 * size_of::<(u32, u32)>());
+        let routes = 2 * (MAX_ROUTES + 1) * (size_of::<String>() + MAX_ROUTE_CHARS);
         let snapshot = size_of::<Snapshot>()
             + self.max_fields_per_endpoint * size_of::<(u64, u64, json::Leaf)>();
         let fingerprints = self.max_fingerprints
@@ -221,6 +240,7 @@ impl CompareConfig {
                 + 16);
         size_of::<Comparator>()
             + endpoints
+            + routes
             + fingerprints
             + Templater::memory_limit(&self.templates)
             + Recent::memory_limit(endpoint::RECENT)
@@ -256,6 +276,8 @@ pub struct Observed<'a> {
 /// One request with the responses to it.
 #[derive(Clone, Copy, Debug)]
 pub struct Exchange<'a> {
+    /// The name of the route that mirrored it.
+    pub route: &'a str,
     pub method: &'a str,
     /// The live server's workload, `namespace/Kind/name`, when a known pod served it
     /// (Kubernetes).
@@ -329,7 +351,13 @@ impl FieldState {
 #[derive(Debug)]
 struct EndpointState {
     name: String,
+    /// Index into [`Comparator::routes`].
+    route: u32,
     compared: u64,
+    /// Exchanges live answered with a 5xx...
+    live_errors: u64,
+    /// ...and the candidate did.
+    shadow_errors: u64,
     counts: EndpointCounts,
     status_mismatches: u64,
     status_pairs: Vec<StatusCount>,
@@ -388,10 +416,13 @@ impl KeptSample {
 }
 
 impl EndpointState {
-    fn new(name: String) -> Self {
+    fn new(name: String, route: u32) -> Self {
         Self {
             name,
+            route,
             compared: 0,
+            live_errors: 0,
+            shadow_errors: 0,
             counts: EndpointCounts::default(),
             status_mismatches: 0,
             status_pairs: Vec::new(),
@@ -535,9 +566,12 @@ pub struct Comparator {
     config: CompareConfig,
     templater: Templater,
     endpoints: Vec<EndpointState>,
-    by_name: HashMap<String, u32>,
-    /// The index of [`OTHER_ENDPOINT`], once needed.
-    other: Option<u32>,
+    /// Endpoints by route and name.
+    by_name: HashMap<(u32, String), u32>,
+    /// The index of each route's [`OTHER_ENDPOINT`], once needed.
+    others: Vec<(u32, u32)>,
+    /// Route names, at most [`MAX_ROUTES`] and [`OTHER_ROUTES`].
+    routes: Vec<String>,
     /// Exchanges counted under [`OTHER_ENDPOINT`] because every slot was taken.
     endpoints_overflowed: u64,
     /// Exchanges counted under [`OTHER_ENDPOINT`] because their endpoint was new while more than
@@ -569,7 +603,8 @@ impl Comparator {
             config,
             endpoints: Vec::new(),
             by_name: HashMap::new(),
-            other: None,
+            others: Vec::new(),
+            routes: Vec::new(),
             endpoints_overflowed: 0,
             endpoints_first_seen: 0,
             names_seen: Recent::new(endpoint::RECENT),
@@ -585,7 +620,8 @@ impl Comparator {
     /// `GET /users/{id}/orders` (see [`endpoint`]).
     pub fn observe(&mut self, exchange: &Exchange<'_>) {
         let named = self.templater.endpoint(exchange.method, exchange.path);
-        let e = self.endpoint_index(named);
+        let route = self.route_index(exchange.route);
+        let e = self.endpoint_index(route, named);
         let cfg = &self.config;
         let options = json::DiffOptions {
             tolerance: cfg.numeric_tolerance,
@@ -595,6 +631,8 @@ impl Comparator {
         };
         let ep = &mut self.endpoints[e as usize];
         ep.compared += 1;
+        ep.live_errors += u64::from(exchange.live.status >= 500);
+        ep.shadow_errors += u64::from(exchange.candidate.status >= 500);
         if let Some(server) = exchange.server {
             ep.count_workload(server);
         }
@@ -762,8 +800,15 @@ impl Comparator {
                 .iter()
                 .map(|e| e.memory_bytes() - size_of::<EndpointState>())
                 .sum::<usize>()
-            + self.by_name.capacity() * (size_of::<(String, u32)>() + 1)
-            + self.by_name.keys().map(String::capacity).sum::<usize>()
+            + self.by_name.capacity() * (size_of::<((u32, String), u32)>() + 1)
+            + self
+                .by_name
+                .keys()
+                .map(|(_, n)| n.capacity())
+                .sum::<usize>()
+            + self.others.capacity() * size_of::<(u32, u32)>()
+            + self.routes.capacity() * size_of::<String>()
+            + self.routes.iter().map(String::capacity).sum::<usize>()
             + self.fingerprints.memory_bytes()
             + (self.templater.memory_bytes() - size_of::<Templater>())
             + self.names_seen.memory_bytes()
@@ -774,12 +819,14 @@ impl Comparator {
     /// segment of it recognised), so that names that never repeat (random paths the templates
     /// and the learning did not catch) cannot take them all, while a new endpoint is given a
     /// slot at its second exchange.
-    fn endpoint_index(&mut self, named: endpoint::Named) -> u32 {
+    fn endpoint_index(&mut self, route: u32, named: endpoint::Named) -> u32 {
         let endpoint::Named { name, recognised } = named;
-        if let Some(&i) = self.by_name.get(&name) {
+        let key = (route, name);
+        if let Some(&i) = self.by_name.get(&key) {
             return i;
         }
-        let tracked = self.endpoints.len() - usize::from(self.other.is_some());
+        let (_, name) = key;
+        let tracked = self.endpoints.len() - self.others.len();
         let index = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
         let max = self.config.max_endpoints;
         let counted = if tracked >= max {
@@ -793,19 +840,42 @@ impl Comparator {
         };
         if let Some(counter) = counted {
             *counter += 1;
-            if let Some(i) = self.other {
+            if let Some(&(_, i)) = self.others.iter().find(|(r, _)| *r == route) {
                 return i;
             }
             self.endpoints
-                .push(EndpointState::new(OTHER_ENDPOINT.to_owned()));
-            self.other = Some(index);
+                .push(EndpointState::new(OTHER_ENDPOINT.to_owned(), route));
+            self.others.push((route, index));
             return index;
         }
         let mut name = name;
         name.shrink_to_fit();
-        self.endpoints.push(EndpointState::new(name.clone()));
-        self.by_name.insert(name, index);
+        self.endpoints.push(EndpointState::new(name.clone(), route));
+        self.by_name.insert((route, name), index);
         index
+    }
+
+    /// The index of a route's name, added when there is room, else [`OTHER_ROUTES`].
+    fn route_index(&mut self, route: &str) -> u32 {
+        let find = |routes: &[String], name: &str| {
+            routes
+                .iter()
+                .position(|r| r == name)
+                .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+        };
+        if let Some(i) = find(&self.routes, route) {
+            return i;
+        }
+        let tracked = self.routes.len() - usize::from(find(&self.routes, OTHER_ROUTES).is_some());
+        let name = if tracked < MAX_ROUTES && route.len() <= MAX_ROUTE_CHARS {
+            route
+        } else if let Some(i) = find(&self.routes, OTHER_ROUTES) {
+            return i;
+        } else {
+            OTHER_ROUTES
+        };
+        self.routes.push(name.to_owned());
+        u32::try_from(self.routes.len() - 1).unwrap_or(u32::MAX)
     }
 }
 

@@ -59,6 +59,8 @@ impl Answer {
 /// Everything needed to compare one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Complete {
+    /// The name of the route that mirrored it.
+    pub route: Box<str>,
     pub method: String,
     pub target: String,
     /// The live server's workload, `namespace/Kind/name`, on Kubernetes.
@@ -76,6 +78,8 @@ pub struct Complete {
 /// A request that was just mirrored, as a comparison waits for its answers.
 #[derive(Clone, Debug)]
 pub struct Expected<'a> {
+    /// The name of the route that mirrored it.
+    pub route: &'a str,
     pub method: &'a str,
     /// Origin-form, with the query.
     pub target: &'a str,
@@ -108,6 +112,7 @@ pub struct PairingCounters {
 }
 
 struct Pending {
+    route: Box<str>,
     method: String,
     target: String,
     server: Option<Box<str>>,
@@ -143,6 +148,7 @@ impl Pending {
     /// The bytes it holds.
     fn bytes(&self) -> usize {
         size_of::<Self>()
+            + self.route.len()
             + self.method.capacity()
             + self.target.capacity()
             + self.server.as_ref().map_or(0, |s| s.len())
@@ -214,6 +220,7 @@ impl Pairing {
     /// time of its last byte. The request's body is copied.
     pub fn expect(&mut self, now: Instant, key: PairKey, request: Expected<'_>) {
         let entry = Pending {
+            route: request.route.into(),
             method: request.method.to_owned(),
             target: request.target.to_owned(),
             server: request.server.map(Into::into),
@@ -292,6 +299,7 @@ impl Pairing {
         let done = self.remove(key)?;
         self.counters.completed += 1;
         Some(Complete {
+            route: done.route,
             method: done.method,
             target: done.target,
             server: done.server,
@@ -379,6 +387,7 @@ mod tests {
             now,
             key(seq),
             Expected {
+                route: "r",
                 method: "GET",
                 target: "/x",
                 path: RequestPath::of_target("/x").expect("readable"),
@@ -465,6 +474,7 @@ mod tests {
                 now,
                 key(seq),
                 Expected {
+                    route: "r",
                     method: "POST",
                     target: "/x",
                     path,

@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use super::encoding::DecodeCounts;
 use super::sample::Sample;
+use super::verdict::{self, EndpointVerdict, Evidence, RouteVerdict, Verdict, VerdictReport};
 use super::{Comparator, DiffKind, EndpointState};
 use crate::admin::export::{self, Export};
+use crate::latency::HistogramSnapshot;
 
 /// Fields listed per endpoint.
 const TOP_FIELDS: usize = 10;
@@ -26,7 +28,28 @@ pub struct Report {
     /// Every endpoint, worst first: flagged ones, then by lowest match rate and largest
     /// slowdown.
     pub endpoints: Vec<EndpointReport>,
+    /// Each route's endpoints together, with the route's verdict, worst first.
+    #[serde(default)]
+    pub routes: Vec<RouteReport>,
     pub totals: Totals,
+}
+
+/// One route: its endpoints' exchanges summed, and its verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteReport {
+    pub route: String,
+    pub compared: u64,
+    pub matched: u64,
+    pub errors: Errors,
+    pub latency: Latency,
+    pub verdict: Verdict,
+}
+
+/// 5xx answers among the exchanges compared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errors {
+    pub live_5xx: u64,
+    pub shadow_5xx: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +74,9 @@ pub enum FlagReason {
 pub struct EndpointReport {
     /// Method and path template, such as `POST /refunds`.
     pub endpoint: String,
+    /// The route whose copies it was compared from.
+    #[serde(default)]
+    pub route: String,
     pub compared: u64,
     /// Exchanges whose status, compared headers and non-noise fields all agreed.
     pub matched: u64,
@@ -80,6 +106,11 @@ pub struct EndpointReport {
     /// for `report --export`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<Sample>,
+    #[serde(default)]
+    pub errors: Errors,
+    /// Under `[compare.verdict]`.
+    #[serde(default)]
+    pub verdict: Verdict,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -156,6 +187,7 @@ pub(super) fn build(c: &Comparator) -> Report {
     let cfg = &c.config;
     let mut endpoints: Vec<EndpointReport> = c.endpoints.iter().map(|ep| endpoint(ep, c)).collect();
     endpoints.sort_by(worst_first);
+    let routes = routes(c);
     let flagged: Vec<Flag> = endpoints
         .iter()
         .filter(|e| e.flagged)
@@ -184,18 +216,122 @@ pub(super) fn build(c: &Comparator) -> Report {
         },
         flagged,
         endpoints,
+        routes,
+    }
+}
+
+impl Report {
+    /// What `/verdict` serves: the routes' verdicts, each with its endpoints'.
+    pub fn verdicts(&self) -> VerdictReport {
+        let rank = |v: &Verdict| match v.verdict {
+            verdict::VerdictState::Fail => 0,
+            verdict::VerdictState::Insufficient => 1,
+            verdict::VerdictState::Pass => 2,
+        };
+        let routes: Vec<RouteVerdict> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let mut endpoints: Vec<EndpointVerdict> = self
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.route == r.route)
+                    .map(|e| EndpointVerdict {
+                        endpoint: e.endpoint.clone(),
+                        compared: e.compared,
+                        verdict: e.verdict.clone(),
+                    })
+                    .collect();
+                endpoints.sort_by(|a, b| {
+                    (rank(&a.verdict), &a.endpoint).cmp(&(rank(&b.verdict), &b.endpoint))
+                });
+                RouteVerdict {
+                    route: r.route.clone(),
+                    compared: r.compared,
+                    verdict: r.verdict.clone(),
+                    endpoints,
+                }
+            })
+            .collect();
+        VerdictReport {
+            verdict: verdict::VerdictState::combine(routes.iter().map(|r| r.verdict.verdict)),
+            routes,
+        }
+    }
+}
+
+/// Each route's endpoints summed (latency from their merged histograms), judged; failing
+/// routes first, then insufficient, then passing, each by name.
+fn routes(c: &Comparator) -> Vec<RouteReport> {
+    let mut out: Vec<RouteReport> = c
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| {
+            let i = u32::try_from(i).ok()?;
+            let mut evidence = Evidence::default();
+            let (mut live, mut shadow) =
+                (HistogramSnapshot::default(), HistogramSnapshot::default());
+            for ep in c.endpoints.iter().filter(|ep| ep.route == i) {
+                evidence.compared += ep.compared;
+                evidence.matched += matched(ep, c);
+                evidence.live_errors += ep.live_errors;
+                evidence.shadow_errors += ep.shadow_errors;
+                live.add(&ep.live_latency.snapshot());
+                shadow.add(&ep.shadow_latency.snapshot());
+            }
+            let latency = latency(&live, &shadow);
+            evidence.live_p99 = live.quantile(0.99);
+            evidence.shadow_p99 = shadow.quantile(0.99);
+            Some(RouteReport {
+                route: name.clone(),
+                compared: evidence.compared,
+                matched: evidence.matched,
+                errors: Errors {
+                    live_5xx: evidence.live_errors,
+                    shadow_5xx: evidence.shadow_errors,
+                },
+                latency,
+                verdict: verdict::judge(&evidence, &c.config.verdict),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        let rank = |r: &RouteReport| match r.verdict.verdict {
+            verdict::VerdictState::Fail => 0,
+            verdict::VerdictState::Insufficient => 1,
+            verdict::VerdictState::Pass => 2,
+        };
+        (rank(a), &a.route).cmp(&(rank(b), &b.route))
+    });
+    out
+}
+
+/// Exchanges of `ep` that agreed after the noise learned so far.
+fn matched(ep: &EndpointState, c: &Comparator) -> u64 {
+    let rule = c.config.noise_rule();
+    ep.judged_matched
+        + ep.outcomes
+            .iter()
+            .filter(|(fields, _)| !fields.iter().any(|&i| ep.counts_against(i, &rule)))
+            .map(|(_, n)| n)
+            .sum::<u64>()
+}
+
+fn latency(live: &HistogramSnapshot, shadow: &HistogramSnapshot) -> Latency {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    Latency {
+        live_p50_ms: ms(live.quantile(0.5)),
+        live_p99_ms: ms(live.quantile(0.99)),
+        shadow_p50_ms: ms(shadow.quantile(0.5)),
+        shadow_p99_ms: ms(shadow.quantile(0.99)),
     }
 }
 
 fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
     let cfg = &c.config;
     let rule = cfg.noise_rule();
-    let matched = ep.judged_matched
-        + ep.outcomes
-            .iter()
-            .filter(|(fields, _)| !fields.iter().any(|&i| ep.counts_against(i, &rule)))
-            .map(|(_, n)| n)
-            .sum::<u64>();
+    let matched = matched(ep, c);
     let mut fields: Vec<FieldReport> = ep
         .fields
         .iter()
@@ -221,13 +357,18 @@ fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
     fields.truncate(TOP_FIELDS);
 
     let (live, shadow) = (ep.live_latency.snapshot(), ep.shadow_latency.snapshot());
-    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
-    let latency = Latency {
-        live_p50_ms: ms(live.quantile(0.5)),
-        live_p99_ms: ms(live.quantile(0.99)),
-        shadow_p50_ms: ms(shadow.quantile(0.5)),
-        shadow_p99_ms: ms(shadow.quantile(0.99)),
-    };
+    let latency = latency(&live, &shadow);
+    let verdict = verdict::judge(
+        &Evidence {
+            compared: ep.compared,
+            matched,
+            live_errors: ep.live_errors,
+            shadow_errors: ep.shadow_errors,
+            live_p99: live.quantile(0.99),
+            shadow_p99: shadow.quantile(0.99),
+        },
+        &cfg.verdict,
+    );
     let slowdown = match (latency.live_p50_ms, latency.shadow_p50_ms) {
         (Some(l), Some(s)) if l > 0.0 => Some(s / l),
         _ => None,
@@ -248,6 +389,7 @@ fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
         && (match_rate < cfg.flag_match_rate || slowdown.is_some_and(|s| s >= cfg.flag_slowdown));
     EndpointReport {
         endpoint: ep.name.clone(),
+        route: c.routes.get(ep.route as usize).cloned().unwrap_or_default(),
         compared: ep.compared,
         matched,
         match_rate,
@@ -275,6 +417,11 @@ fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
             .filter(|s| !s.explained(ep, &rule))
             .map(|s| s.report(ep, &rule))
             .collect(),
+        errors: Errors {
+            live_5xx: ep.live_errors,
+            shadow_5xx: ep.shadow_errors,
+        },
+        verdict,
     }
 }
 
@@ -304,6 +451,7 @@ fn worst_first(a: &EndpointReport, b: &EndpointReport) -> Ordering {
         })
         .then_with(|| b.compared.cmp(&a.compared))
         .then_with(|| a.endpoint.cmp(&b.endpoint))
+        .then_with(|| a.route.cmp(&b.route))
 }
 
 fn rate(part: u64, whole: u64) -> f64 {
@@ -358,11 +506,44 @@ impl Export for Report {
             .into_iter()
             .map(|(o, n)| (vec![("outcome", o.to_owned())], n)),
         )?;
-        export_endpoints(e, &self.endpoints)
+        export_endpoints(e, &self.endpoints)?;
+        export_verdicts(e, &self.routes, &self.endpoints)
     }
 }
 
-/// Per endpoint: exchanges by outcome, whether it is flagged, and the slowdown.
+/// `shadow_verdict{route,endpoint}`: 1 pass, 0 insufficient, -1 fail; a route's own verdict
+/// has `endpoint=""`. Routes are bounded by the configuration, endpoints by `max_endpoints`.
+pub fn export_verdicts(
+    e: &mut DescriptorEncoder,
+    routes: &[RouteReport],
+    endpoints: &[EndpointReport],
+) -> std::fmt::Result {
+    let routes = routes.iter().map(|r| {
+        (
+            vec![("route", r.route.clone()), ("endpoint", String::new())],
+            r.verdict.verdict.gauge(),
+        )
+    });
+    let endpoints = endpoints.iter().map(|ep| {
+        (
+            vec![
+                ("route", ep.route.clone()),
+                ("endpoint", ep.endpoint.clone()),
+            ],
+            ep.verdict.verdict.gauge(),
+        )
+    });
+    export::gauges(
+        e,
+        "verdict",
+        "The comparison's verdict under [compare.verdict]: 1 pass, 0 insufficient (too few \
+         exchanges), -1 fail. endpoint=\"\" is the route's own verdict.",
+        routes.chain(endpoints),
+    )
+}
+
+/// Per endpoint: exchanges by outcome, whether it is flagged, and the slowdown. Labelled with
+/// the route too: the same endpoint through two routes is two rows.
 pub fn export_endpoints(
     e: &mut DescriptorEncoder,
     endpoints: &[EndpointReport],
@@ -382,6 +563,7 @@ pub fn export_endpoints(
             .map(|(outcome, n)| {
                 (
                     vec![
+                        ("route", ep.route.clone()),
                         ("endpoint", ep.endpoint.clone()),
                         ("outcome", outcome.to_owned()),
                     ],
@@ -396,7 +578,10 @@ pub fn export_endpoints(
         "1 when an endpoint is flagged: low match rate or slow shadow.",
         endpoints.iter().map(|ep| {
             (
-                vec![("endpoint", ep.endpoint.clone())],
+                vec![
+                    ("route", ep.route.clone()),
+                    ("endpoint", ep.endpoint.clone()),
+                ],
                 i64::from(ep.flagged),
             )
         }),
@@ -406,8 +591,15 @@ pub fn export_endpoints(
         "compare_slowdown_ratio",
         "Shadow p50 latency over live p50, per endpoint.",
         endpoints.iter().filter_map(|ep| {
-            ep.slowdown
-                .map(|v| (vec![("endpoint", ep.endpoint.clone())], v))
+            ep.slowdown.map(|v| {
+                (
+                    vec![
+                        ("route", ep.route.clone()),
+                        ("endpoint", ep.endpoint.clone()),
+                    ],
+                    v,
+                )
+            })
         }),
     )
 }

@@ -92,6 +92,7 @@ fn run(c: &mut Comparator, with_baseline: bool) {
             live_ms + 1
         };
         c.observe(&Exchange {
+            route: "web",
             method,
             server: None,
             target: &target,
@@ -203,6 +204,7 @@ fn without_noise_observations_everything_counts() {
         let live = format!("{{\"request_id\":\"a{i}\"}}");
         let shadow = format!("{{\"request_id\":\"b{i}\"}}");
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: &target,
@@ -241,6 +243,7 @@ fn ignore_lists_apply_before_anything_is_learned() {
         ("vary", "a"),
     ]);
     c.observe(&Exchange {
+        route: "web",
         method: "GET",
         server: None,
         target: "/x",
@@ -274,6 +277,7 @@ fn status_and_headers_always_count() {
         // Baseline agrees with candidate on the header, so were headers learnable they would
         // be noise; they are not.
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/h",
@@ -286,6 +290,7 @@ fn status_and_headers_always_count() {
         });
         let status = if i % 2 == 0 { 500 } else { 200 };
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/s",
@@ -344,6 +349,7 @@ fn text_bytes_and_oversized_bodies() {
     ];
     for (target, h, live, shadow, _) in cases {
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target,
@@ -383,6 +389,7 @@ fn json_against_an_error_page() {
     let h = json_headers();
     let html = headers(&[("Content-Type", "text/html")]);
     c.observe(&Exchange {
+        route: "web",
         method: "GET",
         server: None,
         target: "/j",
@@ -432,6 +439,7 @@ fn sensitive_values_are_never_shown() {
     });
     let (live, shadow) = (live.to_string(), shadow.to_string());
     c.observe(&Exchange {
+        route: "web",
         method: "POST",
         server: None,
         target: "/login",
@@ -475,6 +483,7 @@ fn examples_are_cut() {
     let live = json!({"s": "x".repeat(10_000)}).to_string();
     let shadow = json!({"s": "y".repeat(10_000)}).to_string();
     c.observe(&Exchange {
+        route: "web",
         method: "GET",
         server: None,
         target: "/long",
@@ -505,6 +514,7 @@ fn html_escapes_everything_from_traffic() {
     let shadow = json!({ payload: "b", "v": "\"><script>alert(2)</script>" }).to_string();
     for _ in 0..30 {
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/x/<script>alert(3)</script>",
@@ -567,6 +577,7 @@ fn memory_stays_bounded() {
         );
         for target in [target.as_str(), target.as_str(), "/shared"] {
             c.observe(&Exchange {
+                route: "web",
                 method: "GET",
                 server: None,
                 target,
@@ -618,6 +629,7 @@ fn outcomes_beyond_the_table_are_judged_at_once() {
         let live = json!({ format!("f{i}"): 1 }).to_string();
         let shadow = json!({ format!("f{i}"): 2 }).to_string();
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/o",
@@ -679,6 +691,7 @@ proptest! {
         let h = headers(&[("Content-Type", content_type)]);
         for (a, b, baseline) in [(&live, &shadow, None), (&live, &live, Some(&shadow))] {
             c.observe(&Exchange {
+                route: "web",
                 method: "POST",
                 server: None,
                 target: "/p",
@@ -712,6 +725,7 @@ fn words(seed: u64, n: usize) -> Vec<String> {
 fn observe_target(c: &mut Comparator, target: &str) {
     let h = json_headers();
     c.observe(&Exchange {
+        route: "web",
         method: "GET",
         server: None,
         target,
@@ -861,6 +875,7 @@ fn an_endpoint_names_the_live_workloads_that_served_it() {
     ];
     for server in servers {
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server,
             target: "/orders/1",
@@ -912,6 +927,7 @@ mod compressed {
     fn observe(c: &mut Comparator, live: (&Headers, &[u8]), candidate: (&Headers, &[u8])) {
         let path = read_path("/items");
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/items",
@@ -1054,6 +1070,7 @@ mod samples {
             let live = format!(r#"{{"order":{i},"total":100.0,"secret":"x1"}}"#);
             let candidate = format!(r#"{{"order":{i},"total":110.0,"secret":"x1"}}"#);
             c.observe(&Exchange {
+                route: "web",
                 method: "POST",
                 server: None,
                 target,
@@ -1206,6 +1223,7 @@ mod samples {
         let h = json_headers();
         let path = read_path("/x");
         c.observe(&Exchange {
+            route: "web",
             method: "GET",
             server: None,
             target: "/x",
@@ -1253,6 +1271,7 @@ mod samples {
             let path = read_path(&target);
             for _ in 0..5 {
                 c.observe(&Exchange {
+                    route: "web",
                     method: "POST",
                     server: None,
                     target: &target,
@@ -1279,4 +1298,182 @@ mod samples {
         }
         assert!(c.memory_bytes() <= limit, "{} > {limit}", c.memory_bytes());
     }
+}
+
+/// One exchange of `GET target` through `route`: live answers `live` with 200, the shadow
+/// `shadow_status` with `shadow`.
+fn through(
+    c: &mut Comparator,
+    route: &str,
+    target: &str,
+    live: &[u8],
+    shadow_status: u16,
+    shadow: &[u8],
+) {
+    let h = json_headers();
+    c.observe(&Exchange {
+        route,
+        method: "GET",
+        server: None,
+        target,
+        path: &read_path(target),
+        request_body: b"",
+        request_headers: &[],
+        live: observed(200, &h, live, 10),
+        candidate: observed(shadow_status, &h, shadow, 11),
+        baseline: None,
+    });
+}
+
+#[test]
+fn routes_count_their_endpoints_apart_and_each_gets_a_verdict() {
+    let mut c = Comparator::new(CompareConfig {
+        verdict: VerdictConfig {
+            min_exchanges: 10,
+            ..VerdictConfig::default()
+        },
+        ..CompareConfig::default()
+    });
+    for i in 0..20 {
+        through(
+            &mut c,
+            "orders",
+            &format!("/items/{i}"),
+            b"{\"a\":1}",
+            200,
+            b"{\"a\":1}",
+        );
+        // The same endpoint through another route: its shadow is broken.
+        through(
+            &mut c,
+            "orders-v2",
+            &format!("/items/{i}"),
+            b"{\"a\":1}",
+            503,
+            b"{}",
+        );
+        if i < 5 {
+            through(&mut c, "orders-v2", "/health", b"{}", 200, b"{}");
+        }
+    }
+    let report = c.report();
+    let find = |route: &str, endpoint: &str| {
+        report
+            .endpoints
+            .iter()
+            .find(|e| e.route == route && e.endpoint == endpoint)
+            .unwrap_or_else(|| panic!("no {route} {endpoint} in {report:#?}"))
+    };
+    let good = find("orders", "GET /items/{id}");
+    assert_eq!((good.compared, good.matched), (20, 20));
+    assert_eq!(good.verdict.verdict, VerdictState::Pass);
+    let bad = find("orders-v2", "GET /items/{id}");
+    assert_eq!(bad.compared, 20);
+    assert_eq!(
+        bad.errors,
+        Errors {
+            live_5xx: 0,
+            shadow_5xx: 20
+        }
+    );
+    assert_eq!(bad.verdict.verdict, VerdictState::Fail);
+    assert_eq!(
+        bad.verdict.reasons,
+        [
+            VerdictReason::UnexplainedDifferences {
+                share: 1.0,
+                max: 0.05
+            },
+            VerdictReason::ErrorRateIncrease {
+                live: 0.0,
+                shadow: 1.0,
+                max: 0.01
+            },
+        ]
+    );
+    assert_eq!(
+        find("orders-v2", "GET /health").verdict.verdict,
+        VerdictState::Insufficient
+    );
+    // Routes: failing first; each sums its endpoints.
+    let routes: Vec<(&str, u64, VerdictState)> = report
+        .routes
+        .iter()
+        .map(|r| (r.route.as_str(), r.compared, r.verdict.verdict))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("orders-v2", 25, VerdictState::Fail),
+            ("orders", 20, VerdictState::Pass),
+        ]
+    );
+    assert_eq!(report.routes[0].errors.shadow_5xx, 20);
+    assert!(report.routes[1].latency.shadow_p99_ms.is_some());
+    // The page leads with the verdict, each reason named.
+    let page = render_html(&report);
+    assert!(page.contains("<h2>Verdict: fail</h2>"), "{page}");
+    assert!(
+        page.contains(
+            "<td>unexplained differences in 80.0% of exchanges (max 5.0%); 5xx 80.0% against \
+             live&#39;s 0.0% (max 1.0 points more)</td>"
+        ),
+        "{page}"
+    );
+    assert!(page.contains("<span class=\"verdict pass\" title=\"\">pass</span>"));
+    // `/verdict`: failing routes first, each with its endpoints, failing first.
+    let v = report.verdicts();
+    assert_eq!(v.verdict, VerdictState::Fail);
+    let endpoints: Vec<(&str, VerdictState)> = v.routes[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.endpoint.as_str(), e.verdict.verdict))
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            ("GET /items/{id}", VerdictState::Fail),
+            ("GET /health", VerdictState::Insufficient),
+        ]
+    );
+}
+
+#[test]
+fn routes_beyond_the_bound_count_together_and_each_has_its_own_other_endpoint() {
+    let mut c = Comparator::new(CompareConfig {
+        max_endpoints: 2,
+        ..CompareConfig::default()
+    });
+    for r in 0..MAX_ROUTES + 5 {
+        through(&mut c, &format!("route-{r}"), "/a", b"{}", 200, b"{}");
+    }
+    let long = "r".repeat(MAX_ROUTE_CHARS + 1);
+    through(&mut c, &long, "/a", b"{}", 200, b"{}");
+    let report = c.report();
+    assert_eq!(report.routes.len(), MAX_ROUTES + 1);
+    let other = report
+        .routes
+        .iter()
+        .find(|r| r.route == OTHER_ROUTES)
+        .expect("the other routes");
+    assert_eq!(other.compared, 6);
+    // With every endpoint slot taken, each route's overflow is its own `(other)`, judged.
+    let mut c = Comparator::new(CompareConfig {
+        max_endpoints: 2,
+        ..CompareConfig::default()
+    });
+    for r in ["a", "b"] {
+        for p in ["/x", "/y", "/z", "/z"] {
+            through(&mut c, r, p, b"{}", 200, b"{}");
+        }
+    }
+    let report = c.report();
+    let others: Vec<(&str, u64)> = report
+        .endpoints
+        .iter()
+        .filter(|e| e.endpoint == OTHER_ENDPOINT)
+        .map(|e| (e.route.as_str(), e.compared))
+        .collect();
+    assert_eq!(others.len(), 2, "{others:?}");
+    assert!(c.memory_bytes() <= c.config().memory_limit());
 }

@@ -639,6 +639,8 @@ fn accepted_values() {
         "[tagging]\nheader = \"X-Mirror:  yes \"\nbaggage = false",
         "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }, { percent = 100, hold = \"1h\" }]\nguard = { error_percent = 1 }",
         "[limits]\nmemory = \"1GiB\"",
+        "[compare]\n[compare.verdict]\nmin_exchanges = 50\nmax_unexplained_share = 0.1\nmax_error_rate_increase = 0\nmax_p99_ratio = 1.5\n[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }]\nguard = { error_percent = 1 }\ngate = \"verdict\"",
+        "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }]\nguard = { error_percent = 1 }\ngate = \"health\"",
         "[compare]\nignore_fields = [\"$.request_id\", \"**.timestamp\"]\narray_order = \"unordered\"\nnumeric_tolerance = 0.01",
         "[compare]\nmax_decoded_ratio = 1000",
         "[limits]\nmemory = \"67108864\"",
@@ -816,4 +818,65 @@ fn targets() {
         let want = want.map(|(h, p, s)| (h, p, s.to_owned()));
         assert_eq!(got, want, "{url}");
     }
+}
+
+#[test]
+fn verdict_thresholds_and_the_ramp_gate() {
+    // (section, line, key, message)
+    let cases = [
+        (
+            "[compare.verdict]\nmax_unexplained_share = 1.5",
+            12,
+            "compare.verdict.max_unexplained_share",
+            "not a share from 0 to 1",
+        ),
+        (
+            "[compare.verdict]\nmax_error_rate_increase = -0.01",
+            12,
+            "compare.verdict.max_error_rate_increase",
+            "not a share from 0 to 1",
+        ),
+        (
+            "[compare.verdict]\nmax_p99_ratio = 0",
+            12,
+            "compare.verdict.max_p99_ratio",
+            "not a ratio above 0",
+        ),
+        (
+            "[compare.verdict]\nmin_exchange = 3",
+            12,
+            "compare.verdict.min_exchange",
+            "unknown field",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }]\nguard = { error_percent = 1 }\ngate = \"canary\"",
+            14,
+            "ramp.gate",
+            "`canary` is not a gate",
+        ),
+        (
+            "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }]\nguard = { error_percent = 1 }\ngate = \"verdict\"",
+            14,
+            "ramp.gate",
+            "needs a `[compare]` section",
+        ),
+    ];
+    for (section, line, key, message) in cases {
+        let src = format!("{MINIMAL}\n{section}\n");
+        let issues = errors(&src);
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.line == line && i.key == key && i.message.contains(message)),
+            "want {line}: `{key}`: …{message}… for `{section}`, got {issues:#?}"
+        );
+    }
+    let src = format!(
+        "{MINIMAL}\n[compare.verdict]\nmin_exchanges = 7\n[ramp]\nsteps = [{{ percent = 1, hold = \"1s\" }}]\nguard = {{ p99 = \"1s\" }}\ngate = \"verdict\"\n"
+    );
+    let config = Config::from_toml(&src, "t.toml").expect("valid");
+    let verdict = config.compare.expect("compare").verdict;
+    assert_eq!(verdict.min_exchanges, 7);
+    assert_eq!(verdict.max_unexplained_share.get(), 0.05, "default kept");
+    assert_eq!(config.ramp.expect("ramp").gate, RampGate::Verdict);
 }

@@ -51,6 +51,8 @@ pub struct Plan {
     pub copies: Vec<ShadowRequest>,
     /// The path the policy read, when it mirrored: the comparison names the endpoint by it.
     pub path: Option<RequestPath>,
+    /// The route that mirrored it: the comparison counts its endpoints apart.
+    pub mirrored_by: Option<RouteId>,
 }
 
 /// The policy, the budget and the tagger of one configuration.
@@ -273,6 +275,7 @@ impl<I: IdSource> Mirror<I> {
             route: Some(route_counters),
             copies,
             path: Some(path),
+            mirrored_by: Some(route_id),
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::capture::live::CaptureTotals;
 use crate::compare::pairing::{
     Answer, Complete, Expected, PairKey, Pairing, PairingCounters, Role,
 };
-use crate::compare::{Comparator, Exchange, Observed, Report};
+use crate::compare::{Comparator, Exchange, Observed, Report, VerdictState};
 use crate::config::{Config, PortMatch, RampConfig, Target};
 use crate::forward::{Forwarder, TargetAnswer};
 use crate::http::HttpEvent;
@@ -27,7 +27,7 @@ use crate::mirror::stats::{CopyDrop, MirrorStats, TargetCounters};
 use crate::mirror::{Mirror, Plan, ShadowRequest};
 use crate::pipeline::{LinkType, Pipeline, PipelineConfig, PipelineEvent};
 use crate::policy::path::origin_form;
-use crate::policy::ramp::{Health, Ramp, RampEvent};
+use crate::policy::ramp::{FallBack, Health, Ramp, RampEvent};
 use crate::policy::tagging::NodeIds;
 
 /// Requests waiting for their live and targets' responses at most.
@@ -64,8 +64,14 @@ pub struct NodeOptions {
 pub enum RampChange {
     /// The shadow stayed healthy for the step's hold.
     Advanced { from: f64, to: f64 },
-    /// The shadow crossed the guard over `health`; the ramp holds at `to`.
-    FellBack { from: f64, to: f64, health: Health },
+    /// The shadow crossed the guard over `health`, or the comparison's verdict failed
+    /// (`cause`); the ramp holds at `to`.
+    FellBack {
+        from: f64,
+        to: f64,
+        health: Health,
+        cause: FallBack,
+    },
 }
 
 /// Why a new configuration was not taken as a whole, or what of it waits for a restart.
@@ -249,9 +255,21 @@ impl Node {
 
     /// A captured Ethernet frame, taken at `ts` (the capture's clock) and handled at `now`.
     pub fn on_frame(&mut self, now: Instant, ts: Duration, frame: &[u8], sender: &impl CopySender) {
+        self.on_link_frame(now, LinkType::Ethernet, ts, frame, sender);
+    }
+
+    /// A frame that starts as `link` says (a pcap file's frames, which need not be Ethernet),
+    /// taken at `ts` and handled at `now`.
+    pub fn on_link_frame(
+        &mut self,
+        now: Instant,
+        link: LinkType,
+        ts: Duration,
+        frame: &[u8],
+        sender: &impl CopySender,
+    ) {
         let mut events = std::mem::take(&mut self.events);
-        self.pipeline
-            .push_frame(LinkType::Ethernet, ts, frame, &mut events);
+        self.pipeline.push_frame(link, ts, frame, &mut events);
         self.dispatch(now, events, sender);
     }
 
@@ -265,8 +283,9 @@ impl Node {
     }
 
     /// Once a second or so: flows idle at `ts` (the capture's clock) end, comparisons whose
-    /// parts did not all come expire, and the ramp judges the shadow's health. Returns the
-    /// comparison's report (with `[compare]`) and what the ramp did.
+    /// parts did not all come expire, and the ramp judges the shadow's health (and, with
+    /// `gate = "verdict"`, the report's verdict). Returns the comparison's report (with
+    /// `[compare]`) and what the ramp did.
     pub fn on_tick(
         &mut self,
         now: Instant,
@@ -280,7 +299,10 @@ impl Node {
         let mut events = std::mem::take(&mut self.events);
         self.pipeline.expire(ts, &mut events);
         self.dispatch(now, events, sender);
-        (report, self.observe_ramp(now))
+        let verdict = report.as_ref().map_or(VerdictState::Insufficient, |r| {
+            VerdictState::combine(r.routes.iter().map(|r| r.verdict.verdict))
+        });
+        (report, self.observe_ramp(now, verdict))
     }
 
     /// The end of input: every flow still open ends, and what they held is handled.
@@ -394,6 +416,11 @@ impl Node {
         }
     }
 
+    /// Requests waiting for their live or targets' answers to be compared.
+    pub fn comparisons_pending(&self) -> usize {
+        self.compare.as_ref().map_or(0, |c| c.pairing.len())
+    }
+
     /// What became of pending comparisons; `None` without `[compare]`.
     pub fn compare_counters(&self) -> Option<PairingCounters> {
         self.compare.as_ref().map(|c| c.pairing.counters())
@@ -424,9 +451,11 @@ impl Node {
                         }
                     }
                     let path = plan.path.take();
+                    let mirrored_by = plan.mirrored_by;
                     let sent = self.send(plan, sender);
                     if let Some(c) = self.compare.as_mut()
                         && let Some(path) = path
+                        && let Some(route) = mirrored_by.and_then(|id| self.config.routes.get(id.0))
                         && sent.candidate
                     {
                         let server = self.pods.server(flow.server);
@@ -434,6 +463,7 @@ impl Node {
                             now,
                             key,
                             Expected {
+                                route: &route.name,
                                 method: &request.method,
                                 target: origin_form(&request.target).unwrap_or(&request.target),
                                 path,
@@ -513,11 +543,12 @@ impl Node {
         out
     }
 
-    fn observe_ramp(&mut self, now: Instant) -> Option<RampChange> {
+    /// `verdict`: every compared route's together, as of this tick's report.
+    fn observe_ramp(&mut self, now: Instant, verdict: VerdictState) -> Option<RampChange> {
         let state = self.ramp.as_mut()?;
         let totals = Totals::of(self.mirror.all_target_counters());
         let health = totals.health_since(&state.since);
-        let event = state.ramp.observe(now, &health)?;
+        let event = state.ramp.observe(now, &health, verdict)?;
         let steps = self.config.ramp.as_ref().map(|r| &r.steps);
         let percent = |step: Option<usize>| {
             step.and_then(|s| steps?.get(s))
@@ -528,10 +559,11 @@ impl Node {
                 from: percent(Some(from)),
                 to: percent(Some(to)),
             },
-            RampEvent::FellBack { from, to } => RampChange::FellBack {
+            RampEvent::FellBack { from, to, cause } => RampChange::FellBack {
                 from: percent(Some(from)),
                 to: percent(to),
                 health,
+                cause,
             },
         };
         state.since = totals;
@@ -674,6 +706,7 @@ impl Comparing {
             }
         }
         self.comparator.observe(&Exchange {
+            route: &done.route,
             method: &done.method,
             target: &done.target,
             server: done.server.as_deref(),

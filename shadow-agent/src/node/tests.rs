@@ -394,6 +394,126 @@ guard = { error_percent = 10, min_requests = 20 }
     assert_eq!(snap.ramp_held, Some(true));
 }
 
+/// A ramp gated on the verdict, judged from 20 exchanges. Latency is left out of it: every
+/// frame here is captured at the same instant, so live answers take no time at all.
+const GATED: &str = r#"
+[compare.verdict]
+min_exchanges = 20
+max_p99_ratio = 1e12
+
+[ramp]
+steps = [{ percent = 50, hold = "1s" }, { percent = 100, hold = "1h" }]
+guard = { error_percent = 50, min_requests = 20 }
+gate = "verdict"
+"#;
+
+/// `n` requests on `conn`, each answered by live with [`OK`] and, for those mirrored, by the
+/// shadow with `shadow_body`.
+fn exchanges(
+    node: &mut Node,
+    now: Instant,
+    sender: &Recorder,
+    conn: &mut Conn,
+    n: usize,
+    shadow_body: &[u8],
+) {
+    for _ in 0..n {
+        let before = sender.copies.borrow().len();
+        conn.request(node, now, sender, GET);
+        conn.response(node, now, sender, OK);
+        let keys: Vec<PairKey> = sender.copies.borrow()[before..]
+            .iter()
+            .map(|c| c.compare.expect("compared"))
+            .collect();
+        for key in keys {
+            node.on_answer(TargetAnswer {
+                key,
+                role: Role::Candidate,
+                answer: Answer {
+                    status: 200,
+                    headers: vec![("content-type".into(), b"application/json".to_vec())],
+                    body: shadow_body.into(),
+                    body_truncated: false,
+                    latency: Duration::from_millis(3),
+                },
+            });
+        }
+    }
+}
+
+#[test]
+fn a_verdict_gated_ramp_holds_while_insufficient_and_advances_on_pass() {
+    let start = Instant::now();
+    let mut node = node(config(&format!("[compare]\n{GATED}")), false, start);
+    let sender = Recorder::default();
+    let mut conn = Conn::open(&mut node, start, &sender);
+    assert_eq!(node.ramp_percent(), 50.0);
+    exchanges(&mut node, start, &sender, &mut conn, 4, b"{\"id\": 7}");
+    let later = start + Duration::from_secs(2);
+    let (report, change) = node.on_tick(later, ts(), &sender);
+    let report = report.expect("a report");
+    assert_eq!(report.routes.len(), 1);
+    assert_eq!(report.routes[0].route, "api");
+    assert_eq!(report.routes[0].verdict.verdict, VerdictState::Insufficient);
+    assert_eq!(change, None, "past the hold, but too few exchanges judged");
+    exchanges(&mut node, later, &sender, &mut conn, 60, b"{\"id\": 7}");
+    let (report, change) = node.on_tick(later, ts(), &sender);
+    let report = report.expect("a report");
+    let route = &report.routes[0];
+    assert!(route.compared >= 20, "{route:?}");
+    assert_eq!(route.verdict.verdict, VerdictState::Pass, "{route:?}");
+    assert_eq!(report.endpoints[0].route, "api");
+    assert_eq!(report.endpoints[0].verdict.verdict, VerdictState::Pass);
+    assert_eq!(
+        change,
+        Some(RampChange::Advanced {
+            from: 50.0,
+            to: 100.0
+        })
+    );
+}
+
+#[test]
+fn a_seeded_regression_fails_the_verdict_and_the_gated_ramp_falls_back() {
+    let start = Instant::now();
+    let mut node = node(config(&format!("[compare]\n{GATED}")), false, start);
+    let sender = Recorder::default();
+    let mut conn = Conn::open(&mut node, start, &sender);
+    // The shadow answers a changed field: healthy by the guard (all 200s), wrong by content.
+    exchanges(&mut node, start, &sender, &mut conn, 60, b"{\"id\": 8}");
+    let (report, change) = node.on_tick(start + Duration::from_millis(500), ts(), &sender);
+    let report = report.expect("a report");
+    let route = &report.routes[0];
+    assert_eq!(route.verdict.verdict, VerdictState::Fail, "{route:?}");
+    assert!(
+        matches!(
+            route.verdict.reasons.as_slice(),
+            [crate::compare::VerdictReason::UnexplainedDifferences { share, .. }] if *share == 1.0
+        ),
+        "{route:?}"
+    );
+    let endpoint = &report.endpoints[0];
+    assert_eq!(endpoint.endpoint, "GET /orders/{id}");
+    assert_eq!(endpoint.verdict.verdict, VerdictState::Fail);
+    match change {
+        Some(RampChange::FellBack {
+            from, to, cause, ..
+        }) => {
+            assert_eq!((from, to), (50.0, 0.0));
+            assert_eq!(cause, FallBack::Verdict);
+        }
+        other => panic!("expected a fall back, got {other:?}"),
+    }
+    assert_eq!(node.ramp_percent(), 0.0);
+    // The same regression without the gate moves nothing: the guard sees healthy copies.
+    let ungated = GATED.replace("gate = \"verdict\"", "");
+    let mut node = self::node(config(&format!("[compare]\n{ungated}")), false, start);
+    let mut conn = Conn::open(&mut node, start, &sender);
+    exchanges(&mut node, start, &sender, &mut conn, 60, b"{\"id\": 8}");
+    let (_, change) = node.on_tick(start + Duration::from_millis(500), ts(), &sender);
+    assert_eq!(change, None);
+}
+
 fn ramp(first_hold: u64) -> RampConfig {
     RampConfig {
         steps: vec![
@@ -411,6 +531,7 @@ fn ramp(first_hold: u64) -> RampConfig {
             max_p99: None,
             min_requests: 20,
         },
+        gate: crate::config::RampGate::Health,
     }
 }
 
@@ -444,8 +565,14 @@ fn reloads_that_keep_ramp_and_targets_change_nothing_of_the_ramp() {
     let health = totals(400, 400).health_since(&state.since);
     assert_eq!((health.requests, health.errors), (400, 400));
     assert_eq!(
-        state.ramp.observe(start + Duration::from_secs(4), &health),
-        Some(RampEvent::FellBack { from: 0, to: None })
+        state
+            .ramp
+            .observe(start + Duration::from_secs(4), &health, VerdictState::Pass),
+        Some(RampEvent::FellBack {
+            from: 0,
+            to: None,
+            cause: FallBack::Guard
+        })
     );
     // The step's clock went on through reloads too: after its hold, the next step.
     let mut state = Some(RampState::start(&config, start, totals(0, 0)));
@@ -456,9 +583,11 @@ fn reloads_that_keep_ramp_and_targets_change_nothing_of_the_ramp() {
     let mut state = state.expect("a ramp");
     let healthy = totals(0, 0).health_since(&state.since);
     assert_eq!(
-        state
-            .ramp
-            .observe(start + Duration::from_secs(11), &healthy),
+        state.ramp.observe(
+            start + Duration::from_secs(11),
+            &healthy,
+            VerdictState::Pass
+        ),
         Some(RampEvent::Advanced { from: 0, to: 1 })
     );
 }
@@ -469,7 +598,12 @@ fn other_targets_start_a_window_and_another_ramp_starts_over() {
     let config = ramp(1);
     let mut ramp_state = RampState::start(&config, start, totals(0, 0));
     let later = start + Duration::from_secs(2);
-    assert!(ramp_state.ramp.observe(later, &Health::default()).is_some());
+    assert!(
+        ramp_state
+            .ramp
+            .observe(later, &Health::default(), VerdictState::Pass)
+            .is_some()
+    );
     assert_eq!(ramp_state.ramp.step(), Some(1));
     // Other targets: the step stays, the window starts at their counters.
     let state = RampState::reloaded(
@@ -596,4 +730,67 @@ fn a_named_port_is_the_selected_pods_port_of_that_name() {
     assert_eq!(sender.copies.borrow().len(), 1, "to the pod's `http` port");
     Conn::open_to("198.18.0.2:9090", &mut node, now, &sender).request(&mut node, now, &sender, GET);
     assert_eq!(sender.copies.borrow().len(), 1, "not to its `metrics` port");
+}
+
+/// `replay --loop` feeds a file's connections again: the same addresses, sequence numbers and
+/// bytes. While the first pass's flows are open they are retransmissions, and nothing is copied
+/// twice; once [`Node::finish`] ended them, the same frames are new connections and new copies.
+#[test]
+fn the_same_frames_again_are_new_requests_only_after_finish() {
+    let now = Instant::now();
+    let mut node = node(config(""), false, now);
+    let sender = Recorder::default();
+    let pass = |node: &mut Node| {
+        let mut conn = Conn::open(node, now, &sender);
+        conn.request(node, now, &sender, GET);
+        conn.response(node, now, &sender, OK);
+    };
+    pass(&mut node);
+    assert_eq!(sender.copies.borrow().len(), 1);
+    pass(&mut node);
+    assert_eq!(
+        sender.copies.borrow().len(),
+        1,
+        "the frames again on open flows are retransmissions"
+    );
+    node.finish(now, &sender);
+    pass(&mut node);
+    assert_eq!(sender.copies.borrow().len(), 2, "a new pass after finish");
+    let route = node.stats().route("api");
+    assert_eq!((route.seen.get(), route.mirrored.get()), (2, 2));
+}
+
+/// A pcap file's frames need not be Ethernet (`tcpdump -i any` writes Linux cooked frames, some
+/// tools raw IP): they reach the same decisions.
+#[test]
+fn frames_of_another_link_type_are_mirrored_alike() {
+    use crate::pipeline::synthetic::ip_packet;
+    let now = Instant::now();
+    let mut node = node(config(""), false, now);
+    let sender = Recorder::default();
+    let (client, server) = (CLIENT.parse().expect("addr"), SERVER.parse().expect("addr"));
+    let syn = TcpFlags {
+        syn: true,
+        ..TcpFlags::default()
+    };
+    let syn_ack = TcpFlags {
+        syn: true,
+        ack: Some(CLIENT_ISN + 1),
+        ..TcpFlags::default()
+    };
+    let data = TcpFlags {
+        ack: Some(SERVER_ISN + 1),
+        ..TcpFlags::default()
+    };
+    for packet in [
+        ip_packet(client, server, CLIENT_ISN, syn, b""),
+        ip_packet(server, client, SERVER_ISN, syn_ack, b""),
+        ip_packet(client, server, CLIENT_ISN + 1, data, GET),
+    ] {
+        let packet = packet.expect("packet");
+        node.on_link_frame(now, LinkType::RawIp, ts(), &packet, &sender);
+    }
+    let copies = sender.copies.borrow();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].request.uri(), "/orders/7");
 }

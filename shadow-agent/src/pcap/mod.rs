@@ -3,5 +3,5 @@
 pub mod read;
 pub mod write;
 
-pub use read::{Frame, PcapFileError, ReadSummary, read, read_file};
+pub use read::{Frame, FrameReader, PcapFileError, ReadSummary, read, read_file};
 pub use write::PcapWriter;

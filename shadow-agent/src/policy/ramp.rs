@@ -1,10 +1,13 @@
 //! The ramp: the mirrored share steps up (say 5, 10, 25, 50, 100 %) while the shadow stays
-//! healthy, and falls back to the step before, for good, when it crosses the guard. Pure:
-//! time and the health observed during the current step are passed in.
+//! healthy, and falls back to the step before, for good, when it crosses the guard. With
+//! `gate = "verdict"` the comparison's verdict must also be `pass` to advance, and a `fail`
+//! falls back too. Pure: time, the health observed during the current step and the verdict
+//! are passed in.
 
 use std::time::{Duration, Instant};
 
-use crate::config::{RampConfig, RampGuard, RampStep};
+use crate::compare::VerdictState;
+use crate::config::{RampConfig, RampGate, RampGuard, RampStep};
 
 /// What the shadow did during the current step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -28,7 +31,17 @@ pub enum RampEvent {
     FellBack {
         from: usize,
         to: Option<usize>,
+        cause: FallBack,
     },
+}
+
+/// Why the ramp fell back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallBack {
+    /// The shadow crossed the guard.
+    Guard,
+    /// The comparison's verdict was `fail` (`gate = "verdict"`).
+    Verdict,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,6 +61,7 @@ enum State {
 pub struct Ramp {
     steps: Vec<RampStep>,
     guard: RampGuard,
+    gate: RampGate,
     state: State,
 }
 
@@ -65,6 +79,7 @@ impl Ramp {
         Self {
             steps: config.steps.clone(),
             guard: config.guard.clone(),
+            gate: config.gate,
             state,
         }
     }
@@ -101,15 +116,37 @@ impl Ramp {
             || matches!((self.guard.max_p99, health.p99), (Some(m), Some(p)) if p > m)
     }
 
-    /// Moves the ramp on for the health of the current step at `now`.
-    pub fn observe(&mut self, now: Instant, health: &Health) -> Option<RampEvent> {
+    /// Moves the ramp on for the health of the current step and the comparison's `verdict`
+    /// (of every route together) at `now`. The verdict counts only under `gate = "verdict"`:
+    /// `pass` lets a step advance after its hold, `fail` falls back, `insufficient` holds.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        health: &Health,
+        verdict: VerdictState,
+    ) -> Option<RampEvent> {
         let State::Stepping { step, since } = self.state else {
             return None;
         };
-        if self.unhealthy(health) {
+        let gated = self.gate == RampGate::Verdict;
+        let cause = if self.unhealthy(health) {
+            Some(FallBack::Guard)
+        } else if gated && verdict == VerdictState::Fail {
+            Some(FallBack::Verdict)
+        } else {
+            None
+        };
+        if let Some(cause) = cause {
             let to = step.checked_sub(1);
             self.state = State::Held { step: to };
-            return Some(RampEvent::FellBack { from: step, to });
+            return Some(RampEvent::FellBack {
+                from: step,
+                to,
+                cause,
+            });
+        }
+        if gated && verdict != VerdictState::Pass {
+            return None;
         }
         let hold = self.steps.get(step).map_or(Duration::ZERO, |s| s.hold);
         if step + 1 < self.steps.len() && now.saturating_duration_since(since) >= hold {
@@ -143,8 +180,11 @@ mod tests {
                 max_p99: Some(Duration::from_millis(300)),
                 min_requests: 20,
             },
+            gate: RampGate::Health,
         }
     }
+
+    const PASS: VerdictState = VerdictState::Pass;
 
     fn healthy(requests: u64) -> Health {
         Health {
@@ -160,18 +200,18 @@ mod tests {
         let s = |secs| t0 + Duration::from_secs(secs);
         let mut ramp = Ramp::new(&config(), t0);
         assert_eq!(ramp.percent(), 5.0);
-        assert_eq!(ramp.observe(s(59), &healthy(100)), None);
+        assert_eq!(ramp.observe(s(59), &healthy(100), PASS), None);
         assert_eq!(
-            ramp.observe(s(60), &healthy(100)),
+            ramp.observe(s(60), &healthy(100), PASS),
             Some(RampEvent::Advanced { from: 0, to: 1 })
         );
         assert_eq!(ramp.percent(), 25.0);
-        assert_eq!(ramp.observe(s(119), &healthy(100)), None);
+        assert_eq!(ramp.observe(s(119), &healthy(100), PASS), None);
         assert_eq!(
-            ramp.observe(s(120), &healthy(100)),
+            ramp.observe(s(120), &healthy(100), PASS),
             Some(RampEvent::Advanced { from: 1, to: 2 })
         );
-        assert_eq!(ramp.observe(s(1000), &healthy(100)), None);
+        assert_eq!(ramp.observe(s(1000), &healthy(100), PASS), None);
         assert_eq!(ramp.percent(), 100.0);
         assert!(!ramp.is_held());
     }
@@ -206,23 +246,24 @@ mod tests {
         let t0 = Instant::now();
         let s = |secs| t0 + Duration::from_secs(secs);
         let mut ramp = Ramp::new(&config(), t0);
-        ramp.observe(s(60), &healthy(100));
+        ramp.observe(s(60), &healthy(100), PASS);
         let bad = Health {
             requests: 100,
             errors: 50,
             p99: None,
         };
         assert_eq!(
-            ramp.observe(s(70), &bad),
+            ramp.observe(s(70), &bad, PASS),
             Some(RampEvent::FellBack {
                 from: 1,
-                to: Some(0)
+                to: Some(0),
+                cause: FallBack::Guard,
             })
         );
         assert_eq!(ramp.percent(), 5.0);
         assert!(ramp.is_held());
         // Healthy again and long past the hold: it stays.
-        assert_eq!(ramp.observe(s(10_000), &healthy(1000)), None);
+        assert_eq!(ramp.observe(s(10_000), &healthy(1000), PASS), None);
         assert_eq!(ramp.percent(), 5.0);
     }
 
@@ -236,10 +277,68 @@ mod tests {
             p99: Some(Duration::from_secs(2)),
         };
         assert_eq!(
-            ramp.observe(t0, &slow),
-            Some(RampEvent::FellBack { from: 0, to: None })
+            ramp.observe(t0, &slow, PASS),
+            Some(RampEvent::FellBack {
+                from: 0,
+                to: None,
+                cause: FallBack::Guard,
+            })
         );
         assert_eq!(ramp.percent(), 0.0);
         assert_eq!(ramp.step(), None);
+    }
+
+    #[test]
+    fn the_verdict_gate_advances_on_pass_holds_on_insufficient_and_falls_back_on_fail() {
+        use VerdictState::{Fail, Insufficient, Pass};
+        let t0 = Instant::now();
+        let s = |secs| t0 + Duration::from_secs(secs);
+        let gated = RampConfig {
+            gate: RampGate::Verdict,
+            ..config()
+        };
+        let mut ramp = Ramp::new(&gated, t0);
+        // Past the hold, healthy, but too few exchanges judged: it holds.
+        assert_eq!(ramp.observe(s(60), &healthy(100), Insufficient), None);
+        assert_eq!(ramp.percent(), 5.0);
+        assert_eq!(
+            ramp.observe(s(61), &healthy(100), Pass),
+            Some(RampEvent::Advanced { from: 0, to: 1 })
+        );
+        // Healthy by the guard, but the comparison fails.
+        assert_eq!(
+            ramp.observe(s(70), &healthy(100), Fail),
+            Some(RampEvent::FellBack {
+                from: 1,
+                to: Some(0),
+                cause: FallBack::Verdict,
+            })
+        );
+        assert!(ramp.is_held());
+        assert_eq!(ramp.observe(s(10_000), &healthy(100), Pass), None);
+        assert_eq!(ramp.percent(), 5.0);
+
+        // The guard still counts beside the verdict.
+        let mut ramp = Ramp::new(&gated, t0);
+        let bad = Health {
+            requests: 100,
+            errors: 50,
+            p99: None,
+        };
+        assert_eq!(
+            ramp.observe(s(1), &bad, Pass),
+            Some(RampEvent::FellBack {
+                from: 0,
+                to: None,
+                cause: FallBack::Guard,
+            })
+        );
+
+        // Without the gate a failing verdict changes nothing.
+        let mut ramp = Ramp::new(&config(), t0);
+        assert_eq!(
+            ramp.observe(s(60), &healthy(100), Fail),
+            Some(RampEvent::Advanced { from: 0, to: 1 })
+        );
     }
 }

@@ -2,7 +2,6 @@
 //! mirrored and where, the budget decides how much, and the forwarder sends tagged copies.
 //! SIGHUP or a change of the file reloads the configuration; `--dry-run` does all of it but the
 //! sending and reports what would be sent.
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -19,23 +18,20 @@ use shadow_agent::capture::kernel_log::KernelLog;
 use shadow_agent::capture::live::{CaptureTotals, INTERFACE_RESCAN, LiveCapture, LiveOptions};
 use shadow_agent::compare::Report;
 use shadow_agent::config::Config;
-use shadow_agent::forward::{Forwarder, LaneLimits, TargetAnswer};
+use shadow_agent::forward::{Forwarder, TargetAnswer};
 use shadow_agent::kubernetes::PodIndex;
 use shadow_agent::kubernetes::watch::{self as kube_watch, DaemonSetWatch, PodWatch};
 use shadow_agent::memory::MemoryPlan;
-use shadow_agent::mirror::stats::MirrorStats;
-use shadow_agent::node::{Node, NodeOptions, RampChange, ReloadNote, capture_settings};
+use shadow_agent::node::{Node, NodeOptions, ReloadNote, capture_settings};
 use shadow_agent::pipeline::Pipeline;
-use shadow_agent::stats::Stats;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::level_filters::LevelFilter;
 
 use super::check_config;
-use progress::Progress;
-
-mod progress;
 use super::common::{StopSignal, parse_duration};
+use super::driver::{self, node_name, seed, stats_now};
+use super::progress::{self, Progress};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -79,11 +75,6 @@ pub struct Args {
     kernel_log: bool,
 }
 
-/// Targets' answers waiting for the comparison; more are dropped and counted.
-const COMPARE_ANSWERS: usize = 4096;
-/// How often idle flows expire, the ramp is judged and the file is looked at.
-const TICK: Duration = Duration::from_secs(1);
-
 pub fn run(args: Args) -> Result<()> {
     let config = check_config::load(&args.config)?;
     let node = node_name(args.node_name.as_deref())?;
@@ -125,35 +116,6 @@ fn idle_priority() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// `--node-name`, `$NODE_NAME` or the host name; it travels in headers, so it is checked.
-fn node_name(arg: Option<&str>) -> Result<String> {
-    let name = match arg {
-        Some(name) => name.to_owned(),
-        None => match std::env::var("NODE_NAME") {
-            Ok(name) if !name.is_empty() => name,
-            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .context("cannot read the host name; give --node-name")?
-                .trim()
-                .to_owned(),
-        },
-    };
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if !valid {
-        bail!("node name `{name}`: use 1 to 253 letters, digits, `.`, `-` or `_`");
-    }
-    Ok(name)
-}
-
-fn seed(node: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    node.hash(&mut h);
-    h.finish()
 }
 
 async fn agent(args: Args, config: Config, node: String) -> Result<()> {
@@ -242,7 +204,7 @@ async fn agent(args: Args, config: Config, node: String) -> Result<()> {
         .await
         .context("cannot reach the Kubernetes API")?;
 
-    let mut tick = tokio::time::interval(TICK);
+    let mut tick = tokio::time::interval(driver::TICK);
     let mut rescan = tokio::time::interval(INTERFACE_RESCAN);
     let mut report = (!args.report_interval.is_zero()).then(|| {
         tokio::time::interval_at(
@@ -396,14 +358,7 @@ impl Agent {
             dry_run: args.dry_run,
             memory: plan.clone(),
         };
-        let node = Node::new(config, options, Instant::now());
-        let (answers_tx, answers_rx) = if node.is_comparing() {
-            let (tx, rx) = mpsc::channel(COMPARE_ANSWERS);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let forwarder = Forwarder::new(node.copy_bytes(), answers_tx, node.answer_body_bytes());
+        let (node, forwarder, answers_rx) = driver::start(config, options);
         let reported = Progress::read(node.stats(), Instant::now());
         let mut agent = Self {
             node,
@@ -422,13 +377,7 @@ impl Agent {
 
     /// Makes the forwarder's lanes match the node's targets.
     fn connect_lanes(&mut self) {
-        if self.node.is_dry_run() {
-            return;
-        }
-        self.forwarder.reconfigure(
-            &self.node.lanes(),
-            LaneLimits::from(&self.node.config().budget),
-        );
+        driver::connect_lanes(&self.node, &mut self.forwarder);
     }
 
     fn on_batch(&mut self, batch: &PacketBatch) {
@@ -452,20 +401,7 @@ impl Agent {
         if let Some(report) = report {
             *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         }
-        match ramp {
-            Some(RampChange::Advanced { from, to }) => {
-                tracing::info!(from, to, "ramp: the shadow stayed healthy; mirroring more");
-            }
-            Some(RampChange::FellBack { from, to, health }) => tracing::warn!(
-                from,
-                to,
-                copies = health.requests,
-                errors = health.errors,
-                p99_ms = health.p99.map(|d| d.as_millis() as u64),
-                "ramp: the shadow crossed the guard; fell back and holding there"
-            ),
-            None => {}
-        }
+        driver::log_ramp(ramp);
     }
 
     fn file_changed(&mut self) -> bool {
@@ -551,18 +487,7 @@ impl Agent {
 
     /// Prints the rates since the last report.
     fn report(&mut self) {
-        let now = Progress::read(self.node.stats(), Instant::now());
-        let ramp = self
-            .node
-            .config()
-            .ramp
-            .as_ref()
-            .map(|_| self.node.ramp_percent());
-        eprint!(
-            "{}",
-            now.rates_since(&self.reported, self.node.is_dry_run(), ramp)
-        );
-        self.reported = now;
+        eprint!("{}", driver::rates(&self.node, &mut self.reported));
     }
 
     /// Makes the counters the run loop owns visible to the admin endpoint.
@@ -628,15 +553,4 @@ impl Kube {
         }
         Ok(())
     }
-}
-
-/// Every counter: `--stats-json` and the admin endpoint's `/stats`.
-fn stats_now(
-    snap: &AgentSnapshot,
-    stats: &MirrorStats,
-    report: &Mutex<Option<Report>>,
-    seconds: f64,
-) -> Stats {
-    let report = report.lock().unwrap_or_else(|p| p.into_inner());
-    Stats::collect(snap, stats, report.as_ref().map(|r| &r.totals), seconds)
 }

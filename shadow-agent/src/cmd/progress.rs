@@ -1,5 +1,6 @@
-//! What `run` prints for its operator on stderr: the rates every `--report-interval`, and the
-//! summary at exit. Text from counters, no I/O: the driver prints it.
+//! What `run` and `replay` print for their operator on stderr: the rates every
+//! `--report-interval`, and the summary at exit. Text from counters, no I/O: the driver prints
+//! it.
 use std::time::Instant;
 
 use shadow_agent::capture::live::CaptureTotals;
@@ -116,6 +117,20 @@ pub fn summary(
     secs: f64,
     dry_run: bool,
 ) -> String {
+    let mut out = mirror_summary(stats, requests, secs, dry_run);
+    out += &common::table("kernel counters", &common::kernel_fields(&totals.kernel));
+    out += &common::table("ring counters", &common::ring_fields(&totals.ring));
+    out += &common::interface_tables(
+        &totals.interfaces,
+        totals.interfaces_uncounted,
+        &totals.attach_failures,
+    );
+    out
+}
+
+/// Per route and target what was mirrored and how the shadows answered: the part of the
+/// summary that does not depend on where the packets came from.
+pub fn mirror_summary(stats: &MirrorStats, requests: u64, secs: f64, dry_run: bool) -> String {
     let secs = secs.max(1e-3);
     let verb = if dry_run { "would have sent" } else { "sent" };
     let mut out = format!(
@@ -141,13 +156,6 @@ pub fn summary(
             answered(&t.answers),
         );
     }
-    out += &common::table("kernel counters", &common::kernel_fields(&totals.kernel));
-    out += &common::table("ring counters", &common::ring_fields(&totals.ring));
-    out += &common::interface_tables(
-        &totals.interfaces,
-        totals.interfaces_uncounted,
-        &totals.attach_failures,
-    );
     out
 }
 
