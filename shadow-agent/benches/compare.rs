@@ -20,6 +20,9 @@
 //!   noise is never learned and every exchange stays a mismatch (the bench prints so).
 //! - `noise_repeated_4096`: `noise_repeated` with `max_fields_per_endpoint = 4096`, enough to
 //!   remember every leaf of the 64 KB body, so that its noise is learned.
+//! - `identical_gzip`: `identical` with both bodies sent gzipped (`Content-Encoding: gzip`,
+//!   flate2's default level), so each is decoded before it is parsed; bytes/s count the decoded
+//!   bodies, as in the other cases.
 //! - `parse_alone`: `serde_json::from_slice` of the live and the shadow body, the floor.
 //!
 //! The `unordered` group, with `array_order = "unordered"`, on arrays of 100 000 elements:
@@ -98,6 +101,13 @@ fn response(records: usize, rng: &mut Rng, tick: usize, changed: bool) -> Vec<u8
     serde_json::to_vec(&body).expect("serialises")
 }
 
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(body).expect("in memory");
+    e.finish().expect("in memory")
+}
+
 /// The fewest records whose response is at least `bytes` long.
 fn records_for(bytes: usize) -> usize {
     let mut rng = Rng(1);
@@ -113,6 +123,8 @@ struct Pools {
     noisy: Vec<Vec<u8>>,
     /// As `noisy`, with one price changed.
     changed: Vec<Vec<u8>>,
+    /// `noisy`, gzipped.
+    gzipped: Vec<Vec<u8>>,
 }
 
 impl Pools {
@@ -132,14 +144,17 @@ impl Pools {
                 .all(|b| b.len() == noisy[0].len()),
             "{name}: every response has the same length"
         );
+        let gzipped: Vec<Vec<u8>> = noisy.iter().map(|b| gzip(b)).collect();
         println!(
-            "{name}: {records} records, {} bytes per body",
-            noisy[0].len()
+            "{name}: {records} records, {} bytes per body, {} gzipped",
+            noisy[0].len(),
+            gzipped[0].len()
         );
         Self {
             name,
             noisy,
             changed,
+            gzipped,
         }
     }
 
@@ -152,6 +167,7 @@ impl Pools {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Case {
     Identical,
+    IdenticalGzip,
     NoiseBaseline,
     OneField,
     NoiseRepeated,
@@ -159,8 +175,9 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 5] = [
+    const ALL: [Case; 6] = [
         Case::Identical,
+        Case::IdenticalGzip,
         Case::NoiseBaseline,
         Case::OneField,
         Case::NoiseRepeated,
@@ -170,6 +187,7 @@ impl Case {
     fn name(self) -> &'static str {
         match self {
             Case::Identical => "identical",
+            Case::IdenticalGzip => "identical_gzip",
             Case::NoiseBaseline => "noise_baseline",
             Case::OneField => "one_field",
             Case::NoiseRepeated => "noise_repeated",
@@ -180,7 +198,7 @@ impl Case {
     fn config(self) -> CompareConfig {
         let mut config = CompareConfig::default();
         match self {
-            Case::Identical => config.max_fingerprints = 0,
+            Case::Identical | Case::IdenticalGzip => config.max_fingerprints = 0,
             Case::NoiseRepeated4096 => config.max_fields_per_endpoint = 4_096,
             _ => {}
         }
@@ -206,9 +224,12 @@ fn exchanges<'a>(
 ) -> Vec<Exchange<'a>> {
     (0..POOL / 3)
         .map(|k| {
-            let live = &pools.noisy[3 * k];
+            let live = match case {
+                Case::IdenticalGzip => &pools.gzipped[3 * k],
+                _ => &pools.noisy[3 * k],
+            };
             let (baseline, shadow) = match case {
-                Case::Identical => (None, live),
+                Case::Identical | Case::IdenticalGzip => (None, live),
                 Case::NoiseBaseline => (Some(&pools.noisy[3 * k + 1]), &pools.noisy[3 * k + 2]),
                 Case::OneField => (Some(&pools.noisy[3 * k + 1]), &pools.changed[3 * k + 2]),
                 Case::NoiseRepeated | Case::NoiseRepeated4096 => (None, &pools.noisy[3 * k + 2]),
@@ -220,6 +241,7 @@ fn exchanges<'a>(
                 target: TARGET,
                 path,
                 request_body: b"",
+                request_headers: &[],
                 live: observed(headers, live, 12),
                 candidate: observed(headers, shadow, 13),
                 baseline: baseline.map(|b| observed(headers, b, 12)),
@@ -244,6 +266,14 @@ fn warmed(case: Case, exchanges: &[Exchange<'_>], pools: &Pools) -> Comparator {
         .all(|&path| e.top_fields.iter().any(|f| f.path == path && f.noise));
     match case {
         Case::Identical => assert!(e.top_fields.is_empty(), "{case:?}: {e:#?}"),
+        Case::IdenticalGzip => {
+            assert!(e.top_fields.is_empty(), "{case:?}: {e:#?}");
+            let d = report.totals.decoding;
+            assert!(
+                d.decoded == 2 * WARM_EXCHANGES as u64 && d.failed() == 0,
+                "{case:?}: every body decoded: {d:?}"
+            );
+        }
         Case::NoiseBaseline | Case::NoiseRepeated4096 => assert!(
             learned && e.matched == e.compared,
             "{case:?}: noise learned and every exchange matched: {e:#?}"
@@ -285,9 +315,15 @@ fn bench_size(c: &mut Criterion, pools: &Pools) {
         });
     }
     let headers: Headers = vec![("Content-Type".to_owned(), b"application/json".to_vec())];
+    let mut gzip_headers = headers.clone();
+    gzip_headers.push(("Content-Encoding".to_owned(), b"gzip".to_vec()));
     let path = RequestPath::of_target(TARGET).expect("a plain path reads");
     for case in Case::ALL {
-        let exchanges = exchanges(case, pools, &headers, &path);
+        let headers = match case {
+            Case::IdenticalGzip => &gzip_headers,
+            _ => &headers,
+        };
+        let exchanges = exchanges(case, pools, headers, &path);
         for (label, throughput) in [
             ("comparisons", Throughput::Elements(1)),
             ("bytes", Throughput::Bytes(pools.pair_bytes())),
@@ -358,6 +394,7 @@ fn bench_unordered(c: &mut Criterion) {
             target: TARGET,
             path: &path,
             request_body: b"",
+            request_headers: &[],
             live: observed(&headers, &numbers, 12),
             candidate: observed(&headers, shadow, 13),
             baseline: None,

@@ -1631,6 +1631,7 @@ fn check_compare(
         ("compare.max_fields_per_endpoint", c.max_fields_per_endpoint),
         ("compare.max_body_bytes", c.max_body_bytes),
         ("compare.max_fingerprints", c.max_fingerprints),
+        ("compare.max_decoded_ratio", c.max_decoded_ratio as usize),
     ];
     let before = r.issues.len();
     for (key, v) in shares {

@@ -25,7 +25,8 @@ enum Command {
     Replay(cmd::replay::Args),
     /// Show a running agent's routes, targets and capture, from its admin endpoint.
     Status(cmd::status::Args),
-    /// Write a running agent's comparison of live and shadow responses as an HTML page.
+    /// Write a running agent's comparison of live and shadow responses as an HTML page or JSON,
+    /// or its flagged endpoints' sample requests as `.http` files (`--export`).
     Report(cmd::report::Args),
 }
 

@@ -13,6 +13,7 @@ use crate::budget::Tokens;
 use crate::capture::kernel::InterfaceTotals;
 use crate::capture::live::CaptureTotals;
 use crate::capture::ring::{RingCountersSnapshot, RingLevel};
+use crate::compare::encoding::DecodeCounts;
 use crate::compare::{Report, VerdictReport, VerdictState};
 use crate::mirror::stats::{MirrorSnapshot, MirrorStats};
 
@@ -154,6 +155,8 @@ pub struct CompareStats {
     /// As of the last report; `None` before the first.
     pub other_exchanges: Option<OtherExchanges>,
     pub segments_learned: Option<u64>,
+    /// Bodies with a content coding, by what decoding did; as of the last report.
+    pub decoding: Option<DecodeCounts>,
     /// The routes' verdicts as of the last report, each with its failing endpoints only;
     /// `None` before the first.
     pub verdict: Option<VerdictReport>,
@@ -236,6 +239,7 @@ impl Stats {
                     first_seen: t.endpoints_first_seen,
                 }),
                 segments_learned: totals.map(|t| t.segments_learned),
+                decoding: totals.map(|t| t.decoding),
                 verdict: report.map(|r| {
                     let mut v = r.verdicts();
                     for route in &mut v.routes {

@@ -1030,6 +1030,38 @@ fn comparison_flags_exactly_the_regression_and_the_slow_endpoint(with_baseline: 
         html.contains("POST /refunds") && html.contains("$.total"),
         "{html}"
     );
+    // The regression's requests, to replay: one `.http` file for the flagged endpoint.
+    let export = site.dir.path().join("export");
+    shadow_tests::run_ok(&mut site.live.exec_built(
+        &bin,
+        &["report", "--export", export.to_str().expect("utf-8 path")],
+    ));
+    let http = std::fs::read_to_string(export.join("POST_refunds.http")).expect(".http file");
+    assert!(
+        http.contains("### POST /refunds #1")
+            && http.contains("# differs in: $.total")
+            && http.contains("\nPOST http://"),
+        "{http}"
+    );
+    // Replayed as written, the request is the one the client sent.
+    let block = http.split("\n###").nth(1).expect("a request");
+    let mut lines = block.lines().skip(1).skip_while(|l| l.starts_with('#'));
+    let request_line = lines.next().expect("a request line");
+    let [method, url, "HTTP/1.1"] = request_line.split(' ').collect::<Vec<_>>()[..] else {
+        panic!("not a request line: {request_line}");
+    };
+    // The client's own `Host`: curl leaves out the default port.
+    assert_eq!(url, format!("http://{}/refunds", site.live_addr().ip()));
+    let headers: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
+    let body = lines.collect::<Vec<_>>().join("\n");
+    assert_eq!(body, "{\"amount\":40}", "{http}");
+    let mut replay = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method];
+    for h in &headers {
+        replay.extend(["-H", h]);
+    }
+    replay.extend(["--data-binary", &body, url]);
+    let out = curl(&site.client, &replay);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{http}");
     let shot = site.dir.path().join("report.png");
     shadow_tests::run_ok(Program::Chromium.command().args([
         "--headless",

@@ -59,9 +59,11 @@ fuzz_target!(|input: &[u8]| {
         c.observe(&Exchange {
             route: "web",
             method: "POST",
+            server: None,
             target: "/fuzz",
             path: &fuzz_path,
             request_body: b"",
+            request_headers: &[],
             live: observed(live),
             candidate: observed(shadow),
             baseline: with_baseline.then(|| observed(shadow)),
@@ -70,9 +72,11 @@ fuzz_target!(|input: &[u8]| {
     c.observe(&Exchange {
         route: "web",
         method: "GET",
+        server: None,
         target: "/self",
         path: &self_path,
         request_body: b"",
+        request_headers: &[],
         live: observed(live),
         candidate: observed(live),
         baseline: None,

@@ -398,6 +398,7 @@ mod tests {
             target: "/users/7",
             path: &RequestPath::of_target("/users/7").expect("readable"),
             request_body: b"",
+            request_headers: &[],
             live: observed(b"{\"total\":1}"),
             candidate: observed(b"{\"total\":2}"),
             baseline: None,
@@ -431,6 +432,8 @@ mod tests {
             "shadow_compare_other_exchanges_total{reason=\"full\"} 0",
             "shadow_compare_other_exchanges_total{reason=\"first_seen\"} 0",
             "shadow_compare_segments_learned_total 0",
+            "shadow_compare_encoded_bodies_total{outcome=\"decoded\"} 0",
+            "shadow_compare_encoded_bodies_total{outcome=\"ratio\"} 0",
             // One exchange: too few for a verdict, on the route and its endpoint.
             "shadow_verdict{route=\"web\",endpoint=\"\"} 0",
             "shadow_verdict{route=\"web\",endpoint=\"GET /users/{id}\"} 0",

@@ -588,6 +588,7 @@ mod tests {
                 target: "/users/7",
                 path: &RequestPath::of_target("/users/7").expect("readable"),
                 request_body: b"",
+                request_headers: &[],
                 live: observed(b"{\"total\":1}"),
                 candidate: observed(b"{\"total\":2}"),
                 baseline: None,

@@ -7,6 +7,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use serde_json::Value;
 
+use super::encoding::{DecodeError, DecodeLimits, codings, decode};
 use super::json::{self, DiffOptions, FlatLeaf, Leaf};
 use super::{DiffKind, EXAMPLE_CHARS, Observed};
 
@@ -16,7 +17,7 @@ pub(super) enum Body<'a> {
     Json(Value),
     /// Normalised: line endings `\n`, no trailing whitespace on a line, no trailing empty lines.
     Text(String),
-    Bytes(&'a [u8]),
+    Bytes(Cow<'a, [u8]>),
     /// Longer than `max_body_bytes`: only its length and hash are kept.
     Oversized {
         len: usize,
@@ -24,37 +25,86 @@ pub(super) enum Body<'a> {
     },
 }
 
+/// What decoding did to a body, for the counts and for whether `content-encoding` is compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Decoding {
+    /// No content coding (or `identity`, or an empty body).
+    Plain,
+    /// Decoded: the content is compared.
+    Decoded,
+    /// Left encoded, compared by its bytes.
+    Failed(DecodeError),
+}
+
+impl Decoding {
+    /// The outcome to count, `None` for a plain body.
+    pub(super) fn outcome(self) -> Option<Result<(), DecodeError>> {
+        match self {
+            Decoding::Plain => None,
+            Decoding::Decoded => Some(Ok(())),
+            Decoding::Failed(e) => Some(Err(e)),
+        }
+    }
+}
+
+/// Whether the `content-encoding` header is left out of the comparison: when the content of
+/// both bodies is compared (one or both were decoded, neither failed), a difference only in
+/// encoding is not a difference.
+pub(super) fn encoding_compared_by_content(live: Decoding, shadow: Decoding) -> bool {
+    let failed = |d| matches!(d, Decoding::Failed(_));
+    !failed(live) && !failed(shadow) && (live == Decoding::Decoded || shadow == Decoding::Decoded)
+}
+
 impl<'a> Body<'a> {
-    pub(super) fn parse(observed: &Observed<'a>, max_bytes: usize) -> Self {
+    /// The body as compared, decoded first when it has a content coding (within `limits`,
+    /// whose `max_bytes` is also the size beyond which a body is only hashed).
+    pub(super) fn parse(observed: &Observed<'a>, limits: DecodeLimits) -> (Self, Decoding) {
         let bytes = observed.body;
-        if bytes.len() > max_bytes {
-            return Body::Oversized {
+        if bytes.len() > limits.max_bytes {
+            let body = Body::Oversized {
                 len: bytes.len(),
                 hash: hash_bytes(bytes),
             };
+            return (body, Decoding::Plain);
         }
         let header = |name: &str| {
-            observed
+            let values: Vec<_> = observed
                 .headers
                 .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+                .collect();
+            (!values.is_empty()).then(|| values.join(", "))
         };
-        // Compressed bodies are compared as they are: equal content compresses alike, and the
-        // agent does not decompress.
-        if header("content-encoding").is_some_and(|e| !e.is_empty() && e != "identity") {
-            return Body::Bytes(bytes);
-        }
+        // An empty body (a HEAD, a 304) has nothing to decode whatever its header says.
+        let encodings = header("content-encoding").filter(|_| !bytes.is_empty());
+        let chain = match encodings.as_deref().map(codings) {
+            None => Vec::new(),
+            Some(Ok(chain)) => chain,
+            Some(Err(e)) => return (Body::Bytes(Cow::Borrowed(bytes)), Decoding::Failed(e)),
+        };
+        let (content, decoding) = if chain.is_empty() {
+            (Cow::Borrowed(bytes), Decoding::Plain)
+        } else {
+            match decode(&chain, bytes, limits) {
+                Ok(decoded) => (Cow::Owned(decoded), Decoding::Decoded),
+                Err(e) => return (Body::Bytes(Cow::Borrowed(bytes)), Decoding::Failed(e)),
+            }
+        };
+        (Self::read(content, header("content-type")), decoding)
+    }
+
+    /// JSON, text or bytes, from the content as compared.
+    fn read(content: Cow<'a, [u8]>, content_type: Option<String>) -> Self {
         // JSON when it parses, whatever the content type says: services label JSON as
         // text/plain often enough. A failed parse stops at the first wrong byte, so trying costs
         // little. Documents nested deeper than serde_json's limit (128) fail here and are
         // compared as text or bytes.
-        if !bytes.is_empty()
-            && let Ok(v) = serde_json::from_slice::<Value>(bytes)
+        if !content.is_empty()
+            && let Ok(v) = serde_json::from_slice::<Value>(&content)
         {
             return Body::Json(v);
         }
-        let content_type = header("content-type");
         let textual = match &content_type {
             Some(t) => {
                 t.starts_with("text/")
@@ -63,12 +113,12 @@ impl<'a> Body<'a> {
                     || t.contains("javascript")
                     || t.starts_with("application/x-www-form-urlencoded")
             }
-            None => std::str::from_utf8(bytes).is_ok(),
+            None => std::str::from_utf8(&content).is_ok(),
         };
         if textual {
-            Body::Text(normalise_text(&String::from_utf8_lossy(bytes)))
+            Body::Text(normalise_text(&String::from_utf8_lossy(&content)))
         } else {
-            Body::Bytes(bytes)
+            Body::Bytes(content)
         }
     }
 
@@ -235,12 +285,14 @@ fn whole<'v>(
 }
 
 /// The configured headers (less the ignored ones) whose values differ. Repeated headers are
-/// joined with `, ` as RFC 9110 allows; surrounding whitespace never counts.
+/// joined with `, ` as RFC 9110 allows; surrounding whitespace never counts. With
+/// `skip_encoding`, `content-encoding` is not compared (see [`encoding_compared_by_content`]).
 pub(super) fn compare_headers<'v>(
     live: &[(String, Vec<u8>)],
     shadow: &[(String, Vec<u8>)],
     headers: &'v BTreeSet<String>,
     ignore: &BTreeSet<String>,
+    skip_encoding: bool,
 ) -> Vec<BodyDifference<'v>> {
     let value = |hs: &[(String, Vec<u8>)], name: &str| {
         let values: Vec<_> = hs
@@ -251,7 +303,8 @@ pub(super) fn compare_headers<'v>(
         (!values.is_empty()).then(|| values.join(", "))
     };
     let mut out = Vec::new();
-    for name in headers.iter().filter(|h| !ignore.contains(*h)) {
+    let skipped = |h: &str| ignore.contains(h) || (skip_encoding && h == "content-encoding");
+    for name in headers.iter().filter(|h| !skipped(h)) {
         let (a, b) = (value(live, name), value(shadow, name));
         if a != b {
             let field = format!("header:{name}");

@@ -94,6 +94,17 @@ pub fn render_html(report: &Report) -> String {
             t.endpoints_first_seen
         );
     }
+    let d = &t.decoding;
+    if d.decoded + d.failed() > 0 {
+        let _ = writeln!(
+            h,
+            "<p>Compressed bodies: {} decoded and compared by content; compared by their encoded \
+             bytes: {} over <code>max_body_bytes</code> decoded, {} over \
+             <code>max_decoded_ratio</code> (likely decompression bombs), {} corrupt, {} in an \
+             unknown coding.</p>",
+            d.decoded, d.too_large, d.ratio, d.corrupt, d.unknown
+        );
+    }
     verdicts(&mut h, report);
     if report.flagged.is_empty() {
         h.push_str("<p>No endpoint is flagged.</p>\n");
@@ -216,6 +227,19 @@ fn endpoint(h: &mut String, e: &EndpointReport) {
             let _ = write!(h, ", others ({})", e.workloads_other);
         }
         h.push_str("</p>");
+    }
+    if !e.samples.is_empty() {
+        // The requests themselves are not shown here: the page is for reading, the `.http`
+        // files for running them.
+        let _ = write!(
+            h,
+            "<p>{} sample exchanges kept, such as <code>{} {}</code>: \
+             <code>shadow-agent report --export DIR</code> writes them as <code>.http</code> \
+             files.</p>",
+            e.samples.len(),
+            escape(&e.samples[0].method),
+            escape(&e.samples[0].target)
+        );
     }
     if !e.status_mismatches.top.is_empty() {
         h.push_str("<table><tr><th>live status</th><th>shadow status</th><th>count</th></tr>");

@@ -9,7 +9,8 @@
 //! [`pairing`] first brings the parts of one exchange together as they arrive: the live response
 //! from the capture, the shadow's and the baseline's answers from the senders.
 //!
-//! What is compared: the status code, the configured headers, and the body — JSON structurally
+//! What is compared: the status code, the configured headers, and the body, decoded first when
+//! it has a content coding ([`encoding`]) — JSON structurally
 //! into field paths ([`json`]), text by a normalised form, anything else by bytes. Which of those
 //! differences count is learned per endpoint and field ([`noise`]); the endpoint is the method
 //! and a path template ([`endpoint`]), counted apart per route. From the counts, [`verdict`]
@@ -22,12 +23,15 @@
 //! endpoint an exchange is judged at once with what is known then.
 
 mod body;
+pub mod encoding;
 pub mod endpoint;
 mod html;
+pub mod http_file;
 pub mod json;
 pub mod noise;
 pub mod pairing;
 pub mod report;
+pub mod sample;
 pub mod verdict;
 
 use std::collections::{BTreeSet, HashMap};
@@ -48,6 +52,7 @@ pub use report::{
     EndpointReport, Errors, Example, FieldReport, Flag, FlagReason, Latency, Report, RouteReport,
     StatusMismatches, StatusPair, Totals,
 };
+pub use sample::{Sample, SampleAnswer};
 pub use verdict::{
     EndpointVerdict, RouteVerdict, Verdict, VerdictConfig, VerdictReason, VerdictReport,
     VerdictState,
@@ -112,7 +117,11 @@ pub struct CompareConfig {
     /// number of leaves remembered per response for learning noise without a baseline.
     pub max_fields_per_endpoint: usize,
     /// Bodies longer than this (either side) are compared by length and hash only, and counted.
+    /// Also the most a compressed body is decoded to; beyond it, it is compared encoded.
     pub max_body_bytes: usize,
+    /// A compressed body decoding to more than this many times its size (a likely
+    /// decompression bomb) is compared encoded, and counted.
+    pub max_decoded_ratio: u32,
     /// Requests remembered for learning noise from identical repeated requests.
     pub max_fingerprints: usize,
     /// Same-version observations an endpoint needs before any of its fields can be noise.
@@ -180,6 +189,8 @@ impl Default for CompareConfig {
             max_endpoints: 200,
             max_fields_per_endpoint: 64,
             max_body_bytes: 256 * 1024,
+            // JSON rarely compresses beyond 20:1; a bomb does 1000:1.
+            max_decoded_ratio: 100,
             max_fingerprints: 1024,
             min_samples: 20,
             noise_share: 0.5,
@@ -207,7 +218,11 @@ impl CompareConfig {
             + 2 * MAX_OUTCOMES * (size_of::<(Box<[u32]>, u64)>() + 1)
             + MAX_OUTCOMES * MAX_OUTCOME_FIELDS * 4
             + 2 * MAX_STATUS_PAIRS * size_of::<StatusCount>()
-            + MAX_ENDPOINT_WORKLOADS * (size_of::<(String, u64)>() + MAX_WORKLOAD_CHARS);
+            + MAX_ENDPOINT_WORKLOADS * (size_of::<(String, u64)>() + MAX_WORKLOAD_CHARS)
+            + sample::SAMPLES_PER_ENDPOINT
+                * (size_of::<KeptSample>()
+                    + sample::Sample::memory_limit()
+                    + 4 * MAX_OUTCOME_FIELDS);
         // An `(other)` per route besides the endpoints tracked.
         let endpoints = (self.max_endpoints + MAX_ROUTES + 1)
             * (endpoint
@@ -229,6 +244,13 @@ impl CompareConfig {
             + fingerprints
             + Templater::memory_limit(&self.templates)
             + Recent::memory_limit(endpoint::RECENT)
+    }
+
+    fn decode_limits(&self) -> encoding::DecodeLimits {
+        encoding::DecodeLimits {
+            max_bytes: self.max_body_bytes,
+            max_ratio: self.max_decoded_ratio,
+        }
     }
 
     fn noise_rule(&self) -> NoiseRule {
@@ -265,6 +287,9 @@ pub struct Exchange<'a> {
     /// The path as the policy read it to mirror the request: it names the endpoint.
     pub path: &'a RequestPath,
     pub request_body: &'a [u8],
+    /// The request's headers in wire order (with `Host`), for the samples kept of exchanges
+    /// that differ; at most [`sample::SAMPLE_HEAD_BYTES`] of them are used.
+    pub request_headers: &'a [(String, Vec<u8>)],
     pub live: Observed<'a>,
     /// The shadow deployment under test.
     pub candidate: Observed<'a>,
@@ -290,7 +315,8 @@ pub enum DiffKind {
     NotJson,
     /// Text bodies differing after normalisation.
     Text,
-    /// Other bodies (binary, compressed, or longer than `max_body_bytes`) differing in bytes.
+    /// Other bodies (binary, compressed ones that did not decode, or longer than
+    /// `max_body_bytes`) differing in bytes.
     Bytes,
     /// A compared header.
     Header,
@@ -353,6 +379,40 @@ struct EndpointState {
     /// in `workloads_other`.
     workloads: Vec<(String, u64)>,
     workloads_other: u64,
+    /// Exchanges that differed in status or in a field that counted when they were seen, at most
+    /// [`sample::SAMPLES_PER_ENDPOINT`].
+    samples: Vec<KeptSample>,
+}
+
+/// A sample with what it differed in, so that one since explained by learned noise can give
+/// its place to one that is not.
+#[derive(Debug)]
+struct KeptSample {
+    sample: Sample,
+    fields: Box<[u32]>,
+    status_differs: bool,
+}
+
+impl KeptSample {
+    fn explained(&self, ep: &EndpointState, rule: &NoiseRule) -> bool {
+        !self.status_differs && !self.fields.iter().any(|&i| ep.counts_against(i, rule))
+    }
+
+    /// The sample as reported: with the fields that count now.
+    fn report(&self, ep: &EndpointState, rule: &NoiseRule) -> Sample {
+        let mut sample = self.sample.clone();
+        sample.fields = if self.status_differs {
+            vec!["status".to_owned()]
+        } else {
+            self.fields
+                .iter()
+                .filter(|&&i| ep.counts_against(i, rule))
+                .filter_map(|&i| ep.fields.get(i as usize).map(|f| f.path.clone()))
+                .take(sample::SAMPLE_FIELDS)
+                .collect()
+        };
+        sample
+    }
 }
 
 impl EndpointState {
@@ -378,6 +438,28 @@ impl EndpointState {
             shadow_latency: LatencyHistogram::default(),
             workloads: Vec::new(),
             workloads_other: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Where a new sample would go: a free place, or that of one explained since; `None` when
+    /// every kept sample still counts.
+    fn sample_slot(&self, rule: &NoiseRule) -> Option<usize> {
+        if self.samples.len() < sample::SAMPLES_PER_ENDPOINT {
+            return Some(self.samples.len());
+        }
+        self.samples.iter().position(|s| s.explained(self, rule))
+    }
+
+    fn keep_sample(&mut self, slot: usize, kept: KeptSample) {
+        if slot < self.samples.len() {
+            self.samples[slot] = kept;
+        } else {
+            // Exactly as many as are kept, for the memory bound.
+            if self.samples.capacity() == 0 {
+                self.samples.reserve_exact(sample::SAMPLES_PER_ENDPOINT);
+            }
+            self.samples.push(kept);
         }
     }
 
@@ -457,6 +539,12 @@ impl EndpointState {
                 .iter()
                 .map(|(w, _)| w.capacity())
                 .sum::<usize>()
+            + self.samples.capacity() * size_of::<KeptSample>()
+            + self
+                .samples
+                .iter()
+                .map(|s| s.sample.memory_bytes() - size_of::<Sample>() + s.fields.len() * 4)
+                .sum::<usize>()
     }
 
     fn count_workload(&mut self, workload: &str) {
@@ -492,6 +580,8 @@ pub struct Comparator {
     /// New endpoint names met while more than half the slots were taken.
     names_seen: Recent,
     fingerprints: Fingerprints,
+    /// Bodies with a content coding, by what decoding them did.
+    decoding: encoding::DecodeCounts,
 }
 
 impl Comparator {
@@ -518,6 +608,7 @@ impl Comparator {
             endpoints_overflowed: 0,
             endpoints_first_seen: 0,
             names_seen: Recent::new(endpoint::RECENT),
+            decoding: encoding::DecodeCounts::default(),
         }
     }
 
@@ -548,14 +639,15 @@ impl Comparator {
         ep.live_latency.record(exchange.live.latency);
         ep.shadow_latency.record(exchange.candidate.latency);
 
-        let live = Body::parse(&exchange.live, cfg.max_body_bytes);
+        let limits = cfg.decode_limits();
+        let (live, live_decoding) = parse(&exchange.live, limits, &mut self.decoding);
         let max_fields = cfg.max_fields_per_endpoint;
         let sensitive = |k: &str| is_sensitive(&cfg.sensitive, k);
 
         // Noise first, so that this exchange is judged with what it teaches too.
         if let Some(baseline) = &exchange.baseline {
             if baseline.status == exchange.live.status {
-                let other = Body::parse(baseline, cfg.max_body_bytes);
+                let (other, _) = parse(baseline, limits, &mut self.decoding);
                 let diffs = body::compare(&live, &other, &options);
                 ep.counts.noise_samples += 1;
                 let mut seen = Vec::new();
@@ -601,12 +693,32 @@ impl Comparator {
             }
         }
 
+        let rule = cfg.noise_rule();
+        let compared_header = |h: &str| cfg.headers.contains(h) && !cfg.ignore_headers.contains(h);
         if exchange.live.status != exchange.candidate.status {
             ep.count_status(exchange.live.status, exchange.candidate.status);
+            if let Some(slot) = ep.sample_slot(&rule) {
+                // Parsed only to be shown: not compared, so not counted.
+                let (candidate, _) = Body::parse(&exchange.candidate, limits);
+                let sample = sample::take(
+                    sample_input(exchange, &live, &candidate),
+                    &compared_header,
+                    &sensitive,
+                );
+                ep.keep_sample(
+                    slot,
+                    KeptSample {
+                        sample,
+                        fields: Box::new([]),
+                        status_differs: true,
+                    },
+                );
+            }
             return;
         }
         ep.counts.compared_bodies += 1;
-        let candidate = Body::parse(&exchange.candidate, cfg.max_body_bytes);
+        let (candidate, candidate_decoding) =
+            parse(&exchange.candidate, limits, &mut self.decoding);
         if live.oversized() || candidate.oversized() {
             ep.oversized_bodies += 1;
         }
@@ -615,6 +727,7 @@ impl Comparator {
             exchange.candidate.headers,
             &cfg.headers,
             &cfg.ignore_headers,
+            body::encoding_compared_by_content(live_decoding, candidate_decoding),
         );
         diffs.extend(body::compare(&live, &candidate, &options));
 
@@ -632,6 +745,31 @@ impl Comparator {
         for &i in &differing {
             ep.fields[i as usize].counts.raw += 1;
         }
+        if differing.iter().any(|&i| ep.counts_against(i, &rule))
+            && let Some(slot) = ep.sample_slot(&rule)
+        {
+            let sample = sample::take(
+                sample_input(exchange, &live, &candidate),
+                &compared_header,
+                &sensitive,
+            );
+            // The fields that count now, as many as an outcome keeps: whether they still count
+            // decides whether the sample is reported.
+            let fields = differing
+                .iter()
+                .copied()
+                .filter(|&i| ep.counts_against(i, &rule))
+                .take(MAX_OUTCOME_FIELDS)
+                .collect();
+            ep.keep_sample(
+                slot,
+                KeptSample {
+                    sample,
+                    fields,
+                    status_differs: false,
+                },
+            );
+        }
 
         let outcome = differing.into_boxed_slice();
         if let Some(n) = ep.outcomes.get_mut(&outcome) {
@@ -639,7 +777,6 @@ impl Comparator {
         } else if ep.outcomes.len() < MAX_OUTCOMES && outcome.len() <= MAX_OUTCOME_FIELDS {
             ep.outcomes.insert(outcome, 1);
         } else {
-            let rule = cfg.noise_rule();
             if outcome.iter().any(|&i| ep.counts_against(i, &rule)) {
                 ep.judged_mismatched += 1;
             } else {
@@ -740,6 +877,39 @@ impl Comparator {
         self.routes.push(name.to_owned());
         u32::try_from(self.routes.len() - 1).unwrap_or(u32::MAX)
     }
+}
+
+/// The parts of an exchange a sample is made of.
+fn sample_input<'x, 'b>(
+    exchange: &'x Exchange<'_>,
+    live: &'x Body<'b>,
+    candidate: &'x Body<'b>,
+) -> sample::SampleInput<'x, 'b> {
+    sample::SampleInput {
+        method: exchange.method,
+        target: exchange.target,
+        request_headers: exchange.request_headers,
+        request_body: exchange.request_body,
+        live: (exchange.live.status, exchange.live.headers, live),
+        shadow: (
+            exchange.candidate.status,
+            exchange.candidate.headers,
+            candidate,
+        ),
+    }
+}
+
+/// A body as compared, its decoding counted.
+fn parse<'a>(
+    observed: &Observed<'a>,
+    limits: encoding::DecodeLimits,
+    counts: &mut encoding::DecodeCounts,
+) -> (Body<'a>, body::Decoding) {
+    let (body, decoding) = Body::parse(observed, limits);
+    if let Some(outcome) = decoding.outcome() {
+        counts.count(outcome);
+    }
+    (body, decoding)
 }
 
 /// Identical requests share a fingerprint: method, target with query, and body.

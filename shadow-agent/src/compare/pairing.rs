@@ -68,6 +68,8 @@ pub struct Complete {
     /// The path the policy read to mirror the request.
     pub path: RequestPath,
     pub request_body: Box<[u8]>,
+    /// The request's headers, as many as a sample keeps.
+    pub request_headers: Box<[(String, Vec<u8>)]>,
     pub live: Answer,
     pub candidate: Answer,
     pub baseline: Option<Answer>,
@@ -84,6 +86,9 @@ pub struct Expected<'a> {
     /// The path the policy read to mirror the request.
     pub path: RequestPath,
     pub body: &'a [u8],
+    /// The request's headers: those that fit in [`super::sample::SAMPLE_HEAD_BYTES`] are
+    /// copied.
+    pub headers: &'a [(String, Vec<u8>)],
     /// The capture time of its last byte: the live latency runs from there.
     pub done: Duration,
     /// Whether a baseline's answer comes too.
@@ -115,6 +120,7 @@ struct Pending {
     /// A copy: the captured body may be larger than its length (a buffer grown by doubling),
     /// and the copies to targets that share it are gone long before the comparison.
     request_body: Box<[u8]>,
+    request_headers: Box<[(String, Vec<u8>)]>,
     /// When the request's last byte was captured: the live latency runs from there.
     request_done: Duration,
     expect_baseline: bool,
@@ -122,6 +128,20 @@ struct Pending {
     candidate: Option<Answer>,
     baseline: Option<Answer>,
     created: Instant,
+}
+
+/// The leading headers that fit in what a sample keeps: the rest would be dropped there anyway.
+fn head_for_sample(headers: &[(String, Vec<u8>)]) -> Box<[(String, Vec<u8>)]> {
+    let mut room = super::sample::SAMPLE_HEAD_BYTES;
+    headers
+        .iter()
+        .take_while(|(n, v)| {
+            let cost = n.len() + v.len() + 4;
+            room = room.saturating_sub(cost);
+            room > 0
+        })
+        .cloned()
+        .collect()
 }
 
 impl Pending {
@@ -134,6 +154,11 @@ impl Pending {
             + self.server.as_ref().map_or(0, |s| s.len())
             + self.path.as_str().len()
             + self.request_body.len()
+            + self
+                .request_headers
+                .iter()
+                .map(|(n, v)| size_of::<(String, Vec<u8>)>() + n.capacity() + v.capacity())
+                .sum::<usize>()
             + [&self.live, &self.candidate, &self.baseline]
                 .iter()
                 .filter_map(|a| a.as_ref().map(Answer::bytes))
@@ -201,6 +226,7 @@ impl Pairing {
             server: request.server.map(Into::into),
             path: request.path,
             request_body: request.body.into(),
+            request_headers: head_for_sample(request.headers),
             request_done: request.done,
             expect_baseline: request.baseline,
             live: None,
@@ -279,6 +305,7 @@ impl Pairing {
             server: done.server,
             path: done.path,
             request_body: done.request_body,
+            request_headers: done.request_headers,
             live: done.live?,
             candidate: done.candidate?,
             baseline: done.baseline,
@@ -365,6 +392,7 @@ mod tests {
                 target: "/x",
                 path: RequestPath::of_target("/x").expect("readable"),
                 body: b"",
+                headers: &[],
                 done: Duration::from_millis(100),
                 baseline,
                 server: None,
@@ -451,6 +479,7 @@ mod tests {
                     target: "/x",
                     path,
                     body: &body,
+                    headers: &[],
                     done: Duration::ZERO,
                     baseline: false,
                     server: None,

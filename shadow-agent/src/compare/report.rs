@@ -11,6 +11,8 @@ use std::time::Duration;
 use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
+use super::encoding::DecodeCounts;
+use super::sample::Sample;
 use super::verdict::{self, EndpointVerdict, Evidence, RouteVerdict, Verdict, VerdictReport};
 use super::{Comparator, DiffKind, EndpointState};
 use crate::admin::export::{self, Export};
@@ -100,6 +102,10 @@ pub struct EndpointReport {
     /// Exchanges of workloads beyond those listed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub workloads_other: u64,
+    /// A few exchanges that differed in a field that counts (or in status), redacted and cut,
+    /// for `report --export`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
     #[serde(default)]
     pub errors: Errors,
     /// Under `[compare.verdict]`.
@@ -171,6 +177,9 @@ pub struct Totals {
     /// repeat.
     #[serde(default)]
     pub segments_learned: u64,
+    /// Bodies with a content coding (live, shadow and baseline), by what decoding did.
+    #[serde(default)]
+    pub decoding: DecodeCounts,
     pub memory_bytes: usize,
 }
 
@@ -202,6 +211,7 @@ pub(super) fn build(c: &Comparator) -> Report {
             endpoints_overflowed: c.endpoints_overflowed,
             endpoints_first_seen: c.endpoints_first_seen,
             segments_learned: c.templater.learned(),
+            decoding: c.decoding,
             memory_bytes: c.memory_bytes(),
         },
         flagged,
@@ -401,6 +411,12 @@ fn endpoint(ep: &EndpointState, c: &Comparator) -> EndpointReport {
             w
         },
         workloads_other: ep.workloads_other,
+        samples: ep
+            .samples
+            .iter()
+            .filter(|s| !s.explained(ep, &rule))
+            .map(|s| s.report(ep, &rule))
+            .collect(),
         errors: Errors {
             live_5xx: ep.live_errors,
             shadow_5xx: ep.shadow_errors,
@@ -470,6 +486,25 @@ impl Export for Report {
              not repeat.",
             None,
             t.segments_learned,
+        )?;
+        let d = &t.decoding;
+        export::counters(
+            e,
+            "compare_encoded_bodies",
+            "Bodies with a Content-Encoding, by outcome: decoded and compared by content, or \
+             compared by their encoded bytes because the decoded body would exceed \
+             max_body_bytes (too_large) or max_decoded_ratio (ratio), the stream is corrupt, or \
+             the coding is unknown.",
+            None,
+            [
+                ("decoded", d.decoded),
+                ("too_large", d.too_large),
+                ("ratio", d.ratio),
+                ("corrupt", d.corrupt),
+                ("unknown", d.unknown),
+            ]
+            .into_iter()
+            .map(|(o, n)| (vec![("outcome", o.to_owned())], n)),
         )?;
         export_endpoints(e, &self.endpoints)?;
         export_verdicts(e, &self.routes, &self.endpoints)

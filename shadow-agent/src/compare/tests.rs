@@ -98,6 +98,7 @@ fn run(c: &mut Comparator, with_baseline: bool) {
             target: &target,
             path: &read_path(&target),
             request_body: req_body.as_bytes(),
+            request_headers: &[],
             live: observed(200, &h, &live, live_ms),
             candidate: observed(200, &h, &candidate, candidate_ms),
             baseline: with_baseline.then(|| observed(200, &h, &baseline, live_ms)),
@@ -209,6 +210,7 @@ fn without_noise_observations_everything_counts() {
             target: &target,
             path: &read_path(&target),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, &h, live.as_bytes(), 5),
             candidate: observed(200, &h, shadow.as_bytes(), 5),
             baseline: None,
@@ -247,6 +249,7 @@ fn ignore_lists_apply_before_anything_is_learned() {
         target: "/x",
         path: &read_path("/x"),
         request_body: b"",
+        request_headers: &[],
         live: observed(
             200,
             &lh,
@@ -280,6 +283,7 @@ fn status_and_headers_always_count() {
             target: "/h",
             path: &read_path("/h"),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, &a, b"{}", 5),
             candidate: observed(200, &b, b"{}", 5),
             baseline: Some(observed(200, &b, b"{}", 5)),
@@ -292,6 +296,7 @@ fn status_and_headers_always_count() {
             target: "/s",
             path: &read_path("/s"),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, &a, b"{}", 5),
             candidate: observed(status, &a, b"{}", 5),
             baseline: None,
@@ -350,6 +355,7 @@ fn text_bytes_and_oversized_bodies() {
             target,
             path: &read_path(target),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, h, live, 5),
             candidate: observed(200, h, shadow, 5),
             baseline: None,
@@ -389,6 +395,7 @@ fn json_against_an_error_page() {
         target: "/j",
         path: &read_path("/j"),
         request_body: b"",
+        request_headers: &[],
         live: observed(200, &h, br#"{"a":1}"#, 5),
         candidate: observed(200, &html, b"<html>oops</html>", 5),
         baseline: None,
@@ -438,6 +445,7 @@ fn sensitive_values_are_never_shown() {
         target: "/login",
         path: &read_path("/login"),
         request_body: b"",
+        request_headers: &[],
         live: observed(200, &lh, live.as_bytes(), 5),
         candidate: observed(200, &sh, shadow.as_bytes(), 5),
         baseline: None,
@@ -481,6 +489,7 @@ fn examples_are_cut() {
         target: "/long",
         path: &read_path("/long"),
         request_body: b"",
+        request_headers: &[],
         live: observed(200, &h, live.as_bytes(), 5),
         candidate: observed(200, &h, shadow.as_bytes(), 5),
         baseline: None,
@@ -511,6 +520,7 @@ fn html_escapes_everything_from_traffic() {
             target: "/x/<script>alert(3)</script>",
             path: &read_path("/x/<script>alert(3)</script>"),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, &h, live.as_bytes(), 5),
             candidate: observed(200, &h, shadow.as_bytes(), 20),
             baseline: None,
@@ -544,8 +554,9 @@ fn an_empty_report_renders() {
 fn memory_stays_bounded() {
     let config = CompareConfig::default();
     let limit = config.memory_limit();
-    // The worst case of the defaults: every path and example at its longest.
-    assert!(limit < 20 << 20, "{limit}");
+    // The worst case of the defaults: every path and example at its longest, and three
+    // samples of every endpoint at their caps (about 7 MB of it).
+    assert!(limit < 28 << 20, "{limit}");
     let mut c = Comparator::new(config.clone());
     let h = json_headers();
     let mut rng = Rng(7);
@@ -572,6 +583,7 @@ fn memory_stays_bounded() {
                 target,
                 path: &read_path(target),
                 request_body: i.to_string().as_bytes(),
+                request_headers: &[],
                 live: observed(200, &h, live.as_bytes(), 5),
                 candidate: observed(200 + (i % 50) as u16, &h, shadow.as_bytes(), 5),
                 baseline: None,
@@ -623,6 +635,7 @@ fn outcomes_beyond_the_table_are_judged_at_once() {
             target: "/o",
             path: &read_path("/o"),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, &h, live.as_bytes(), 5),
             candidate: observed(200, &h, shadow.as_bytes(), 5),
             baseline: None,
@@ -684,6 +697,7 @@ proptest! {
                 target: "/p",
                 path: &read_path("/p"),
                 request_body: &live,
+                request_headers: &[],
                 live: observed(200, &h, a, 5),
                 candidate: observed(200, &h, b, 5),
                 baseline: baseline.map(|x| observed(200, &h, x, 5)),
@@ -717,6 +731,7 @@ fn observe_target(c: &mut Comparator, target: &str) {
         target,
         path: &read_path(target),
         request_body: b"",
+        request_headers: &[],
         live: observed(200, &h, b"{}", 5),
         candidate: observed(200, &h, b"{}", 5),
         baseline: None,
@@ -866,6 +881,7 @@ fn an_endpoint_names_the_live_workloads_that_served_it() {
             target: "/orders/1",
             path: &read_path("/orders/1"),
             request_body: b"",
+            request_headers: &[],
             live: observed(200, &h, b"{}", 5),
             candidate: observed(200, &h, b"{}", 5),
             baseline: None,
@@ -893,6 +909,397 @@ fn an_endpoint_names_the_live_workloads_that_served_it() {
     );
 }
 
+/// Compressed answers: decoded before comparison, within the caps, failures counted.
+mod compressed {
+    use super::super::encoding::tests::{brotli, gzip, zstd};
+    use super::*;
+
+    const ITEMS: &str = r#"{"items":[{"sku":"a","price":9.5},{"sku":"b","price":3}],"page":1}"#;
+
+    fn with_encoding(coding: &str) -> Headers {
+        headers(&[
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", coding),
+        ])
+    }
+
+    /// One exchange of `/items`, live and candidate with their own headers and bodies.
+    fn observe(c: &mut Comparator, live: (&Headers, &[u8]), candidate: (&Headers, &[u8])) {
+        let path = read_path("/items");
+        c.observe(&Exchange {
+            route: "web",
+            method: "GET",
+            server: None,
+            target: "/items",
+            path: &path,
+            request_body: b"",
+            request_headers: &[],
+            live: observed(200, live.0, live.1, 5),
+            candidate: observed(200, candidate.0, candidate.1, 5),
+            baseline: None,
+        });
+    }
+
+    #[test]
+    fn gzip_against_brotli_with_the_same_json_matches() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let (lh, sh) = (with_encoding("gzip"), with_encoding("br"));
+        let (live, shadow) = (gzip(ITEMS.as_bytes()), brotli(ITEMS.as_bytes()));
+        assert_ne!(live, shadow);
+        observe(&mut c, (&lh, &live), (&sh, &shadow));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert_eq!((e.compared, e.matched), (1, 1), "{e:#?}");
+        assert!(e.top_fields.is_empty(), "{:?}", e.top_fields);
+        assert_eq!(report.totals.decoding.decoded, 2);
+        assert_eq!(report.totals.decoding.failed(), 0);
+        assert!(render_html(&report).contains("Compressed bodies: 2 decoded"));
+    }
+
+    #[test]
+    fn compressed_on_one_side_only_matches_the_same_content() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let (lh, sh) = (with_encoding("zstd"), json_headers());
+        let live = zstd(ITEMS.as_bytes());
+        observe(&mut c, (&lh, &live), (&sh, ITEMS.as_bytes()));
+        // Chained: gzip applied first, then br.
+        let chained = with_encoding("gzip, br");
+        let both = brotli(&gzip(ITEMS.as_bytes()));
+        observe(&mut c, (&chained, &both), (&sh, ITEMS.as_bytes()));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert_eq!((e.compared, e.matched), (2, 2), "{e:#?}");
+        assert_eq!(report.totals.decoding.decoded, 2);
+    }
+
+    #[test]
+    fn a_changed_field_inside_gzip_is_flagged_with_its_path() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let h = with_encoding("gzip");
+        let changed = ITEMS.replace("9.5", "10.5");
+        let (live, shadow) = (gzip(ITEMS.as_bytes()), gzip(changed.as_bytes()));
+        observe(&mut c, (&h, &live), (&h, &shadow));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert_eq!(e.matched, 0);
+        let f = field(e, "$.items[*].price").expect("the price is a field");
+        let example = f.example.as_ref().expect("an example");
+        assert_eq!(example.path, "$.items[0].price");
+        assert_eq!(
+            (example.live.as_str(), example.shadow.as_str()),
+            ("9.5", "10.5")
+        );
+    }
+
+    #[test]
+    fn a_different_encoding_that_fails_still_compares_the_header() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let (lh, sh) = (with_encoding("gzip"), with_encoding("compress"));
+        let live = gzip(ITEMS.as_bytes());
+        observe(&mut c, (&lh, &live), (&sh, b"\x1f\x9d\x90opaque"));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        assert!(field(e, "header:content-encoding").is_some(), "{e:#?}");
+        assert!(field(e, "$").is_some(), "{e:#?}");
+        assert_eq!(report.totals.decoding.unknown, 1);
+        assert_eq!(report.totals.decoding.decoded, 1);
+    }
+
+    #[test]
+    fn a_bomb_is_capped_compared_by_bytes_and_counted() {
+        // 8 MiB of zeros, about 8 KiB gzipped: far over the default ratio of 100, which stops
+        // it at about 800 KiB, below the size cap.
+        let bomb = gzip(&vec![0u8; 8 * 1024 * 1024]);
+        let config = CompareConfig {
+            max_body_bytes: 16 * 1024 * 1024,
+            ..CompareConfig::default()
+        };
+        let limit = config.memory_limit();
+        let mut c = Comparator::new(config);
+        let h = with_encoding("gzip");
+        observe(&mut c, (&h, &bomb), (&h, &bomb));
+        let d = c.report().totals.decoding;
+        assert_eq!((d.ratio, d.decoded, d.failed()), (2, 0, 2), "{d:?}");
+        // Under the default size cap (256 KiB) the size is the tighter one.
+        let mut small = Comparator::new(CompareConfig::default());
+        observe(&mut small, (&h, &bomb), (&h, &bomb));
+        assert_eq!(small.report().totals.decoding.too_large, 2);
+
+        // A truncated stream is compared by its bytes, and counted as corrupt.
+        let whole = gzip(ITEMS.as_bytes());
+        let truncated = &whole[..whole.len() - 4];
+        observe(&mut c, (&h, &bomb), (&h, truncated));
+        let report = c.report();
+        let e = endpoint(&report, "GET /items");
+        // The bomb matched itself byte for byte; the truncated answer differs.
+        assert_eq!((e.compared, e.matched), (2, 1));
+        assert_eq!(field(e, "$").map(|f| f.kind), Some(DiffKind::Bytes));
+        let d = report.totals.decoding;
+        assert_eq!((d.ratio, d.corrupt), (3, 1), "{d:?}");
+        assert!(c.memory_bytes() <= limit);
+    }
+}
+
+/// Samples of exchanges that differ, and their export as `.http` files.
+mod samples {
+    use super::super::http_file;
+    use super::*;
+
+    const SECRET: &str = "Bearer s3cr3t-t0ken";
+
+    fn request_headers() -> Headers {
+        headers(&[
+            ("Host", "shop.example:8080"),
+            ("Authorization", SECRET),
+            ("Cookie", "session=abc123"),
+            ("X-Api-Key", "k-999"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", "40"),
+            ("X-Trace", "t-1"),
+        ])
+    }
+
+    /// `POST /refunds` where the candidate's total is 10 % higher: a seeded regression.
+    fn regression(c: &mut Comparator, n: u64) {
+        let rh = request_headers();
+        let h = json_headers();
+        let target = "/refunds?dry=1";
+        let path = read_path(target);
+        for i in 0..n {
+            let request = format!(r#"{{"order":{i},"password":"hunter2"}}"#);
+            let live = format!(r#"{{"order":{i},"total":100.0,"secret":"x1"}}"#);
+            let candidate = format!(r#"{{"order":{i},"total":110.0,"secret":"x1"}}"#);
+            c.observe(&Exchange {
+                route: "web",
+                method: "POST",
+                server: None,
+                target,
+                path: &path,
+                request_body: request.as_bytes(),
+                request_headers: &rh,
+                live: observed(200, &h, live.as_bytes(), 5),
+                candidate: observed(200, &h, candidate.as_bytes(), 5),
+                baseline: None,
+            });
+        }
+    }
+
+    /// One request of a `.http` file, read back as a client reads it.
+    #[derive(Debug)]
+    struct Parsed {
+        comments: Vec<String>,
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    /// A small reader of the `.http` format: `###` starts a request, `#` and `//` lines before
+    /// the request line are comments, then headers to a blank line, then the body.
+    fn parse_http_file(text: &str) -> Vec<Parsed> {
+        let mut out = Vec::new();
+        for block in text.split("\n###").skip(1) {
+            let mut lines = block.lines().skip(1);
+            let mut comments = Vec::new();
+            let request_line = loop {
+                let line = lines.next().expect("a request line");
+                if line.starts_with('#') || line.starts_with("//") {
+                    comments.push(line.to_owned());
+                } else if !line.trim().is_empty() {
+                    break line;
+                }
+            };
+            let mut parts = request_line.split(' ');
+            let (method, url, version) = (
+                parts.next().expect("method"),
+                parts.next().expect("url"),
+                parts.next().expect("version"),
+            );
+            assert_eq!(version, "HTTP/1.1");
+            assert!(parts.next().is_none(), "{request_line}");
+            let mut headers = Vec::new();
+            for line in lines.by_ref() {
+                if line.is_empty() {
+                    break;
+                }
+                let (n, v) = line.split_once(": ").expect("a header line");
+                headers.push((n.to_owned(), v.to_owned()));
+            }
+            let body = lines.collect::<Vec<_>>().join("\n");
+            out.push(Parsed {
+                comments,
+                method: method.to_owned(),
+                url: url.to_owned(),
+                headers,
+                body: body.trim_end().to_owned(),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn a_seeded_regression_exports_replayable_redacted_requests() {
+        let mut c = Comparator::new(CompareConfig::default());
+        regression(&mut c, 30);
+        let report = c.report();
+        let e = endpoint(&report, "POST /refunds");
+        assert!(e.flagged, "{e:#?}");
+        assert_eq!(e.samples.len(), sample::SAMPLES_PER_ENDPOINT);
+        assert_eq!(e.samples[0].fields, ["$.total"]);
+
+        // Nothing secret anywhere in the report, JSON or samples.
+        let json = serde_json::to_string(&report).expect("serialises");
+        for secret in ["s3cr3t", "abc123", "k-999", "hunter2", "x1"] {
+            assert!(!json.contains(secret), "{secret} in {json}");
+        }
+        // The report reads back as it was, samples included.
+        let back: Report = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, report);
+
+        let page = render_html(&report);
+        assert!(
+            page.contains("3 sample exchanges kept, such as <code>POST /refunds?dry=1</code>"),
+            "{page}"
+        );
+        assert!(!page.contains("s3cr3t") && !page.contains("hunter2"));
+
+        let files = http_file::export(&back);
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].name, "POST_refunds.http");
+        let requests = parse_http_file(&files[0].text);
+        assert_eq!(
+            requests.len(),
+            sample::SAMPLES_PER_ENDPOINT,
+            "{}",
+            files[0].text
+        );
+        for (i, r) in requests.iter().enumerate() {
+            assert_eq!(r.method, "POST");
+            assert_eq!(r.url, "http://shop.example:8080/refunds?dry=1");
+            let header = |name: &str| {
+                r.headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(header("authorization"), Some(json::REDACTED));
+            assert_eq!(header("cookie"), Some(json::REDACTED));
+            assert_eq!(header("x-api-key"), Some(json::REDACTED));
+            assert_eq!(header("x-trace"), Some("t-1"));
+            assert_eq!(header("content-type"), Some("application/json"));
+            // The URL holds the host; the client computes the length.
+            assert_eq!((header("host"), header("content-length")), (None, None));
+            let body: Value = serde_json::from_str(&r.body).expect("the body is JSON");
+            assert_eq!(body, json!({"order": i, "password": json::REDACTED}));
+            let comments = r.comments.join("\n");
+            assert!(comments.contains("# differs in: $.total"), "{comments}");
+            assert!(comments.contains("# live: 200"), "{comments}");
+            assert!(comments.contains(r#""total":110.0"#), "{comments}");
+            assert!(comments.contains(r#""secret":"<redacted>""#), "{comments}");
+        }
+    }
+
+    #[test]
+    fn samples_explained_by_learned_noise_are_not_reported() {
+        let mut c = Comparator::new(CompareConfig::default());
+        run(&mut c, true);
+        let report = c.report();
+        // Its first exchanges differed in fields not yet known as noise.
+        let users = endpoint(&report, "GET /users/{id}");
+        assert_eq!(users.matched, users.compared);
+        assert!(users.samples.is_empty(), "{:#?}", users.samples);
+        let refunds = endpoint(&report, "POST /refunds");
+        assert!(!refunds.samples.is_empty());
+        assert!(
+            refunds.samples.iter().all(|s| s.fields == ["$.total"]),
+            "{:#?}",
+            refunds.samples
+        );
+    }
+
+    #[test]
+    fn a_status_mismatch_is_sampled() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let h = json_headers();
+        let path = read_path("/x");
+        c.observe(&Exchange {
+            route: "web",
+            method: "GET",
+            server: None,
+            target: "/x",
+            path: &path,
+            request_body: b"",
+            request_headers: &[],
+            live: observed(200, &h, b"{}", 5),
+            candidate: observed(500, &h, b"oops", 5),
+            baseline: None,
+        });
+        let report = c.report();
+        let s = &endpoint(&report, "GET /x").samples;
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].fields, ["status"]);
+        assert_eq!((s[0].live.status, s[0].shadow.status), (200, 500));
+        assert_eq!(s[0].shadow.body, "oops");
+        // No Host: the file leaves the host to the user.
+        let mut e = endpoint(&report, "GET /x").clone();
+        e.flagged = true;
+        assert!(http_file::render(&e).contains("GET http://{{host}}/x HTTP/1.1"));
+    }
+
+    #[test]
+    fn samples_stay_within_the_memory_bound() {
+        let config = CompareConfig {
+            max_endpoints: 8,
+            ..CompareConfig::default()
+        };
+        let limit = config.memory_limit();
+        let mut c = Comparator::new(config);
+        // Large headers and bodies everywhere: each sample is cut to its caps.
+        let big = "v".repeat(64 * 1024);
+        let rh: Headers = (0..64)
+            .map(|i| (format!("x-h{i}"), big.as_bytes().to_vec()))
+            .collect();
+        let h: Headers = vec![
+            ("content-type".to_owned(), b"text/plain".to_vec()),
+            ("vary".to_owned(), big.as_bytes().to_vec()),
+        ];
+        let body = format!("{{\"a\":\"{big}\"}}");
+        let other = format!("{{\"a\":\"{big}!\"}}");
+        let long_target = format!("/p{}", "q".repeat(10_000));
+        for e in 0..12 {
+            let target = format!("/e{e}{long_target}");
+            let path = read_path(&target);
+            for _ in 0..5 {
+                c.observe(&Exchange {
+                    route: "web",
+                    method: "POST",
+                    server: None,
+                    target: &target,
+                    path: &path,
+                    request_body: body.as_bytes(),
+                    request_headers: &rh,
+                    live: observed(200, &h, body.as_bytes(), 5),
+                    candidate: observed(200, &h, other.as_bytes(), 5),
+                    baseline: None,
+                });
+            }
+        }
+        let report = c.report();
+        let kept: usize = report.endpoints.iter().map(|e| e.samples.len()).sum();
+        assert!(kept >= 8, "{kept}");
+        for s in report.endpoints.iter().flat_map(|e| &e.samples) {
+            assert!(s.truncated);
+            assert!(
+                s.body
+                    .as_ref()
+                    .is_some_and(|b| b.len() <= sample::SAMPLE_BODY_BYTES)
+            );
+            assert!(s.live.body.len() <= sample::SAMPLE_BODY_BYTES);
+        }
+        assert!(c.memory_bytes() <= limit, "{} > {limit}", c.memory_bytes());
+    }
+}
+
 /// One exchange of `GET target` through `route`: live answers `live` with 200, the shadow
 /// `shadow_status` with `shadow`.
 fn through(
@@ -911,6 +1318,7 @@ fn through(
         target,
         path: &read_path(target),
         request_body: b"",
+        request_headers: &[],
         live: observed(200, &h, live, 10),
         candidate: observed(shadow_status, &h, shadow, 11),
         baseline: None,

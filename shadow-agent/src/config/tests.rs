@@ -449,6 +449,12 @@ fn section_errors() {
             "not above 0",
         ),
         (
+            "[compare]\nmax_decoded_ratio = 0",
+            11,
+            "compare.max_decoded_ratio",
+            "at least 1",
+        ),
+        (
             "[budget]\ntarget_bytes_per_sec = -5",
             12,
             "budget.target_bytes_per_sec",
@@ -636,6 +642,7 @@ fn accepted_values() {
         "[compare]\n[compare.verdict]\nmin_exchanges = 50\nmax_unexplained_share = 0.1\nmax_error_rate_increase = 0\nmax_p99_ratio = 1.5\n[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }]\nguard = { error_percent = 1 }\ngate = \"verdict\"",
         "[ramp]\nsteps = [{ percent = 1, hold = \"30s\" }]\nguard = { error_percent = 1 }\ngate = \"health\"",
         "[compare]\nignore_fields = [\"$.request_id\", \"**.timestamp\"]\narray_order = \"unordered\"\nnumeric_tolerance = 0.01",
+        "[compare]\nmax_decoded_ratio = 1000",
         "[limits]\nmemory = \"67108864\"",
         "[policy]",
         "[policy]\ndeny_paths = []",

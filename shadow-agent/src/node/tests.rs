@@ -219,6 +219,51 @@ fn a_copy_the_sender_refuses_is_dropped_and_counted_by_reason() {
 }
 
 #[test]
+fn a_differing_exchange_is_sampled_with_the_captured_request_headers() {
+    let now = Instant::now();
+    let mut node = node(config("[compare]"), false, now);
+    let sender = Recorder::default();
+    let mut conn = Conn::open(&mut node, now, &sender);
+    conn.request(
+        &mut node,
+        now,
+        &sender,
+        b"GET /orders/7?full=1 HTTP/1.1\r\nHost: api.shop:8080\r\nAuthorization: Bearer t0k\r\n\
+          Accept: application/json\r\n\r\n",
+    );
+    conn.response(&mut node, now, &sender, OK);
+    let key = sender.copies.borrow()[0]
+        .compare
+        .expect("the answer is wanted");
+    node.on_answer(TargetAnswer {
+        key,
+        role: Role::Candidate,
+        answer: Answer {
+            status: 500,
+            headers: vec![],
+            body: b"boom".as_slice().into(),
+            body_truncated: false,
+            latency: Duration::from_millis(3),
+        },
+    });
+    let (report, _) = node.on_tick(now, ts(), &sender);
+    let report = report.expect("a report");
+    let [sample] = report.endpoints[0].samples.as_slice() else {
+        panic!("one sample: {report:#?}");
+    };
+    assert_eq!(sample.authority.as_deref(), Some("api.shop:8080"));
+    assert_eq!(sample.target, "/orders/7?full=1");
+    assert_eq!(
+        sample.headers,
+        [
+            ("Authorization".to_owned(), "<redacted>".to_owned()),
+            ("Accept".to_owned(), "application/json".to_owned()),
+        ]
+    );
+    assert_eq!((sample.live.status, sample.shadow.status), (200, 500));
+}
+
+#[test]
 fn the_live_response_and_the_shadows_answer_are_compared_once_both_came() {
     let now = Instant::now();
     let mut node = node(config("[compare]"), false, now);
