@@ -129,7 +129,7 @@ pub(super) fn take(
     sensitive: &dyn Fn(&str) -> bool,
 ) -> Sample {
     let mut truncated = false;
-    let mut target = x.target.to_owned();
+    let mut target = redacted_query(x.target, sensitive);
     json::cut(&mut target, SAMPLE_HEAD_BYTES / 2);
     truncated |= target.len() != x.target.len();
     let mut method = x.method.to_owned();
@@ -204,6 +204,56 @@ pub(super) fn take(
     }
 }
 
+/// The target with the value of each sensitive query parameter (`?access_token=...`) replaced
+/// by `redacted`, which a URL can carry as it is. Names are compared as written and
+/// percent-decoded, so `api%5Fkey` is `api_key`.
+fn redacted_query(target: &str, sensitive: &dyn Fn(&str) -> bool) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let mut out = String::with_capacity(target.len());
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        let decoded = percent_decoded(name);
+        if pair.contains('=') && (sensitive(&name.to_ascii_lowercase()) || sensitive(&decoded)) {
+            out.push_str(name);
+            out.push_str("=redacted");
+        } else {
+            out.push_str(pair);
+        }
+    }
+    out
+}
+
+/// `%XX` escapes and `+` undone, lower case; what does not decode is kept as written.
+fn percent_decoded(name: &str) -> String {
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
 /// A header's value as kept: `<redacted>` for a sensitive name, else its text on one line.
 fn shown_header(lower: &str, value: &[u8], sensitive: &dyn Fn(&str) -> bool) -> String {
     if sensitive(lower) {
@@ -266,4 +316,29 @@ fn shown_body(body: &Body<'_>, sensitive: &dyn Fn(&str) -> bool) -> String {
     };
     s.shrink_to_fit();
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sensitive_query_parameters_are_redacted_and_the_rest_kept() {
+        let sensitive = |n: &str| ["access_token", "api_key"].contains(&n);
+        for (target, kept) in [
+            ("/a", "/a"),
+            ("/a?", "/a?"),
+            ("/a?page=2&q=x%20y", "/a?page=2&q=x%20y"),
+            (
+                "/a?Access_Token=s3cret&page=2",
+                "/a?Access_Token=redacted&page=2",
+            ),
+            ("/a?api%5Fkey=s3cret", "/a?api%5Fkey=redacted"),
+            ("/a?api_key&x=1", "/a?api_key&x=1"),
+            ("/a?x=1&&api_key=k=v", "/a?x=1&&api_key=redacted"),
+            ("/a?%=1&%4=2&%zz=3", "/a?%=1&%4=2&%zz=3"),
+        ] {
+            assert_eq!(redacted_query(target, &sensitive), kept, "{target}");
+        }
+    }
 }
