@@ -210,6 +210,7 @@ fn observed<'a>(headers: &'a Headers, body: &'a [u8], ms: u64) -> Observed<'a> {
     Observed {
         status: 200,
         headers,
+        trailers: &[],
         body,
         latency: Duration::from_millis(ms),
     }

@@ -432,19 +432,32 @@ async fn exchange(
     // covers the whole answer; keep what the comparison wants of it.
     let limit = keep.unwrap_or(0);
     let mut body = Vec::new();
+    let mut trailers = Vec::new();
     let mut truncated = false;
     let mut incoming = response.into_body();
     while let Some(frame) = incoming.frame().await {
         let frame = frame.map_err(|_| Failure::Io)?;
-        if let Ok(data) = frame.into_data() {
-            let room = limit.saturating_sub(body.len());
-            body.extend_from_slice(&data[..room.min(data.len())]);
-            truncated |= keep.is_some() && data.len() > room;
+        match frame.into_data() {
+            Ok(data) => {
+                let room = limit.saturating_sub(body.len());
+                body.extend_from_slice(&data[..room.min(data.len())]);
+                truncated |= keep.is_some() && data.len() > room;
+            }
+            Err(frame) => {
+                if let (Some(_), Ok(fields)) = (keep, frame.into_trailers()) {
+                    trailers.extend(
+                        fields
+                            .iter()
+                            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())),
+                    );
+                }
+            }
         }
     }
     Ok(Answer {
         status,
         headers,
+        trailers,
         // Exactly what is kept, as the comparison counts it.
         body: body.into_boxed_slice(),
         body_truncated: truncated,

@@ -48,6 +48,7 @@ fuzz_target!(|input: &[u8]| {
     let observed = |body| Observed {
         status: 200,
         headers: &headers,
+        trailers: &[],
         body,
         latency: Duration::from_millis(1),
     };

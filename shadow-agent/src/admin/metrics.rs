@@ -388,6 +388,7 @@ mod tests {
         let observed = |body: &'static [u8]| Observed {
             status: 200,
             headers: &headers,
+            trailers: &[],
             body,
             latency: Duration::from_millis(2),
         };

@@ -577,6 +577,7 @@ mod tests {
         let observed = |body: &'static [u8]| Observed {
             status: 200,
             headers: &[],
+            trailers: &[],
             body,
             latency: Duration::from_millis(2),
         };

@@ -166,6 +166,7 @@ impl Exchange {
             version: match request.version {
                 Version::Http10 => "HTTP/1.0",
                 Version::Http11 => "HTTP/1.1",
+                Version::Http2 => "HTTP/2",
             },
             headers: request
                 .headers

@@ -193,6 +193,7 @@ mod tests {
         let answer = Observed {
             status: 200,
             headers: &[],
+            trailers: &[],
             body: b"",
             latency: std::time::Duration::ZERO,
         };

@@ -267,6 +267,8 @@ impl CompareConfig {
 pub struct Observed<'a> {
     pub status: u16,
     pub headers: &'a [(String, Vec<u8>)],
+    /// Trailer fields; empty when there were none.
+    pub trailers: &'a [(String, Vec<u8>)],
     /// Decoded (de-chunked) body.
     pub body: &'a [u8],
     /// From the request's end to the response's end, as measured by whoever saw both.

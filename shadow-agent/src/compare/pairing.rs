@@ -35,6 +35,8 @@ pub struct PairKey {
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Trailer fields (gRPC puts its status there); empty when there were none.
+    pub trailers: Vec<(String, Vec<u8>)>,
     /// At most the comparison's body limit, copied out of what was received;
     /// `body_truncated` says when more was sent.
     pub body: Box<[u8]>,
@@ -47,13 +49,17 @@ impl Answer {
     fn bytes(&self) -> usize {
         size_of::<Self>()
             + self.body.len()
-            + self.headers.capacity() * size_of::<(String, Vec<u8>)>()
-            + self
-                .headers
-                .iter()
-                .map(|(n, v)| n.capacity() + v.capacity())
-                .sum::<usize>()
+            + fields_bytes(&self.headers)
+            + fields_bytes(&self.trailers)
     }
+}
+
+fn fields_bytes(fields: &[(String, Vec<u8>)]) -> usize {
+    size_of_val(fields)
+        + fields
+            .iter()
+            .map(|(n, v)| n.capacity() + v.capacity())
+            .sum::<usize>()
 }
 
 /// Everything needed to compare one request.
@@ -376,6 +382,7 @@ mod tests {
         Answer {
             status,
             headers: vec![("content-type".into(), b"application/json".to_vec())],
+            trailers: Vec::new(),
             body: body.into(),
             body_truncated: false,
             latency: Duration::from_millis(5),

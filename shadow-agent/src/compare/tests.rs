@@ -26,6 +26,7 @@ fn observed<'a>(status: u16, headers: &'a Headers, body: &'a [u8], ms: u64) -> O
     Observed {
         status,
         headers,
+        trailers: &[],
         body,
         latency: Duration::from_millis(ms),
     }

@@ -65,6 +65,8 @@ pub type Field = (String, Vec<u8>);
 pub enum Version {
     Http10,
     Http11,
+    /// A stream of an HTTP/2 connection (prior knowledge or `Upgrade: h2c`).
+    Http2,
 }
 
 impl Version {

@@ -488,6 +488,7 @@ impl Node {
                     let answer = Answer {
                         status: response.status,
                         headers: response.headers,
+                        trailers: response.trailers,
                         // A copy: a slice would hold the whole captured body.
                         body: response.body[..kept].into(),
                         body_truncated: response.body.len() > limit,
@@ -701,6 +702,7 @@ impl Comparing {
             Observed {
                 status: a.status,
                 headers: &a.headers,
+                trailers: &a.trailers,
                 body: &a.body,
                 latency: a.latency,
             }

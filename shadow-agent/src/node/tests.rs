@@ -241,6 +241,7 @@ fn a_differing_exchange_is_sampled_with_the_captured_request_headers() {
         answer: Answer {
             status: 500,
             headers: vec![],
+            trailers: Vec::new(),
             body: b"boom".as_slice().into(),
             body_truncated: false,
             latency: Duration::from_millis(3),
@@ -289,6 +290,7 @@ fn the_live_response_and_the_shadows_answer_are_compared_once_both_came() {
         answer: Answer {
             status: 200,
             headers: vec![("content-type".into(), b"application/json".to_vec())],
+            trailers: Vec::new(),
             body: b"{\"id\": 7}".as_slice().into(),
             body_truncated: false,
             latency: Duration::from_millis(3),
@@ -306,6 +308,7 @@ fn the_live_response_and_the_shadows_answer_are_compared_once_both_came() {
         answer: Answer {
             status: 200,
             headers: Vec::new(),
+            trailers: Vec::new(),
             body: Box::default(),
             body_truncated: false,
             latency: Duration::ZERO,
@@ -432,6 +435,7 @@ fn exchanges(
                 answer: Answer {
                     status: 200,
                     headers: vec![("content-type".into(), b"application/json".to_vec())],
+                    trailers: Vec::new(),
                     body: shadow_body.into(),
                     body_truncated: false,
                     latency: Duration::from_millis(3),
