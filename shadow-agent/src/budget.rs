@@ -538,10 +538,7 @@ mod tests {
     }
 
     fn url(i: u16) -> Target {
-        Target {
-            host: "198.18.0.1".into(),
-            port: 8000 + i,
-        }
+        Target::http("198.18.0.1", 8000 + i)
     }
 
     /// The node's tokens and the targets', by [`TargetId`].

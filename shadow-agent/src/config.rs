@@ -28,6 +28,7 @@ pub use workload::WorkloadSelector;
 use crate::capture::Hook;
 use crate::capture::interfaces::InterfaceSelector;
 use crate::compare::CompareConfig;
+use crate::policy::grpc::CallGlob;
 use crate::policy::path::DenyGlob;
 
 /// The admin endpoint's address unless `admin.listen` says otherwise.
@@ -96,8 +97,11 @@ pub struct RouteConfig {
     pub baseline: Option<Target>,
     /// Share of matching requests mirrored, decided per request in user space.
     pub sample_percent: Percent,
-    /// [`Methods::SAFE`] unless the route says otherwise.
+    /// [`Methods::SAFE`] unless the route says otherwise. Not for gRPC calls: every one is a
+    /// `POST`, and `allow_grpc` alone lets them through.
     pub allow_methods: Methods,
+    /// The gRPC calls mirrored, `Service/Method` globs; none unless listed.
+    pub allow_grpc: Vec<CallGlob>,
     /// Paths never mirrored, whichever route a request takes: the policy denies a request
     /// when any route's pattern matches.
     pub deny_paths: Vec<DenyGlob>,
@@ -119,6 +123,8 @@ pub struct RouteMatch {
     pub path: Option<PathMatch>,
     /// `None` matches every method.
     pub methods: Option<Methods>,
+    /// gRPC calls whose `Service/Method` this matches; other requests do not fit.
+    pub grpc: Option<CallGlob>,
     /// The Kubernetes pods whose requests the route takes; `None` matches any server, as on a
     /// host without Kubernetes.
     pub workload: Option<WorkloadSelector>,
@@ -152,15 +158,56 @@ pub enum PathMatch {
     Regex(regex::Regex),
 }
 
-/// A shadow endpoint, `http://host:port`.
+/// A shadow endpoint, `http://host:port`, `h2c://host:port` or `grpc://host:port`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     /// A DNS name or an IP address; IPv6 without brackets.
     pub host: String,
     pub port: u16,
+    /// What the copies speak: the URL's scheme.
+    pub scheme: TargetScheme,
+}
+
+/// A target URL's scheme: what the copies sent to it speak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetScheme {
+    /// `http://`: HTTP/1.1.
+    #[default]
+    Http,
+    /// `h2c://`: HTTP/2 in cleartext with prior knowledge (no upgrade).
+    H2c,
+    /// `grpc://`: as `h2c://`, named for what it serves.
+    Grpc,
+}
+
+impl TargetScheme {
+    const ALL: [TargetScheme; 3] = [TargetScheme::Http, TargetScheme::H2c, TargetScheme::Grpc];
+
+    /// The URL's scheme, without `://`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetScheme::Http => "http",
+            TargetScheme::H2c => "h2c",
+            TargetScheme::Grpc => "grpc",
+        }
+    }
+
+    /// Whether copies go over HTTP/2, with prior knowledge: gRPC calls need it.
+    pub fn is_http2(self) -> bool {
+        matches!(self, TargetScheme::H2c | TargetScheme::Grpc)
+    }
 }
 
 impl Target {
+    /// An `http://` target.
+    pub fn http(host: &str, port: u16) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+            scheme: TargetScheme::Http,
+        }
+    }
+
     /// `host:port`, IPv6 in brackets: what a Host header for this target carries.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -170,31 +217,40 @@ impl Target {
         }
     }
 
-    /// Parses `http://host:port`, with an optional trailing `/`.
+    /// Parses `http://host:port`, `h2c://host:port` or `grpc://host:port`, with an optional
+    /// trailing `/`.
     ///
     /// # Errors
     /// A message saying what is wrong, for the config error that names the key.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("`{url}`: targets are `http://host:port` URLs"))?;
+        let Some((scheme, rest)) = TargetScheme::ALL.iter().find_map(|s| {
+            url.strip_prefix(s.as_str())
+                .and_then(|r| r.strip_prefix("://"))
+                .map(|r| (*s, r))
+        }) else {
+            return Err(format!(
+                "`{url}`: targets are `http://host:port` URLs (`h2c://` or `grpc://` for \
+                 HTTP/2)"
+            ));
+        };
+        let s = scheme.as_str();
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains(['/', '?', '#', '@']) {
             return Err(format!(
-                "`{url}`: a target is `http://host:port`, without path, query or user"
+                "`{url}`: a target is `{s}://host:port`, without path, query or user"
             ));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (addr, port) = v6
                 .split_once("]:")
-                .ok_or_else(|| format!("`{url}`: expected `http://[v6 address]:port`"))?;
+                .ok_or_else(|| format!("`{url}`: expected `{s}://[v6 address]:port`"))?;
             addr.parse::<std::net::Ipv6Addr>()
                 .map_err(|_| format!("`{url}`: `{addr}` is not an IPv6 address"))?;
             (addr, port)
         } else {
             authority
                 .rsplit_once(':')
-                .ok_or_else(|| format!("`{url}`: the port is required (`http://host:port`)"))?
+                .ok_or_else(|| format!("`{url}`: the port is required (`{s}://host:port`)"))?
         };
         if !host.contains(':') && !is_host_name(host) {
             return Err(format!("`{url}`: `{host}` is not a host name or address"));
@@ -206,13 +262,14 @@ impl Target {
         Ok(Self {
             host: host.to_ascii_lowercase(),
             port,
+            scheme,
         })
     }
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority())
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority())
     }
 }
 
@@ -555,6 +612,8 @@ struct RawRoute {
     sample_percent: Option<Sp<f64>>,
     allow_methods: Option<Sp<Vec<Sp<String>>>>,
     #[serde(default)]
+    allow_grpc: Vec<Sp<String>>,
+    #[serde(default)]
     deny_paths: Vec<Sp<String>>,
     #[serde(default)]
     set_headers: BTreeMap<String, Sp<String>>,
@@ -572,6 +631,7 @@ struct RawMatch {
     path_prefix: Option<Sp<String>>,
     path_regex: Option<Sp<String>>,
     methods: Option<Sp<Vec<Sp<String>>>>,
+    grpc: Option<Sp<String>>,
     namespace: Option<Sp<String>>,
     labels: Option<Sp<BTreeMap<String, Sp<String>>>>,
 }
@@ -1052,6 +1112,10 @@ fn check_route(
     let matcher = check_match(raw.matcher.into_inner(), &format!("{key}.match"), r);
 
     let mut targets = Vec::new();
+    let targets_span = raw.targets.span();
+    // Where each parsed target was written, and its index there.
+    let mut target_spans = Vec::new();
+    let baseline_span = raw.baseline.as_ref().map(|b| b.span());
     if raw.targets.get_ref().is_empty() {
         r.at(
             raw.targets.span(),
@@ -1066,7 +1130,10 @@ fn check_route(
                 format!("{key}.targets[{i}]"),
                 format!("`{target}` is listed twice"),
             ),
-            Ok(target) => targets.push(target),
+            Ok(target) => {
+                targets.push(target);
+                target_spans.push((i, t.span()));
+            }
             Err(e) => r.at(t.span(), format!("{key}.targets[{i}]"), e),
         }
     }
@@ -1096,6 +1163,37 @@ fn check_route(
         None => Methods::SAFE,
         Some(list) => methods(list, &format!("{key}.allow_methods"), r),
     };
+
+    let allow_grpc = call_globs(raw.allow_grpc, &format!("{key}.allow_grpc"), r);
+    // gRPC needs HTTP/2: an `http://` target would get the calls over HTTP/1.1, which no gRPC
+    // server answers.
+    if !allow_grpc.is_empty() {
+        for (t, (i, span)) in targets.iter().zip(&target_spans) {
+            if !t.scheme.is_http2() {
+                r.at(
+                    span.clone(),
+                    format!("{key}.targets[{i}]"),
+                    format!(
+                        "`{t}`: a route with `allow_grpc` sends gRPC calls, which need an HTTP/2 \
+                         target (`grpc://{}` or `h2c://{}`)",
+                        t.authority(),
+                        t.authority()
+                    ),
+                );
+            }
+        }
+        if let Some(b) = baseline.as_ref().filter(|b| !b.scheme.is_http2()) {
+            r.at(
+                baseline_span.unwrap_or(targets_span),
+                format!("{key}.baseline"),
+                format!(
+                    "`{b}`: a route with `allow_grpc` sends gRPC calls, which need an HTTP/2 \
+                     baseline (`grpc://{}`)",
+                    b.authority()
+                ),
+            );
+        }
+    }
 
     let deny_paths = deny_globs(raw.deny_paths, &format!("{key}.deny_paths"), r);
 
@@ -1175,12 +1273,29 @@ fn check_route(
         baseline,
         sample_percent: sample_percent?,
         allow_methods,
+        allow_grpc,
         deny_paths,
         set_headers: set_headers.into_values().collect(),
         remove_headers: remove_headers.into_values().collect(),
         host,
         sample_key,
     })
+}
+
+/// The patterns of an `allow_grpc` list; an issue for each that is not a `Service/Method` glob.
+fn call_globs(list: Vec<Sp<String>>, key: &str, r: &mut Report<'_>) -> Vec<CallGlob> {
+    let mut globs = Vec::new();
+    for (i, p) in list.into_iter().enumerate() {
+        match CallGlob::new(p.get_ref()) {
+            Ok(g) => globs.push(g),
+            Err(e) => r.at(
+                p.span(),
+                format!("{key}[{i}]"),
+                format!("`{}`: {e}", p.get_ref()),
+            ),
+        }
+    }
+    globs
 }
 
 /// The patterns of a `deny_paths` list; an issue for each that does not compile.
@@ -1277,12 +1392,24 @@ fn check_match(raw: RawMatch, key: &str, r: &mut Report<'_>) -> Option<RouteMatc
     let methods = raw
         .methods
         .map(|m| methods(m, &format!("{key}.methods"), r));
+    let grpc = raw.grpc.and_then(|g| match CallGlob::new(g.get_ref()) {
+        Ok(glob) => Some(glob),
+        Err(e) => {
+            r.at(
+                g.span(),
+                format!("{key}.grpc"),
+                format!("`{}`: {e}", g.get_ref()),
+            );
+            None
+        }
+    });
     let workload = workload_selector(raw.namespace, raw.labels, key, r);
     Some(RouteMatch {
         port: port?,
         host,
         path,
         methods,
+        grpc,
         workload,
     })
 }

@@ -569,10 +569,7 @@ mod tests {
                 });
             }
         });
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port,
-        };
+        let target = Target::http("127.0.0.1", port);
         (target, connections, heads)
     }
 
@@ -713,10 +710,7 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             l.local_addr().expect("addr").port()
         };
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port,
-        };
+        let target = Target::http("127.0.0.1", port);
         let counters = Arc::new(TargetCounters::default());
         let limits = LaneLimits {
             max_in_flight: 8,

@@ -802,6 +802,18 @@ fn targets() {
             "http://[::1]:8080",
             Some(("::1", 8080, "http://[::1]:8080")),
         ),
+        (
+            "h2c://orders-shadow:50051",
+            Some(("orders-shadow", 50051, "h2c://orders-shadow:50051")),
+        ),
+        (
+            "grpc://[fd00::1]:50051/",
+            Some(("fd00::1", 50051, "grpc://[fd00::1]:50051")),
+        ),
+        ("grpc://orders", None),
+        ("grpcs://orders:443", None),
+        ("https://orders:443", None),
+        ("h2://orders:80", None),
         ("http://[::1]", None),
         ("http://[zz]:1", None),
         ("http://:80", None),
@@ -879,4 +891,137 @@ fn verdict_thresholds_and_the_ramp_gate() {
     assert_eq!(verdict.min_exchanges, 7);
     assert_eq!(verdict.max_unexplained_share.get(), 0.05, "default kept");
     assert_eq!(config.ramp.expect("ramp").gate, RampGate::Verdict);
+}
+
+const GRPC_ROUTE: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [50051]
+
+[[route]]
+name = "orders"
+match = { port = 50051, grpc = "shop.Orders/*" }
+targets = ["grpc://orders-shadow:50051", "h2c://orders-canary:50051"]
+baseline = "grpc://orders-stable:50051"
+allow_grpc = ["shop.Orders/Get*", "shop.Orders/ListOrders"]
+"#;
+
+#[test]
+fn grpc_routes_are_checked_at_load() {
+    let config = match Config::from_toml(GRPC_ROUTE, "grpc.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let route = &config.routes[0];
+    assert_eq!(
+        route.matcher.grpc.as_ref().map(|g| g.as_str()),
+        Some("shop.Orders/*")
+    );
+    let allowed: Vec<&str> = route.allow_grpc.iter().map(|g| g.as_str()).collect();
+    assert_eq!(allowed, ["shop.Orders/Get*", "shop.Orders/ListOrders"]);
+    assert_eq!(
+        route.targets.iter().map(|t| t.scheme).collect::<Vec<_>>(),
+        [TargetScheme::Grpc, TargetScheme::H2c]
+    );
+    // Nothing to allow: the default is no gRPC call at all.
+    assert!(
+        Config::from_toml(MINIMAL, "m.toml").expect("valid").routes[0]
+            .allow_grpc
+            .is_empty()
+    );
+
+    // (from, to, line, key, message)
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        (
+            "grpc = \"shop.Orders/*\"",
+            "grpc = \"shop.Orders\"",
+            8,
+            "route[0].match.grpc",
+            "expected `package.Service/Method`",
+        ),
+        (
+            "grpc = \"shop.Orders/*\"",
+            "grpc = \"/shop.Orders/Get\"",
+            8,
+            "route[0].match.grpc",
+            "expected `package.Service/Method`",
+        ),
+        (
+            "grpc = \"shop.Orders/*\"",
+            "grpc = \"shop.Orders/[Get\"",
+            8,
+            "route[0].match.grpc",
+            "`shop.Orders/[Get`",
+        ),
+        (
+            "grpc = \"shop.Orders/*\"",
+            "grpc = \"shop.**/Get\"",
+            8,
+            "route[0].match.grpc",
+            "`**` spans nothing",
+        ),
+        (
+            "\"shop.Orders/ListOrders\"]",
+            "\"shop.Orders/List/Orders\"]",
+            11,
+            "route[0].allow_grpc[1]",
+            "expected `package.Service/Method`",
+        ),
+        (
+            "allow_grpc = [",
+            "allow_grpc = [\"*\", ",
+            11,
+            "route[0].allow_grpc[0]",
+            "expected `package.Service/Method`",
+        ),
+        // gRPC needs HTTP/2 at every target of a route that allows it, the baseline's too.
+        (
+            "\"h2c://orders-canary:50051\"",
+            "\"http://orders-canary:50051\"",
+            9,
+            "route[0].targets[1]",
+            "need an HTTP/2 target (`grpc://orders-canary:50051`",
+        ),
+        (
+            "baseline = \"grpc://",
+            "baseline = \"http://",
+            10,
+            "route[0].baseline",
+            "need an HTTP/2 baseline",
+        ),
+        (
+            "grpc://orders-shadow:50051\"",
+            "grpcs://orders-shadow:50051\"",
+            9,
+            "route[0].targets[0]",
+            "`grpcs://orders-shadow:50051`: targets are",
+        ),
+        (
+            "allow_grpc = [",
+            "allow_grpc = 1\nx = [",
+            11,
+            "route[0].allow_grpc",
+            "",
+        ),
+    ];
+    for (from, to, line, key, message) in cases {
+        assert!(GRPC_ROUTE.contains(from), "{from}");
+        let src = GRPC_ROUTE.replacen(from, to, 1);
+        let issues = errors(&src);
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.line == *line && i.key.starts_with(*key) && i.message.contains(message)),
+            "want {line}: `{key}`: …{message}… for `{to}`, got {issues:#?}"
+        );
+    }
+    // Without `allow_grpc`, an `http://` target is fine: only plain requests go there, and a
+    // plain HTTP/2 request is sent to it as HTTP/1.1.
+    let plain = GRPC_ROUTE
+        .replace("grpc://orders-shadow", "http://orders-shadow")
+        .replace(
+            "allow_grpc = [\"shop.Orders/Get*\", \"shop.Orders/ListOrders\"]",
+            "",
+        );
+    assert!(Config::from_toml(&plain, "plain.toml").is_ok());
 }

@@ -6,6 +6,7 @@
 //! meets every deny rule and names the endpoint in comparisons. [`tagging`] builds the copy's
 //! headers, [`ramp`] moves the mirrored share.
 
+pub mod grpc;
 pub mod path;
 pub mod ramp;
 pub mod route;
@@ -78,6 +79,9 @@ pub enum DropReason {
     DenyPath,
     /// The route does not allow the method.
     Method,
+    /// A gRPC call the route's `allow_grpc` does not name: every call is a `POST`, reads and
+    /// writes alike, so gRPC is mirrored only call by call.
+    GrpcNotAllowed,
     /// Left out by per-request sampling.
     Sample,
     /// Already shadow traffic: it carries the shadow header or `shadow=true` in `baggage`.
@@ -87,7 +91,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NoRoute,
         DropReason::Path(PathError::NoPath),
         DropReason::Path(PathError::BadEscape),
@@ -99,6 +103,7 @@ impl DropReason {
         DropReason::Path(PathError::EncodedPercent),
         DropReason::DenyPath,
         DropReason::Method,
+        DropReason::GrpcNotAllowed,
         DropReason::Sample,
         DropReason::ShadowTraffic,
     ];
@@ -110,17 +115,21 @@ impl DropReason {
             DropReason::Path(e) => e.label(),
             DropReason::DenyPath => "deny_path",
             DropReason::Method => "method",
+            DropReason::GrpcNotAllowed => "grpc_not_allowed",
             DropReason::Sample => "sample",
             DropReason::ShadowTraffic => "shadow_traffic",
         }
     }
 
-    /// Whether a route decided: its rules drop the request (`deny_path`, `method`, `sample`).
-    /// The other reasons come before any route is chosen.
+    /// Whether a route decided: its rules drop the request (`deny_path`, `method`,
+    /// `grpc_not_allowed`, `sample`). The other reasons come before any route is chosen.
     pub fn is_route_rule(self) -> bool {
         matches!(
             self,
-            DropReason::DenyPath | DropReason::Method | DropReason::Sample
+            DropReason::DenyPath
+                | DropReason::Method
+                | DropReason::GrpcNotAllowed
+                | DropReason::Sample
         )
     }
 }
@@ -212,8 +221,12 @@ impl Policy {
 
     /// Decides for one request. Its path is read first, as the live server reads it; then the
     /// first route whose `match` fits that reading decides; then deny paths, of every route,
-    /// then that route's allowed methods, then sampling.
+    /// then that route's allowed methods (for a gRPC call: its `allow_grpc`, whatever the
+    /// methods), then sampling.
     pub fn decide(&self, req: &RequestView<'_>) -> Decision<'_> {
+        // A gRPC call is known by its content-type; `Some(None)` is one whose target names no
+        // call, which no route can allow.
+        let grpc = grpc::is_grpc_call(req.headers).then(|| grpc::call_name(req.target));
         let path = match RequestPath::of_target(req.target) {
             Ok(path) => path,
             Err(e) => {
@@ -224,12 +237,16 @@ impl Policy {
             }
         };
         let host = match_host(req.target, req.host);
-        let Some((i, route)) = self
-            .routes
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.fits(req.port, req.server, host.as_deref(), req.method, &path))
-        else {
+        let Some((i, route)) = self.routes.iter().enumerate().find(|(_, r)| {
+            r.fits(
+                req.port,
+                req.server,
+                host.as_deref(),
+                req.method,
+                &path,
+                grpc.flatten(),
+            )
+        }) else {
             return Decision::Drop {
                 route: None,
                 reason: DropReason::NoRoute,
@@ -242,8 +259,18 @@ impl Policy {
         if self.denies(&path) {
             return drop(DropReason::DenyPath);
         }
-        if !route.allows_method(req.method) {
-            return drop(DropReason::Method);
+        match grpc {
+            // The method says nothing of a gRPC call: the route's list of calls does.
+            Some(call) => {
+                if !call.is_some_and(|name| route.allows_grpc(name)) {
+                    return drop(DropReason::GrpcNotAllowed);
+                }
+            }
+            None => {
+                if !route.allows_method(req.method) {
+                    return drop(DropReason::Method);
+                }
+            }
         }
         let share = route.config().sample_percent.get() * self.ramp_percent / 100.0;
         // A keyed route takes the same values on every node; a request without the value is

@@ -46,7 +46,8 @@ impl Route {
         &self.targets
     }
 
-    /// Whether the `match` table fits: `host` is lower case without port.
+    /// Whether the `match` table fits: `host` is lower case without port; `grpc_call` is the
+    /// `Service/Method` of a gRPC call, `None` for any other request.
     pub(crate) fn fits(
         &self,
         port: u16,
@@ -54,6 +55,7 @@ impl Route {
         host: Option<&str>,
         method: &str,
         path: &RequestPath,
+        grpc_call: Option<&str>,
     ) -> bool {
         let m = &self.config.matcher;
         let port_fits = match &m.port {
@@ -86,6 +88,11 @@ impl Route {
         {
             return false;
         }
+        if let Some(glob) = &m.grpc
+            && !grpc_call.is_some_and(|call| glob.matches(call))
+        {
+            return false;
+        }
         match &m.path {
             None => true,
             Some(PathMatch::Prefix(prefix)) => path.as_str().starts_with(prefix.as_str()),
@@ -101,5 +108,10 @@ impl Route {
 
     pub(crate) fn allows_method(&self, method: &str) -> bool {
         self.config.allow_methods.contains_name(method)
+    }
+
+    /// Whether `allow_grpc` names the gRPC call `call` (`Service/Method`).
+    pub(crate) fn allows_grpc(&self, call: &str) -> bool {
+        self.config.allow_grpc.iter().any(|g| g.matches(call))
     }
 }

@@ -193,6 +193,15 @@ impl<I: IdSource> Tagger<I> {
         for (name, value) in &route.set_headers {
             out.append(name.clone(), value.clone());
         }
+        // The one TE HTTP/2 allows, and what gRPC servers require of a call (they answer its
+        // status in trailers): kept for HTTP/2 targets when the client sent it.
+        if target.scheme.is_http2()
+            && all_headers(req.headers, "te")
+                .flat_map(|v| v.split(|&b| b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        {
+            out.append(TE, HeaderValue::from_static("trailers"));
+        }
 
         out.append(cfg.header.0.clone(), cfg.header.1.clone());
         if cfg.baggage {

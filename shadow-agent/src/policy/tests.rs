@@ -539,3 +539,147 @@ fn deny_patterns_are_gathered_once() {
     let patterns: Vec<&str> = policy.deny.iter().map(DenyGlob::as_str).collect();
     assert_eq!(patterns, ["**/.env", "/v1/admin/**", "/v1/*/internal"]);
 }
+
+const GRPC_CONFIG: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [50051, 8080]
+
+[policy]
+deny_paths = ["/shop.Admin/**"]
+
+[[route]]
+name = "orders-reads"
+match = { port = 50051, grpc = "shop.Orders/*" }
+targets = ["grpc://orders-shadow:50051"]
+allow_grpc = ["shop.Orders/Get*", "shop.Orders/List*"]
+deny_paths = ["/shop.Orders/GetSecret"]
+
+[[route]]
+name = "grpc-rest"
+match = { port = 50051 }
+targets = ["h2c://grpc-shadow:50051"]
+allow_methods = ["GET", "POST"]
+allow_grpc = ["shop.Admin/*", "grpc.health.v1.Health/Check"]
+
+[[route]]
+name = "web"
+match = { port = 8080 }
+targets = ["http://web-shadow:8080"]
+allow_methods = ["GET", "POST"]
+"#;
+
+fn grpc_policy() -> Policy {
+    match Config::from_toml(GRPC_CONFIG, "grpc.toml") {
+        Ok(config) => Policy::from_config(&config, 7),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn grpc_calls_are_mirrored_only_when_allow_grpc_names_them() {
+    let grpc = [("content-type".to_owned(), b"application/grpc".to_vec())];
+    let grpc_proto = [(
+        "Content-Type".to_owned(),
+        b"application/grpc+proto".to_vec(),
+    )];
+    let json = [("content-type".to_owned(), b"application/json".to_vec())];
+    let policy = grpc_policy();
+    let call = |port: u16, target: &'static str, headers: &'static [Header]| RequestView {
+        headers,
+        ..view(port, "POST", target, Some("orders:50051"))
+    };
+    // Leaked so the views can borrow them for the table.
+    let grpc: &'static [Header] = Box::leak(Box::new(grpc));
+    let grpc_proto: &'static [Header] = Box::leak(Box::new(grpc_proto));
+    let json: &'static [Header] = Box::leak(Box::new(json));
+    let cases: &[(u16, &str, &[Header], &str)] = &[
+        // Reads the route lists, whatever the method allowlist (`POST` is not in it).
+        (50051, "/shop.Orders/GetOrder", grpc, "orders-reads"),
+        (50051, "/shop.Orders/ListOrders", grpc_proto, "orders-reads"),
+        // A write: the route matches the service, its allow list does not name the call.
+        (50051, "/shop.Orders/CancelOrder", grpc, "grpc_not_allowed"),
+        (50051, "/shop.Orders/getOrder", grpc, "grpc_not_allowed"),
+        // Deny rules hold for gRPC calls too, over `allow_grpc`: the route's own and
+        // `[policy]`'s (which the next route's `allow_grpc` would allow).
+        (50051, "/shop.Orders/GetSecret", grpc, "deny_path"),
+        (50051, "/shop.Admin/GetUser", grpc, "deny_path"),
+        // Another service: the first route's `match.grpc` does not fit, the next decides.
+        (50051, "/grpc.health.v1.Health/Check", grpc, "grpc-rest"),
+        (
+            50051,
+            "/grpc.health.v1.Health/Watch",
+            grpc,
+            "grpc_not_allowed",
+        ),
+        (50051, "/shop.Payments/Pay", grpc, "grpc_not_allowed"),
+        // A target that names no call is not taken for the call it decodes to.
+        (50051, "/shop.Orders/Get%4frder", grpc, "grpc_not_allowed"),
+        (50051, "/shop.Orders/GetOrder?x=1", grpc, "grpc_not_allowed"),
+        (50051, "/shop.Orders/GetOrder/x", grpc, "grpc_not_allowed"),
+        // Not a gRPC call (its content-type says so): `match.grpc` never fits it, and the
+        // method allowlist decides as always.
+        (50051, "/shop.Orders/GetOrder", json, "grpc-rest"),
+        (50051, "/shop.Orders/CancelOrder", &[], "grpc-rest"),
+        (8080, "/shop.Orders/GetOrder", json, "web"),
+        // A gRPC call on a route without `allow_grpc`: never mirrored, even though the route
+        // allows POST.
+        (8080, "/shop.Orders/GetOrder", grpc, "grpc_not_allowed"),
+    ];
+    for (port, target, headers, want) in cases {
+        let got = outcome(&policy, &call(*port, target, headers));
+        assert_eq!(got, *want, "POST {target} port {port} {headers:?}");
+    }
+    // A non-gRPC PUT keeps today's rules: not in the route's methods.
+    let put = RequestView {
+        headers: json,
+        ..view(8080, "PUT", "/orders", None)
+    };
+    assert_eq!(outcome(&policy, &put), "method");
+    // The drop is the route's, counted under it.
+    match policy.decide(&call(50051, "/shop.Orders/CancelOrder", grpc)) {
+        Decision::Drop { route, reason } => {
+            assert_eq!(
+                (route, reason),
+                (Some(RouteId(0)), DropReason::GrpcNotAllowed)
+            );
+            assert!(reason.is_route_rule());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+proptest! {
+    /// Whatever its method and headers besides the content-type, a gRPC call whose name the
+    /// allow lists do not name is never mirrored.
+    #[test]
+    fn unlisted_grpc_calls_are_never_mirrored(
+        method in "(POST|GET|PUT|DELETE)",
+        service in "[a-zA-Z]{1,8}(\\.[a-zA-Z]{1,8}){0,2}",
+        call in "[A-Z][a-zA-Z]{0,10}",
+        subtype in "(|\\+proto|\\+json)",
+        sample_key in any::<u64>(),
+    ) {
+        let policy = grpc_policy();
+        let target = format!("/{service}/{call}");
+        let headers = [(
+            "content-type".to_owned(),
+            format!("application/grpc{subtype}").into_bytes(),
+        )];
+        let name = format!("{service}/{call}");
+        let listed = (service == "shop.Orders"
+            && (call.starts_with("Get") || call.starts_with("List")))
+            || service == "shop.Admin"
+            || name == "grpc.health.v1.Health/Check";
+        for port in [50051, 8080] {
+            let req = RequestView {
+                sample_key,
+                headers: &headers,
+                ..view(port, &method, &target, None)
+            };
+            if let Decision::Mirror { .. } = policy.decide(&req) {
+                prop_assert!(listed && port == 50051, "{method} {target} mirrored");
+            }
+        }
+    }
+}

@@ -25,6 +25,12 @@ name = "literal"
 match = { port = 8080 }
 targets = ["http://shadow:8080"]
 host = "shadow.internal:8443"
+
+[[route]]
+name = "grpc"
+match = { port = 8080 }
+targets = ["grpc://orders-shadow:50051"]
+allow_grpc = ["shop.Orders/Get*"]
 "#;
 
 /// Counts from 1: ids `id-1`, `id-2`…, span ids `00…01`, `00…02`…
@@ -517,4 +523,41 @@ fn the_live_workload_travels_only_when_asked() {
             .iter()
             .all(|(n, _)| n != "x-shadow-workload")
     );
+}
+
+#[test]
+fn a_grpc_call_keeps_te_trailers_for_http2_targets_and_gets_a_key() {
+    let captured = headers(&[
+        ("host", "orders:50051"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("grpc-timeout", "5S"),
+        ("baggage", "tenant=a"),
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+    ]);
+    let mut call = request("POST", &captured);
+    call.target = "/shop.Orders/GetOrder";
+    let out = tag(3, &call);
+    assert_eq!(values(&out, "te"), ["trailers"]);
+    assert_eq!(values(&out, "host"), ["orders:50051"]);
+    assert_eq!(values(&out, "content-type"), ["application/grpc"]);
+    assert_eq!(values(&out, "grpc-timeout"), ["5S"]);
+    assert_eq!(values(&out, "x-shadow-request"), ["1"]);
+    assert_eq!(values(&out, "baggage"), ["tenant=a,shadow=true"]);
+    assert_eq!(
+        values(&out, "traceparent"),
+        ["00-0af7651916cd43dd8448eb211c80319c-0000000000000002-01"]
+    );
+    // A POST, so a write as far as tagging knows: the same key on every copy of the call.
+    assert_eq!(
+        values(&out, "idempotency-key"),
+        [idempotency_key(&call).as_str()]
+    );
+    // Over HTTP/1.1 TE is hop-by-hop, as before; a TE other than `trailers` never travels.
+    assert!(values(&tag(0, &call), "te").is_empty());
+    let gzip = headers(&[("te", "gzip"), ("content-type", "application/grpc")]);
+    assert!(values(&tag(3, &request("POST", &gzip)), "te").is_empty());
 }
