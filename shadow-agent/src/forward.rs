@@ -1,7 +1,12 @@
-//! Sends copies to shadow targets over HTTP/1.1 with hyper, within each target's limits.
+//! Sends copies to shadow targets with hyper, within each target's limits: over HTTP/1.1 to
+//! `http://` targets, over HTTP/2 with prior knowledge to `h2c://` and `grpc://` ones.
 //!
 //! Each target has a lane: a queue of at most `max_in_flight` copies (queued or awaiting an
-//! answer) and `max_connections` workers, each holding at most one keep-alive connection. A copy
+//! answer) and `max_connections` workers. To an HTTP/1.1 target each worker holds at most one
+//! keep-alive connection; to an HTTP/2 target the workers share one connection, each copy a
+//! stream on it, at most `max_connections` at once and never more than the server's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` (hyper holds a copy until a stream is free, within its
+//! timeout); a closed connection is opened again for the next copy. A copy
 //! that finds the lane full is dropped and counted, never waited for; a copy gets one attempt
 //! within `timeout` of being admitted, and is never retried, so a slow or failing shadow costs a
 //! bounded amount and live traffic never waits for any of it.
@@ -17,11 +22,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderName, Uri, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -152,14 +160,28 @@ impl Lane {
         let places = limits.max_in_flight.max(1) as usize;
         let (queue, receiver) = mpsc::channel(places);
         let receiver = Arc::new(Mutex::new(receiver));
+        // One HTTP/2 connection for all the workers: each copy is a stream on it.
+        let http2 = target.scheme.is_http2().then(|| {
+            Arc::new(Http2Link {
+                target: target.clone(),
+                keepalive: limits.timeout,
+                counters: counters.clone(),
+                connection: Arc::new(Mutex::new(None)),
+            })
+        });
         let workers = (0..limits.max_connections.max(1))
             .map(|_| {
+                let link = match &http2 {
+                    Some(shared) => Link::Http2(shared.clone()),
+                    None => Link::Http1(None),
+                };
                 tokio::spawn(work(
                     target.clone(),
                     limits.timeout,
                     receiver.clone(),
                     shared.clone(),
                     counters.clone(),
+                    link,
                 ))
             })
             .collect();
@@ -351,6 +373,81 @@ impl Drop for Connection {
     }
 }
 
+/// An HTTP/2 connection to a target, and the task that drives it.
+struct Http2Connection {
+    sender: http2::SendRequest<Full<Bytes>>,
+    driver: JoinHandle<()>,
+    counters: Arc<TargetCounters>,
+}
+
+impl Drop for Http2Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The one HTTP/2 connection a lane's workers share, opened on first use and again once closed.
+struct Http2Link {
+    target: Target,
+    /// PINGs go out at this interval and the connection is given up when one is not answered
+    /// within it: a target that stopped answering is found even between copies.
+    keepalive: Duration,
+    counters: Arc<TargetCounters>,
+    connection: Arc<Mutex<Option<Http2Connection>>>,
+}
+
+impl Http2Link {
+    /// A sender on the open connection, or on a new one. A new connection comes with the lock
+    /// on it, to be held until the first answer's head: the server's SETTINGS (its first frame,
+    /// so before any answer) then say how many streams it takes, and no other copy opens a
+    /// stream before, which the server could refuse above its limit.
+    async fn sender(
+        &self,
+    ) -> Result<
+        (
+            http2::SendRequest<Full<Bytes>>,
+            Option<OwnedMutexGuard<Option<Http2Connection>>>,
+        ),
+        Failure,
+    > {
+        let mut slot = self.connection.clone().lock_owned().await;
+        if let Some(open) = slot.as_ref().filter(|c| !c.sender.is_closed()) {
+            return Ok((open.sender.clone(), None));
+        }
+        *slot = None;
+        let stream = TcpStream::connect((self.target.host.as_str(), self.target.port))
+            .await
+            .map_err(|_| Failure::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.keepalive)
+            .keep_alive_timeout(self.keepalive)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| Failure::Connect)?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(Http2Connection {
+            sender: sender.clone(),
+            driver,
+            counters: self.counters.clone(),
+        });
+        Ok((sender, Some(slot)))
+    }
+}
+
+/// How a worker reaches its target.
+enum Link {
+    /// Its own keep-alive connection, when open.
+    Http1(Option<Connection>),
+    /// The lane's shared HTTP/2 connection.
+    Http2(Arc<Http2Link>),
+}
+
 /// One worker: takes copies from the lane's queue and sends them over its connection.
 async fn work(
     target: Target,
@@ -358,18 +455,26 @@ async fn work(
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
     shared: Shared,
     counters: Arc<TargetCounters>,
+    mut link: Link,
 ) {
-    let mut connection: Option<Connection> = None;
     loop {
         let job = receiver.lock().await.recv().await;
         let Some(job) = job else { break };
         let deadline = job.admitted + timeout;
         let keep = job.compare.map(|_| shared.answer_body_bytes);
-        let sent = tokio::time::timeout_at(
-            deadline,
-            exchange(&mut connection, &target, job.request, keep, &counters),
-        )
-        .await;
+        let sent = match &mut link {
+            Link::Http1(connection) => {
+                tokio::time::timeout_at(
+                    deadline,
+                    exchange(connection, &target, job.request, keep, &counters),
+                )
+                .await
+            }
+            // A copy that times out is one stream reset: the connection carries on.
+            Link::Http2(http2) => {
+                tokio::time::timeout_at(deadline, exchange_http2(http2, job.request, keep)).await
+            }
+        };
         match sent {
             Ok(Ok(mut answer)) => {
                 // Answered within the timeout: a later reading of the clock is this task's
@@ -386,12 +491,16 @@ async fn work(
             }
             Ok(Err(failure)) => {
                 job.copy.failed(failure);
-                connection = None;
+                if let Link::Http1(connection) = &mut link {
+                    *connection = None;
+                }
             }
             Err(_) => {
                 job.copy.failed(Failure::Timeout);
                 // The connection may be half-way through an exchange: start afresh.
-                connection = None;
+                if let Link::Http1(connection) = &mut link {
+                    *connection = None;
+                }
             }
         }
     }
@@ -419,6 +528,95 @@ async fn exchange(
         .send_request(request.map(Full::new))
         .await
         .map_err(|_| Failure::Io)?;
+    read_answer(response, keep).await
+}
+
+/// Sends one copy as a stream on the lane's HTTP/2 connection and reads its whole answer, as
+/// [`exchange`].
+async fn exchange_http2(
+    link: &Http2Link,
+    request: http::Request<Bytes>,
+    keep: Option<usize>,
+) -> Result<Answer, Failure> {
+    let request = for_http2(request, &link.target);
+    let (mut sender, first) = link.sender().await?;
+    sender.ready().await.map_err(|_| Failure::Io)?;
+    let response = sender
+        .send_request(request.map(Full::new))
+        .await
+        .map_err(|_| Failure::Io)?;
+    // The server's SETTINGS came before this head: other copies may open streams now.
+    drop(first);
+    read_answer(response, keep).await
+}
+
+/// Headers that describe one HTTP/1.x connection and are malformed in HTTP/2 (RFC 9113
+/// section 8.2.2); the tagger already leaves them out of copies, this keeps the rule where
+/// HTTP/2 needs it.
+const CONNECTION_SPECIFIC: [HeaderName; 6] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TRANSFER_ENCODING,
+    UPGRADE,
+    HOST,
+];
+
+/// A copy as an HTTP/2 request: its Host becomes `:authority` (the target's `host:port` when it
+/// has none that is a valid authority), connection-specific headers go, and of TE only
+/// `trailers` stays, which gRPC servers expect.
+fn for_http2(request: http::Request<Bytes>, target: &Target) -> http::Request<Bytes> {
+    let (mut parts, body) = request.into_parts();
+    let authority = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .filter(|a| !a.as_str().contains('@'))
+        .or_else(|| Authority::try_from(target.authority()).ok());
+    strip_connection_specific(&mut parts.headers);
+    let mut uri = Uri::builder().scheme(Scheme::HTTP);
+    if let Some(authority) = authority {
+        uri = uri.authority(authority);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    // The origin-form target always makes a URI with the target's authority; should it not,
+    // the copy goes with its own, and hyper refuses what it cannot send (an I/O failure).
+    if let Ok(absolute) = uri.path_and_query(path).build() {
+        parts.uri = absolute;
+    }
+    parts.version = Version::HTTP_2;
+    http::Request::from_parts(parts, body)
+}
+
+fn strip_connection_specific(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+        .collect();
+    for name in CONNECTION_SPECIFIC.iter().chain(&named) {
+        headers.remove(name);
+    }
+    let trailers_only = headers
+        .get_all(TE)
+        .iter()
+        .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(TE);
+    }
+}
+
+/// Reads an answer to its end, keeping `keep` bytes of the body (none when `None`; the headers
+/// and trailers are kept only then too).
+async fn read_answer(
+    response: http::Response<hyper::body::Incoming>,
+    keep: Option<usize>,
+) -> Result<Answer, Failure> {
     let status = response.status().as_u16();
     let headers = match keep {
         Some(_) => response
@@ -889,5 +1087,398 @@ mod tests {
             slow_counters.answers.completed() + slow_counters.answers.abandoned.get(),
             4
         );
+    }
+
+    /// What an HTTP/2 test server saw of one request.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        version: http::Version,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        body: Bytes,
+    }
+
+    /// What an HTTP/2 test server reports: connections accepted, requests seen, and the most
+    /// streams it served at once.
+    #[derive(Default)]
+    struct Http2Server {
+        connections: AtomicUsize,
+        seen: std::sync::Mutex<Vec<Seen>>,
+        active: AtomicUsize,
+        most_active: AtomicUsize,
+        /// The tasks serving each connection, so a test can cut them.
+        tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    }
+
+    /// An HTTP/2 server (hyper's, prior knowledge) on loopback that answers every request
+    /// after `delay` with 200, a gRPC-style body and `grpc-status` trailers; at most
+    /// `max_streams` streams at once when set.
+    async fn http2_server(delay: Duration, max_streams: Option<u32>) -> (Target, Arc<Http2Server>) {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = Arc::new(Http2Server::default());
+        let state = server.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                state.connections.fetch_add(1, Ordering::SeqCst);
+                let state2 = state.clone();
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let state = state2.clone();
+                        async move {
+                            let now = state.active.fetch_add(1, Ordering::SeqCst) + 1;
+                            state.most_active.fetch_max(now, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            tokio::time::sleep(delay).await;
+                            state.seen.lock().expect("lock").push(Seen {
+                                version: parts.version,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            });
+                            state.active.fetch_sub(1, Ordering::SeqCst);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            trailers.insert("grpc-message", http::HeaderValue::from_static("ok"));
+                            let frames = vec![
+                                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(
+                                    b"\0\0\0\0\x02ok",
+                                ))),
+                                Ok(Frame::trailers(trailers)),
+                            ];
+                            let mut response =
+                                http::Response::new(StreamBody::new(futures::stream::iter(frames)));
+                            response.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                if let Some(n) = max_streams {
+                    builder.max_concurrent_streams(n);
+                }
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let task = tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                state.tasks.lock().expect("lock").push(task);
+            }
+        });
+        let target = Target {
+            scheme: crate::config::TargetScheme::H2c,
+            ..Target::http("127.0.0.1", port)
+        };
+        (target, server)
+    }
+
+    /// A tagged copy of a gRPC call, with the headers HTTP/1.x copies may carry but HTTP/2
+    /// forbids.
+    fn grpc_copy(call: &str, n: usize) -> ShadowRequest {
+        let mut c = copy(&format!("/{call}"));
+        *c.request.body_mut() = Bytes::from(format!("\0\0\0\0\x01{}", n % 10));
+        let h = c.request.headers_mut();
+        h.remove("host");
+        for (name, value) in [
+            ("host", "orders.shop:50051"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-shadow-request", "1"),
+            ("baggage", "shadow=true"),
+            ("idempotency-key", "k-1"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-0000000000000002-01",
+            ),
+        ] {
+            h.append(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn copies_for_http2_carry_their_host_as_authority_and_no_connection_headers() {
+        let target = Target {
+            scheme: crate::config::TargetScheme::Grpc,
+            ..Target::http("198.18.0.9", 50051)
+        };
+        let request = for_http2(grpc_copy("shop.Orders/GetOrder", 1).request, &target);
+        assert_eq!(request.version(), http::Version::HTTP_2);
+        assert_eq!(
+            request.uri().to_string(),
+            "http://orders.shop:50051/shop.Orders/GetOrder"
+        );
+        let mut names: Vec<&str> = request.headers().keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "baggage",
+                "content-type",
+                "idempotency-key",
+                "te",
+                "traceparent",
+                "x-shadow-request",
+            ]
+        );
+        // Without a usable Host, the target's authority; a TE other than `trailers` goes.
+        let mut other = copy("/a?b=1");
+        other.request.headers_mut().remove("host");
+        other
+            .request
+            .headers_mut()
+            .insert("te", http::HeaderValue::from_static("gzip"));
+        let request = for_http2(other.request, &target);
+        assert_eq!(request.uri().to_string(), "http://198.18.0.9:50051/a?b=1");
+        assert!(request.headers().get("te").is_none());
+        let mut odd = copy("/");
+        odd.request
+            .headers_mut()
+            .insert("host", http::HeaderValue::from_static("user@evil:1"));
+        let request = for_http2(odd.request, &target);
+        assert_eq!(
+            request.uri().authority().map(|a| a.as_str()),
+            Some("198.18.0.9:50051")
+        );
+    }
+
+    #[tokio::test]
+    async fn copies_to_an_h2c_target_are_streams_on_one_connection() {
+        let (target, server) = http2_server(Duration::from_millis(50), None).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 64,
+            max_connections: 8,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
+        for i in 0..40 {
+            lane.try_send(grpc_copy("shop.Orders/GetOrder", i))
+                .expect("room in the lane");
+        }
+        settle(&counters, 40).await;
+        assert_eq!(counters.answers.responses(2), 40);
+        assert_accounted(&counters);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 1);
+        let most = server.most_active.load(Ordering::SeqCst);
+        assert!((2..=8).contains(&most), "{most} streams at once");
+        let seen = server.seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 40);
+        for s in &seen {
+            assert_eq!(s.version, http::Version::HTTP_2);
+            assert_eq!(s.uri.path(), "/shop.Orders/GetOrder");
+            assert_eq!(
+                s.uri.authority().map(|a| a.as_str()),
+                Some("orders.shop:50051")
+            );
+            // Tags and key as metadata, TE kept, nothing connection-specific.
+            for (name, value) in [
+                ("x-shadow-request", "1"),
+                ("baggage", "shadow=true"),
+                ("idempotency-key", "k-1"),
+                ("te", "trailers"),
+                ("content-type", "application/grpc"),
+            ] {
+                assert_eq!(
+                    s.headers.get(name).map(|v| v.as_bytes()),
+                    Some(value.as_bytes()),
+                    "{name}"
+                );
+            }
+            assert!(s.headers.get("traceparent").is_some());
+            for gone in ["connection", "keep-alive", "x-hop", "host"] {
+                assert!(s.headers.get(gone).is_none(), "{gone}");
+            }
+            assert_eq!(s.body.len(), 6);
+        }
+        lane.close(Duration::from_secs(1)).await;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_taking_one_stream_at_a_time_still_gets_every_copy() {
+        let (target, server) = http2_server(Duration::from_millis(20), Some(1)).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 32,
+            max_connections: 6,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
+        for i in 0..24 {
+            lane.try_send(grpc_copy("shop.Orders/GetOrder", i))
+                .expect("room in the lane");
+        }
+        settle(&counters, 24).await;
+        assert_eq!(counters.answers.responses(2), 24, "none refused");
+        assert_eq!(server.most_active.load(Ordering::SeqCst), 1);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(server.seen.lock().expect("lock").len(), 24);
+        // Waiting for a stream is within the copy's time: 24 copies of 20 ms one after
+        // another took about half a second, which the latency shows.
+        let p99 = counters
+            .answers
+            .latency
+            .snapshot()
+            .quantile(0.99)
+            .expect("some");
+        assert!(p99 >= Duration::from_millis(200), "{p99:?}");
+        assert_accounted(&counters);
+        lane.close(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn http2_answers_keep_their_trailers_for_the_comparison() {
+        let (target, _) = http2_server(Duration::ZERO, None).await;
+        let counters = Arc::new(TargetCounters::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        let shared = Shared {
+            answers: Some(tx),
+            answer_body_bytes: 1024,
+            ..memory(1 << 20)
+        };
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 2,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, shared, counters.clone());
+        let key = PairKey {
+            flow: crate::pipeline::FlowAddrs::new(
+                "198.18.0.1:1".parse().expect("addr"),
+                "198.18.0.2:50051".parse().expect("addr"),
+            ),
+            seq: 7,
+        };
+        let mut wanted = grpc_copy("shop.Orders/GetOrder", 0);
+        wanted.compare = Some(key);
+        lane.try_send(wanted).expect("room");
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!((got.key, got.answer.status), (key, 200));
+        assert_eq!(got.answer.body.as_ref(), b"\0\0\0\0\x02ok");
+        let trailers: Vec<(&str, &[u8])> = got
+            .answer
+            .trailers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(
+            trailers,
+            [("grpc-status", &b"0"[..]), ("grpc-message", &b"ok"[..])]
+        );
+        assert!(
+            got.answer
+                .headers
+                .iter()
+                .any(|(n, v)| n == "content-type" && v == b"application/grpc")
+        );
+        lane.close(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_down_or_slow_http2_target_is_counted_as_for_http1() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let down = Target {
+            scheme: crate::config::TargetScheme::Grpc,
+            ..Target::http("127.0.0.1", port)
+        };
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 2,
+            timeout: Duration::from_millis(300),
+        };
+        let lane = Lane::start(down, limits, memory(1 << 20), counters.clone());
+        for i in 0..5 {
+            lane.try_send(grpc_copy("a.B/C", i)).expect("room");
+        }
+        settle(&counters, 5).await;
+        assert_eq!(counters.answers.failed(Failure::Connect).get(), 5);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 0);
+        assert_accounted(&counters);
+        lane.close(Duration::from_secs(1)).await;
+
+        // A slow one: each copy times out, a full lane refuses at once, and the connection
+        // carries on (timed-out streams are reset, not the connection).
+        let (slow, server) = http2_server(Duration::from_secs(30), None).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 3,
+            max_connections: 2,
+            timeout: Duration::from_millis(300),
+        };
+        let lane = Lane::start(slow, limits, memory(1 << 20), counters.clone());
+        for i in 0..3 {
+            lane.try_send(grpc_copy("a.B/C", i)).expect("room");
+        }
+        assert_eq!(
+            lane.try_send(grpc_copy("a.B/C", 9)).err(),
+            Some(CopyDrop::InFlight)
+        );
+        settle(&counters, 3).await;
+        assert_eq!(counters.answers.failed(Failure::Timeout).get(), 3);
+        lane.try_send(grpc_copy("a.B/C", 4)).expect("room again");
+        settle(&counters, 4).await;
+        assert_eq!(counters.answers.failed(Failure::Timeout).get(), 4);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+        assert_accounted(&counters);
+        lane.close(Duration::from_secs(1)).await;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_closed_http2_connection_is_opened_again() {
+        let (target, server) = http2_server(Duration::ZERO, None).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 8,
+            max_connections: 2,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
+        for i in 0..4 {
+            lane.try_send(grpc_copy("a.B/C", i)).expect("room");
+        }
+        settle(&counters, 4).await;
+        // The server goes away from the connection; the client sees it closed.
+        for task in server.tasks.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+        for _ in 0..100 {
+            if counters.connections.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for i in 0..4 {
+            lane.try_send(grpc_copy("a.B/C", i)).expect("room");
+        }
+        settle(&counters, 8).await;
+        assert_eq!(counters.answers.responses(2), 8);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+        assert_accounted(&counters);
+        lane.close(Duration::from_secs(1)).await;
     }
 }
