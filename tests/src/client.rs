@@ -373,3 +373,27 @@ pub fn ab(ns: &Netns, url: &str, requests: u64, concurrency: u32) -> u64 {
     assert_eq!(complete, requests, "ab:\n{text}");
     complete
 }
+
+/// `n` unary `shop.Orders/GetOrder` calls then two `shop.Orders/CancelOrder` calls to `server`,
+/// on one gRPC channel (one HTTP/2 connection) from inside `ns` (`grpc_app.py`, python3-grpcio),
+/// each with a `traceparent` and a `baggage`. One JSON object per call: `method`, `code` (the
+/// gRPC status name) and `reply` (hex).
+pub fn grpc_calls(ns: &Netns, server: SocketAddr, n: usize) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().expect("tempdir for the gRPC client");
+    let script = dir.path().join("grpc_app.py");
+    std::fs::write(&script, include_str!("grpc_app.py")).expect("write grpc_app.py");
+    let out = run_ok(&mut ns.exec(
+        Program::Python3,
+        &[
+            script.to_str().expect("utf-8 path"),
+            "client",
+            &server.ip().to_string(),
+            &server.port().to_string(),
+            &n.to_string(),
+        ],
+    ));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}

@@ -95,7 +95,8 @@ programs! {
     Nginx = "nginx", Source::Debian("nginx-light");
     /// A load generator with a fixed-rate mode (`-q`), which wrk lacks, and JSON output.
     Oha = "oha", Source::Crate { name: "oha", version: "1.16.0" };
-    /// A second real HTTP client, and the JSON app of the comparison tests (`app.py`).
+    /// A second real HTTP client, the JSON app of the comparison tests (`app.py`), and the gRPC
+    /// service and client of the gRPC tests (`grpc_app.py`, with python3-grpcio).
     Python3 = "python3", Source::Debian("python3");
     /// Switches the kernel's BPF run-time statistics on and off (capture benchmark).
     Sysctl = "sysctl", Source::Debian("procps");
@@ -160,6 +161,10 @@ pub const SUPPORT_PACKAGES: &[SupportPackage] = &[
     SupportPackage {
         package: "qemu-system-x86",
         why: "virtme-ng (`cargo xtask test --kernel`) boots the older kernels in qemu",
+    },
+    SupportPackage {
+        package: "python3-grpcio",
+        why: "the gRPC service and client that python3 runs in tests/tests/grpc.rs (grpc_app.py)",
     },
     SupportPackage {
         package: "busybox-static",

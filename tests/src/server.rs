@@ -457,3 +457,73 @@ impl Drop for JsonApp {
         let _ = self.child.wait();
     }
 }
+
+/// A gRPC service (`grpc_app.py`, Debian's python3 with python3-grpcio): `shop.Orders` with the
+/// unary calls `GetOrder` and `CancelOrder`, whose messages are plain bytes. Each call it serves
+/// is recorded with its metadata ([`GrpcApp::calls`]); the same script deployed as live and as
+/// shadow. Dropping it kills it.
+pub struct GrpcApp {
+    pub addr: SocketAddr,
+    child: Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GrpcApp {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for the gRPC app");
+        let script = dir.path().join("grpc_app.py");
+        std::fs::write(&script, include_str!("grpc_app.py")).expect("write grpc_app.py");
+        let log = dir.path().join("calls.jsonl");
+        std::fs::write(&log, "").expect("create the call log");
+        let mut child = ns
+            .exec(
+                Program::Python3,
+                &[
+                    script.to_str().expect("utf-8 path"),
+                    "server",
+                    &addr.ip().to_string(),
+                    &addr.port().to_string(),
+                    log.to_str().expect("utf-8 path"),
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+        wait_for(
+            "the gRPC app to accept connections",
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("grpc_app.py exited: {status} (is python3-grpcio installed?)");
+                }
+                ns.run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+            },
+        );
+        GrpcApp {
+            addr,
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The calls served so far, in order: `{"method", "metadata": [[key, value]...], "request"}`
+    /// (binary values and the request in hex).
+    pub fn calls(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.log).expect("read the call log");
+        text.lines()
+            .filter(|l| l.ends_with('}'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for GrpcApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

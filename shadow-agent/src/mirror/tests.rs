@@ -428,3 +428,62 @@ fn a_keyed_route_counts_the_requests_without_its_value() {
     m.plan(now, &flow(8080), &request(3, "GET", "/orders/1", &[], b""));
     assert_eq!(stats.route("orders").unkeyed.get(), 0);
 }
+
+const GRPC_CONFIG: &str = r#"
+[capture]
+interfaces = ["eth0"]
+ports = [50051]
+
+[[route]]
+name = "orders"
+match = { port = 50051, grpc = "shop.Orders/*" }
+targets = ["grpc://198.18.0.9:50051"]
+allow_grpc = ["shop.Orders/Get*"]
+"#;
+
+#[test]
+fn an_allowed_grpc_call_is_copied_with_its_key_and_a_write_is_counted_apart() {
+    let config = Config::from_toml(GRPC_CONFIG, "grpc.toml").expect("valid");
+    let stats = Arc::new(MirrorStats::default());
+    let mut m = Mirror::new(&config, NodeIds::with_epoch("node-a", 7), 1, stats.clone());
+    let call = |seq: u64, path: &str| {
+        let mut req = request(
+            seq,
+            "POST",
+            path,
+            &[
+                ("host", "orders:50051"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("user-agent", "grpc-python/1.51"),
+            ],
+            b"\0\0\0\0\x02\x08\x07",
+        );
+        req.version = Version::Http2;
+        req
+    };
+    let now = Instant::now();
+    let plan = m.plan(now, &flow(50051), &call(0, "/shop.Orders/GetOrder"));
+    assert_eq!(plan.copies.len(), 1);
+    let copy = &plan.copies[0];
+    assert_eq!(copy.request.method(), Method::POST);
+    assert_eq!(copy.request.uri(), "/shop.Orders/GetOrder");
+    assert_eq!(copy.request.body().as_ref(), b"\0\0\0\0\x02\x08\x07");
+    assert_eq!(header(copy, "content-type"), Some("application/grpc"));
+    assert_eq!(header(copy, "te"), Some("trailers"));
+    assert_eq!(header(copy, "x-shadow-request"), Some("1"));
+    assert!(header(copy, "idempotency-key").is_some_and(|k| k.len() == 64));
+    let target = m.policy().target(copy.target).expect("target");
+    assert_eq!(target.to_string(), "grpc://198.18.0.9:50051");
+
+    let write = m.plan(now, &flow(50051), &call(1, "/shop.Orders/CancelOrder"));
+    assert!(write.copies.is_empty());
+    let route = stats.route("orders");
+    assert_eq!(route.seen.get(), 2);
+    assert_eq!(route.dropped(DropReason::GrpcNotAllowed).get(), 1);
+    assert_eq!(route.dropped(DropReason::Method).get(), 0);
+    // Another service: no route matches it.
+    let other = m.plan(now, &flow(50051), &call(2, "/shop.Payments/Pay"));
+    assert!(other.copies.is_empty());
+    assert_eq!(stats.unrouted(DropReason::NoRoute).get(), 1);
+}
