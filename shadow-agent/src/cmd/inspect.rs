@@ -477,6 +477,7 @@ mod tests {
         let token = b"Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.sig";
         let request = Request {
             seq: 0,
+            stream_id: None,
             method: "GET".into(),
             target: "/me".into(),
             version: Version::Http11,
