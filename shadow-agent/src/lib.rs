@@ -34,6 +34,7 @@ pub mod config;
 pub mod flows;
 pub mod forward;
 pub mod http;
+pub mod http2;
 pub mod kubernetes;
 pub mod latency;
 pub mod memory;

@@ -148,6 +148,9 @@ struct Exchange {
     method: String,
     target: String,
     version: &'static str,
+    /// The HTTP/2 stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<u32>,
     headers: Vec<(String, String)>,
     body_len: usize,
     body_sha256: String,
@@ -168,6 +171,7 @@ impl Exchange {
                 Version::Http11 => "HTTP/1.1",
                 Version::Http2 => "HTTP/2",
             },
+            stream_id: request.stream_id,
             headers: request
                 .headers
                 .iter()
@@ -224,10 +228,13 @@ impl Printer {
                         Some((status, body_len)) => {
                             exchange.status = Some(status);
                             exchange.response_body_len = Some(body_len);
-                            // Responses come in request order: earlier requests will get none.
-                            let earlier = self.pending.remove(&flow).unwrap_or_default();
-                            for (_, e) in earlier {
-                                self.print(&e, out)?;
+                            // HTTP/1.x responses come in request order: earlier requests will
+                            // get none. HTTP/2 streams are answered in any order.
+                            if request.stream_id.is_none() {
+                                let earlier = self.pending.remove(&flow).unwrap_or_default();
+                                for (_, e) in earlier {
+                                    self.print(&e, out)?;
+                                }
                             }
                             self.print(&exchange, out)?;
                         }
@@ -258,8 +265,10 @@ impl Printer {
                     };
                     queue[at].1.status = Some(response.status);
                     queue[at].1.response_body_len = Some(response.body.len());
-                    // Responses come in request order: earlier requests will get none.
-                    let done: Vec<_> = queue.drain(..=at).collect();
+                    // HTTP/1.x responses come in request order: earlier requests will get
+                    // none. HTTP/2 streams are answered in any order.
+                    let first = if response.stream_id.is_some() { at } else { 0 };
+                    let done: Vec<_> = queue.drain(first..=at).collect();
                     for (_, exchange) in done {
                         self.print(&exchange, out)?;
                     }
@@ -300,6 +309,8 @@ mod tests {
         InterfaceDescriptionBlock, InterfaceDescriptionOption,
     };
     use ::pcap_file::{DataLink, TsResolution};
+    use bytes::Bytes;
+    use shadow_agent::http::Response;
     use shadow_agent::pipeline::synthetic::{TcpFlags, ethernet_frame, ip_packet};
 
     use super::*;
@@ -396,6 +407,75 @@ mod tests {
     }
 
     #[test]
+    fn http2_streams_answered_out_of_order() {
+        let flow = FlowAddrs {
+            client: addr(CLIENT),
+            server: addr(SERVER),
+            client_isn: None,
+            server_isn: None,
+        };
+        let request = |seq: u64, stream: u32, target: &str| Request {
+            seq,
+            stream_id: Some(stream),
+            method: "GET".into(),
+            target: target.into(),
+            version: Version::Http2,
+            headers: vec![("host".into(), b"svc".to_vec())],
+            body: Bytes::new(),
+            trailers: Vec::new(),
+            wire_len: 0,
+            started: Duration::ZERO,
+            completed: Duration::ZERO,
+        };
+        let response = |seq: u64, stream: u32, status: u16, body: &'static [u8]| Response {
+            request_seq: Some(seq),
+            stream_id: Some(stream),
+            status,
+            reason: String::new(),
+            version: Version::Http2,
+            headers: Vec::new(),
+            body: Bytes::from_static(body),
+            trailers: Vec::new(),
+            wire_len: 0,
+            started: Duration::ZERO,
+            completed: Duration::ZERO,
+        };
+        let http = |event| PipelineEvent::Http { flow, event };
+        let events = vec![
+            http(HttpEvent::Request(request(0, 1, "/slow"))),
+            http(HttpEvent::Request(request(1, 3, "/fast"))),
+            http(HttpEvent::Response(response(1, 3, 404, b"no"))),
+            http(HttpEvent::Response(response(0, 1, 200, b"done"))),
+        ];
+        let mut printer = Printer::new(Secrets::Redact);
+        let mut out = Vec::new();
+        printer.take(events.into_iter(), &mut out).expect("print");
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .expect("UTF-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        let summary: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["stream_id"].as_u64(),
+                    l["target"].as_str(),
+                    l["status"].as_u64(),
+                    l["version"].as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (Some(3), Some("/fast"), Some(404), Some("HTTP/2")),
+                (Some(1), Some("/slow"), Some(200), Some("HTTP/2")),
+            ]
+        );
+    }
+
+    #[test]
     fn ethernet_nanosecond_pcap() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("capture.pcap");
@@ -477,6 +557,7 @@ mod tests {
         let token = b"Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.sig";
         let request = Request {
             seq: 0,
+            stream_id: None,
             method: "GET".into(),
             target: "/me".into(),
             version: Version::Http11,

@@ -9,6 +9,7 @@ use super::{
     body::BodyReader,
     framing::{BodyFraming, FramingError, HeadFacts},
 };
+use crate::http2::{Http2Connection, looks_like_frames};
 
 mod half;
 
@@ -127,6 +128,20 @@ pub struct HttpConnection {
     /// An Upgrade or CONNECT request refused before the client finished sending it.
     refused_switch: Option<u64>,
     opaque: bool,
+    /// After the client preface, or an `Upgrade: h2c` the server accepted: HTTP/2 from then on.
+    h2: Option<Box<Http2Connection>>,
+    /// The request that asked for `Upgrade: h2c`, until the server answers it.
+    h2c_asked: Option<u64>,
+    /// The server answered `h2c_asked` with 101: the switch happens once the 101 is read.
+    h2c_accepted: Option<u64>,
+    /// Picked up in mid-stream and no request found yet: HTTP/2 frames are looked for, since
+    /// such a connection cannot be decoded (its HPACK tables are unknown).
+    probe_h2: bool,
+    /// Whether the client sent anything yet.
+    client_spoke: bool,
+    /// HTTP/2 server frames that came before the client's preface (a server may send its
+    /// SETTINGS first), held until the client's first bytes tell the protocol.
+    early_server: Option<Box<(Vec<u8>, Timestamp)>>,
 }
 
 impl HttpConnection {
@@ -148,7 +163,18 @@ impl HttpConnection {
             next_seq: 0,
             refused_switch: None,
             opaque: false,
+            h2: None,
+            h2c_asked: None,
+            h2c_accepted: None,
+            probe_h2: mid_stream,
+            client_spoke: mid_stream,
+            early_server: None,
         }
+    }
+
+    /// Whether the connection switched to HTTP/2.
+    pub fn is_http2(&self) -> bool {
+        self.h2.is_some()
     }
 
     /// Nothing more will be parsed, and the caller may stop feeding bytes: after Upgrade,
@@ -164,21 +190,61 @@ impl HttpConnection {
         self.client.buffered_bytes()
             + self.server.buffered_bytes()
             + self.pending.len() * size_of::<Pending>()
+            + self.h2.as_ref().map_or(0, |h2| h2.buffered_bytes())
+            + self
+                .early_server
+                .as_ref()
+                .map_or(0, |early| early.0.capacity())
     }
 
     /// Bytes from the client, in stream order.
     pub fn client_data(&mut self, data: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) {
         self.data(Direction::Client, data, ts, out);
+        if !self.client_spoke {
+            self.client_spoke = true;
+            self.release_early_server(out);
+        }
     }
 
     /// Bytes from the server, in stream order.
     pub fn server_data(&mut self, data: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) {
+        if !self.client_spoke && self.hold_early_server(data, ts) {
+            return;
+        }
         self.data(Direction::Server, data, ts, out);
+    }
+
+    /// An HTTP/2 server may send its SETTINGS before it has read the client's preface: such
+    /// bytes wait for the client's first bytes (at most `max_head_bytes`). Returns whether
+    /// `data` was held.
+    fn hold_early_server(&mut self, data: &[u8], ts: Timestamp) -> bool {
+        let held = self.early_server.as_ref().map_or(0, |early| early.0.len());
+        let settings_frame = data.len() > 3 && data[3] == 0x4;
+        if (held == 0 && !settings_frame) || held + data.len() > self.limits.max_head_bytes {
+            return false;
+        }
+        self.early_server
+            .get_or_insert_with(|| Box::new((Vec::new(), ts)))
+            .0
+            .extend_from_slice(data);
+        true
+    }
+
+    fn release_early_server(&mut self, out: &mut Vec<HttpEvent>) {
+        if let Some(early) = self.early_server.take() {
+            let (bytes, ts) = *early;
+            self.data(Direction::Server, &bytes, ts, out);
+        }
     }
 
     /// `lost_bytes` of the client stream will never arrive.
     pub fn client_gap(&mut self, lost_bytes: u64, out: &mut Vec<HttpEvent>) {
         if self.opaque || lost_bytes == 0 {
+            return;
+        }
+        if let Some(h2) = self.h2.as_mut() {
+            h2.gap(Direction::Client, lost_bytes, out);
+            self.opaque = h2.is_opaque();
             return;
         }
         let outcome = self.client.gap(lost_bytes, &mut self.pending, out);
@@ -188,6 +254,12 @@ impl HttpConnection {
     /// `lost_bytes` of the server stream will never arrive.
     pub fn server_gap(&mut self, lost_bytes: u64, out: &mut Vec<HttpEvent>) {
         if self.opaque || lost_bytes == 0 {
+            return;
+        }
+        self.release_early_server(out);
+        if let Some(h2) = self.h2.as_mut() {
+            h2.gap(Direction::Server, lost_bytes, out);
+            self.opaque = h2.is_opaque();
             return;
         }
         let outcome = self.server.gap(lost_bytes, &mut self.pending, out);
@@ -200,6 +272,12 @@ impl HttpConnection {
         if self.opaque {
             return;
         }
+        self.release_early_server(out);
+        if let Some(h2) = self.h2.as_mut() {
+            h2.end(Direction::Client, ts, out);
+            self.opaque = h2.is_opaque();
+            return;
+        }
         let outcome = self.client.end(ts, &mut self.pending, out);
         self.resolve(Direction::Client, outcome, out);
     }
@@ -207,6 +285,12 @@ impl HttpConnection {
     /// The server sent FIN or RST: this ends a response read until close.
     pub fn server_end(&mut self, ts: Timestamp, out: &mut Vec<HttpEvent>) {
         if self.opaque {
+            return;
+        }
+        self.release_early_server(out);
+        if let Some(h2) = self.h2.as_mut() {
+            h2.end(Direction::Server, ts, out);
+            self.opaque = h2.is_opaque();
             return;
         }
         let outcome = self.server.end(ts, &mut self.pending, out);
@@ -221,8 +305,19 @@ impl HttpConnection {
     #[inline(always)]
     fn data(&mut self, direction: Direction, data: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) {
         let max_head = self.limits.max_head_bytes;
+        if self.probe_h2 && looks_like_frames(data) {
+            self.probe_h2 = false;
+            out.push(HttpEvent::Anomaly(Anomaly::Http2JoinedMidstream));
+            self.make_opaque();
+            return;
+        }
         let mut input = data;
         while !input.is_empty() && !self.opaque {
+            if let Some(h2) = self.h2.as_mut() {
+                h2.data(direction, input, ts, out);
+                self.opaque = h2.is_opaque();
+                return;
+            }
             let step = match direction {
                 Direction::Client => self
                     .client
@@ -277,8 +372,12 @@ impl HttpConnection {
                     }));
                 }
             }
-            // The bytes that follow are another protocol (WebSocket, a tunnel, HTTP/2).
-            (Outcome::Switch(Switch::Accepted), _) => self.make_opaque(),
+            // The bytes that follow are another protocol: HTTP/2 after `Upgrade: h2c`, else
+            // one shadow does not read (WebSocket, a tunnel).
+            (Outcome::Switch(Switch::Accepted), _) => match self.h2c_accepted.take() {
+                Some(seq) => self.switch_to_h2c(seq, out),
+                None => self.make_opaque(),
+            },
             (Outcome::Opaque, _) => self.make_opaque(),
             (Outcome::Switch(Switch::Refused(seq)), _) => self.release_client(seq, out),
             (Outcome::Desync, Direction::Client) => self.client_desync(),
@@ -319,9 +418,12 @@ impl HttpConnection {
         out: &mut Vec<HttpEvent>,
     ) -> (usize, Outcome) {
         let direction = Direction::Client;
-        if head == HTTP2_PREFACE_HEAD {
-            out.push(HttpEvent::Anomaly(Anomaly::Http2Unsupported));
-            return (0, Outcome::Opaque);
+        self.probe_h2 = false;
+        if head == HTTP2_PREFACE_HEAD && self.next_seq == 0 {
+            // Prior knowledge: the rest of the preface and the frames follow.
+            let h2 = Http2Connection::prior_knowledge(self.limits, self.next_seq, head.len());
+            self.switch_to_h2(h2);
+            return (0, Outcome::Nothing);
         }
         let parsed = match parse_request_head(head, self.limits.max_headers) {
             Ok(parsed) => parsed,
@@ -348,8 +450,12 @@ impl HttpConnection {
             }
         };
         let seq = self.push_request(first_word, switch, started, false, out);
+        if switch && !first_word.connect && asks_h2c(&parsed.headers) {
+            self.h2c_asked = Some(seq);
+        }
         let request = Request {
             seq,
+            stream_id: None,
             method: parsed.method,
             target: parsed.target,
             version: parsed.version,
@@ -467,6 +573,16 @@ impl HttpConnection {
         let switching = parsed.status == 101 || (connect && success);
         let http10 = parsed.version == Version::Http10;
         let mut dropped = request.is_some_and(|r| r.dropped);
+        if parsed.status == 101
+            && let Some(request) = request
+            && self.h2c_asked.take() == Some(request.seq)
+            && asks_h2c(&parsed.headers)
+        {
+            // Stream 1 of the HTTP/2 connection that follows answers the request; the 101
+            // itself is not its response.
+            self.h2c_accepted = Some(request.seq);
+            dropped = true;
+        }
         let framing = if request_head || switching || parsed.status == 204 || parsed.status == 304 {
             BodyFraming::Empty
         } else {
@@ -485,6 +601,7 @@ impl HttpConnection {
         };
         let response = Response {
             request_seq: request.map(|r| r.seq),
+            stream_id: None,
             status: parsed.status,
             reason: parsed.reason,
             version: parsed.version,
@@ -611,12 +728,55 @@ impl HttpConnection {
         }
     }
 
+    /// From now on the connection is read as HTTP/2.
+    fn switch_to_h2(&mut self, h2: Http2Connection) {
+        self.client.reset(HalfState::Ended);
+        self.server.reset(HalfState::Ended);
+        self.pending.clear();
+        self.opaque = h2.is_opaque();
+        self.h2 = Some(Box::new(h2));
+    }
+
+    /// The server accepted `Upgrade: h2c` for request `seq`: the client's bytes held since the
+    /// request (its preface and first frames, if sent before the 101 was seen) are HTTP/2.
+    fn switch_to_h2c(&mut self, seq: u64, out: &mut Vec<HttpEvent>) {
+        let HalfState::AwaitSwitch(waiting) =
+            std::mem::replace(&mut self.client.state, HalfState::Ended)
+        else {
+            // The client was still sending the request's body: where it ends and HTTP/2
+            // begins is not known.
+            self.make_opaque();
+            return;
+        };
+        let mut h2 = Http2Connection::upgraded(self.limits, self.next_seq, seq);
+        if waiting.lost {
+            h2.gap(Direction::Client, 1, out);
+        } else if !waiting.held.is_empty() {
+            h2.data(
+                Direction::Client,
+                &waiting.held,
+                waiting.first.unwrap_or_default(),
+                out,
+            );
+        }
+        self.switch_to_h2(h2);
+    }
+
     fn make_opaque(&mut self) {
         self.opaque = true;
         self.client.reset(HalfState::Ended);
         self.server.reset(HalfState::Ended);
         self.pending.clear();
     }
+}
+
+/// Whether an `Upgrade` field of these asks for (or, in a 101, accepts) HTTP/2 over cleartext.
+fn asks_h2c(headers: &[Field]) -> bool {
+    headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("upgrade"))
+        .flat_map(|(_, value)| value.split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"h2c"))
 }
 
 fn framing_anomaly(error: FramingError, direction: Direction) -> Anomaly {

@@ -41,6 +41,11 @@ pub struct HttpLimits {
     /// Most requests waiting for their response (pipelining depth) before the oldest pairings
     /// are given up.
     pub max_pending: usize,
+    /// HTTP/2: most streams open at once on one connection; more are skipped and counted.
+    pub max_streams: usize,
+    /// HTTP/2: largest HPACK dynamic table a peer may make shadow keep (per direction); a
+    /// larger size makes the connection opaque.
+    pub max_hpack_table_bytes: usize,
 }
 
 impl Default for HttpLimits {
@@ -50,6 +55,8 @@ impl Default for HttpLimits {
             max_headers: 100,
             max_body_bytes: 16 * 1024 * 1024,
             max_pending: 256,
+            max_streams: 256,
+            max_hpack_table_bytes: 64 * 1024,
         }
     }
 }
@@ -98,15 +105,19 @@ impl Direction {
 /// One complete request, as the server received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// 0, 1, 2… per connection, in order of the request's start. Requests that were dropped
-    /// (limits, gaps, malformed heads) also take a number, so a hole in the sequence shows a
-    /// request the server saw but shadow did not emit.
+    /// 0, 1, 2… per connection, in order of the request's start (on HTTP/2, of its stream's
+    /// start). Requests that were dropped (limits, gaps, malformed heads) also take a number,
+    /// so a hole in the sequence shows a request the server saw but shadow did not emit.
     pub seq: u64,
+    /// The HTTP/2 stream; `None` on HTTP/1.x.
+    pub stream_id: Option<u32>,
     pub method: String,
-    /// As sent: origin-form, absolute-form, authority-form or `*`.
+    /// As sent: origin-form, absolute-form, authority-form or `*` (HTTP/2: `:path`, or
+    /// `:authority` for CONNECT).
     pub target: String,
     pub version: Version,
-    /// In wire order, names as received, values raw.
+    /// In wire order, names as received, values raw. HTTP/2: `host` from `:authority` first
+    /// (unless the request has its own), then the regular fields, cookies joined.
     pub headers: Vec<Field>,
     /// The decoded body (chunked framing removed).
     pub body: bytes::Bytes,
@@ -122,6 +133,8 @@ pub struct Request {
 pub struct Response {
     /// The request this answers; `None` when no request was outstanding (unpaired).
     pub request_seq: Option<u64>,
+    /// The HTTP/2 stream; `None` on HTTP/1.x.
+    pub stream_id: Option<u32>,
     pub status: u16,
     pub reason: String,
     pub version: Version,
@@ -189,8 +202,6 @@ pub enum Anomaly {
     },
     /// A response with no outstanding request; it is emitted with `request_seq: None`.
     UnpairedResponse { status: u16 },
-    /// The connection began with the HTTP/2 preface; it is now opaque.
-    Http2Unsupported,
     /// Bytes discarded on a connection picked up mid-stream before its first message.
     MidStreamSkipped { direction: Direction, bytes: u64 },
     /// Bytes discarded while looking for the next start line after a capture gap (and, for
@@ -205,6 +216,39 @@ pub enum Anomaly {
     /// The client sent more than `max_head_bytes` after an Upgrade or CONNECT request before the
     /// server decided; the connection is now opaque.
     UndecidedUpgradeOverflow,
+    /// A connection picked up in mid-stream carries HTTP/2 frames: its HPACK tables are
+    /// unknown, so it is opaque (until the client reconnects).
+    Http2JoinedMidstream,
+    /// An HTTP/2 header block did not decode (an index outside the tables, bad Huffman…): the
+    /// HPACK state is lost, the connection opaque.
+    Http2HpackError { direction: Direction },
+    /// An HPACK table size (SETTINGS_HEADER_TABLE_SIZE or a size update) above
+    /// `max_hpack_table_bytes`: the connection is opaque.
+    Http2TableSizeTooLarge { direction: Direction },
+    /// HTTP/2 frames that break RFC 9113 framing (a bad preface, a frame on the wrong stream,
+    /// larger than the peer accepts, bad padding…): the connection is opaque.
+    Http2ProtocolError { direction: Direction },
+    /// An HTTP/2 header block longer than `max_head_bytes`: not decoded, so the connection is
+    /// opaque.
+    Http2HeaderBlockTooLarge { direction: Direction },
+    /// Bytes of an HTTP/2 connection were lost in capture, and the HPACK state with them: the
+    /// connection is opaque.
+    Http2LostToGap {
+        direction: Direction,
+        lost_bytes: u64,
+    },
+    /// RST_STREAM ended a stream before its messages did; they were dropped.
+    Http2StreamReset { direction: Direction },
+    /// A message of an HTTP/2 stream dropped unfinished: the connection ended or became
+    /// opaque, or the server's GOAWAY excluded the stream (`direction`: the side whose
+    /// message was lost).
+    Http2StreamAbandoned { direction: Direction },
+    /// More than `max_streams` HTTP/2 streams open at once: the new stream was skipped.
+    Http2TooManyStreams,
+    /// HTTP/2 header fields a server rejects (missing or unknown pseudo-header fields,
+    /// uppercase or connection-specific names, CR, LF or NUL in a value): the message was
+    /// skipped.
+    Http2MalformedHeaders { direction: Direction },
 }
 
 impl Anomaly {
@@ -227,13 +271,22 @@ impl Anomaly {
             Self::FramingLostToGap => "framing_lost_to_gap",
             Self::ResponseLostToGap { .. } => "response_lost_to_gap",
             Self::UnpairedResponse { .. } => "unpaired_response",
-            Self::Http2Unsupported => "http2_unsupported",
             Self::MidStreamSkipped { .. } => "mid_stream_skipped",
             Self::ResyncSkipped { .. } => "resync_skipped",
             Self::Truncated { .. } => "truncated",
             Self::DataAfterClose { .. } => "data_after_close",
             Self::PipelineOverflow => "pipeline_overflow",
             Self::UndecidedUpgradeOverflow => "undecided_upgrade_overflow",
+            Self::Http2JoinedMidstream => "h2_connections_joined_midstream",
+            Self::Http2HpackError { .. } => "h2_hpack_error",
+            Self::Http2TableSizeTooLarge { .. } => "h2_table_size_too_large",
+            Self::Http2ProtocolError { .. } => "h2_protocol_error",
+            Self::Http2HeaderBlockTooLarge { .. } => "h2_header_block_too_large",
+            Self::Http2LostToGap { .. } => "h2_lost_to_gap",
+            Self::Http2StreamReset { .. } => "h2_stream_reset",
+            Self::Http2StreamAbandoned { .. } => "h2_stream_abandoned",
+            Self::Http2TooManyStreams => "h2_too_many_streams",
+            Self::Http2MalformedHeaders { .. } => "h2_malformed_headers",
         }
     }
 
@@ -255,12 +308,21 @@ impl Anomaly {
             | Self::MidStreamSkipped { direction, .. }
             | Self::ResyncSkipped { direction, .. }
             | Self::Truncated { direction }
-            | Self::DataAfterClose { direction } => *direction,
+            | Self::DataAfterClose { direction }
+            | Self::Http2HpackError { direction }
+            | Self::Http2TableSizeTooLarge { direction }
+            | Self::Http2ProtocolError { direction }
+            | Self::Http2HeaderBlockTooLarge { direction }
+            | Self::Http2LostToGap { direction, .. }
+            | Self::Http2StreamReset { direction }
+            | Self::Http2StreamAbandoned { direction }
+            | Self::Http2MalformedHeaders { direction } => *direction,
             Self::RequestLostToGap { .. }
             | Self::FramingLostToGap
-            | Self::Http2Unsupported
             | Self::PipelineOverflow
-            | Self::UndecidedUpgradeOverflow => Direction::Client,
+            | Self::UndecidedUpgradeOverflow
+            | Self::Http2JoinedMidstream
+            | Self::Http2TooManyStreams => Direction::Client,
             Self::ResponseLostToGap { .. } | Self::UnpairedResponse { .. } => Direction::Server,
         }
     }
@@ -305,7 +367,6 @@ mod tests {
                 lost_bytes: 1,
             },
             Anomaly::UnpairedResponse { status: 200 },
-            Anomaly::Http2Unsupported,
             Anomaly::MidStreamSkipped {
                 direction: c,
                 bytes: 1,
@@ -318,6 +379,19 @@ mod tests {
             Anomaly::DataAfterClose { direction: c },
             Anomaly::PipelineOverflow,
             Anomaly::UndecidedUpgradeOverflow,
+            Anomaly::Http2JoinedMidstream,
+            Anomaly::Http2HpackError { direction: c },
+            Anomaly::Http2TableSizeTooLarge { direction: c },
+            Anomaly::Http2ProtocolError { direction: c },
+            Anomaly::Http2HeaderBlockTooLarge { direction: c },
+            Anomaly::Http2LostToGap {
+                direction: c,
+                lost_bytes: 1,
+            },
+            Anomaly::Http2StreamReset { direction: c },
+            Anomaly::Http2StreamAbandoned { direction: c },
+            Anomaly::Http2TooManyStreams,
+            Anomaly::Http2MalformedHeaders { direction: c },
         ];
         let mut kinds: Vec<_> = all.iter().map(Anomaly::kind).collect();
         for kind in &kinds {

@@ -48,6 +48,7 @@ fn flow(port: u16) -> FlowAddrs {
 fn request(seq: u64, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Request {
     Request {
         seq,
+        stream_id: None,
         method: method.into(),
         target: target.into(),
         version: Version::Http11,

@@ -32,6 +32,8 @@ fn limits() -> HttpLimits {
         max_headers: 8,
         max_body_bytes: 64,
         max_pending: 4,
+        max_streams: 4,
+        max_hpack_table_bytes: 4096,
     }
 }
 
@@ -261,10 +263,17 @@ fn protocol_switches_make_the_connection_opaque() {
             false,
         ),
         (
+            // Read as HTTP/2 from then on (tested in crate::http2).
             "HTTP/2 preface",
             &[C(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04"), S(b"\x00\x00\x00\x04\x01")],
-            &["http2_unsupported"],
-            true,
+            &[],
+            false,
+        ),
+        (
+            "HTTP/2 preface after a request is not HTTP/2",
+            &[C(GET), C(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")],
+            &["req#0 GET / ", "malformed_head"],
+            false,
         ),
         (
             "undecided upgrade overflows",
