@@ -387,6 +387,20 @@ impl Drop for Http2Connection {
     }
 }
 
+/// How long the first copy on a new connection goes alone at most, beyond two round trips of
+/// the connect, when no answer has come yet.
+const SETTINGS_GRACE: Duration = Duration::from_millis(20);
+
+/// The first copy on a new HTTP/2 connection: it holds the connection's lock until the server's
+/// limit on streams is known, so that no other copy opens a stream the server would refuse
+/// (until the server's SETTINGS come, hyper lets a connection open 100 streams).
+struct FirstStream {
+    _lock: OwnedMutexGuard<Option<Http2Connection>>,
+    /// Two round trips of the connect and [`SETTINGS_GRACE`]: by then the server's SETTINGS
+    /// have come (servers send them first thing, before reading a request).
+    settle: Duration,
+}
+
 /// The one HTTP/2 connection a lane's workers share, opened on first use and again once closed.
 struct Http2Link {
     target: Target,
@@ -398,27 +412,22 @@ struct Http2Link {
 }
 
 impl Http2Link {
-    /// A sender on the open connection, or on a new one. A new connection comes with the lock
-    /// on it, to be held until the first answer's head: the server's SETTINGS (its first frame,
-    /// so before any answer) then say how many streams it takes, and no other copy opens a
-    /// stream before, which the server could refuse above its limit.
+    /// A sender on the open connection, or on a new one. A new connection comes with its
+    /// [`FirstStream`]: until the server's SETTINGS have said how many streams it takes, no
+    /// other copy opens a stream, which the server could refuse above its limit.
     async fn sender(
         &self,
-    ) -> Result<
-        (
-            http2::SendRequest<Full<Bytes>>,
-            Option<OwnedMutexGuard<Option<Http2Connection>>>,
-        ),
-        Failure,
-    > {
+    ) -> Result<(http2::SendRequest<Full<Bytes>>, Option<FirstStream>), Failure> {
         let mut slot = self.connection.clone().lock_owned().await;
         if let Some(open) = slot.as_ref().filter(|c| !c.sender.is_closed()) {
             return Ok((open.sender.clone(), None));
         }
         *slot = None;
+        let started = Instant::now();
         let stream = TcpStream::connect((self.target.host.as_str(), self.target.port))
             .await
             .map_err(|_| Failure::Connect)?;
+        let round_trip = started.elapsed();
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -436,7 +445,11 @@ impl Http2Link {
             driver,
             counters: self.counters.clone(),
         });
-        Ok((sender, Some(slot)))
+        let first = FirstStream {
+            _lock: slot,
+            settle: round_trip * 2 + SETTINGS_GRACE,
+        };
+        Ok((sender, Some(first)))
     }
 }
 
@@ -541,12 +554,24 @@ async fn exchange_http2(
     let request = for_http2(request, &link.target);
     let (mut sender, first) = link.sender().await?;
     sender.ready().await.map_err(|_| Failure::Io)?;
-    let response = sender
-        .send_request(request.map(Full::new))
-        .await
-        .map_err(|_| Failure::Io)?;
-    // The server's SETTINGS came before this head: other copies may open streams now.
-    drop(first);
+    let send = sender.send_request(request.map(Full::new));
+    let response = match first {
+        None => send.await,
+        Some(first) => {
+            tokio::pin!(send);
+            // An answer's head comes after the server's SETTINGS (its first frame); so, without
+            // an answer, does the end of `settle`. Either way other copies may open streams
+            // from then on, within the server's limit.
+            tokio::select! {
+                response = &mut send => response,
+                () = tokio::time::sleep(first.settle) => {
+                    drop(first);
+                    send.await
+                }
+            }
+        }
+    }
+    .map_err(|_| Failure::Io)?;
     read_answer(response, keep).await
 }
 
@@ -1478,6 +1503,69 @@ mod tests {
         settle(&counters, 8).await;
         assert_eq!(counters.answers.responses(2), 8);
         assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+        assert_accounted(&counters);
+        lane.close(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn closing_an_http2_lane_counts_streams_in_flight_as_abandoned() {
+        let (target, server) = http2_server(Duration::from_secs(60), None).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 16,
+            max_connections: 3,
+            timeout: Duration::from_secs(10),
+        };
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
+        for i in 0..8 {
+            lane.try_send(grpc_copy("a.B/C", i)).expect("room");
+        }
+        // Three streams open at the server (the workers), five copies queued behind them.
+        for _ in 0..500 {
+            if server.active.load(Ordering::SeqCst) == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(server.active.load(Ordering::SeqCst), 3);
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 8);
+        lane.close(Duration::from_millis(100)).await;
+        assert_eq!(counters.answers.abandoned.get(), 8);
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 0);
+        assert_accounted(&counters);
+    }
+
+    #[tokio::test]
+    async fn a_slow_server_s_limit_is_known_from_its_settings_before_any_answer() {
+        // Answers take 500 ms, the server takes three streams: once its SETTINGS came, three
+        // copies are on the wire at once (not one, as if waiting for the first answer; not six,
+        // which the server would refuse).
+        let (target, server) = http2_server(Duration::from_millis(500), Some(3)).await;
+        let counters = Arc::new(TargetCounters::default());
+        let limits = LaneLimits {
+            max_in_flight: 16,
+            max_connections: 6,
+            timeout: Duration::from_secs(5),
+        };
+        let lane = Lane::start(target, limits, memory(1 << 20), counters.clone());
+        for i in 0..6 {
+            lane.try_send(grpc_copy("a.B/C", i)).expect("room");
+        }
+        for _ in 0..40 {
+            if server.active.load(Ordering::SeqCst) == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            server.active.load(Ordering::SeqCst),
+            3,
+            "before the first answer"
+        );
+        settle(&counters, 6).await;
+        assert_eq!(counters.answers.responses(2), 6, "none refused");
+        assert_eq!(server.most_active.load(Ordering::SeqCst), 3);
         assert_accounted(&counters);
         lane.close(Duration::from_secs(1)).await;
     }
