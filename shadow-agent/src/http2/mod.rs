@@ -833,7 +833,7 @@ impl Core {
             }
             return;
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return self.protocol_error(direction, out);
         }
         for setting in payload.chunks_exact(6) {
@@ -925,9 +925,9 @@ impl Core {
             }
             return;
         }
-        if id <= self.last_client_stream || id % 2 == 0 {
+        if id <= self.last_client_stream || id.is_multiple_of(2) {
             // A closed stream (reset, refused or skipped), or one the client may not open.
-            if id % 2 == 0 {
+            if id.is_multiple_of(2) {
                 self.protocol_error(direction, out);
             }
             return;
