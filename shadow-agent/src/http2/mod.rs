@@ -438,7 +438,7 @@ struct HeaderList {
 
 impl HeaderList {
     fn add(&mut self, name: &[u8], value: &[u8], limits: &HttpLimits) {
-        self.size += name.len() + value.len() + 32;
+        self.size = self.size.saturating_add(name.len() + value.len() + 32);
         if self.malformed || self.size > limits.max_head_bytes {
             return;
         }
