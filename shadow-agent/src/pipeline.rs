@@ -532,6 +532,12 @@ impl HttpFlow {
                         sniff.heads[i].extend_from_slice(data);
                         None
                     }
+                    // HTTP/2 frames on a connection picked up mid-stream cannot be read (their
+                    // HPACK state is unknown) whichever side is the client: the fallback
+                    // decides, so that the connection is recognised and counted as such.
+                    Shape::Neither if crate::http2::looks_like_frames(data) => {
+                        Some(Self::fallback_client(key))
+                    }
                     Shape::Neither => {
                         // Not a message start; the next piece may be one.
                         sniff.dropped[i] += (sniff.heads[i].len() + data.len()) as u64;
@@ -873,7 +879,7 @@ impl Export for PipelineCounters {
 mod tests {
     use super::synthetic::{TcpFlags, ethernet_frame, ip_packet};
     use super::*;
-    use crate::http::{Request, Response};
+    use crate::http::{Request, Response, Version};
     use proptest::prelude::*;
 
     const TS: Duration = Duration::from_secs(1_700_000_000);
@@ -1221,6 +1227,99 @@ mod tests {
         );
         assert!(events.is_empty());
         assert_eq!(pipeline.counters().frames.segments_other_port, 1);
+    }
+
+    /// An HTTP/2 frame.
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn http2_prior_knowledge_streams_become_exchanges() {
+        let conn = Conn::new("10.1.0.1:50000", "10.1.0.2:8080", 5000, 9000);
+        // GET http / with `:authority: svc` (literal, not indexed), on streams 1 and 3.
+        let get = [0x82, 0x86, 0x84, 0x01, 0x03, b's', b'v', b'c'];
+        let client = [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            h2_frame(0x4, 0, 0, &[]),
+            h2_frame(0x1, 0x5, 1, &get),
+            h2_frame(0x1, 0x5, 3, &get),
+        ]
+        .concat();
+        // The server's SETTINGS, then `:status: 200` with a body on stream 3 first.
+        let server = [
+            h2_frame(0x4, 0, 0, &[]),
+            h2_frame(0x1, 0x4, 3, &[0x88]),
+            h2_frame(0x0, 0x1, 3, b"three"),
+            h2_frame(0x1, 0x5, 1, &[0x8d]),
+        ]
+        .concat();
+        let mut frames = conn.handshake();
+        frames.push(conn.server_sends(0, conn.server_ack(0), &server[..9]));
+        frames.push(conn.client_sends(0, conn.client_ack(), &client[..30]));
+        frames.push(conn.client_sends(30, conn.client_ack(), &client[30..]));
+        frames.push(conn.server_sends(9, conn.server_ack(client.len()), &server[9..]));
+        let (events, pipeline) = run(&frames, PipelineConfig::default());
+        let reqs = requests(&events);
+        let got: Vec<_> = reqs
+            .iter()
+            .map(|(_, r)| (r.seq, r.stream_id, r.version, r.target.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, Some(1), Version::Http2, "/"),
+                (1, Some(3), Version::Http2, "/")
+            ],
+            "{events:?}"
+        );
+        assert_eq!(reqs[0].1.headers, [("host".to_owned(), b"svc".to_vec())]);
+        let resps = responses(&events);
+        let got: Vec<_> = resps
+            .iter()
+            .map(|(_, r)| (r.request_seq, r.stream_id, r.status, &r.body[..]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(1), Some(3), 200, &b"three"[..]),
+                (Some(0), Some(1), 404, &b""[..])
+            ]
+        );
+        assert_eq!(reqs[0].0.client, conn.client);
+        assert!(pipeline.counters().http_anomalies.is_empty());
+    }
+
+    #[test]
+    fn http2_picked_up_mid_stream_is_counted_and_never_read() {
+        // No SYN, no service port: the frames decide the roles by the fallback.
+        let conn = Conn::new("10.1.0.1:50000", "10.1.0.2:8080", 5000, 9000);
+        let frames = [
+            h2_frame(0x1, 0x5, 41, &[0x82, 0x86, 0xbe]),
+            h2_frame(0x8, 0, 0, &[0, 0, 1, 0]),
+        ]
+        .concat();
+        let (events, pipeline) = run(
+            &[
+                conn.client_sends(0, conn.client_ack(), &frames),
+                conn.server_sends(
+                    0,
+                    conn.server_ack(frames.len()),
+                    &h2_frame(0x1, 0x5, 41, &[0xbf]),
+                ),
+                conn.client_sends(frames.len(), conn.client_ack(), b"GET /x HTTP/1.1\r\n\r\n"),
+            ],
+            PipelineConfig::default(),
+        );
+        assert!(requests(&events).is_empty(), "{events:?}");
+        assert_eq!(
+            pipeline.counters().http_anomalies,
+            [("h2_connections_joined_midstream", 1)]
+        );
     }
 
     #[test]

@@ -91,6 +91,9 @@ programs! {
     /// Loads veth, sch_ingress and cls_bpf in the VM of `cargo xtask test --kernel` (kmod also
     /// has the depmod virtme-ng runs on the unpacked kernel's modules).
     Modprobe = "modprobe", Source::Debian("kmod");
+    /// An HTTP/2 client that multiplexes several requests on one h2c connection (curl 7.88
+    /// fails to reuse a prior-knowledge connection).
+    Nghttp = "nghttp", Source::Debian("nghttp2-client");
     /// The live service (nginx-light has the `mirror` module the mirror benchmark compares with).
     Nginx = "nginx", Source::Debian("nginx-light");
     /// A load generator with a fixed-rate mode (`-q`), which wrk lacks, and JSON output.

@@ -15,12 +15,20 @@ const LIMITS: HttpLimits = HttpLimits {
     max_headers: 16,
     max_body_bytes: 4096,
     max_pending: 8,
+    max_streams: 4,
+    max_hpack_table_bytes: 4096,
 };
 
 /// Per direction: head buffer, resync window, trailer buffer, held upgrade bytes and the
 /// current head's fields (each within `max_head_bytes`, doubled for `Vec` growth), and a body.
+/// After the HTTP/2 preface: per direction a header block, a control frame, an HPACK table and
+/// its scratch buffers; per stream two header lists and two bodies.
 fn memory_bound(limits: &HttpLimits) -> usize {
-    2 * (9 * limits.max_head_bytes + 2 * limits.max_body_bytes) + limits.max_pending * 64
+    let http1 =
+        2 * (9 * limits.max_head_bytes + 2 * limits.max_body_bytes) + limits.max_pending * 64;
+    let h2_side = 4 * limits.max_head_bytes + 3 * limits.max_hpack_table_bytes + 32 * 1024;
+    let h2_stream = 4 * limits.max_head_bytes + 4 * limits.max_body_bytes + 512;
+    http1 + 2 * h2_side + limits.max_streams * h2_stream
 }
 
 /// Takes a length byte, then that many bytes (fewer at the end of the input).

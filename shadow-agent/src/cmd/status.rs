@@ -377,6 +377,18 @@ fn render(before: &Stats, now: &Stats, secs: f64) -> String {
         human_bytes(size),
         fill * 100.0 / size.max(1.0),
     );
+    // Their HPACK state is unknown, so they stay unread until the client reconnects.
+    let joined = now
+        .http_anomalies
+        .get("h2_connections_joined_midstream")
+        .copied()
+        .unwrap_or(0);
+    if joined > 0 {
+        out += &format!(
+            "  HTTP/2 connections joined mid-stream since the start: {joined} (not mirrored \
+             until they reconnect)\n"
+        );
+    }
     out += "  (ERROR% is over the interval; p50 and p99 are since the agent started)\n";
     out
 }
@@ -588,6 +600,20 @@ mod tests {
         let table = render(&before, &now, 2.0);
         assert!(
             table.contains("ramp off of every route (fell back, holding)"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn http2_connections_joined_midstream_are_shown() {
+        let before = reading(100, 80, 20, 80, 0, 1000, 1);
+        let mut now = reading(100, 80, 20, 80, 0, 1000, 1);
+        assert!(!render(&before, &now, 2.0).contains("HTTP/2"));
+        now.http_anomalies
+            .insert("h2_connections_joined_midstream".into(), 3);
+        let table = render(&before, &now, 2.0);
+        assert!(
+            table.contains("HTTP/2 connections joined mid-stream since the start: 3"),
             "{table}"
         );
     }

@@ -172,11 +172,6 @@ impl HttpConnection {
         }
     }
 
-    /// Whether the connection switched to HTTP/2.
-    pub fn is_http2(&self) -> bool {
-        self.h2.is_some()
-    }
-
     /// Nothing more will be parsed, and the caller may stop feeding bytes: after Upgrade,
     /// CONNECT or HTTP/2, or once the client's bytes could no longer be framed (a rejected head,
     /// ambiguous framing, a broken chunked body, a gap in chunked framing) and the responses

@@ -72,7 +72,7 @@ impl FrameHeader {
             ),
             PRIORITY => (0, on_stream, header.len == 5),
             RST_STREAM => (0, on_stream, header.len == 4),
-            SETTINGS => (ACK, !on_stream, header.len % 6 == 0),
+            SETTINGS => (ACK, !on_stream, header.len.is_multiple_of(6)),
             PUSH_PROMISE => (END_HEADERS | PADDED, on_stream, header.len >= 4),
             PING => (ACK, !on_stream, header.len == 8),
             GOAWAY => (0, !on_stream, header.len >= 8),

@@ -27,11 +27,14 @@ pub(crate) enum HpackError {
     TableSizeTooLarge,
 }
 
+/// A dynamic table entry: name and value.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// One direction's decoding context.
 #[derive(Debug)]
 pub(crate) struct Decoder {
     /// Newest entry first: dynamic index 62 is `entries[0]`.
-    entries: VecDeque<(Box<[u8]>, Box<[u8]>)>,
+    entries: VecDeque<Entry>,
     /// The table size as RFC 7541 counts it (lengths plus 32 per entry).
     size: usize,
     max_size: usize,
@@ -117,7 +120,7 @@ impl Decoder {
         Ok(())
     }
 
-    fn insert(&mut self, entry: (Box<[u8]>, Box<[u8]>)) {
+    fn insert(&mut self, entry: Entry) {
         let entry_size = entry.0.len() + entry.1.len() + ENTRY_OVERHEAD;
         if entry_size > self.max_size {
             // Not an error: the table is emptied (section 4.4).
@@ -155,10 +158,7 @@ impl Decoder {
 }
 
 /// The field at `index` of the static table followed by the dynamic one (section 2.3.3).
-fn lookup(
-    entries: &VecDeque<(Box<[u8]>, Box<[u8]>)>,
-    index: usize,
-) -> Result<(&[u8], &[u8]), HpackError> {
+fn lookup(entries: &VecDeque<Entry>, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
     if index == 0 {
         return Err(HpackError::Invalid);
     }
@@ -429,7 +429,10 @@ mod tests {
         let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
         digits
             .chunks(2)
-            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+            .map(|pair| {
+                u8::from_str_radix(std::str::from_utf8(pair).expect("test data"), 16)
+                    .expect("test data")
+            })
             .collect()
     }
 
@@ -437,8 +440,8 @@ mod tests {
         let mut fields = Vec::new();
         decoder.decode(block, |n, v| {
             fields.push((
-                String::from_utf8(n.to_vec()).unwrap(),
-                String::from_utf8(v.to_vec()).unwrap(),
+                String::from_utf8(n.to_vec()).expect("test data"),
+                String::from_utf8(v.to_vec()).expect("test data"),
             ));
         })?;
         Ok(fields)
@@ -459,21 +462,22 @@ mod tests {
             &mut d,
             &hex("400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572"),
         )
-        .unwrap();
+        .expect("test data");
         assert_eq!(got, owned(&[("custom-key", "custom-header")]));
         assert_eq!(d.table().1, 55);
         // C.2.2: literal without indexing, indexed name.
         let mut d = Decoder::new(65536);
-        let got = decode(&mut d, &hex("040c 2f73 616d 706c 652f 7061 7468")).unwrap();
+        let got = decode(&mut d, &hex("040c 2f73 616d 706c 652f 7061 7468")).expect("test data");
         assert_eq!(got, owned(&[(":path", "/sample/path")]));
         assert_eq!(d.table().1, 0);
         // C.2.3: never indexed, new name.
-        let got = decode(&mut d, &hex("1008 7061 7373 776f 7264 0673 6563 7265 74")).unwrap();
+        let got =
+            decode(&mut d, &hex("1008 7061 7373 776f 7264 0673 6563 7265 74")).expect("test data");
         assert_eq!(got, owned(&[("password", "secret")]));
         assert_eq!(d.table().1, 0);
         // C.2.4: indexed field.
         assert_eq!(
-            decode(&mut d, &hex("82")).unwrap(),
+            decode(&mut d, &hex("82")).expect("test data"),
             owned(&[(":method", "GET")])
         );
     }
@@ -515,7 +519,7 @@ mod tests {
             let mut d = Decoder::new(65536);
             let want: [Vec<(&str, &str)>; 3] = [first.to_vec(), second.clone(), third.to_vec()];
             for (i, block) in blocks.iter().enumerate() {
-                let got = decode(&mut d, &hex(block[coding])).unwrap();
+                let got = decode(&mut d, &hex(block[coding])).expect("test data");
                 assert_eq!(got, owned(&want[i]), "C.{}.{}", 3 + coding, i + 1);
                 assert_eq!(d.table().1, sizes[i]);
             }
@@ -584,7 +588,7 @@ mod tests {
             let mut d = Decoder::new(65536);
             d.max_size = 256;
             for (i, block) in blocks.iter().enumerate() {
-                let got = decode(&mut d, &hex(block[coding])).unwrap();
+                let got = decode(&mut d, &hex(block[coding])).expect("test data");
                 assert_eq!(got, want[i], "C.{}.{}", 5 + coding, i + 1);
                 assert_eq!(d.table().1, sizes[i], "C.{}.{}", 5 + coding, i + 1);
             }
@@ -613,7 +617,7 @@ mod tests {
             Err(HpackError::Invalid)
         );
         // Size updates: within the cap, then above it, then after a field.
-        assert_eq!(decode(&mut d, &hex("3fe1 3f")).unwrap(), vec![]);
+        assert_eq!(decode(&mut d, &hex("3fe1 3f")).expect("test data"), vec![]);
         assert_eq!(d.max_size, 8192);
         assert_eq!(
             decode(&mut d, &hex("3fe2 3f")),
@@ -623,9 +627,9 @@ mod tests {
         // A size update to 0 empties the table.
         let mut e = Encoder::default();
         let block = e.encode(&[("x-a", "1")]);
-        decode(&mut d, &block).unwrap();
+        decode(&mut d, &block).expect("test data");
         assert_eq!(d.table().0.len(), 1);
-        decode(&mut d, &hex("20")).unwrap();
+        decode(&mut d, &hex("20")).expect("test data");
         assert_eq!(d.table(), (vec![], 0));
     }
 
@@ -647,7 +651,7 @@ mod tests {
                 let fields: Vec<(&str, &str)> =
                     list.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
                 let block = e.encode(&fields);
-                prop_assert_eq!(decode(&mut d, &block).unwrap(), owned(&fields));
+                prop_assert_eq!(decode(&mut d, &block).expect("test data"), owned(&fields));
             }
         }
 

@@ -23,6 +23,8 @@ mod hpack;
 mod huffman;
 mod huffman_codes;
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 
 pub(crate) use frame::looks_like_frames;
@@ -53,7 +55,7 @@ impl Http2Connection {
     pub fn upgraded(limits: HttpLimits, next_seq: u64, request_seq: u64) -> Self {
         let mut conn = Self::new(limits, next_seq, 0);
         conn.core.last_client_stream = 1;
-        conn.core.streams.push(Stream {
+        conn.core.streams.push_back(Stream {
             id: 1,
             seq: request_seq,
             request: RequestState::Emitted,
@@ -73,7 +75,7 @@ impl Http2Connection {
                 decoders: [Decoder::new(cap), Decoder::new(cap)],
                 blocks: [None, None],
                 accepts_frame_size: [frame::DEFAULT_MAX_FRAME_SIZE; 2],
-                streams: Vec::new(),
+                streams: VecDeque::new(),
                 last_client_stream: 0,
                 goaway: None,
                 next_seq,
@@ -230,12 +232,22 @@ impl Reader {
             if self.header_len == 0 {
                 self.started = ts;
             }
-            let n = (HEADER_LEN - self.header_len).min(input.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&input[..n]);
-            self.header_len += n;
-            if self.header_len == HEADER_LEN {
+            let mut n = (HEADER_LEN - self.header_len).min(input.len());
+            let whole = match input.first_chunk::<HEADER_LEN>() {
+                // A whole header in the input is read in place.
+                Some(whole) if self.header_len == 0 => {
+                    n = HEADER_LEN;
+                    Some(*whole)
+                }
+                _ => {
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&input[..n]);
+                    self.header_len += n;
+                    (self.header_len == HEADER_LEN).then_some(self.header)
+                }
+            };
+            if let Some(whole) = whole {
                 self.header_len = 0;
-                let header = FrameHeader::parse(&self.header);
+                let header = FrameHeader::parse(&whole);
                 match core.begin_frame(direction, header, out) {
                     Some(keep) => {
                         let current = Current {
@@ -362,8 +374,9 @@ struct Core {
     blocks: [Option<Block>; 2],
     /// SETTINGS_MAX_FRAME_SIZE each side accepts (so frames the other side may send).
     accepts_frame_size: [u32; 2],
-    /// Open streams (at most `max_streams`), oldest first.
-    streams: Vec<Stream>,
+    /// Open streams (at most `max_streams`), oldest first: streams mostly end oldest or newest
+    /// first, which a deque finds and removes without a scan or a shift.
+    streams: VecDeque<Stream>,
     last_client_stream: u32,
     /// The last stream the server said it processes (GOAWAY).
     goaway: Option<u32>,
@@ -425,7 +438,7 @@ struct HeaderList {
 
 impl HeaderList {
     fn add(&mut self, name: &[u8], value: &[u8], limits: &HttpLimits) {
-        self.size += name.len() + value.len() + 32;
+        self.size = self.size.saturating_add(name.len() + value.len() + 32);
         if self.malformed || self.size > limits.max_head_bytes {
             return;
         }
@@ -475,8 +488,7 @@ impl HeaderList {
             self.malformed |= slot.is_none();
             return;
         }
-        let name_ok =
-            !name.is_empty() && name.iter().all(|&b| is_token(b) && !b.is_ascii_uppercase());
+        let name_ok = !name.is_empty() && name.iter().all(|&b| NAME_BYTES[usize::from(b)]);
         // Connection-specific fields have no meaning in HTTP/2 (section 8.2.2).
         let connection_specific = matches!(
             name,
@@ -501,7 +513,10 @@ impl HeaderList {
         }
         self.has_host |= name == b"host";
         // Names are lowercase tokens here, so ASCII.
-        let name = String::from_utf8_lossy(name).into_owned();
+        let name = std::str::from_utf8(name).unwrap_or_default().to_owned();
+        if self.fields.capacity() == 0 {
+            self.fields.reserve(8);
+        }
         self.fields.push((name, value.to_vec()));
     }
 
@@ -523,8 +538,39 @@ impl HeaderList {
     }
 }
 
+/// Bytes allowed in a field name (RFC 9110 `tchar`), uppercase excepted: HTTP/2 names are
+/// lowercase.
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    table
+};
+
 fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    NAME_BYTES[usize::from(b)] || b.is_ascii_uppercase()
 }
 
 impl Core {
@@ -560,12 +606,21 @@ impl Core {
         decoders + blocks + streams
     }
 
+    fn position(&self, id: u32) -> Option<usize> {
+        let last = self.streams.len().checked_sub(1)?;
+        if self.streams[last].id == id {
+            return Some(last);
+        }
+        self.streams.iter().position(|s| s.id == id)
+    }
+
     fn stream(&mut self, id: u32) -> Option<&mut Stream> {
-        self.streams.iter_mut().find(|s| s.id == id)
+        let i = self.position(id)?;
+        self.streams.get_mut(i)
     }
 
     fn remove(&mut self, id: u32) {
-        if let Some(i) = self.streams.iter().position(|s| s.id == id) {
+        if let Some(i) = self.position(id) {
             self.streams.remove(i);
         }
     }
@@ -778,7 +833,7 @@ impl Core {
             }
             return;
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return self.protocol_error(direction, out);
         }
         for setting in payload.chunks_exact(6) {
@@ -870,9 +925,9 @@ impl Core {
             }
             return;
         }
-        if id <= self.last_client_stream || id % 2 == 0 {
+        if id <= self.last_client_stream || id.is_multiple_of(2) {
             // A closed stream (reset, refused or skipped), or one the client may not open.
-            if id % 2 == 0 {
+            if id.is_multiple_of(2) {
                 self.protocol_error(direction, out);
             }
             return;
@@ -907,7 +962,7 @@ impl Core {
         let mut request = request;
         request.wire_len = block.wire_len;
         let tunnel = request.method == "CONNECT";
-        self.streams.push(Stream {
+        self.streams.push_back(Stream {
             id,
             seq,
             request: RequestState::Reading(Box::new(Building {
@@ -1190,13 +1245,12 @@ fn request_from(
         list.path
             .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic()))?
     };
-    let mut headers = Vec::with_capacity(list.fields.len() + 1);
+    let mut headers = list.fields;
     if !list.has_host
         && let Some(authority) = list.authority
     {
-        headers.push(("host".to_owned(), authority.into_bytes()));
+        headers.insert(0, ("host".to_owned(), authority.into_bytes()));
     }
-    headers.extend(list.fields);
     Some(Request {
         seq,
         stream_id: Some(id),
