@@ -488,3 +488,26 @@ fn an_allowed_grpc_call_is_copied_with_its_key_and_a_write_is_counted_apart() {
     assert!(other.copies.is_empty());
     assert_eq!(stats.unrouted(DropReason::NoRoute).get(), 1);
 }
+
+#[test]
+fn a_plain_http2_request_goes_to_an_http_target_as_http1() {
+    let (mut m, _) = mirror();
+    // As the HTTP/2 rebuild gives it: `host` from `:authority` first, `te: trailers` allowed.
+    let mut req = request(
+        0,
+        "GET",
+        "/orders/7",
+        &[("host", "shop:8080"), ("te", "trailers"), ("accept", "*/*")],
+        b"",
+    );
+    req.version = Version::Http2;
+    let plan = m.plan(Instant::now(), &flow(8080), &req);
+    assert_eq!(plan.copies.len(), 2);
+    for copy in &plan.copies {
+        assert_eq!(copy.request.version(), http::Version::HTTP_11);
+        assert_eq!(header(copy, "host"), Some("shop:8080"));
+        // Hop-by-hop in HTTP/1.1: not sent to an `http://` target.
+        assert_eq!(header(copy, "te"), None);
+        assert_eq!(header(copy, "accept"), Some("*/*"));
+    }
+}
