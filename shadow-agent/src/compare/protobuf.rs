@@ -501,4 +501,4 @@ pub fn bytes_value(b: &[u8]) -> Value {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
