@@ -26,6 +26,8 @@ use serde_json::{Map, Number, Value};
 pub const MAX_NESTING: usize = 24;
 /// Bytes scanned per input byte, at most, trying length-delimited fields as messages.
 pub const WORK_PER_BYTE: usize = 8;
+/// Distinct fields of a message found by a scan; beyond, by a map.
+const SCANNED_FIELDS: usize = 16;
 /// Bytes shown as hex; longer byte strings are shown by length and hash.
 const HEX_BYTES: usize = 24;
 /// A descriptor set larger than this is refused at load (real ones are kilobytes).
@@ -290,8 +292,10 @@ impl<'s> Decoder<'s> {
         self.work -= bytes.len();
         let schema = self.schema;
         let message = ty.and_then(|t| schema?.messages.get(t));
-        // Field values in the order first seen, by key.
-        let mut order: Vec<(String, bool, Vec<Value>)> = Vec::new();
+        // Field values in the order first seen: (number, key, repeated, values). Found by a
+        // scan while there are few (most messages), by a map beyond, so that a hostile message
+        // of many distinct fields stays linear.
+        let mut order: Vec<(u32, String, bool, Vec<Value>)> = Vec::new();
         let mut index: HashMap<u32, usize> = HashMap::new();
         let mut rest = bytes;
         while !rest.is_empty() {
@@ -314,23 +318,34 @@ impl<'s> Decoder<'s> {
                 (Some(f), Some(values)) => (f.repeated, values),
                 _ => (false, vec![self.untyped(raw, depth)]),
             };
-            let slot = *index.entry(number).or_insert_with(|| {
+            let found = if order.len() <= SCANNED_FIELDS {
+                order.iter().position(|e| e.0 == number)
+            } else {
+                if index.is_empty() {
+                    index.extend(order.iter().enumerate().map(|(i, e)| (e.0, i)));
+                }
+                index.get(&number).copied()
+            };
+            let slot = found.unwrap_or_else(|| {
                 let name = match (field, typed_ok(field, raw)) {
                     (Some(f), true) => f.name.clone(),
                     _ => number.to_string(),
                 };
-                order.push((name, repeated, Vec::new()));
+                order.push((number, name, repeated, Vec::new()));
+                if !index.is_empty() {
+                    index.insert(number, order.len() - 1);
+                }
                 order.len() - 1
             });
             let entry = &mut order[slot];
-            if field.is_some_and(|f| !f.repeated) && !entry.1 {
+            if field.is_some_and(|f| !f.repeated) && !entry.2 {
                 // A singular field sent twice: the last one wins, as in protobuf.
-                entry.2.clear();
+                entry.3.clear();
             }
-            entry.2.extend(values);
+            entry.3.extend(values);
         }
         let mut out = Map::new();
-        for (name, repeated, mut values) in order {
+        for (_, name, repeated, mut values) in order {
             let v = if !repeated && values.len() == 1 {
                 values.pop().unwrap_or(Value::Null)
             } else {

@@ -339,3 +339,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn many_distinct_fields_read_like_few() {
+    let mut w = Wire::default();
+    for f in 1..=200 {
+        w = w.varint(f, u64::from(f));
+    }
+    w = w.varint(150, 7);
+    let v = Decoder::new(None, w.0.len())
+        .message(&w.0, None)
+        .expect("message");
+    let m = v.as_object().expect("object");
+    assert_eq!(m.len(), 200);
+    assert_eq!(v["150"], json!([150, 7]));
+    assert_eq!(v["3"], json!(3));
+}
