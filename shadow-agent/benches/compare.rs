@@ -695,7 +695,14 @@ fn bench_small_answers(c: &mut Criterion) {
         })
         .collect();
     let schema = Arc::new(shop_schema());
-    let cases: [(&str, &[Exchange<'_>], Option<Arc<Schema>>, [&str; 2]); 3] = [
+    // Name, exchanges, descriptors, and the fields that must be learned as noise.
+    type SmallCase<'x, 'e> = (
+        &'static str,
+        &'x [Exchange<'e>],
+        Option<Arc<Schema>>,
+        [&'static str; 2],
+    );
+    let cases: [SmallCase<'_, '_>; 3] = [
         (
             "json",
             &json_exchanges,

@@ -684,7 +684,7 @@ impl Comparator {
         ep.shadow_latency.record(exchange.candidate.latency);
 
         let limits = cfg.decode_limits();
-        let reader = grpc_call.then(|| grpc::Reader {
+        let reader = grpc_call.then_some(grpc::Reader {
             limits,
             schema: cfg.schema.as_deref(),
             method: grpc_method,
