@@ -135,7 +135,6 @@ fn percent_decode(v: &[u8]) -> String {
     while i < v.len() {
         let hex = |c: u8| (c as char).to_digit(16);
         if v[i] == b'%'
-            && i + 2 < v.len() + 1
             && let (Some(h), Some(l)) = (
                 v.get(i + 1).copied().and_then(hex),
                 v.get(i + 2).copied().and_then(hex),

@@ -773,7 +773,6 @@ impl Comparator {
             ep.count_status(exchange.live.status, exchange.candidate.status);
             if let Some(slot) = ep.sample_slot(&rule) {
                 // Parsed only to be shown: not compared, so not counted.
-                // Parsed only to be shown: not compared, so not counted.
                 let (candidate, _) = parse(
                     &exchange.candidate,
                     limits,
@@ -782,7 +781,13 @@ impl Comparator {
                 );
                 let request = request_messages(exchange, reader);
                 let sample = sample::take(
-                    sample_input(exchange, &live, &candidate, request.as_ref()),
+                    sample_input(
+                        exchange,
+                        &live,
+                        &candidate,
+                        reader.is_some(),
+                        request.as_ref(),
+                    ),
                     &compared_header,
                     &sensitive,
                 );
@@ -852,7 +857,13 @@ impl Comparator {
         {
             let request = request_messages(exchange, reader);
             let sample = sample::take(
-                sample_input(exchange, &live, &candidate, request.as_ref()),
+                sample_input(
+                    exchange,
+                    &live,
+                    &candidate,
+                    reader.is_some(),
+                    request.as_ref(),
+                ),
                 &compared_header,
                 &sensitive,
             );
@@ -987,6 +998,7 @@ fn sample_input<'x, 'b>(
     exchange: &'x Exchange<'_>,
     live: &'x Body<'b>,
     candidate: &'x Body<'b>,
+    grpc: bool,
     request_messages: Option<&'x serde_json::Value>,
 ) -> sample::SampleInput<'x, 'b> {
     sample::SampleInput {
@@ -994,6 +1006,7 @@ fn sample_input<'x, 'b>(
         target: exchange.target,
         request_headers: exchange.request_headers,
         request_body: exchange.request_body,
+        grpc,
         request_messages,
         live: sample::AnswerInput {
             status: exchange.live.status,

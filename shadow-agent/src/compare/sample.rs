@@ -122,6 +122,8 @@ pub(super) struct SampleInput<'x, 'b> {
     pub target: &'x str,
     pub request_headers: &'x [(String, Vec<u8>)],
     pub request_body: &'x [u8],
+    /// A gRPC call: its samples are not exported as `.http` requests.
+    pub grpc: bool,
     /// A gRPC request's messages as decoded, shown instead of its bytes.
     pub request_messages: Option<&'x serde_json::Value>,
     pub live: AnswerInput<'x, 'b>,
@@ -195,7 +197,7 @@ pub(super) fn take(
         }
         None => request_body(x.request_body, sensitive, &mut truncated),
     };
-    let grpc = x.request_messages.is_some();
+    let grpc = x.grpc;
     let answer = |a: AnswerInput<'_, '_>| {
         let mut room = SAMPLE_ANSWER_HEAD_BYTES;
         let mut kept = Vec::new();
