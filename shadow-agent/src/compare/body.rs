@@ -117,7 +117,8 @@ impl<'a> Body<'a> {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("grpc-encoding"))
             .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase());
-        match reader.messages(bytes, encoding.as_deref(), response, counts) {
+        let json = grpc::is_json(observed.headers);
+        match reader.messages(bytes, encoding.as_deref(), response, json, counts) {
             Some(v) => Body::Grpc(v),
             None => {
                 counts.grpc_undecodable += 1;

@@ -59,6 +59,17 @@ pub fn is_grpc_content_type(value: &[u8]) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';', ' ']))
 }
 
+/// Whether gRPC messages are JSON (`application/grpc+json`), not protobuf.
+pub fn is_json(headers: &[(String, Vec<u8>)]) -> bool {
+    headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("content-type")
+            && is_grpc_content_type(v)
+            && String::from_utf8_lossy(v)
+                .to_ascii_lowercase()
+                .starts_with("application/grpc+json")
+    })
+}
+
 /// Whether an answer says it is gRPC.
 pub fn is_grpc(headers: &[(String, Vec<u8>)]) -> bool {
     headers
@@ -165,12 +176,14 @@ impl Reader<'_> {
     /// as gRPC (a length running past its end, a flag other than 0 or 1). `response` picks
     /// the method's response type (else its request type). Compressed messages are decoded
     /// with `grpc_encoding` within the limits, all messages together; each decoding and each
-    /// message compared as bytes is counted in `counts`.
+    /// message compared as bytes is counted in `counts`. With `json` (`application/grpc+json`)
+    /// the messages are JSON documents, compared as such.
     pub fn messages(
         &self,
         body: &[u8],
         grpc_encoding: Option<&str>,
         response: bool,
+        json: bool,
         counts: &mut DecodeCounts,
     ) -> Option<Value> {
         let ty = self
@@ -217,7 +230,12 @@ impl Reader<'_> {
                 }
                 _ => return None,
             };
-            match decoder.message(&plain, ty) {
+            let read = if json {
+                serde_json::from_slice(&plain).ok()
+            } else {
+                decoder.message(&plain, ty)
+            };
+            match read {
                 Some(v) => out.push(v),
                 None => {
                     counts.grpc_undecodable += 1;

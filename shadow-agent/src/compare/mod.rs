@@ -1041,6 +1041,7 @@ fn request_messages(
         exchange.request_body,
         encoding.as_deref(),
         false,
+        grpc::is_json(exchange.request_headers),
         &mut encoding::DecodeCounts::default(),
     )
 }

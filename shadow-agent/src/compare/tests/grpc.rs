@@ -344,6 +344,27 @@ fn a_body_not_framed_as_grpc_is_compared_by_bytes_and_counted() {
     assert_eq!(report.totals.decoding.grpc_undecodable, 1);
 }
 
+#[test]
+fn grpc_json_messages_are_compared_as_json() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let h = headers(&[("content-type", "application/grpc+json")]);
+    let t = ok_trailers();
+    let (live, candidate) = (
+        frame(&[br#"{"order":{"status":"paid"}}"#]),
+        frame(&[br#"{"order":{"status":"sent"}}"#]),
+    );
+    call(
+        &mut c,
+        &request(1),
+        answer(&h, &live, &t),
+        answer(&h, &candidate, &t),
+    );
+    let report = c.report();
+    let e = only(&report);
+    assert!(field(e, "$[*].order.status").is_some(), "{e:#?}");
+    assert_eq!(report.totals.decoding.grpc_undecodable, 0);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
