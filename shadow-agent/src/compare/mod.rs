@@ -806,8 +806,15 @@ impl Comparator {
             live_grpc.as_ref().map(|g| g.code),
             candidate_grpc.as_ref().map(|g| g.code),
         );
-        let (candidate, candidate_decoding) =
-            parse(&exchange.candidate, limits, reader, &mut self.decoding);
+        let grpc_status_differs = matches!(grpc_codes, (Some(l), Some(c)) if l != c);
+        // A body only shown, not compared, is not counted (as with another HTTP status).
+        let mut shown_only = encoding::DecodeCounts::default();
+        let counts = if grpc_status_differs {
+            &mut shown_only
+        } else {
+            &mut self.decoding
+        };
+        let (candidate, candidate_decoding) = parse(&exchange.candidate, limits, reader, counts);
         let mut diffs = Vec::new();
         if let (Some(l), Some(c)) = grpc_codes
             && l != c
