@@ -39,12 +39,32 @@
 //!   another order.
 //!
 //! `cargo bench -p shadow-agent --bench compare -- unordered`
+//!
+//! The `small_answers` group: one order (an id, a request id and a time that differ on every
+//! answer, a status, three items), about 200 bytes, answered as JSON and as a gRPC reply of the
+//! same content, ten distinct requests repeated so that the noise is learned from live's
+//! previous answer to each (no baseline), one `observe` per iteration:
+//!
+//! - `json`: `GET /orders/{id}` answered with JSON;
+//! - `grpc`: `POST /shop.v1.Orders/Get` answered with one protobuf message, read without a
+//!   schema (fields by number);
+//! - `grpc_descriptors`: the same with the method's descriptors, fields named and typed.
+//!
+//! `cargo bench -p shadow-agent --bench compare -- small_answers`
 use std::hint::black_box;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use criterion::{BenchmarkId, Criterion, Throughput};
+use prost_types::field_descriptor_proto::{Label, Type};
+use prost_types::{
+    DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
+    MethodDescriptorProto, ServiceDescriptorProto,
+};
 use serde_json::{Value, json};
 use shadow_agent::compare::json::{self, DiffOptions};
+use shadow_agent::compare::protobuf::Schema;
 use shadow_agent::compare::{ArrayOrder, Comparator, CompareConfig, Exchange, Observed};
 use shadow_agent::policy::path::RequestPath;
 
@@ -436,6 +456,305 @@ fn bench_unordered(c: &mut Criterion) {
     group.finish();
 }
 
+/// Distinct requests of the `small_answers` group, each repeated.
+const SMALL_REQUESTS: usize = 10;
+const GRPC_PATH: &str = "/shop.v1.Orders/Get";
+
+/// One order: `(id, request id, time, [(sku, qty, cents)])`.
+type Order = (u64, String, String, Vec<(String, u64, u64)>);
+
+fn order(k: usize, rng: &mut Rng, tick: usize) -> Order {
+    let items = (0..3)
+        .map(|i| {
+            (
+                format!("GRD-{:06}", 37 * (k + i)),
+                1 + i as u64,
+                499 + 100 * i as u64,
+            )
+        })
+        .collect();
+    (
+        1_000 + k as u64,
+        format!("{:016x}", rng.next()),
+        format!("2026-11-26T13:{:02}:{:02}Z", (tick / 60) % 60, tick % 60),
+        items,
+    )
+}
+
+fn order_json(o: &Order) -> Vec<u8> {
+    let items: Vec<Value> =
+        o.3.iter()
+            .map(|(sku, qty, cents)| json!({"sku": sku, "qty": qty, "price_cents": cents}))
+            .collect();
+    let body = json!({"order": {
+        "id": o.0, "request_id": o.1, "status": "paid", "items": items, "created_at": o.2,
+    }});
+    serde_json::to_vec(&body).expect("serialises")
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn delimited(out: &mut Vec<u8>, field: u64, b: &[u8]) {
+    varint(out, field << 3 | 2);
+    varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn number(out: &mut Vec<u8>, field: u64, v: u64) {
+    varint(out, field << 3);
+    varint(out, v);
+}
+
+/// The order as a gRPC body: one `GetOrderReply { Order order = 1; }`, framed.
+fn order_grpc(o: &Order) -> Vec<u8> {
+    let mut order = Vec::new();
+    number(&mut order, 1, o.0);
+    delimited(&mut order, 2, o.1.as_bytes());
+    delimited(&mut order, 3, b"paid");
+    for (sku, qty, cents) in &o.3 {
+        let mut item = Vec::new();
+        delimited(&mut item, 1, sku.as_bytes());
+        number(&mut item, 2, *qty);
+        number(&mut item, 3, *cents);
+        delimited(&mut order, 4, &item);
+    }
+    delimited(&mut order, 5, o.2.as_bytes());
+    let mut reply = Vec::new();
+    delimited(&mut reply, 1, &order);
+    let mut body = vec![0];
+    body.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+    body.extend_from_slice(&reply);
+    body
+}
+
+/// The descriptors of `shop.v1.Orders/Get`, as protoc would write them.
+fn shop_schema() -> Schema {
+    let field = |name: &str, number: i32, ty: Type, type_name: Option<&str>, repeated: bool| {
+        FieldDescriptorProto {
+            name: Some(name.to_owned()),
+            number: Some(number),
+            r#type: Some(ty as i32),
+            type_name: type_name.map(str::to_owned),
+            label: Some(if repeated {
+                Label::Repeated
+            } else {
+                Label::Optional
+            } as i32),
+            ..Default::default()
+        }
+    };
+    let message = |name: &str, field: Vec<FieldDescriptorProto>| DescriptorProto {
+        name: Some(name.to_owned()),
+        field,
+        ..Default::default()
+    };
+    let file = FileDescriptorProto {
+        package: Some("shop.v1".to_owned()),
+        message_type: vec![
+            message(
+                "Order",
+                vec![
+                    field("id", 1, Type::Int64, None, false),
+                    field("request_id", 2, Type::String, None, false),
+                    field("status", 3, Type::String, None, false),
+                    field("items", 4, Type::Message, Some(".shop.v1.Item"), true),
+                    field("created_at", 5, Type::String, None, false),
+                ],
+            ),
+            message(
+                "Item",
+                vec![
+                    field("sku", 1, Type::String, None, false),
+                    field("qty", 2, Type::Uint32, None, false),
+                    field("price_cents", 3, Type::Int64, None, false),
+                ],
+            ),
+            message(
+                "GetOrderRequest",
+                vec![field("id", 1, Type::Int64, None, false)],
+            ),
+            message(
+                "GetOrderReply",
+                vec![field(
+                    "order",
+                    1,
+                    Type::Message,
+                    Some(".shop.v1.Order"),
+                    false,
+                )],
+            ),
+        ],
+        service: vec![ServiceDescriptorProto {
+            name: Some("Orders".to_owned()),
+            method: vec![MethodDescriptorProto {
+                name: Some("Get".to_owned()),
+                input_type: Some(".shop.v1.GetOrderRequest".to_owned()),
+                output_type: Some(".shop.v1.GetOrderReply".to_owned()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Schema::from_set(&FileDescriptorSet { file: vec![file] }).expect("valid descriptors")
+}
+
+fn answer<'a>(headers: &'a Headers, trailers: &'a Headers, body: &'a [u8]) -> Observed<'a> {
+    Observed {
+        status: 200,
+        headers,
+        trailers,
+        body,
+        latency: Duration::from_millis(5),
+    }
+}
+
+/// JSON against gRPC answers of the same content, side by side.
+fn bench_small_answers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("small_answers");
+    group.throughput(Throughput::Elements(1));
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Live's and the candidate's answers to each request, POOL of each.
+    let orders: Vec<(Order, Order)> = (0..POOL)
+        .map(|t| {
+            let k = t % SMALL_REQUESTS;
+            (order(k, &mut rng, 2 * t), order(k, &mut rng, 2 * t + 1))
+        })
+        .collect();
+    let json_bodies: Vec<(Vec<u8>, Vec<u8>)> = orders
+        .iter()
+        .map(|(l, s)| (order_json(l), order_json(s)))
+        .collect();
+    let grpc_bodies: Vec<(Vec<u8>, Vec<u8>)> = orders
+        .iter()
+        .map(|(l, s)| (order_grpc(l), order_grpc(s)))
+        .collect();
+    let requests: Vec<Vec<u8>> = (0..SMALL_REQUESTS)
+        .map(|k| {
+            let mut m = Vec::new();
+            number(&mut m, 1, 1_000 + k as u64);
+            let mut body = vec![0];
+            body.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            body.extend_from_slice(&m);
+            body
+        })
+        .collect();
+    let targets: Vec<String> = (0..SMALL_REQUESTS)
+        .map(|k| format!("/orders/{}", 1_000 + k))
+        .collect();
+    let json_paths: Vec<RequestPath> = targets
+        .iter()
+        .map(|t| RequestPath::of_target(t).expect("a plain path reads"))
+        .collect();
+    let grpc_path = RequestPath::of_target(GRPC_PATH).expect("a plain path reads");
+    let json_headers: Headers = vec![("content-type".to_owned(), b"application/json".to_vec())];
+    let grpc_headers: Headers = vec![("content-type".to_owned(), b"application/grpc".to_vec())];
+    let trailers: Headers = vec![("grpc-status".to_owned(), b"0".to_vec())];
+    println!(
+        "small_answers: {} bytes per JSON answer, {} per gRPC answer",
+        json_bodies[0].0.len(),
+        grpc_bodies[0].0.len()
+    );
+    let no_trailers = Headers::new();
+    let json_exchanges: Vec<Exchange<'_>> = json_bodies
+        .iter()
+        .enumerate()
+        .map(|(t, (l, s))| Exchange {
+            route: "web",
+            method: "GET",
+            server: None,
+            target: &targets[t % SMALL_REQUESTS],
+            path: &json_paths[t % SMALL_REQUESTS],
+            request_body: b"",
+            request_headers: &[],
+            live: answer(&json_headers, &no_trailers, l),
+            candidate: answer(&json_headers, &no_trailers, s),
+            baseline: None,
+        })
+        .collect();
+    let grpc_exchanges: Vec<Exchange<'_>> = grpc_bodies
+        .iter()
+        .enumerate()
+        .map(|(t, (l, s))| Exchange {
+            route: "grpc",
+            method: "POST",
+            server: None,
+            target: GRPC_PATH,
+            path: &grpc_path,
+            request_body: &requests[t % SMALL_REQUESTS],
+            request_headers: &grpc_headers,
+            live: answer(&grpc_headers, &trailers, l),
+            candidate: answer(&grpc_headers, &trailers, s),
+            baseline: None,
+        })
+        .collect();
+    let schema = Arc::new(shop_schema());
+    // Name, exchanges, descriptors, and the fields that must be learned as noise.
+    type SmallCase<'x, 'e> = (
+        &'static str,
+        &'x [Exchange<'e>],
+        Option<Arc<Schema>>,
+        [&'static str; 2],
+    );
+    let cases: [SmallCase<'_, '_>; 3] = [
+        (
+            "json",
+            &json_exchanges,
+            None,
+            ["$.order.request_id", "$.order.created_at"],
+        ),
+        ("grpc", &grpc_exchanges, None, ["$[*].1.2", "$[*].1.5"]),
+        (
+            "grpc_descriptors",
+            &grpc_exchanges,
+            Some(schema),
+            ["$[*].order.request_id", "$[*].order.created_at"],
+        ),
+    ];
+    for (name, exchanges, schema, noise) in cases {
+        let mut comparator = Comparator::new(CompareConfig {
+            schema,
+            ..CompareConfig::default()
+        });
+        for x in exchanges.iter().cycle().take(WARM_EXCHANGES) {
+            comparator.observe(x);
+        }
+        let report = comparator.report();
+        let e = report
+            .endpoints
+            .iter()
+            .find(|e| e.compared > 0 && e.endpoint != "(other)")
+            .expect("an endpoint");
+        for path in noise {
+            assert!(
+                e.top_fields.iter().any(|f| f.path == path && f.noise),
+                "{name}: {path} learned as noise: {e:#?}"
+            );
+        }
+        let mut next = exchanges.iter().cycle();
+        group.bench_function(name, |b| {
+            b.iter(|| comparator.observe(black_box(next.next().expect("cycles"))))
+        });
+        let report = comparator.report();
+        let e = report
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.ends_with("Orders/Get") || e.endpoint.starts_with("GET /orders"))
+            .expect("an endpoint");
+        println!(
+            "small_answers/{name}: endpoint {:?}, {} of the last {} matched",
+            e.endpoint, e.matched, e.compared
+        );
+    }
+    group.finish();
+}
+
 fn main() {
     let pools = [
         Pools::new("json_1kb", 1_024),
@@ -446,5 +765,6 @@ fn main() {
         bench_size(&mut criterion, p);
     }
     bench_unordered(&mut criterion);
+    bench_small_answers(&mut criterion);
     criterion.final_summary();
 }

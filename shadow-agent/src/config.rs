@@ -524,6 +524,18 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(#[from] ConfigErrors),
+    #[error("{file}: key `compare.descriptors`: cannot read {path}: {source}")]
+    DescriptorsRead {
+        file: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: key `compare.descriptors`: {path}: {source}")]
+    Descriptors {
+        file: String,
+        path: String,
+        source: crate::compare::protobuf::SchemaError,
+    },
 }
 
 impl Config {
@@ -554,7 +566,31 @@ impl Config {
             path: name.clone(),
             source,
         })?;
-        Ok(Self::from_toml(&src, &name)?)
+        let mut config = Self::from_toml(&src, &name)?;
+        if let Some(compare) = &mut config.compare
+            && let Some(descriptors) = &compare.descriptors
+        {
+            // Relative to the configuration file, like a path written in it is read.
+            let path = path
+                .parent()
+                .map_or_else(|| descriptors.clone(), |dir| dir.join(descriptors));
+            let shown = path.display().to_string();
+            let bytes = std::fs::read(&path).map_err(|source| ConfigError::DescriptorsRead {
+                file: name.clone(),
+                path: shown.clone(),
+                source,
+            })?;
+            let schema =
+                crate::compare::protobuf::Schema::from_bytes(&bytes).map_err(|source| {
+                    ConfigError::Descriptors {
+                        file: name.clone(),
+                        path: shown,
+                        source,
+                    }
+                })?;
+            compare.schema = Some(std::sync::Arc::new(schema));
+        }
+        Ok(config)
     }
 
     /// Checks a configuration given as text; `file` only names it in errors.

@@ -64,6 +64,13 @@ pub fn run(args: Args) -> Result<()> {
              those without samples have none)",
             dir.display()
         );
+        let grpc = http_file::grpc_samples(&report);
+        if grpc > 0 {
+            eprintln!(
+                "shadow-agent: {grpc} samples of gRPC calls left out: a .http file cannot send \
+                 them (the report shows their messages decoded)"
+            );
+        }
     }
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use serde_json::Value;
 
-use super::encoding::{DecodeError, DecodeLimits, codings, decode};
+use super::encoding::{DecodeCounts, DecodeError, DecodeLimits, codings, decode};
+use super::grpc;
 use super::json::{self, DiffOptions, FlatLeaf, Leaf};
 use super::{DiffKind, EXAMPLE_CHARS, Observed};
 
@@ -15,6 +16,8 @@ use super::{DiffKind, EXAMPLE_CHARS, Observed};
 #[derive(Debug)]
 pub(super) enum Body<'a> {
     Json(Value),
+    /// A gRPC body: its messages as value trees keyed by protobuf field ([`super::protobuf`]).
+    Grpc(Value),
     /// Normalised: line endings `\n`, no trailing whitespace on a line, no trailing empty lines.
     Text(String),
     Bytes(Cow<'a, [u8]>),
@@ -94,6 +97,36 @@ impl<'a> Body<'a> {
         (Self::read(content, header("content-type")), decoding)
     }
 
+    /// A gRPC body as its messages (see [`grpc::Reader::messages`]), or by its bytes when it is
+    /// not framed as gRPC; decodings and messages compared as bytes are counted in `counts`.
+    pub(super) fn parse_grpc(
+        observed: &Observed<'a>,
+        reader: &grpc::Reader<'_>,
+        response: bool,
+        counts: &mut DecodeCounts,
+    ) -> Self {
+        let bytes = observed.body;
+        if bytes.len() > reader.limits.max_bytes {
+            return Body::Oversized {
+                len: bytes.len(),
+                hash: hash_bytes(bytes),
+            };
+        }
+        let encoding = observed
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("grpc-encoding"))
+            .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase());
+        let json = grpc::is_json(observed.headers);
+        match reader.messages(bytes, encoding.as_deref(), response, json, counts) {
+            Some(v) => Body::Grpc(v),
+            None => {
+                counts.grpc_undecodable += 1;
+                Body::Bytes(Cow::Borrowed(bytes))
+            }
+        }
+    }
+
     /// JSON, text or bytes, from the content as compared.
     fn read(content: Cow<'a, [u8]>, content_type: Option<String>) -> Self {
         // JSON when it parses, whatever the content type says: services label JSON as
@@ -129,7 +162,7 @@ impl<'a> Body<'a> {
     /// The kind of a whole-body field.
     pub(super) fn leaf_kind(&self) -> DiffKind {
         match self {
-            Body::Json(_) => DiffKind::Changed,
+            Body::Json(_) | Body::Grpc(_) => DiffKind::Changed,
             Body::Text(_) => DiffKind::Text,
             _ => DiffKind::Bytes,
         }
@@ -138,7 +171,7 @@ impl<'a> Body<'a> {
     /// Length and hash of what is compared, for bodies not compared structurally.
     fn digest(&self) -> (usize, u64) {
         match self {
-            Body::Json(v) => (0, hash_bytes(v.to_string().as_bytes())),
+            Body::Json(v) | Body::Grpc(v) => (0, hash_bytes(v.to_string().as_bytes())),
             Body::Text(t) => (t.len(), hash_bytes(t.as_bytes())),
             Body::Bytes(b) => (b.len(), hash_bytes(b)),
             Body::Oversized { len, hash } => (*len, *hash),
@@ -147,7 +180,7 @@ impl<'a> Body<'a> {
 
     fn example(&self) -> ExampleValue<'_> {
         match self {
-            Body::Json(v) => ExampleValue::Json(Some(v)),
+            Body::Json(v) | Body::Grpc(v) => ExampleValue::Json(Some(v)),
             Body::Text(t) => ExampleValue::Line(1, t.lines().next().unwrap_or_default()),
             Body::Bytes(b) => ExampleValue::Bytes(b.len()),
             Body::Oversized { len, .. } => ExampleValue::Bytes(*len),
@@ -159,6 +192,7 @@ impl<'a> Body<'a> {
     pub(super) fn flatten(&self, o: &DiffOptions<'_>, max: usize, out: &mut Vec<FlatLeaf>) -> bool {
         match self {
             Body::Json(v) => json::flatten(v, o, max, out),
+            Body::Grpc(v) => json::flatten(v, &protobuf_options(o), max, out),
             _ if max == 0 => true,
             _ => {
                 out.push(FlatLeaf {
@@ -229,9 +263,8 @@ pub(super) fn compare<'v>(
     shadow: &'v Body<'_>,
     options: &DiffOptions<'_>,
 ) -> Vec<BodyDifference<'v>> {
-    match (live, shadow) {
-        (Body::Json(a), Body::Json(b)) => json::diff(a, b, options)
-            .differences
+    let structural = |diff: json::Diff<'v>| {
+        diff.differences
             .into_iter()
             .map(|d| BodyDifference {
                 field: Cow::Owned(d.field),
@@ -241,7 +274,15 @@ pub(super) fn compare<'v>(
                 live: ExampleValue::Json(d.live),
                 shadow: ExampleValue::Json(d.shadow),
             })
-            .collect(),
+            .collect()
+    };
+    match (live, shadow) {
+        (Body::Json(a), Body::Json(b)) => structural(json::diff(a, b, options)),
+        (Body::Grpc(a), Body::Grpc(b)) => structural(json::diff(a, b, &protobuf_options(options))),
+        // Framed on one side only: the other was not gRPC, or not framed as it.
+        (Body::Grpc(_), _) | (_, Body::Grpc(_)) => {
+            vec![whole(DiffKind::Bytes, live.example(), shadow.example())]
+        }
         (Body::Text(a), Body::Text(b)) if a != b => {
             // The first line that differs is the example.
             let (mut la, mut lb) = (a.lines(), b.lines());
@@ -266,6 +307,14 @@ pub(super) fn compare<'v>(
             vec![whole(DiffKind::Bytes, bytes(live), bytes(shadow))]
         }
         _ => Vec::new(),
+    }
+}
+
+/// The options for protobuf value trees: keys are field names or numbers.
+fn protobuf_options<'o>(o: &DiffOptions<'o>) -> DiffOptions<'o> {
+    DiffOptions {
+        protobuf: true,
+        ..*o
     }
 }
 

@@ -83,6 +83,9 @@ pub struct DecodeCounts {
     pub corrupt: u64,
     /// A content coding not known here: compared encoded.
     pub unknown: u64,
+    /// gRPC messages compared as bytes: not protobuf as read here (truncated, a group), or
+    /// compressed and left so. Compressed messages are counted above, one by one, as bodies.
+    pub grpc_undecodable: u64,
 }
 
 impl DecodeCounts {
@@ -94,6 +97,16 @@ impl DecodeCounts {
             Err(DecodeError::Corrupt) => &mut self.corrupt,
             Err(DecodeError::Unknown) => &mut self.unknown,
         } += 1;
+    }
+
+    /// Adds the counts of `other`.
+    pub fn add(&mut self, other: &DecodeCounts) {
+        self.decoded += other.decoded;
+        self.too_large += other.too_large;
+        self.ratio += other.ratio;
+        self.corrupt += other.corrupt;
+        self.unknown += other.unknown;
+        self.grpc_undecodable += other.grpc_undecodable;
     }
 
     /// Every body left encoded.

@@ -105,6 +105,14 @@ pub fn render_html(report: &Report) -> String {
             d.decoded, d.too_large, d.ratio, d.corrupt, d.unknown
         );
     }
+    if d.grpc_undecodable > 0 {
+        let _ = writeln!(
+            h,
+            "<p>{} gRPC messages were compared by their bytes: not protobuf as read here, or \
+             compressed and not decoded.</p>",
+            d.grpc_undecodable
+        );
+    }
     verdicts(&mut h, report);
     if report.flagged.is_empty() {
         h.push_str("<p>No endpoint is flagged.</p>\n");

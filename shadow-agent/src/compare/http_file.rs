@@ -27,18 +27,31 @@ pub struct HttpFile {
     pub text: String,
 }
 
-/// A file per flagged endpoint that has samples, named after the endpoint, names unique.
+/// A file per flagged endpoint that has samples to replay, named after the endpoint, names
+/// unique. gRPC calls are left out ([`grpc_samples`]): a `.http` file sends HTTP/1.1 requests
+/// with a text body, and a gRPC call needs HTTP/2 and its binary messages (the samples show
+/// them decoded, in the report).
 pub fn export(report: &Report) -> Vec<HttpFile> {
     let mut taken = BTreeSet::new();
     report
         .endpoints
         .iter()
-        .filter(|e| e.flagged && !e.samples.is_empty())
+        .filter(|e| e.flagged && e.samples.iter().any(|s| !s.grpc))
         .map(|e| HttpFile {
             name: file_name(&e.endpoint, &mut taken),
             text: render(e),
         })
         .collect()
+}
+
+/// The samples of flagged endpoints [`export`] leaves out because they are gRPC calls.
+pub fn grpc_samples(report: &Report) -> usize {
+    report
+        .endpoints
+        .iter()
+        .filter(|e| e.flagged)
+        .map(|e| e.samples.iter().filter(|s| s.grpc).count())
+        .sum()
 }
 
 /// `GET /users/{id}/orders` becomes `GET_users_id_orders.http`: letters, digits, `-` and `_`
@@ -81,7 +94,7 @@ pub fn render(e: &EndpointReport) -> String {
         e.match_rate * 100.0,
         e.compared
     );
-    for (i, s) in e.samples.iter().enumerate() {
+    for (i, s) in e.samples.iter().filter(|s| !s.grpc).enumerate() {
         out.push('\n');
         request(&mut out, &e.endpoint, i + 1, s);
     }
@@ -224,6 +237,7 @@ mod tests {
             body_len: 30,
             truncated: false,
             fields: vec!["$".to_owned()],
+            grpc: false,
             live: SampleAnswer {
                 status: 200,
                 headers: vec![],

@@ -220,6 +220,9 @@ pub struct DiffOptions<'a> {
     pub ignore: &'a [FieldPattern],
     /// Differences recorded at most; the walk stops there.
     pub max_differences: usize,
+    /// The keys are protobuf field names or numbers (see [`super::protobuf`]): written `.2`,
+    /// never as placeholders, since a number here names a field, not an id.
+    pub protobuf: bool,
 }
 
 impl Default for DiffOptions<'_> {
@@ -229,6 +232,7 @@ impl Default for DiffOptions<'_> {
             order: ArrayOrder::Ordered,
             ignore: &[],
             max_differences: 1024,
+            protobuf: false,
         }
     }
 }
@@ -318,8 +322,8 @@ impl<'v> Walker<'_, 'v> {
             return;
         }
         self.out.push(Difference {
-            path: render_path(path, false),
-            field: render_path(path, true),
+            path: render_path_as(path, false, self.options.protobuf),
+            field: render_path_as(path, true, self.options.protobuf),
             last_key: last_key(path),
             kind,
             live,
@@ -674,7 +678,7 @@ fn flatten_into<'v>(
     }
     let leaf = |value: Leaf, path: &[Segment<'_>]| FlatLeaf {
         at: path_hash(path),
-        field: render_path(path, true),
+        field: render_path_as(path, true, o.protobuf),
         value,
     };
     let deep = path.len() >= MAX_DEPTH;
@@ -754,6 +758,11 @@ fn path_hash(path: &[Segment<'_>]) -> u64 {
 /// `$.a["b c"][2]`; as a field (`normalised`), indexes are `[*]` and id-like keys `{id}`.
 /// Cut at [`MAX_PATH_CHARS`].
 pub fn render_path(path: &[Segment<'_>], normalised: bool) -> String {
+    render_path_as(path, normalised, false)
+}
+
+/// [`render_path`], or for protobuf (`protobuf`): field numbers written `.2`, no placeholders.
+pub fn render_path_as(path: &[Segment<'_>], normalised: bool, protobuf: bool) -> String {
     let mut s = String::from("$");
     for seg in path {
         if s.len() >= MAX_PATH_CHARS {
@@ -764,7 +773,13 @@ pub fn render_path(path: &[Segment<'_>], normalised: bool) -> String {
             Segment::Index(i) => {
                 let _ = write!(s, "[{i}]");
             }
-            Segment::Key(k) => match placeholder(k).filter(|_| normalised) {
+            Segment::Key(k)
+                if protobuf && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                s.push('.');
+                s.push_str(k);
+            }
+            Segment::Key(k) => match placeholder(k).filter(|_| normalised && !protobuf) {
                 Some(p) => {
                     s.push('.');
                     s.push_str(p);

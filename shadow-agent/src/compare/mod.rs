@@ -25,17 +25,21 @@
 mod body;
 pub mod encoding;
 pub mod endpoint;
+pub mod grpc;
 mod html;
 pub mod http_file;
 pub mod json;
 pub mod noise;
 pub mod pairing;
+pub mod protobuf;
 pub mod report;
 pub mod sample;
 pub mod verdict;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -139,6 +143,13 @@ pub struct CompareConfig {
     pub flag_min_compared: u64,
     /// `[compare.verdict]`: when an endpoint or a route passes, for rollout tools.
     pub verdict: VerdictConfig,
+    /// A serialized `google.protobuf.FileDescriptorSet` (`protoc --include_imports
+    /// --descriptor_set_out=api.pb`), relative to the configuration file: gRPC fields are then
+    /// named in paths and typed. Read when the configuration is loaded, into `schema`.
+    pub descriptors: Option<PathBuf>,
+    /// The descriptor set read from `descriptors`; never written in the file.
+    #[serde(skip)]
+    pub schema: Option<Arc<protobuf::Schema>>,
 }
 
 impl Default for CompareConfig {
@@ -199,6 +210,8 @@ impl Default for CompareConfig {
             flag_slowdown: 2.0,
             flag_min_compared: 20,
             verdict: VerdictConfig::default(),
+            descriptors: None,
+            schema: None,
         }
     }
 }
@@ -307,6 +320,11 @@ pub enum DiffKind {
     Changed,
     /// Another JSON type (`"1"` against `1`, an object against an array).
     TypeChanged,
+    /// Another `grpc-status` of a gRPC answer (absent on one side included): never noise, like
+    /// another HTTP status.
+    GrpcStatus,
+    /// Another `grpc-message`, with the same `grpc-status`.
+    GrpcMessage,
     /// Present in live only.
     Missing,
     /// Present in the shadow only.
@@ -498,9 +516,10 @@ impl EndpointState {
 
     /// Whether a difference in field `i` makes an exchange a mismatch, with what is known now.
     fn counts_against(&self, i: u32, rule: &NoiseRule) -> bool {
-        self.fields
-            .get(i as usize)
-            .is_none_or(|f| f.kind == DiffKind::Header || !rule.is_noise(f.counts, self.counts))
+        self.fields.get(i as usize).is_none_or(|f| {
+            matches!(f.kind, DiffKind::Header | DiffKind::GrpcStatus)
+                || !rule.is_noise(f.counts, self.counts)
+        })
     }
 
     fn count_status(&mut self, live: u16, shadow: u16) {
@@ -621,7 +640,23 @@ impl Comparator {
     /// Counts one exchange, under its endpoint: method and path template, such as
     /// `GET /users/{id}/orders` (see [`endpoint`]).
     pub fn observe(&mut self, exchange: &Exchange<'_>) {
-        let named = self.templater.endpoint(exchange.method, exchange.path);
+        // A gRPC call says so in its request; without the request's headers, in live's answer.
+        let grpc_call =
+            grpc::is_grpc(exchange.request_headers) || grpc::is_grpc(exchange.live.headers);
+        let grpc_method = grpc_call
+            .then(|| grpc::endpoint_name(exchange.path.as_str()))
+            .flatten();
+        let named = match grpc_method {
+            Some(method) => {
+                let mut name = method.to_owned();
+                json::cut(&mut name, endpoint::MAX_ENDPOINT_CHARS);
+                endpoint::Named {
+                    name,
+                    recognised: false,
+                }
+            }
+            None => self.templater.endpoint(exchange.method, exchange.path),
+        };
         let route = self.route_index(exchange.route);
         let e = self.endpoint_index(route, named);
         let cfg = &self.config;
@@ -630,11 +665,18 @@ impl Comparator {
             order: cfg.array_order,
             ignore: &cfg.ignore_fields,
             max_differences: MAX_DIFFERENCES,
+            // Set for gRPC bodies where they are compared.
+            protobuf: false,
         };
         let ep = &mut self.endpoints[e as usize];
         ep.compared += 1;
-        ep.live_errors += u64::from(exchange.live.status >= 500);
-        ep.shadow_errors += u64::from(exchange.candidate.status >= 500);
+        let live_grpc = grpc_call.then(|| grpc::Status::of(&exchange.live));
+        let candidate_grpc = grpc_call.then(|| grpc::Status::of(&exchange.candidate));
+        let error = |status: u16, g: &Option<grpc::Status>| {
+            u64::from(status >= 500 || g.as_ref().is_some_and(|g| grpc::is_server_error(g.code)))
+        };
+        ep.live_errors += error(exchange.live.status, &live_grpc);
+        ep.shadow_errors += error(exchange.candidate.status, &candidate_grpc);
         if let Some(server) = exchange.server {
             ep.count_workload(server);
         }
@@ -642,15 +684,26 @@ impl Comparator {
         ep.shadow_latency.record(exchange.candidate.latency);
 
         let limits = cfg.decode_limits();
-        let (live, live_decoding) = parse(&exchange.live, limits, &mut self.decoding);
+        let reader = grpc_call.then_some(grpc::Reader {
+            limits,
+            schema: cfg.schema.as_deref(),
+            method: grpc_method,
+        });
+        let reader = reader.as_ref();
+        let (live, live_decoding) = parse(&exchange.live, limits, reader, &mut self.decoding);
         let max_fields = cfg.max_fields_per_endpoint;
         let sensitive = |k: &str| is_sensitive(&cfg.sensitive, k);
 
         // Noise first, so that this exchange is judged with what it teaches too.
         if let Some(baseline) = &exchange.baseline {
-            if baseline.status == exchange.live.status {
-                let (other, _) = parse(baseline, limits, &mut self.decoding);
-                let diffs = body::compare(&live, &other, &options);
+            let baseline_grpc = grpc_call.then(|| grpc::Status::of(baseline));
+            let grpc_codes = |g: &Option<grpc::Status>| g.as_ref().map(|g| g.code);
+            if baseline.status == exchange.live.status
+                && grpc_codes(&baseline_grpc) == grpc_codes(&live_grpc)
+            {
+                let (other, _) = parse(baseline, limits, reader, &mut self.decoding);
+                let mut diffs = body::compare(&live, &other, &options);
+                diffs.extend(grpc_message_difference(&live_grpc, &baseline_grpc));
                 ep.counts.noise_samples += 1;
                 let mut seen = Vec::new();
                 for d in &diffs {
@@ -664,8 +717,24 @@ impl Comparator {
             }
         } else if cfg.max_fingerprints > 0 {
             let mut leaves = Vec::new();
-            let partial = live.flatten(&options, max_fields, &mut leaves);
-            let snapshot = Snapshot::new(e, exchange.live.status, &leaves, partial);
+            let mut partial = live.flatten(&options, max_fields, &mut leaves);
+            if let Some(g) = &live_grpc {
+                // The message learned like a field; the status kept apart like HTTP's.
+                if leaves.len() < max_fields {
+                    leaves.push(json::FlatLeaf {
+                        at: field_hash(grpc::MESSAGE_FIELD),
+                        field: grpc::MESSAGE_FIELD.to_owned(),
+                        value: json::Leaf::Hash(field_hash(g.message.as_deref().unwrap_or(""))),
+                    });
+                } else {
+                    partial = true;
+                }
+            }
+            let status = u32::from(exchange.live.status)
+                | live_grpc
+                    .as_ref()
+                    .map_or(0, |g| g.code.map_or(0xffff, |c| c.min(0xfffe)) << 16);
+            let snapshot = Snapshot::new(e, status, &leaves, partial);
             let fp = fingerprint(exchange);
             let newer = snapshot.clone();
             if let Some(prev) = self.fingerprints.replace(fp, snapshot)
@@ -682,6 +751,9 @@ impl Comparator {
                     // A leaf only the older response had: counted if its field is known.
                     let i = match (ep.by_field.get(&h), by_hash.get(&h)) {
                         (Some(&i), _) => i,
+                        (None, Some(&path)) if path == grpc::MESSAGE_FIELD => {
+                            ep.field(path, DiffKind::GrpcMessage, max_fields)
+                        }
                         (None, Some(path)) => ep.field(path, live.leaf_kind(), max_fields),
                         (None, None) => continue,
                     };
@@ -701,9 +773,21 @@ impl Comparator {
             ep.count_status(exchange.live.status, exchange.candidate.status);
             if let Some(slot) = ep.sample_slot(&rule) {
                 // Parsed only to be shown: not compared, so not counted.
-                let (candidate, _) = Body::parse(&exchange.candidate, limits);
+                let (candidate, _) = parse(
+                    &exchange.candidate,
+                    limits,
+                    reader,
+                    &mut encoding::DecodeCounts::default(),
+                );
+                let request = request_messages(exchange, reader);
                 let sample = sample::take(
-                    sample_input(exchange, &live, &candidate),
+                    sample_input(
+                        exchange,
+                        &live,
+                        &candidate,
+                        reader.is_some(),
+                        request.as_ref(),
+                    ),
                     &compared_header,
                     &sensitive,
                 );
@@ -718,20 +802,48 @@ impl Comparator {
             }
             return;
         }
-        ep.counts.compared_bodies += 1;
-        let (candidate, candidate_decoding) =
-            parse(&exchange.candidate, limits, &mut self.decoding);
-        if live.oversized() || candidate.oversized() {
-            ep.oversized_bodies += 1;
-        }
-        let mut diffs = body::compare_headers(
-            exchange.live.headers,
-            exchange.candidate.headers,
-            &cfg.headers,
-            &cfg.ignore_headers,
-            body::encoding_compared_by_content(live_decoding, candidate_decoding),
+        let grpc_codes = (
+            live_grpc.as_ref().map(|g| g.code),
+            candidate_grpc.as_ref().map(|g| g.code),
         );
-        diffs.extend(body::compare(&live, &candidate, &options));
+        let grpc_status_differs = matches!(grpc_codes, (Some(l), Some(c)) if l != c);
+        // A body only shown, not compared, is not counted (as with another HTTP status).
+        let mut shown_only = encoding::DecodeCounts::default();
+        let counts = if grpc_status_differs {
+            &mut shown_only
+        } else {
+            &mut self.decoding
+        };
+        let (candidate, candidate_decoding) = parse(&exchange.candidate, limits, reader, counts);
+        let mut diffs = Vec::new();
+        if let (Some(l), Some(c)) = grpc_codes
+            && l != c
+        {
+            // Another gRPC status is what another HTTP status is for plain HTTP: the bodies
+            // (a reply against nothing) are not compared.
+            diffs.push(body::BodyDifference {
+                field: std::borrow::Cow::Borrowed(grpc::STATUS_FIELD),
+                path: grpc::STATUS_FIELD.to_owned(),
+                last_key: None,
+                kind: DiffKind::GrpcStatus,
+                live: body::ExampleValue::Header(Some(grpc::code_text(l))),
+                shadow: body::ExampleValue::Header(Some(grpc::code_text(c))),
+            });
+        } else {
+            ep.counts.compared_bodies += 1;
+            if live.oversized() || candidate.oversized() {
+                ep.oversized_bodies += 1;
+            }
+            diffs = body::compare_headers(
+                exchange.live.headers,
+                exchange.candidate.headers,
+                &cfg.headers,
+                &cfg.ignore_headers,
+                body::encoding_compared_by_content(live_decoding, candidate_decoding),
+            );
+            diffs.extend(body::compare(&live, &candidate, &options));
+            diffs.extend(grpc_message_difference(&live_grpc, &candidate_grpc));
+        }
 
         let mut differing: Vec<u32> = Vec::new();
         for d in &diffs {
@@ -750,8 +862,15 @@ impl Comparator {
         if differing.iter().any(|&i| ep.counts_against(i, &rule))
             && let Some(slot) = ep.sample_slot(&rule)
         {
+            let request = request_messages(exchange, reader);
             let sample = sample::take(
-                sample_input(exchange, &live, &candidate),
+                sample_input(
+                    exchange,
+                    &live,
+                    &candidate,
+                    reader.is_some(),
+                    request.as_ref(),
+                ),
                 &compared_header,
                 &sensitive,
             );
@@ -886,27 +1005,84 @@ fn sample_input<'x, 'b>(
     exchange: &'x Exchange<'_>,
     live: &'x Body<'b>,
     candidate: &'x Body<'b>,
+    grpc: bool,
+    request_messages: Option<&'x serde_json::Value>,
 ) -> sample::SampleInput<'x, 'b> {
     sample::SampleInput {
         method: exchange.method,
         target: exchange.target,
         request_headers: exchange.request_headers,
         request_body: exchange.request_body,
-        live: (exchange.live.status, exchange.live.headers, live),
-        shadow: (
-            exchange.candidate.status,
-            exchange.candidate.headers,
-            candidate,
-        ),
+        grpc,
+        request_messages,
+        live: sample::AnswerInput {
+            status: exchange.live.status,
+            headers: exchange.live.headers,
+            trailers: exchange.live.trailers,
+            body: live,
+        },
+        shadow: sample::AnswerInput {
+            status: exchange.candidate.status,
+            headers: exchange.candidate.headers,
+            trailers: exchange.candidate.trailers,
+            body: candidate,
+        },
     }
 }
 
-/// A body as compared, its decoding counted.
+/// The request's messages of a gRPC call, to be shown in a sample (not compared: not counted).
+fn request_messages(
+    exchange: &Exchange<'_>,
+    reader: Option<&grpc::Reader<'_>>,
+) -> Option<serde_json::Value> {
+    let reader = reader?;
+    if exchange.request_body.len() > reader.limits.max_bytes {
+        return None;
+    }
+    let encoding = exchange
+        .request_headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("grpc-encoding"))
+        .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase());
+    reader.messages(
+        exchange.request_body,
+        encoding.as_deref(),
+        false,
+        grpc::is_json(exchange.request_headers),
+        &mut encoding::DecodeCounts::default(),
+    )
+}
+
+/// The `grpc-message` difference of two gRPC answers with the same status, if any.
+fn grpc_message_difference<'v>(
+    a: &Option<grpc::Status>,
+    b: &Option<grpc::Status>,
+) -> Option<body::BodyDifference<'v>> {
+    let (a, b) = (a.as_ref()?, b.as_ref()?);
+    (a.message != b.message).then(|| body::BodyDifference {
+        field: std::borrow::Cow::Borrowed(grpc::MESSAGE_FIELD),
+        path: grpc::MESSAGE_FIELD.to_owned(),
+        last_key: None,
+        kind: DiffKind::GrpcMessage,
+        live: body::ExampleValue::Header(a.message.clone()),
+        shadow: body::ExampleValue::Header(b.message.clone()),
+    })
+}
+
+/// A body as compared, its decoding counted: a gRPC answer's as its messages when `reader` is
+/// given.
 fn parse<'a>(
     observed: &Observed<'a>,
     limits: encoding::DecodeLimits,
+    reader: Option<&grpc::Reader<'_>>,
     counts: &mut encoding::DecodeCounts,
 ) -> (Body<'a>, body::Decoding) {
+    if let Some(reader) = reader
+        && grpc::is_grpc(observed.headers)
+    {
+        let body = Body::parse_grpc(observed, reader, true, counts);
+        return (body, body::Decoding::Plain);
+    }
     let (body, decoding) = Body::parse(observed, limits);
     if let Some(outcome) = decoding.outcome() {
         counts.count(outcome);

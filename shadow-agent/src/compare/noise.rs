@@ -73,7 +73,8 @@ impl NoiseRule {
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub endpoint: u32,
-    pub status: u16,
+    /// The HTTP status, and for gRPC answers the `grpc-status` above it.
+    pub status: u32,
     /// `(concrete path hash, field hash, value)`.
     pub leaves: Vec<(u64, u64, Leaf)>,
     /// Leaves were left out, so a leaf missing on one side proves nothing.
@@ -81,7 +82,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(endpoint: u32, status: u16, leaves: &[FlatLeaf], partial: bool) -> Self {
+    pub fn new(endpoint: u32, status: u32, leaves: &[FlatLeaf], partial: bool) -> Self {
         let mut l: Vec<_> = leaves
             .iter()
             .map(|f| (f.at, field_hash(&f.field), f.value))

@@ -506,6 +506,14 @@ impl Export for Report {
             .into_iter()
             .map(|(o, n)| (vec![("outcome", o.to_owned())], n)),
         )?;
+        export::counter(
+            e,
+            "compare_grpc_undecodable_messages",
+            "gRPC messages compared by their bytes: not protobuf as read without a schema \
+             (truncated, a group), or compressed and not decoded.",
+            None,
+            d.grpc_undecodable,
+        )?;
         export_endpoints(e, &self.endpoints)?;
         export_verdicts(e, &self.routes, &self.endpoints)
     }

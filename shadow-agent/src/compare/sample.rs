@@ -57,13 +57,18 @@ pub struct Sample {
     /// Whether headers or body were cut to fit: the request as written is not the one sent.
     pub truncated: bool,
     /// The fields it differed in that count as of the report (`$.items[*].price`,
-    /// `header:content-type`), or `status`.
+    /// `header:content-type`, `grpc-status`), or `status`.
     pub fields: Vec<String>,
+    /// A gRPC call: the bodies are its messages as decoded (field numbers, or names from the
+    /// descriptors), which a `.http` file cannot send.
+    #[serde(default)]
+    pub grpc: bool,
     pub live: SampleAnswer,
     pub shadow: SampleAnswer,
 }
 
-/// One answer as kept: its status, the compared headers, and the body as compared (decoded),
+/// One answer as kept: its status, the compared headers (and a gRPC answer's `grpc-status` and
+/// `grpc-message`), and the body as compared (decoded; a gRPC answer's messages as a JSON list),
 /// sensitive values redacted, cut to [`SAMPLE_BODY_BYTES`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SampleAnswer {
@@ -117,9 +122,24 @@ pub(super) struct SampleInput<'x, 'b> {
     pub target: &'x str,
     pub request_headers: &'x [(String, Vec<u8>)],
     pub request_body: &'x [u8],
-    pub live: (u16, &'x [(String, Vec<u8>)], &'x Body<'b>),
-    pub shadow: (u16, &'x [(String, Vec<u8>)], &'x Body<'b>),
+    /// A gRPC call: its samples are not exported as `.http` requests.
+    pub grpc: bool,
+    /// A gRPC request's messages as decoded, shown instead of its bytes.
+    pub request_messages: Option<&'x serde_json::Value>,
+    pub live: AnswerInput<'x, 'b>,
+    pub shadow: AnswerInput<'x, 'b>,
 }
+
+/// The parts of one answer a sample is made of.
+pub(super) struct AnswerInput<'x, 'b> {
+    pub status: u16,
+    pub headers: &'x [(String, Vec<u8>)],
+    pub trailers: &'x [(String, Vec<u8>)],
+    pub body: &'x Body<'b>,
+}
+
+/// The status fields of a gRPC answer, kept in its sample whatever headers are compared.
+const GRPC_STATUS_FIELDS: [&str; 2] = ["grpc-status", "grpc-message"];
 
 /// A sample, redacted and cut. `compared` are the compared header names, `sensitive` decides
 /// which names' values are never kept.
@@ -165,13 +185,25 @@ pub(super) fn take(
         headers.push((name.clone(), value));
     }
     headers.shrink_to_fit();
-    let body = request_body(x.request_body, sensitive, &mut truncated);
-    let answer = |(status, headers, body): (u16, &[(String, Vec<u8>)], &Body<'_>)| {
+    let body = match x.request_messages {
+        Some(messages) => {
+            let mut shown = json::render_value(messages, sensitive, SAMPLE_BODY_BYTES + 1);
+            if shown.len() > SAMPLE_BODY_BYTES {
+                truncated = true;
+                json::cut(&mut shown, SAMPLE_BODY_BYTES);
+            }
+            shown.shrink_to_fit();
+            Some(shown)
+        }
+        None => request_body(x.request_body, sensitive, &mut truncated),
+    };
+    let grpc = x.grpc;
+    let answer = |a: AnswerInput<'_, '_>| {
         let mut room = SAMPLE_ANSWER_HEAD_BYTES;
         let mut kept = Vec::new();
-        for (name, value) in headers {
+        for (name, value) in a.headers.iter().chain(a.trailers) {
             let lower = name.to_ascii_lowercase();
-            if !compared(&lower) {
+            if !(compared(&lower) || grpc && GRPC_STATUS_FIELDS.contains(&lower.as_str())) {
                 continue;
             }
             let value = shown_header(&lower, value, sensitive);
@@ -183,9 +215,9 @@ pub(super) fn take(
         }
         kept.shrink_to_fit();
         SampleAnswer {
-            status,
+            status: a.status,
             headers: kept,
-            body: shown_body(body, sensitive),
+            body: shown_body(a.body, sensitive),
         }
     };
     target.shrink_to_fit();
@@ -199,6 +231,7 @@ pub(super) fn take(
         body_len: x.request_body.len(),
         truncated,
         fields: Vec::new(),
+        grpc,
         live: answer(x.live),
         shadow: answer(x.shadow),
     }
@@ -305,7 +338,7 @@ fn request_body(
 /// An answer's body as shown: as compared (decoded), redacted, cut.
 fn shown_body(body: &Body<'_>, sensitive: &dyn Fn(&str) -> bool) -> String {
     let mut s = match body {
-        Body::Json(v) => json::render_value(v, sensitive, SAMPLE_BODY_BYTES),
+        Body::Json(v) | Body::Grpc(v) => json::render_value(v, sensitive, SAMPLE_BODY_BYTES),
         Body::Text(t) => {
             let mut t: String = t.chars().take(SAMPLE_BODY_BYTES + 1).collect();
             json::cut(&mut t, SAMPLE_BODY_BYTES);

@@ -1478,3 +1478,6 @@ fn routes_beyond_the_bound_count_together_and_each_has_its_own_other_endpoint() 
     assert_eq!(others.len(), 2, "{others:?}");
     assert!(c.memory_bytes() <= c.config().memory_limit());
 }
+
+/// gRPC answers: status, messages, descriptors.
+mod grpc;

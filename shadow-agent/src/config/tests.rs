@@ -1025,3 +1025,35 @@ fn grpc_routes_are_checked_at_load() {
         );
     assert!(Config::from_toml(&plain, "plain.toml").is_ok());
 }
+
+/// `compare.descriptors` is read at load, relative to the file, and refused with the reason.
+#[test]
+fn descriptors_are_read_relative_to_the_file_and_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("shadow.toml");
+    std::fs::write(
+        &config,
+        format!("{MINIMAL}\n[compare]\ndescriptors = \"api.pb\"\n"),
+    )
+    .expect("write");
+    let err = Config::load(&config).expect_err("no such file");
+    assert!(matches!(err, ConfigError::DescriptorsRead { .. }), "{err}");
+    assert!(err.to_string().contains("compare.descriptors"), "{err}");
+
+    std::fs::write(dir.path().join("api.pb"), b"not a descriptor set").expect("write");
+    let err = Config::load(&config).expect_err("not a set");
+    assert!(
+        err.to_string().contains("FileDescriptorSet") && err.to_string().contains("api.pb"),
+        "{err}"
+    );
+
+    let set = crate::compare::protobuf::tests::shop_descriptors();
+    std::fs::write(
+        dir.path().join("api.pb"),
+        prost::Message::encode_to_vec(&set),
+    )
+    .expect("write");
+    let loaded = Config::load(&config).unwrap_or_else(|e| panic!("{e}"));
+    let schema = loaded.compare.and_then(|c| c.schema).expect("schema read");
+    assert!(schema.method("shop.v1.Orders/Get").is_some());
+}
