@@ -67,6 +67,9 @@ macro_rules! programs {
     };
 }
 
+/// Where Debian packages put programs (usr-merged or not), searched in this order.
+const DEBIAN_BIN_DIRS: &[&str] = &["/usr/bin", "/usr/sbin", "/bin", "/sbin"];
+
 /// Why an `Essential: yes` package is always there.
 const ESSENTIAL: &str = "Essential: every Debian system has it";
 /// Why apt is always there.
@@ -192,14 +195,24 @@ pub fn debian_packages() -> Vec<&'static str> {
 
 impl Program {
     /// Where it is started from: `$CARGO_HOME/bin` for a crate (which need not be on `PATH`),
-    /// the cargo that runs us for cargo (`$CARGO`), else the name, found on `PATH`.
+    /// the cargo that runs us for cargo (`$CARGO`), Debian's own directories for a Debian
+    /// package, else the name, found on `PATH`.
+    ///
+    /// A Debian program is taken from where the package puts it, not from `PATH`: a `python3`
+    /// of pyenv or a `curl` of Homebrew earlier on a developer's `PATH` lacks what setup
+    /// installed for the tests (python3-grpcio's module, say).
     pub fn path(self) -> PathBuf {
         match self.source() {
             Source::Crate { .. } => cargo_home().join("bin").join(self.name()),
             _ if self == Program::Cargo => std::env::var_os("CARGO")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(self.name())),
-            _ => PathBuf::from(self.name()),
+            Source::Debian(_) | Source::Base { .. } => DEBIAN_BIN_DIRS
+                .iter()
+                .map(|dir| Path::new(dir).join(self.name()))
+                .find(|path| path.is_file())
+                .unwrap_or_else(|| PathBuf::from(self.name())),
+            Source::Toolchain(_) => PathBuf::from(self.name()),
         }
     }
 
