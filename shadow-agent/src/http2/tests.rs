@@ -780,8 +780,12 @@ fn midstream_http2_is_recognised_and_never_guessed() {
     let got: Vec<String> = events.iter().map(summary).collect();
     assert_eq!(got, ["h2_connections_joined_midstream"]);
     assert!(opaque);
-    // One frame per piece, from the server first.
-    let ops = vec![S(p.status(21, ES, "200")), C(p.get(23, "/x"))];
+    // One frame per piece, from the server first; a single frame does not tell yet.
+    let ops = vec![
+        S(p.status(21, 0, "200")),
+        C(p.get(23, "/x")),
+        S(frame(frame::DATA, ES, 21, b"ok")),
+    ];
     let (events, opaque) = play(&ops, true, &mut |n| n);
     assert_eq!(
         events.iter().map(summary).collect::<Vec<_>>(),
