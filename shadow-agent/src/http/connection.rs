@@ -9,7 +9,7 @@ use super::{
     body::BodyReader,
     framing::{BodyFraming, FramingError, HeadFacts},
 };
-use crate::http2::{Http2Connection, looks_like_frames};
+use crate::http2::{FrameProbe, Http2Connection, Probe};
 
 mod half;
 
@@ -134,11 +134,12 @@ pub struct HttpConnection {
     h2c_asked: Option<u64>,
     /// The server answered `h2c_asked` with 101: the switch happens once the 101 is read.
     h2c_accepted: Option<u64>,
-    /// Picked up in mid-stream and no request found yet: HTTP/2 frames are looked for, since
-    /// such a connection cannot be decoded (its HPACK tables are unknown).
-    probe_h2: bool,
-    /// Whether the client sent anything yet.
-    client_spoke: bool,
+    /// Picked up in mid-stream: HTTP/2 frames are looked for at the start of each direction,
+    /// since such a connection cannot be decoded (its HPACK tables are unknown).
+    probe: Option<Box<MidStreamProbe>>,
+    /// Whether the server's first bytes no longer wait: released to the protocol the client
+    /// chose, or not an HTTP/2 SETTINGS frame.
+    early_done: bool,
     /// HTTP/2 server frames that came before the client's preface (a server may send its
     /// SETTINGS first), held until the client's first bytes tell the protocol.
     early_server: Option<Box<(Vec<u8>, Timestamp)>>,
@@ -166,8 +167,8 @@ impl HttpConnection {
             h2: None,
             h2c_asked: None,
             h2c_accepted: None,
-            probe_h2: mid_stream,
-            client_spoke: mid_stream,
+            probe: mid_stream.then(Box::default),
+            early_done: mid_stream,
             early_server: None,
         }
     }
@@ -190,32 +191,50 @@ impl HttpConnection {
                 .early_server
                 .as_ref()
                 .map_or(0, |early| early.0.capacity())
+            + self.probe.as_ref().map_or(0, |probe| {
+                probe.sides.iter().map(|s| s.held.capacity()).sum::<usize>()
+            })
     }
 
     /// Bytes from the client, in stream order.
     pub fn client_data(&mut self, data: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) {
+        if self.probe.is_some() && self.probe_data(Direction::Client, data, ts, out) {
+            return;
+        }
         self.data(Direction::Client, data, ts, out);
-        if !self.client_spoke {
-            self.client_spoke = true;
+        // Once the client's first message (or preface) told the protocol.
+        if !self.early_done && (self.h2.is_some() || self.next_seq > 0 || self.opaque) {
             self.release_early_server(out);
         }
     }
 
     /// Bytes from the server, in stream order.
     pub fn server_data(&mut self, data: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) {
-        if !self.client_spoke && self.hold_early_server(data, ts) {
+        if self.probe.is_some() && self.probe_data(Direction::Server, data, ts, out) {
             return;
+        }
+        if !self.early_done {
+            if self.hold_early_server(data, ts) {
+                return;
+            }
+            self.release_early_server(out);
         }
         self.data(Direction::Server, data, ts, out);
     }
 
-    /// An HTTP/2 server may send its SETTINGS before it has read the client's preface: such
-    /// bytes wait for the client's first bytes (at most `max_head_bytes`). Returns whether
-    /// `data` was held.
+    /// An HTTP/2 server may send its SETTINGS before it has read the client's preface: a
+    /// server stream that begins like a SETTINGS frame waits for the client's first message to
+    /// tell the protocol (at most `max_head_bytes`; the decision depends only on the stream's
+    /// bytes, not on how they are split). Returns whether `data` was held.
     fn hold_early_server(&mut self, data: &[u8], ts: Timestamp) -> bool {
         let held = self.early_server.as_ref().map_or(0, |early| early.0.len());
-        let settings_frame = data.len() > 3 && data[3] == 0x4;
-        if (held == 0 && !settings_frame) || held + data.len() > self.limits.max_head_bytes {
+        // The fourth byte of a frame header is its type.
+        let fourth = match self.early_server.as_ref().and_then(|early| early.0.get(3)) {
+            Some(&byte) => Some(byte),
+            None => data.get(3 - held.min(3)).copied(),
+        };
+        if fourth.is_some_and(|kind| kind != 0x4) || held + data.len() > self.limits.max_head_bytes
+        {
             return false;
         }
         self.early_server
@@ -225,7 +244,73 @@ impl HttpConnection {
         true
     }
 
+    /// On a connection picked up mid-stream, a direction's first bytes (at most
+    /// `max_head_bytes`) are held until they show whether they are HTTP/2 frames: if they are,
+    /// the connection is opaque and counted; if not, they are read as HTTP/1.x, in order.
+    /// Holding them keeps the events independent of how the bytes are split. Returns whether
+    /// `data` was taken.
+    fn probe_data(
+        &mut self,
+        direction: Direction,
+        data: &[u8],
+        ts: Timestamp,
+        out: &mut Vec<HttpEvent>,
+    ) -> bool {
+        let max = self.limits.max_head_bytes;
+        let Some(probe) = self.probe.as_mut() else {
+            return false;
+        };
+        let side = &mut probe.sides[direction_index(direction)];
+        if side.decided {
+            return false;
+        }
+        let room = max.saturating_sub(side.held.len());
+        let answer = match side.probe.feed(&data[..data.len().min(room)]) {
+            Probe::Unknown if data.len() >= room => Probe::NotFrames,
+            answer => answer,
+        };
+        match answer {
+            Probe::Frames => {
+                out.push(HttpEvent::Anomaly(Anomaly::Http2JoinedMidstream));
+                self.probe = None;
+                self.make_opaque();
+                true
+            }
+            Probe::Unknown => {
+                side.held.extend_from_slice(data);
+                side.first.get_or_insert(ts);
+                true
+            }
+            Probe::NotFrames => {
+                self.probe_decided(direction, out);
+                false
+            }
+        }
+    }
+
+    /// A direction's first bytes are not HTTP/2 frames (or a gap or its end came first): what
+    /// was held is read now.
+    fn probe_decided(&mut self, direction: Direction, out: &mut Vec<HttpEvent>) {
+        let Some(probe) = self.probe.as_mut() else {
+            return;
+        };
+        let side = &mut probe.sides[direction_index(direction)];
+        if side.decided {
+            return;
+        }
+        side.decided = true;
+        let held = std::mem::take(&mut side.held);
+        let ts = side.first.unwrap_or_default();
+        if probe.sides.iter().all(|s| s.decided) {
+            self.probe = None;
+        }
+        if !held.is_empty() {
+            self.data(direction, &held, ts, out);
+        }
+    }
+
     fn release_early_server(&mut self, out: &mut Vec<HttpEvent>) {
+        self.early_done = true;
         if let Some(early) = self.early_server.take() {
             let (bytes, ts) = *early;
             self.data(Direction::Server, &bytes, ts, out);
@@ -237,6 +322,7 @@ impl HttpConnection {
         if self.opaque || lost_bytes == 0 {
             return;
         }
+        self.probe_decided(Direction::Client, out);
         if let Some(h2) = self.h2.as_mut() {
             h2.gap(Direction::Client, lost_bytes, out);
             self.opaque = h2.is_opaque();
@@ -251,6 +337,7 @@ impl HttpConnection {
         if self.opaque || lost_bytes == 0 {
             return;
         }
+        self.probe_decided(Direction::Server, out);
         self.release_early_server(out);
         if let Some(h2) = self.h2.as_mut() {
             h2.gap(Direction::Server, lost_bytes, out);
@@ -267,6 +354,7 @@ impl HttpConnection {
         if self.opaque {
             return;
         }
+        self.probe_decided(Direction::Client, out);
         self.release_early_server(out);
         if let Some(h2) = self.h2.as_mut() {
             h2.end(Direction::Client, ts, out);
@@ -282,6 +370,7 @@ impl HttpConnection {
         if self.opaque {
             return;
         }
+        self.probe_decided(Direction::Server, out);
         self.release_early_server(out);
         if let Some(h2) = self.h2.as_mut() {
             h2.end(Direction::Server, ts, out);
@@ -300,12 +389,6 @@ impl HttpConnection {
     #[inline(always)]
     fn data(&mut self, direction: Direction, data: &[u8], ts: Timestamp, out: &mut Vec<HttpEvent>) {
         let max_head = self.limits.max_head_bytes;
-        if self.probe_h2 && looks_like_frames(data) {
-            self.probe_h2 = false;
-            out.push(HttpEvent::Anomaly(Anomaly::Http2JoinedMidstream));
-            self.make_opaque();
-            return;
-        }
         let mut input = data;
         while !input.is_empty() && !self.opaque {
             if let Some(h2) = self.h2.as_mut() {
@@ -413,7 +496,6 @@ impl HttpConnection {
         out: &mut Vec<HttpEvent>,
     ) -> (usize, Outcome) {
         let direction = Direction::Client;
-        self.probe_h2 = false;
         if head == HTTP2_PREFACE_HEAD && self.next_seq == 0 {
             // Prior knowledge: the rest of the preface and the frames follow.
             let h2 = Http2Connection::prior_knowledge(self.limits, self.next_seq, head.len());
@@ -762,6 +844,27 @@ impl HttpConnection {
         self.client.reset(HalfState::Ended);
         self.server.reset(HalfState::Ended);
         self.pending.clear();
+    }
+}
+
+/// The mid-stream probe of both directions.
+#[derive(Debug, Default)]
+struct MidStreamProbe {
+    sides: [ProbeSide; 2],
+}
+
+#[derive(Debug, Default)]
+struct ProbeSide {
+    probe: FrameProbe,
+    held: Vec<u8>,
+    first: Option<Timestamp>,
+    decided: bool,
+}
+
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Client => 0,
+        Direction::Server => 1,
     }
 }
 

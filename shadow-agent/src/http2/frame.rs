@@ -112,6 +112,64 @@ pub(crate) fn looks_like_frames(bytes: &[u8]) -> bool {
     }
 }
 
+/// What the first bytes of a stream picked up mid-stream show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// Not enough bytes yet.
+    Unknown,
+    /// Two plausible frame headers, the second exactly where the first frame ends.
+    Frames,
+    NotFrames,
+}
+
+/// Follows frame headers from the first byte of a stream on: the same bytes give the same
+/// answer however they are split.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FrameProbe {
+    header: [u8; HEADER_LEN],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+    frames: u8,
+    failed: bool,
+}
+
+impl FrameProbe {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> Probe {
+        loop {
+            if self.failed {
+                return Probe::NotFrames;
+            }
+            if self.frames >= 2 {
+                return Probe::Frames;
+            }
+            let n = self.skip.min(data.len());
+            self.skip -= n;
+            data = &data[n..];
+            if data.is_empty() {
+                return Probe::Unknown;
+            }
+            let n = (HEADER_LEN - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have < HEADER_LEN {
+                return Probe::Unknown;
+            }
+            self.have = 0;
+            if !FrameHeader::plausible(&self.header) {
+                self.failed = true;
+                continue;
+            }
+            self.frames += 1;
+            if self.frames >= 2 {
+                return Probe::Frames;
+            }
+            self.skip = FrameHeader::parse(&self.header).len as usize;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +204,23 @@ mod tests {
         // Flags a type does not have.
         assert!(!looks_like_frames(&frame(PING, 0x2, 0, &[0; 8])));
         assert!(!looks_like_frames(&[]));
+    }
+
+    #[test]
+    fn probe_follows_the_stream_whatever_the_split() {
+        let headers = frame(HEADERS, END_HEADERS, 3, &[0x82, 0x86, 0x84]);
+        let data = frame(DATA, END_STREAM, 3, b"hello");
+        let stream = [headers.clone(), data].concat();
+        for step in 1..stream.len() {
+            let mut probe = FrameProbe::default();
+            let answers: Vec<Probe> = stream.chunks(step).map(|c| probe.feed(c)).collect();
+            assert_eq!(answers.last(), Some(&Probe::Frames), "{step}");
+        }
+        let mut probe = FrameProbe::default();
+        assert_eq!(probe.feed(&headers), Probe::Unknown);
+        assert_eq!(probe.feed(b"GET / HTTP/1.1\r\n"), Probe::NotFrames);
+        assert_eq!(probe.feed(&headers), Probe::NotFrames);
+        let mut probe = FrameProbe::default();
+        assert_eq!(probe.feed(b"HTTP/1.1 200 OK\r\n"), Probe::NotFrames);
     }
 }

@@ -27,8 +27,8 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-pub(crate) use frame::looks_like_frames;
 use frame::{FrameHeader, HEADER_LEN, PREFACE};
+pub(crate) use frame::{FrameProbe, Probe, looks_like_frames};
 use hpack::{Decoder, HpackError};
 
 use crate::http::{

@@ -780,8 +780,12 @@ fn midstream_http2_is_recognised_and_never_guessed() {
     let got: Vec<String> = events.iter().map(summary).collect();
     assert_eq!(got, ["h2_connections_joined_midstream"]);
     assert!(opaque);
-    // One frame per piece, from the server first.
-    let ops = vec![S(p.status(21, ES, "200")), C(p.get(23, "/x"))];
+    // One frame per piece, from the server first; a single frame does not tell yet.
+    let ops = vec![
+        S(p.status(21, 0, "200")),
+        C(p.get(23, "/x")),
+        S(frame(frame::DATA, ES, 21, b"ok")),
+    ];
     let (events, opaque) = play(&ops, true, &mut |n| n);
     assert_eq!(
         events.iter().map(summary).collect::<Vec<_>>(),
@@ -826,5 +830,50 @@ proptest! {
         let (whole, _) = play(&ops, false, &mut |n| n);
         let (split, _) = play(&ops, false, &mut |_| 5);
         prop_assert_eq!(whole, split);
+    }
+}
+
+/// Bytes held before the protocol is known (a server's early SETTINGS, the first bytes of a
+/// connection picked up mid-stream) give the same events however they are split (both were
+/// found by the `http_parser` fuzz target).
+#[test]
+fn held_first_bytes_do_not_depend_on_the_split() {
+    let mut p = Peers::new();
+    let cases: Vec<(bool, Vec<Op>)> = vec![
+        (
+            false,
+            vec![
+                S([settings(&[]), b"HTTP/1.1 200 OK\r\n\r\n".to_vec()].concat()),
+                C(b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+            ],
+        ),
+        (
+            false,
+            vec![S(b"\0\0\0\x07 not settings".to_vec()), C(client_start())],
+        ),
+        (
+            true,
+            vec![
+                C([b"tail GET /a HTTP/1.1\r\n\r\n".to_vec(), p.get(3, "/b")].concat()),
+                S(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()),
+            ],
+        ),
+        (
+            true,
+            vec![C([
+                p.get(5, "/c"),
+                frame(frame::DATA, ES, 5, b"x"),
+                b"GET /d HTTP/1.1\r\n\r\n".to_vec(),
+            ]
+            .concat())],
+        ),
+    ];
+    for (mid_stream, ops) in cases {
+        let (whole, opaque) = play(&ops, mid_stream, &mut |n| n);
+        for step in 1..12 {
+            let (split, split_opaque) = play(&ops, mid_stream, &mut |_| step);
+            assert_eq!(split, whole, "{ops:?} every {step}");
+            assert_eq!(split_opaque, opaque);
+        }
     }
 }
