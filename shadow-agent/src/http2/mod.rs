@@ -138,17 +138,20 @@ impl Http2Connection {
         core.ended[index(direction)] = true;
         let server_ended = direction == Direction::Server;
         core.streams.retain(|stream| {
-            let unfinished = match (&stream.request, server_ended) {
-                (RequestState::Reading(_), _) => Some(Direction::Client),
-                (RequestState::Emitted, true) => Some(Direction::Server),
-                (RequestState::Emitted, false) => None,
+            let unfinished = match &stream.request {
+                RequestState::Reading(_) => Some(Direction::Client),
+                RequestState::Emitted if server_ended => stream.cut_short(),
+                RequestState::Emitted => None,
             };
+            if !server_ended && unfinished.is_none() {
+                return true;
+            }
             if let Some(direction) = unfinished {
                 out.push(HttpEvent::Anomaly(Anomaly::Http2StreamAbandoned {
                     direction,
                 }));
             }
-            unfinished.is_none()
+            false
         });
         if core.ended == [true, true] {
             core.make_opaque(out);
@@ -397,6 +400,18 @@ struct Stream {
     connect: bool,
 }
 
+impl Stream {
+    /// For a stream whose request was emitted and which ends here: `Some(Server)` when a
+    /// response had begun and is lost. An answer never begun is not counted, as for HTTP/1.x: the
+    /// request was rebuilt, and with ingress-only capture no answer is ever seen.
+    fn cut_short(&self) -> Option<Direction> {
+        match self.response {
+            ResponseState::Reading(_) => Some(Direction::Server),
+            ResponseState::Waiting | ResponseState::Done => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum RequestState {
     Reading(Box<Building<Request>>),
@@ -640,12 +655,14 @@ impl Core {
         self.opaque = true;
         for stream in self.streams.drain(..) {
             let direction = match stream.request {
-                RequestState::Reading(_) => Direction::Client,
-                RequestState::Emitted => Direction::Server,
+                RequestState::Reading(_) => Some(Direction::Client),
+                RequestState::Emitted => stream.cut_short(),
             };
-            out.push(HttpEvent::Anomaly(Anomaly::Http2StreamAbandoned {
-                direction,
-            }));
+            if let Some(direction) = direction {
+                out.push(HttpEvent::Anomaly(Anomaly::Http2StreamAbandoned {
+                    direction,
+                }));
+            }
         }
         let cap = self.limits.max_hpack_table_bytes;
         self.decoders = [Decoder::new(cap), Decoder::new(cap)];

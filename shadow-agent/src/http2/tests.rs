@@ -470,6 +470,49 @@ fn resets_goaway_and_ends_drop_and_count() {
     );
 }
 
+/// A request whose answer never began is not a loss (as for HTTP/1.x, and all there is with
+/// ingress-only capture); an answer cut short by the end is.
+#[test]
+fn only_answers_begun_and_cut_short_count_as_abandoned() {
+    let mut p = Peers::new();
+    let client_only = vec![
+        C(client_start()),
+        C(p.get(1, "/a")),
+        C(p.get(3, "/b")),
+        CEnd,
+        SEnd,
+    ];
+    check(
+        "client only",
+        &client_only,
+        false,
+        &["req#0 s1 GET /a ", "req#1 s3 GET /b "],
+        true,
+    );
+
+    let mut p = Peers::new();
+    let cut_short = vec![
+        C(client_start()),
+        C(p.get(1, "/a")),
+        C(p.get(3, "/b")),
+        S(server_start()),
+        S(p.status(1, 0, "200")),
+        CEnd,
+        SEnd,
+    ];
+    check(
+        "cut short",
+        &cut_short,
+        false,
+        &[
+            "req#0 s1 GET /a ",
+            "req#1 s3 GET /b ",
+            "h2_stream_abandoned",
+        ],
+        true,
+    );
+}
+
 #[test]
 fn upgrade_from_http1() {
     let mut p = Peers::new();
