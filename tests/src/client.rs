@@ -379,19 +379,46 @@ pub fn ab(ns: &Netns, url: &str, requests: u64, concurrency: u32) -> u64 {
 /// each with a `traceparent` and a `baggage`. One JSON object per call: `method`, `code` (the
 /// gRPC status name) and `reply` (hex).
 pub fn grpc_calls(ns: &Netns, server: SocketAddr, n: usize) -> Vec<serde_json::Value> {
+    grpc_app(ns, server, &["client", &n.to_string()])
+}
+
+/// `rounds` rounds of one call of each of `methods` (of `shop.Orders`) to `server`, each an
+/// `OrderRequest` for `o-0`, `o-1`, `o-2` in turn, round `i` on channel `i % channels` (each
+/// channel one HTTP/2 connection). One JSON object per call, as [`grpc_calls`].
+pub fn grpc_rounds(
+    ns: &Netns,
+    server: SocketAddr,
+    rounds: usize,
+    channels: usize,
+    methods: &[&str],
+) -> Vec<serde_json::Value> {
+    let (rounds, channels) = (rounds.to_string(), channels.to_string());
+    let mut args = vec!["calls", &rounds, &channels];
+    args.extend(methods);
+    grpc_app(ns, server, &args)
+}
+
+/// Writes the `shop.Orders` service's `FileDescriptorSet` (`grpc_app.py descriptors`) to `path`.
+pub fn grpc_descriptor_set(path: &std::path::Path) {
+    let dir = tempfile::tempdir().expect("tempdir for the gRPC script");
+    let script = dir.path().join("grpc_app.py");
+    std::fs::write(&script, include_str!("grpc_app.py")).expect("write grpc_app.py");
+    run_ok(Program::Python3.command().args([
+        script.to_str().expect("utf-8 path"),
+        "descriptors",
+        path.to_str().expect("utf-8 path"),
+    ]));
+}
+
+/// Runs `grpc_app.py MODE HOST PORT REST...` as a client inside `ns`; its JSON lines.
+fn grpc_app(ns: &Netns, server: SocketAddr, args: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().expect("tempdir for the gRPC client");
     let script = dir.path().join("grpc_app.py");
     std::fs::write(&script, include_str!("grpc_app.py")).expect("write grpc_app.py");
-    let out = run_ok(&mut ns.exec(
-        Program::Python3,
-        &[
-            script.to_str().expect("utf-8 path"),
-            "client",
-            &server.ip().to_string(),
-            &server.port().to_string(),
-            &n.to_string(),
-        ],
-    ));
+    let (host, port) = (server.ip().to_string(), server.port().to_string());
+    let mut all = vec![script.to_str().expect("utf-8 path"), args[0], &host, &port];
+    all.extend(&args[1..]);
+    let out = run_ok(&mut ns.exec(Program::Python3, &all));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -173,6 +173,10 @@ pub const SUPPORT_PACKAGES: &[SupportPackage] = &[
         why: "the gRPC service and client that python3 runs in tests/tests/grpc.rs (grpc_app.py)",
     },
     SupportPackage {
+        package: "python3-protobuf",
+        why: "grpc_app.py builds the descriptor set of tests/tests/grpc.rs (protoc is not needed)",
+    },
+    SupportPackage {
         package: "busybox-static",
         why: "virtme-ng builds the VM's initramfs with busybox",
     },

@@ -459,9 +459,9 @@ impl Drop for JsonApp {
 }
 
 /// A gRPC service (`grpc_app.py`, Debian's python3 with python3-grpcio): `shop.Orders` with the
-/// unary calls `GetOrder` and `CancelOrder`, whose messages are plain bytes. Each call it serves
-/// is recorded with its metadata ([`GrpcApp::calls`]); the same script deployed as live and as
-/// shadow. Dropping it kills it.
+/// unary calls `GetOrder`, `ListOrders` (both answering an `Order` protobuf message whose field 3
+/// is a random request id) and `CancelOrder`. Each call it serves is recorded with its metadata
+/// ([`GrpcApp::calls`]); the same script deployed as live and as shadow. Dropping it kills it.
 pub struct GrpcApp {
     pub addr: SocketAddr,
     child: Child,
@@ -469,8 +469,21 @@ pub struct GrpcApp {
     _dir: tempfile::TempDir,
 }
 
+/// What a [`GrpcApp`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcAnswers {
+    /// The live version's answers.
+    Live,
+    /// The same, but `ListOrders` answers `status` (field 2) 2 where live answers 1.
+    Regressed,
+}
+
 impl GrpcApp {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        Self::start_answering(ns, addr, GrpcAnswers::Live)
+    }
+
+    pub fn start_answering(ns: &Netns, addr: SocketAddr, answers: GrpcAnswers) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for the gRPC app");
         let script = dir.path().join("grpc_app.py");
         std::fs::write(&script, include_str!("grpc_app.py")).expect("write grpc_app.py");
@@ -485,6 +498,10 @@ impl GrpcApp {
                     &addr.ip().to_string(),
                     &addr.port().to_string(),
                     log.to_str().expect("utf-8 path"),
+                    match answers {
+                        GrpcAnswers::Live => "live",
+                        GrpcAnswers::Regressed => "regressed",
+                    },
                 ],
             )
             .stdin(Stdio::null())

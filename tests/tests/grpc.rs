@@ -2,13 +2,16 @@
 //! over h2c (prior knowledge, one connection) while `shadow-agent run` captures on the live host;
 //! a second python3-grpcio server is the shadow and records every call it gets. Only the calls
 //! the route's `allow_grpc` names arrive there, over HTTP/2, with the shadow tags as metadata.
+//! With `[compare]`, the answers are compared as gRPC: a regressed method is flagged with the
+//! field that changed, and a per-call request id is learned as noise.
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
-use shadow_tests::client::grpc_calls;
-use shadow_tests::site::{Site, count};
-use shadow_tests::{Agent, GrpcApp, require_root, wait_for};
+use shadow_tests::agent::KEEP_UP;
+use shadow_tests::client::{curl, grpc_calls, grpc_descriptor_set, grpc_rounds};
+use shadow_tests::site::{Site, count, stats, write_atomically};
+use shadow_tests::{Agent, GrpcAnswers, GrpcApp, require_root, wait_for};
 
 const ARRIVAL: Duration = Duration::from_secs(20);
 /// The trace the client sends with every call (grpc_app.py).
@@ -155,4 +158,150 @@ fn allowed_grpc_calls_arrive_at_the_shadow_tagged_and_a_write_never_does() {
     assert_eq!(count(target, &["responses", "2xx"]), 5, "{counters}");
     assert_eq!(sent, answered + failed + abandoned, "{counters}");
     assert_eq!(count(target, &["in_flight"]), 0, "{counters}");
+}
+
+/// Calls per compared method: enough identical requests (three ids in turn) for the noise of
+/// `Order.request_id` to be learned (`min_samples` is 20).
+const ROUNDS: usize = 60;
+
+/// What one compared run shows for a field: its kind, whether it was learned as noise, and how
+/// many exchanges it differed in.
+fn field<'r>(endpoint: &'r Value, path: &str) -> Option<&'r Value> {
+    endpoint["top_fields"]
+        .as_array()?
+        .iter()
+        .find(|f| f["path"] == path)
+}
+
+/// Live and shadow serve `shop.Orders`, the shadow's `ListOrders` answering another `status`;
+/// `ROUNDS` calls of `GetOrder` and of `ListOrders` over `channels` connections are mirrored and
+/// compared, with the service's descriptor set or without. Returns the agent's report.
+fn compare_run(channels: usize, descriptors: bool) -> Value {
+    let site = Site::new();
+    let _live = GrpcApp::start(&site.live, site.live_addr());
+    let _shadow =
+        GrpcApp::start_answering(&site.shadow, site.shadow_addr(), GrpcAnswers::Regressed);
+    let descriptor_key = if descriptors {
+        grpc_descriptor_set(&site.dir.path().join("orders.pb"));
+        "descriptors = \"orders.pb\"\n"
+    } else {
+        ""
+    };
+    // Both hooks, so live's answers are seen too. Latency is left out of the flags
+    // (`flag_slowdown`): live's is measured where it is captured, the shadow's across a veth
+    // and a connection, and this test is about content.
+    let config = site.dir.path().join("config.toml");
+    write_atomically(
+        &config,
+        &format!(
+            "[capture]\ninterfaces = [\"veth-lf\"]\nhooks = [\"ingress\", \"egress\"]\nports = [80]\n\n\
+             [[route]]\nname = \"orders\"\nmatch = {{ port = 80, grpc = \"shop.Orders/*\" }}\n\
+             targets = [\"grpc://{}\"]\nallow_grpc = [\"shop.Orders/GetOrder\", \"shop.Orders/ListOrders\"]\n\n\
+             [budget]\nnode_rps = 10000\ntarget_rps = 10000\ntimeout = \"2s\"\nmax_in_flight = 1000\n\n\
+             [compare]\nflag_slowdown = 1000\n{descriptor_key}",
+            site.shadow_addr()
+        ),
+    );
+    let agent = Agent::run(&site.live, &config, &KEEP_UP);
+
+    let answers = grpc_rounds(
+        &site.client,
+        site.live_addr(),
+        ROUNDS,
+        channels,
+        &["GetOrder", "ListOrders"],
+    );
+    assert_eq!(answers.len(), 2 * ROUNDS);
+    assert!(answers.iter().all(|a| a["code"] == "OK"), "{answers:?}");
+
+    let calls = 2 * ROUNDS as u64;
+    let mut last = Value::Null;
+    let compared = wait_for(
+        "every call compared in the report",
+        Duration::from_secs(30),
+        || {
+            let out = curl(&site.live, &["http://127.0.0.1:9464/report"]);
+            if let Ok(report) = serde_json::from_slice::<Value>(&out.stdout) {
+                last = report;
+            }
+            (count(&last, &["totals", "compared"]) >= calls).then(|| last.clone())
+        },
+    );
+    let json = stats(&site);
+    let mirror = &json["mirror"];
+    let counters = format!("mirror {mirror:#}; compare {:#}", json["compare"]);
+    let route = &mirror["routes"][0];
+    assert_eq!(count(route, &["seen"]), calls, "{counters}");
+    assert_eq!(count(route, &["mirrored"]), calls, "{counters}");
+    let target = &mirror["targets"][0];
+    assert_eq!(count(target, &["sent"]), calls, "{counters}");
+    assert_eq!(count(target, &["responses", "2xx"]), calls, "{counters}");
+    assert_eq!(
+        count(&compared, &["totals", "compared"]),
+        calls,
+        "{counters}"
+    );
+    agent.interrupt().assert_success();
+    compared
+}
+
+/// The checks of one report: `GetOrder` matches once `request_id` is noise, `ListOrders` is
+/// flagged for `status` alone.
+fn assert_regression_flagged(report: &Value, status: &str, request_id: &str) {
+    let endpoint = |name: &str| -> &Value {
+        report["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["endpoint"] == name)
+            .unwrap_or_else(|| panic!("no endpoint {name}: {report:#}"))
+    };
+    let get = endpoint("shop.Orders/GetOrder");
+    let list = endpoint("shop.Orders/ListOrders");
+    for e in [get, list] {
+        assert_eq!(count(e, &["compared"]), ROUNDS as u64, "{e:#}");
+        assert_eq!(e["route"], "orders", "{e:#}");
+        // The request id differs in every call, live against shadow and live against live.
+        let noise = field(e, request_id).unwrap_or_else(|| panic!("{request_id}: {e:#}"));
+        assert_eq!(noise["noise"], true, "{e:#}");
+        assert_eq!(count(e, &["status_mismatches", "count"]), 0, "{e:#}");
+    }
+    assert_eq!(get["flagged"], false, "{get:#}");
+    assert_eq!(count(get, &["matched"]), ROUNDS as u64, "{get:#}");
+    let unexplained: Vec<&Value> = get["top_fields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["noise"] != true)
+        .collect();
+    assert!(unexplained.is_empty(), "{get:#}");
+
+    assert_eq!(list["flagged"], true, "{list:#}");
+    assert_eq!(count(list, &["matched"]), 0, "{list:#}");
+    let changed = field(list, status).unwrap_or_else(|| panic!("{status}: {list:#}"));
+    assert_eq!(changed["noise"], false, "{list:#}");
+    assert_eq!(count(changed, &["differing"]), ROUNDS as u64, "{list:#}");
+    let flagged: Vec<&str> = report["flagged"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["endpoint"].as_str())
+        .collect();
+    assert_eq!(flagged, ["shop.Orders/ListOrders"], "{report:#}");
+    assert_eq!(
+        count(report, &["totals", "matched"]),
+        ROUNDS as u64,
+        "{report:#}"
+    );
+}
+
+#[test]
+fn a_regression_in_a_grpc_answer_is_flagged_and_learned_noise_is_not() {
+    require_root();
+    // Fields by number, on one connection.
+    let report = compare_run(1, false);
+    assert_regression_flagged(&report, "$[*].2", "$[*].3");
+    // Fields by name from the descriptor set, calls spread over three connections.
+    let report = compare_run(3, true);
+    assert_regression_flagged(&report, "$[*].status", "$[*].request_id");
 }
