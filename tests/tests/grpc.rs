@@ -11,7 +11,7 @@ use serde_json::Value;
 use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::{curl, grpc_calls, grpc_descriptor_set, grpc_rounds};
 use shadow_tests::site::{Site, count, stats, write_atomically};
-use shadow_tests::{Agent, GrpcAnswers, GrpcApp, require_root, wait_for};
+use shadow_tests::{Agent, GrpcAnswers, GrpcApp, agent_bin, require_root, wait_for};
 
 const ARRIVAL: Duration = Duration::from_secs(20);
 /// The trace the client sends with every call (grpc_app.py).
@@ -304,4 +304,84 @@ fn a_regression_in_a_grpc_answer_is_flagged_and_learned_noise_is_not() {
     // Fields by name from the descriptor set, calls spread over three connections.
     let report = compare_run(3, true);
     assert_regression_flagged(&report, "$[*].status", "$[*].request_id");
+}
+
+#[test]
+fn a_recorded_grpc_capture_replays_the_allowed_calls() {
+    require_root();
+    let site = Site::new();
+    let _live = GrpcApp::start(&site.live, site.live_addr());
+    let recorder = Agent::start(&site.live, &["--interface", "veth-lf", "--port", "80"]);
+    let answers = grpc_calls(&site.client, site.live_addr(), 5);
+    assert_eq!(answers.len(), 7, "{answers:?}");
+    let (capture, _, _) = recorder.stop_checked();
+    let pcap = capture.pcap_path();
+
+    let shadow = GrpcApp::start(&site.shadow, site.shadow_addr());
+    let config = site.config(ROUTE);
+    let stats_path = site.dir.path().join("replay-stats.json");
+    let out = site
+        .live
+        .exec_built(
+            &agent_bin(),
+            &[
+                "replay",
+                "--pcap",
+                pcap.to_str().expect("utf-8"),
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--stats-json",
+                stats_path.to_str().expect("utf-8"),
+                "--node-name",
+                "replayer",
+                "--speed",
+                "max",
+                // However it goes, the test does not hang.
+                "--duration",
+                "25s",
+            ],
+        )
+        .output()
+        .expect("run shadow-agent replay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "replay failed:\n{stderr}");
+
+    // The replay has ended, its copies answered: the shadow has every GetOrder, once, and no
+    // CancelOrder.
+    let received = shadow.calls();
+    let requests: Vec<(&str, String)> = received
+        .iter()
+        .map(|c| {
+            assert_eq!(metadata(c, "x-shadow-request"), Some("1"), "{c}");
+            let id = metadata(c, "x-shadow-id").unwrap_or_default();
+            assert!(id.starts_with("replayer-"), "{c}");
+            let hex = c["request"].as_str().unwrap_or_default();
+            (c["method"].as_str().unwrap_or_default(), hex.to_owned())
+        })
+        .collect();
+    let want: Vec<(&str, String)> = (0..5)
+        .map(|i| {
+            let hex = format!("o-{i}")
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            ("GetOrder", hex)
+        })
+        .collect();
+    assert_eq!(requests, want, "{stderr}");
+
+    let text = std::fs::read_to_string(&stats_path).expect("replay wrote its stats");
+    let json: Value = serde_json::from_str(&text).expect("stats are JSON");
+    let route = &json["mirror"]["routes"][0];
+    let counters = format!("{:#}", json["mirror"]);
+    assert_eq!(count(route, &["seen"]), 7, "{counters}");
+    assert_eq!(count(route, &["mirrored"]), 5, "{counters}");
+    assert_eq!(
+        count(route, &["dropped", "grpc_not_allowed"]),
+        2,
+        "{counters}"
+    );
+    let target = &json["mirror"]["targets"][0];
+    assert_eq!(count(target, &["sent"]), 5, "{counters}");
+    assert_eq!(count(target, &["responses", "2xx"]), 5, "{counters}");
 }
