@@ -3,7 +3,8 @@
 //! a second python3-grpcio server is the shadow and records every call it gets. Only the calls
 //! the route's `allow_grpc` names arrive there, over HTTP/2, with the shadow tags as metadata.
 //! With `[compare]`, the answers are compared as gRPC: a regressed method is flagged with the
-//! field that changed, and a per-call request id is learned as noise.
+//! field that changed, and a per-call request id is learned as noise. A capture of the calls,
+//! replayed with `shadow-agent replay`, delivers the same allowed calls.
 use std::collections::BTreeSet;
 use std::time::Duration;
 
