@@ -6,8 +6,9 @@ encoded by hand.
       serves shop.Orders (GetOrder, ListOrders, CancelOrder) and appends a JSON line per call to
       LOG: method, metadata, request (hex). GetOrder and ListOrders answer an `Order` (field 1
       the id, from the request's field 1 or the whole request; field 2 the status, a varint;
-      field 3 a random request id: noise). ANSWERS is `live` (the default) or `regressed`: the
-      same, but ListOrders answers status 2 where live answers 1.
+      field 3 a random request id: noise). ANSWERS is `live` (the default), `regressed` (the
+      same, but ListOrders answers status 2 where live answers 1) or `unavailable` (ListOrders
+      fails with UNAVAILABLE, a trailers-only answer).
   grpc_app.py client HOST PORT N
       on one channel: N GetOrder calls, then two CancelOrder calls, each with a traceparent and
       a baggage; prints one JSON line per call: method, status code, reply (hex)
@@ -90,6 +91,8 @@ def serve(host, port, log_path, answers):
 
     def list_orders(request, context):
         record("ListOrders", request, context)
+        if answers == "unavailable":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "orders database down")
         return order(order_id(request), SHIPPED if answers == "regressed" else PLACED)
 
     def cancel_order(request, context):

@@ -476,6 +476,8 @@ pub enum GrpcAnswers {
     Live,
     /// The same, but `ListOrders` answers `status` (field 2) 2 where live answers 1.
     Regressed,
+    /// The same, but `ListOrders` fails with `UNAVAILABLE` (14).
+    Unavailable,
 }
 
 impl GrpcApp {
@@ -501,6 +503,7 @@ impl GrpcApp {
                     match answers {
                         GrpcAnswers::Live => "live",
                         GrpcAnswers::Regressed => "regressed",
+                        GrpcAnswers::Unavailable => "unavailable",
                     },
                 ],
             )

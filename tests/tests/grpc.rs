@@ -174,14 +174,13 @@ fn field<'r>(endpoint: &'r Value, path: &str) -> Option<&'r Value> {
         .find(|f| f["path"] == path)
 }
 
-/// Live and shadow serve `shop.Orders`, the shadow's `ListOrders` answering another `status`;
+/// Live and shadow serve `shop.Orders`, the shadow's `ListOrders` answering as `shadow` says;
 /// `ROUNDS` calls of `GetOrder` and of `ListOrders` over `channels` connections are mirrored and
 /// compared, with the service's descriptor set or without. Returns the agent's report.
-fn compare_run(channels: usize, descriptors: bool) -> Value {
+fn compare_run(shadow: GrpcAnswers, channels: usize, descriptors: bool) -> Value {
     let site = Site::new();
     let _live = GrpcApp::start(&site.live, site.live_addr());
-    let _shadow =
-        GrpcApp::start_answering(&site.shadow, site.shadow_addr(), GrpcAnswers::Regressed);
+    let _shadow = GrpcApp::start_answering(&site.shadow, site.shadow_addr(), shadow);
     let descriptor_key = if descriptors {
         grpc_descriptor_set(&site.dir.path().join("orders.pb"));
         "descriptors = \"orders.pb\"\n"
@@ -247,8 +246,8 @@ fn compare_run(channels: usize, descriptors: bool) -> Value {
 }
 
 /// The checks of one report: `GetOrder` matches once `request_id` is noise, `ListOrders` is
-/// flagged for `status` alone.
-fn assert_regression_flagged(report: &Value, status: &str, request_id: &str) {
+/// flagged for the field `changed`, of kind `kind`, alone.
+fn assert_regression_flagged(report: &Value, changed: &str, kind: &str, request_id: &str) {
     let endpoint = |name: &str| -> &Value {
         report["endpoints"]
             .as_array()
@@ -259,13 +258,22 @@ fn assert_regression_flagged(report: &Value, status: &str, request_id: &str) {
     };
     let get = endpoint("shop.Orders/GetOrder");
     let list = endpoint("shop.Orders/ListOrders");
+    // Answers of another `grpc-status` have their messages left uncompared.
+    let bodies_compared: &[&Value] = if kind == "grpc_status" {
+        &[get]
+    } else {
+        &[get, list]
+    };
     for e in [get, list] {
         assert_eq!(count(e, &["compared"]), ROUNDS as u64, "{e:#}");
         assert_eq!(e["route"], "orders", "{e:#}");
+        // Every gRPC answer is an HTTP 200, whatever its `grpc-status`.
+        assert_eq!(count(e, &["status_mismatches", "count"]), 0, "{e:#}");
+    }
+    for e in bodies_compared {
         // The request id differs in every call, live against shadow and live against live.
         let noise = field(e, request_id).unwrap_or_else(|| panic!("{request_id}: {e:#}"));
         assert_eq!(noise["noise"], true, "{e:#}");
-        assert_eq!(count(e, &["status_mismatches", "count"]), 0, "{e:#}");
     }
     assert_eq!(get["flagged"], false, "{get:#}");
     assert_eq!(count(get, &["matched"]), ROUNDS as u64, "{get:#}");
@@ -279,9 +287,10 @@ fn assert_regression_flagged(report: &Value, status: &str, request_id: &str) {
 
     assert_eq!(list["flagged"], true, "{list:#}");
     assert_eq!(count(list, &["matched"]), 0, "{list:#}");
-    let changed = field(list, status).unwrap_or_else(|| panic!("{status}: {list:#}"));
-    assert_eq!(changed["noise"], false, "{list:#}");
-    assert_eq!(count(changed, &["differing"]), ROUNDS as u64, "{list:#}");
+    let diff = field(list, changed).unwrap_or_else(|| panic!("{changed}: {list:#}"));
+    assert_eq!(diff["noise"], false, "{list:#}");
+    assert_eq!(diff["kind"], kind, "{list:#}");
+    assert_eq!(count(diff, &["differing"]), ROUNDS as u64, "{list:#}");
     let flagged: Vec<&str> = report["flagged"]
         .as_array()
         .into_iter()
@@ -300,11 +309,26 @@ fn assert_regression_flagged(report: &Value, status: &str, request_id: &str) {
 fn a_regression_in_a_grpc_answer_is_flagged_and_learned_noise_is_not() {
     require_root();
     // Fields by number, on one connection.
-    let report = compare_run(1, false);
-    assert_regression_flagged(&report, "$[*].2", "$[*].3");
+    let report = compare_run(GrpcAnswers::Regressed, 1, false);
+    assert_regression_flagged(&report, "$[*].2", "changed", "$[*].3");
     // Fields by name from the descriptor set, calls spread over three connections.
-    let report = compare_run(3, true);
-    assert_regression_flagged(&report, "$[*].status", "$[*].request_id");
+    let report = compare_run(GrpcAnswers::Regressed, 3, true);
+    assert_regression_flagged(&report, "$[*].status", "changed", "$[*].request_id");
+    // A failing call: its `grpc-status`, with both codes as example.
+    let report = compare_run(GrpcAnswers::Unavailable, 2, false);
+    assert_regression_flagged(&report, "grpc-status", "grpc_status", "$[*].3");
+    let list = report["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["endpoint"] == "shop.Orders/ListOrders")
+        .expect("ListOrders");
+    let example = &field(list, "grpc-status").expect("grpc-status")["example"];
+    assert_eq!(
+        (&example["live"], &example["shadow"]),
+        (&Value::from("0 (OK)"), &Value::from("14 (UNAVAILABLE)")),
+        "{list:#}"
+    );
 }
 
 #[test]
