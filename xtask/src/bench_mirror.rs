@@ -586,6 +586,11 @@ fn with_agent_in(
         );
     }
     let json = exit.json();
+    // The agent's last report, for a look at its drops when the figures look wrong.
+    std::fs::write(
+        crate::target_dir().join("bench/agent-last.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     let copies = json["mirror"]["targets"][0]["sent"].as_u64().unwrap_or(0);
     let compared = json["compare"]["completed"].as_u64().unwrap_or(0);
     figures.agent = Some(AgentRun {
