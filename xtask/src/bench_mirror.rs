@@ -1049,12 +1049,14 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             med(figs, &|f| (f.requests + f.errors) as f64 / f64::from(ports)),
         );
     }
-    // The rounds behind the medians of the rows that decide the scheduling default and the
-    // churn goals, to tell a difference from the noise.
-    for (name, figs) in rows
-        .iter()
-        .filter(|(name, _)| name.contains("cgroup") || name.starts_with("churn"))
-    {
+    // The rounds behind the medians of the rows that decide the scheduling default, the churn
+    // and the HTTP/2 goals, to tell a difference from the noise.
+    for (name, figs) in rows.iter().filter(|(name, _)| {
+        name.contains("cgroup")
+            || name.starts_with("churn")
+            || name.starts_with("h2c")
+            || name.starts_with("gRPC")
+    }) {
         let rounds: Vec<String> = figs
             .iter()
             .map(|f| match f.agent {
