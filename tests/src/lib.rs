@@ -43,7 +43,7 @@ pub use kube_api::{KubeApi, TestPod};
 pub use netns::{Hosts, Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};
 pub use program::Program;
-pub use server::{AccessLog, GrpcAnswers, GrpcApp, JsonApp, Nginx, SinkMode, TcpSink};
+pub use server::{AccessLog, GRPC_REPLY, GrpcAnswers, GrpcApp, JsonApp, Nginx, SinkMode, TcpSink};
 pub use shadow_server::{Received, ShadowMode, ShadowServer};
 
 /// Panics with a clear message unless the test runs as root: everything here needs

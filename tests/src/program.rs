@@ -94,6 +94,9 @@ programs! {
     /// Loads veth, sch_ingress and cls_bpf in the VM of `cargo xtask test --kernel` (kmod also
     /// has the depmod virtme-ng runs on the unpacked kernel's modules).
     Modprobe = "modprobe", Source::Debian("kmod");
+    /// HTTP/2 load at a fixed rate (`--rps`), with a per-request log of latencies: the h2c and
+    /// gRPC rows of the mirror benchmark.
+    H2load = "h2load", Source::Debian("nghttp2-client");
     /// An HTTP/2 client that multiplexes several requests on one h2c connection (curl 7.88
     /// fails to reuse a prior-knowledge connection).
     Nghttp = "nghttp", Source::Debian("nghttp2-client");

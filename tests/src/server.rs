@@ -23,7 +23,13 @@ pub struct Nginx {
     pub addr: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
+    /// Files nginx serves that the caller does not own (the answer of [`Nginx::grpc`]).
+    _root: Option<tempfile::TempDir>,
 }
+
+/// The message [`Nginx::grpc`] answers every call with: uncompressed (flag 0), 4 bytes long,
+/// protobuf fields 1 = 42 and 2 = 1.
+pub const GRPC_REPLY: &[u8] = &[0, 0, 0, 0, 4, 0x08, 0x2a, 0x10, 0x01];
 
 /// Whether nginx writes an access log: one line per request, which `served` and `access_log`
 /// read. Benchmarks turn it off: at 100 000 requests/s it writes about 9 MB/s, and the disk's
@@ -60,6 +66,55 @@ impl Nginx {
     }}"#
         );
         Self::with_server(ns, addr, &server, log)
+    }
+
+    /// nginx serving `200 ok` on every path over HTTP/2 in cleartext (h2c, prior knowledge), as
+    /// many requests on a connection as the client sends (nginx closes one after 1 000 by
+    /// default, and h2load's fixed-rate mode does not open another).
+    pub fn h2c(ns: &Netns, addr: SocketAddr, log: AccessLog) -> Self {
+        let server = format!(
+            r#"
+    server {{
+        listen {addr} http2;
+        keepalive_requests 100000000;
+        location / {{
+            return 200 "ok\n";
+        }}
+    }}"#
+        );
+        Self::with_server(ns, addr, &server, log)
+    }
+
+    /// nginx answering every h2c `POST` as a gRPC server answers a unary call: `200`,
+    /// `content-type: application/grpc`, one length-prefixed message ([`GRPC_REPLY`]) and
+    /// `grpc-status: 0` as a trailer. nginx answers a `POST` to a static file with 405, which
+    /// `error_page` turns into the file; `return` cannot, its text holding no NUL byte.
+    pub fn grpc(ns: &Netns, addr: SocketAddr, log: AccessLog) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("shadow-t-grpc-")
+            .tempdir()
+            .expect("tempdir for nginx's gRPC answer");
+        std::fs::write(root.path().join("reply"), GRPC_REPLY).expect("write the gRPC answer");
+        let server = format!(
+            r#"
+    server {{
+        listen {addr} http2;
+        keepalive_requests 100000000;
+        root {};
+        location / {{
+            client_max_body_size 10m;
+            types {{ }}
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
+            error_page 405 =200 /reply;
+            try_files /reply =404;
+        }}
+    }}"#,
+            root.path().display()
+        );
+        let mut nginx = Self::with_server(ns, addr, &server, log);
+        nginx._root = Some(root);
+        nginx
     }
 
     /// nginx serving the files under `root` on `addr`: a live service with large responses.
@@ -181,7 +236,12 @@ http {{
                 ns.run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
             },
         );
-        Nginx { addr, child, dir }
+        Nginx {
+            addr,
+            child,
+            dir,
+            _root: None,
+        }
     }
 
     /// Requests served so far: the lines of the access log (0 without one).

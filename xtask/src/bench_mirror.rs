@@ -6,9 +6,13 @@
 //! per request ("churn"), run long enough for the client's ephemeral ports to wrap twice, so
 //! that 4-tuples are used again as they are by such clients in production.
 //!
-//! Topology: a client namespace (wrk, oha), a live namespace (nginx serving `ok`, the agent
-//! attached to its interface, and an nginx reverse proxy to it, with and without `mirror`), and a
-//! shadow namespace (nginx serving `ok`, whose access log counts what arrived).
+//! HTTP/2 comes in two rows of its own at the fixed rate, loaded by h2load on a few multiplexed
+//! connections: h2c requests, and gRPC unary calls mirrored under a route's `allow_grpc`.
+//!
+//! Topology: a client namespace (wrk, oha, h2load), a live namespace (nginx serving `ok`, the
+//! agent attached to its interface, an nginx reverse proxy to it, with and without `mirror`, and
+//! nginx over h2c serving `ok` and answering gRPC calls), and a shadow namespace (nginx serving
+//! the same over HTTP/1.1, h2c and gRPC, whose access logs count what arrived).
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -17,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use shadow_tests::{Agent, Netns, Nginx, Program, VethLink};
+use shadow_tests::{AccessLog, Agent, Netns, Nginx, Program, VethLink};
 
 use crate::bench::{Load, median, wrk};
 use crate::cgroup::CpuGroup;
@@ -65,7 +69,8 @@ struct Figures {
     seconds: u32,
     /// Requests completed by the load generator.
     requests: u64,
-    /// Requests the load generator saw fail (oha only; not those cut off by the end of the run).
+    /// Requests the load generator saw fail (oha and h2load; not those cut off by the end of the
+    /// run).
     errors: u64,
     agent: Option<AgentRun>,
 }
@@ -90,6 +95,28 @@ struct Topology {
     shadow_nginx: Nginx,
     _proxy: Nginx,
     _mirroring_proxy: Nginx,
+    _live_h2c: Nginx,
+    _live_grpc: Nginx,
+    shadow_h2c: Nginx,
+    shadow_grpc: Nginx,
+}
+
+/// Ports of the live HTTP/2 services and of their shadows.
+const LIVE_H2C_PORT: u16 = 83;
+const LIVE_GRPC_PORT: u16 = 84;
+const SHADOW_H2C_PORT: u16 = 8081;
+const SHADOW_GRPC_PORT: u16 = 8082;
+
+/// The gRPC call of the gRPC rows, and the protocol of the HTTP/2 rows' shadows.
+const GRPC_PATH: &str = "/shop.Orders/GetOrder";
+
+/// Which HTTP/2 service a configuration mirrors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum H2Service {
+    /// Plain h2c requests, to an `h2c://` target.
+    H2c,
+    /// gRPC unary calls, allowed by `allow_grpc`, to a `grpc://` target.
+    Grpc,
 }
 
 impl Topology {
@@ -123,6 +150,26 @@ impl Topology {
             live_addr,
             Some(shadow_addr),
         );
+        let live_h2c = Nginx::h2c(
+            &live,
+            SocketAddr::new(front.b_addr.into(), LIVE_H2C_PORT),
+            AccessLog::On,
+        );
+        let live_grpc = Nginx::grpc(
+            &live,
+            SocketAddr::new(front.b_addr.into(), LIVE_GRPC_PORT),
+            AccessLog::On,
+        );
+        let shadow_h2c = Nginx::h2c(
+            &shadow,
+            SocketAddr::new(back.b_addr.into(), SHADOW_H2C_PORT),
+            AccessLog::On,
+        );
+        let shadow_grpc = Nginx::grpc(
+            &shadow,
+            SocketAddr::new(back.b_addr.into(), SHADOW_GRPC_PORT),
+            AccessLog::On,
+        );
         Self {
             client,
             live,
@@ -133,6 +180,10 @@ impl Topology {
             shadow_nginx,
             _proxy: proxy,
             _mirroring_proxy: mirroring_proxy,
+            _live_h2c: live_h2c,
+            _live_grpc: live_grpc,
+            shadow_h2c,
+            shadow_grpc,
         }
     }
 
@@ -167,6 +218,39 @@ impl Topology {
 
     fn shadow_addr(&self) -> SocketAddr {
         SocketAddr::new(self.back.b_addr.into(), 8080)
+    }
+
+    /// A configuration that mirrors every h2c request, or every `shop.Orders/Get*` gRPC call, of
+    /// the live HTTP/2 service to its shadow, with no budget in the way.
+    fn h2_config(&self, dir: &Path, service: H2Service) -> Result<PathBuf> {
+        let (file, port, matching, target) = match service {
+            H2Service::H2c => (
+                "h2c.toml",
+                LIVE_H2C_PORT,
+                format!("match = {{ port = {LIVE_H2C_PORT} }}"),
+                format!("h2c://{}:{SHADOW_H2C_PORT}", self.back.b_addr),
+            ),
+            H2Service::Grpc => (
+                "grpc.toml",
+                LIVE_GRPC_PORT,
+                format!(
+                    "match = {{ port = {LIVE_GRPC_PORT}, grpc = \"shop.Orders/*\" }}\n\
+                     allow_grpc = [\"shop.Orders/Get*\"]"
+                ),
+                format!("grpc://{}:{SHADOW_GRPC_PORT}", self.back.b_addr),
+            ),
+        };
+        let path = dir.join(file);
+        std::fs::write(
+            &path,
+            format!(
+                "[capture]\ninterfaces = [\"veth-lf\"]\nhooks = [\"ingress\"]\nports = [{port}]\n\n\
+                 [[route]]\nname = \"h2\"\n{matching}\ntargets = [\"{target}\"]\n\n\
+                 [budget]\nnode_rps = 10_000_000\nnode_bytes_per_sec = 100_000_000_000\n\
+                 target_rps = 10_000_000\nmax_in_flight = 4096\nmax_connections = 32\ntimeout = \"2s\"\n"
+            ),
+        )?;
+        Ok(path)
     }
 
     /// A configuration that mirrors every request on port 80 with no budget in the way; with
@@ -230,6 +314,11 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let dir = tempfile::tempdir()?;
     let config = topo.config(dir.path(), false)?;
     let compare_config = topo.config(dir.path(), true)?;
+    let h2c_config = topo.h2_config(dir.path(), H2Service::H2c)?;
+    let grpc_config = topo.h2_config(dir.path(), H2Service::Grpc)?;
+    // The body of the gRPC rows' calls: one uncompressed message, protobuf field 1 = 42.
+    let grpc_body = dir.path().join("get-order.grpc");
+    std::fs::write(&grpc_body, [0, 0, 0, 0, 2, 0x08, 0x2a])?;
     let seconds = bench.seconds;
     let live = topo.url(80);
     let ports = port_count(&topo.client);
@@ -264,20 +353,49 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             Connections::PerRequest,
         )
     };
+    let h2c_url = format!("http://{}:{LIVE_H2C_PORT}/", topo.front.b_addr);
+    let grpc_url = format!("http://{}:{LIVE_GRPC_PORT}{GRPC_PATH}", topo.front.b_addr);
+    let h2c_fixed =
+        || -> Result<Figures> { h2load_fixed(&topo.client, &h2c_url, bench.rate, seconds, None) };
+    let grpc_fixed = || -> Result<Figures> {
+        h2load_fixed(
+            &topo.client,
+            &grpc_url,
+            bench.rate,
+            seconds,
+            Some(&grpc_body),
+        )
+    };
     // The agent as production runs it: in a cgroup of its own, weighted as a DaemonSet pod that
     // requests 100m of CPU, at normal priority (`--nice 0`) or under SCHED_IDLE (the default).
     let pod = CpuGroup::pod("shadow-bench-agent", 100)?;
     let in_pod = |extra: &'static [&'static str], load: &dyn Fn() -> Result<Figures>| {
-        with_agent_in(&topo, agent_bin, &config, extra, Some(&pod), load)
+        with_agent_in(
+            &topo,
+            agent_bin,
+            &config,
+            extra,
+            Some(&pod),
+            &topo.shadow_nginx,
+            load,
+        )
     };
     // A systemd service with `CPUWeight=idle`: its whole cgroup idle against the others.
     let service = CpuGroup::idle("shadow-bench-agent-idle")?;
     let in_idle_service = |load: &dyn Fn() -> Result<Figures>| {
-        with_agent_in(&topo, agent_bin, &config, &[], Some(&service), load)
+        with_agent_in(
+            &topo,
+            agent_bin,
+            &config,
+            &[],
+            Some(&service),
+            &topo.shadow_nginx,
+            load,
+        )
     };
     // The older build, for the rows that compare builds.
     let baseline = |load: &dyn Fn() -> Result<Figures>| match &bench.baseline_agent {
-        Some(bin) => with_agent_in(&topo, bin, &config, &[], None, load),
+        Some(bin) => with_agent_in(&topo, bin, &config, &[], None, &topo.shadow_nginx, load),
         None => bail!("no --baseline-agent"),
     };
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
@@ -344,6 +462,24 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                 low
             }),
         ),
+        ("h2c, fixed rate, no agent", Box::new(h2c_fixed)),
+        (
+            "h2c, fixed rate, agent 100 %",
+            Box::new(|| with_agent_to(&topo, agent_bin, &h2c_config, &topo.shadow_h2c, h2c_fixed)),
+        ),
+        ("gRPC, fixed rate, no agent", Box::new(grpc_fixed)),
+        (
+            "gRPC, fixed rate, agent 100 %",
+            Box::new(|| {
+                with_agent_to(
+                    &topo,
+                    agent_bin,
+                    &grpc_config,
+                    &topo.shadow_grpc,
+                    grpc_fixed,
+                )
+            }),
+        ),
         ("churn, fixed rate, no agent", Box::new(churn)),
         (
             "churn, fixed rate, agent 100 %",
@@ -400,17 +536,29 @@ fn with_agent(
     extra: &[&str],
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
-    with_agent_in(topo, bin, config, extra, None, load)
+    with_agent_in(topo, bin, config, extra, None, &topo.shadow_nginx, load)
+}
+
+/// [`with_agent`] for a configuration whose copies go to `shadow` (an HTTP/2 one).
+fn with_agent_to(
+    topo: &Topology,
+    bin: &Path,
+    config: &Path,
+    shadow: &Nginx,
+    load: impl FnOnce() -> Result<Figures>,
+) -> Result<Figures> {
+    with_agent_in(topo, bin, config, &[], None, shadow, load)
 }
 
 /// [`with_agent`], with the agent binary `bin`, moved into `cgroup` (when given) before the
-/// load starts.
+/// load starts; what arrives is counted in `shadow`'s access log.
 fn with_agent_in(
     topo: &Topology,
     bin: &Path,
     config: &Path,
     extra: &[&str],
     cgroup: Option<&CpuGroup>,
+    shadow: &Nginx,
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
@@ -420,13 +568,13 @@ fn with_agent_in(
     if let Some(cgroup) = cgroup {
         cgroup.add(pid)?;
     }
-    let delivered_before = topo.shadow_nginx.served();
+    let delivered_before = shadow.served();
     let cpu_before = cpu_time_us(pid)?;
     let mut figures = load()?;
     // Let copies in flight arrive before counting.
     std::thread::sleep(Duration::from_secs(2));
     let cpu = cpu_time_us(pid)? - cpu_before;
-    let delivered = (topo.shadow_nginx.served() - delivered_before) as u64;
+    let delivered = (shadow.served() - delivered_before) as u64;
     let exit = agent.interrupt();
     if !exit.status.success() {
         let log = crate::target_dir().join("bench/agent-failed.log");
@@ -438,6 +586,11 @@ fn with_agent_in(
         );
     }
     let json = exit.json();
+    // The agent's last report, for a look at its drops when the figures look wrong.
+    std::fs::write(
+        crate::target_dir().join("bench/agent-last.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     let copies = json["mirror"]["targets"][0]["sent"].as_u64().unwrap_or(0);
     let compared = json["compare"]["completed"].as_u64().unwrap_or(0);
     figures.agent = Some(AgentRun {
@@ -541,6 +694,173 @@ fn oha_fixed(
         errors,
         agent: None,
     })
+}
+
+/// h2load's connections in the HTTP/2 rows, and the streams each may have open at once: a few
+/// multiplexed connections, as HTTP/2 clients keep.
+const H2LOAD_CLIENTS: u32 = 16;
+const H2LOAD_STREAMS: u32 = 8;
+
+/// h2load at a fixed rate (`rate` requests a second, spread over its connections, for
+/// `seconds`) over h2c with prior knowledge: `GET`s, or with `grpc_body` a gRPC unary call
+/// `POST`ed with that body. h2load prints no percentiles: they come from its per-request log.
+fn h2load_fixed(
+    client: &Netns,
+    url: &str,
+    rate: u32,
+    seconds: u32,
+    grpc_body: Option<&Path>,
+) -> Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("h2load.log");
+    let per_client = format!("{:.3}", f64::from(rate) / f64::from(H2LOAD_CLIENTS));
+    let (clients, streams) = (H2LOAD_CLIENTS.to_string(), H2LOAD_STREAMS.to_string());
+    let duration = seconds.to_string();
+    let log_arg = format!("--log-file={}", log.display());
+    let mut args = vec![
+        "-c",
+        &clients,
+        "-m",
+        &streams,
+        "-t",
+        "1",
+        "--rps",
+        &per_client,
+        "-D",
+        &duration,
+        &log_arg,
+    ];
+    let body;
+    if let Some(file) = grpc_body {
+        body = file.display().to_string();
+        args.extend([
+            "-d",
+            &body,
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+        ]);
+    }
+    args.push(url);
+    let out = client
+        .exec(Program::H2load, &args)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run h2load")?;
+    if !out.status.success() {
+        bail!(
+            "h2load failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let text = std::fs::read_to_string(&log).context("cannot read h2load's log")?;
+    let requests = H2loadLog::parse(&text)?;
+    if requests.failed > 0 {
+        eprintln!(
+            "xtask: h2load: {} requests failed or answered other than 2xx; its summary:\n{}",
+            requests.failed,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(Figures {
+        load: Load {
+            requests_per_sec: requests.ok as f64 / f64::from(seconds),
+            p50_ms: requests.p50_ms,
+            p99_ms: requests.p99_ms,
+        },
+        seconds,
+        requests: requests.ok,
+        errors: requests.failed,
+        agent: None,
+    })
+}
+
+/// What h2load's `--log-file` says of a run: one line per request, tab-separated, of its start
+/// (µs since the epoch), its HTTP status (-1 when no answer came) and the µs until the end of
+/// its answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct H2loadLog {
+    /// Requests answered 2xx.
+    ok: u64,
+    /// Requests answered other than 2xx, or not answered, except those cut off by the end of
+    /// the run.
+    failed: u64,
+    /// Latency percentiles of the 2xx answers, in milliseconds (0 with none).
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// How long before the last request's start an unanswered request must have started to be a
+/// failure: h2load stops the requests still in flight when `-D` ends, and logs them with
+/// status -1, as oha counts them "aborted due to deadline". No answer takes this long at the
+/// fixed rates measured.
+const H2LOAD_CUT_OFF_US: u64 = 1_000_000;
+
+impl H2loadLog {
+    fn parse(text: &str) -> Result<Self> {
+        let mut rows = Vec::new();
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let mut columns = line.split('\t');
+            let mut column = |what: &str| {
+                columns
+                    .next()
+                    .with_context(|| format!("h2load's log, line {}: no {what}", n + 1))
+            };
+            let start: u64 = column("start")?
+                .trim()
+                .parse()
+                .with_context(|| format!("h2load's log, line {}: bad start", n + 1))?;
+            let status: i32 = column("status")?
+                .trim()
+                .parse()
+                .with_context(|| format!("h2load's log, line {}: bad status", n + 1))?;
+            let elapsed_us: u64 = column("duration")?
+                .trim()
+                .parse()
+                .with_context(|| format!("h2load's log, line {}: bad duration", n + 1))?;
+            rows.push((start, status, elapsed_us));
+        }
+        let last_start = rows.iter().map(|&(start, _, _)| start).max().unwrap_or(0);
+        let mut latencies: Vec<u64> = rows
+            .iter()
+            .filter(|&&(_, status, _)| (200..300).contains(&status))
+            .map(|&(_, _, elapsed)| elapsed)
+            .collect();
+        let failed = rows
+            .iter()
+            .filter(|&&(start, status, _)| {
+                let answered = status > 0;
+                let cut_off = start + H2LOAD_CUT_OFF_US > last_start;
+                if answered {
+                    !(200..300).contains(&status)
+                } else {
+                    !cut_off
+                }
+            })
+            .count() as u64;
+        latencies.sort_unstable();
+        Ok(Self {
+            ok: latencies.len() as u64,
+            failed,
+            p50_ms: percentile_us(&latencies, 0.50) / 1e3,
+            p99_ms: percentile_us(&latencies, 0.99) / 1e3,
+        })
+    }
+}
+
+/// The nearest-rank percentile `p` (0 to 1) of `sorted`, or 0 of none.
+fn percentile_us(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64
 }
 
 /// The report; `ports` is the size of the client's ephemeral port range.
@@ -677,6 +997,18 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             keep_alive,
         ),
         (
+            bench.rate,
+            "h2c, agent",
+            "h2c, fixed rate, agent 100 %",
+            "h2c, fixed rate, no agent",
+        ),
+        (
+            bench.rate,
+            "gRPC, agent",
+            "gRPC, fixed rate, agent 100 %",
+            "gRPC, fixed rate, no agent",
+        ),
+        (
             bench.churn_rate,
             "a connection per request, agent",
             "churn, fixed rate, agent 100 %",
@@ -717,12 +1049,14 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             med(figs, &|f| (f.requests + f.errors) as f64 / f64::from(ports)),
         );
     }
-    // The rounds behind the medians of the rows that decide the scheduling default and the
-    // churn goals, to tell a difference from the noise.
-    for (name, figs) in rows
-        .iter()
-        .filter(|(name, _)| name.contains("cgroup") || name.starts_with("churn"))
-    {
+    // The rounds behind the medians of the rows that decide the scheduling default, the churn
+    // and the HTTP/2 goals, to tell a difference from the noise.
+    for (name, figs) in rows.iter().filter(|(name, _)| {
+        name.contains("cgroup")
+            || name.starts_with("churn")
+            || name.starts_with("h2c")
+            || name.starts_with("gRPC")
+    }) {
         let rounds: Vec<String> = figs
             .iter()
             .map(|f| match f.agent {
@@ -816,4 +1150,54 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
         ratio("nginx proxy + mirror", "nginx proxy", &|f| f.load.p99_ms),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h2load_log_gives_percentiles_of_the_2xx_answers() {
+        // 100 answers of 1..=100 ms, started 10 ms apart, and two other answers.
+        let mut text = String::new();
+        for i in 1..=100u64 {
+            text += &format!("{}\t200\t{}\n", 1_000_000 + i * 10_000, i * 1000);
+        }
+        text += "1500000\t404\t5\n1600000\t503\t7\n";
+        let log = H2loadLog::parse(&text).unwrap();
+        assert_eq!(log.ok, 100);
+        assert_eq!(log.failed, 2);
+        assert_eq!(log.p50_ms, 50.0);
+        assert_eq!(log.p99_ms, 99.0);
+    }
+
+    #[test]
+    fn h2load_log_counts_unanswered_requests_unless_cut_off_by_the_end() {
+        // The run's last request starts at 10 s; one unanswered request 5 s before is a
+        // failure, two in the last second were stopped by the end of -D.
+        let text = "10000000\t200\t300\n5000000\t-1\t0\n9500000\t-1\t0\n9999999\t-1\t0\n";
+        let log = H2loadLog::parse(text).unwrap();
+        assert_eq!(log.ok, 1);
+        assert_eq!(log.failed, 1);
+        assert_eq!(log.p50_ms, 0.3);
+        assert_eq!(log.p99_ms, 0.3);
+    }
+
+    #[test]
+    fn h2load_log_refuses_what_is_not_its_format() {
+        assert!(H2loadLog::parse("1000\t200\n").is_err());
+        assert!(H2loadLog::parse("1000\tok\t5\n").is_err());
+        assert!(H2loadLog::parse("-3\t200\t5\n").is_err());
+        let empty = H2loadLog::parse("").unwrap();
+        assert_eq!((empty.ok, empty.failed, empty.p99_ms), (0, 0, 0.0));
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        assert_eq!(percentile_us(&[], 0.5), 0.0);
+        assert_eq!(percentile_us(&[7], 0.99), 7.0);
+        assert_eq!(percentile_us(&[1, 2, 3, 4], 0.5), 2.0);
+        assert_eq!(percentile_us(&[1, 2, 3, 4], 0.99), 4.0);
+        assert_eq!(percentile_us(&[1, 2, 3, 4], 0.0), 1.0);
+    }
 }

@@ -81,6 +81,7 @@ impl Http2Connection {
                 next_seq,
                 opaque: false,
                 ended: [false; 2],
+                server_seen: false,
             },
         }
     }
@@ -386,6 +387,8 @@ struct Core {
     next_seq: u64,
     opaque: bool,
     ended: [bool; 2],
+    /// Whether any frame from the server has been read: never, with ingress-only capture.
+    server_seen: bool,
 }
 
 #[derive(Debug)]
@@ -634,6 +637,24 @@ impl Core {
         self.streams.get_mut(i)
     }
 
+    /// With no frame ever read from the server (ingress-only capture), a stream whose request
+    /// was emitted waits for an answer that can never come into view, and would hold its place
+    /// until the connection ends: after `max_streams` requests, every later one would be
+    /// skipped. Forgets the oldest such stream, losing nothing; false if there is none.
+    fn forget_unanswerable(&mut self) -> bool {
+        if self.server_seen {
+            return false;
+        }
+        let Some(i) = self.streams.iter().position(|s| {
+            matches!(s.request, RequestState::Emitted)
+                && matches!(s.response, ResponseState::Waiting)
+        }) else {
+            return false;
+        };
+        self.streams.remove(i);
+        true
+    }
+
     fn remove(&mut self, id: u32) {
         if let Some(i) = self.position(id) {
             self.streams.remove(i);
@@ -743,6 +764,7 @@ impl Core {
         out: &mut Vec<HttpEvent>,
     ) {
         let d = index(direction);
+        self.server_seen |= direction == Direction::Server;
         match header.kind {
             frame::HEADERS | frame::PUSH_PROMISE => {
                 let Some(fragment) = strip_padding(header, payload) else {
@@ -958,7 +980,7 @@ impl Core {
             }));
             return;
         }
-        if self.streams.len() >= self.limits.max_streams {
+        if self.streams.len() >= self.limits.max_streams && !self.forget_unanswerable() {
             out.push(HttpEvent::Anomaly(Anomaly::Http2TooManyStreams));
             return;
         }

@@ -920,3 +920,39 @@ fn held_first_bytes_do_not_depend_on_the_split() {
         }
     }
 }
+
+/// With ingress-only capture no answer is ever seen: requests past `max_streams` on one
+/// connection are still rebuilt, the oldest unanswered streams forgotten. Once the server has
+/// been heard from, a stream is kept until its answer ends, and the limit skips new ones.
+#[test]
+fn without_the_servers_frames_answered_streams_do_not_fill_the_table() {
+    let mut p = Peers::new();
+    let mut ops = vec![C(client_start())];
+    for i in 0..6u32 {
+        ops.push(C(p.get(1 + 2 * i, &format!("/{i}"))));
+    }
+    let want: Vec<String> = (0..6u32)
+        .map(|i| format!("req#{i} s{} GET /{i} ", 1 + 2 * i))
+        .collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    check("ingress only", &ops, false, &want, false);
+
+    let mut p = Peers::new();
+    let mut ops = vec![C(client_start()), S(server_start())];
+    for i in 0..5u32 {
+        ops.push(C(p.get(1 + 2 * i, &format!("/{i}"))));
+    }
+    check(
+        "both directions",
+        &ops,
+        false,
+        &[
+            "req#0 s1 GET /0 ",
+            "req#1 s3 GET /1 ",
+            "req#2 s5 GET /2 ",
+            "req#3 s7 GET /3 ",
+            "h2_too_many_streams",
+        ],
+        false,
+    );
+}
