@@ -32,12 +32,24 @@ impl Tcpdump {
             .expect("tempdir for tcpdump");
         let path = dir.path().join("tcpdump.pcap");
         let path_s = path.to_str().expect("utf-8 path").to_owned();
-        // A large buffer: the tests count every request.
+        // A large buffer: the tests count every request. Immediate mode hands each packet to
+        // tcpdump as it comes; otherwise the kernel holds packets in a ring block until the block
+        // fills or its 1 s timeout passes, and those of the last moment before the stop were
+        // "received by filter" but never captured (seen in a CI run).
         let mut child = ns
             .exec(
                 Program::Tcpdump,
                 &[
-                    "-i", iface, "-w", &path_s, "-B", "262144", "-s", "0", filter,
+                    "-i",
+                    iface,
+                    "--immediate-mode",
+                    "-w",
+                    &path_s,
+                    "-B",
+                    "262144",
+                    "-s",
+                    "0",
+                    filter,
                 ],
             )
             .stdin(Stdio::null())
