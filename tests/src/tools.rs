@@ -105,13 +105,17 @@ impl Tcpdump {
                 .and_then(|n| n.trim().parse::<u64>().ok())
                 .unwrap_or_else(|| panic!("tcpdump reported no `{what}`:\n{report}"))
         };
-        let (captured, received, dropped) = (
+        // Only the kernel's drops (a full buffer) are losses. "Received by filter" also counts
+        // packets that came after the grace above, still unread when tcpdump stopped (two CI
+        // runs saw one more received than captured); those are past the test's traffic, whose
+        // own checks (every request rebuilt) would fail if any of it were missing.
+        let (_captured, _received, dropped) = (
             count(" packets captured"),
             count(" packets received by filter"),
             count(" packets dropped by kernel"),
         );
         assert!(
-            dropped == 0 && captured == received,
+            dropped == 0,
             "tcpdump lost packets, the capture is incomplete:\n{report}"
         );
         report
