@@ -16,6 +16,7 @@ const LIMITS: HttpLimits = HttpLimits {
     max_pending: 8,
     max_streams: 4,
     max_hpack_table_bytes: 4096,
+    max_request_duration: Duration::from_secs(30),
 };
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

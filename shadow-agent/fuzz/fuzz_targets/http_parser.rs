@@ -17,6 +17,7 @@ const LIMITS: HttpLimits = HttpLimits {
     max_pending: 8,
     max_streams: 4,
     max_hpack_table_bytes: 4096,
+    max_request_duration: Duration::from_millis(20),
 };
 
 /// Per direction: head buffer, resync window, trailer buffer, held upgrade bytes and the

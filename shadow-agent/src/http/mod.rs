@@ -46,6 +46,10 @@ pub struct HttpLimits {
     /// HTTP/2: largest HPACK dynamic table a peer may make shadow keep (per direction); a
     /// larger size makes the connection opaque.
     pub max_hpack_table_bytes: usize,
+    /// HTTP/2: longest a request stream may stay open (from its headers to its end) and still
+    /// be rebuilt: a client-streaming call replayed as one burst long after it began is not
+    /// what the service saw, and its body is held all the while.
+    pub max_request_duration: Timestamp,
 }
 
 impl Default for HttpLimits {
@@ -57,6 +61,7 @@ impl Default for HttpLimits {
             max_pending: 256,
             max_streams: 256,
             max_hpack_table_bytes: 64 * 1024,
+            max_request_duration: Timestamp::from_secs(30),
         }
     }
 }
@@ -245,6 +250,9 @@ pub enum Anomaly {
     Http2StreamAbandoned { direction: Direction },
     /// More than `max_streams` HTTP/2 streams open at once: the new stream was skipped.
     Http2TooManyStreams,
+    /// An HTTP/2 request stream (a client-streaming or bidirectional gRPC call) still open
+    /// `max_request_duration` after its headers: skipped, its answer too.
+    Http2RequestTooLong,
     /// HTTP/2 header fields a server rejects (missing or unknown pseudo-header fields,
     /// uppercase or connection-specific names, CR, LF or NUL in a value): the message was
     /// skipped.
@@ -286,6 +294,7 @@ impl Anomaly {
             Self::Http2StreamReset { .. } => "h2_stream_reset",
             Self::Http2StreamAbandoned { .. } => "h2_stream_abandoned",
             Self::Http2TooManyStreams => "h2_too_many_streams",
+            Self::Http2RequestTooLong => "h2_request_too_long",
             Self::Http2MalformedHeaders { .. } => "h2_malformed_headers",
         }
     }
@@ -322,7 +331,8 @@ impl Anomaly {
             | Self::PipelineOverflow
             | Self::UndecidedUpgradeOverflow
             | Self::Http2JoinedMidstream
-            | Self::Http2TooManyStreams => Direction::Client,
+            | Self::Http2TooManyStreams
+            | Self::Http2RequestTooLong => Direction::Client,
             Self::ResponseLostToGap { .. } | Self::UnpairedResponse { .. } => Direction::Server,
         }
     }
@@ -391,6 +401,7 @@ mod tests {
             Anomaly::Http2StreamReset { direction: c },
             Anomaly::Http2StreamAbandoned { direction: c },
             Anomaly::Http2TooManyStreams,
+            Anomaly::Http2RequestTooLong,
             Anomaly::Http2MalformedHeaders { direction: c },
         ];
         let mut kinds: Vec<_> = all.iter().map(Anomaly::kind).collect();

@@ -1173,6 +1173,9 @@ impl Core {
             out.push(HttpEvent::Anomaly(Anomaly::BodyTooLarge { direction }));
         }
         *wire_len = wire_len.saturating_add(wire);
+        if direction == Direction::Client {
+            self.drop_if_overdue(id, ts, out);
+        }
         if header.has(frame::END_STREAM) {
             match direction {
                 Direction::Client => self.end_request(id, ts, out),
@@ -1181,8 +1184,26 @@ impl Core {
         }
     }
 
+    /// Drops the request of stream `id` once it has been open longer than
+    /// `max_request_duration` (counted once), so that its body is not held on.
+    fn drop_if_overdue(&mut self, id: u32, ts: Timestamp, out: &mut Vec<HttpEvent>) {
+        let limit = self.limits.max_request_duration;
+        let Some(stream) = self.stream(id) else {
+            return;
+        };
+        if let RequestState::Reading(building) = &mut stream.request
+            && !building.dropped
+            && ts.saturating_sub(building.message.started) > limit
+        {
+            building.dropped = true;
+            building.body = Vec::new();
+            out.push(HttpEvent::Anomaly(Anomaly::Http2RequestTooLong));
+        }
+    }
+
     /// The client ended stream `id`: its request is complete.
     fn end_request(&mut self, id: u32, ts: Timestamp, out: &mut Vec<HttpEvent>) {
+        self.drop_if_overdue(id, ts, out);
         let Some(stream) = self.stream(id) else {
             return;
         };

@@ -19,6 +19,8 @@ enum Op {
     SGap(u64),
     CEnd,
     SEnd,
+    /// Time passes: later ops are this much later.
+    Wait(Duration),
 }
 use Op::*;
 
@@ -30,6 +32,7 @@ fn limits() -> HttpLimits {
         max_pending: 4,
         max_streams: 4,
         max_hpack_table_bytes: 8192,
+        max_request_duration: Duration::from_secs(30),
     }
 }
 
@@ -150,8 +153,9 @@ fn play(
     let limits = limits();
     let mut conn = HttpConnection::new(limits, mid_stream);
     let mut out = Vec::new();
+    let mut waited = Duration::ZERO;
     for (i, op) in ops.iter().enumerate() {
-        let ts = Duration::from_millis(i as u64);
+        let ts = Duration::from_millis(i as u64) + waited;
         match op {
             C(data) | S(data) => {
                 let mut rest = &data[..];
@@ -174,6 +178,7 @@ fn play(
             SGap(n) => conn.server_gap(*n, &mut out),
             CEnd => conn.client_end(ts, &mut out),
             SEnd => conn.server_end(ts, &mut out),
+            Wait(time) => waited += *time,
         }
     }
     (out, conn.is_opaque())
@@ -954,5 +959,55 @@ fn without_the_servers_frames_answered_streams_do_not_fill_the_table() {
             "h2_too_many_streams",
         ],
         false,
+    );
+}
+
+#[test]
+fn a_request_stream_open_longer_than_the_limit_is_skipped_and_counted() {
+    let mut p = Peers::new();
+    let call = |p: &mut Peers, stream: u32| {
+        p.request(
+            stream,
+            0,
+            &[
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "orders"),
+                (":path", "/shop.Orders/Upload"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+    };
+    let (slow, quick) = (call(&mut p, 1), call(&mut p, 3));
+    let ops = vec![
+        S(server_start()),
+        C(client_start()),
+        C(slow),
+        C(frame(frame::DATA, 0, 1, b"part 1")),
+        Wait(Duration::from_secs(20)),
+        C(quick),
+        C(frame(frame::DATA, 0, 1, b"part 2")),
+        Wait(Duration::from_secs(15)),
+        // 35 s after its headers: the slow call's body is let go at its next frame.
+        C(frame(frame::DATA, 0, 1, b"part 3")),
+        C(frame(frame::DATA, ES, 3, b"all at once")),
+        C(frame(frame::DATA, ES, 1, b"end")),
+        S(p.status(1, ES, "200")),
+        S(p.status(3, ES, "200")),
+        CEnd,
+        SEnd,
+    ];
+    check(
+        "a slow client stream",
+        &ops,
+        false,
+        &[
+            "h2_request_too_long",
+            "req#1 s3 POST /shop.Orders/Upload all at once",
+            "resp#1 s3 200 ",
+        ],
+        // Ended, as every connection that closed.
+        true,
     );
 }

@@ -34,6 +34,7 @@ fn limits() -> HttpLimits {
         max_pending: 4,
         max_streams: 4,
         max_hpack_table_bytes: 4096,
+        max_request_duration: Duration::from_secs(30),
     }
 }
 
