@@ -87,7 +87,10 @@ impl Nginx {
 
     /// nginx answering every h2c `POST` as a gRPC server answers a unary call: `200`,
     /// `content-type: application/grpc`, one length-prefixed message ([`GRPC_REPLY`]) and
-    /// `grpc-status: 0` as a trailer. nginx answers a `POST` to a static file with 405, which
+    /// `grpc-status: 0` as a trailer, and none of the static file's `etag`, `last-modified` and
+    /// `accept-ranges`, which no gRPC server sends (nginx codes each literally in every answer,
+    /// a cost to the client that real servers do not impose). nginx answers a `POST` to a
+    /// static file with 405, which
     /// `error_page` turns into the file; `return` cannot, its text holding no NUL byte.
     pub fn grpc(ns: &Netns, addr: SocketAddr, log: AccessLog) -> Self {
         let root = tempfile::Builder::new()
@@ -100,11 +103,16 @@ impl Nginx {
     server {{
         listen {addr} http2;
         keepalive_requests 100000000;
+        server_tokens off;
         root {};
         location / {{
             client_max_body_size 10m;
             types {{ }}
             default_type application/grpc;
+            # The headers a gRPC server answers with, not a static file's validators.
+            etag off;
+            max_ranges 0;
+            add_header Last-Modified "" always;
             add_trailer grpc-status 0 always;
             error_page 405 =200 /reply;
             try_files /reply =404;

@@ -30,6 +30,8 @@ use crate::cgroup::CpuGroup;
 const BASELINE: &str = ", baseline build";
 const BASELINE_FIXED: &str = "fixed rate, agent 100 %, baseline build";
 const BASELINE_CHURN: &str = "churn, fixed rate, agent 100 %, baseline build";
+const BASELINE_H2C: &str = "h2c, fixed rate, agent 100 %, baseline build";
+const BASELINE_GRPC: &str = "gRPC, fixed rate, agent 100 %, baseline build";
 
 pub struct MirrorBench {
     pub seconds: u32,
@@ -394,10 +396,15 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         )
     };
     // The older build, for the rows that compare builds.
-    let baseline = |load: &dyn Fn() -> Result<Figures>| match &bench.baseline_agent {
-        Some(bin) => with_agent_in(&topo, bin, &config, &[], None, &topo.shadow_nginx, load),
-        None => bail!("no --baseline-agent"),
-    };
+    let baseline_to =
+        |config: &Path, shadow: &Nginx, load: &dyn Fn() -> Result<Figures>| match &bench
+            .baseline_agent
+        {
+            Some(bin) => with_agent_in(&topo, bin, config, &[], None, shadow, load),
+            None => bail!("no --baseline-agent"),
+        };
+    let baseline =
+        |load: &dyn Fn() -> Result<Figures>| baseline_to(&config, &topo.shadow_nginx, load);
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
@@ -467,6 +474,10 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             "h2c, fixed rate, agent 100 %",
             Box::new(|| with_agent_to(&topo, agent_bin, &h2c_config, &topo.shadow_h2c, h2c_fixed)),
         ),
+        (
+            BASELINE_H2C,
+            Box::new(|| baseline_to(&h2c_config, &topo.shadow_h2c, &h2c_fixed)),
+        ),
         ("gRPC, fixed rate, no agent", Box::new(grpc_fixed)),
         (
             "gRPC, fixed rate, agent 100 %",
@@ -479,6 +490,10 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                     grpc_fixed,
                 )
             }),
+        ),
+        (
+            BASELINE_GRPC,
+            Box::new(|| baseline_to(&grpc_config, &topo.shadow_grpc, &grpc_fixed)),
         ),
         ("churn, fixed rate, no agent", Box::new(churn)),
         (
@@ -586,10 +601,14 @@ fn with_agent_in(
         );
     }
     let json = exit.json();
-    // The agent's last report, for a look at its drops when the figures look wrong.
+    // The agent's last report and log, for a look at its drops when the figures look wrong.
     std::fs::write(
         crate::target_dir().join("bench/agent-last.json"),
         serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(
+        crate::target_dir().join("bench/agent-last.log"),
+        &exit.stderr,
     )?;
     let copies = json["mirror"]["targets"][0]["sent"].as_u64().unwrap_or(0);
     let compared = json["compare"]["completed"].as_u64().unwrap_or(0);
@@ -1075,6 +1094,8 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
     for (new, old) in [
         ("fixed rate, agent 100 %", BASELINE_FIXED),
         ("churn, fixed rate, agent 100 %", BASELINE_CHURN),
+        ("h2c, fixed rate, agent 100 %", BASELINE_H2C),
+        ("gRPC, fixed rate, agent 100 %", BASELINE_GRPC),
     ] {
         let (Some(new_figs), Some(old_figs)) = (find(new), find(old)) else {
             continue;

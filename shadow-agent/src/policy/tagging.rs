@@ -344,11 +344,13 @@ pub fn rewrite_traceparent(value: &[u8], span_id: [u8; 8]) -> Option<String> {
     Some(format!("00-{trace_id}-{}-{flags}", hex(&span_id)))
 }
 
+/// Lower-case hex, two digits a byte; on every copy, so without the formatter.
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
     s
 }

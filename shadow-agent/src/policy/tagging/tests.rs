@@ -561,3 +561,9 @@ fn a_grpc_call_keeps_te_trailers_for_http2_targets_and_gets_a_key() {
     let gzip = headers(&[("te", "gzip"), ("content-type", "application/grpc")]);
     assert!(values(&tag(3, &request("POST", &gzip)), "te").is_empty());
 }
+
+#[test]
+fn hex_is_two_lower_case_digits_a_byte() {
+    assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff, 0x10]), "000fa5ff10");
+    assert_eq!(hex(&[]), "");
+}
