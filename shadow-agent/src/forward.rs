@@ -486,7 +486,7 @@ impl Http2Link {
             .data_frame_budget(
                 self.streams.max(1) * SMALL_DATA_FRAMES_PER_STREAM * SMALL_DATA_FRAME_BYTES,
             )
-            .handshake::<_, Bytes>(PacedReads::new(stream, ANSWER_READ_PAUSE))
+            .handshake::<_, Bytes>(PacedReads::socket(stream, ANSWER_READ_PAUSE))
             .await
             .map_err(|_| Failure::Connect)?;
         let pings = conn.ping_pong();
