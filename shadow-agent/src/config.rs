@@ -1320,25 +1320,24 @@ fn check_route(
 
 /// The patterns of an `allow_grpc` list; an issue for each that is not a `Service/Method` glob.
 fn call_globs(list: Vec<Sp<String>>, key: &str, r: &mut Report<'_>) -> Vec<CallGlob> {
-    let mut globs = Vec::new();
-    for (i, p) in list.into_iter().enumerate() {
-        match CallGlob::new(p.get_ref()) {
-            Ok(g) => globs.push(g),
-            Err(e) => r.at(
-                p.span(),
-                format!("{key}[{i}]"),
-                format!("`{}`: {e}", p.get_ref()),
-            ),
-        }
-    }
-    globs
+    globs(list, key, r, CallGlob::new)
 }
 
 /// The patterns of a `deny_paths` list; an issue for each that does not compile.
 fn deny_globs(list: Vec<Sp<String>>, key: &str, r: &mut Report<'_>) -> Vec<DenyGlob> {
+    globs(list, key, r, DenyGlob::new)
+}
+
+/// Each pattern of `list` compiled by `compile`; an issue, at its place, for each that fails.
+fn globs<G, E: std::fmt::Display>(
+    list: Vec<Sp<String>>,
+    key: &str,
+    r: &mut Report<'_>,
+    compile: impl Fn(&str) -> Result<G, E>,
+) -> Vec<G> {
     let mut globs = Vec::new();
     for (i, p) in list.into_iter().enumerate() {
-        match DenyGlob::new(p.get_ref()) {
+        match compile(p.get_ref()) {
             Ok(g) => globs.push(g),
             Err(e) => r.at(
                 p.span(),

@@ -36,12 +36,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::compare::pairing::{Answer, PairKey, Role};
-use paced::PacedReads;
-
-mod paced;
 use crate::config::{BudgetConfig, Target};
 use crate::mirror::ShadowRequest;
 use crate::mirror::stats::{Answers, CopyDrop, Failure, RouteCounters, TargetCounters};
+use paced::PacedReads;
+
+mod paced;
 
 /// What limits a lane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -946,15 +946,19 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
     };
     let ratio = |a: &str, b: &str, f: &dyn Fn(&Figures) -> f64| match (find(a), find(b)) {
         (Some(a), Some(b)) => med(a, f) / med(b, f).max(1e-9),
-        // A scenario left out with --only.
         _ => f64::NAN,
     };
-    out += &format!(
-        "\nratios, agent 100 % / no agent: throughput {:.3}, p50 {:.2}, p99 {:.2}\n",
-        ratio("agent, 100 %", "no agent", &|f| f.load.requests_per_sec),
-        ratio("agent, 100 %", "no agent", &|f| f.load.p50_ms),
-        ratio("agent, 100 %", "no agent", &|f| f.load.p99_ms),
-    );
+    // A ratio line only where both of its rows ran: `--only` leaves rows out.
+    let both = |a: &str, b: &str| find(a).is_some() && find(b).is_some();
+    out += "\n";
+    if both("agent, 100 %", "no agent") {
+        out += &format!(
+            "ratios, agent 100 % / no agent: throughput {:.3}, p50 {:.2}, p99 {:.2}\n",
+            ratio("agent, 100 %", "no agent", &|f| f.load.requests_per_sec),
+            ratio("agent, 100 %", "no agent", &|f| f.load.p50_ms),
+            ratio("agent, 100 %", "no agent", &|f| f.load.p99_ms),
+        );
+    }
     for (what, scenario) in [
         ("dry run", "agent, dry run"),
         (
@@ -970,6 +974,9 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             "agent, 100 %, own idle cgroup",
         ),
     ] {
+        if !both(scenario, "no agent") {
+            continue;
+        }
         out += &format!(
             "ratios, {what} / no agent: throughput {:.3}, p99 {:.2}\n",
             ratio(scenario, "no agent", &|f| f.load.requests_per_sec),
@@ -1052,6 +1059,9 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             churn,
         ),
     ] {
+        if !both(scenario, control) {
+            continue;
+        }
         out += &format!(
             "ratios at {rate} requests/s, {what} / no agent: p50 {:.2}, p99 {:.2}\n",
             ratio(scenario, control, &|f| f.load.p50_ms),
@@ -1163,13 +1173,15 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             ),
         );
     }
-    out += &format!(
-        "ratios, nginx mirror / nginx proxy: throughput {:.3}, p99 {:.2}\n",
-        ratio("nginx proxy + mirror", "nginx proxy", &|f| f
-            .load
-            .requests_per_sec),
-        ratio("nginx proxy + mirror", "nginx proxy", &|f| f.load.p99_ms),
-    );
+    if both("nginx proxy + mirror", "nginx proxy") {
+        out += &format!(
+            "ratios, nginx mirror / nginx proxy: throughput {:.3}, p99 {:.2}\n",
+            ratio("nginx proxy + mirror", "nginx proxy", &|f| f
+                .load
+                .requests_per_sec),
+            ratio("nginx proxy + mirror", "nginx proxy", &|f| f.load.p99_ms),
+        );
+    }
     out
 }
 

@@ -769,6 +769,21 @@ impl Comparator {
 
         let rule = cfg.noise_rule();
         let compared_header = |h: &str| cfg.headers.contains(h) && !cfg.ignore_headers.contains(h);
+        // What a report shows of this exchange, with the candidate's body as parsed.
+        let take_sample = |candidate: &Body<'_>| {
+            let request = request_messages(exchange, reader);
+            sample::take(
+                sample_input(
+                    exchange,
+                    &live,
+                    candidate,
+                    reader.is_some(),
+                    request.as_ref(),
+                ),
+                &compared_header,
+                &sensitive,
+            )
+        };
         if exchange.live.status != exchange.candidate.status {
             ep.count_status(exchange.live.status, exchange.candidate.status);
             if let Some(slot) = ep.sample_slot(&rule) {
@@ -779,18 +794,7 @@ impl Comparator {
                     reader,
                     &mut encoding::DecodeCounts::default(),
                 );
-                let request = request_messages(exchange, reader);
-                let sample = sample::take(
-                    sample_input(
-                        exchange,
-                        &live,
-                        &candidate,
-                        reader.is_some(),
-                        request.as_ref(),
-                    ),
-                    &compared_header,
-                    &sensitive,
-                );
+                let sample = take_sample(&candidate);
                 ep.keep_sample(
                     slot,
                     KeptSample {
@@ -862,18 +866,7 @@ impl Comparator {
         if differing.iter().any(|&i| ep.counts_against(i, &rule))
             && let Some(slot) = ep.sample_slot(&rule)
         {
-            let request = request_messages(exchange, reader);
-            let sample = sample::take(
-                sample_input(
-                    exchange,
-                    &live,
-                    &candidate,
-                    reader.is_some(),
-                    request.as_ref(),
-                ),
-                &compared_header,
-                &sensitive,
-            );
+            let sample = take_sample(&candidate);
             // The fields that count now, as many as an outcome keeps: whether they still count
             // decides whether the sample is reported.
             let fields = differing
