@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
@@ -753,8 +753,8 @@ fn for_http2(request: http::Request<Bytes>, target: &Target) -> http::Request<By
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     // The origin-form target always makes a URI with the target's authority; should it not,
     // the copy goes with its own, and hyper refuses what it cannot send (an I/O failure).
     if let Ok(absolute) = uri.path_and_query(path).build() {

@@ -546,6 +546,27 @@ impl HeaderList {
         }
     }
 
+    /// Whether the list, as the trailers of a message, may end it: within the limits, well
+    /// formed, without pseudo-headers, and ending the stream. When not, the anomaly is counted
+    /// and the message is to be dropped.
+    fn trailers_fit(
+        &self,
+        end_stream: bool,
+        limits: &HttpLimits,
+        direction: Direction,
+        out: &mut Vec<HttpEvent>,
+    ) -> bool {
+        let anomaly = if self.too_large(limits).is_some() {
+            Anomaly::TrailersTooLarge { direction }
+        } else if self.malformed || self.has_pseudo() || !end_stream {
+            Anomaly::Http2MalformedHeaders { direction }
+        } else {
+            return true;
+        };
+        out.push(HttpEvent::Anomaly(anomaly));
+        false
+    }
+
     fn has_pseudo(&self) -> bool {
         self.method.is_some()
             || self.scheme.is_some()
@@ -948,15 +969,7 @@ impl Core {
             let RequestState::Reading(building) = &mut stream.request else {
                 return;
             };
-            if list.too_large(&limits).is_some() {
-                out.push(HttpEvent::Anomaly(Anomaly::TrailersTooLarge { direction }));
-                building.dropped = true;
-            } else if list.malformed || list.has_pseudo() || !block.end_stream {
-                out.push(HttpEvent::Anomaly(Anomaly::Http2MalformedHeaders {
-                    direction,
-                }));
-                building.dropped = true;
-            }
+            building.dropped |= !list.trailers_fit(block.end_stream, &limits, direction, out);
             building.message.trailers = list.fields;
             building.message.wire_len += block.wire_len;
             if block.end_stream {
@@ -1097,15 +1110,7 @@ impl Core {
                 }
             }
             ResponseState::Reading(building) => {
-                if list.too_large(&limits).is_some() {
-                    out.push(HttpEvent::Anomaly(Anomaly::TrailersTooLarge { direction }));
-                    building.dropped = true;
-                } else if list.malformed || list.has_pseudo() || !block.end_stream {
-                    out.push(HttpEvent::Anomaly(Anomaly::Http2MalformedHeaders {
-                        direction,
-                    }));
-                    building.dropped = true;
-                }
+                building.dropped |= !list.trailers_fit(block.end_stream, &limits, direction, out);
                 building.message.trailers = list.fields;
                 building.message.wire_len += block.wire_len;
             }

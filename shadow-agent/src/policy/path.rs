@@ -20,6 +20,7 @@
 //! path is not read ([`PathError`]): such a request is never mirrored, and is counted by reason.
 //! Mirroring it would be a guess about which resource the shadow serves.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// How a deny pattern is matched: case-insensitively (over-denying is the safe side, and some
@@ -155,8 +156,15 @@ impl fmt::Display for RequestPath {
     }
 }
 
-/// Percent-decodes a raw path, refusing what cannot be read safely (see [`PathError`]).
-fn decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
+/// Percent-decodes a raw path, refusing what cannot be read safely (see [`PathError`]). A path
+/// without escapes, as most are, is its own decoding: nothing is copied.
+fn decode(raw: &[u8]) -> Result<Cow<'_, [u8]>, PathError> {
+    if !raw.contains(&b'%') {
+        return match raw.iter().find_map(|&b| refused(b)) {
+            Some(error) => Err(error),
+            None => Ok(Cow::Borrowed(raw)),
+        };
+    }
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
@@ -173,19 +181,34 @@ fn decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
                     decoded => decoded,
                 }
             }
-            b'\\' => return Err(PathError::Backslash),
-            b';' => return Err(PathError::PathParameter),
             b => {
+                if let Some(error) = refused(b) {
+                    return Err(error);
+                }
                 i += 1;
                 b
             }
         };
-        if byte < 0x20 || byte == 0x7f {
+        if is_control(byte) {
             return Err(PathError::ControlCharacter);
         }
         out.push(byte);
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
+}
+
+/// Why a byte as sent (not escaped) makes a path unsafe to read, if it does.
+fn refused(b: u8) -> Option<PathError> {
+    match b {
+        b'\\' => Some(PathError::Backslash),
+        b';' => Some(PathError::PathParameter),
+        b if is_control(b) => Some(PathError::ControlCharacter),
+        _ => None,
+    }
+}
+
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
 }
 
 fn hex_value(b: u8) -> Option<u8> {

@@ -6,10 +6,11 @@
 //! new span id. Nothing here says where the copy goes.
 
 use std::collections::hash_map::RandomState;
+use std::fmt::Write;
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
@@ -67,7 +68,8 @@ pub trait IdSource {
 /// Ids made of the node's name, a random per-process epoch and a counter.
 #[derive(Clone, Debug)]
 pub struct NodeIds {
-    node: String,
+    /// `node-epoch-`: every id begins with it, written once.
+    prefix: String,
     epoch: u64,
     counter: u64,
 }
@@ -80,7 +82,7 @@ impl NodeIds {
 
     pub fn with_epoch(node: &str, epoch: u64) -> Self {
         Self {
-            node: node.to_owned(),
+            prefix: format!("{node}-{epoch:016x}-"),
             epoch,
             counter: 0,
         }
@@ -90,7 +92,11 @@ impl NodeIds {
 impl IdSource for NodeIds {
     fn request_id(&mut self) -> String {
         self.counter += 1;
-        format!("{}-{:016x}-{}", self.node, self.epoch, self.counter)
+        let mut id = String::with_capacity(self.prefix.len() + 20);
+        id.push_str(&self.prefix);
+        // Writing to a String cannot fail.
+        let _ = write!(id, "{}", self.counter);
+        id
     }
 
     fn span_id(&mut self) -> [u8; 8] {
@@ -180,6 +186,10 @@ impl<I: IdSource> Tagger<I> {
         };
         let mut out = HeaderMap::with_capacity(req.headers.len() + route.set_headers.len() + 6);
         out.insert(HOST, host);
+        // The captured values that travel, copied into one buffer that each value then shares:
+        // one allocation for them all rather than one each.
+        let mut traveling = Vec::with_capacity(req.headers.len());
+        let mut values = BytesMut::with_capacity(req.headers.iter().map(|(_, v)| v.len()).sum());
         for (name, value) in req.headers {
             // `Proxy-*` headers describe the hop to a proxy (RFC 9110 section 11.7).
             if name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-") {
@@ -187,8 +197,17 @@ impl<I: IdSource> Tagger<I> {
             }
             let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
             if travels(&name) {
-                out.append(name, HeaderValue::from_bytes(value).ok()?);
+                let start = values.len();
+                values.extend_from_slice(value);
+                traveling.push((name, start..values.len()));
             }
+        }
+        let values = values.freeze();
+        for (name, range) in traveling {
+            out.append(
+                name,
+                HeaderValue::from_maybe_shared(values.slice(range)).ok()?,
+            );
         }
         for (name, value) in &route.set_headers {
             out.append(name.clone(), value.clone());
@@ -288,12 +307,13 @@ pub fn merge_baggage(existing: &[&[u8]]) -> Vec<u8> {
 /// a new connection that reuses the 4-tuple.
 pub fn idempotency_key(req: &CapturedRequest<'_>) -> String {
     let mut h = Sha256::new();
-    h.update(b"shadow-idempotency-v2");
+    h.update(b"shadow-idempotency-v3");
+    let (client, server) = (address_bytes(req.client), address_bytes(req.server));
     for part in [
         req.method.as_bytes(),
         req.target.as_bytes(),
-        req.client.to_string().as_bytes(),
-        req.server.to_string().as_bytes(),
+        client.as_slice(),
+        server.as_slice(),
     ] {
         // Length-prefixed, so that no two different requests write the same bytes.
         h.update((part.len() as u64).to_be_bytes());
@@ -312,6 +332,36 @@ pub fn idempotency_key(req: &CapturedRequest<'_>) -> String {
     h.update(req.sequence.to_be_bytes());
     h.update(Sha256::digest(req.body));
     hex(&h.finalize())
+}
+
+/// An address as the key hashes it: the IP's octets (4 or 16, so the length tells the family)
+/// and the port, big-endian. Written on the stack: no text to format for each copy.
+fn address_bytes(addr: SocketAddr) -> AddressBytes {
+    let mut out = AddressBytes::default();
+    match addr.ip() {
+        IpAddr::V4(ip) => out.extend(&ip.octets()),
+        IpAddr::V6(ip) => out.extend(&ip.octets()),
+    }
+    out.extend(&addr.port().to_be_bytes());
+    out
+}
+
+/// The bytes of an IPv6 address and a port, at most.
+#[derive(Default)]
+struct AddressBytes {
+    bytes: [u8; 18],
+    len: usize,
+}
+
+impl AddressBytes {
+    fn extend(&mut self, more: &[u8]) {
+        self.bytes[self.len..self.len + more.len()].copy_from_slice(more);
+        self.len += more.len();
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// A W3C `traceparent` with its parent id replaced by `span_id`, as version `00`; `None` when

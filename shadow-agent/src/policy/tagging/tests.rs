@@ -292,6 +292,15 @@ fn derived_keys_change_with_every_part_of_the_request() {
             server: "10.0.0.3:8080".parse().expect("addr"),
             ..base
         },
+        CapturedRequest {
+            client: "[::ffff:10.0.0.1]:40000".parse().expect("addr"),
+            ..base
+        },
+        CapturedRequest {
+            client: base.server,
+            server: base.client,
+            ..base
+        },
         // The same request again on a new connection that reuses the 4-tuple.
         CapturedRequest {
             client_isn: Some(2_000),
