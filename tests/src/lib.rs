@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod attachments;
 pub mod client;
+pub mod grpc_server;
 pub mod kube_api;
 pub mod netns;
 pub mod pcap;
@@ -39,6 +40,7 @@ use std::{
 };
 
 pub use agent::{Agent, AgentExit, Stats};
+pub use grpc_server::GrpcServer;
 pub use kube_api::{KubeApi, TestPod};
 pub use netns::{Hosts, Netns, VethLink};
 pub use pcap::{Capture, FlowKey, Stream};

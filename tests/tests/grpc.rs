@@ -12,7 +12,9 @@ use serde_json::Value;
 use shadow_tests::agent::KEEP_UP;
 use shadow_tests::client::{curl, grpc_calls, grpc_descriptor_set, grpc_rounds};
 use shadow_tests::site::{Site, count, stats, write_atomically};
-use shadow_tests::{Agent, GrpcAnswers, GrpcApp, agent_bin, require_root, wait_for};
+use shadow_tests::{
+    Agent, GRPC_REPLY, GrpcAnswers, GrpcApp, GrpcServer, agent_bin, require_root, wait_for,
+};
 
 const ARRIVAL: Duration = Duration::from_secs(20);
 /// The trace the client sends with every call (grpc_app.py).
@@ -409,4 +411,30 @@ fn a_recorded_grpc_capture_replays_the_allowed_calls() {
     let target = &json["mirror"]["targets"][0];
     assert_eq!(count(target, &["sent"]), 5, "{counters}");
     assert_eq!(count(target, &["responses", "2xx"]), 5, "{counters}");
+}
+
+/// The benchmark's gRPC shadow, tonic's server, answers as a gRPC server must: python3-grpcio's
+/// client reads each answer as `OK` with its message, and the server counts every call.
+#[test]
+fn the_benchmark_s_grpc_shadow_answers_a_real_grpc_client() {
+    require_root();
+    let site = Site::new();
+    let message = &GRPC_REPLY[5..];
+    let server = GrpcServer::start(&site.live, site.live_addr(), message);
+    let answers = grpc_calls(&site.client, site.live_addr(), 3);
+    let got: Vec<(&str, &str, &str)> = answers
+        .iter()
+        .map(|a| {
+            (
+                a["method"].as_str().unwrap_or_default(),
+                a["code"].as_str().unwrap_or_default(),
+                a["reply"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let reply: String = message.iter().map(|b| format!("{b:02x}")).collect();
+    let mut want = vec![("GetOrder", "OK", reply.as_str()); 3];
+    want.extend([("CancelOrder", "OK", reply.as_str()); 2]);
+    assert_eq!(got, want);
+    assert_eq!(server.served(), 5);
 }

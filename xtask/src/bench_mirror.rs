@@ -6,13 +6,15 @@
 //! per request ("churn"), run long enough for the client's ephemeral ports to wrap twice, so
 //! that 4-tuples are used again as they are by such clients in production.
 //!
-//! HTTP/2 comes in two rows of its own at the fixed rate, loaded by h2load on a few multiplexed
-//! connections: h2c requests, and gRPC unary calls mirrored under a route's `allow_grpc`.
+//! HTTP/2 comes in rows of its own at the fixed rate, loaded by h2load on a few multiplexed
+//! connections: h2c requests, and gRPC unary calls mirrored under a route's `allow_grpc`, to a
+//! gRPC server ([`GrpcServer`]) and, for comparison, to nginx answering as one.
 //!
 //! Topology: a client namespace (wrk, oha, h2load), a live namespace (nginx serving `ok`, the
 //! agent attached to its interface, an nginx reverse proxy to it, with and without `mirror`, and
 //! nginx over h2c serving `ok` and answering gRPC calls), and a shadow namespace (nginx serving
-//! the same over HTTP/1.1, h2c and gRPC, whose access logs count what arrived).
+//! the same over HTTP/1.1, h2c and gRPC, whose access logs count what arrived, and the gRPC
+//! server, which counts the calls it answered).
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -21,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use shadow_tests::{AccessLog, Agent, Netns, Nginx, Program, VethLink};
+use shadow_tests::{AccessLog, Agent, GRPC_REPLY, GrpcServer, Netns, Nginx, Program, VethLink};
 
 use crate::bench::{Load, median, wrk};
 use crate::cgroup::CpuGroup;
@@ -100,7 +102,25 @@ struct Topology {
     _live_h2c: Nginx,
     _live_grpc: Nginx,
     shadow_h2c: Nginx,
-    shadow_grpc: Nginx,
+    shadow_grpc: GrpcServer,
+    shadow_grpc_nginx: Nginx,
+}
+
+/// A shadow of the benchmark: how many requests it served, which is what was delivered.
+trait Shadow {
+    fn served(&self) -> usize;
+}
+
+impl Shadow for Nginx {
+    fn served(&self) -> usize {
+        Nginx::served(self)
+    }
+}
+
+impl Shadow for GrpcServer {
+    fn served(&self) -> usize {
+        GrpcServer::served(self)
+    }
 }
 
 /// Ports of the live HTTP/2 services and of their shadows.
@@ -108,6 +128,7 @@ const LIVE_H2C_PORT: u16 = 83;
 const LIVE_GRPC_PORT: u16 = 84;
 const SHADOW_H2C_PORT: u16 = 8081;
 const SHADOW_GRPC_PORT: u16 = 8082;
+const SHADOW_GRPC_NGINX_PORT: u16 = 8083;
 
 /// The gRPC call of the gRPC rows, and the protocol of the HTTP/2 rows' shadows.
 const GRPC_PATH: &str = "/shop.Orders/GetOrder";
@@ -117,8 +138,10 @@ const GRPC_PATH: &str = "/shop.Orders/GetOrder";
 enum H2Service {
     /// Plain h2c requests, to an `h2c://` target.
     H2c,
-    /// gRPC unary calls, allowed by `allow_grpc`, to a `grpc://` target.
+    /// gRPC unary calls, allowed by `allow_grpc`, to a `grpc://` target: a gRPC server.
     Grpc,
+    /// The same calls to nginx answering as a gRPC server does, its headers all literals.
+    GrpcToNginx,
 }
 
 impl Topology {
@@ -167,9 +190,16 @@ impl Topology {
             SocketAddr::new(back.b_addr.into(), SHADOW_H2C_PORT),
             AccessLog::On,
         );
-        let shadow_grpc = Nginx::grpc(
+        // A gRPC server, as gRPC shadows are: it indexes the fields of its answers (HPACK),
+        // which nginx never does, and the agent reads every answer.
+        let shadow_grpc = GrpcServer::start(
             &shadow,
             SocketAddr::new(back.b_addr.into(), SHADOW_GRPC_PORT),
+            &GRPC_REPLY[5..],
+        );
+        let shadow_grpc_nginx = Nginx::grpc(
+            &shadow,
+            SocketAddr::new(back.b_addr.into(), SHADOW_GRPC_NGINX_PORT),
             AccessLog::On,
         );
         Self {
@@ -186,6 +216,7 @@ impl Topology {
             _live_grpc: live_grpc,
             shadow_h2c,
             shadow_grpc,
+            shadow_grpc_nginx,
         }
     }
 
@@ -232,15 +263,21 @@ impl Topology {
                 format!("match = {{ port = {LIVE_H2C_PORT} }}"),
                 format!("h2c://{}:{SHADOW_H2C_PORT}", self.back.b_addr),
             ),
-            H2Service::Grpc => (
-                "grpc.toml",
-                LIVE_GRPC_PORT,
-                format!(
-                    "match = {{ port = {LIVE_GRPC_PORT}, grpc = \"shop.Orders/*\" }}\n\
-                     allow_grpc = [\"shop.Orders/Get*\"]"
-                ),
-                format!("grpc://{}:{SHADOW_GRPC_PORT}", self.back.b_addr),
-            ),
+            H2Service::Grpc | H2Service::GrpcToNginx => {
+                let (file, shadow_port) = match service {
+                    H2Service::Grpc => ("grpc.toml", SHADOW_GRPC_PORT),
+                    _ => ("grpc-nginx.toml", SHADOW_GRPC_NGINX_PORT),
+                };
+                (
+                    file,
+                    LIVE_GRPC_PORT,
+                    format!(
+                        "match = {{ port = {LIVE_GRPC_PORT}, grpc = \"shop.Orders/*\" }}\n\
+                         allow_grpc = [\"shop.Orders/Get*\"]"
+                    ),
+                    format!("grpc://{}:{shadow_port}", self.back.b_addr),
+                )
+            }
         };
         let path = dir.join(file);
         std::fs::write(
@@ -318,6 +355,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     let compare_config = topo.config(dir.path(), true)?;
     let h2c_config = topo.h2_config(dir.path(), H2Service::H2c)?;
     let grpc_config = topo.h2_config(dir.path(), H2Service::Grpc)?;
+    let grpc_nginx_config = topo.h2_config(dir.path(), H2Service::GrpcToNginx)?;
     // The body of the gRPC rows' calls: one uncompressed message, protobuf field 1 = 42.
     let grpc_body = dir.path().join("get-order.grpc");
     std::fs::write(&grpc_body, [0, 0, 0, 0, 2, 0x08, 0x2a])?;
@@ -397,7 +435,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
     };
     // The older build, for the rows that compare builds.
     let baseline_to =
-        |config: &Path, shadow: &Nginx, load: &dyn Fn() -> Result<Figures>| match &bench
+        |config: &Path, shadow: &dyn Shadow, load: &dyn Fn() -> Result<Figures>| match &bench
             .baseline_agent
         {
             Some(bin) => with_agent_in(&topo, bin, config, &[], None, shadow, load),
@@ -495,6 +533,18 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             BASELINE_GRPC,
             Box::new(|| baseline_to(&grpc_config, &topo.shadow_grpc, &grpc_fixed)),
         ),
+        (
+            "gRPC, fixed rate, agent 100 %, nginx as the shadow",
+            Box::new(|| {
+                with_agent_to(
+                    &topo,
+                    agent_bin,
+                    &grpc_nginx_config,
+                    &topo.shadow_grpc_nginx,
+                    grpc_fixed,
+                )
+            }),
+        ),
         ("churn, fixed rate, no agent", Box::new(churn)),
         (
             "churn, fixed rate, agent 100 %",
@@ -559,21 +609,21 @@ fn with_agent_to(
     topo: &Topology,
     bin: &Path,
     config: &Path,
-    shadow: &Nginx,
+    shadow: &dyn Shadow,
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
     with_agent_in(topo, bin, config, &[], None, shadow, load)
 }
 
 /// [`with_agent`], with the agent binary `bin`, moved into `cgroup` (when given) before the
-/// load starts; what arrives is counted in `shadow`'s access log.
+/// load starts; what arrives is what `shadow` served.
 fn with_agent_in(
     topo: &Topology,
     bin: &Path,
     config: &Path,
     extra: &[&str],
     cgroup: Option<&CpuGroup>,
-    shadow: &Nginx,
+    shadow: &dyn Shadow,
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
