@@ -312,8 +312,8 @@ pub fn idempotency_key(req: &CapturedRequest<'_>) -> String {
     for part in [
         req.method.as_bytes(),
         req.target.as_bytes(),
-        client.as_slice(),
-        server.as_slice(),
+        &client.0[..client.1],
+        &server.0[..server.1],
     ] {
         // Length-prefixed, so that no two different requests write the same bytes.
         h.update((part.len() as u64).to_be_bytes());
@@ -334,34 +334,22 @@ pub fn idempotency_key(req: &CapturedRequest<'_>) -> String {
     hex(&h.finalize())
 }
 
-/// An address as the key hashes it: the IP's octets (4 or 16, so the length tells the family)
-/// and the port, big-endian. Written on the stack: no text to format for each copy.
-fn address_bytes(addr: SocketAddr) -> AddressBytes {
-    let mut out = AddressBytes::default();
-    match addr.ip() {
-        IpAddr::V4(ip) => out.extend(&ip.octets()),
-        IpAddr::V6(ip) => out.extend(&ip.octets()),
-    }
-    out.extend(&addr.port().to_be_bytes());
-    out
-}
-
-/// The bytes of an IPv6 address and a port, at most.
-#[derive(Default)]
-struct AddressBytes {
-    bytes: [u8; 18],
-    len: usize,
-}
-
-impl AddressBytes {
-    fn extend(&mut self, more: &[u8]) {
-        self.bytes[self.len..self.len + more.len()].copy_from_slice(more);
-        self.len += more.len();
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
+/// An address as the key hashes it: the IP's octets (4 or 16, so the length tells the family),
+/// then the port, big-endian; on the stack, with its length. No text to format for each copy.
+fn address_bytes(addr: SocketAddr) -> ([u8; 18], usize) {
+    let mut out = [0; 18];
+    let len = match addr.ip() {
+        IpAddr::V4(ip) => {
+            out[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        IpAddr::V6(ip) => {
+            out[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    out[len..len + 2].copy_from_slice(&addr.port().to_be_bytes());
+    (out, len + 2)
 }
 
 /// A W3C `traceparent` with its parent id replaced by `span_id`, as version `00`; `None` when
