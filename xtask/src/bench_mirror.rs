@@ -1085,6 +1085,12 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
             "gRPC, fixed rate, no agent",
         ),
         (
+            bench.rate,
+            "gRPC, agent with nginx as the shadow",
+            "gRPC, fixed rate, agent 100 %, nginx as the shadow",
+            "gRPC, fixed rate, no agent",
+        ),
+        (
             bench.churn_rate,
             "a connection per request, agent",
             "churn, fixed rate, agent 100 %",
