@@ -59,10 +59,20 @@ struct AgentRun {
     rebuilt: u64,
     /// Packets the kernel program had no ring buffer room for: copies lost before the agent.
     ringbuf_full: u64,
-    /// Requests the shadow's nginx served during the load.
+    /// Requests the shadow served during the load.
     delivered: u64,
+    /// Requests the live server served during the load, those the load generator cut off at
+    /// its end included (the server served them, so the agent copied them): what was copied.
+    live_served: u64,
     /// Agent CPU time (user + system) during the load, in microseconds.
     cpu_us: f64,
+}
+
+impl AgentRun {
+    /// What the shadow served, as a share of what the live server served.
+    fn delivered_percent(&self) -> f64 {
+        self.delivered as f64 * 100.0 / self.live_served.max(1) as f64
+    }
 }
 
 /// One scenario's figures.
@@ -95,32 +105,40 @@ struct Topology {
     shadow: Netns,
     front: VethLink,
     back: VethLink,
-    _live_nginx: Nginx,
+    live_nginx: Nginx,
     shadow_nginx: Nginx,
     _proxy: Nginx,
     _mirroring_proxy: Nginx,
-    _live_h2c: Nginx,
-    _live_grpc: Nginx,
+    live_h2c: Nginx,
+    live_grpc: Nginx,
     shadow_h2c: Nginx,
     shadow_grpc: GrpcServer,
     shadow_grpc_nginx: Nginx,
 }
 
-/// A shadow of the benchmark: how many requests it served, which is what was delivered.
-trait Shadow {
+/// A server of the benchmark, and how many requests it has served.
+trait Server {
     fn served(&self) -> usize;
 }
 
-impl Shadow for Nginx {
+impl Server for Nginx {
     fn served(&self) -> usize {
         Nginx::served(self)
     }
 }
 
-impl Shadow for GrpcServer {
+impl Server for GrpcServer {
     fn served(&self) -> usize {
         GrpcServer::served(self)
     }
+}
+
+/// The live server a row loads and the shadow its copies go to: what the shadow served of what
+/// the live server served is what was delivered.
+#[derive(Clone, Copy)]
+struct Servers<'a> {
+    live: &'a dyn Server,
+    shadow: &'a dyn Server,
 }
 
 /// Ports of the live HTTP/2 services and of their shadows.
@@ -145,6 +163,35 @@ enum H2Service {
 }
 
 impl Topology {
+    /// The HTTP/1.1 rows' live nginx and shadow nginx.
+    fn http1(&self) -> Servers<'_> {
+        Servers {
+            live: &self.live_nginx,
+            shadow: &self.shadow_nginx,
+        }
+    }
+
+    fn h2c(&self) -> Servers<'_> {
+        Servers {
+            live: &self.live_h2c,
+            shadow: &self.shadow_h2c,
+        }
+    }
+
+    fn grpc(&self) -> Servers<'_> {
+        Servers {
+            live: &self.live_grpc,
+            shadow: &self.shadow_grpc,
+        }
+    }
+
+    fn grpc_to_nginx(&self) -> Servers<'_> {
+        Servers {
+            live: &self.live_grpc,
+            shadow: &self.shadow_grpc_nginx,
+        }
+    }
+
     fn new() -> Self {
         let client = Netns::new("bc");
         // The churn rows open 5 000 connections a second or so from one address: without
@@ -208,12 +255,12 @@ impl Topology {
             shadow,
             front,
             back,
-            _live_nginx: live_nginx,
+            live_nginx,
             shadow_nginx,
             _proxy: proxy,
             _mirroring_proxy: mirroring_proxy,
-            _live_h2c: live_h2c,
-            _live_grpc: live_grpc,
+            live_h2c,
+            live_grpc,
             shadow_h2c,
             shadow_grpc,
             shadow_grpc_nginx,
@@ -416,7 +463,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             &config,
             extra,
             Some(&pod),
-            &topo.shadow_nginx,
+            topo.http1(),
             load,
         )
     };
@@ -429,20 +476,19 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
             &config,
             &[],
             Some(&service),
-            &topo.shadow_nginx,
+            topo.http1(),
             load,
         )
     };
     // The older build, for the rows that compare builds.
     let baseline_to =
-        |config: &Path, shadow: &dyn Shadow, load: &dyn Fn() -> Result<Figures>| match &bench
+        |config: &Path, servers: Servers, load: &dyn Fn() -> Result<Figures>| match &bench
             .baseline_agent
         {
-            Some(bin) => with_agent_in(&topo, bin, config, &[], None, shadow, load),
+            Some(bin) => with_agent_in(&topo, bin, config, &[], None, servers, load),
             None => bail!("no --baseline-agent"),
         };
-    let baseline =
-        |load: &dyn Fn() -> Result<Figures>| baseline_to(&config, &topo.shadow_nginx, load);
+    let baseline = |load: &dyn Fn() -> Result<Figures>| baseline_to(&config, topo.http1(), load);
     type Scenario<'a> = (&'static str, Box<dyn Fn() -> Result<Figures> + 'a>);
     let scenarios: Vec<Scenario> = vec![
         ("no agent", Box::new(|| max(&live))),
@@ -510,28 +556,20 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
         ("h2c, fixed rate, no agent", Box::new(h2c_fixed)),
         (
             "h2c, fixed rate, agent 100 %",
-            Box::new(|| with_agent_to(&topo, agent_bin, &h2c_config, &topo.shadow_h2c, h2c_fixed)),
+            Box::new(|| with_agent_to(&topo, agent_bin, &h2c_config, topo.h2c(), h2c_fixed)),
         ),
         (
             BASELINE_H2C,
-            Box::new(|| baseline_to(&h2c_config, &topo.shadow_h2c, &h2c_fixed)),
+            Box::new(|| baseline_to(&h2c_config, topo.h2c(), &h2c_fixed)),
         ),
         ("gRPC, fixed rate, no agent", Box::new(grpc_fixed)),
         (
             "gRPC, fixed rate, agent 100 %",
-            Box::new(|| {
-                with_agent_to(
-                    &topo,
-                    agent_bin,
-                    &grpc_config,
-                    &topo.shadow_grpc,
-                    grpc_fixed,
-                )
-            }),
+            Box::new(|| with_agent_to(&topo, agent_bin, &grpc_config, topo.grpc(), grpc_fixed)),
         ),
         (
             BASELINE_GRPC,
-            Box::new(|| baseline_to(&grpc_config, &topo.shadow_grpc, &grpc_fixed)),
+            Box::new(|| baseline_to(&grpc_config, topo.grpc(), &grpc_fixed)),
         ),
         (
             "gRPC, fixed rate, agent 100 %, nginx as the shadow",
@@ -540,7 +578,7 @@ fn mirror(bench: MirrorBench, agent_bin: &Path) -> Result<String> {
                     &topo,
                     agent_bin,
                     &grpc_nginx_config,
-                    &topo.shadow_grpc_nginx,
+                    topo.grpc_to_nginx(),
                     grpc_fixed,
                 )
             }),
@@ -601,29 +639,29 @@ fn with_agent(
     extra: &[&str],
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
-    with_agent_in(topo, bin, config, extra, None, &topo.shadow_nginx, load)
+    with_agent_in(topo, bin, config, extra, None, topo.http1(), load)
 }
 
-/// [`with_agent`] for a configuration whose copies go to `shadow` (an HTTP/2 one).
+/// [`with_agent`] for a configuration whose load and copies go to `servers` (HTTP/2 ones).
 fn with_agent_to(
     topo: &Topology,
     bin: &Path,
     config: &Path,
-    shadow: &dyn Shadow,
+    servers: Servers,
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
-    with_agent_in(topo, bin, config, &[], None, shadow, load)
+    with_agent_in(topo, bin, config, &[], None, servers, load)
 }
 
 /// [`with_agent`], with the agent binary `bin`, moved into `cgroup` (when given) before the
-/// load starts; what arrives is what `shadow` served.
+/// load starts; what arrives is what `servers.shadow` served of what `servers.live` served.
 fn with_agent_in(
     topo: &Topology,
     bin: &Path,
     config: &Path,
     extra: &[&str],
     cgroup: Option<&CpuGroup>,
-    shadow: &dyn Shadow,
+    servers: Servers,
     load: impl FnOnce() -> Result<Figures>,
 ) -> Result<Figures> {
     let mut args = vec!["--report-interval", "0s"];
@@ -633,13 +671,14 @@ fn with_agent_in(
     if let Some(cgroup) = cgroup {
         cgroup.add(pid)?;
     }
-    let delivered_before = shadow.served();
+    let (delivered_before, live_before) = (servers.shadow.served(), servers.live.served());
     let cpu_before = cpu_time_us(pid)?;
     let mut figures = load()?;
     // Let copies in flight arrive before counting.
     std::thread::sleep(Duration::from_secs(2));
     let cpu = cpu_time_us(pid)? - cpu_before;
-    let delivered = (shadow.served() - delivered_before) as u64;
+    let delivered = (servers.shadow.served() - delivered_before) as u64;
+    let live_served = (servers.live.served() - live_before) as u64;
     let exit = agent.interrupt();
     if !exit.status.success() {
         let log = crate::target_dir().join("bench/agent-failed.log");
@@ -668,6 +707,7 @@ fn with_agent_in(
         rebuilt: json["pipeline"]["requests"].as_u64().unwrap_or(0),
         ringbuf_full: json["kernel"]["ringbuf_full"].as_u64().unwrap_or(0),
         delivered,
+        live_served,
         cpu_us: cpu,
     });
     Ok(figures)
@@ -971,8 +1011,8 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
                     "{:.3} %",
                     median(
                         figs.iter()
-                            .filter_map(|f| f.agent.map(|a| (a, f.requests)))
-                            .map(|(a, requests)| a.delivered as f64 * 100.0 / requests.max(1) as f64)
+                            .filter_map(|f| f.agent)
+                            .map(|a| a.delivered_percent())
                             .collect()
                     )
                 )
@@ -1148,7 +1188,7 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
                 Some(a) => format!(
                     "p99 {:.3} ms, delivered {:.3} %, {:.1} us/copy",
                     f.load.p99_ms,
-                    a.delivered as f64 * 100.0 / f.requests.max(1) as f64,
+                    a.delivered_percent(),
                     a.cpu_us / a.copies.max(1) as f64
                 ),
                 None => format!("p99 {:.3} ms", f.load.p99_ms),
@@ -1185,21 +1225,18 @@ fn report(bench: &MirrorBench, ports: u32, rows: &[(&str, Vec<Figures>)]) -> Str
     }
     // Where copies went missing: requests the agent never rebuilt, packets lost before it.
     for (name, figs) in rows {
-        let runs: Vec<(u64, AgentRun)> = figs
-            .iter()
-            .filter_map(|f| f.agent.map(|a| (f.requests, a)))
-            .collect();
+        let runs: Vec<AgentRun> = figs.iter().filter_map(|f| f.agent).collect();
         if runs
             .iter()
-            .any(|(requests, a)| a.rebuilt < *requests || a.ringbuf_full > 0)
+            .any(|a| a.rebuilt < a.live_served || a.ringbuf_full > 0)
         {
             out += &format!(
                 "{name}: per round, requests rebuilt by the agent / live requests {:?}, packets \
                  lost for want of ring buffer room {:?}\n",
                 runs.iter()
-                    .map(|(requests, a)| format!("{} / {requests}", a.rebuilt))
+                    .map(|a| format!("{} / {}", a.rebuilt, a.live_served))
                     .collect::<Vec<_>>(),
-                runs.iter().map(|(_, a)| a.ringbuf_full).collect::<Vec<_>>(),
+                runs.iter().map(|a| a.ringbuf_full).collect::<Vec<_>>(),
             );
         }
     }
