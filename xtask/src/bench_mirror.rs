@@ -677,8 +677,8 @@ fn with_agent_in(
     // Let copies in flight arrive before counting.
     std::thread::sleep(Duration::from_secs(2));
     let cpu = cpu_time_us(pid)? - cpu_before;
-    let delivered = (servers.shadow.served() - delivered_before) as u64;
-    let live_served = (servers.live.served() - live_before) as u64;
+    let delivered = servers.shadow.served().saturating_sub(delivered_before) as u64;
+    let live_served = servers.live.served().saturating_sub(live_before) as u64;
     let exit = agent.interrupt();
     if !exit.status.success() {
         let log = crate::target_dir().join("bench/agent-failed.log");
